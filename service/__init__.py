@@ -1,0 +1,1 @@
+"""The HTTP service: settings, the model and its engine, the micro-batcher, routes, metrics, CLI."""

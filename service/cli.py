@@ -1,0 +1,67 @@
+"""The `adaptd` command: `adaptd serve` starts the service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="adaptd", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the configured model over HTTP")
+    serve.add_argument("--config", type=Path, help="TOML config file (or ADAPTD_CONFIG)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8000)")
+    serve.add_argument("--store", help="'memory' or a redis:// URL")
+    serve.add_argument("--adapter", help="test-time adaptation method: none, tent")
+    serve.add_argument("--model-factory", help="package.module:function returning the nn.Module")
+    serve.add_argument("--weights", type=Path, help="safetensors weights for the model")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve_command(args)
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.app import create_app
+    from service.model import ModelLoadError
+    from service.settings import load_settings
+
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.store is not None:
+        overrides["store"] = {"url": args.store}
+    if args.adapter is not None:
+        overrides["adapter"] = {"name": args.adapter}
+    model: dict[str, object] = {}
+    if args.model_factory is not None:
+        model["factory"] = args.model_factory
+    if args.weights is not None:
+        model["weights"] = args.weights
+    if model:
+        overrides["model"] = model
+    try:
+        settings = load_settings(args.config, **overrides)
+    except (ValidationError, FileNotFoundError) as exc:
+        sys.exit(f"adaptd: invalid configuration:\n{exc}")
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                    timeout_graceful_shutdown=10)
+    except (ModelLoadError, ValueError) as exc:
+        sys.exit(f"adaptd: cannot start: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The engine: the single writer of the model.
+
+One worker thread owns the model and its adapter. Every forward pass, every adaptation step and
+every reset runs on that thread, in the order it was submitted, so the model never sees two writers
+and an adapter needs no locks. Async code hands work over with `Engine.run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from adapters import Adapter, softmax_entropy
+from service.metrics import Metrics
+from service.model import FeatureTap, LoadedModel
+
+T = TypeVar("T")
+
+
+@dataclass
+class BatchOutput:
+    """One forward pass, as numpy rows: what the caller gets and what the record keeps."""
+
+    predictions: np.ndarray
+    outputs: np.ndarray
+    features: np.ndarray | None
+    entropy: np.ndarray | None
+    adapter_version: int
+
+    def rows(self, start: int, stop: int) -> BatchOutput:
+        return BatchOutput(
+            predictions=self.predictions[start:stop],
+            outputs=self.outputs[start:stop],
+            features=None if self.features is None else self.features[start:stop],
+            entropy=None if self.entropy is None else self.entropy[start:stop],
+            adapter_version=self.adapter_version,
+        )
+
+
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    """The `__metadata__` of safetensors bytes: a little-endian u64 header length, then JSON."""
+    if len(blob) < 8:
+        raise ValueError("not a safetensors checkpoint: too short")
+    size = int.from_bytes(blob[:8], "little")
+    if size > len(blob) - 8:
+        raise ValueError("not a safetensors checkpoint: header runs past the end")
+    return json.loads(blob[8:8 + size]).get("__metadata__", {})
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, adapter: Adapter, metrics: Metrics) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.metrics = metrics
+        self.tap = FeatureTap(model.module)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
+        metrics.learning_rate.set(adapter.learning_rate)
+
+    async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """Run `fn` on the engine thread, after everything submitted before it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
+
+    async def predict(self, inputs: np.ndarray, adapt: bool = True) -> BatchOutput:
+        return await self.run(self.forward, inputs, adapt)
+
+    def forward(self, inputs: np.ndarray, adapt: bool = True) -> BatchOutput:
+        """Engine thread only. Predict a batch; with `adapt`, let the adapter take its step."""
+        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        version = self.adapter.version
+        if adapt:
+            result = self.adapter.adapt(x)
+            outputs = result.outputs
+            if result.stepped:
+                self.metrics.adaptation_steps.inc()
+                self.metrics.adaptation_samples.inc(result.backward_samples)
+                self.metrics.learning_rate.set(self.adapter.learning_rate)
+        else:
+            outputs = self.adapter.infer(x)
+        features = self.tap.take()
+        outputs = outputs.detach().float().reshape(x.shape[0], -1)
+        if self.model.task == "classification":
+            probabilities = outputs.softmax(1)
+            entropy = softmax_entropy(outputs)
+            self.metrics.mean_entropy.set(float(entropy.mean()))
+            return BatchOutput(
+                predictions=probabilities.argmax(1).numpy(),
+                outputs=probabilities.numpy(),
+                features=None if features is None else features.float().numpy(),
+                entropy=entropy.numpy(),
+                adapter_version=version,
+            )
+        return BatchOutput(
+            predictions=outputs[:, 0].numpy(),
+            outputs=outputs.numpy(),
+            features=None if features is None else features.float().numpy(),
+            entropy=None,
+            adapter_version=version,
+        )
+
+    def reset_adapter(self) -> None:
+        """Engine thread only. Back to the source weights."""
+        self.adapter.reset()
+        self.metrics.adapter_resets.inc()
+        self.metrics.learning_rate.set(self.adapter.learning_rate)
+
+    def checkpoint(self) -> bytes:
+        """Engine thread only. The adapter's learned state as safetensors bytes, tagged with the
+        model version and adapter name so it is never restored onto another model."""
+        from safetensors.torch import save
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
+        return save(state, metadata={"model_version": self.model.version,
+                                     "adapter": self.adapter.name})
+
+    def restore(self, blob: bytes) -> bool:
+        """Engine thread only. Load a checkpoint made by `checkpoint`; False if it is for another
+        model version or adapter (then nothing changes)."""
+        from safetensors.torch import load
+
+        metadata = safetensors_metadata(blob)
+        if metadata.get("model_version") != self.model.version or (
+            metadata.get("adapter") != self.adapter.name
+        ):
+            return False
+        self.adapter.load_state_dict(load(blob))
+        self.metrics.learning_rate.set(self.adapter.learning_rate)
+        return True
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,90 @@
+"""Checks of request payloads against the served model, with messages that say what to change."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.model import LoadedModel
+
+
+class InvalidInput(ValueError):
+    """The request cannot be served as sent; the message says what to change (HTTP 422)."""
+
+
+def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int) -> np.ndarray:
+    """Samples as one float32 array of shape (n, *input_shape), all finite.
+
+    >>> to_batch([[1, 2], [3, 4]], (2,), limit=8).shape
+    (2, 2)
+    >>> to_batch([[1, 2], [3]], (2,), limit=8)
+    Traceback (most recent call last):
+    ...
+    service.inputs.InvalidInput: inputs[1] has shape [1]; the model takes samples of shape [2]
+    """
+    if len(inputs) > limit:
+        raise InvalidInput(
+            f"{len(inputs)} samples in one request; the limit is {limit}: split the request"
+        )
+    expected = list(input_shape)
+    for index, sample in enumerate(inputs):
+        shape = _shape(sample)
+        if shape != expected:
+            described = "not a regular array" if shape is None else str(shape)
+            raise InvalidInput(
+                f"inputs[{index}] has shape {described}; the model takes samples of shape "
+                f"{expected}"
+            )
+    with np.errstate(over="ignore"):
+        batch = np.asarray(inputs, dtype=np.float32)
+    finite = np.isfinite(batch.reshape(len(inputs), -1)).all(axis=1)
+    if not finite.all():
+        index = int(np.argmin(finite))
+        raise InvalidInput(
+            f"inputs[{index}] holds a value that is not a finite float32 (NaN, infinity or beyond "
+            "±3.4e38)"
+        )
+    return batch
+
+
+def _shape(sample: object) -> list[int] | None:
+    """The shape of a nested list of numbers, or None when it is ragged."""
+    if not isinstance(sample, list):
+        return []
+    if not sample:
+        return [0]
+    shapes = [_shape(item) for item in sample]
+    first = shapes[0]
+    if first is None or any(s != first for s in shapes[1:]):
+        return None
+    return [len(sample), *first]
+
+
+def prediction_ids(ids: Sequence[str] | None, count: int) -> list[str]:
+    """The caller's ids (one per sample, unique), or new random ids."""
+    if ids is None:
+        return [uuid.uuid4().hex for _ in range(count)]
+    if len(ids) != count:
+        raise InvalidInput(f"{len(ids)} ids for {count} inputs: send one id per sample, or none")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        duplicate = next(i for i in ids if i in seen or seen.add(i))
+        raise InvalidInput(f"id {duplicate!r} appears twice in one request; ids must be unique")
+    return list(ids)
+
+
+def check_labels(labels: Sequence[tuple[str, float]], model: LoadedModel, limit: int) -> None:
+    """Every label must fit the task: a class index in range, or a finite value."""
+    if len(labels) > limit:
+        raise InvalidInput(f"{len(labels)} labels in one request; the limit is {limit}")
+    if model.task != "classification":
+        return
+    classes = model.num_classes or 0
+    for index, (_, label) in enumerate(labels):
+        if label != int(label) or not 0 <= label < classes:
+            raise InvalidInput(
+                f"labels[{index}].label is {label}; a class index is an integer from 0 to "
+                f"{classes - 1}"
+            )

@@ -1,0 +1,82 @@
+"""Prometheus metrics, all named `adaptd_*`, on a registry of the app's own (one per app instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# the *_created series double every counter's exposition and no dashboard here reads them
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LAG_BUCKETS = (0.1, 1, 10, 60, 300, 900, 3600, 4 * 3600, 86_400, 7 * 86_400)
+
+
+class Metrics:
+    """Every metric the service exports. Labels are bounded: route templates, outcomes, ops."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "adaptd_http_requests", "HTTP requests by route template, method and status code",
+            ["route", "method", "status"], registry=r,
+        )
+        self.request_latency = Histogram(
+            "adaptd_http_request_duration_seconds", "HTTP request latency by route template",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "adaptd_batch_size", "samples per forward pass after micro-batching",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge(
+            "adaptd_queue_depth", "samples waiting in the micro-batcher", registry=r
+        )
+        self.predictions = Counter(
+            "adaptd_predictions", "samples predicted", registry=r
+        )
+        self.prediction_failures = Counter(
+            "adaptd_prediction_failures", "samples whose forward pass failed", registry=r
+        )
+        self.labels = Counter(
+            "adaptd_labels", "labels received, by outcome of the join",
+            ["outcome"], registry=r,
+        )
+        for outcome in ("joined", "unknown", "duplicate", "expired"):
+            self.labels.labels(outcome)
+        self.label_lag = Histogram(
+            "adaptd_label_lag_seconds", "time from prediction to its joined label",
+            buckets=LAG_BUCKETS, registry=r,
+        )
+        self.rolling_error = Gauge(
+            "adaptd_rolling_error",
+            "error rate (classification) or mean absolute error (regression) over the last labels",
+            registry=r,
+        )
+        self.rolling_labels = Gauge(
+            "adaptd_rolling_labels", "labels currently in the rolling error window", registry=r
+        )
+        self.adaptation_steps = Counter(
+            "adaptd_adaptation_steps", "optimizer steps taken by the test-time adapter", registry=r
+        )
+        self.adaptation_samples = Counter(
+            "adaptd_adaptation_samples", "samples that entered a gradient step (backward samples)",
+            registry=r,
+        )
+        self.learning_rate = Gauge(
+            "adaptd_learning_rate", "current learning rate of the test-time adapter", registry=r
+        )
+        self.mean_entropy = Gauge(
+            "adaptd_mean_entropy", "mean softmax entropy of the last batch", registry=r
+        )
+        self.adapter_resets = Counter(
+            "adaptd_adapter_resets", "adapter resets to the source weights", registry=r
+        )
+        self.store_errors = Counter(
+            "adaptd_store_errors", "store operations that failed, by operation",
+            ["op"], registry=r,
+        )
+        self.store_up = Gauge(
+            "adaptd_store_up", "1 when the store answered its last operation", registry=r
+        )

@@ -1,0 +1,113 @@
+"""From a batch of inputs to per-sample predictions with records kept for the labels to come."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from service.engine import BatchOutput, Engine
+from service.metrics import Metrics
+from store import PredictionRecord, Store, StoreUnavailable
+
+T = TypeVar("T")
+
+
+@dataclass
+class PredictionRow:
+    id: str
+    prediction: int | float | list[float]
+    probabilities: list[float] | None
+    set: list[int] | None
+    interval: list[float] | None
+    model_version: str
+    adapter_version: int
+
+
+class StoreGateway:
+    """Store calls from async code: run in a thread, failures counted and reflected in `up`."""
+
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.up = True
+        metrics.store_up.set(1)
+
+    async def call(self, op: str, fn: Callable[..., T], *args: object) -> T:
+        try:
+            result = await asyncio.to_thread(fn, *args)
+        except StoreUnavailable:
+            self.metrics.store_errors.labels(op).inc()
+            self._set_up(False)
+            raise
+        self._set_up(True)
+        return result
+
+    async def ping(self) -> bool:
+        up = await asyncio.to_thread(self.store.ping)
+        self._set_up(up)
+        return up
+
+    def _set_up(self, up: bool) -> None:
+        self.up = up
+        self.metrics.store_up.set(1 if up else 0)
+
+
+class Predictor:
+    """Runs batches on the engine, keeps a record per sample, and shapes the rows."""
+
+    def __init__(self, engine: Engine, store: StoreGateway, metrics: Metrics) -> None:
+        self.engine = engine
+        self.store = store
+        self.metrics = metrics
+
+    async def run_batch(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
+        return await self._finish(await self.engine.predict(inputs, adapt=True), ids)
+
+    async def run_alone(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
+        """The fallback for a failed batch: the same model, no adaptation step."""
+        return await self._finish(await self.engine.predict(inputs, adapt=False), ids)
+
+    async def _finish(self, out: BatchOutput, ids: list[str]) -> list[PredictionRow]:
+        model = self.engine.model
+        now = time.time()
+        records = [
+            PredictionRecord(
+                id=sample_id,
+                created_at=now,
+                prediction=float(out.predictions[i]),
+                outputs=out.outputs[i],
+                features=None if out.features is None else out.features[i],
+                model_version=model.version,
+                adapter_version=out.adapter_version,
+            )
+            for i, sample_id in enumerate(ids)
+        ]
+        try:
+            await self.store.call("put_predictions", self.store.store.put_predictions, records)
+        except StoreUnavailable:
+            # predictions go on without the store; their labels will count as unknown
+            pass
+        self.metrics.predictions.inc(len(ids))
+        classification = model.task == "classification"
+        rows = []
+        for i, sample_id in enumerate(ids):
+            values = out.outputs[i].tolist()
+            if classification:
+                prediction: int | float | list[float] = int(out.predictions[i])
+            else:
+                prediction = values[0] if len(values) == 1 else values
+            rows.append(PredictionRow(
+                id=sample_id,
+                prediction=prediction,
+                probabilities=values if classification else None,
+                set=None,
+                interval=None,
+                model_version=model.version,
+                adapter_version=out.adapter_version,
+            ))
+        return rows

@@ -1,0 +1,88 @@
+"""The running service's parts, wired together at start-up and taken apart at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from adapters import Adapter, build_adapter
+from service.batcher import MicroBatcher
+from service.engine import Engine
+from service.feedback import FeedbackService, RollingQuality
+from service.metrics import Metrics
+from service.model import LoadedModel, load_model
+from service.predictor import PredictionRow, Predictor, StoreGateway
+from service.settings import Settings
+from store import Store, StoreUnavailable, open_store
+
+log = logging.getLogger("adaptd")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    model: LoadedModel
+    adapter: Adapter
+    engine: Engine
+    store: StoreGateway
+    batcher: MicroBatcher[PredictionRow]
+    feedback: FeedbackService
+    quality: RollingQuality
+
+    @classmethod
+    async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
+        model = await asyncio.to_thread(load_model, settings.model)
+        options = {}
+        if settings.adapter.learning_rate is not None:
+            options["learning_rate"] = settings.adapter.learning_rate
+        adapter = build_adapter(settings.adapter.name, model.module, model.task, **options)
+        engine = Engine(model, adapter, metrics)
+        store = StoreGateway(_open_store(settings), metrics)
+        if settings.adapter.restore:
+            await _restore_adapter(engine, store)
+        predictor = Predictor(engine, store, metrics)
+        batcher: MicroBatcher[PredictionRow] = MicroBatcher(
+            predictor.run_batch,
+            predictor.run_alone,
+            max_batch_size=settings.batcher.max_batch_size,
+            max_wait_ms=settings.batcher.max_wait_ms,
+            metrics=metrics,
+        )
+        batcher.start()
+        quality = RollingQuality(model.task, settings.feedback.rolling_window)
+        feedback = FeedbackService(store, metrics, quality)
+        log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
+                 adapter.name, store.store.backend)
+        return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self.engine.close()
+        self.store.store.close()
+
+
+async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
+    """Resume from the latest checkpoint in the store, if it was made for this model and method."""
+    try:
+        latest = await store.call("load_adapter", store.store.load_adapter)
+    except StoreUnavailable:
+        log.warning("the store is unreachable: the adapter starts from the source weights")
+        return
+    if latest is None:
+        return
+    version, blob = latest
+    if await engine.run(engine.restore, blob):
+        log.info("restored adapter checkpoint %d", version)
+    else:
+        log.info("adapter checkpoint %d was made for another model or adapter; not restored",
+                 version)
+
+
+def _open_store(settings: Settings) -> Store:
+    s = settings.store
+    options: dict[str, object] = {"expired_grace_s": s.expired_grace_s}
+    if s.url.startswith("memory"):
+        options["max_records"] = s.max_records
+    return open_store(s.url, namespace=settings.namespace, record_ttl_s=s.record_ttl_s, **options)

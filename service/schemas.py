@@ -1,0 +1,126 @@
+"""Request and response bodies of the v1 API. The OpenAPI schema built from these is the contract."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
+from typing_extensions import TypeAliasType
+
+# one sample: numbers nested to the model's input shape (checked against it by the route)
+Tensor = TypeAliasType(
+    "Tensor",
+    Union[Annotated[StrictFloat, Field(allow_inf_nan=False)], list["Tensor"]],  # noqa: UP007
+)
+PredictionId = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$"),
+    Field(description="printable ASCII without spaces, at most 128 characters"),
+]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictRequest(Body):
+    inputs: list[Tensor] = Field(
+        min_length=1,
+        description="samples, each nested to the model's input shape (see GET /v1/state)",
+    )
+    ids: list[PredictionId] | None = Field(
+        None, description="one id per sample, unique; new ids are made where omitted"
+    )
+
+
+class Prediction(BaseModel):
+    id: str
+    prediction: int | float | list[float] = Field(
+        description="class index (classification) or value(s) (regression)"
+    )
+    probabilities: list[float] | None = None
+    set: list[int] | None = Field(None, description="conformal prediction set, when calibrated")
+    interval: list[float] | None = Field(None, description="conformal interval [low, high]")
+    model_version: str
+    adapter_version: int
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class Label(Body):
+    id: PredictionId
+    label: Annotated[StrictFloat, Field(allow_inf_nan=False)] = Field(
+        description="class index (classification) or observed value (regression)"
+    )
+
+
+class FeedbackRequest(Body):
+    labels: list[Label] = Field(min_length=1)
+
+
+class FeedbackResponse(BaseModel):
+    joined: int
+    unknown: list[str]
+    duplicate: list[str]
+    expired: list[str]
+
+
+class ModelState(BaseModel):
+    name: str
+    task: str
+    input_shape: list[int]
+    classes: list[str] | None
+    version: str
+
+
+class AdapterState(BaseModel):
+    name: str
+    learning_rate: float
+    steps: int
+    backward_samples: int
+    version: int
+
+
+class StoreState(BaseModel):
+    backend: str
+    namespace: str
+    up: bool
+    record_ttl_s: float
+
+
+class BatcherState(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    waiting_samples: int
+
+
+class QualityState(BaseModel):
+    window: int
+    labels: int
+    rolling_error: float | None = Field(
+        description="error rate (classification) or mean absolute error (regression)"
+    )
+
+
+class StateResponse(BaseModel):
+    model: ModelState
+    adapter: AdapterState
+    calibrator: dict | None = Field(None, description="online conformal calibration (not yet on)")
+    detectors: list[dict] = Field(default_factory=list, description="drift detectors (none yet)")
+    memories: dict[str, int] = Field(default_factory=dict, description="memory sizes by name")
+    store: StoreState
+    batcher: BatcherState
+    quality: QualityState
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, bool] = Field(default_factory=dict)
+
+
+class CheckpointResponse(BaseModel):
+    version: int = Field(description="the checkpoint's version in the store")
+    bytes: int
+    adapter: str

@@ -1,0 +1,158 @@
+"""Settings, parsed once at the edge and handed down as plain typed values.
+
+Sources, strongest first: command-line flags, `ADAPTD_*` environment variables (nested sections
+with a double underscore: `ADAPTD_STORE__URL`, `ADAPTD_BATCHER__MAX_WAIT_MS`), an optional TOML
+file (`--config` or `ADAPTD_CONFIG`), then the defaults below. With no configuration at all the
+service runs the bundled demo model on the in-process store.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEMO_FACTORY = "service.demo:digits_cnn"
+
+
+class Section(BaseModel):
+    """A table of the config file; unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(Section):
+    """Which model to serve: a factory returning an `nn.Module`, and what it takes and returns."""
+
+    factory: str = Field(DEMO_FACTORY, description="`package.module:function` returning the model")
+    weights: Path | None = Field(
+        None, description="safetensors state dict; the demo factory defaults to its bundled weights"
+    )
+    name: str = Field("digits-cnn", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    task: Literal["classification", "regression"] = "classification"
+    input_shape: list[PositiveInt] = Field([1, 16, 16], min_length=1, description="one sample")
+    num_classes: PositiveInt | None = Field(10, description="classification only")
+    class_names: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _classes_fit_task(self) -> ModelSettings:
+        if self.task == "classification":
+            if self.num_classes is None or self.num_classes < 2:
+                raise ValueError("a classification model needs model.num_classes >= 2")
+            if self.class_names is not None and len(self.class_names) != self.num_classes:
+                raise ValueError(
+                    f"model.class_names has {len(self.class_names)} names for "
+                    f"{self.num_classes} classes"
+                )
+        return self
+
+
+class BatcherSettings(Section):
+    """How concurrent requests are merged into one forward pass."""
+
+    max_batch_size: PositiveInt = 64
+    max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
+    max_request_samples: PositiveInt = Field(256, description="samples one request may carry")
+
+
+class StoreSettings(Section):
+    """Where state lives: `memory` (in process) or a `redis://` URL."""
+
+    url: str = "memory"
+    namespace: str | None = Field(None, description="key prefix; defaults to the model's name")
+    record_ttl_s: PositiveFloat = Field(86_400.0, description="how long a prediction awaits its label")
+    expired_grace_s: PositiveFloat = Field(
+        86_400.0, description="how long after expiry a late label is reported as expired"
+    )
+    max_records: PositiveInt = Field(200_000, description="in-process store only")
+
+    @model_validator(mode="after")
+    def _known_scheme(self) -> StoreSettings:
+        if self.url not in ("memory", "memory://") and not self.url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(f"store.url {self.url!r}: use 'memory' or redis://host:port/db")
+        return self
+
+
+class AdapterSettings(Section):
+    """The test-time adaptation method and its knobs (None keeps the method's reference default)."""
+
+    name: str = Field("none", description="none, tent")
+    learning_rate: PositiveFloat | None = None
+    restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
+
+
+class FeedbackSettings(Section):
+    """How labels are scored."""
+
+    rolling_window: PositiveInt = Field(1000, description="labels in the rolling error")
+    max_labels_per_request: PositiveInt = 10_000
+
+
+class Settings(BaseSettings):
+    """Everything the service reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ADAPTD_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_token: SecretStr | None = Field(
+        None, description="bearer token required by write routes when set"
+    )
+    max_body_bytes: PositiveInt = Field(8 * 1024 * 1024, description="larger bodies get 413")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    model: ModelSettings = ModelSettings()
+    batcher: BatcherSettings = BatcherSettings()
+    store: StoreSettings = StoreSettings()
+    adapter: AdapterSettings = AdapterSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
+
+    @property
+    def namespace(self) -> str:
+        return self.store.namespace or self.model.name
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings from the config file, the environment and `overrides` (CLI flags), in that order.
+
+    Overrides are nested like the file: ``load_settings(store={"url": "redis://..."})``.
+
+    >>> load_settings(adapter={"name": "tent"}).adapter.name
+    'tent'
+    """
+    config = config or os.environ.get("ADAPTD_CONFIG")
+    settings_cls: type[Settings] = Settings
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        settings_cls = type(
+            "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+        )
+    return settings_cls(**overrides)

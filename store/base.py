@@ -1,0 +1,136 @@
+"""The `Store` contract: what the service needs from its state, named by the service's verbs.
+
+A prediction leaves a record (`put_predictions`); a label arriving later joins it exactly once
+(`join_labels`). The join is idempotent: the first label for an id is *joined*, any later one is a
+*duplicate* and changes nothing; an id whose record has expired is *expired* for a grace period
+after expiry, and *unknown* after that or if it was never seen. Adapter checkpoints are versioned
+blobs with a `latest` pointer.
+
+Backends raise `StoreUnavailable` when their server cannot be reached, so the service can keep
+predicting from in-process state, count the failure and report not-ready.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class StoreUnavailable(RuntimeError):
+    """The backing server did not answer; the operation had no effect that can be relied on."""
+
+
+@dataclass
+class PredictionRecord:
+    """What the service remembers about one prediction until its label arrives.
+
+    `outputs` are the probabilities (classification) or predicted values (regression) and
+    `features` the input of the model's last linear layer, both float32. `extra` carries small
+    JSON-serialisable facts (a prediction set, an interval, the conformal level) that later
+    stages need to score the label.
+    """
+
+    id: str
+    created_at: float
+    prediction: float
+    outputs: np.ndarray
+    features: np.ndarray | None = None
+    model_version: str = ""
+    adapter_version: int = 0
+    extra: dict = field(default_factory=dict)
+    label: float | None = None
+    labelled_at: float | None = None
+
+    def to_fields(self) -> dict[str, bytes]:
+        """Flat bytes fields, the shape both backends persist (a Redis hash in `RedisStore`)."""
+        fields = {
+            "id": self.id.encode(),
+            "created_at": repr(float(self.created_at)).encode(),
+            "prediction": repr(float(self.prediction)).encode(),
+            "outputs": np.ascontiguousarray(self.outputs, dtype=np.float32).tobytes(),
+            "model_version": self.model_version.encode(),
+            "adapter_version": str(int(self.adapter_version)).encode(),
+            "extra": json.dumps(self.extra, separators=(",", ":")).encode(),
+        }
+        if self.features is not None:
+            fields["features"] = np.ascontiguousarray(self.features, dtype=np.float32).tobytes()
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes | str, bytes]) -> PredictionRecord:
+        f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        features = f.get("features")
+        label = f.get("label")
+        labelled_at = f.get("labelled_at")
+        return cls(
+            id=f["id"].decode(),
+            created_at=float(f["created_at"]),
+            prediction=float(f["prediction"]),
+            outputs=np.frombuffer(f["outputs"], dtype=np.float32).copy(),
+            features=None if features is None else np.frombuffer(features, np.float32).copy(),
+            model_version=f["model_version"].decode(),
+            adapter_version=int(f["adapter_version"]),
+            extra=json.loads(f["extra"]),
+            label=None if label is None else float(label),
+            labelled_at=None if labelled_at is None else float(labelled_at),
+        )
+
+
+@dataclass
+class JoinResult:
+    """The outcome of joining a batch of labels: records joined now, and the ids that were not."""
+
+    joined: list[PredictionRecord] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+    duplicate: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The state the service keeps outside the model. Every method is safe to call from threads."""
+
+    backend: str
+    namespace: str
+    record_ttl_s: float
+
+    def ping(self) -> bool:
+        """True when the backend answers now (readiness); never raises."""
+        ...
+
+    def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        """Keep these records for `record_ttl_s` seconds.
+
+        A record with an existing id replaces the old one, label included: the id starts over
+        as a new prediction waiting for its label (`PredictionRecord.label` is not stored here;
+        only `join_labels` sets it).
+        """
+        ...
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        """The live record for an id, labelled or not; None when unknown or expired."""
+        ...
+
+    def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+        """Attach each label to its record, atomically per id, at most once per id.
+
+        Labels are taken in order, so a second label for an id in the same call is a duplicate.
+        Joined records come back with `label` and `labelled_at` set.
+        """
+        ...
+
+    def save_adapter(self, blob: bytes) -> int:
+        """Store an adapter checkpoint (safetensors bytes) as a new version; returns the version."""
+        ...
+
+    def load_adapter(self, version: int | None = None) -> tuple[int, bytes] | None:
+        """A checkpoint by version, or the latest when version is None; None when there is none."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        ...

@@ -1,0 +1,31 @@
+"""Small models for the tests, importable by factory string (`tests.models:...`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+POISON = 13.0
+
+
+class Poisoned(nn.Module):
+    """An MLP classifier over 4 features that raises on any sample holding the value 13.0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x == POISON).any()):
+            raise ValueError("poisoned sample")
+        return self.body(x)
+
+
+def poisoned() -> nn.Module:
+    return Poisoned()
+
+
+def regressor() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -1,0 +1,163 @@
+"""Every kind of bad input gets a 4xx whose message says what to change, and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from service.demo import digits_split
+from tests.harness import metric, serving, settings_for
+
+_, _, X_TEST, _ = digits_split()
+GOOD = X_TEST[0].tolist()  # one sample, shape [1, 16, 16]
+ROW = GOOD[0]  # shape [16, 16]
+
+PREDICT_CASES = {
+    "wrong shape": ({"inputs": [ROW]}, 422, "has shape [16, 16]; the model takes samples of shape"),
+    "ragged sample": ({"inputs": [[ROW[:15] + [[0.0] * 15]]]}, 422, "not a regular array"),
+    "empty batch": ({"inputs": []}, 422, "at least 1 item"),
+    "batch over the limit": ({"inputs": [GOOD] * 9}, 422, "the limit is 8: split the request"),
+    "string values": ({"inputs": [[[["a"] * 16] * 16]]}, 422, "valid number"),
+    "boolean values": ({"inputs": [[[[True] * 16] * 16]]}, 422, "valid number"),
+    "null inputs": ({"inputs": None}, 422, "valid list"),
+    "missing inputs": ({"ids": ["a"]}, 422, "Field required"),
+    "unknown field": ({"inputs": [GOOD], "extra": 1}, 422, "Extra inputs are not permitted"),
+    "too few ids": ({"inputs": [GOOD, GOOD], "ids": ["a"]}, 422, "1 ids for 2 inputs"),
+    "repeated ids": ({"inputs": [GOOD, GOOD], "ids": ["a", "a"]}, 422, "appears twice"),
+    "id with spaces": ({"inputs": [GOOD], "ids": ["a b"]}, 422, "should match pattern"),
+    "float32 overflow": ({"inputs": [[[[1e39] * 16] * 16]]}, 422, "not a finite float32"),
+}
+
+FEEDBACK_CASES = {
+    "class out of range": ({"labels": [{"id": "x", "label": 10}]}, 422, "integer from 0 to 9"),
+    "negative class": ({"labels": [{"id": "x", "label": -1}]}, 422, "integer from 0 to 9"),
+    "fractional class": ({"labels": [{"id": "x", "label": 2.5}]}, 422, "integer from 0 to 9"),
+    "string label": ({"labels": [{"id": "x", "label": "3"}]}, 422, "valid number"),
+    "no labels": ({"labels": []}, 422, "at least 1 item"),
+    "missing id": ({"labels": [{"label": 3}]}, 422, "Field required"),
+    "one bad label among good": (
+        {"labels": [{"id": "p0", "label": 1}, {"id": "p1", "label": 99}]}, 422,
+        "labels[1].label is 99.0",
+    ),
+}
+
+
+def send_and_observe(requests: list[tuple[str, str, bytes | dict, dict]]):
+    """Predict once for the ids p0 and p1, send `requests`, and read what changed."""
+    settings = settings_for(batcher={"max_request_samples": 8}, max_body_bytes=200_000)
+
+    async def scenario():
+        async with serving(settings) as (client, app):
+            await client.post("/v1/predict", json={"inputs": [GOOD, GOOD], "ids": ["p0", "p1"]})
+            before = (await client.get("/v1/state")).json()
+            replies = []
+            for method, path, body, headers in requests:
+                if isinstance(body, bytes):
+                    replies.append(await client.request(method, path, content=body,
+                                                        headers=headers))
+                else:
+                    replies.append(await client.request(method, path, json=body, headers=headers))
+            after = (await client.get("/v1/state")).json()
+            counters = {
+                "predictions": metric(app, "adaptd_predictions_total"),
+                "labels": sum(metric(app, "adaptd_labels_total", outcome=o)
+                              for o in ("joined", "unknown", "duplicate", "expired")),
+                "5xx": sum(s.value for m in app.state.metrics.requests.collect()
+                           for s in m.samples if s.labels.get("status", "").startswith("5")),
+            }
+            # the two records are still there, unlabelled: a good label joins both now
+            join = await client.post("/v1/feedback", json={"labels": [
+                {"id": "p0", "label": 1}, {"id": "p1", "label": 2}]})
+            return replies, before, after, counters, join.json()
+
+    return asyncio.run(scenario())
+
+
+def _assert_nothing_changed(before, after, counters, join):
+    assert after == before
+    assert counters["predictions"] == 2
+    assert counters["labels"] == 0
+    assert counters["5xx"] == 0
+    assert join["joined"] == 2
+
+
+@pytest.mark.parametrize("case", sorted(PREDICT_CASES))
+def test_bad_predict_requests_get_a_clear_4xx_and_change_nothing(case):
+    body, status, message = PREDICT_CASES[case]
+    (reply,), before, after, counters, join = send_and_observe([("POST", "/v1/predict", body, {})])
+    assert reply.status_code == status, reply.text
+    assert message in reply.text
+    _assert_nothing_changed(before, after, counters, join)
+
+
+@pytest.mark.parametrize("case", sorted(FEEDBACK_CASES))
+def test_bad_feedback_requests_get_a_clear_4xx_and_change_nothing(case):
+    body, status, message = FEEDBACK_CASES[case]
+    (reply,), before, after, counters, join = send_and_observe([("POST", "/v1/feedback", body, {})])
+    assert reply.status_code == status, reply.text
+    assert message in reply.text
+    _assert_nothing_changed(before, after, counters, join)
+
+
+RAW_CASES = {
+    "malformed json": (b'{"inputs": [', 422, "JSON decode error"),
+    "NaN literal": (
+        json.dumps({"inputs": [[[[float("nan")] * 16] * 16]]}).encode(), 422, "finite number"),
+    "Infinity literal": (
+        json.dumps({"inputs": [[[[float("inf")] * 16] * 16]]}).encode(), 422, "finite number"),
+    "deeply nested": (b'{"inputs": [' + b"[" * 5000 + b"]" * 5000 + b"]}", 400, "parsing the body"),
+    "body over the size limit": (
+        json.dumps({"inputs": [GOOD] * 100}).encode(), 413, "larger than 200000 bytes"),
+    "not json": (b"inputs=1", 422, "JSON decode error"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RAW_CASES))
+def test_malformed_bodies_get_a_clear_4xx_and_change_nothing(case):
+    body, status, message = RAW_CASES[case]
+    headers = {"content-type": "application/json"}
+    (reply,), before, after, counters, join = send_and_observe(
+        [("POST", "/v1/predict", body, headers)])
+    assert reply.status_code == status, reply.text
+    assert message in reply.text
+    _assert_nothing_changed(before, after, counters, join)
+
+
+def test_a_body_over_the_limit_without_content_length_is_refused_while_streaming():
+    chunk = json.dumps({"inputs": [GOOD] * 100}).encode()
+
+    async def body():
+        for start in range(0, len(chunk), 4096):
+            yield chunk[start:start + 4096]
+
+    async def scenario():
+        async with serving(max_body_bytes=50_000) as (client, app):
+            reply = await client.post("/v1/predict", content=body(),
+                                      headers={"content-type": "application/json"})
+            return reply, metric(app, "adaptd_predictions_total")
+
+    reply, predictions = asyncio.run(scenario())
+    assert reply.status_code == 413
+    assert predictions == 0
+
+
+def test_write_routes_need_the_bearer_token_once_one_is_set():
+    async def scenario():
+        async with serving(api_token="s3cret") as (client, app):
+            body = {"inputs": [GOOD]}
+            missing = await client.post("/v1/predict", json=body)
+            wrong = await client.post("/v1/predict", json=body,
+                                      headers={"authorization": "Bearer nope"})
+            admin = await client.post("/v1/admin/reset")
+            right = await client.post("/v1/predict", json=body,
+                                      headers={"authorization": "Bearer s3cret"})
+            state = await client.get("/v1/state")
+            return missing, wrong, admin, right, state, metric(app, "adaptd_predictions_total")
+
+    missing, wrong, admin, right, state, predictions = asyncio.run(scenario())
+    assert missing.status_code == wrong.status_code == admin.status_code == 401
+    assert "Authorization: Bearer" in missing.json()["detail"]
+    assert right.status_code == 200 and state.status_code == 200
+    assert predictions == 1
