@@ -121,7 +121,9 @@ class Tent(Adapter):
         expected = {f"param.{name}" for name in self.param_names}
         missing = expected - state.keys()
         if missing:
-            raise ValueError(f"tent checkpoint lacks {sorted(missing)}; was it made for this model?")
+            raise ValueError(
+                f"tent checkpoint lacks {sorted(missing)}; was it made for this model?"
+            )
         with torch.no_grad():
             for name, param in zip(self.param_names, self.params, strict=True):
                 param.copy_(state[f"param.{name}"])

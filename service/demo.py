@@ -89,7 +89,8 @@ def main() -> None:
         accuracy = (model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(args.out), metadata={"model": "digits_cnn", "test_accuracy": f"{accuracy:.4f}"})
+    metadata = {"model": "digits_cnn", "test_accuracy": f"{accuracy:.4f}"}
+    save_file(state, str(args.out), metadata=metadata)
     print(f"wrote {args.out} (test accuracy {accuracy:.4f})")
 
 

@@ -62,7 +62,7 @@ class FeedbackService:
         self.quality = quality
 
     async def apply(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
-        """Join validated labels; raises `StoreUnavailable` (nothing applied) if the store is down."""
+        """Join validated labels; `StoreUnavailable` (nothing applied) when the store is down."""
         result = await self.store.call("join_labels", self.store.store.join_labels, list(labels))
         self._account(result.joined)
         m = self.metrics.labels
@@ -75,7 +75,8 @@ class FeedbackService:
     def _account(self, joined: list[PredictionRecord]) -> None:
         now = time.time()
         for record in joined:
-            self.metrics.label_lag.observe(max(0.0, (record.labelled_at or now) - record.created_at))
+            lag = (record.labelled_at or now) - record.created_at
+            self.metrics.label_lag.observe(max(0.0, lag))
             self.quality.update(record.prediction, record.label)
         value = self.quality.value
         if value is not None:

@@ -1,4 +1,4 @@
-"""Prometheus metrics, all named `adaptd_*`, on a registry of the app's own (one per app instance)."""
+"""Prometheus metrics, all named `adaptd_*`, on a registry of the app's own (one per app)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Request and response bodies of the v1 API. The OpenAPI schema built from these is the contract."""
+"""Request and response bodies of the v1 API; their OpenAPI schema is the contract."""
 
 from __future__ import annotations
 

@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -68,7 +76,9 @@ class StoreSettings(Section):
 
     url: str = "memory"
     namespace: str | None = Field(None, description="key prefix; defaults to the model's name")
-    record_ttl_s: PositiveFloat = Field(86_400.0, description="how long a prediction awaits its label")
+    record_ttl_s: PositiveFloat = Field(
+        86_400.0, description="how long a prediction awaits its label"
+    )
     expired_grace_s: PositiveFloat = Field(
         86_400.0, description="how long after expiry a late label is reported as expired"
     )

@@ -19,7 +19,9 @@ def settings_for(**overrides: Any):
 
 
 @asynccontextmanager
-async def serving(settings=None, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+async def serving(
+    settings=None, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
     app = create_app(settings or settings_for(**overrides))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

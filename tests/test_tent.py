@@ -85,7 +85,8 @@ def test_tent_through_the_service_changes_bn_affines_only_and_reset_restores_the
             state = (await client.get("/v1/state")).json()
             steps = metric(app, "adaptd_adaptation_steps_total")
             reset = await client.post("/v1/admin/reset")
-            restored = {k: v.clone() for k, v in app.state.runtime.model.module.state_dict().items()}
+            module = app.state.runtime.model.module
+            restored = {k: v.clone() for k, v in module.state_dict().items()}
             again = await client.post("/v1/predict", json={"inputs": stream[:32].tolist()})
             return first.json(), adapted, state, steps, reset.json(), restored, again.json()
 

@@ -1,4 +1,4 @@
-"""Operator actions: POST /v1/admin/reset and POST /v1/admin/checkpoint (token required once set)."""
+"""Operator actions: POST /v1/admin/reset and /v1/admin/checkpoint (token required once set)."""
 
 from __future__ import annotations
 

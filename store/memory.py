@@ -1,0 +1,204 @@
+"""The embedded store: everything in this process, for one replica and for running with no Redis.
+
+It keeps the same semantics as `RedisStore` (records expire after a TTL, an expired id stays
+*expired* for a grace period, a label joins at most once), so the service and its tests behave the
+same on either backend. Records are kept as the bytes fields a Redis hash would hold, so what comes
+back is what Redis would give back: float32 arrays, JSON-normalised `extra`, and no aliasing with
+the caller's objects.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from store.base import JoinResult, PredictionRecord
+from store.keys import Keys
+
+# Markers outlive their records by the grace period, so there are more of them than records; this
+# many per allowed record bounds them and still keeps every live record's (the newest) marker.
+MARKERS_PER_RECORD = 4
+
+
+class MemoryStore:
+    """Prediction records, label joins and adapter checkpoints in process memory.
+
+    Records are kept in insertion order with their expiry time, so expired ones are purged from the
+    front, lazily, whenever a put or a lookup happens; past `max_records` the oldest are evicted
+    early and then count as expired, as if their TTL had run out. One lock guards all state, so
+    every method is safe to call from threads and a label joins at most once.
+
+    Parameters
+    ----------
+    namespace
+        The deployment and model this state belongs to (validated as `RedisStore` does).
+    record_ttl_s
+        How long a prediction record waits for its label.
+    expired_grace_s
+        How long after a record's expiry its id is still reported *expired* (then *unknown*).
+    max_records
+        The most records kept; the oldest are evicted beyond it.
+    clock
+        Seconds since the epoch; a test passes a clock it controls.
+    keep_adapters
+        How many adapter checkpoints to keep, newest first.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from store.base import PredictionRecord
+    >>> store = MemoryStore(namespace="demo", record_ttl_s=3600)
+    >>> store.put_predictions([
+    ...     PredictionRecord(id="req-1", created_at=0.0, prediction=1.0,
+    ...                      outputs=np.array([0.2, 0.8], dtype=np.float32)),
+    ... ])
+    >>> result = store.join_labels([("req-1", 1.0), ("req-1", 0.0), ("req-9", 1.0)])
+    >>> [(record.id, record.label) for record in result.joined]
+    [('req-1', 1.0)]
+    >>> result.duplicate, result.unknown
+    (['req-1'], ['req-9'])
+    >>> store.save_adapter(b"weights"), store.load_adapter()
+    (1, (1, b'weights'))
+    """
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        namespace: str,
+        record_ttl_s: float,
+        expired_grace_s: float = 86400.0,
+        max_records: int = 200_000,
+        clock: Callable[[], float] = time.time,
+        keep_adapters: int = 5,
+    ) -> None:
+        if record_ttl_s <= 0:
+            raise ValueError(f"record_ttl_s must be positive, got {record_ttl_s}")
+        if expired_grace_s < 0:
+            raise ValueError(f"expired_grace_s must be zero or positive, got {expired_grace_s}")
+        if max_records < 1:
+            raise ValueError(f"max_records must be at least 1, got {max_records}")
+        if keep_adapters < 1:
+            raise ValueError(f"keep_adapters must be at least 1, got {keep_adapters}")
+        self.namespace = Keys(namespace).namespace
+        self.record_ttl_s = float(record_ttl_s)
+        self.expired_grace_s = float(expired_grace_s)
+        self.max_records = max_records
+        self.max_markers = MARKERS_PER_RECORD * max_records
+        self.keep_adapters = keep_adapters
+        self._clock = clock
+        self._lock = threading.Lock()
+        # id -> (expires_at, fields); insertion order is expiry order, since the TTL is fixed
+        self._records: OrderedDict[str, tuple[float, dict[str, bytes]]] = OrderedDict()
+        # id -> (expires_at, labelled); expires a grace period after its record
+        self._markers: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+        self._adapters: dict[int, bytes] = {}
+        self._adapter_version = 0
+
+    def ping(self) -> bool:
+        return True
+
+    def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        encoded = [(record.id, record.to_fields()) for record in records]
+        with self._lock:
+            now = self._clock()
+            self._purge_expired(now)
+            expires_at = now + self.record_ttl_s
+            for prediction_id, fields in encoded:
+                # pop first so a replaced id moves to the back, keeping expiry order
+                self._records.pop(prediction_id, None)
+                self._records[prediction_id] = (expires_at, fields)
+                self._markers.pop(prediction_id, None)
+                self._markers[prediction_id] = (expires_at + self.expired_grace_s, False)
+            while len(self._records) > self.max_records:
+                self._records.popitem(last=False)
+            while len(self._markers) > self.max_markers:
+                self._markers.popitem(last=False)
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        with self._lock:
+            now = self._clock()
+            self._purge_expired(now)
+            fields = self._live_fields(prediction_id, now)
+        return None if fields is None else PredictionRecord.from_fields(fields)
+
+    def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+        result = JoinResult()
+        joined_fields: list[dict[str, bytes]] = []
+        with self._lock:
+            now = self._clock()
+            self._purge_expired(now)
+            for prediction_id, label in labels:
+                fields = self._live_fields(prediction_id, now)
+                if fields is not None:
+                    if "label" in fields:
+                        result.duplicate.append(prediction_id)
+                        continue
+                    # a new dict, so a record already handed out is never changed under its reader
+                    fields = {
+                        **fields,
+                        "label": repr(float(label)).encode(),
+                        "labelled_at": repr(float(now)).encode(),
+                    }
+                    expires_at = self._records[prediction_id][0]
+                    self._records[prediction_id] = (expires_at, fields)
+                    marker_expires_at = expires_at + self.expired_grace_s
+                    if prediction_id in self._markers:
+                        marker_expires_at = self._markers[prediction_id][0]
+                    self._markers[prediction_id] = (marker_expires_at, True)
+                    joined_fields.append(fields)
+                    continue
+                marker = self._markers.get(prediction_id)
+                if marker is None or marker[0] <= now:
+                    result.unknown.append(prediction_id)
+                elif marker[1]:
+                    result.duplicate.append(prediction_id)
+                else:
+                    result.expired.append(prediction_id)
+        result.joined = [PredictionRecord.from_fields(fields) for fields in joined_fields]
+        return result
+
+    def save_adapter(self, blob: bytes) -> int:
+        with self._lock:
+            self._adapter_version += 1
+            version = self._adapter_version
+            self._adapters[version] = bytes(blob)
+            self._adapters.pop(version - self.keep_adapters, None)
+        return version
+
+    def load_adapter(self, version: int | None = None) -> tuple[int, bytes] | None:
+        with self._lock:
+            wanted = self._adapter_version if version is None else int(version)
+            blob = self._adapters.get(wanted)
+        return None if blob is None else (wanted, blob)
+
+    def close(self) -> None:
+        with self._lock:
+            self._records.clear()
+            self._markers.clear()
+            self._adapters.clear()
+
+    def _live_fields(self, prediction_id: str, now: float) -> dict[str, bytes] | None:
+        """The fields of an unexpired record; expired ones behind a live front are dropped here."""
+        entry = self._records.get(prediction_id)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._records[prediction_id]
+            return None
+        return entry[1]
+
+    def _purge_expired(self, now: float) -> None:
+        """Drop expired records and markers from the front; both are kept in expiry order."""
+        while self._records:
+            prediction_id, (expires_at, _) = next(iter(self._records.items()))
+            if expires_at > now:
+                break
+            del self._records[prediction_id]
+        while self._markers:
+            prediction_id, (expires_at, _) = next(iter(self._markers.items()))
+            if expires_at > now:
+                break
+            del self._markers[prediction_id]

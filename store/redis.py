@@ -1,0 +1,267 @@
+"""The shared store: prediction records, label joins and adapter checkpoints in Redis.
+
+Several replicas share one Redis, so any replica can take any label: a record is a hash with a
+TTL, and the join is one Lua script per batch, which makes "at most once per id" hold across
+replicas and label redeliveries. Every key is built by `store.keys.Keys`, under the namespace
+prefix. Connection failures become `StoreUnavailable`, so the service keeps predicting from its
+in-process state and reports not-ready instead of failing requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from store.base import JoinResult, PredictionRecord, StoreUnavailable
+from store.keys import Keys
+
+# A pooled connection idle this long is PINGed before use, so a connection that a Redis restart
+# or a load balancer dropped is replaced instead of failing the next request.
+HEALTH_CHECK_INTERVAL_S = 30
+
+# A script blocks the whole server while it runs: a large batch of labels is joined in chunks of
+# this many ids (each id is still joined atomically, and in order across chunks).
+JOIN_CHUNK = 1000
+
+# KEYS: the record key and the seen-marker key of each label, in the order of the labels.
+# ARGV[1]: labelled_at; ARGV[2]: the grace period in ms; ARGV[2 + i]: the label of the i-th id.
+# Returns one reply per id: {'joined', <the record's HGETALL>}, {'duplicate'}, {'expired'} or
+# {'unknown'}. Ids are taken in order, so a repeated id in one batch is a duplicate.
+JOIN_LABELS_LUA = """
+local labelled_at = ARGV[1]
+local grace_ms = tonumber(ARGV[2])
+local outcomes = {}
+for i = 1, #KEYS / 2 do
+  local record_key = KEYS[2 * i - 1]
+  local seen_key = KEYS[2 * i]
+  if redis.call('EXISTS', record_key) == 1 then
+    if redis.call('HEXISTS', record_key, 'label') == 1 then
+      outcomes[i] = {'duplicate'}
+    else
+      redis.call('HSET', record_key, 'label', ARGV[2 + i], 'labelled_at', labelled_at)
+      if redis.call('EXISTS', seen_key) == 1 then
+        redis.call('SET', seen_key, '1', 'KEEPTTL')
+      else
+        -- the marker was evicted (maxmemory): SET KEEPTTL would create it with no TTL at all,
+        -- so give it its lifetime again, the record's plus the grace period
+        local ttl_ms = math.max(redis.call('PTTL', record_key), 0) + grace_ms
+        redis.call('SET', seen_key, '1', 'PX', math.max(ttl_ms, 1))
+      end
+      outcomes[i] = {'joined', redis.call('HGETALL', record_key)}
+    end
+  else
+    local seen = redis.call('GET', seen_key)
+    if seen == '1' then
+      outcomes[i] = {'duplicate'}
+    elseif seen == '0' then
+      outcomes[i] = {'expired'}
+    else
+      outcomes[i] = {'unknown'}
+    end
+  end
+end
+return outcomes
+"""
+
+# KEYS[1]: the new version's blob; KEYS[2]: the latest pointer; KEYS[3]: the blob `keep` versions
+# back. ARGV[1]: the new version; ARGV[2]: the blob. The pointer only moves forward, so two
+# replicas saving at once cannot leave it on the older of their versions.
+SAVE_ADAPTER_LUA = """
+redis.call('SET', KEYS[1], ARGV[2])
+local latest = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[1]) > latest then
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password (and query, which may carry one), fit for messages and logs.
+
+    >>> redacted_url("redis://app:s3cret@cache:6379/0")
+    'redis://app@cache:6379/0'
+    >>> redacted_url("redis://:s3cret@cache:6379/0?socket_timeout=1")
+    'redis://cache:6379/0'
+    >>> redacted_url("unix:///run/redis.sock?db=0&password=s3cret")
+    'unix:///run/redis.sock'
+    """
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    username = userinfo.partition(":")[0]
+    netloc = f"{username}@{host}" if username else host
+    # built by hand: urlunsplit would drop the empty authority of unix:///path
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+class RedisStore:
+    """The `Store` contract on Redis, for replicas that share records, labels and checkpoints.
+
+    Parameters
+    ----------
+    url
+        ``redis://[user:password@]host:port/db``, ``rediss://...`` or ``unix://...``.
+    namespace
+        The deployment and model; every key starts with ``adaptd:{namespace}:``.
+    record_ttl_s
+        How long a prediction record waits for its label (the hash's TTL).
+    expired_grace_s
+        How long after a record's expiry its id is still reported *expired* (then *unknown*).
+    keep_adapters
+        How many adapter checkpoints to keep, newest first.
+    socket_timeout_s
+        The longest a command or a connect may take before the store counts as unavailable.
+
+    Example (not run as a doctest; it needs a server)::
+
+        store = RedisStore("redis://localhost:6379/0", namespace="demo", record_ttl_s=3600)
+        store.put_predictions(records)
+        result = store.join_labels([("req-1", 3.0)])
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        namespace: str,
+        record_ttl_s: float,
+        expired_grace_s: float = 86400.0,
+        keep_adapters: int = 5,
+        socket_timeout_s: float = 2.0,
+    ) -> None:
+        if record_ttl_s <= 0:
+            raise ValueError(f"record_ttl_s must be positive, got {record_ttl_s}")
+        if expired_grace_s < 0:
+            raise ValueError(f"expired_grace_s must be zero or positive, got {expired_grace_s}")
+        if keep_adapters < 1:
+            raise ValueError(f"keep_adapters must be at least 1, got {keep_adapters}")
+        self._keys = Keys(namespace)
+        self.namespace = namespace
+        self.record_ttl_s = float(record_ttl_s)
+        self.expired_grace_s = float(expired_grace_s)
+        self.keep_adapters = keep_adapters
+        self.url = redacted_url(url)
+        self._record_ttl_ms = max(1, round(record_ttl_s * 1000))
+        self._grace_ms = round(expired_grace_s * 1000)
+        self._redis = redis.Redis.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
+            # one immediate retry on a dropped connection (a restart, a failover) and none on a
+            # timeout: a timed-out join or INCR may have run, and running it again is not free
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        # loaded on first use and again after a restart (redis-py answers NOSCRIPT by loading)
+        self._join_labels_script = self._redis.register_script(JOIN_LABELS_LUA)
+        self._save_adapter_script = self._redis.register_script(SAVE_ADAPTER_LUA)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        if not records:
+            return
+        marker_ttl_ms = self._record_ttl_ms + self._grace_ms
+        with self._unavailable("store predictions"), self._redis.pipeline() as pipe:
+            # a MULTI transaction: one round trip, and no reader sees a half-replaced record
+            for record in records:
+                record_key = self._keys.record(record.id)
+                # a replaced record must not keep fields of the old one, its label above all
+                pipe.delete(record_key)
+                pipe.hset(record_key, mapping=record.to_fields())
+                pipe.pexpire(record_key, self._record_ttl_ms)
+                pipe.set(self._keys.seen(record.id), b"0", px=marker_ttl_ms)
+            pipe.execute()
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        with self._unavailable("read a prediction"):
+            fields = self._redis.hgetall(self._keys.record(prediction_id))
+        return PredictionRecord.from_fields(fields) if fields else None
+
+    def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+        result = JoinResult()
+        if not labels:
+            return result
+        labelled_at = repr(time.time()).encode()
+        outcomes: list = []
+        for start in range(0, len(labels), JOIN_CHUNK):
+            keys: list[str] = []
+            args: list[bytes] = [labelled_at, str(self._grace_ms).encode()]
+            for prediction_id, label in labels[start:start + JOIN_CHUNK]:
+                keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
+                args.append(repr(float(label)).encode())
+            with self._unavailable("join labels"):
+                outcomes += self._join_labels_script(keys=keys, args=args)
+        for (prediction_id, _), outcome in zip(labels, outcomes, strict=True):
+            status = outcome[0]
+            if status == b"joined":
+                flat = outcome[1]  # HGETALL: field, value, field, value...
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                result.joined.append(PredictionRecord.from_fields(fields))
+            elif status == b"duplicate":
+                result.duplicate.append(prediction_id)
+            elif status == b"expired":
+                result.expired.append(prediction_id)
+            else:
+                result.unknown.append(prediction_id)
+        return result
+
+    def save_adapter(self, blob: bytes) -> int:
+        # INCR alone hands out a version no replica reuses; the writes that depend on it go in one
+        # script whose keys are all declared (a script building keys from the counter would break
+        # on a cluster, and MULTI cannot use the INCR's reply). A save that fails in between only
+        # skips a version number.
+        with self._unavailable("save an adapter"):
+            version = int(self._redis.incr(self._keys.adapter_version()))
+            self._save_adapter_script(
+                keys=[
+                    self._keys.adapter_blob(version),
+                    self._keys.adapter_latest(),
+                    self._keys.adapter_blob(version - self.keep_adapters),
+                ],
+                args=[version, bytes(blob)],
+            )
+        return version
+
+    def load_adapter(self, version: int | None = None) -> tuple[int, bytes] | None:
+        with self._unavailable("load an adapter"):
+            if version is None:
+                latest = self._redis.get(self._keys.adapter_latest())
+                if latest is None:
+                    return None
+                version = int(latest)
+            blob = self._redis.get(self._keys.adapter_blob(version))
+        return None if blob is None else (int(version), blob)
+
+    def close(self) -> None:
+        # the client owns its pool (from_url), so this disconnects every pooled connection
+        self._redis.close()
+
+    @contextmanager
+    def _unavailable(self, action: str) -> Iterator[None]:
+        """Turn a connection failure into `StoreUnavailable`, naming the server but no password."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, BusyLoadingError) as error:
+            # READONLY (a replica after failover) and LOADING (a restart) pass with time, like a
+            # dropped connection
+            raise StoreUnavailable(
+                f"Redis at {self.url} did not answer when asked to {action}: {error}; "
+                "check that it is running and reachable from this host"
+            ) from error

@@ -1,0 +1,522 @@
+"""The `Store` contract, one suite run against every backend, then what each backend adds.
+
+Tests that take `store`, `make_store` or `timeline` run once per backend (memory, redis). The
+sections at the end hold what only one backend can show: Redis TTLs, key hygiene, outages and
+round trips; MemoryStore's bounds.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import numpy as np
+import pytest
+import redis
+from redis_server import RedisServer, free_port
+
+from store import JoinResult, MemoryStore, PredictionRecord, Store, StoreUnavailable
+from store.keys import Keys
+from store.redis import RedisStore
+
+
+class Timeline(Protocol):
+    """The `timeline` fixture: the store's clock, which a test can move on (conftest)."""
+
+    def __call__(self) -> float: ...
+
+    def advance(self, seconds: float) -> None: ...
+
+
+def prediction(
+    prediction_id: str,
+    created_at: float = 1_700_000_000.0,
+    *,
+    with_features: bool = True,
+    prediction_value: float = 2.0,
+) -> PredictionRecord:
+    """A classifier's record as the service would write it: probabilities, features, a set."""
+    outputs = np.array([0.05, 0.15, 0.7, 0.1], dtype=np.float32)
+    features = np.linspace(-1.0, 1.0, 16, dtype=np.float32) if with_features else None
+    return PredictionRecord(
+        id=prediction_id,
+        created_at=created_at,
+        prediction=prediction_value,
+        outputs=outputs,
+        features=features,
+        model_version="digits-cnn@3",
+        adapter_version=7,
+        extra={"set": [2, 1], "alpha": 0.1, "note": "é"},
+    )
+
+
+def assert_same_prediction(actual: PredictionRecord | None, expected: PredictionRecord) -> None:
+    """Every stored field equal; arrays compared as float32 values."""
+    assert actual is not None
+    assert actual.id == expected.id
+    assert actual.created_at == expected.created_at
+    assert actual.prediction == expected.prediction
+    assert actual.outputs.dtype == np.float32
+    np.testing.assert_array_equal(actual.outputs, expected.outputs)
+    if expected.features is None:
+        assert actual.features is None
+    else:
+        assert actual.features is not None and actual.features.dtype == np.float32
+        np.testing.assert_array_equal(actual.features, expected.features)
+    assert actual.model_version == expected.model_version
+    assert actual.adapter_version == expected.adapter_version
+    assert actual.extra == expected.extra
+
+
+def ids_by_outcome(result: JoinResult) -> dict[str, list[str]]:
+    return {
+        "joined": [record.id for record in result.joined],
+        "duplicate": result.duplicate,
+        "expired": result.expired,
+        "unknown": result.unknown,
+    }
+
+
+# --- the contract, on every backend -----------------------------------------------------------
+
+
+def test_the_store_satisfies_the_protocol_and_answers_ping(store: Store) -> None:
+    assert isinstance(store, Store)
+    assert store.ping() is True
+
+
+def test_a_record_comes_back_with_every_field_it_was_stored_with(store: Store) -> None:
+    record = prediction("req-1")
+    store.put_predictions([record])
+
+    stored = store.get_prediction("req-1")
+
+    assert_same_prediction(stored, record)
+    assert stored is not None and stored.label is None and stored.labelled_at is None
+
+
+def test_a_record_without_features_comes_back_without_features(store: Store) -> None:
+    record = prediction("req-1", with_features=False)
+    store.put_predictions([record])
+
+    assert_same_prediction(store.get_prediction("req-1"), record)
+
+
+def test_an_id_never_stored_has_no_record(store: Store) -> None:
+    store.put_predictions([prediction("req-1")])
+
+    assert store.get_prediction("req-2") is None
+
+
+def test_putting_an_id_again_replaces_its_record_and_clears_its_label(store: Store) -> None:
+    store.put_predictions([prediction("req-1")])
+    store.join_labels([("req-1", 2.0)])
+    replacement = prediction("req-1", with_features=False, prediction_value=0.0)
+
+    store.put_predictions([replacement])
+
+    stored = store.get_prediction("req-1")
+    assert_same_prediction(stored, replacement)
+    assert stored is not None and stored.label is None and stored.labelled_at is None
+    assert [record.label for record in store.join_labels([("req-1", 0.0)]).joined] == [0.0]
+
+
+def test_the_first_label_for_an_id_joins_its_record(store: Store, timeline: Timeline) -> None:
+    record = prediction("req-1")
+    store.put_predictions([record])
+    before = timeline()
+
+    result = store.join_labels([("req-1", 2.0)])
+
+    after = timeline()
+    assert ids_by_outcome(result) == {
+        "joined": ["req-1"], "duplicate": [], "expired": [], "unknown": []
+    }  # fmt: skip
+    joined = result.joined[0]
+    assert_same_prediction(joined, record)
+    assert joined.label == 2.0
+    assert joined.labelled_at is not None and before <= joined.labelled_at <= after
+    stored = store.get_prediction("req-1")
+    assert stored is not None and stored.label == 2.0 and stored.labelled_at == joined.labelled_at
+
+
+def test_a_second_label_for_an_id_is_a_duplicate_and_changes_nothing(store: Store) -> None:
+    store.put_predictions([prediction("req-1")])
+    first = store.join_labels([("req-1", 2.0)])
+
+    second = store.join_labels([("req-1", 3.0)])
+
+    assert second.joined == [] and second.duplicate == ["req-1"]
+    stored = store.get_prediction("req-1")
+    assert stored is not None and stored.label == 2.0
+    assert stored.labelled_at == first.joined[0].labelled_at
+
+
+def test_a_repeated_id_in_one_batch_joins_once_then_is_a_duplicate(store: Store) -> None:
+    store.put_predictions([prediction("req-1")])
+
+    result = store.join_labels([("req-1", 2.0), ("req-1", 3.0)])
+
+    assert [(record.id, record.label) for record in result.joined] == [("req-1", 2.0)]
+    assert result.duplicate == ["req-1"]
+    stored = store.get_prediction("req-1")
+    assert stored is not None and stored.label == 2.0
+
+
+def test_a_label_for_an_id_never_seen_is_unknown(store: Store) -> None:
+    result = store.join_labels([("never-predicted", 1.0)])
+
+    assert ids_by_outcome(result) == {
+        "joined": [], "duplicate": [], "expired": [], "unknown": ["never-predicted"]
+    }  # fmt: skip
+
+
+def test_an_empty_batch_of_labels_joins_nothing(store: Store) -> None:
+    store.put_predictions([])
+
+    assert store.join_labels([]) == JoinResult()
+
+
+def test_a_label_after_its_record_expired_is_expired_for_the_grace_period_then_unknown(
+    make_store: Callable[..., Store], timeline: Timeline
+) -> None:
+    store = make_store(record_ttl_s=0.3, expired_grace_s=0.7)
+    store.put_predictions([prediction("req-1")])
+
+    timeline.advance(0.5)  # past the TTL (0.3 s), well within the grace period (until 1.0 s)
+    assert store.get_prediction("req-1") is None
+    assert store.join_labels([("req-1", 2.0)]).expired == ["req-1"]
+
+    timeline.advance(0.7)  # past the grace period too
+    assert store.join_labels([("req-1", 2.0)]).unknown == ["req-1"]
+
+
+def test_a_label_for_an_id_labelled_before_its_record_expired_is_a_duplicate(
+    make_store: Callable[..., Store], timeline: Timeline
+) -> None:
+    store = make_store(record_ttl_s=0.3, expired_grace_s=60.0)
+    store.put_predictions([prediction("req-1")])
+    assert len(store.join_labels([("req-1", 2.0)]).joined) == 1
+
+    timeline.advance(0.5)
+
+    result = store.join_labels([("req-1", 3.0)])
+    assert result.duplicate == ["req-1"] and result.expired == [] and result.joined == []
+
+
+def test_a_mixed_batch_reports_each_id_under_its_own_outcome_in_batch_order(
+    make_store: Callable[..., Store], timeline: Timeline
+) -> None:
+    store = make_store(record_ttl_s=0.3, expired_grace_s=60.0)
+    store.put_predictions([prediction("old")])
+    timeline.advance(0.5)
+    store.put_predictions([prediction(f"new-{i}") for i in range(4)])
+    store.join_labels([("new-3", 1.0)])
+
+    result = store.join_labels(
+        [
+            ("ghost-b", 0.0),
+            ("new-1", 1.0),
+            ("old", 2.0),
+            ("new-3", 3.0),
+            ("new-0", 0.0),
+            ("ghost-a", 1.0),
+            ("new-1", 1.0),
+        ]
+    )
+
+    assert ids_by_outcome(result) == {
+        "joined": ["new-1", "new-0"],
+        "duplicate": ["new-3", "new-1"],
+        "expired": ["old"],
+        "unknown": ["ghost-b", "ghost-a"],
+    }
+    assert [record.label for record in result.joined] == [1.0, 0.0]
+    assert store.get_prediction("new-2") is not None and store.get_prediction("new-2").label is None
+
+
+def test_stores_in_different_namespaces_do_not_see_each_others_state(
+    make_store: Callable[..., Store],
+) -> None:
+    digits_namespace = f"test:{uuid.uuid4().hex}"
+    digits = make_store(namespace=digits_namespace)
+    prices = make_store(namespace=f"{digits_namespace}:prices")  # the other's name as a prefix
+    digits.put_predictions([prediction("req-1")])
+    digits.save_adapter(b"digits adapter")
+
+    assert prices.get_prediction("req-1") is None
+    assert prices.join_labels([("req-1", 2.0)]).unknown == ["req-1"]
+    assert prices.load_adapter() is None
+    assert digits.join_labels([("req-1", 2.0)]).joined[0].label == 2.0
+
+
+def test_a_namespace_with_a_brace_is_refused(make_store: Callable[..., Store]) -> None:
+    with pytest.raises(ValueError, match="brace"):
+        make_store(namespace="demo}:other")
+
+
+def test_no_adapter_checkpoint_loads_as_none(store: Store) -> None:
+    assert store.load_adapter() is None
+    assert store.load_adapter(1) is None
+
+
+def test_adapter_versions_increase_and_the_latest_loads_by_default(store: Store) -> None:
+    versions = [store.save_adapter(f"weights {i}".encode()) for i in range(3)]
+
+    assert versions == [1, 2, 3]
+    assert store.load_adapter() == (3, b"weights 2")
+
+
+def test_a_named_adapter_version_loads_its_own_bytes(store: Store) -> None:
+    first = store.save_adapter(b"\x00source weights\xff")
+    store.save_adapter(b"adapted weights")
+
+    assert store.load_adapter(first) == (first, b"\x00source weights\xff")
+
+
+def test_adapter_versions_older_than_the_kept_ones_are_dropped(
+    make_store: Callable[..., Store],
+) -> None:
+    store = make_store(keep_adapters=2)
+    for i in range(4):
+        store.save_adapter(f"weights {i}".encode())
+
+    assert [store.load_adapter(version) for version in (1, 2, 3, 4)] == [
+        None,
+        None,
+        (3, b"weights 2"),
+        (4, b"weights 3"),
+    ]
+    assert store.load_adapter() == (4, b"weights 3")
+
+
+def test_threads_joining_the_same_ids_at_once_join_each_id_exactly_once(store: Store) -> None:
+    ids = [f"req-{i}" for i in range(200)]
+    store.put_predictions([prediction(prediction_id) for prediction_id in ids])
+    threads_count = 8
+    start_together = threading.Barrier(threads_count)
+    results: list[JoinResult] = []
+    results_lock = threading.Lock()
+
+    def label_everything(seed: int) -> None:
+        order = ids.copy()
+        random.Random(seed).shuffle(order)
+        start_together.wait()
+        for start in range(0, len(order), 25):
+            result = store.join_labels([(i, float(seed)) for i in order[start : start + 25]])
+            with results_lock:
+                results.append(result)
+
+    workers = [threading.Thread(target=label_everything, args=(s,)) for s in range(threads_count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+    joined_ids = [record.id for result in results for record in result.joined]
+    assert len(joined_ids) == 200 and sorted(joined_ids) == sorted(ids)
+    assert sum(len(result.duplicate) for result in results) == 200 * (threads_count - 1)
+    assert all(not result.unknown and not result.expired for result in results)
+
+
+# --- RedisStore only --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_store(redis_server: RedisServer) -> Iterator[RedisStore]:
+    namespace = f"test:{uuid.uuid4().hex}"
+    store = RedisStore(redis_server.url, namespace, record_ttl_s=60.0, expired_grace_s=30.0)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    yield client
+    client.close()
+
+
+def all_keys(client: redis.Redis) -> set[bytes]:
+    """Every key on the server, read with SCAN (the tests only read; the store never scans)."""
+    return set(client.scan_iter(count=1000))
+
+
+def test_redis_records_and_their_markers_expire_with_the_record_ttl(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    keys = Keys(redis_store.namespace)
+    redis_store.put_predictions([prediction("ttl-1"), prediction("ttl-2")])
+    redis_store.join_labels([("ttl-2", 1.0)])
+
+    for prediction_id in ("ttl-1", "ttl-2"):
+        assert 0 < redis_client.pttl(keys.record(prediction_id)) <= 60_000
+        # the marker outlives the record by the grace period, labelled or not
+        assert 60_000 < redis_client.pttl(keys.seen(prediction_id)) <= 90_000
+    assert redis_client.get(keys.seen("ttl-1")) == b"0"
+    assert redis_client.get(keys.seen("ttl-2")) == b"1"
+
+
+def test_redis_a_join_whose_marker_was_evicted_gives_the_marker_a_ttl_again(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    keys = Keys(redis_store.namespace)
+    redis_store.put_predictions([prediction("evicted-marker")])
+    redis_client.delete(keys.seen("evicted-marker"))  # as a maxmemory eviction would
+
+    assert len(redis_store.join_labels([("evicted-marker", 1.0)]).joined) == 1
+    assert 0 < redis_client.pttl(keys.seen("evicted-marker")) <= 90_000
+
+
+def test_redis_a_whole_batch_of_labels_is_joined_by_one_script_call(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    redis_store.put_predictions([prediction(f"batch-{i}") for i in range(50)])
+    redis_store.join_labels([("warm-up: loads the script", 0.0)])
+
+    def calls(command: str) -> int:
+        return redis_client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+    before = {command: calls(command) for command in ("evalsha", "eval", "hset")}
+    result = redis_store.join_labels([(f"batch-{i}", 1.0) for i in range(50)])
+    after = {command: calls(command) for command in ("evalsha", "eval", "hset")}
+
+    assert len(result.joined) == 50
+    assert after["evalsha"] - before["evalsha"] == 1
+    assert after["eval"] - before["eval"] == 0
+    assert after["hset"] - before["hset"] == 50  # inside the script, one per joined record
+
+
+def test_redis_a_large_batch_is_joined_in_chunks_that_keep_order_and_once_per_id(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    from store.redis import JOIN_CHUNK
+
+    count = 2 * JOIN_CHUNK + 500
+    redis_store.put_predictions([prediction(f"big-{i}") for i in range(count)])
+    redis_store.join_labels([("warm-up: loads the script", 0.0)])
+    # the repeat of big-0 lies in the last chunk: still a duplicate of the first chunk's join
+    labels = [(f"big-{i}", 1.0) for i in range(count)] + [("big-0", 2.0)]
+    before = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    result = redis_store.join_labels(labels)
+    after = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+    assert after - before == 3
+    assert [r.id for r in result.joined] == [f"big-{i}" for i in range(count)]
+    assert result.duplicate == ["big-0"]
+    assert redis_store.get_prediction("big-0").label == 1.0
+
+
+def test_redis_a_workload_writes_no_key_outside_its_namespace_prefix(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    keys_before = all_keys(redis_client)
+    namespace = f"test:{uuid.uuid4().hex}"
+    prefix = Keys(namespace).prefix.encode()
+    store = RedisStore(redis_server.url, namespace, record_ttl_s=60.0)
+    awkward_ids = ["plain", "a}b{c", "*", "x:y:z", "adaptd:{other}:record:1", "ünïcode", ""]
+    try:
+        store.put_predictions([prediction(prediction_id) for prediction_id in awkward_ids])
+        store.join_labels([(prediction_id, 1.0) for prediction_id in [*awkward_ids, "ghost"]])
+        for i in range(7):
+            store.save_adapter(f"weights {i}".encode())
+        assert store.get_prediction("a}b{c") is not None
+    finally:
+        store.close()
+
+    new_keys = all_keys(redis_client) - keys_before
+    assert new_keys and all(key.startswith(prefix) for key in new_keys)
+    assert len(new_keys) == 2 * len(awkward_ids) + 5 + 2  # records, markers, kept blobs, pointers
+
+
+def test_redis_an_unreachable_server_raises_store_unavailable_naming_it_without_its_password() -> (
+    None
+):
+    port = free_port()  # nothing listens there
+    store = RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0", "test:unreachable", record_ttl_s=60.0)
+    try:
+        assert store.ping() is False
+        operations = {
+            "put": lambda: store.put_predictions([prediction("req-1")]),
+            "get": lambda: store.get_prediction("req-1"),
+            "join": lambda: store.join_labels([("req-1", 1.0)]),
+            "save": lambda: store.save_adapter(b"weights"),
+            "load": lambda: store.load_adapter(),
+        }
+        for operation in operations.values():
+            with pytest.raises(StoreUnavailable) as raised:
+                operation()
+            assert f"127.0.0.1:{port}" in str(raised.value)
+            assert "s3cret" not in str(raised.value)
+    finally:
+        store.close()
+
+
+def test_redis_the_store_recovers_when_redis_comes_back_after_a_restart() -> None:
+    with RedisServer() as server:
+        store = RedisStore(server.url, "test:restart", record_ttl_s=60.0)
+        try:
+            store.put_predictions([prediction("before-restart")])
+            server.stop()
+            assert store.ping() is False
+            with pytest.raises(StoreUnavailable):
+                store.join_labels([("before-restart", 1.0)])
+
+            server.start()  # same port, empty: the tests run Redis without persistence
+
+            assert store.ping() is True
+            store.put_predictions([prediction("after-restart")])
+            result = store.join_labels([("after-restart", 1.0), ("before-restart", 1.0)])
+            assert ids_by_outcome(result) == {
+                "joined": ["after-restart"], "duplicate": [], "expired": [],
+                "unknown": ["before-restart"],
+            }  # fmt: skip
+        finally:
+            store.close()
+
+
+# --- MemoryStore only -------------------------------------------------------------------------
+
+
+def test_memory_records_beyond_max_records_evict_the_oldest_which_then_count_as_expired(
+    clock: Callable[[], float],
+) -> None:
+    store = MemoryStore("test:bounded", record_ttl_s=60.0, max_records=3, clock=clock)
+    for i in range(4):
+        store.put_predictions([prediction(f"req-{i}")])
+
+    assert store.get_prediction("req-0") is None
+    result = store.join_labels([(f"req-{i}", 1.0) for i in range(4)])
+    assert result.expired == ["req-0"]
+    assert [record.id for record in result.joined] == ["req-1", "req-2", "req-3"]
+
+
+def test_memory_seen_markers_are_bounded_oldest_first(clock: Callable[[], float]) -> None:
+    store = MemoryStore("test:markers", record_ttl_s=60.0, max_records=2, clock=clock)
+    assert store.max_markers == 8
+    store.put_predictions([prediction(f"req-{i}") for i in range(20)])
+
+    result = store.join_labels([(f"req-{i}", 1.0) for i in range(20)])
+
+    # records 18 and 19 are live; the markers of 12..19 are kept, those of 0..11 were dropped
+    assert [record.id for record in result.joined] == ["req-18", "req-19"]
+    assert result.expired == [f"req-{i}" for i in range(12, 18)]
+    assert result.unknown == [f"req-{i}" for i in range(12)]
+
+
+def test_memory_records_returned_are_copies_the_caller_cannot_change_the_store_through(
+    clock: Callable[[], float],
+) -> None:
+    store = MemoryStore("test:copies", record_ttl_s=60.0, clock=clock)
+    record = prediction("req-1")
+    store.put_predictions([record])
+    record.outputs[:] = 0.0
+    store.get_prediction("req-1").extra["set"].append(9)
+
+    stored = store.get_prediction("req-1")
+    assert stored is not None
+    np.testing.assert_array_equal(stored.outputs, prediction("req-1").outputs)
+    assert stored.extra["set"] == [2, 1]
