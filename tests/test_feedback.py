@@ -61,3 +61,46 @@ def test_a_label_for_an_expired_prediction_is_reported_as_expired():
     reply, expired = asyncio.run(scenario())
     assert reply == {"joined": 0, "unknown": [], "duplicate": [], "expired": ["old"]}
     assert expired == 1
+
+
+def test_a_regression_model_predicts_values_and_its_labels_give_a_rolling_mean_absolute_error():
+    import numpy as np
+    import torch
+
+    from tests.models import regressor
+
+    settings = {"model": {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+                          "input_shape": [3], "num_classes": None}}
+    inputs = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
+    with torch.inference_mode():
+        expected = regressor()(torch.from_numpy(inputs))[:, 0].numpy()
+    observed = [1.0, -1.0, 0.5, 2.0]
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            predicted = (await client.post("/v1/predict", json={
+                "inputs": inputs.tolist(), "ids": ["a", "b", "c", "d"]})).json()
+            joined = (await client.post("/v1/feedback", json={"labels": [
+                {"id": i, "label": y} for i, y in zip("abcd", observed, strict=True)]})).json()
+            state = (await client.get("/v1/state")).json()
+            return predicted, joined, state
+
+    predicted, joined, state = asyncio.run(scenario())
+    rows = predicted["predictions"]
+    assert [r["probabilities"] for r in rows] == [None] * 4
+    np.testing.assert_allclose([r["prediction"] for r in rows], expected, atol=1e-6)
+    assert joined["joined"] == 4
+    assert state["model"]["task"] == "regression" and state["model"]["classes"] is None
+    expected_mae = float(np.mean(np.abs(np.float32(expected) - np.array(observed))))
+    assert abs(state["quality"]["rolling_error"] - expected_mae) < 1e-5
+
+
+def test_the_openapi_schema_describes_every_route():
+    async def scenario():
+        async with serving() as (client, _):
+            return (await client.get("/openapi.json")).json()
+
+    schema = asyncio.run(scenario())
+    assert {"/v1/predict", "/v1/feedback", "/v1/state", "/healthz", "/readyz", "/metrics",
+            "/v1/admin/reset", "/v1/admin/checkpoint"} <= set(schema["paths"])
+    assert "Tensor" in schema["components"]["schemas"]
