@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from adapters.base import Adapter, AdaptOutput, softmax_entropy
+import inspect
+
+from adapters.base import Adapter, AdaptOutput, GradientAdapter, NormStatistics, softmax_entropy
 from adapters.none import NoAdaptation
 from adapters.tent import Tent
 
 ADAPTERS: dict[str, type[Adapter]] = {
     NoAdaptation.name: NoAdaptation,
+    NormStatistics.name: NormStatistics,
     Tent.name: Tent,
 }
 
 
-def build_adapter(name: str, model, task: str, **options: object) -> Adapter:
-    """The adapter called `name` (lower case, as in the config), wrapped around `model`.
+def build_adapter(settings: object, model, task: str) -> Adapter:
+    """The adapter that `settings` names (an `AdapterSettings`, or just a name), around `model`.
+
+    Common knobs (norm, norm_momentum, adapt_batch_size, max_learning_rate, learning_rate) go to
+    the methods that take them; `settings.options` are the method's own constructor arguments.
 
     >>> import torch.nn as nn
     >>> build_adapter("none", nn.Linear(4, 2), task="classification").name
     'none'
     """
+    name = settings if isinstance(settings, str) else settings.name
     try:
         adapter_cls = ADAPTERS[name]
     except KeyError:
@@ -27,8 +34,24 @@ def build_adapter(name: str, model, task: str, **options: object) -> Adapter:
     if task not in adapter_cls.tasks:
         tasks = ", ".join(adapter_cls.tasks)
         raise ValueError(f"adapter {name!r} works for {tasks} models, not {task}")
-    return adapter_cls(model, **options)
+    kwargs: dict[str, object] = {}
+    if not isinstance(settings, str):
+        accepted = inspect.signature(adapter_cls.__init__).parameters
+        takes_common = issubclass(adapter_cls, GradientAdapter)
+        common = {"norm": settings.norm, "norm_momentum": settings.norm_momentum}
+        if takes_common:
+            common |= {"adapt_batch_size": settings.adapt_batch_size,
+                       "max_learning_rate": settings.max_learning_rate}
+        if settings.learning_rate is not None:
+            common["learning_rate"] = settings.learning_rate
+        kwargs = {k: v for k, v in common.items() if k in accepted or takes_common}
+        unknown = set(settings.options) - set(accepted)
+        if unknown:
+            raise ValueError(f"adapter {name!r} has no option {sorted(unknown)}; it takes "
+                             f"{sorted(set(accepted) - {'self', 'model', 'common'})}")
+        kwargs |= settings.options
+    return adapter_cls(model, **kwargs)
 
 
-__all__ = ["ADAPTERS", "AdaptOutput", "Adapter", "NoAdaptation", "Tent", "build_adapter",
-           "softmax_entropy"]
+__all__ = ["ADAPTERS", "AdaptOutput", "Adapter", "GradientAdapter", "NoAdaptation",
+           "NormStatistics", "Tent", "build_adapter", "softmax_entropy"]

@@ -1,19 +1,30 @@
-"""The adapter interface every online method shares.
+"""The adapter interface every online method shares, and the machinery gradient methods share.
 
 An adapter owns a model and turns a batch into outputs, possibly updating the model on the way:
 `adapt(x)` predicts and may take a step (the outputs are always the ones computed *before* any
 update, as the reference implementations return them), `infer(x)` predicts without touching any
 state, `reset()` returns to the source weights, and `state_dict()`/`load_state_dict()` carry
 whatever the method learned so a checkpoint can restore it.
+
+`GradientAdapter` is where a service goes beyond the papers. The references take one step per
+batch of 64 to 200 samples; a service also sees single requests. So a batch of at least
+`adapt_batch_size` samples takes the reference path (one forward, predict then step on it), and
+smaller batches are predicted at once and kept in a buffer until `adapt_batch_size` samples have
+arrived, when one step is taken on the buffer. Normalisation uses robust test-time statistics by
+default (see `adapters.norm`), so one-at-a-time and batched streams see nearly the same model.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
+
+from adapters.norm import RobustBatchNorm, configure_norm, frozen_statistics
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -47,6 +58,10 @@ class Adapter:
     def learning_rate(self) -> float:
         return 0.0
 
+    def set_learning_rate(self, learning_rate: float) -> float:
+        """Methods without an optimizer ignore this; returns the rate in force."""
+        return self.learning_rate
+
     def adapt(self, x: torch.Tensor) -> AdaptOutput:
         raise NotImplementedError
 
@@ -74,3 +89,175 @@ class Adapter:
             "backward_samples": self.backward_samples,
             "version": self.version,
         }
+
+
+class NormStatistics(Adapter):
+    """Test-time normalisation statistics only, no gradient (the "BN statistics" baseline).
+
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    >>> adapter = NormStatistics(model)
+    >>> adapter.adapt(torch.randn(1, 4)).outputs.shape
+    torch.Size([1, 3])
+    """
+
+    name = "bn"
+
+    def __init__(self, model: nn.Module, norm: str = "robust", norm_momentum: float = 0.02) -> None:
+        super().__init__(configure_norm(model, norm, norm_momentum))
+        model.requires_grad_(False)
+        self.norm = norm
+
+    def adapt(self, x: torch.Tensor) -> AdaptOutput:
+        with torch.no_grad():
+            return AdaptOutput(outputs=self.model(x))
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        with frozen_statistics(self.model):
+            return self.model(x)
+
+    def reset(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, RobustBatchNorm):
+                module.reset_statistics()
+        super().reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()
+                if k.endswith((".mean", ".square"))}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+        self.version += 1
+
+
+class GradientAdapter(Adapter):
+    """Shared machinery of methods that take optimizer steps: the buffer, reset, the rate cap.
+
+    Subclasses build `self.optimizer` over their parameters, call `self.snapshot_source()` once at
+    the end of their constructor, and implement `predict(x)` (the method's output, no update) and
+    `forward_and_adapt(x)` (the reference's per-batch step, returning the pre-update outputs).
+    """
+
+    optimizer: torch.optim.Optimizer
+
+    def __init__(
+        self,
+        model: nn.Module,
+        norm: str = "robust",
+        norm_momentum: float = 0.02,
+        adapt_batch_size: int = 64,
+        max_learning_rate: float = math.inf,
+    ) -> None:
+        super().__init__(configure_norm(model, norm, norm_momentum))
+        model.requires_grad_(False)
+        if adapt_batch_size < 1:
+            raise ValueError("adapt_batch_size must be at least 1")
+        self.norm = norm
+        self.adapt_batch_size = adapt_batch_size
+        self.max_learning_rate = max_learning_rate
+        self.buffer: list[torch.Tensor] = []
+        self.buffered = 0
+
+    def snapshot_source(self) -> None:
+        """Remember the source state, including the optimizer's, for `reset()`."""
+        self.source_model_state = copy.deepcopy(self.model.state_dict())
+        self.source_optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        self.base_learning_rates = [g["lr"] for g in self.optimizer.param_groups]
+        if self.learning_rate > self.max_learning_rate:
+            raise ValueError(f"learning rate {self.learning_rate} is above the cap "
+                             f"{self.max_learning_rate}")
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def forward_and_adapt(self, x: torch.Tensor) -> AdaptOutput:
+        raise NotImplementedError
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_learning_rate(self, learning_rate: float) -> float:
+        """Scale every parameter group to `learning_rate` (for the first group), within the cap."""
+        learning_rate = min(max(learning_rate, 0.0), self.max_learning_rate)
+        scale = learning_rate / self.base_learning_rates[0]
+        for group, base in zip(self.optimizer.param_groups, self.base_learning_rates, strict=True):
+            group["lr"] = base * scale
+        return self.learning_rate
+
+    def adapt(self, x: torch.Tensor) -> AdaptOutput:
+        if self.norm == "batch" or (x.shape[0] >= self.adapt_batch_size and not self.buffer):
+            return self._account(self.forward_and_adapt(x))
+        with torch.no_grad():
+            outputs = self.predict(x)
+        self.buffer.append(x.detach())
+        self.buffered += x.shape[0]
+        if self.buffered < self.adapt_batch_size:
+            return AdaptOutput(outputs=outputs)
+        batch = torch.cat(self.buffer)
+        self.buffer, self.buffered = [], 0
+        with frozen_statistics(self.model):
+            step = self._account(self.forward_and_adapt(batch))
+        return AdaptOutput(outputs, step.stepped, step.backward_samples, step.loss)
+
+    def _account(self, result: AdaptOutput) -> AdaptOutput:
+        if result.stepped:
+            self.steps += 1
+            self.version += 1
+            self.backward_samples += result.backward_samples
+        return result
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        with frozen_statistics(self.model):
+            return self.predict(x)
+
+    def reset(self) -> None:
+        """Restore the source weights, statistics and a fresh optimizer; drop the buffer."""
+        self.model.load_state_dict(self.source_model_state, strict=True)
+        self.optimizer.load_state_dict(copy.deepcopy(self.source_optimizer_state))
+        self.buffer, self.buffered = [], 0
+        super().reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained parameters, test-time statistics, optimizer moments and the step count."""
+        trainable = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        state = {f"param.{name}": p.detach().clone()
+                 for name, p in self.model.named_parameters() if id(p) in trainable}
+        state.update({f"buffer.{name}": b.detach().clone()
+                      for name, b in self.model.named_buffers()
+                      if name.endswith((".mean", ".square"))})
+        for index, param_state in self.optimizer.state_dict()["state"].items():
+            for key, value in param_state.items():
+                state[f"optim.{index}.{key}"] = torch.as_tensor(value).clone()
+        state["steps"] = torch.tensor(self.steps)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {k for k in self.state_dict() if k.startswith(("param.", "buffer."))}
+        missing = expected - state.keys()
+        if missing:
+            raise ValueError(
+                f"{self.name} checkpoint lacks {sorted(missing)[:5]}; was it made for this model?"
+            )
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for key in expected:
+                kind, name = key.split(".", 1)
+                (params if kind == "param" else buffers)[name].copy_(state[key])
+        optimizer_state = self.optimizer.state_dict()
+        optimizer_state["state"] = {}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, index, field = key.split(".", 2)
+                optimizer_state["state"].setdefault(int(index), {})[field] = value.clone()
+        self.optimizer.load_state_dict(optimizer_state)
+        self.steps = int(state.get("steps", torch.tensor(0)))
+        self.buffer, self.buffered = [], 0
+        self.version += 1
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "buffered_samples": self.buffered, "norm": self.norm}

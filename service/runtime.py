@@ -34,10 +34,7 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
         model = await asyncio.to_thread(load_model, settings.model)
-        options = {}
-        if settings.adapter.learning_rate is not None:
-            options["learning_rate"] = settings.adapter.learning_rate
-        adapter = build_adapter(settings.adapter.name, model.module, model.task, **options)
+        adapter = build_adapter(settings.adapter, model.module, model.task)
         engine = Engine(model, adapter, metrics)
         store = StoreGateway(_open_store(settings), metrics)
         if settings.adapter.restore:

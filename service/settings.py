@@ -96,8 +96,23 @@ class StoreSettings(Section):
 class AdapterSettings(Section):
     """The test-time adaptation method and its knobs (None keeps the method's reference default)."""
 
-    name: str = Field("none", description="none, tent")
+    name: str = Field("none", description="none, bn, tent")
     learning_rate: PositiveFloat | None = None
+    max_learning_rate: PositiveFloat = Field(
+        0.01, description="no schedule or drift action raises the learning rate above this"
+    )
+    norm: Literal["robust", "batch"] = Field(
+        "robust",
+        description="test-time BatchNorm statistics: robust (source blended with a per-sample "
+        "average of test statistics, fit for single requests) or batch (the references' choice)",
+    )
+    norm_momentum: float = Field(0.02, gt=0.0, le=1.0, description="robust BN, per sample")
+    adapt_batch_size: PositiveInt = Field(
+        64, description="samples per gradient step; smaller batches are buffered until then"
+    )
+    options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, description="method-specific knobs, by constructor argument name"
+    )
     restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
 
 

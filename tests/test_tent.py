@@ -25,7 +25,7 @@ def test_tent_returns_the_outputs_of_the_forward_before_its_step():
     torch.manual_seed(0)
     model = digits_cnn()
     x = torch.from_numpy(shifted_digits(32))
-    tent = Tent(model)
+    tent = Tent(model, norm="batch")
     with torch.no_grad():
         before = model(x)
     result = tent.adapt(x)
@@ -38,7 +38,7 @@ def test_tent_returns_the_outputs_of_the_forward_before_its_step():
 
 def test_tent_trains_only_normalisation_affines_with_adam_at_the_reference_defaults():
     model = digits_cnn()
-    tent = Tent(model)
+    tent = Tent(model, norm="batch")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
              for p in ("weight", "bias")}
@@ -52,12 +52,12 @@ def test_tent_trains_only_normalisation_affines_with_adam_at_the_reference_defau
 def test_tent_checkpoint_restores_parameters_and_optimizer_moments():
     source_state = digits_cnn().state_dict()
     tent = Tent(_with_state(source_state))
-    for seed in range(3):
-        tent.adapt(torch.from_numpy(shifted_digits(32, seed)))
+    for seed in range(3):  # whole adapt batches: nothing waits in the (unsaved) buffer
+        tent.adapt(torch.from_numpy(shifted_digits(64, seed)))
     saved = tent.state_dict()
     clone = Tent(_with_state(source_state))
     clone.load_state_dict(saved)
-    x = torch.from_numpy(shifted_digits(32, seed=9))
+    x = torch.from_numpy(shifted_digits(64, seed=9))
     torch.testing.assert_close(clone.adapt(x).outputs, tent.adapt(x).outputs, rtol=0, atol=0)
     for a, b in zip(clone.params, tent.params, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -70,7 +70,7 @@ def _with_state(state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def test_tent_through_the_service_changes_bn_affines_only_and_reset_restores_the_source():
-    settings = settings_for(adapter={"name": "tent"}, batcher={"max_wait_ms": 0})
+    settings = settings_for(adapter={"name": "tent", "norm": "batch"}, batcher={"max_wait_ms": 0})
     source = load_model(settings.model).module.state_dict()
     stream = shifted_digits(256)
 
@@ -96,6 +96,7 @@ def test_tent_through_the_service_changes_bn_affines_only_and_reset_restores_the
     changed = {k for k in adapted if not torch.equal(adapted[k], source[k])}
     affines = {k for k in source if k.split(".")[-1] in ("weight", "bias")
                and isinstance(digits_cnn()[int(k.split(".")[0])], nn.BatchNorm2d)}
+    assert set(adapted) < set(source), "batch statistics drop the running buffers"
     assert changed == affines, f"changed {sorted(changed)}, expected the BN affines only"
     # the running buffers are gone by design (batch statistics); all else is bit-identical
     for key, value in restored.items():
@@ -105,3 +106,39 @@ def test_tent_through_the_service_changes_bn_affines_only_and_reset_restores_the
     for row_before, row_after in zip(first["predictions"], again["predictions"], strict=True):
         np.testing.assert_array_equal(row_before["probabilities"], row_after["probabilities"])
     assert again["predictions"][0]["adapter_version"] > first["predictions"][0]["adapter_version"]
+
+
+def test_single_requests_are_buffered_into_one_step_per_adapt_batch_with_robust_statistics():
+    model = digits_cnn()
+    tent = Tent(model, adapt_batch_size=16)
+    stream = torch.from_numpy(shifted_digits(40))
+    stepped = [tent.adapt(stream[i:i + 1]).stepped for i in range(40)]
+    assert [i for i, s in enumerate(stepped) if s] == [15, 31]
+    assert tent.steps == 2 and tent.backward_samples == 32 and tent.buffered == 8
+    # infer neither steps nor moves the statistics
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tent.infer(stream[:4])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_through_the_service_with_robust_statistics_reset_restores_weights_and_statistics():
+    settings = settings_for(adapter={"name": "tent"}, batcher={"max_wait_ms": 0})
+    stream = shifted_digits(160)
+
+    async def scenario():
+        async with serving(settings) as (client, app):
+            module = app.state.runtime.model.module
+            source = {k: v.clone() for k, v in module.state_dict().items()}
+            for i in range(160):
+                reply = await client.post("/v1/predict", json={"inputs": stream[i:i + 1].tolist()})
+                assert reply.status_code == 200
+            adapted = {k: v.clone() for k, v in module.state_dict().items()}
+            state = (await client.get("/v1/state")).json()
+            await client.post("/v1/admin/reset")
+            return source, adapted, state, dict(module.state_dict())
+
+    source, adapted, state, restored = asyncio.run(scenario())
+    assert state["adapter"]["steps"] == 2 and state["adapter"]["backward_samples"] == 128
+    changed = {k for k in source if not torch.equal(source[k], adapted[k])}
+    assert {k.rsplit(".", 1)[1] for k in changed} == {"weight", "bias", "mean", "square"}
+    assert all(torch.equal(restored[k], source[k]) for k in source)

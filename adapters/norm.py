@@ -1,0 +1,133 @@
+"""Normalisation at test time: the references' batch statistics, and a robust form for a service.
+
+The reference implementations normalise every BatchNorm layer by the statistics of the current
+test batch (`use_batch_statistics`). That needs batches of 64 or more; a service answering single
+requests would normalise one image by itself. `RobustBatchNorm` keeps an exponential average of
+test statistics that starts at the source model's and moves by `momentum` per *sample*, so a batch
+of 64 moves it as far as 64 single requests do (m = 1 - (1 - momentum)^n), and the stream order,
+not the batching, decides what the model sees. It averages the first and second moments, so the
+variance it uses includes the spread between samples, which a single sample's own variance lacks.
+This follows the robust BN of RoTTA (Yuan et al., CVPR 2023), extended to per-sample momentum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class RobustBatchNorm(nn.Module):
+    """BatchNorm that normalises by source statistics blended with an average of test statistics.
+
+    `commit` decides whether a forward pass updates the average (predictions do; the extra forward
+    that an adaptation step takes over buffered samples does not, so no sample counts twice).
+
+    >>> bn = nn.BatchNorm1d(2).eval()
+    >>> robust = RobustBatchNorm(bn, momentum=0.5)
+    >>> _ = robust(torch.tensor([[4.0, -4.0]]))
+    >>> robust.mean.tolist()
+    [2.0, -2.0]
+    """
+
+    def __init__(self, bn: _BatchNorm, momentum: float = 0.02) -> None:
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("robust test-time BN needs the source model's running statistics")
+        self.num_features = bn.num_features
+        self.eps = bn.eps
+        self.momentum = momentum
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.commit = True
+        mean = bn.running_mean.detach().clone()
+        square = bn.running_var.detach().clone() + mean**2
+        self.register_buffer("source_mean", mean.clone())
+        self.register_buffer("source_square", square.clone())
+        self.register_buffer("mean", mean)
+        self.register_buffer("square", square)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        batch_mean = x.mean(dims)
+        batch_square = (x * x).mean(dims)
+        m = 1.0 - (1.0 - self.momentum) ** x.shape[0]
+        mean = (1.0 - m) * self.mean + m * batch_mean
+        square = (1.0 - m) * self.square + m * batch_square
+        if self.commit:
+            self.mean.copy_(mean.detach())
+            self.square.copy_(square.detach())
+        var = (square - mean * mean).clamp_min(0.0)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+    def reset_statistics(self) -> None:
+        self.mean.copy_(self.source_mean)
+        self.square.copy_(self.source_square)
+
+
+def use_robust_statistics(model: nn.Module, momentum: float = 0.02) -> nn.Module:
+    """Replace every BatchNorm layer by a `RobustBatchNorm` that shares its affine parameters."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, _BatchNorm):
+            setattr(model, name, RobustBatchNorm(child, momentum))
+        else:
+            use_robust_statistics(child, momentum)
+    return model
+
+
+def use_batch_statistics(model: nn.Module) -> nn.Module:
+    """The references' choice: normalise by the current batch only, running buffers dropped."""
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            module.train()
+            module.track_running_stats = False
+            module.running_mean = None
+            module.running_var = None
+    return model
+
+
+def configure_norm(model: nn.Module, norm: str, momentum: float = 0.02) -> nn.Module:
+    """Evaluation mode everywhere (no dropout noise), then the chosen test-time statistics."""
+    model.eval()
+    if norm == "robust":
+        return use_robust_statistics(model, momentum)
+    if norm == "batch":
+        return use_batch_statistics(model)
+    if norm == "source":
+        return model
+    raise ValueError(f"unknown norm {norm!r}: choose 'robust', 'batch' or 'source'")
+
+
+class frozen_statistics:
+    """Within this block, robust BN layers use but do not update their averages."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, RobustBatchNorm)]
+
+    def __enter__(self) -> None:
+        for layer in self.layers:
+            layer.commit = False
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.commit = True
+
+
+NORM_LAYERS = (_BatchNorm, RobustBatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def normalisation_affines(model: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
+    """The affine weight and bias of every normalisation layer, with their qualified names."""
+    params, names = [], []
+    for module_name, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            for param_name in ("weight", "bias"):
+                param = getattr(module, param_name, None)
+                if isinstance(param, nn.Parameter):
+                    params.append(param)
+                    names.append(f"{module_name}.{param_name}")
+    return params, names
