@@ -15,7 +15,7 @@ _, _, X_TEST, Y_TEST = digits_split()
 def test_predictions_and_labels_go_through_redis_and_a_checkpoint_survives_a_restart(redis_server):
     namespace = f"svc-{uuid.uuid4().hex[:8]}"
     settings = settings_for(store={"url": redis_server.url, "namespace": namespace},
-                            adapter={"name": "tent"})
+                            adapter={"name": "tent", "adapt_batch_size": 16})
 
     async def first_life():
         async with serving(settings) as (client, app):
