@@ -15,11 +15,12 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 
-def build_adapter(settings: object, model, task: str) -> Adapter:
+def build_adapter(settings: object, model, task: str, **context: object) -> Adapter:
     """The adapter that `settings` names (an `AdapterSettings`, or just a name), around `model`.
 
     Common knobs (norm, norm_momentum, adapt_batch_size, max_learning_rate, learning_rate) go to
-    the methods that take them; `settings.options` are the method's own constructor arguments.
+    the methods that take them; `settings.options` are the method's own constructor arguments;
+    `context` (num_classes, calibration data) goes to the methods whose constructors name it.
 
     >>> import torch.nn as nn
     >>> build_adapter("none", nn.Linear(4, 2), task="classification").name
@@ -50,6 +51,8 @@ def build_adapter(settings: object, model, task: str) -> Adapter:
             raise ValueError(f"adapter {name!r} has no option {sorted(unknown)}; it takes "
                              f"{sorted(set(accepted) - {'self', 'model', 'common'})}")
         kwargs |= settings.options
+    accepted = inspect.signature(adapter_cls.__init__).parameters
+    kwargs |= {k: v for k, v in context.items() if k in accepted and v is not None}
     return adapter_cls(model, **kwargs)
 
 

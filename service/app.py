@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
-from service.routes import admin, feedback, inference, status
+from service.routes import admin, events, feedback, inference, status
 from service.runtime import Runtime
 from service.settings import Settings, load_settings
 
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(inference.router)
     app.include_router(feedback.router)
     app.include_router(status.router)
+    app.include_router(events.router)
     app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from adapters import Adapter, softmax_entropy
+from adapters.guard import CollapseGuard
+from service.events import EventLog
 from service.metrics import Metrics
 from service.model import FeatureTap, LoadedModel
 
@@ -56,10 +58,19 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, adapter: Adapter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        adapter: Adapter,
+        metrics: Metrics,
+        events: EventLog,
+        guard: CollapseGuard | None = None,
+    ) -> None:
         self.model = model
         self.adapter = adapter
         self.metrics = metrics
+        self.events = events
+        self.guard = guard
         self.tap = FeatureTap(model.module)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
         metrics.learning_rate.set(adapter.learning_rate)
@@ -76,6 +87,7 @@ class Engine:
         """Engine thread only. Predict a batch; with `adapt`, let the adapter take its step."""
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         version = self.adapter.version
+        self.tap.arm()
         if adapt:
             result = self.adapter.adapt(x)
             outputs = result.outputs
@@ -87,30 +99,39 @@ class Engine:
             outputs = self.adapter.infer(x)
         features = self.tap.take()
         outputs = outputs.detach().float().reshape(x.shape[0], -1)
-        if self.model.task == "classification":
-            probabilities = outputs.softmax(1)
-            entropy = softmax_entropy(outputs)
-            self.metrics.mean_entropy.set(float(entropy.mean()))
-            return BatchOutput(
-                predictions=probabilities.argmax(1).numpy(),
-                outputs=probabilities.numpy(),
-                features=None if features is None else features.float().numpy(),
-                entropy=entropy.numpy(),
-                adapter_version=version,
-            )
-        return BatchOutput(
-            predictions=outputs[:, 0].numpy(),
-            outputs=outputs.numpy(),
-            features=None if features is None else features.float().numpy(),
-            entropy=None,
-            adapter_version=version,
+        features_np = None if features is None else features.float().numpy()
+        if self.model.task != "classification":
+            return BatchOutput(predictions=outputs[:, 0].numpy(), outputs=outputs.numpy(),
+                               features=features_np, entropy=None, adapter_version=version)
+        probabilities = outputs.softmax(1)
+        entropy = softmax_entropy(outputs)
+        self.metrics.mean_entropy.set(float(entropy.mean()))
+        predictions = probabilities.argmax(1).numpy()
+        if adapt and self.guard is not None and self.guard.observe(predictions):
+            self._reset_after_collapse()
+        return BatchOutput(predictions=predictions, outputs=probabilities.numpy(),
+                           features=features_np, entropy=entropy.numpy(), adapter_version=version)
+
+    def _reset_after_collapse(self) -> None:
+        assert self.guard is not None
+        effective = self.guard.last_effective
+        self.adapter.reset()
+        self.guard.clear()
+        self.metrics.adapter_resets.labels("collapse").inc()
+        self.metrics.learning_rate.set(self.adapter.learning_rate)
+        self.events.record(
+            "collapse", "guard", "adapter_reset", effective_classes=effective,
+            threshold=self.guard.threshold, window=self.guard.window,
         )
 
-    def reset_adapter(self) -> None:
-        """Engine thread only. Back to the source weights."""
+    def reset_adapter(self, source: str = "operator") -> None:
+        """Engine thread only. Back to the source weights, recorded as an event."""
         self.adapter.reset()
-        self.metrics.adapter_resets.inc()
+        if self.guard is not None:
+            self.guard.clear()
+        self.metrics.adapter_resets.labels(source).inc()
         self.metrics.learning_rate.set(self.adapter.learning_rate)
+        self.events.record("reset", source, "adapter_reset")
 
     def checkpoint(self) -> bytes:
         """Engine thread only. The adapter's learned state as safetensors bytes, tagged with the

@@ -71,7 +71,12 @@ class Metrics:
             "adaptd_mean_entropy", "mean softmax entropy of the last batch", registry=r
         )
         self.adapter_resets = Counter(
-            "adaptd_adapter_resets", "adapter resets to the source weights", registry=r
+            "adaptd_adapter_resets", "adapter resets to the source weights, by who asked",
+            ["reason"], registry=r,
+        )
+        self.events = Counter(
+            "adaptd_events", "events by kind, source and action (e.g. collapse, guard, reset)",
+            ["kind", "source", "action"], registry=r,
         )
         self.store_errors = Counter(
             "adaptd_store_errors", "store operations that failed, by operation",

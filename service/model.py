@@ -40,7 +40,7 @@ class FeatureTap:
 
     >>> model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
     >>> tap = FeatureTap(model)
-    >>> _ = model(torch.zeros(4, 3))
+    >>> _ = model(torch.zeros(4, 3)); _ = model(torch.zeros(9, 3))
     >>> tap.layer_name, tuple(tap.features.shape)
     ('2', (4, 5))
     """
@@ -49,12 +49,21 @@ class FeatureTap:
         linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         self.features: torch.Tensor | None = None
         self.layer_name: str | None = None
+        self.armed = True
         if linears:
             self.layer_name, layer = linears[-1]
             layer.register_forward_hook(self._keep)
 
+    def arm(self) -> None:
+        """Keep only the next forward's features: an adapter may run more forwards in one call
+        (a step over its buffer), and the features that matter are those of the prediction."""
+        self.features = None
+        self.armed = True
+
     def _keep(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: object) -> None:
-        self.features = inputs[0].detach()
+        if self.armed:
+            self.features = inputs[0].detach()
+            self.armed = False
 
     def take(self) -> torch.Tensor | None:
         """The features of the last forward, flattened per sample; clears them."""

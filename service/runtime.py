@@ -7,12 +7,15 @@ import logging
 from dataclasses import dataclass
 
 from adapters import Adapter, build_adapter
+from adapters.guard import CollapseGuard, effective_classes
 from service.batcher import MicroBatcher
 from service.engine import Engine
+from service.events import EventLog
 from service.feedback import FeedbackService, RollingQuality
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
 from service.predictor import PredictionRow, Predictor, StoreGateway
+from service.reference import ReferenceData, load_reference_data, source_predictions
 from service.settings import Settings
 from store import Store, StoreUnavailable, open_store
 
@@ -30,12 +33,20 @@ class Runtime:
     batcher: MicroBatcher[PredictionRow]
     feedback: FeedbackService
     quality: RollingQuality
+    events: EventLog
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
         model = await asyncio.to_thread(load_model, settings.model)
-        adapter = build_adapter(settings.adapter, model.module, model.task)
-        engine = Engine(model, adapter, metrics)
+        reference = await asyncio.to_thread(load_reference_data, settings, model)
+        guard = _collapse_guard(settings, model, reference)
+        adapter = await asyncio.to_thread(
+            build_adapter, settings.adapter, model.module, model.task,
+            num_classes=model.num_classes,
+            calibration=None if reference is None else reference.inputs,
+        )
+        events = EventLog(metrics)
+        engine = Engine(model, adapter, metrics, events, guard)
         store = StoreGateway(_open_store(settings), metrics)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
@@ -52,12 +63,30 @@ class Runtime:
         feedback = FeedbackService(store, metrics, quality)
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
                  adapter.name, store.store.backend)
-        return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality)
+        return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
+                   events)
 
     async def stop(self) -> None:
         await self.batcher.stop()
         self.engine.close()
         self.store.store.close()
+
+
+def _collapse_guard(
+    settings: Settings, model: LoadedModel, reference: ReferenceData | None
+) -> CollapseGuard | None:
+    """A guard for methods that change the model, judged against the source's own diversity."""
+    if model.task != "classification" or settings.adapter.name == "none":
+        return None
+    if settings.adapter.collapse_min_ratio <= 0:
+        return None
+    assert model.num_classes is not None
+    source_effective = None
+    if reference is not None:
+        predictions = source_predictions(model, reference).numpy()
+        source_effective = effective_classes(predictions, model.num_classes)
+    return CollapseGuard(model.num_classes, settings.adapter.collapse_window,
+                         settings.adapter.collapse_min_ratio, source_effective)
 
 
 async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:

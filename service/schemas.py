@@ -81,6 +81,10 @@ class AdapterState(BaseModel):
     steps: int
     backward_samples: int
     version: int
+    norm: str | None = Field(None, description="test-time BatchNorm statistics: robust or batch")
+    buffered_samples: int = Field(0, description="samples waiting for the next gradient step")
+    guard: dict | None = Field(None, description="the collapse guard, when one watches")
+    details: dict[str, object] = Field(default_factory=dict, description="method-specific")
 
 
 class StoreState(BaseModel):
@@ -124,3 +128,16 @@ class CheckpointResponse(BaseModel):
     version: int = Field(description="the checkpoint's version in the store")
     bytes: int
     adapter: str
+
+
+class EventItem(BaseModel):
+    seq: int = Field(description="increasing sequence number; page back with ?before=seq")
+    time: float = Field(description="seconds since the epoch")
+    kind: str = Field(description="e.g. collapse, reset")
+    source: str = Field(description="who raised it: guard, operator...")
+    action: str | None = Field(description="what the service did, e.g. adapter_reset")
+    detail: dict[str, object]
+
+
+class EventsResponse(BaseModel):
+    events: list[EventItem]

@@ -113,6 +113,21 @@ class AdapterSettings(Section):
     options: dict[str, float | int | bool | str] = Field(
         default_factory=dict, description="method-specific knobs, by constructor argument name"
     )
+    calibration_data: Path | None = Field(
+        None,
+        description="safetensors file with in-distribution `inputs` (and optional `labels`) for "
+        "EATA's and PSMT's Fisher, AdaNPC's seed memory and the collapse guard; the demo model "
+        "uses its own training split",
+    )
+    calibration_samples: PositiveInt = Field(2000, description="at most this many are used")
+    collapse_window: PositiveInt = Field(
+        512, description="predictions the collapse guard looks at"
+    )
+    collapse_min_ratio: float = Field(
+        0.3, ge=0.0, lt=1.0,
+        description="reset when the effective number of predicted classes falls below this "
+        "share of the source model's (0 turns the guard off)",
+    )
     restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
 
 

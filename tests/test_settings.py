@@ -1,4 +1,4 @@
-"""Settings: defaults serve the demo; a TOML file, ADAPTD_* variables and flags override in order."""
+"""Settings: defaults serve the demo; a TOML file, ADAPTD_* variables and flags override it."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, status
 
 from service.deps import get_runtime, require_token
+from service.routes.status import adapter_state
 from service.runtime import Runtime
 from service.schemas import AdapterState, CheckpointResponse
 from store import StoreUnavailable
@@ -18,7 +19,7 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)])
 async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterState:
     """Return the adapter to the source weights (after the batches already queued)."""
     await runtime.engine.run(runtime.engine.reset_adapter)
-    return AdapterState(**runtime.adapter.describe())
+    return adapter_state(runtime)
 
 
 @router.post(

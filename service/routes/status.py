@@ -34,7 +34,7 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
     return StateResponse(
         model=ModelState(name=model.name, task=model.task, input_shape=list(model.input_shape),
                          classes=classes, version=model.version),
-        adapter=AdapterState(**runtime.adapter.describe()),
+        adapter=adapter_state(runtime),
         store=StoreState(backend=store.backend, namespace=store.namespace, up=runtime.store.up,
                          record_ttl_s=store.record_ttl_s),
         batcher=BatcherState(max_batch_size=runtime.batcher.max_batch_size,
@@ -43,6 +43,15 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
         quality=QualityState(window=runtime.settings.feedback.rolling_window,
                              labels=runtime.quality.count, rolling_error=runtime.quality.value),
     )
+
+
+def adapter_state(runtime: Runtime) -> AdapterState:
+    """The adapter's description: the common fields, and the method's own under `details`."""
+    described = runtime.adapter.describe()
+    common = {k: described.pop(k) for k in list(described) if k in AdapterState.model_fields}
+    guard = runtime.engine.guard
+    return AdapterState(**common, details=described,
+                        guard=None if guard is None else guard.describe())
 
 
 @router.get("/healthz", response_model=Health)

@@ -1,0 +1,61 @@
+"""In-distribution reference data: what the source model saw, for methods that need a baseline.
+
+EATA and PSMT estimate a Fisher on it, AdaNPC seeds its memory with it, and the collapse guard
+measures the source model's prediction diversity on it. The demo model uses its own training
+split; a user model names a safetensors file with an `inputs` tensor (N, *input_shape) and,
+optionally, `labels` (N,).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.model import LoadedModel, ModelLoadError
+from service.settings import DEMO_FACTORY, Settings
+
+
+@dataclass
+class ReferenceData:
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData | None:
+    """The configured reference data, at most `calibration_samples` rows, or None."""
+    limit = settings.adapter.calibration_samples
+    path = settings.adapter.calibration_data
+    if path is None:
+        if settings.model.factory != DEMO_FACTORY:
+            return None
+        from service.demo import digits_split
+
+        x_train, y_train, _, _ = digits_split()
+        return ReferenceData(torch.from_numpy(x_train[:limit]), torch.from_numpy(y_train[:limit]))
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ModelLoadError(f"adapter.calibration_data {path} does not exist")
+    tensors = load_file(str(path))
+    if "inputs" not in tensors:
+        raise ModelLoadError(f"{path} has no tensor named 'inputs' (it has {sorted(tensors)})")
+    inputs = tensors["inputs"].float()[:limit]
+    if tuple(inputs.shape[1:]) != model.input_shape:
+        raise ModelLoadError(
+            f"{path}: inputs have shape {list(inputs.shape[1:])} per sample, the model takes "
+            f"{list(model.input_shape)}"
+        )
+    labels = tensors.get("labels")
+    if labels is not None:
+        labels = labels.long()[:limit]
+        if len(labels) != len(inputs):
+            raise ModelLoadError(f"{path}: {len(labels)} labels for {len(inputs)} inputs")
+    return ReferenceData(inputs, labels)
+
+
+@torch.inference_mode()
+def source_predictions(model: LoadedModel, reference: ReferenceData) -> torch.Tensor:
+    """The source model's predicted classes on the reference data (model still in eval mode)."""
+    return torch.cat([model.module(reference.inputs[i:i + 256]).argmax(1)
+                      for i in range(0, len(reference.inputs), 256)])
