@@ -5,13 +5,18 @@ from __future__ import annotations
 import inspect
 
 from adapters.base import Adapter, AdaptOutput, GradientAdapter, NormStatistics, softmax_entropy
+from adapters.eata import EATA, ETA
 from adapters.none import NoAdaptation
+from adapters.psmt import PSMT
 from adapters.tent import Tent
 
 ADAPTERS: dict[str, type[Adapter]] = {
     NoAdaptation.name: NoAdaptation,
     NormStatistics.name: NormStatistics,
     Tent.name: Tent,
+    ETA.name: ETA,
+    EATA.name: EATA,
+    PSMT.name: PSMT,
 }
 
 
@@ -56,5 +61,5 @@ def build_adapter(settings: object, model, task: str, **context: object) -> Adap
     return adapter_cls(model, **kwargs)
 
 
-__all__ = ["ADAPTERS", "AdaptOutput", "Adapter", "GradientAdapter", "NoAdaptation",
-           "NormStatistics", "Tent", "build_adapter", "softmax_entropy"]
+__all__ = ["ADAPTERS", "EATA", "ETA", "AdaptOutput", "Adapter", "GradientAdapter", "NoAdaptation",
+           "NormStatistics", "PSMT", "Tent", "build_adapter", "softmax_entropy"]

@@ -37,16 +37,9 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
-        model = await asyncio.to_thread(load_model, settings.model)
-        reference = await asyncio.to_thread(load_reference_data, settings, model)
-        guard = _collapse_guard(settings, model, reference)
-        adapter = await asyncio.to_thread(
-            build_adapter, settings.adapter, model.module, model.task,
-            num_classes=model.num_classes,
-            calibration=None if reference is None else reference.inputs,
-        )
         events = EventLog(metrics)
-        engine = Engine(model, adapter, metrics, events, guard)
+        engine = await asyncio.to_thread(build_engine, settings, metrics, events)
+        model, adapter = engine.model, engine.adapter
         store = StoreGateway(_open_store(settings), metrics)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
@@ -70,6 +63,19 @@ class Runtime:
         await self.batcher.stop()
         self.engine.close()
         self.store.store.close()
+
+
+def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engine:
+    """The model, its reference data, the adapter and the guard, composed as the service runs
+    them (the benchmarks build theirs here too, so what they measure is what is served)."""
+    model = load_model(settings.model)
+    reference = load_reference_data(settings, model)
+    guard = _collapse_guard(settings, model, reference)
+    adapter = build_adapter(
+        settings.adapter, model.module, model.task, num_classes=model.num_classes,
+        calibration=None if reference is None else reference.inputs,
+    )
+    return Engine(model, adapter, metrics, events, guard)
 
 
 def _collapse_guard(

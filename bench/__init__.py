@@ -1,0 +1,1 @@
+"""Benchmark runners; each prints the table that BENCHMARKS.md quotes, with the command."""
