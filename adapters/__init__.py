@@ -31,7 +31,7 @@ def build_adapter(settings: object, model, task: str, **context: object) -> Adap
     >>> build_adapter("none", nn.Linear(4, 2), task="classification").name
     'none'
     """
-    name = settings if isinstance(settings, str) else settings.name
+    name = settings if isinstance(settings, str) else settings.method
     try:
         adapter_cls = ADAPTERS[name]
     except KeyError:

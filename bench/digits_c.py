@@ -177,8 +177,9 @@ def table(results: list[Result], domains: list[Domain]) -> str:
     header = ["method", "mode", *names, "mean", "clean after", "backward samples", "seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        cells = [r.method, r.mode, *[f"{r.errors[n]:.1f}" for n in names], f"**{r.mean_error:.1f}**",
-                 f"{r.errors['clean_after']:.1f}", f"{r.backward_samples:,}", f"{r.seconds:.1f}"]
+        cells = [r.method, r.mode, *[f"{r.errors[n]:.1f}" for n in names],
+                 f"**{r.mean_error:.1f}**", f"{r.errors['clean_after']:.1f}",
+                 f"{r.backward_samples:,}", f"{r.seconds:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

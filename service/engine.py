@@ -18,7 +18,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from adapters import Adapter, softmax_entropy
+from adapters import Adapter
+from adapters.adanpc import AdaNPC
 from adapters.guard import CollapseGuard
 from service.events import EventLog
 from service.metrics import Metrics
@@ -36,15 +37,9 @@ class BatchOutput:
     features: np.ndarray | None
     entropy: np.ndarray | None
     adapter_version: int
-
-    def rows(self, start: int, stop: int) -> BatchOutput:
-        return BatchOutput(
-            predictions=self.predictions[start:stop],
-            outputs=self.outputs[start:stop],
-            features=None if self.features is None else self.features[start:stop],
-            entropy=None if self.entropy is None else self.entropy[start:stop],
-            adapter_version=self.adapter_version,
-        )
+    # rows this batch added to the memory (for the store), and whether the memory was reset first
+    memory_rows: np.ndarray | None = None
+    memory_reset: bool = False
 
 
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
@@ -65,12 +60,15 @@ class Engine:
         metrics: Metrics,
         events: EventLog,
         guard: CollapseGuard | None = None,
+        memory: AdaNPC | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
         self.metrics = metrics
         self.events = events
         self.guard = guard
+        self.memory = memory
+        self._memory_reset = False
         self.tap = FeatureTap(model.module)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
         metrics.learning_rate.set(adapter.learning_rate)
@@ -104,34 +102,53 @@ class Engine:
             return BatchOutput(predictions=outputs[:, 0].numpy(), outputs=outputs.numpy(),
                                features=features_np, entropy=None, adapter_version=version)
         probabilities = outputs.softmax(1)
-        entropy = softmax_entropy(outputs)
+        memory_rows = None
+        if self.memory is not None and features is not None:
+            # AdaNPC: the memory's vote replaces the model's softmax; confident samples join it
+            probabilities = self.memory.vote(features)
+            if adapt:
+                before = self.memory.observed
+                if self.memory.observe(features, probabilities):
+                    memory_rows = self.memory.rows(since=before)
+                self.metrics.memory_size.labels(self.memory.name).set(len(self.memory))
+        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)
         self.metrics.mean_entropy.set(float(entropy.mean()))
         predictions = probabilities.argmax(1).numpy()
         if adapt and self.guard is not None and self.guard.observe(predictions):
             self._reset_after_collapse()
+        memory_reset, self._memory_reset = self._memory_reset, False
         return BatchOutput(predictions=predictions, outputs=probabilities.numpy(),
-                           features=features_np, entropy=entropy.numpy(), adapter_version=version)
+                           features=features_np, entropy=entropy.numpy(), adapter_version=version,
+                           memory_rows=None if memory_reset else memory_rows,
+                           memory_reset=memory_reset)
 
     def _reset_after_collapse(self) -> None:
         assert self.guard is not None
         effective = self.guard.last_effective
-        self.adapter.reset()
-        self.guard.clear()
-        self.metrics.adapter_resets.labels("collapse").inc()
-        self.metrics.learning_rate.set(self.adapter.learning_rate)
+        self._reset("collapse")
         self.events.record(
             "collapse", "guard", "adapter_reset", effective_classes=effective,
             threshold=self.guard.threshold, window=self.guard.window,
         )
 
-    def reset_adapter(self, source: str = "operator") -> None:
-        """Engine thread only. Back to the source weights, recorded as an event."""
+    def reset_adapter(self, source: str = "operator") -> bool:
+        """Engine thread only. Back to the source weights (and the memory to its seed), recorded
+        as an event. True when a memory was reset, so the caller clears its stored rows too."""
+        self._reset(source)
+        self.events.record("reset", source, "adapter_reset")
+        memory_reset, self._memory_reset = self._memory_reset, False
+        return memory_reset
+
+    def _reset(self, reason: str) -> None:
         self.adapter.reset()
         if self.guard is not None:
             self.guard.clear()
-        self.metrics.adapter_resets.labels(source).inc()
+        if self.memory is not None:
+            self.memory.reset()
+            self._memory_reset = True
+            self.metrics.memory_size.labels(self.memory.name).set(len(self.memory))
+        self.metrics.adapter_resets.labels(reason).inc()
         self.metrics.learning_rate.set(self.adapter.learning_rate)
-        self.events.record("reset", source, "adapter_reset")
 
     def checkpoint(self) -> bytes:
         """Engine thread only. The adapter's learned state as safetensors bytes, tagged with the

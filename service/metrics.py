@@ -70,6 +70,9 @@ class Metrics:
         self.mean_entropy = Gauge(
             "adaptd_mean_entropy", "mean softmax entropy of the last batch", registry=r
         )
+        self.memory_size = Gauge(
+            "adaptd_memory_size", "rows in each memory (seed included)", ["memory"], registry=r
+        )
         self.adapter_resets = Counter(
             "adaptd_adapter_resets", "adapter resets to the source weights, by who asked",
             ["reason"], registry=r,

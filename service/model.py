@@ -50,9 +50,15 @@ class FeatureTap:
         self.features: torch.Tensor | None = None
         self.layer_name: str | None = None
         self.armed = True
+        self._handle = None
         if linears:
             self.layer_name, layer = linears[-1]
-            layer.register_forward_hook(self._keep)
+            self._handle = layer.register_forward_hook(self._keep)
+
+    def remove(self) -> None:
+        """Detach the hook (a tap used once, at start-up)."""
+        if self._handle is not None:
+            self._handle.remove()
 
     def arm(self) -> None:
         """Keep only the next forward's features: an adapter may run more forwards in one call

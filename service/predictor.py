@@ -60,10 +60,12 @@ class StoreGateway:
 class Predictor:
     """Runs batches on the engine, keeps a record per sample, and shapes the rows."""
 
-    def __init__(self, engine: Engine, store: StoreGateway, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, store: StoreGateway, metrics: Metrics,
+                 persist_memory: bool = True) -> None:
         self.engine = engine
         self.store = store
         self.metrics = metrics
+        self.persist_memory = persist_memory
 
     async def run_batch(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
         return await self._finish(await self.engine.predict(inputs, adapt=True), ids)
@@ -71,6 +73,21 @@ class Predictor:
     async def run_alone(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
         """The fallback for a failed batch: the same model, no adaptation step."""
         return await self._finish(await self.engine.predict(inputs, adapt=False), ids)
+
+    async def _persist_memory(self, out: BatchOutput) -> None:
+        """Share what the memory learned: its new rows go to the store, for replicas and restarts
+        (a failure loses them only there; the in-process memory keeps them)."""
+        memory = self.engine.memory
+        if memory is None or not self.persist_memory:
+            return
+        try:
+            if out.memory_reset:
+                await self.store.call("clear_memory", self.store.store.clear_memory, memory.name)
+            if out.memory_rows is not None and len(out.memory_rows):
+                await self.store.call("append_memory", self.store.store.append_memory,
+                                      memory.name, out.memory_rows, memory.capacity)
+        except StoreUnavailable:
+            pass
 
     async def _finish(self, out: BatchOutput, ids: list[str]) -> list[PredictionRow]:
         model = self.engine.model
@@ -92,6 +109,7 @@ class Predictor:
         except StoreUnavailable:
             # predictions go on without the store; their labels will count as unknown
             pass
+        await self._persist_memory(out)
         self.metrics.predictions.inc(len(ids))
         classification = model.task == "classification"
         rows = []

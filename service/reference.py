@@ -59,3 +59,20 @@ def source_predictions(model: LoadedModel, reference: ReferenceData) -> torch.Te
     """The source model's predicted classes on the reference data (model still in eval mode)."""
     return torch.cat([model.module(reference.inputs[i:i + 256]).argmax(1)
                       for i in range(0, len(reference.inputs), 256)])
+
+
+@torch.inference_mode()
+def source_features(model: LoadedModel, reference: ReferenceData) -> torch.Tensor | None:
+    """The input of the last `nn.Linear` for the reference data, from the source model."""
+    from service.model import FeatureTap
+
+    tap = FeatureTap(model.module)
+    if tap.layer_name is None:
+        return None
+    batches = []
+    for start in range(0, len(reference.inputs), 256):
+        tap.arm()
+        model.module(reference.inputs[start:start + 256])
+        batches.append(tap.take())
+    tap.remove()
+    return torch.cat(batches)

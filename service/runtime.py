@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from adapters import Adapter, build_adapter
+from adapters.adanpc import AdaNPC
 from adapters.guard import CollapseGuard, effective_classes
 from service.batcher import MicroBatcher
 from service.engine import Engine
@@ -15,7 +16,12 @@ from service.feedback import FeedbackService, RollingQuality
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
 from service.predictor import PredictionRow, Predictor, StoreGateway
-from service.reference import ReferenceData, load_reference_data, source_predictions
+from service.reference import (
+    ReferenceData,
+    load_reference_data,
+    source_features,
+    source_predictions,
+)
 from service.settings import Settings
 from store import Store, StoreUnavailable, open_store
 
@@ -43,7 +49,9 @@ class Runtime:
         store = StoreGateway(_open_store(settings), metrics)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
-        predictor = Predictor(engine, store, metrics)
+        if engine.memory is not None and settings.adapter.memory.persist:
+            await _reload_memory(engine, store)
+        predictor = Predictor(engine, store, metrics, settings.adapter.memory.persist)
         batcher: MicroBatcher[PredictionRow] = MicroBatcher(
             predictor.run_batch,
             predictor.run_alone,
@@ -71,18 +79,43 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     model = load_model(settings.model)
     reference = load_reference_data(settings, model)
     guard = _collapse_guard(settings, model, reference)
+    memory = _memory(settings, model, reference)  # seeded by the source model, before adaptation
     adapter = build_adapter(
         settings.adapter, model.module, model.task, num_classes=model.num_classes,
         calibration=None if reference is None else reference.inputs,
     )
-    return Engine(model, adapter, metrics, events, guard)
+    return Engine(model, adapter, metrics, events, guard, memory)
+
+
+def _memory(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+            ) -> AdaNPC | None:
+    """AdaNPC's memory, seeded with the reference data's features and labels, when configured."""
+    if "adanpc" not in settings.adapter.memories:
+        return None
+    if model.task != "classification" or model.num_classes is None:
+        raise ValueError("adanpc votes over classes; it serves classification models only")
+    if reference is None:
+        raise ValueError("adanpc seeds its memory with in-distribution data: set "
+                         "adapter.calibration_data to a safetensors file with inputs and labels")
+    features = source_features(model, reference)
+    if features is None:
+        raise ValueError("adanpc needs features: the model has no nn.Linear layer to read")
+    labels = reference.labels
+    if labels is None:  # no true labels: the source model's own predictions stand in
+        labels = source_predictions(model, reference)
+    m = settings.adapter.memory
+    memory = AdaNPC(model.num_classes, features.shape[1], k=m.k, temperature=m.temperature,
+                    confidence_threshold=m.confidence_threshold, capacity=m.capacity,
+                    policy=m.policy)
+    memory.seed(features, labels)
+    return memory
 
 
 def _collapse_guard(
     settings: Settings, model: LoadedModel, reference: ReferenceData | None
 ) -> CollapseGuard | None:
     """A guard for methods that change the model, judged against the source's own diversity."""
-    if model.task != "classification" or settings.adapter.name == "none":
+    if model.task != "classification" or settings.adapter.method == "none":
         return None
     if settings.adapter.collapse_min_ratio <= 0:
         return None
@@ -93,6 +126,20 @@ def _collapse_guard(
         source_effective = effective_classes(predictions, model.num_classes)
     return CollapseGuard(model.num_classes, settings.adapter.collapse_window,
                          settings.adapter.collapse_min_ratio, source_effective)
+
+
+async def _reload_memory(engine: Engine, store: StoreGateway) -> None:
+    """Rows this deployment's replicas added to the memory before, from the store."""
+    memory = engine.memory
+    assert memory is not None
+    try:
+        rows = await store.call("load_memory", store.store.load_memory, memory.name)
+    except StoreUnavailable:
+        log.warning("the store is unreachable: the %s memory starts from its seed", memory.name)
+        return
+    if rows.size:
+        await engine.run(memory.load_rows, rows)
+        log.info("reloaded %d %s memory rows", len(rows), memory.name)
 
 
 async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:

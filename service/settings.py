@@ -93,10 +93,28 @@ class StoreSettings(Section):
         return self
 
 
+class MemorySettings(Section):
+    """AdaNPC's memory of features and labels (reference defaults: k 100, τ 0.1, β 0.1)."""
+
+    k: PositiveInt = Field(100, description="neighbours that vote")
+    temperature: PositiveFloat = Field(0.1, description="τ in softmax(similarity / τ)")
+    confidence_threshold: float = Field(
+        0.1, ge=0.0, le=1.0, description="β: a test sample whose vote reaches it joins the memory"
+    )
+    capacity: PositiveInt = Field(10_000, description="rows added at test time, at most")
+    policy: Literal["per_class_fifo", "fifo"] = "per_class_fifo"
+    persist: bool = Field(True, description="append added rows to the store; reload on start")
+
+
 class AdapterSettings(Section):
     """The test-time adaptation method and its knobs (None keeps the method's reference default)."""
 
-    name: str = Field("none", description="none, bn, tent")
+    name: str = Field(
+        "none",
+        pattern=r"^[a-z]+(\+[a-z]+)*$",
+        description="none, bn, tent, eta, eata, psmt; add '+adanpc' for AdaNPC's memory votes on "
+        "top (or 'adanpc' alone, on the source model)",
+    )
     learning_rate: PositiveFloat | None = None
     max_learning_rate: PositiveFloat = Field(
         0.01, description="no schedule or drift action raises the learning rate above this"
@@ -123,12 +141,25 @@ class AdapterSettings(Section):
     collapse_window: PositiveInt = Field(
         512, description="predictions the collapse guard looks at"
     )
+    memory: MemorySettings = MemorySettings()
     collapse_min_ratio: float = Field(
         0.3, ge=0.0, lt=1.0,
         description="reset when the effective number of predicted classes falls below this "
         "share of the source model's (0 turns the guard off)",
     )
     restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
+
+
+    @property
+    def method(self) -> str:
+        """The test-time method: the name's first part ('adanpc' alone runs on the source)."""
+        first = self.name.split("+")[0]
+        return "none" if first == "adanpc" else first
+
+    @property
+    def memories(self) -> list[str]:
+        """Memory-based methods stacked after the test-time method, in order."""
+        return [part for part in self.name.split("+") if part == "adanpc"]
 
 
 class FeedbackSettings(Section):

@@ -4,7 +4,8 @@ A prediction leaves a record (`put_predictions`); a label arriving later joins i
 (`join_labels`). The join is idempotent: the first label for an id is *joined*, any later one is a
 *duplicate* and changes nothing; an id whose record has expired is *expired* for a grace period
 after expiry, and *unknown* after that or if it was never seen. Adapter checkpoints are versioned
-blobs with a `latest` pointer.
+blobs with a `latest` pointer. Memories (AdaNPC's feature memory, the error memory) are named,
+capped lists of float32 rows, oldest first, that every replica appends to and loads from.
 
 Backends raise `StoreUnavailable` when their server cannot be reached, so the service can keep
 predicting from in-process state, count the failure and report not-ready.
@@ -22,6 +23,22 @@ import numpy as np
 
 class StoreUnavailable(RuntimeError):
     """The backing server did not answer; the operation had no effect that can be relied on."""
+
+
+def memory_rows(rows: np.ndarray, cap: int) -> np.ndarray:
+    """Rows to append to a memory as both backends check them: contiguous float32 (n, d).
+
+    >>> memory_rows(np.ones((2, 3)), cap=10).dtype
+    dtype('float32')
+    """
+    if cap < 1:
+        raise ValueError(f"a memory's cap must be at least 1 row, got {cap}")
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] < 1:
+        raise ValueError(
+            f"memory rows have shape {rows.shape}; pass a 2-D array (n, d) with d >= 1 columns"
+        )
+    return rows
 
 
 @dataclass
@@ -129,6 +146,23 @@ class Store(Protocol):
 
     def load_adapter(self, version: int | None = None) -> tuple[int, bytes] | None:
         """A checkpoint by version, or the latest when version is None; None when there is none."""
+        ...
+
+    def append_memory(self, name: str, rows: np.ndarray, cap: int) -> None:
+        """Append float32 rows (n, d) to the named memory, then keep only its newest `cap` rows.
+
+        Every row of one memory has the same width: rows of another width raise `ValueError`
+        and append nothing. Appending and trimming happen together; no reader sees the memory
+        above its cap. An empty append changes nothing.
+        """
+        ...
+
+    def load_memory(self, name: str) -> np.ndarray:
+        """Every kept row of the named memory, oldest first, float32 (n, d); (0, 0) when empty."""
+        ...
+
+    def clear_memory(self, name: str) -> None:
+        """Drop every row of the named memory (an adapter reset, a drift action)."""
         ...
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ also keeps namespaces apart: ``adaptd:{a}:`` is never a prefix of ``adaptd:{a:b}
 'adaptd:{demo:digits-cnn}:record:req-1'
 >>> keys.adapter_blob(3)
 'adaptd:{demo:digits-cnn}:adapter:blob:3'
+>>> keys.memory("adanpc")
+'adaptd:{demo:digits-cnn}:memory:adanpc'
 """
 
 from __future__ import annotations
@@ -52,3 +54,9 @@ class Keys:
     def adapter_version(self) -> str:
         """The counter that hands out adapter versions (INCR), so replicas never reuse one."""
         return f"{self.prefix}adapter:version"
+
+    def memory(self, name: str) -> str:
+        """The list of packed float32 rows of one named memory (AdaNPC's, the error memory)."""
+        if not name:
+            raise ValueError("a memory needs a name, such as 'adanpc'")
+        return f"{self.prefix}memory:{name}"

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
-from store.base import JoinResult, PredictionRecord
+import numpy as np
+
+from store.base import JoinResult, PredictionRecord, memory_rows
 from store.keys import Keys
 
 # Markers outlive their records by the grace period, so there are more of them than records; this
@@ -23,12 +25,13 @@ MARKERS_PER_RECORD = 4
 
 
 class MemoryStore:
-    """Prediction records, label joins and adapter checkpoints in process memory.
+    """Prediction records, label joins, adapter checkpoints and row memories in process memory.
 
     Records are kept in insertion order with their expiry time, so expired ones are purged from the
     front, lazily, whenever a put or a lookup happens; past `max_records` the oldest are evicted
-    early and then count as expired, as if their TTL had run out. One lock guards all state, so
-    every method is safe to call from threads and a label joins at most once.
+    early and then count as expired, as if their TTL had run out. A memory is a deque of packed
+    float32 rows, as a Redis list holds them, trimmed to its cap on every append. One lock guards
+    all state, so every method is safe to call from threads and a label joins at most once.
 
     Parameters
     ----------
@@ -96,6 +99,9 @@ class MemoryStore:
         self._markers: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         self._adapters: dict[int, bytes] = {}
         self._adapter_version = 0
+        # name -> packed float32 rows, oldest first; every row of one memory has the same width
+        self._memories: dict[str, deque[bytes]] = {}
+        self._keys = Keys(namespace)
 
     def ping(self) -> bool:
         return True
@@ -174,11 +180,45 @@ class MemoryStore:
             blob = self._adapters.get(wanted)
         return None if blob is None else (wanted, blob)
 
+    def append_memory(self, name: str, rows: np.ndarray, cap: int) -> None:
+        self._keys.memory(name)  # the same name check as Redis
+        rows = memory_rows(rows, cap)
+        if len(rows) == 0:
+            return
+        width = rows.shape[1] * rows.itemsize
+        packed = [row.tobytes() for row in rows]
+        with self._lock:
+            memory = self._memories.setdefault(name, deque())
+            if memory and len(memory[0]) != width:
+                raise ValueError(
+                    f"memory {name!r} holds rows of {len(memory[0]) // 4} values; these have "
+                    f"{rows.shape[1]}: clear it (clear_memory) before storing rows of a new width"
+                )
+            memory.extend(packed)
+            while len(memory) > cap:
+                memory.popleft()
+
+    def load_memory(self, name: str) -> np.ndarray:
+        self._keys.memory(name)
+        with self._lock:
+            memory = self._memories.get(name)
+            if not memory:
+                return np.empty((0, 0), dtype=np.float32)
+            width = len(memory[0]) // 4
+            joined = b"".join(memory)
+        return np.frombuffer(joined, dtype=np.float32).reshape(-1, width).copy()
+
+    def clear_memory(self, name: str) -> None:
+        self._keys.memory(name)
+        with self._lock:
+            self._memories.pop(name, None)
+
     def close(self) -> None:
         with self._lock:
             self._records.clear()
             self._markers.clear()
             self._adapters.clear()
+            self._memories.clear()
 
     def _live_fields(self, prediction_id: str, now: float) -> dict[str, bytes] | None:
         """The fields of an unexpired record; expired ones behind a live front are dropped here."""

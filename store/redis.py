@@ -1,4 +1,4 @@
-"""The shared store: prediction records, label joins and adapter checkpoints in Redis.
+"""The shared store: prediction records, label joins, adapter checkpoints and memories in Redis.
 
 Several replicas share one Redis, so any replica can take any label: a record is a hash with a
 TTL, and the join is one Lua script per batch, which makes "at most once per id" hold across
@@ -14,14 +14,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError
+from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from store.base import JoinResult, PredictionRecord, StoreUnavailable
+from store.base import JoinResult, PredictionRecord, StoreUnavailable, memory_rows
 from store.keys import Keys
 
 # A pooled connection idle this long is PINGed before use, so a connection that a Redis restart
@@ -83,6 +84,28 @@ if tonumber(ARGV[1]) > latest then
 end
 redis.call('DEL', KEYS[3])
 return 1
+"""
+
+
+# Rows of a large append go to the server in script calls of this many rows: each call appends and
+# trims atomically, and the memory never holds more than its cap between calls.
+MEMORY_CHUNK = 1000
+
+# KEYS[1]: the memory's list. ARGV[1]: the cap; ARGV[2]: the width of a row in bytes; ARGV[3..]: the
+# packed rows. Checking the first row is enough, since every append is checked the same way. An
+# error reply appends nothing. Returns the list's length.
+APPEND_MEMORY_LUA = """
+local width = tonumber(ARGV[2])
+local first = redis.call('LINDEX', KEYS[1], 0)
+if first and string.len(first) ~= width then
+  return redis.error_reply('WIDTH ' .. string.len(first))
+end
+-- unpack puts every value on Lua's stack, which holds a few thousand: push in slices
+for i = 3, #ARGV, 500 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+return redis.call('LLEN', KEYS[1])
 """
 
 
@@ -167,6 +190,7 @@ class RedisStore:
         # loaded on first use and again after a restart (redis-py answers NOSCRIPT by loading)
         self._join_labels_script = self._redis.register_script(JOIN_LABELS_LUA)
         self._save_adapter_script = self._redis.register_script(SAVE_ADAPTER_LUA)
+        self._append_memory_script = self._redis.register_script(APPEND_MEMORY_LUA)
 
     def ping(self) -> bool:
         try:
@@ -248,6 +272,39 @@ class RedisStore:
                 version = int(latest)
             blob = self._redis.get(self._keys.adapter_blob(version))
         return None if blob is None else (int(version), blob)
+
+    def append_memory(self, name: str, rows: np.ndarray, cap: int) -> None:
+        key = self._keys.memory(name)
+        rows = memory_rows(rows, cap)
+        width = rows.shape[1] * rows.itemsize
+        for start in range(0, len(rows), MEMORY_CHUNK):
+            chunk = rows[start:start + MEMORY_CHUNK]
+            args = [int(cap), width, *(row.tobytes() for row in chunk)]
+            try:
+                with self._unavailable("append to a memory"):
+                    self._append_memory_script(keys=[key], args=args)
+            except ResponseError as error:
+                if not str(error).startswith("WIDTH"):
+                    raise
+                stored = int(str(error).split()[1]) // 4
+                raise ValueError(
+                    f"memory {name!r} holds rows of {stored} values; these have {rows.shape[1]}: "
+                    "clear it (clear_memory) before storing rows of a new width"
+                ) from None
+
+    def load_memory(self, name: str) -> np.ndarray:
+        with self._unavailable("load a memory"):
+            packed = self._redis.lrange(self._keys.memory(name), 0, -1)
+        if not packed:
+            return np.empty((0, 0), dtype=np.float32)
+        width = len(packed[0])
+        if any(len(row) != width for row in packed):
+            raise ValueError(f"memory {name!r} holds rows of different widths; clear it")
+        return np.frombuffer(b"".join(packed), dtype=np.float32).reshape(len(packed), -1).copy()
+
+    def clear_memory(self, name: str) -> None:
+        with self._unavailable("clear a memory"):
+            self._redis.delete(self._keys.memory(name))
 
     def close(self) -> None:
         # the client owns its pool (from_url), so this disconnects every pooled connection

@@ -520,3 +520,169 @@ def test_memory_records_returned_are_copies_the_caller_cannot_change_the_store_t
     assert stored is not None
     np.testing.assert_array_equal(stored.outputs, prediction("req-1").outputs)
     assert stored.extra["set"] == [2, 1]
+
+
+# --- Memories: capped lists of float32 rows (both backends) -----------------------------------
+
+
+def awkward_rows(count: int, width: int, start: float = 0.0) -> np.ndarray:
+    """Rows whose float32 values a text or float64 round trip would change: -0.0, tiny, huge."""
+    rows = np.arange(count * width, dtype=np.float32).reshape(count, width) + np.float32(start)
+    rows[:, 0] = np.float32(1.0) / np.float32(3.0) + np.arange(count, dtype=np.float32)
+    if width > 1:
+        rows[0, 1] = np.float32(-0.0)
+        rows[-1, 1] = np.finfo(np.float32).tiny
+    if width > 2:
+        rows[0, 2] = np.finfo(np.float32).max
+    return rows
+
+
+def test_memory_rows_come_back_as_the_exact_float32_bits_oldest_first(store: Store) -> None:
+    first, second = awkward_rows(3, 5), awkward_rows(2, 5, start=100.0)
+    store.append_memory("adanpc", first, cap=100)
+    store.append_memory("adanpc", second, cap=100)
+
+    loaded = store.load_memory("adanpc")
+
+    assert loaded.dtype == np.float32 and loaded.shape == (5, 5)
+    assert loaded.tobytes() == np.concatenate([first, second]).tobytes()  # -0.0 included
+
+
+def test_a_memory_keeps_only_its_newest_cap_rows(store: Store) -> None:
+    rows = np.arange(24, dtype=np.float32).reshape(12, 2)
+    store.append_memory("adanpc", rows[:4], cap=5)
+    store.append_memory("adanpc", rows[4:9], cap=5)
+    store.append_memory("adanpc", rows[9:], cap=5)
+
+    np.testing.assert_array_equal(store.load_memory("adanpc"), rows[7:])
+
+
+def test_one_append_larger_than_the_cap_keeps_its_own_newest_rows(store: Store) -> None:
+    rows = np.arange(2500 * 3, dtype=np.float32).reshape(2500, 3)  # more than one Redis chunk
+    store.append_memory("adanpc", rows, cap=1200)
+
+    np.testing.assert_array_equal(store.load_memory("adanpc"), rows[-1200:])
+
+
+def test_an_empty_memory_loads_as_a_0_by_0_float32_array(store: Store) -> None:
+    loaded = store.load_memory("never-written")
+    assert loaded.shape == (0, 0) and loaded.dtype == np.float32
+
+    store.append_memory("adanpc", np.empty((0, 4), dtype=np.float32), cap=10)
+    assert store.load_memory("adanpc").shape == (0, 0)
+
+
+def test_memories_with_different_names_are_kept_apart(store: Store) -> None:
+    store.append_memory("adanpc", np.ones((2, 3), dtype=np.float32), cap=10)
+    store.append_memory("errors", np.zeros((4, 7), dtype=np.float32), cap=10)
+
+    np.testing.assert_array_equal(store.load_memory("adanpc"), np.ones((2, 3)))
+    np.testing.assert_array_equal(store.load_memory("errors"), np.zeros((4, 7)))
+
+
+def test_memories_in_different_namespaces_are_kept_apart(
+    make_store: Callable[..., Store],
+) -> None:
+    store_a, store_b = make_store(), make_store()
+    store_a.append_memory("adanpc", np.ones((2, 3), dtype=np.float32), cap=10)
+
+    assert store_b.load_memory("adanpc").shape == (0, 0)
+    assert store_a.load_memory("adanpc").shape == (2, 3)
+
+
+def test_clearing_a_memory_drops_its_rows_and_only_its_rows(store: Store) -> None:
+    store.append_memory("adanpc", np.ones((2, 3), dtype=np.float32), cap=10)
+    store.append_memory("errors", np.ones((2, 3), dtype=np.float32), cap=10)
+
+    store.clear_memory("adanpc")
+    store.clear_memory("never-written")  # clearing nothing is not an error
+
+    assert store.load_memory("adanpc").shape == (0, 0)
+    assert store.load_memory("errors").shape == (2, 3)
+    # a cleared memory takes rows of any width again
+    store.append_memory("adanpc", np.ones((1, 8), dtype=np.float32), cap=10)
+    assert store.load_memory("adanpc").shape == (1, 8)
+
+
+def test_rows_of_another_width_are_refused_and_append_nothing(store: Store) -> None:
+    store.append_memory("adanpc", np.ones((2, 3), dtype=np.float32), cap=10)
+
+    with pytest.raises(ValueError, match="holds rows of 3 values; these have 4"):
+        store.append_memory("adanpc", np.zeros((5, 4), dtype=np.float32), cap=10)
+
+    np.testing.assert_array_equal(store.load_memory("adanpc"), np.ones((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("rows", "cap", "message"),
+    [
+        (np.ones(3, dtype=np.float32), 10, "2-D"),
+        (np.ones((3, 0), dtype=np.float32), 10, "2-D"),
+        (np.ones((3, 2), dtype=np.float32), 0, "cap must be at least 1"),
+    ],
+)
+def test_malformed_rows_or_cap_are_refused_with_a_message(
+    store: Store, rows: np.ndarray, cap: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        store.append_memory("adanpc", rows, cap=cap)
+    with pytest.raises(ValueError, match="needs a name"):
+        store.append_memory("", np.ones((1, 2), dtype=np.float32), cap=10)
+
+
+def test_float64_rows_are_stored_as_float32(store: Store) -> None:
+    store.append_memory("adanpc", np.array([[0.1, 2.0]]), cap=10)
+
+    loaded = store.load_memory("adanpc")
+    assert loaded.dtype == np.float32
+    assert loaded.tobytes() == np.array([[0.1, 2.0]], dtype=np.float32).tobytes()
+
+
+def test_loaded_memory_is_a_copy_the_caller_cannot_change_the_store_through(store: Store) -> None:
+    store.append_memory("adanpc", np.ones((2, 3), dtype=np.float32), cap=10)
+    store.load_memory("adanpc")[:] = 7.0
+
+    np.testing.assert_array_equal(store.load_memory("adanpc"), np.ones((2, 3)))
+
+
+# --- Memories: RedisStore only ----------------------------------------------------------------
+
+
+def test_redis_a_memory_is_one_list_under_the_namespace_appended_by_one_script_call(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    keys = Keys(redis_store.namespace)
+    redis_store.append_memory("adanpc", np.ones((1, 3), dtype=np.float32), cap=50)  # loads it
+
+    def calls(command: str) -> int:
+        return redis_client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+    before = {command: calls(command) for command in ("evalsha", "rpush", "ltrim")}
+    redis_store.append_memory("adanpc", np.zeros((64, 3), dtype=np.float32), cap=50)
+    after = {command: calls(command) for command in ("evalsha", "rpush", "ltrim")}
+
+    assert {command: after[command] - before[command] for command in after} == {
+        "evalsha": 1, "rpush": 1, "ltrim": 1,
+    }  # fmt: skip
+    key = keys.memory("adanpc")
+    assert key.startswith(keys.prefix)
+    assert redis_client.type(key) == b"list" and redis_client.llen(key) == 50
+    assert redis_client.lindex(key, 0) == np.zeros(3, dtype=np.float32).tobytes()
+
+
+def test_redis_memory_operations_on_an_unreachable_server_raise_store_unavailable() -> None:
+    port = free_port()  # nothing listens there
+    store = RedisStore(f"redis://:s3cret@127.0.0.1:{port}/0", "test:unreachable", record_ttl_s=60.0)
+    try:
+        operations = {
+            "append": lambda: store.append_memory("adanpc", np.ones((1, 2)), cap=10),
+            "load": lambda: store.load_memory("adanpc"),
+            "clear": lambda: store.clear_memory("adanpc"),
+        }
+        for operation in operations.values():
+            with pytest.raises(StoreUnavailable) as raised:
+                operation()
+            assert f"127.0.0.1:{port}" in str(raised.value)
+            assert "s3cret" not in str(raised.value)
+    finally:
+        store.close()
