@@ -119,10 +119,11 @@ class AdapterSettings(Section):
     max_learning_rate: PositiveFloat = Field(
         0.01, description="no schedule or drift action raises the learning rate above this"
     )
-    norm: Literal["robust", "batch"] = Field(
+    norm: Literal["robust", "batch", "source"] = Field(
         "robust",
         description="test-time BatchNorm statistics: robust (source blended with a per-sample "
-        "average of test statistics, fit for single requests) or batch (the references' choice)",
+        "average of test statistics, fit for single requests), batch (the references' choice) "
+        "or source (the training statistics, unchanged)",
     )
     norm_momentum: float = Field(0.02, gt=0.0, le=1.0, description="robust BN, per sample")
     adapt_batch_size: PositiveInt = Field(
