@@ -108,6 +108,9 @@ class NormStatistics(Adapter):
         model.requires_grad_(False)
         self.norm = norm
 
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "norm": self.norm}
+
     def adapt(self, x: torch.Tensor) -> AdaptOutput:
         with torch.no_grad():
             return AdaptOutput(outputs=self.model(x))

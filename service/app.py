@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,11 +15,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
+from service.model import ModelLoadError
 from service.routes import admin, events, feedback, inference, status
 from service.runtime import Runtime
 from service.settings import Settings, load_settings
 
 MAX_REPORTED_ERRORS = 10
+
+log = logging.getLogger("adaptd")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,7 +32,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings, metrics)
+        try:
+            runtime = await Runtime.start(settings, metrics)
+        except (ModelLoadError, ValueError) as error:
+            # what to change, on one line, before uvicorn's own report of the failed start-up
+            log.error("adaptd cannot start: %s", error)
+            raise
         app.state.runtime = runtime
         try:
             yield
@@ -39,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="adaptd",
         version="0.1.0",
-        summary="A PyTorch model served over HTTP that adapts online and keeps calibrated.",
+        summary="A PyTorch model served over HTTP that adapts online to drifting data.",
         lifespan=lifespan,
     )
     app.state.settings = settings

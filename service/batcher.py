@@ -64,6 +64,8 @@ class MicroBatcher(Generic[R]):
         self._queue: asyncio.Queue[_Pending[R]] = asyncio.Queue()
         self._carry: _Pending[R] | None = None
         self._worker: asyncio.Task[None] | None = None
+        # the batch being gathered or run: stop() answers it too if the worker is cancelled
+        self._gathering: list[_Pending[R]] = []
         self.waiting_samples = 0
 
     def start(self) -> None:
@@ -77,7 +79,8 @@ class MicroBatcher(Generic[R]):
             except asyncio.CancelledError:
                 pass
             self._worker = None
-        leftovers = [self._carry] if self._carry else []
+        leftovers = [*self._gathering, *([self._carry] if self._carry else [])]
+        self._gathering = []
         while not self._queue.empty():
             leftovers.append(self._queue.get_nowait())
         for pending in leftovers:
@@ -118,6 +121,7 @@ class MicroBatcher(Generic[R]):
         loop = asyncio.get_running_loop()
         first = await self._next(None)
         batch, size = [first], first.size
+        self._gathering = batch
         deadline = first.arrived + self.max_wait_s
         while size < self.max_batch_size:
             pending = await self._next(deadline - loop.time())
@@ -137,6 +141,7 @@ class MicroBatcher(Generic[R]):
             live = [p for p in batch if not p.future.done()]  # callers that gave up are dropped
             if live:
                 await self._run(live)
+            self._gathering = []
 
     async def _run(self, batch: list[_Pending[R]]) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])

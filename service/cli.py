@@ -30,7 +30,6 @@ def serve_command(args: argparse.Namespace) -> None:
     import uvicorn
 
     from service.app import create_app
-    from service.model import ModelLoadError
     from service.settings import load_settings
 
     overrides: dict[str, object] = {}
@@ -55,12 +54,9 @@ def serve_command(args: argparse.Namespace) -> None:
         sys.exit(f"adaptd: invalid configuration:\n{exc}")
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                    timeout_graceful_shutdown=10)
-    except (ModelLoadError, ValueError) as exc:
-        sys.exit(f"adaptd: cannot start: {exc}")
+    # a model or adapter that cannot start is reported by the app's lifespan, and uvicorn exits 3
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=10)
 
 
 if __name__ == "__main__":

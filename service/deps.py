@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import secrets
+from typing import Annotated
 
-from fastapi import HTTPException, Request, status
+from fastapi import HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.runtime import Runtime
 
@@ -16,15 +18,19 @@ def get_runtime(request: Request) -> Runtime:
     return runtime
 
 
-def require_token(request: Request) -> None:
+bearer = HTTPBearer(auto_error=False, description="ADAPTD_API_TOKEN, when the service has one")
+
+
+def require_token(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+) -> None:
     """Write routes: when a token is configured, the request must carry it as a bearer token."""
     token = request.app.state.settings.api_token
     if token is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode(), token.get_secret_value().encode()
-    ):
+    given = "" if credentials is None else credentials.credentials
+    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "this route needs the header 'Authorization: Bearer <ADAPTD_API_TOKEN>'",

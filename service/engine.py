@@ -157,19 +157,25 @@ class Engine:
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
         return save(state, metadata={"model_version": self.model.version,
-                                     "adapter": self.adapter.name})
+                                     "adapter": self.adapter.name,
+                                     "norm": str(getattr(self.adapter, "norm", ""))})
 
     def restore(self, blob: bytes) -> bool:
-        """Engine thread only. Load a checkpoint made by `checkpoint`; False if it is for another
-        model version or adapter (then nothing changes)."""
+        """Engine thread only. Load a checkpoint made by `checkpoint`; False if it was made for
+        another model version, method or normalisation, or does not fit (then nothing changes)."""
         from safetensors.torch import load
 
         metadata = safetensors_metadata(blob)
-        if metadata.get("model_version") != self.model.version or (
-            metadata.get("adapter") != self.adapter.name
+        if (metadata.get("model_version"), metadata.get("adapter"), metadata.get("norm")) != (
+            self.model.version, self.adapter.name, str(getattr(self.adapter, "norm", ""))
         ):
             return False
-        self.adapter.load_state_dict(load(blob))
+        current = self.adapter.state_dict()
+        try:
+            self.adapter.load_state_dict(load(blob))
+        except (ValueError, RuntimeError, KeyError):
+            self.adapter.load_state_dict(current)  # a checkpoint that does not fit changes nothing
+            return False
         self.metrics.learning_rate.set(self.adapter.learning_rate)
         return True
 

@@ -7,9 +7,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from service.gateway import StoreGateway
 from service.metrics import Metrics
-from service.predictor import StoreGateway
-from store import JoinResult, PredictionRecord
+from store import JoinResult, PartialJoin, PredictionRecord
 
 
 class RollingQuality:
@@ -62,15 +62,24 @@ class FeedbackService:
         self.quality = quality
 
     async def apply(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
-        """Join validated labels; `StoreUnavailable` (nothing applied) when the store is down."""
-        result = await self.store.call("join_labels", self.store.store.join_labels, list(labels))
+        """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
+        `PartialJoin` when it failed part-way, with the labels joined before applied."""
+        try:
+            result = await self.store.call("join_labels", self.store.store.join_labels,
+                                           list(labels))
+        except PartialJoin as partial:
+            self._record(partial.result)  # joined before the failure: apply them, then report
+            raise
+        self._record(result)
+        return result
+
+    def _record(self, result: JoinResult) -> None:
         self._account(result.joined)
         m = self.metrics.labels
         m.labels("joined").inc(len(result.joined))
         m.labels("unknown").inc(len(result.unknown))
         m.labels("duplicate").inc(len(result.duplicate))
         m.labels("expired").inc(len(result.expired))
-        return result
 
     def _account(self, joined: list[PredictionRecord]) -> None:
         now = time.time()

@@ -31,11 +31,14 @@ def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int)
     expected = list(input_shape)
     for index, sample in enumerate(inputs):
         shape = _shape(sample)
-        if shape != expected:
-            described = "not a regular array" if shape is None else str(shape)
+        if shape is None:
             raise InvalidInput(
-                f"inputs[{index}] has shape {described}; the model takes samples of shape "
-                f"{expected}"
+                f"inputs[{index}] is not a regular array (its rows differ in length); the model "
+                f"takes samples of shape {expected}"
+            )
+        if shape != expected:
+            raise InvalidInput(
+                f"inputs[{index}] has shape {shape}; the model takes samples of shape {expected}"
             )
     with np.errstate(over="ignore"):
         batch = np.asarray(inputs, dtype=np.float32)
@@ -85,6 +88,6 @@ def check_labels(labels: Sequence[tuple[str, float]], model: LoadedModel, limit:
     for index, (_, label) in enumerate(labels):
         if label != int(label) or not 0 <= label < classes:
             raise InvalidInput(
-                f"labels[{index}].label is {label}; a class index is an integer from 0 to "
+                f"labels[{index}].label is {label:g}; a class index is an integer from 0 to "
                 f"{classes - 1}"
             )

@@ -81,6 +81,10 @@ class Metrics:
             "adaptd_events", "events by kind, source and action (e.g. collapse, guard, reset)",
             ["kind", "source", "action"], registry=r,
         )
+        for reason in ("operator", "collapse"):
+            self.adapter_resets.labels(reason)
+        for kind, source in (("collapse", "guard"), ("reset", "operator")):
+            self.events.labels(kind, source, "adapter_reset")
         self.store_errors = Counter(
             "adaptd_store_errors", "store operations that failed, by operation",
             ["op"], registry=r,

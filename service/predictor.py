@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
 from service.engine import BatchOutput, Engine
+from service.gateway import StoreGateway
 from service.metrics import Metrics
-from store import PredictionRecord, Store, StoreUnavailable
+from store import PredictionRecord, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -26,35 +25,6 @@ class PredictionRow:
     interval: list[float] | None
     model_version: str
     adapter_version: int
-
-
-class StoreGateway:
-    """Store calls from async code: run in a thread, failures counted and reflected in `up`."""
-
-    def __init__(self, store: Store, metrics: Metrics) -> None:
-        self.store = store
-        self.metrics = metrics
-        self.up = True
-        metrics.store_up.set(1)
-
-    async def call(self, op: str, fn: Callable[..., T], *args: object) -> T:
-        try:
-            result = await asyncio.to_thread(fn, *args)
-        except StoreUnavailable:
-            self.metrics.store_errors.labels(op).inc()
-            self._set_up(False)
-            raise
-        self._set_up(True)
-        return result
-
-    async def ping(self) -> bool:
-        up = await asyncio.to_thread(self.store.ping)
-        self._set_up(up)
-        return up
-
-    def _set_up(self, up: bool) -> None:
-        self.up = up
-        self.metrics.store_up.set(1 if up else 0)
 
 
 class Predictor:

@@ -13,9 +13,10 @@ from service.batcher import MicroBatcher
 from service.engine import Engine
 from service.events import EventLog
 from service.feedback import FeedbackService, RollingQuality
+from service.gateway import StoreGateway
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
-from service.predictor import PredictionRow, Predictor, StoreGateway
+from service.predictor import PredictionRow, Predictor
 from service.reference import (
     ReferenceData,
     load_reference_data,
@@ -63,7 +64,7 @@ class Runtime:
         quality = RollingQuality(model.task, settings.feedback.rolling_window)
         feedback = FeedbackService(store, metrics, quality)
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
-                 adapter.name, store.store.backend)
+                 settings.adapter.name, store.store.backend)
         return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
                    events)
 
@@ -80,10 +81,19 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     reference = load_reference_data(settings, model)
     guard = _collapse_guard(settings, model, reference)
     memory = _memory(settings, model, reference)  # seeded by the source model, before adaptation
-    adapter = build_adapter(
-        settings.adapter, model.module, model.task, num_classes=model.num_classes,
-        calibration=None if reference is None else reference.inputs,
-    )
+    try:
+        adapter = build_adapter(
+            settings.adapter, model.module, model.task, num_classes=model.num_classes,
+            calibration=None if reference is None else reference.inputs,
+        )
+    except ValueError as error:
+        if reference is None and "calibration" in str(error):
+            raise ValueError(
+                f"adapter {settings.adapter.method!r} needs in-distribution reference data: set "
+                "adapter.calibration_data to a safetensors file with an `inputs` tensor "
+                "(N, *input_shape)"
+            ) from error
+        raise
     return Engine(model, adapter, metrics, events, guard, memory)
 
 
@@ -96,7 +106,8 @@ def _memory(settings: Settings, model: LoadedModel, reference: ReferenceData | N
         raise ValueError("adanpc votes over classes; it serves classification models only")
     if reference is None:
         raise ValueError("adanpc seeds its memory with in-distribution data: set "
-                         "adapter.calibration_data to a safetensors file with inputs and labels")
+                         "adapter.calibration_data to a safetensors file with `inputs` (and "
+                         "`labels`, else the source model's predictions stand in)")
     features = source_features(model, reference)
     if features is None:
         raise ValueError("adanpc needs features: the model has no nn.Linear layer to read")

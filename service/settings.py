@@ -79,8 +79,9 @@ class StoreSettings(Section):
     record_ttl_s: PositiveFloat = Field(
         86_400.0, description="how long a prediction awaits its label"
     )
-    expired_grace_s: PositiveFloat = Field(
-        86_400.0, description="how long after expiry a late label is reported as expired"
+    expired_grace_s: float = Field(
+        86_400.0, ge=0.0,
+        description="how long after expiry a late label is reported as expired",
     )
     max_records: PositiveInt = Field(200_000, description="in-process store only")
 

@@ -97,6 +97,16 @@ class PredictionRecord:
         )
 
 
+class PartialJoin(StoreUnavailable):
+    """The store failed part-way through a batch of labels: `result` holds the ones joined before
+    it did (their effects must still be applied), `pending` the ids not attempted."""
+
+    def __init__(self, message: str, result: JoinResult, pending: list[str]) -> None:
+        super().__init__(message)
+        self.result = result
+        self.pending = pending
+
+
 @dataclass
 class JoinResult:
     """The outcome of joining a batch of labels: records joined now, and the ids that were not."""

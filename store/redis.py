@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from store.base import JoinResult, PredictionRecord, StoreUnavailable, memory_rows
+from store.base import JoinResult, PartialJoin, PredictionRecord, StoreUnavailable, memory_rows
 from store.keys import Keys
 
 # A pooled connection idle this long is PINGed before use, so a connection that a Redis restart
@@ -220,19 +220,32 @@ class RedisStore:
 
     def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
         result = JoinResult()
-        if not labels:
-            return result
         labelled_at = repr(time.time()).encode()
-        outcomes: list = []
         for start in range(0, len(labels), JOIN_CHUNK):
+            chunk = labels[start:start + JOIN_CHUNK]
             keys: list[str] = []
             args: list[bytes] = [labelled_at, str(self._grace_ms).encode()]
-            for prediction_id, label in labels[start:start + JOIN_CHUNK]:
+            for prediction_id, label in chunk:
                 keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
                 args.append(repr(float(label)).encode())
-            with self._unavailable("join labels"):
-                outcomes += self._join_labels_script(keys=keys, args=args)
-        for (prediction_id, _), outcome in zip(labels, outcomes, strict=True):
+            try:
+                with self._unavailable("join labels"):
+                    outcomes = self._join_labels_script(keys=keys, args=args)
+            except StoreUnavailable as error:
+                if start == 0:
+                    raise
+                # the chunks before this one are joined: their effects must not be lost
+                raise PartialJoin(
+                    f"{error} (after joining {start} of {len(labels)} labels; send the rest "
+                    "again, those joined come back as duplicate)",
+                    result, [i for i, _ in labels[start:]],
+                ) from error
+            self._collect(chunk, outcomes, result)
+        return result
+
+    @staticmethod
+    def _collect(chunk: Sequence[tuple[str, float]], outcomes: list, result: JoinResult) -> None:
+        for (prediction_id, _), outcome in zip(chunk, outcomes, strict=True):
             status = outcome[0]
             if status == b"joined":
                 flat = outcome[1]  # HGETALL: field, value, field, value...
@@ -244,7 +257,6 @@ class RedisStore:
                 result.expired.append(prediction_id)
             else:
                 result.unknown.append(prediction_id)
-        return result
 
     def save_adapter(self, blob: bytes) -> int:
         # INCR alone hands out a version no replica reuses; the writes that depend on it go in one

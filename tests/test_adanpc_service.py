@@ -39,7 +39,7 @@ def test_eata_with_adanpc_votes_grows_a_memory_that_survives_a_restart_and_reset
             return reloaded, state, reset.status_code, cleared, stored
 
     before, reply, after, rows, seed = asyncio.run(first_life())
-    assert after["adapter"]["name"] == "eata"
+    assert after["adapter"]["name"] == "eata+adanpc"
     assert before == {"adanpc": seed}
     added = after["memories"]["adanpc"] - seed
     assert 0 < added <= 64 and len(rows) == added

@@ -39,7 +39,7 @@ FEEDBACK_CASES = {
     "missing id": ({"labels": [{"label": 3}]}, 422, "Field required"),
     "one bad label among good": (
         {"labels": [{"id": "p0", "label": 1}, {"id": "p1", "label": 99}]}, 422,
-        "labels[1].label is 99.0",
+        "labels[1].label is 99;",
     ),
 }
 

@@ -21,13 +21,15 @@ router = APIRouter(tags=["feedback"])
     dependencies=[Depends(require_token)],
     responses={
         422: {"description": "a label that does not fit the task; nothing was applied"},
-        503: {"description": "the store is unreachable; nothing was applied, send again"},
+        503: {"description": "the store is unreachable: send the labels again; any joined before "
+                             "the failure (the message says how many) come back as duplicate"},
     },
 )
 async def feedback(
     body: FeedbackRequest, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> FeedbackResponse:
-    """Labels for earlier predictions, by id. Each id is joined at most once, ever."""
+    """Labels for earlier predictions, by id. A prediction is joined to at most one label; a new
+    prediction made under the same id starts afresh."""
     labels = [(item.id, item.label) for item in body.labels]
     try:
         check_labels(labels, runtime.model, runtime.settings.feedback.max_labels_per_request)

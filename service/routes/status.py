@@ -52,6 +52,7 @@ def adapter_state(runtime: Runtime) -> AdapterState:
     described = runtime.adapter.describe()
     common = {k: described.pop(k) for k in list(described) if k in AdapterState.model_fields}
     guard = runtime.engine.guard
+    common["name"] = runtime.settings.adapter.name  # e.g. eata+adanpc, not just eata
     return AdapterState(**common, details=described,
                         guard=None if guard is None else guard.describe())
 
