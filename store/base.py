@@ -14,7 +14,7 @@ predicting from in-process state, count the failure and report not-ready.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -173,6 +173,23 @@ class Store(Protocol):
 
     def clear_memory(self, name: str) -> None:
         """Drop every row of the named memory (an adapter reset, a drift action)."""
+        ...
+
+    def load_calibrator(self, name: str) -> bytes | None:
+        """The named calibrator's state as last written; None when there is none."""
+        ...
+
+    def update_calibrator(
+        self, name: str, update: Callable[[bytes | None], bytes | None]
+    ) -> bytes | None:
+        """Read-modify-write the named calibrator's state atomically: `update` gets the current
+        state and returns the new one (None leaves it unchanged), and is called again if another
+        writer changed the state meanwhile, so concurrent replicas lose no update. `update` must
+        therefore be free of side effects. Returns the state written."""
+        ...
+
+    def clear_calibrator(self, name: str) -> None:
+        """Drop the named calibrator's state (a drift action, or an operator's reset)."""
         ...
 
     def close(self) -> None:

@@ -60,3 +60,9 @@ class Keys:
         if not name:
             raise ValueError("a memory needs a name, such as 'adanpc'")
         return f"{self.prefix}memory:{name}"
+
+    def calibrator(self, name: str) -> str:
+        """The state of one named online conformal calibrator, shared by every replica."""
+        if not name:
+            raise ValueError("a calibrator needs a name, such as 'conformal'")
+        return f"{self.prefix}calibrator:{name}"

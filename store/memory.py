@@ -101,6 +101,7 @@ class MemoryStore:
         self._adapter_version = 0
         # name -> packed float32 rows, oldest first; every row of one memory has the same width
         self._memories: dict[str, deque[bytes]] = {}
+        self._calibrators: dict[str, bytes] = {}
         self._keys = Keys(namespace)
 
     def ping(self) -> bool:
@@ -213,8 +214,29 @@ class MemoryStore:
         with self._lock:
             self._memories.pop(name, None)
 
+    def load_calibrator(self, name: str) -> bytes | None:
+        self._keys.calibrator(name)
+        with self._lock:
+            return self._calibrators.get(name)
+
+    def update_calibrator(
+        self, name: str, update: Callable[[bytes | None], bytes | None]
+    ) -> bytes | None:
+        self._keys.calibrator(name)
+        with self._lock:  # one writer at a time: the update sees the state it replaces
+            state = update(self._calibrators.get(name))
+            if state is not None:
+                self._calibrators[name] = bytes(state)
+            return self._calibrators.get(name)
+
+    def clear_calibrator(self, name: str) -> None:
+        self._keys.calibrator(name)
+        with self._lock:
+            self._calibrators.pop(name, None)
+
     def close(self) -> None:
         with self._lock:
+            self._calibrators.clear()
             self._records.clear()
             self._markers.clear()
             self._adapters.clear()

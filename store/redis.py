@@ -10,14 +10,20 @@ in-process state and reports not-ready instead of failing requests.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import numpy as np
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import BusyLoadingError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import (
+    BusyLoadingError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    WatchError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -28,6 +34,9 @@ from store.keys import Keys
 # A pooled connection idle this long is PINGed before use, so a connection that a Redis restart
 # or a load balancer dropped is replaced instead of failing the next request.
 HEALTH_CHECK_INTERVAL_S = 30
+
+# an optimistic calibrator update retries this often when other replicas keep winning the race
+MAX_CALIBRATOR_RETRIES = 50
 
 # A script blocks the whole server while it runs: a large batch of labels is joined in chunks of
 # this many ids (each id is still joined atomically, and in order across chunks).
@@ -317,6 +326,42 @@ class RedisStore:
     def clear_memory(self, name: str) -> None:
         with self._unavailable("clear a memory"):
             self._redis.delete(self._keys.memory(name))
+
+    def load_calibrator(self, name: str) -> bytes | None:
+        with self._unavailable("load a calibrator"):
+            return self._redis.get(self._keys.calibrator(name))
+
+    def update_calibrator(
+        self, name: str, update: Callable[[bytes | None], bytes | None]
+    ) -> bytes | None:
+        # optimistic: WATCH the state, compute the new one here, write it in MULTI/EXEC; EXEC
+        # fails if another replica wrote first, and the update runs again on what it wrote
+        key = self._keys.calibrator(name)
+        with self._unavailable("update a calibrator"), self._redis.pipeline() as pipe:
+            for _ in range(MAX_CALIBRATOR_RETRIES):
+                try:
+                    pipe.watch(key)
+                    current = pipe.get(key)
+                    state = update(current)
+                    if state is None:
+                        pipe.unwatch()
+                        return current
+                    pipe.multi()
+                    pipe.set(key, bytes(state))
+                    pipe.execute()
+                    return bytes(state)
+                except WatchError:
+                    continue
+                finally:
+                    pipe.reset()
+        raise StoreUnavailable(
+            f"calibrator {name!r}: {MAX_CALIBRATOR_RETRIES} concurrent writers in a row won the "
+            "race; nothing was written"
+        )
+
+    def clear_calibrator(self, name: str) -> None:
+        with self._unavailable("clear a calibrator"):
+            self._redis.delete(self._keys.calibrator(name))
 
     def close(self) -> None:
         # the client owns its pool (from_url), so this disconnects every pooled connection

@@ -686,3 +686,38 @@ def test_redis_memory_operations_on_an_unreachable_server_raise_store_unavailabl
             assert "s3cret" not in str(raised.value)
     finally:
         store.close()
+
+
+# --- calibrator state: read-modify-write shared by replicas -------------------------------------
+
+
+def _add_one(state: bytes | None) -> bytes:
+    return str(int(state or b"0") + 1).encode()
+
+
+def test_a_calibrator_update_sees_the_state_it_replaces(store: Store) -> None:
+    assert store.load_calibrator("conformal") is None
+    assert store.update_calibrator("conformal", _add_one) == b"1"
+    assert store.update_calibrator("conformal", _add_one) == b"2"
+    assert store.update_calibrator("conformal", lambda state: None) == b"2"
+    assert store.load_calibrator("conformal") == b"2"
+    assert store.load_calibrator("other") is None
+    store.clear_calibrator("conformal")
+    assert store.load_calibrator("conformal") is None
+
+
+def test_concurrent_calibrator_updates_from_many_threads_lose_none(make_store) -> None:
+    namespace = f"test:{uuid.uuid4().hex}"
+    stores = [make_store(namespace=namespace) for _ in range(4)]  # four replicas on one state
+
+    def work(replica: Store) -> None:
+        for _ in range(50):
+            replica.update_calibrator("conformal", _add_one)
+
+    shared = stores if stores[0].backend == "redis" else [stores[0]] * 4
+    threads = [threading.Thread(target=work, args=(replica,)) for replica in shared for _ in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert shared[0].load_calibrator("conformal") == b"400"
