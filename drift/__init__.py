@@ -1,0 +1,42 @@
+"""Drift: River's detectors on label-free and labelled signals, and the policy that acts on alarms.
+
+`drift.detectors` wraps one `river.drift` detector on one named signal (`SignalDetector`, built by
+`build_detector` or `default_detector`), with a JSON state that survives a restart. `drift.policy`
+turns alarms into actions (a learning-rate boost that decays back, an adapter reset, a memory trim,
+a calibrator reset) with a cool-down and a confirmation rule, and says what it did as event dicts.
+Neither imports the service or the adapters: the engine feeds signals in and applies actions.
+"""
+
+from __future__ import annotations
+
+from drift.detectors import (
+    DEFAULT_DETECTORS,
+    DETECTORS,
+    SIGNALS,
+    Alarm,
+    SignalDetector,
+    StateMismatch,
+    build_detector,
+    confidence,
+    default_detector,
+    entropy,
+    feature_mean,
+)
+from drift.policy import ACTIONS, Action, DriftPolicy
+
+__all__ = [
+    "ACTIONS",
+    "DEFAULT_DETECTORS",
+    "DETECTORS",
+    "SIGNALS",
+    "Action",
+    "Alarm",
+    "DriftPolicy",
+    "SignalDetector",
+    "StateMismatch",
+    "build_detector",
+    "confidence",
+    "default_detector",
+    "entropy",
+    "feature_mean",
+]

@@ -1,0 +1,875 @@
+"""Drift detectors from `river.drift`, each watching one named signal, with a JSON state.
+
+A `SignalDetector` wraps one River detector (ADWIN, Page-Hinkley, KSWIN, or the binary DDM, EDDM,
+HDDM_A, HDDM_W) on one signal and turns River's protocol (``update(x)`` returns nothing; read
+``drift_detected`` afterwards) into ``update(values) -> Alarm | None`` over a batch of values.
+
+Signals, by name (`entropy`, `confidence` and `feature_mean` below compute them from outputs):
+
+* label-free: ``entropy`` (per-sample entropy of the predicted distribution, nats), ``confidence``
+  (per-sample max probability), ``feature_mean`` (per-sample mean of the features entering the last
+  layer);
+* labelled: ``error`` (0/1, one per joined label), ``residual`` (absolute, one per joined label).
+
+What a detector is fed. Each value is one River update, except where ``chunk`` > 1: then the
+detector sees the mean of each run of ``chunk`` consecutive values (a partial chunk waits in the
+state for the next batch), counted in values, not requests, so the summary does not change with how
+the micro-batcher cut the traffic. Only KSWIN is chunked by default (16): its two-sample KS test
+costs about 0.3 ms per update against about 1 µs for the others. Chunking a mean-shift signal
+costs delay (measured: ADWIN on ``feature_mean``, 78 samples fed per value, 264 in chunks of
+16), so the feature statistic is fed per sample too; a caller that has only one statistic per batch
+passes that, and then samples count batches.
+Non-finite values are skipped and counted; the binary detectors accept only 0 and 1.
+
+Scale. ADWIN's cut bound assumes values in [0, 1] and Page-Hinkley's ``delta`` and ``threshold``
+are in the signal's units, so a parameter set tuned on one model's entropy means nothing on
+another's. Continuous signals are therefore standardised: the first ``warmup`` (100) values
+estimate the signal's mean and standard deviation, and the detector then sees z-scores against
+them (estimates in alarms are reported back in signal units). The 0/1 error is fed as it is.
+Measured (ADWIN, delta 0.002, clock 1): median delay on the bench's confidence stream 145 samples
+raw, 46 standardised; entropy 70 and 48.
+
+State. ``state()`` is a JSON-safe dict (non-finite floats written as "inf", "-inf", "nan") with the
+detector's name, signal, parameters, counts, warm-up, the last alarm and the River detector's
+internals read attribute by attribute; ``load_state`` (or ``SignalDetector.from_state``) rebuilds
+the River object from its parameters and writes the internals back, and the restored detector
+raises exactly the alarms the original would have. No pickle anywhere: Page-Hinkley, KSWIN and the
+binary family are plain numbers, deques and `stats.Mean`/`Var` objects (KSWIN's random generator
+state is a list of ints; HDDM_W's exponentially weighted means, Rust objects, are rebuilt through
+their first update, which takes the value as it is). ADWIN's window lives in a Rust object
+(``river._river_rust.drift.AdaptiveWindowing``) whose only way in or out is ``__getstate__`` /
+``__setstate__`` on bincode bytes of a serde struct: not pickle, but river decodes them with
+``unwrap()``, so malformed bytes raise pyo3's PanicException (a BaseException, past any
+``except Exception``), and well-formed but inconsistent ones panic later, inside ``update``. The
+state therefore holds the window's decoded fields as JSON (each exponential bucket's totals and
+variances, the counters), ``load_state`` checks them (capacities, the width matching the buckets,
+finite numbers) before encoding the bytes river expects, and reads them back to confirm. The
+layout is river 0.26's; should a later river change it, ``state()`` keeps everything but the
+window (``"internals": null``, with the reason under ``internals_lost``) and the restored ADWIN
+starts a fresh window.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import river
+from river import drift, stats
+from river.drift import binary
+from river.drift.binary.hddm_w import SampleInfo
+
+STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str
+    labelled: bool
+    binary: bool
+    warmup: int
+    description: str
+
+
+SIGNALS: dict[str, Signal] = {
+    "entropy": Signal("entropy", False, False, 100,
+                      "per-sample entropy of the predicted distribution, in nats"),
+    "confidence": Signal("confidence", False, False, 100,
+                         "per-sample max probability of the predicted distribution"),
+    "feature_mean": Signal("feature_mean", False, False, 100,
+                           "per-sample mean of the features entering the last layer"),
+    "error": Signal("error", True, True, 0, "0/1 error of a labelled prediction"),
+    "residual": Signal("residual", True, False, 100,
+                       "absolute residual of a labelled prediction"),
+}
+
+
+@dataclass(frozen=True)
+class DetectorKind:
+    name: str
+    cls: type
+    binary: bool
+    min_chunk: int = 1
+
+
+DETECTORS: dict[str, DetectorKind] = {
+    "adwin": DetectorKind("adwin", drift.ADWIN, False),
+    "page_hinkley": DetectorKind("page_hinkley", drift.PageHinkley, False),
+    # a KS test per sample costs ~0.5 ms: KSWIN always sees chunk means
+    "kswin": DetectorKind("kswin", drift.KSWIN, False, min_chunk=16),
+    "ddm": DetectorKind("ddm", binary.DDM, True),
+    "eddm": DetectorKind("eddm", binary.EDDM, True),
+    "hddm_a": DetectorKind("hddm_a", binary.HDDMA, True),
+    "hddm_w": DetectorKind("hddm_w", binary.HDDMW, True),
+}
+
+class Default(NamedTuple):
+    detector: str
+    params: dict[str, Any]
+    chunk: int | None = None
+
+
+# Chosen from measured false alarms and delays, not from River's defaults, by
+#     python -m bench.drift_detectors          (river 0.26.1; 10 seeds; streams in that module)
+# the setting with the shortest median delay among those with <= 1 false alarm per 10,000
+# stationary samples (on long runs and in the first 5,000 samples after a start), no misses and a
+# median delay <= 250 samples on its signal's abrupt change. Measured, per signal:
+#   error         0.00 / 0.00 false alarms per 10k (p = 0.1 / 0.3), delay 110 on 0.1 -> 0.3
+#                 (HDDM_A 0.001: 0.02 / 0.14, 120; DDM: 2.4 per 10k after a start; EDDM: 20)
+#   entropy       0.00, delay 48 on a +0.7 sd shift (clock 1: the same delay, twice the cost)
+#   confidence    0.00, delay 46 on a -0.7 sd shift (raw values, not standardised: 145)
+#   residual      0.04, delay 72 on a +0.66 sd shift
+#   feature_mean  0.00, delay 78 on a +0.5 sd shift (in chunks of 16: 264)
+# Page-Hinkley, even on z-scores, reaches 1 false alarm per 10k at the delays where it beats
+# ADWIN (0.3/20: 1.1 to 1.3, delay 24 to 48); River's defaults give it 6.2 to 6.6.
+DEFAULT_DETECTORS: dict[str, Default] = {
+    "error": Default("adwin", {"delta": 0.002, "clock": 1}),
+    "entropy": Default("adwin", {"delta": 0.002, "clock": 8}),
+    "confidence": Default("adwin", {"delta": 0.002, "clock": 1}),
+    "residual": Default("adwin", {"delta": 0.002, "clock": 1}),
+    "feature_mean": Default("adwin", {"delta": 0.002, "clock": 1}),
+}
+
+
+class StateMismatch(ValueError):
+    """A saved state that does not belong to this detector, or does not hold together."""
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One drift alarm: which detector on which signal, where in its stream, and what it saw.
+
+    ``sample`` counts the values this detector has been given (1-based, the value that raised the
+    alarm); ``statistic`` is the detector's test statistic where it has one (ADWIN has none: it
+    tests every cut of its window), ``estimate`` its current estimate of the signal's level.
+    """
+
+    detector: str
+    signal: str
+    labelled: bool
+    sample: int
+    update: int
+    time: float
+    statistic: float | None
+    estimate: float | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def event(self) -> dict[str, Any]:
+        return {"time": self.time, "kind": "drift_alarm", "detector": self.detector,
+                "signal": self.signal, "labelled": self.labelled, "sample": self.sample,
+                "update": self.update, "statistic": self.statistic, "estimate": self.estimate,
+                "detail": dict(self.detail)}
+
+
+# ---- signals from model outputs ------------------------------------------------------------------
+
+def entropy(probabilities: np.ndarray) -> np.ndarray:
+    """Per-row entropy, in nats, of a (batch, classes) array of probabilities.
+
+    >>> entropy(np.array([[0.5, 0.5], [1.0, 0.0]])).round(4).tolist()
+    [0.6931, 0.0]
+    """
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * np.log(p), 0.0)
+    return 0.0 - terms.sum(axis=-1)  # 0.0 -, not unary minus: no -0.0 for a certain prediction
+
+
+def confidence(probabilities: np.ndarray) -> np.ndarray:
+    """Per-row max probability.
+
+    >>> confidence(np.array([[0.2, 0.8], [0.6, 0.4]])).tolist()
+    [0.8, 0.6]
+    """
+    return np.asarray(probabilities, dtype=np.float64).max(axis=-1)
+
+
+def feature_mean(features: np.ndarray) -> np.ndarray:
+    """Per-row mean of a (batch, features) array.
+
+    >>> feature_mean(np.array([[1.0, 3.0], [0.0, 0.0]])).tolist()
+    [2.0, 0.0]
+    """
+    features = np.asarray(features, dtype=np.float64)
+    return features.reshape(features.shape[0], -1).mean(axis=1)
+
+
+# ---- the detector --------------------------------------------------------------------------------
+
+class SignalDetector:
+    """One River drift detector on one named signal, fed batches of values.
+
+    Parameters
+    ----------
+    detector
+        A key of `DETECTORS`: adwin, page_hinkley, kswin, ddm, eddm, hddm_a, hddm_w.
+    signal
+        A key of `SIGNALS`: entropy, confidence, feature_mean, error, residual.
+    params
+        Constructor arguments of the River class (River's own defaults where left out; KSWIN's
+        ``seed`` defaults to 0 so a run replays).
+    chunk
+        Values per detector update (their mean); None: 1, or KSWIN's minimum of 16.
+    warmup
+        Updates used to estimate the signal's mean and standard deviation before the detector
+        sees anything; afterwards it is fed z-scores against that estimate, so one parameter set
+        suits any scale. 0 feeds the raw values (the 0/1 error signal). None: the signal's own.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> detector = SignalDetector("adwin", "error", {"delta": 0.002})
+    >>> rng = np.random.default_rng(0)
+    >>> detector.update((rng.random(2000) < 0.1).astype(float)) is None
+    True
+    >>> alarm = detector.update((rng.random(2000) < 0.5).astype(float))
+    >>> alarm.detector, alarm.signal, 2000 < alarm.sample < 2200
+    ('adwin', 'error', True)
+    >>> restored = SignalDetector.from_state(detector.state())
+    >>> restored.counts == detector.counts
+    True
+    """
+
+    def __init__(self, detector: str, signal: str, params: dict[str, Any] | None = None,
+                 chunk: int | None = None, warmup: int | None = None) -> None:
+        if detector not in DETECTORS:
+            raise ValueError(f"unknown drift detector {detector!r}: use one of {sorted(DETECTORS)}")
+        if signal not in SIGNALS:
+            raise ValueError(f"unknown drift signal {signal!r}: use one of {sorted(SIGNALS)}")
+        self.kind = DETECTORS[detector]
+        self.signal = SIGNALS[signal]
+        if self.kind.binary and not self.signal.binary:
+            raise ValueError(f"{detector} is a detector for 0/1 streams; signal {signal!r} is not "
+                             "one: use it on 'error', or pick adwin, page_hinkley or kswin")
+        self.params = _checked_params(self.kind, dict(params or {}))
+        if chunk is None:
+            chunk = self.kind.min_chunk
+        if chunk < self.kind.min_chunk or chunk < 1:
+            raise ValueError(f"{detector} needs chunk >= {self.kind.min_chunk}, got {chunk}")
+        self.chunk = int(chunk)
+        warmup = self.signal.warmup if warmup is None else int(warmup)
+        if warmup < 0 or (warmup and self.kind.binary):
+            raise ValueError(f"warmup {warmup}: >= 0, and 0 for {detector}, which needs 0/1 values")
+        if warmup == 1:
+            raise ValueError("warmup 1 cannot estimate a standard deviation: use 0 or >= 2")
+        self.warmup = warmup
+        self.samples = 0
+        self.updates = 0
+        self.alarms = 0
+        self.skipped = 0
+        self.last_alarm: Alarm | None = None
+        self._chunk_sum = 0.0
+        self._chunk_count = 0
+        # Welford's running mean and sum of squares over the warm-up, then the frozen centre/scale
+        self._warm_n, self._warm_mean, self._warm_m2 = 0, 0.0, 0.0
+        self.center, self.scale = (None, None) if warmup else (0.0, 1.0)
+        self._river = self.kind.cls(**self.params)
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"samples": self.samples, "updates": self.updates, "alarms": self.alarms,
+                "skipped": self.skipped}
+
+    @property
+    def labelled(self) -> bool:
+        return self.signal.labelled
+
+    @property
+    def warm(self) -> bool:
+        return self.scale is not None
+
+    def measure(self) -> dict[str, Any]:
+        """The detector's test statistic, and its estimate of the signal's level (signal units)."""
+        measured = _MEASURES[self.kind.name](self._river, self.params)
+        if measured.get("estimate") is not None and self.warm:
+            measured["estimate"] = measured["estimate"] * self.scale + self.center
+        return measured
+
+    def update(self, values: np.ndarray, now: float | None = None) -> Alarm | None:
+        """Feed a batch of values; the first alarm it raised, if any (all are counted)."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        finite = np.isfinite(values)
+        if not finite.all():
+            self.skipped += int((~finite).sum())
+            values = values[finite]
+        if self.kind.binary and values.size and not np.isin(values, (0.0, 1.0)).all():
+            raise ValueError(f"{self.kind.name} takes 0/1 errors; got values other than 0 and 1 "
+                             f"on signal {self.signal.name!r}")
+        detector = self._river
+        first: Alarm | None = None
+        for value in values.tolist():
+            self.samples += 1
+            if self.chunk > 1:
+                self._chunk_sum += value
+                self._chunk_count += 1
+                if self._chunk_count < self.chunk:
+                    continue
+                value = self._chunk_sum / self._chunk_count
+                self._chunk_sum, self._chunk_count = 0.0, 0
+            if self.scale is None:
+                self._warm_up(value)
+                continue
+            detector.update((value - self.center) / self.scale)
+            self.updates += 1
+            if detector.drift_detected:
+                self.alarms += 1
+                self.last_alarm = self._alarm(time.time() if now is None else now)
+                if first is None:
+                    first = self.last_alarm
+        return first
+
+    def _warm_up(self, value: float) -> None:
+        self._warm_n += 1
+        delta = value - self._warm_mean
+        self._warm_mean += delta / self._warm_n
+        self._warm_m2 += delta * (value - self._warm_mean)
+        if self._warm_n >= self.warmup:
+            deviation = math.sqrt(self._warm_m2 / (self._warm_n - 1))
+            # a signal constant through the warm-up (say confidence 1.0) keeps its own units
+            self.center, self.scale = self._warm_mean, deviation if deviation > 1e-12 else 1.0
+
+    def _alarm(self, now: float) -> Alarm:
+        measured = self.measure()
+        statistic = measured.pop("statistic", None)
+        estimate = measured.pop("estimate", None)
+        return Alarm(self.kind.name, self.signal.name, self.signal.labelled, self.samples,
+                     self.updates, now, statistic, estimate, measured)
+
+    def describe(self) -> dict[str, Any]:
+        return {"detector": self.kind.name, "signal": self.signal.name,
+                "labelled": self.signal.labelled, "params": dict(self.params),
+                "chunk": self.chunk, "warmup": self.warmup, "center": self.center,
+                "scale": self.scale, **self.counts, **self.measure(),
+                "last_alarm": None if self.last_alarm is None else self.last_alarm.event()}
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        return {"detector": self.kind.name, "signal": self.signal.name,
+                "params": _json_params(self.params), "chunk": self.chunk, "warmup": self.warmup}
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-safe dict from which `load_state` (or `from_state`) rebuilds this detector."""
+        internals, lost = _dump_internals(self.kind.name, self._river, self.params)
+        state: dict[str, Any] = {
+            "format": STATE_FORMAT, "river": river.__version__, **self._identity(),
+            "counts": self.counts,
+            "partial_chunk": {"sum": _num(self._chunk_sum), "count": self._chunk_count},
+            "standardize": {"n": self._warm_n, "mean": _num(self._warm_mean),
+                            "m2": _num(self._warm_m2), "center": _num(self.center),
+                            "scale": _num(self.scale)},
+            "last_alarm": None if self.last_alarm is None else _json_alarm(self.last_alarm),
+            "internals": internals,
+        }
+        if lost:
+            state["internals_lost"] = lost
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> SignalDetector:
+        try:
+            params = {k: _unnum(v) if v in ("inf", "-inf", "nan") else v
+                      for k, v in state["params"].items()}
+            detector = cls(state["detector"], state["signal"], params, state["chunk"],
+                           state["warmup"])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise StateMismatch(f"not a drift detector state: {error!r}") from error
+        detector.load_state(state)
+        return detector
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by `state()`; StateMismatch if it is another detector's."""
+        try:
+            if state.get("format") != STATE_FORMAT:
+                raise StateMismatch(f"drift detector state format {state.get('format')!r}; this "
+                                    f"version reads format {STATE_FORMAT}")
+            mine = self._identity()
+            theirs = {key: state[key] for key in mine}
+            if mine != theirs:
+                raise StateMismatch(
+                    f"the saved state is for {theirs}, this detector is {mine}: build it with "
+                    "SignalDetector.from_state, or discard the state")
+            fresh = self.kind.cls(**self.params)
+            if state["internals"] is not None:
+                _load_internals(self.kind.name, fresh, self.params, state["internals"])
+            counts = {key: _count(state["counts"][key])
+                      for key in ("samples", "updates", "alarms", "skipped")}
+            partial = state["partial_chunk"]
+            chunk_sum, chunk_count = _finite(partial["sum"]), _count(partial["count"])
+            if chunk_count >= self.chunk:
+                raise StateMismatch(f"a partial chunk of {chunk_count} values, chunk is "
+                                    f"{self.chunk}")
+            warm = state["standardize"]
+            warm_n = _count(warm["n"])
+            warm_mean, warm_m2 = _finite(warm["mean"]), _finite(warm["m2"])
+            center, scale = _unnum(warm["center"]), _unnum(warm["scale"])
+            if (center is None) != (scale is None) or (scale is not None and not scale > 0):
+                raise StateMismatch("a standardisation with a centre but no positive scale")
+            if scale is None and warm_n >= self.warmup:
+                raise StateMismatch("a finished warm-up without a scale")
+            last_alarm = None if state["last_alarm"] is None else _alarm_from(state["last_alarm"])
+        except StateMismatch:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
+            raise StateMismatch(f"drift detector state does not hold together: {error!r}") \
+                from error
+        self._river = fresh
+        self.samples, self.updates = counts["samples"], counts["updates"]
+        self.alarms, self.skipped = counts["alarms"], counts["skipped"]
+        self._chunk_sum, self._chunk_count = chunk_sum, chunk_count
+        self._warm_n, self._warm_mean, self._warm_m2 = warm_n, warm_mean, warm_m2
+        self.center, self.scale = center, scale
+        self.last_alarm = last_alarm
+
+
+def build_detector(name: str, signal: str, chunk: int | None = None, warmup: int | None = None,
+                   **params: Any) -> SignalDetector:
+    """A detector by name on a signal, with River constructor arguments as keywords.
+
+    >>> build_detector("page_hinkley", "entropy", threshold=20.0).params["threshold"]
+    20.0
+    """
+    return SignalDetector(name, signal, params, chunk, warmup)
+
+
+def default_detector(signal: str) -> SignalDetector:
+    """The measured default for a signal (`DEFAULT_DETECTORS`).
+
+    >>> default_detector("error").name
+    'adwin'
+    """
+    if signal not in DEFAULT_DETECTORS:
+        raise ValueError(f"unknown drift signal {signal!r}: use one of {sorted(DEFAULT_DETECTORS)}")
+    default = DEFAULT_DETECTORS[signal]
+    return SignalDetector(default.detector, signal, dict(default.params), default.chunk)
+
+
+def _checked_params(kind: DetectorKind, params: dict[str, Any]) -> dict[str, Any]:
+    accepted = set(inspect.signature(kind.cls).parameters) - {"window"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise ValueError(f"{kind.name} has no parameter {sorted(unknown)}: it takes "
+                         f"{sorted(accepted)}")
+    if kind.name == "kswin":
+        params.setdefault("seed", 0)
+    for key, value in params.items():
+        if not isinstance(value, bool | int | float | str | None):
+            raise ValueError(f"{kind.name} parameter {key}={value!r}: numbers, strings, booleans")
+    return params
+
+
+def _json_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {key: _num(value) if isinstance(value, float) else value
+            for key, value in sorted(params.items())}
+
+
+def _json_alarm(alarm: Alarm) -> dict[str, Any]:
+    event = alarm.event()
+    for key in ("statistic", "estimate", "time"):
+        event[key] = _num(event[key])
+    event["detail"] = {key: _num(value) if isinstance(value, float) else value
+                       for key, value in event["detail"].items()}
+    return event
+
+
+def _alarm_from(event: dict[str, Any]) -> Alarm:
+    detail = {k: _unnum(v) if v in ("inf", "-inf", "nan") else v
+              for k, v in event["detail"].items()}
+    return Alarm(event["detector"], event["signal"], bool(event["labelled"]),
+                 _count(event["sample"]), _count(event["update"]), _unnum(event["time"]),
+                 _unnum(event["statistic"]), _unnum(event["estimate"]), detail)
+
+
+# ---- numbers in JSON -----------------------------------------------------------------------------
+
+def _num(value: float | None) -> float | str | None:
+    if value is None:
+        return None
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _unnum(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value not in ("inf", "-inf", "nan"):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _finite(value: Any) -> float:
+    number = _unnum(value)
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a count, got {value!r}")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+# ---- River internals, detector by detector -------------------------------------------------------
+# Each dump reads River 0.26's attributes; each load writes them into a freshly built detector.
+
+def _dump_mean(mean: stats.Mean) -> dict[str, Any]:
+    return {"n": _num(mean.n), "mean": _num(mean._mean)}
+
+
+def _load_mean(saved: dict[str, Any]) -> stats.Mean:
+    mean = stats.Mean()
+    mean.n, mean._mean = _finite(saved["n"]), _finite(saved["mean"])
+    if mean.n < 0:
+        raise ValueError("a negative count in a mean")
+    return mean
+
+
+def _dump_var(var: stats.Var) -> dict[str, Any]:
+    return {"mean": _dump_mean(var.mean), "S": _num(var._S)}
+
+
+def _load_var(saved: dict[str, Any], ddof: int) -> stats.Var:
+    var = stats.Var(ddof=ddof)
+    var.mean, var._S = _load_mean(saved["mean"]), _finite(saved["S"])
+    return var
+
+
+def _flags(detector: Any) -> dict[str, bool]:
+    flags = {"drift": detector._drift_detected}
+    if hasattr(detector, "_warning_detected"):
+        flags["warning"] = detector._warning_detected
+    return flags
+
+
+def _load_flags(detector: Any, saved: dict[str, Any]) -> None:
+    detector._drift_detected = _flag(saved["drift"])
+    if hasattr(detector, "_warning_detected"):
+        detector._warning_detected = _flag(saved["warning"])
+
+
+def _dump_page_hinkley(detector: drift.PageHinkley, params: dict) -> dict[str, Any]:
+    return {**_flags(detector), "x_mean": _dump_mean(detector._x_mean),
+            "sum_increase": _num(detector._sum_increase),
+            "sum_decrease": _num(detector._sum_decrease),
+            "min_increase": _num(detector._min_increase),
+            "max_decrease": _num(detector._max_decrease)}
+
+
+def _load_page_hinkley(detector: drift.PageHinkley, params: dict, saved: dict) -> None:
+    detector._x_mean = _load_mean(saved["x_mean"])
+    detector._sum_increase = _finite(saved["sum_increase"])
+    detector._sum_decrease = _finite(saved["sum_decrease"])
+    detector._min_increase = _unnum(saved["min_increase"])  # inf until the first update
+    detector._max_decrease = _finite(saved["max_decrease"])
+    _load_flags(detector, saved)
+
+
+def _dump_kswin(detector: drift.KSWIN, params: dict) -> dict[str, Any]:
+    version, internal, gauss = detector._rng.getstate()
+    return {**_flags(detector), "window": [_num(v) for v in detector.window],
+            "n": detector.n, "p_value": _num(detector.p_value),
+            "rng": {"version": version, "internal": list(internal), "gauss": _num(gauss)}}
+
+
+def _load_kswin(detector: drift.KSWIN, params: dict, saved: dict) -> None:
+    window = [_finite(v) for v in saved["window"]]
+    if len(window) > detector.window_size:
+        raise ValueError(f"a window of {len(window)} values, window_size is "
+                         f"{detector.window_size}")
+    detector.window = deque(window, maxlen=detector.window_size)
+    detector.n = _count(saved["n"])
+    detector.p_value = _finite(saved["p_value"])
+    rng = saved["rng"]
+    internal = rng["internal"]
+    if not (isinstance(internal, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                               for i in internal)):
+        raise TypeError("the KSWIN generator state is a list of ints")
+    generator = random.Random()
+    generator.setstate((rng["version"], tuple(internal), _unnum(rng["gauss"])))
+    detector._rng = generator
+    _load_flags(detector, saved)
+
+
+def _dump_ddm(detector: binary.DDM, params: dict) -> dict[str, Any]:
+    return {**_flags(detector), "p": _dump_mean(detector._p), "p_min": _num(detector._p_min),
+            "s_min": _num(detector._s_min), "ps_min": _num(detector._ps_min)}
+
+
+def _load_ddm(detector: binary.DDM, params: dict, saved: dict) -> None:
+    detector._p = _load_mean(saved["p"])
+    detector._p_min = None if saved["p_min"] is None else _finite(saved["p_min"])
+    detector._s_min = None if saved["s_min"] is None else _finite(saved["s_min"])
+    detector._ps_min = _unnum(saved["ps_min"])  # inf until warm
+    _load_flags(detector, saved)
+
+
+def _dump_eddm(detector: binary.EDDM, params: dict) -> dict[str, Any]:
+    return {**_flags(detector), "distances": _dump_var(detector._error_distances),
+            "n": detector._n, "last_error": detector._last_error,
+            "n_errors": detector._n_errors, "p2s_prime_max": _num(detector._p2s_prime_max)}
+
+
+def _load_eddm(detector: binary.EDDM, params: dict, saved: dict) -> None:
+    detector._error_distances = _load_var(saved["distances"], detector._error_distances.ddof)
+    detector._n = _count(saved["n"])
+    detector._last_error = _count(saved["last_error"])
+    detector._n_errors = _count(saved["n_errors"])
+    detector._p2s_prime_max = _finite(saved["p2s_prime_max"])
+    _load_flags(detector, saved)
+
+
+def _dump_hddm_a(detector: binary.HDDMA, params: dict) -> dict[str, Any]:
+    return {**_flags(detector), "z": _dump_mean(detector._z),
+            "x_min": _dump_mean(detector._x_min), "x_max": _dump_mean(detector._x_max)}
+
+
+def _load_hddm_a(detector: binary.HDDMA, params: dict, saved: dict) -> None:
+    detector._z = _load_mean(saved["z"])
+    detector._x_min = _load_mean(saved["x_min"])
+    detector._x_max = _load_mean(saved["x_max"])
+    _load_flags(detector, saved)
+
+
+_HDDM_W_SAMPLES = ("_total", "_s1_decr", "_s1_incr", "_s2_decr", "_s2_incr")
+
+
+def _dump_sample_info(info: SampleInfo) -> dict[str, Any]:
+    return {"ewma": _num(info.ewma), "init": info.is_init, "ibc": _num(info.ibc)}
+
+
+def _load_sample_info(saved: dict[str, Any], lambda_val: float) -> SampleInfo:
+    info = SampleInfo(lambda_val)
+    if _flag(saved["init"]):
+        # the exponentially weighted mean (a Rust object) takes its first value as it is
+        info._ewma.update(_finite(saved["ewma"]))
+        info._is_init = True
+    info._ibc = _finite(saved["ibc"])
+    return info
+
+
+def _dump_hddm_w(detector: binary.HDDMW, params: dict) -> dict[str, Any]:
+    return {**_flags(detector),
+            **{name[1:]: _dump_sample_info(getattr(detector, name)) for name in _HDDM_W_SAMPLES},
+            "incr_cutpoint": _num(detector._incr_cutpoint),
+            "decr_cutpoint": _num(detector._decr_cutpoint)}
+
+
+def _load_hddm_w(detector: binary.HDDMW, params: dict, saved: dict) -> None:
+    for name in _HDDM_W_SAMPLES:
+        setattr(detector, name, _load_sample_info(saved[name[1:]], detector.lambda_val))
+    detector._incr_cutpoint = _unnum(saved["incr_cutpoint"])
+    detector._decr_cutpoint = _unnum(saved["decr_cutpoint"])
+    _load_flags(detector, saved)
+
+
+# ADWIN's window: the bincode (v1: little-endian, fixed-width ints, u64 lengths) encoding of
+# river 0.26's RsAdaptiveWindowing = {inner: AdaptiveWindowing, delta, clock, max_buckets,
+# min_window_length, grace_period}; see river's rust_src/adwin.rs and pyo3_bindings.rs.
+_ADWIN_INNER = struct.Struct("<diQddddddiiii")
+_ADWIN_OUTER = struct.Struct("<diQii")
+_U64 = struct.Struct("<Q")
+_I32_MAX = 2**31 - 1
+
+
+def _adwin_decode(blob: bytes, params: dict) -> dict[str, Any]:
+    (delta, clock, max_buckets, min_window, grace, total, variance, width, total_width,
+     n_buckets, max_n_buckets, tick, n_detections) = _ADWIN_INNER.unpack_from(blob, 0)
+    offset = _ADWIN_INNER.size
+    (count,), offset = _U64.unpack_from(blob, offset), offset + 8
+    buckets = []
+    for _ in range(count):
+        (max_size,), (current,) = _U64.unpack_from(blob, offset), _U64.unpack_from(blob, offset + 8)
+        offset += 16
+        columns = []
+        for _column in range(2):
+            (length,), offset = _U64.unpack_from(blob, offset), offset + 8
+            values = struct.unpack_from(f"<{length}d", blob, offset)
+            offset += 8 * length
+            if length != max_buckets + 1 or any(values[current:]):
+                raise ValueError("an ADWIN bucket laid out unlike river 0.26's")
+            columns.append([_num(v) for v in values[:current]])
+        if max_size != max_buckets:
+            raise ValueError("an ADWIN bucket laid out unlike river 0.26's")
+        buckets.append({"count": current, "totals": columns[0], "variances": columns[1]})
+    outer = _ADWIN_OUTER.unpack_from(blob, offset)
+    if offset + _ADWIN_OUTER.size != len(blob):
+        raise ValueError("ADWIN's window bytes are longer than river 0.26's layout")
+    expected = (params["delta"], params["clock"], params["max_buckets"],
+                params["min_window_length"], params["grace_period"])
+    if outer != expected or (delta, clock, max_buckets, min_window, grace) != expected:
+        raise ValueError("ADWIN's window bytes do not carry its parameters where river 0.26 does")
+    return {"total": _num(total), "variance": _num(variance), "width": _num(width),
+            "total_width": _num(total_width), "n_buckets": n_buckets,
+            "max_n_buckets": max_n_buckets, "tick": tick, "n_detections": n_detections,
+            "buckets": buckets}
+
+
+def _adwin_encode(saved: dict[str, Any], params: dict) -> bytes:
+    max_buckets = params["max_buckets"]
+    buckets = saved["buckets"]
+    if not isinstance(buckets, list) or not 1 <= len(buckets) <= 60:
+        raise ValueError("ADWIN's window needs 1 to 60 buckets")
+    parts, width = [], 0
+    for index, bucket in enumerate(buckets):
+        count = _count(bucket["count"])
+        totals = [_finite(v) for v in bucket["totals"]]
+        variances = [_finite(v) for v in bucket["variances"]]
+        if count > max_buckets + 1 or len(totals) != count or len(variances) != count:
+            raise ValueError(f"ADWIN bucket {index} holds {count} entries, at most "
+                             f"{max_buckets + 1}, with as many totals and variances")
+        if count == 0 and index == len(buckets) - 1 and index > 0:
+            raise ValueError("ADWIN's oldest bucket is empty")
+        width += count << index
+        padding = [0.0] * (max_buckets + 1 - count)
+        parts.append(_U64.pack(max_buckets) + _U64.pack(count))
+        for column in (totals, variances):
+            parts.append(_U64.pack(max_buckets + 1) + struct.pack(f"<{max_buckets + 1}d",
+                                                                  *column, *padding))
+    if _finite(saved["width"]) != width:
+        raise ValueError(f"ADWIN's width {saved['width']} is not its buckets' {width}")
+    counters = [saved[key] for key in ("n_buckets", "max_n_buckets", "tick", "n_detections")]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and abs(c) <= _I32_MAX
+               for c in counters):
+        raise ValueError("ADWIN's counters are 32-bit integers")
+    head = _ADWIN_INNER.pack(
+        params["delta"], params["clock"], max_buckets, float(params["min_window_length"]),
+        float(params["grace_period"]), _finite(saved["total"]), _finite(saved["variance"]),
+        float(width), _finite(saved["total_width"]), *counters)
+    tail = _ADWIN_OUTER.pack(params["delta"], params["clock"], max_buckets,
+                             params["min_window_length"], params["grace_period"])
+    return head + _U64.pack(len(buckets)) + b"".join(parts) + tail
+
+
+def _adwin_params(detector: drift.ADWIN) -> dict[str, Any]:
+    return {"delta": float(detector.delta), "clock": int(detector.clock),
+            "max_buckets": int(detector.max_buckets),
+            "min_window_length": int(detector.min_window_length),
+            "grace_period": int(detector.grace_period)}
+
+
+def _dump_adwin(detector: drift.ADWIN, params: dict) -> dict[str, Any]:
+    blob = detector._helper.__getstate__()
+    layout = _adwin_params(detector)
+    saved = _adwin_decode(blob, layout)
+    if _adwin_encode(saved, layout) != blob:
+        raise ValueError("ADWIN's window does not survive a decode and encode")
+    return {**_flags(detector), "window": saved}
+
+
+def _load_adwin(detector: drift.ADWIN, params: dict, saved: dict) -> None:
+    blob = _adwin_encode(saved["window"], _adwin_params(detector))
+    detector._helper.__setstate__(blob)
+    if detector._helper.__getstate__() != blob:
+        raise ValueError("river did not take ADWIN's window as given")
+    _load_flags(detector, saved)
+
+
+_CODECS: dict[str, tuple[Callable, Callable]] = {
+    "adwin": (_dump_adwin, _load_adwin),
+    "page_hinkley": (_dump_page_hinkley, _load_page_hinkley),
+    "kswin": (_dump_kswin, _load_kswin),
+    "ddm": (_dump_ddm, _load_ddm),
+    "eddm": (_dump_eddm, _load_eddm),
+    "hddm_a": (_dump_hddm_a, _load_hddm_a),
+    "hddm_w": (_dump_hddm_w, _load_hddm_w),
+}
+
+
+def _dump_internals(name: str, detector: Any, params: dict) -> tuple[dict | None, str | None]:
+    try:
+        return _CODECS[name][0](detector, params), None
+    except (AttributeError, ValueError, struct.error) as error:
+        # a river whose internals moved: keep the rest of the state, restart the window
+        return None, f"river {river.__version__}: {error}"
+
+
+def _load_internals(name: str, detector: Any, params: dict, saved: dict) -> None:
+    if not isinstance(saved, dict):
+        raise TypeError("a detector's internals are an object")
+    _CODECS[name][1](detector, params, saved)
+
+
+# ---- statistics at an alarm ---------------------------------------------------------------------
+
+def _measure_adwin(detector: drift.ADWIN, params: dict) -> dict[str, Any]:
+    return {"statistic": None, "estimate": detector.estimation, "width": int(detector.width)}
+
+
+def _measure_page_hinkley(detector: drift.PageHinkley, params: dict) -> dict[str, Any]:
+    increase = detector._sum_increase - detector._min_increase
+    decrease = detector._max_decrease - detector._sum_decrease
+    statistic = {"up": increase, "down": decrease}.get(detector.mode, max(increase, decrease))
+    return {"statistic": statistic if math.isfinite(statistic) else None,
+            "estimate": detector._x_mean.get(), "threshold": detector.threshold}
+
+
+def _measure_kswin(detector: drift.KSWIN, params: dict) -> dict[str, Any]:
+    window = list(detector.window)
+    return {"statistic": float(detector.p_value),
+            "estimate": float(np.mean(window)) if window else None, "alpha": detector.alpha}
+
+
+def _measure_ddm(detector: binary.DDM, params: dict) -> dict[str, Any]:
+    p, n = detector._p.get(), detector._p.n
+    s = math.sqrt(p * (1 - p) / n) if n else 0.0
+    statistic = None
+    if detector._s_min:
+        # (p + s - p_min) / s_min: DDM alarms above drift_threshold
+        statistic = (p + s - detector._p_min) / detector._s_min
+    return {"statistic": statistic, "estimate": p, "threshold": detector.drift_threshold}
+
+
+def _measure_eddm(detector: binary.EDDM, params: dict) -> dict[str, Any]:
+    distances = detector._error_distances
+    mean = distances.mean.get() if distances.mean.n else None
+    statistic = None
+    if mean is not None and detector._p2s_prime_max > 0:
+        # (mean + 2 sd) of the distance between errors over its maximum: EDDM alarms below beta
+        statistic = (mean + 2 * distances.get() ** 0.5) / detector._p2s_prime_max
+    return {"statistic": statistic, "estimate": mean, "threshold": detector.beta}
+
+
+def _measure_hddm_a(detector: binary.HDDMA, params: dict) -> dict[str, Any]:
+    return {"statistic": detector._z.get() - detector._x_min.get(),
+            "estimate": detector._z.get()}
+
+
+def _measure_hddm_w(detector: binary.HDDMW, params: dict) -> dict[str, Any]:
+    rise = None
+    if detector._s1_incr.is_init and detector._s2_incr.is_init:
+        rise = detector._s2_incr.ewma - detector._s1_incr.ewma
+    return {"statistic": rise, "estimate": detector._total.ewma}
+
+
+_MEASURES: dict[str, Callable[[Any, dict], dict[str, Any]]] = {
+    "adwin": _measure_adwin,
+    "page_hinkley": _measure_page_hinkley,
+    "kswin": _measure_kswin,
+    "ddm": _measure_ddm,
+    "eddm": _measure_eddm,
+    "hddm_a": _measure_hddm_a,
+    "hddm_w": _measure_hddm_w,
+}
