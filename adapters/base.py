@@ -32,6 +32,26 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state (Adam's moments, its step) as flat named tensors,
+    `optim.<index>.<field>`, so a checkpoint is plain safetensors."""
+    return {f"optim.{index}.{key}": torch.as_tensor(value).clone()
+            for index, param_state in optimizer.state_dict()["state"].items()
+            for key, value in param_state.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer,
+                           state: dict[str, torch.Tensor]) -> None:
+    """The inverse of `optimizer_tensors`; keys not starting with `optim.` are ignored."""
+    optimizer_state = optimizer.state_dict()
+    optimizer_state["state"] = {}
+    for key, value in state.items():
+        if key.startswith("optim."):
+            _, index, field = key.split(".", 2)
+            optimizer_state["state"].setdefault(int(index), {})[field] = value.clone()
+    optimizer.load_state_dict(optimizer_state)
+
+
 @dataclass
 class AdaptOutput:
     """One batch through an adapter: the outputs it returned and what the step did."""
@@ -232,9 +252,7 @@ class GradientAdapter(Adapter):
         state.update({f"buffer.{name}": b.detach().clone()
                       for name, b in self.model.named_buffers()
                       if name.endswith((".mean", ".square"))})
-        for index, param_state in self.optimizer.state_dict()["state"].items():
-            for key, value in param_state.items():
-                state[f"optim.{index}.{key}"] = torch.as_tensor(value).clone()
+        state.update(optimizer_tensors(self.optimizer))
         state["steps"] = torch.tensor(self.steps)
         return state
 
@@ -251,13 +269,7 @@ class GradientAdapter(Adapter):
             for key in expected:
                 kind, name = key.split(".", 1)
                 (params if kind == "param" else buffers)[name].copy_(state[key])
-        optimizer_state = self.optimizer.state_dict()
-        optimizer_state["state"] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, index, field = key.split(".", 2)
-                optimizer_state["state"].setdefault(int(index), {})[field] = value.clone()
-        self.optimizer.load_state_dict(optimizer_state)
+        load_optimizer_tensors(self.optimizer, state)
         self.steps = int(state.get("steps", torch.tensor(0)))
         self.buffer, self.buffered = [], 0
         self.version += 1

@@ -1,0 +1,299 @@
+"""Low-rank adapters beside a model's last linear layers, trained on labels (LoRA-style).
+
+LoRA (Hu et al., ICLR 2022) adds a trainable low-rank update beside a frozen weight:
+
+    h = W x + b + (alpha / r) B A x,     A (r, in) random (kaiming), B (out, r) zero
+
+so the model is unchanged until B moves, and only A and B (r (in + out) numbers per layer) train.
+Test-time methods adapt through such adapters too: ViDA (Liu et al., ICLR 2024) pairs low- and
+high-rank adapters, PETSA (Medeiros et al., 2025) adapts forecasters through low-rank adapters.
+Here they serve the label-driven loop: when true labels come back, `SupervisedStep` takes an Adam
+step on the supervised loss over the adapter parameters alone, and `reset` zeroes B, which
+restores the source function exactly.
+
+Choices:
+
+* The adapters go beside the LAST ``layers`` plain `nn.Linear` modules in registration order
+  (`model.named_modules()`), which for `nn.Sequential` and most hand-written models is the order
+  of the forward pass. Subclasses of `nn.Linear` are left alone (`MultiheadAttention`'s
+  ``out_proj`` is one, and attention reads its weight directly instead of calling it).
+* `LowRankLinear` subclasses `nn.Linear` and keeps the wrapped layer's own `weight` and `bias`
+  parameters, so the model's state-dict keys for them do not change (a source checkpoint still
+  loads with ``strict=False``) and code that looks for the last `nn.Linear` still finds it. Hooks
+  registered on the replaced module do not carry over: inject before attaching feature taps.
+* `alpha` defaults to the rank (scale 1), LoRA's advice to set alpha once and leave it.
+* `SupervisedStep` trains what `supervised_parameters` picks: the low-rank factors, or the
+  normalisation affines (the parameters Tent adapts) when asked to prefer them and the model has
+  some; either way the rest of the model stays frozen. It works on inputs (it runs the model),
+  takes cross-entropy on logits for classification and MSE or Huber for regression, and never
+  steps faster than `max_learning_rate`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapters.base import load_optimizer_tensors, optimizer_tensors
+from adapters.norm import normalisation_affines
+
+PREFERENCES = ("lowrank", "norm")
+LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}
+
+
+class LowRankLinear(nn.Linear):
+    """A frozen linear layer plus a trainable low-rank update: W x + b + (alpha / r) B A x.
+
+    >>> layer = LowRankLinear(nn.Linear(4, 3), rank=2)
+    >>> x = torch.randn(5, 4)
+    >>> torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # B = 0 at injection
+    True
+    >>> [name for name, p in layer.named_parameters() if p.requires_grad]
+    ['lora_A', 'lora_B']
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float | None = None) -> None:
+        nn.Module.__init__(self)
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        # the wrapped layer's own parameters: its state-dict keys stay the same
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scaling = self.alpha / rank
+        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA and nn.Linear do
+        self._initial_A = self.lora_A.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + self.scaling * update
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """B = 0 (the source function exactly) and A back to its initial draw."""
+        self.lora_B.zero_()
+        self.lora_A.copy_(self._initial_A)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
+
+
+def inject_lowrank(model: nn.Module, rank: int = 4, alpha: float | None = None,
+                   layers: int = 1, seed: int | None = 0) -> list[LowRankLinear]:
+    """Replace the last `layers` plain `nn.Linear` modules by `LowRankLinear`, in place.
+
+    The original weights are frozen and the outputs are unchanged (B = 0). `seed` fixes the draw
+    of A (the global generator is left as it was); None draws from the global generator.
+    Returns the new layers, last one last.
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> x = torch.randn(3, 4); before = model(x)
+    >>> [type(m).__name__ for m in inject_lowrank(model, rank=2)]
+    ['LowRankLinear']
+    >>> torch.equal(model(x), before), list(model.state_dict())[-2:]
+    (True, ['2.lora_A', '2.lora_B'])
+    """
+    if layers < 1:
+        raise ValueError(f"layers must be at least 1, got {layers}")
+    if lowrank_layers(model):
+        raise ValueError("the model already has low-rank adapters; use lowrank_layers(model) "
+                         "to reach them, or inject into a fresh copy")
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if type(module) is nn.Linear and name]
+    if len(candidates) < layers:
+        raise ValueError(f"asked for adapters on the last {layers} nn.Linear layers, but the "
+                         f"model has {len(candidates)} (as child modules)")
+    injected = []
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name, module in candidates[-layers:]:
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            adapter = LowRankLinear(module, rank=rank, alpha=alpha)
+            setattr(parent, attribute, adapter)
+            injected.append(adapter)
+    return injected
+
+
+def lowrank_layers(model: nn.Module) -> list[LowRankLinear]:
+    """The model's `LowRankLinear` layers in registration order."""
+    return [m for m in model.modules() if isinstance(m, LowRankLinear)]
+
+
+def supervised_parameters(model: nn.Module,
+                          prefer: str = "lowrank") -> tuple[list[nn.Parameter], list[str]]:
+    """The parameters a supervised step trains, with their names.
+
+    ``prefer="lowrank"``: the low-rank factors when the model has adapters, else the
+    normalisation affines; ``prefer="norm"``: the affines when it has normalisation layers, else
+    the low-rank factors. Raises when the model has neither.
+    """
+    if prefer not in PREFERENCES:
+        raise ValueError(f"unknown preference {prefer!r}; choose one of: {', '.join(PREFERENCES)}")
+    lowrank = [(f"{name}.{p}", getattr(m, p)) for name, m in model.named_modules()
+               if isinstance(m, LowRankLinear) for p in ("lora_A", "lora_B")]
+    norm_params, norm_names = normalisation_affines(model)
+    norm = list(zip(norm_names, norm_params, strict=True))
+    chosen = (lowrank or norm) if prefer == "lowrank" else (norm or lowrank)
+    if not chosen:
+        raise ValueError("the model has neither low-rank adapters nor normalisation affines to "
+                         "train: call inject_lowrank(model) first")
+    return [p for _, p in chosen], [name for name, _ in chosen]
+
+
+class SupervisedStep:
+    """Adam on the supervised loss of labelled inputs, over the adapter parameters only.
+
+    Parameters
+    ----------
+    model
+        The model, with adapters injected (or normalisation layers, with ``prefer="norm"``).
+    task
+        ``"classification"`` (the model returns logits, labels are class indices) or
+        ``"regression"``.
+    learning_rate
+        Adam's step size.
+    prefer
+        Which parameters train: see `supervised_parameters`.
+    loss
+        ``"cross_entropy"`` for classification; ``"mse"`` (default) or ``"huber"`` for regression.
+    huber_delta
+        The Huber loss's threshold.
+    max_learning_rate
+        The cap on the learning rate, at construction and in `set_learning_rate`.
+
+    Examples
+    --------
+    >>> _ = torch.manual_seed(0)
+    >>> model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> _ = inject_lowrank(model, rank=2)
+    >>> step = SupervisedStep(model, task="regression", learning_rate=1e-2)
+    >>> x = torch.randn(64, 3); source = model(x).detach()
+    >>> first = step.step(x, source + 1.0)
+    >>> last = [step.step(x, source + 1.0) for _ in range(100)][-1]
+    >>> last < 0.1 * first, step.steps
+    (True, 101)
+    >>> step.reset(); torch.equal(model(x), source)
+    True
+    """
+
+    name: ClassVar[str] = "supervised"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        learning_rate: float = 1e-3,
+        prefer: str = "lowrank",
+        loss: str | None = None,
+        huber_delta: float = 1.0,
+        max_learning_rate: float = 1e-2,
+    ) -> None:
+        if task not in LOSSES:
+            raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(LOSSES)}")
+        loss = loss or LOSSES[task][0]
+        if loss not in LOSSES[task]:
+            raise ValueError(f"loss {loss!r} does not fit {task}; choose one of: "
+                             f"{', '.join(LOSSES[task])}")
+        if not 0 < learning_rate <= max_learning_rate:
+            raise ValueError(f"learning rate {learning_rate} must be positive and at most the cap "
+                             f"{max_learning_rate}")
+        self.model = model
+        self.task = task
+        self.loss = loss
+        self.huber_delta = huber_delta
+        self.max_learning_rate = max_learning_rate
+        self.params, self.param_names = supervised_parameters(model, prefer)
+        model.requires_grad_(False)
+        for param in self.params:
+            param.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.params, lr=learning_rate)
+        self._source_params = [p.detach().clone() for p in self.params]
+        self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        self.steps = 0
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+        """One Adam step on the loss of the model's outputs for `inputs` against `labels`.
+
+        Returns the loss before the step.
+        """
+        with torch.enable_grad():
+            outputs = self.model(inputs)
+            loss = self._loss(outputs, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The source function exactly: B = 0 (A as drawn) or the source affines; fresh Adam."""
+        for param, source in zip(self.params, self._source_params, strict=True):
+            param.copy_(source)
+        for layer in lowrank_layers(self.model):
+            layer.reset()
+        self.optimizer.load_state_dict(copy.deepcopy(self._source_optimizer))
+        self.steps = 0
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_learning_rate(self, learning_rate: float) -> float:
+        """Set Adam's step size within [0, max_learning_rate]; returns the rate in force."""
+        learning_rate = min(max(learning_rate, 0.0), self.max_learning_rate)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        return self.learning_rate
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the trained tensors, Adam's moments for them, and the step count."""
+        state = {f"param.{name}": p.detach().clone()
+                 for name, p in zip(self.param_names, self.params, strict=True)}
+        state.update(optimizer_tensors(self.optimizer))
+        state["steps"] = torch.tensor(self.steps)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {f"param.{name}" for name in self.param_names} - state.keys()
+        if missing:
+            raise ValueError(f"{self.name} checkpoint lacks {sorted(missing)[:5]}; was it made "
+                             "for this model and these adapters?")
+        with torch.no_grad():
+            for name, param in zip(self.param_names, self.params, strict=True):
+                param.copy_(state[f"param.{name}"])
+        load_optimizer_tensors(self.optimizer, state)
+        self.steps = int(state.get("steps", torch.tensor(0)))
+
+    def _loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = torch.as_tensor(labels).to(outputs.device)
+        if self.task == "classification":
+            if labels.shape != (len(outputs),):
+                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected "
+                                 f"({len(outputs)},) class indices")
+            return F.cross_entropy(outputs, labels.long())
+        labels = labels.to(outputs.dtype)
+        if labels.numel() != outputs.numel() or len(labels) != len(outputs):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected the outputs' "
+                             f"{tuple(outputs.shape)}")
+        labels = labels.reshape(outputs.shape)
+        if self.loss == "huber":
+            return F.huber_loss(outputs, labels, delta=self.huber_delta)
+        return F.mse_loss(outputs, labels)

@@ -1,0 +1,312 @@
+"""Low-rank adapters: injection leaves the model's function as it was, only the factors train, a
+supervised step on a shifted task lowers the loss, reset restores the source exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adapters.lowrank import (
+    LowRankLinear,
+    SupervisedStep,
+    inject_lowrank,
+    lowrank_layers,
+    supervised_parameters,
+)
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                         nn.Linear(32, 1))
+
+
+class LayerNormRegressor(nn.Module):
+    """An MLP with LayerNorm and no BatchNorm, its linear layers nested in submodules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.encoder = nn.Sequential(nn.Linear(5, 32), nn.LayerNorm(32), nn.GELU())
+        self.head = nn.Sequential(nn.Linear(32, 16), nn.LayerNorm(16), nn.GELU(),
+                                  nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def inputs(count: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 5, generator=torch.Generator().manual_seed(seed))
+
+
+# --- injection --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_injection_leaves_outputs_bit_identical(layers: int) -> None:
+    model = mlp()
+    x = inputs()
+    before = model(x)
+
+    injected = inject_lowrank(model, rank=4, layers=layers)
+
+    assert len(injected) == layers
+    assert torch.equal(model(x), before)
+
+
+def test_the_last_linear_layers_are_the_ones_wrapped() -> None:
+    model = mlp()
+
+    injected = inject_lowrank(model, layers=2)
+
+    assert injected == [model[2], model[4]]
+    assert type(model[0]) is nn.Linear
+    assert all(isinstance(layer, nn.Linear) for layer in injected)  # still found as Linear
+
+
+def test_the_source_weights_keep_their_state_dict_keys() -> None:
+    model = mlp()
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+
+    inject_lowrank(model, rank=2)
+
+    state = model.state_dict()
+    assert set(state) - set(source) == {"4.lora_A", "4.lora_B"}
+    assert all(torch.equal(state[k], v) for k, v in source.items())
+    assert model[4].lora_A.shape == (2, 32)
+    assert model[4].lora_B.shape == (1, 2)
+
+
+def test_b_starts_at_zero_and_the_scale_is_alpha_over_rank() -> None:
+    layer = inject_lowrank(mlp(), rank=4, alpha=8.0)[0]
+
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()
+    assert layer.scaling == 2.0
+    assert inject_lowrank(mlp(), rank=4)[0].scaling == 1.0
+
+
+def test_the_update_is_alpha_over_r_times_b_a_x() -> None:
+    layer = LowRankLinear(nn.Linear(3, 2), rank=2, alpha=1.0)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        layer.lora_B.copy_(torch.tensor([[1.0, 2.0], [0.0, -1.0]]))
+    x = torch.tensor([[3.0, 5.0, 7.0]])
+
+    delta = layer(x) - nn.functional.linear(x, layer.weight, layer.bias)
+
+    # A x = (3, 5); B A x = (13, -5); times alpha / r = 0.5
+    torch.testing.assert_close(delta, torch.tensor([[6.5, -2.5]]))
+
+
+def test_injecting_twice_or_too_deep_is_refused() -> None:
+    model = mlp()
+    inject_lowrank(model)
+
+    with pytest.raises(ValueError, match="already has low-rank adapters"):
+        inject_lowrank(model)
+    with pytest.raises(ValueError, match="model has 3"):
+        inject_lowrank(mlp(), layers=4)
+
+
+def test_the_draw_of_a_is_seeded_and_leaves_the_global_generator_alone() -> None:
+    first, second, third = mlp(seed=3), mlp(seed=3), mlp(seed=3)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+
+    torch.manual_seed(123)
+    inject_lowrank(first, seed=5)
+    assert torch.equal(torch.rand(1), expected_next)
+    inject_lowrank(second, seed=5)
+    inject_lowrank(third, seed=6)
+
+    assert torch.equal(first[4].lora_A, second[4].lora_A)
+    assert not torch.equal(first[4].lora_A, third[4].lora_A)
+
+
+# --- which parameters train -------------------------------------------------------------------
+
+
+def test_only_the_low_rank_factors_train() -> None:
+    model = mlp()
+    inject_lowrank(model, layers=2)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters()
+              if "lora" not in name}
+    step = SupervisedStep(model, task="regression", learning_rate=1e-2)
+    x = inputs()
+
+    for _ in range(5):
+        step.step(x, torch.ones(len(x), 1))
+
+    assert step.param_names == ["2.lora_A", "2.lora_B", "4.lora_A", "4.lora_B"]
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == step.param_names
+    assert all(torch.equal(dict(model.named_parameters())[n], v) for n, v in frozen.items())
+    assert torch.count_nonzero(model[4].lora_B) > 0
+
+
+def test_supervised_parameters_follow_the_preference() -> None:
+    model = LayerNormRegressor()
+    inject_lowrank(model)
+
+    _, lowrank_names = supervised_parameters(model, prefer="lowrank")
+    _, norm_names = supervised_parameters(model, prefer="norm")
+
+    assert lowrank_names == ["head.3.lora_A", "head.3.lora_B"]
+    assert norm_names == ["encoder.1.weight", "encoder.1.bias", "head.1.weight", "head.1.bias"]
+    # a model without normalisation layers falls back to its adapters, and the reverse
+    plain = mlp()
+    inject_lowrank(plain)
+    assert supervised_parameters(plain, prefer="norm")[1] == ["4.lora_A", "4.lora_B"]
+    assert supervised_parameters(LayerNormRegressor(), prefer="lowrank")[1] == norm_names
+    with pytest.raises(ValueError, match="inject_lowrank"):
+        supervised_parameters(mlp())
+
+
+# --- supervised steps -------------------------------------------------------------------------
+
+
+def test_supervised_steps_lower_the_loss_on_a_shifted_regression_task() -> None:
+    model = mlp()
+    x = inputs(256)
+    with torch.no_grad():
+        shifted = 1.5 * model(x) + 0.7  # the concept moved: same inputs, new targets
+    inject_lowrank(model, rank=4)
+    step = SupervisedStep(model, task="regression", learning_rate=1e-2)
+
+    losses = [step.step(x, shifted) for _ in range(150)]
+
+    assert losses[0] == pytest.approx(float(((shifted - (shifted - 0.7) / 1.5) ** 2).mean()))
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_huber_loss_also_lowers_the_loss() -> None:
+    model = mlp()
+    x = inputs(256)
+    with torch.no_grad():
+        shifted = model(x) + 3.0
+    inject_lowrank(model)
+    step = SupervisedStep(model, task="regression", loss="huber", learning_rate=1e-2)
+
+    losses = [step.step(x, shifted) for _ in range(150)]
+
+    assert losses[0] == pytest.approx(2.5, abs=1e-4)  # |error| = 3 > delta = 1: 3 - 0.5
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_classification_steps_on_cross_entropy() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = inputs(256)
+    with torch.no_grad():
+        labels = (model(x).argmax(1) + 1) % 3  # every class relabelled
+    inject_lowrank(model, rank=4, layers=2)
+    step = SupervisedStep(model, task="classification", learning_rate=1e-2)
+
+    losses = [step.step(x, labels) for _ in range(150)]
+
+    assert losses[-1] < 0.5 * losses[0]
+    assert float((model(x).argmax(1) == labels).float().mean()) > 0.8
+
+
+def test_reset_restores_the_source_outputs_bit_identical() -> None:
+    model = mlp()
+    x = inputs()
+    source = model(x).detach()
+    inject_lowrank(model, layers=2)
+    step = SupervisedStep(model, task="regression", learning_rate=1e-2)
+    for _ in range(20):
+        step.step(x, source + 1.0)
+    assert not torch.equal(model(x), source)
+
+    step.reset()
+
+    assert torch.equal(model(x), source)
+    assert step.steps == 0
+    assert all(torch.count_nonzero(layer.lora_B) == 0 for layer in lowrank_layers(model))
+
+
+def test_layernorm_model_adapts_and_resets() -> None:
+    model = LayerNormRegressor()
+    x = inputs(256)
+    with torch.no_grad():
+        source = model(x)
+    target = source * torch.tensor([1.2, 0.8]) + torch.tensor([0.5, -0.5])
+
+    injected = inject_lowrank(model, rank=4, layers=2)
+    assert [type(m).__name__ for m in (model.head[0], model.head[3])] == ["LowRankLinear"] * 2
+    assert injected == [model.head[0], model.head[3]]
+    assert torch.equal(model(x), source)
+    step = SupervisedStep(model, task="regression", learning_rate=1e-2)
+    losses = [step.step(x, target) for _ in range(150)]
+    assert losses[-1] < 0.1 * losses[0]
+
+    step.reset()
+    assert torch.equal(model(x), source)
+
+
+def test_norm_affines_can_be_trained_instead() -> None:
+    model = LayerNormRegressor()
+    x = inputs(256)
+    with torch.no_grad():
+        source = model(x)
+    step = SupervisedStep(model, task="regression", prefer="norm", learning_rate=1e-2)
+
+    losses = [step.step(x, source + 0.5) for _ in range(100)]
+    assert losses[-1] < 0.2 * losses[0]
+
+    step.reset()
+    assert torch.equal(model(x), source)
+
+
+# --- state and the learning-rate cap ----------------------------------------------------------
+
+
+def test_state_dict_holds_only_the_adapter_tensors() -> None:
+    model = mlp()
+    inject_lowrank(model, rank=2, layers=2)
+    step = SupervisedStep(model, task="regression")
+    step.step(inputs(), torch.zeros(128, 1))
+
+    state = step.state_dict()
+
+    params = {k for k in state if k.startswith("param.")}
+    assert params == {"param.2.lora_A", "param.2.lora_B", "param.4.lora_A", "param.4.lora_B"}
+    assert sum(state[k].numel() for k in params) == 2 * (32 + 32) + 2 * (32 + 1)
+
+
+def test_state_dict_round_trip_reproduces_outputs_and_later_steps() -> None:
+    x = inputs()
+    trained = mlp()
+    inject_lowrank(trained)
+    step = SupervisedStep(trained, task="regression", learning_rate=1e-2)
+    for _ in range(5):
+        step.step(x, torch.ones(len(x), 1))
+
+    restored_model = mlp()
+    inject_lowrank(restored_model)
+    restored = SupervisedStep(restored_model, task="regression", learning_rate=1e-2)
+    restored.load_state_dict(step.state_dict())
+
+    assert torch.equal(restored_model(x), trained(x))
+    assert restored.step(x, torch.ones(len(x), 1)) == step.step(x, torch.ones(len(x), 1))
+    assert torch.equal(restored_model(x), trained(x))
+
+
+def test_the_learning_rate_is_capped() -> None:
+    model = mlp()
+    inject_lowrank(model)
+
+    with pytest.raises(ValueError, match="cap"):
+        SupervisedStep(model, task="regression", learning_rate=0.1, max_learning_rate=1e-2)
+    step = SupervisedStep(model, task="regression", learning_rate=1e-3, max_learning_rate=1e-2)
+    assert step.set_learning_rate(1.0) == 1e-2
+    assert step.set_learning_rate(5e-3) == 5e-3
+
+
+def test_a_loss_that_does_not_fit_the_task_is_refused() -> None:
+    model = mlp()
+    inject_lowrank(model)
+
+    with pytest.raises(ValueError, match="mse, huber"):
+        SupervisedStep(model, task="regression", loss="cross_entropy")
