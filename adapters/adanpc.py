@@ -52,6 +52,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapters.base import checked_features
+
 POLICIES = ("per_class_fifo", "fifo")
 
 # a label is stored as a float32 next to the features; float32 holds integers exactly up to 2**24
@@ -324,15 +326,7 @@ class AdaNPC:
         self._sequence = self._sequence[keep]
 
     def _checked_features(self, features: torch.Tensor) -> torch.Tensor:
-        features = torch.as_tensor(features).detach().to("cpu", torch.float32)
-        if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(
-                f"features have shape {tuple(features.shape)}; expected (n, {self.feature_dim}), "
-                "the input of the model's last linear layer"
-            )
-        if not torch.isfinite(features).all():
-            raise ValueError("features contain NaN or infinity")
-        return features
+        return checked_features(features, self.feature_dim)
 
     def _normalised(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self._checked_features(features), dim=1)

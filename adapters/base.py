@@ -32,6 +32,19 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
 
 
+def checked_features(features: torch.Tensor, feature_dim: int) -> torch.Tensor:
+    """Feature rows for a memory: float32 on the CPU, shape (n, feature_dim), all finite."""
+    features = torch.as_tensor(features).detach().to("cpu", torch.float32)
+    if features.ndim != 2 or features.shape[1] != feature_dim:
+        raise ValueError(
+            f"features have shape {tuple(features.shape)}; expected (n, {feature_dim}), the "
+            "input of the model's last linear layer for each sample"
+        )
+    if not torch.isfinite(features).all():
+        raise ValueError("features contain NaN or infinity")
+    return features
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """An optimizer's per-parameter state (Adam's moments, its step) as flat named tensors,
     `optim.<index>.<field>`, so a checkpoint is plain safetensors."""

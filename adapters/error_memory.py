@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adapters.base import checked_features
+
 TASKS = ("classification", "regression")
 KINDS = ("exact", "hashed")
 # tolerance on predicted probabilities: a softmax in float32 sums to 1 within ~1e-6
@@ -320,15 +322,7 @@ class _LabelledWindow:
     # --- checks -----------------------------------------------------------------------------
 
     def _checked_features(self, features: torch.Tensor) -> torch.Tensor:
-        features = torch.as_tensor(features).detach().to("cpu", torch.float32)
-        if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise ValueError(
-                f"features have shape {tuple(features.shape)}; expected (n, {self.feature_dim}), "
-                "the model's feature vector for each sample"
-            )
-        if not torch.isfinite(features).all():
-            raise ValueError("features contain NaN or infinity")
-        return features
+        return checked_features(features, self.feature_dim)
 
     def _normalised(self, features: torch.Tensor) -> torch.Tensor:
         features = self._checked_features(features)
