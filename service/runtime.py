@@ -166,8 +166,8 @@ async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
     if await engine.run(engine.restore, blob):
         log.info("restored adapter checkpoint %d", version)
     else:
-        log.info("adapter checkpoint %d was made for another model or adapter; not restored",
-                 version)
+        log.info("adapter checkpoint %d was made for another model version, method or norm, or "
+                 "does not fit this model; not restored", version)
 
 
 def _open_store(settings: Settings) -> Store:
