@@ -45,6 +45,21 @@ def checked_features(features: torch.Tensor, feature_dim: int) -> torch.Tensor:
     return features
 
 
+def set_capped_learning_rate(
+    optimizer: torch.optim.Optimizer, learning_rate: float, cap: float
+) -> float:
+    """Set the first parameter group's rate to `learning_rate` clamped to [0, cap], and scale the
+    others so every group keeps its ratio to the rate it started with; returns the rate in force."""
+    learning_rate = min(max(learning_rate, 0.0), cap)
+    groups = optimizer.param_groups
+    for group in groups:
+        group.setdefault("initial_lr", group["lr"])
+    scale = learning_rate / groups[0]["initial_lr"]
+    for group in groups:
+        group["lr"] = group["initial_lr"] * scale
+    return float(groups[0]["lr"])
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """An optimizer's per-parameter state (Adam's moments, its step) as flat named tensors,
     `optim.<index>.<field>`, so a checkpoint is plain safetensors."""
@@ -200,7 +215,6 @@ class GradientAdapter(Adapter):
         """Remember the source state, including the optimizer's, for `reset()`."""
         self.source_model_state = copy.deepcopy(self.model.state_dict())
         self.source_optimizer_state = copy.deepcopy(self.optimizer.state_dict())
-        self.base_learning_rates = [g["lr"] for g in self.optimizer.param_groups]
         if self.learning_rate > self.max_learning_rate:
             raise ValueError(f"learning rate {self.learning_rate} is above the cap "
                              f"{self.max_learning_rate}")
@@ -217,11 +231,7 @@ class GradientAdapter(Adapter):
 
     def set_learning_rate(self, learning_rate: float) -> float:
         """Scale every parameter group to `learning_rate` (for the first group), within the cap."""
-        learning_rate = min(max(learning_rate, 0.0), self.max_learning_rate)
-        scale = learning_rate / self.base_learning_rates[0]
-        for group, base in zip(self.optimizer.param_groups, self.base_learning_rates, strict=True):
-            group["lr"] = base * scale
-        return self.learning_rate
+        return set_capped_learning_rate(self.optimizer, learning_rate, self.max_learning_rate)
 
     def adapt(self, x: torch.Tensor) -> AdaptOutput:
         if self.norm == "batch" or (x.shape[0] >= self.adapt_batch_size and not self.buffer):

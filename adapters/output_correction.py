@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.base import load_optimizer_tensors, optimizer_tensors
+from adapters.base import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
 
 LOSSES = ("mse", "mae", "huber")
 
@@ -275,10 +275,7 @@ class OutputCorrector:
 
     def set_learning_rate(self, learning_rate: float) -> float:
         """Set Adam's step size within [0, max_learning_rate]; returns the rate in force."""
-        learning_rate = min(max(learning_rate, 0.0), self.max_learning_rate)
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate
-        return self.learning_rate
+        return set_capped_learning_rate(self.optimizer, learning_rate, self.max_learning_rate)
 
     # --- state ------------------------------------------------------------------------------
 
