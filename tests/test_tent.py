@@ -142,3 +142,12 @@ def test_through_the_service_with_robust_statistics_reset_restores_weights_and_s
     changed = {k for k in source if not torch.equal(source[k], adapted[k])}
     assert {k.rsplit(".", 1)[1] for k in changed} == {"weight", "bias", "mean", "square"}
     assert all(torch.equal(restored[k], source[k]) for k in source)
+
+
+def test_the_learning_rate_never_exceeds_its_cap_and_a_reset_restores_the_base_rate():
+    tent = Tent(digits_cnn(), learning_rate=1e-3, max_learning_rate=4e-3)
+    assert tent.set_learning_rate(3e-3) == 3e-3
+    assert tent.set_learning_rate(1.0) == 4e-3
+    assert tent.set_learning_rate(-1.0) == 0.0
+    tent.reset()
+    assert tent.learning_rate == 1e-3
