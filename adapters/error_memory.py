@@ -171,11 +171,39 @@ class _LabelledWindow:
         return packed.numpy().astype(np.float32, copy=False)
 
     @torch.no_grad()
+    def pack(self, features: torch.Tensor, labels: torch.Tensor,
+             predictions: torch.Tensor) -> np.ndarray:
+        """The rows `add` would store, packed as `rows` gives them, without storing them.
+
+        It reads only the memory's configuration, so any thread may call it while another uses
+        the memory: the label path packs rows for the store, then `add_rows` them on the engine.
+        """
+        keys = self._normalised(features)
+        targets = self._checked_labels(labels, len(keys))
+        predicted = self._checked_predictions(predictions, len(keys))
+        return torch.cat([keys, targets, predicted], dim=1).numpy().astype(np.float32, copy=False)
+
+    @torch.no_grad()
+    def add_rows(self, rows: np.ndarray) -> None:
+        """Append packed rows (from `pack`, `rows` or a store), oldest first, as `add` would."""
+        keys, targets, predicted = self._unpack(rows)
+        sequence = torch.arange(self.observed, self.observed + len(keys))
+        self.observed += len(keys)
+        self._write(keys, targets, predicted, sequence)
+
+    @torch.no_grad()
     def load_rows(self, rows: np.ndarray) -> None:
         """Replace the memory with packed rows (from `rows` or a store), oldest first.
 
         The bound applies: of more than `capacity` rows only the newest are kept.
         """
+        keys, targets, predicted = self._unpack(rows)
+        sequence = torch.arange(self.observed, self.observed + len(keys))
+        self.observed += len(keys)
+        self._clear()
+        self._write(keys, targets, predicted, sequence)
+
+    def _unpack(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = self.feature_dim + 2 * self.output_dim
         rows = np.asarray(rows, dtype=np.float32)
         if rows.size == 0:
@@ -196,10 +224,7 @@ class _LabelledWindow:
         keys = torch.where(off_unit, F.normalize(features, dim=1), features)
         targets = self._checked_labels(targets, len(keys))
         predicted = self._checked_predictions(predicted, len(keys))
-        sequence = torch.arange(self.observed, self.observed + len(keys))
-        self.observed += len(keys)
-        self._clear()
-        self._write(keys, targets, predicted, sequence)
+        return keys, targets, predicted
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The rows oldest first (keys, labels, predictions, sequence) and the observed count."""

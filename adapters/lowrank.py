@@ -31,8 +31,10 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
@@ -40,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters.base import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
-from adapters.norm import normalisation_affines
+from adapters.norm import frozen_statistics, normalisation_affines
 
 PREFERENCES = ("lowrank", "norm")
 LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}
@@ -156,6 +158,20 @@ def supervised_parameters(model: nn.Module,
     return [p for _, p in chosen], [name for name, _ in chosen]
 
 
+@contextlib.contextmanager
+def _training_only(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Within this block only `params` of `model` require gradients; the flags are restored."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    chosen = {id(p) for p in params}
+    for param, _ in flags:
+        param.requires_grad_(id(param) in chosen)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 class SupervisedStep:
     """Adam on the supervised loss of labelled inputs, over the adapter parameters only.
 
@@ -230,9 +246,12 @@ class SupervisedStep:
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
         """One Adam step on the loss of the model's outputs for `inputs` against `labels`.
 
-        Returns the loss before the step.
+        Returns the loss before the step. Only this step's parameters take gradients during it,
+        whatever another adapter sharing the model set (the flags are put back afterwards), and
+        robust test-time BN statistics are used but not moved by this forward.
         """
-        with torch.enable_grad():
+        with torch.enable_grad(), frozen_statistics(self.model), _training_only(self.model,
+                                                                                 self.params):
             outputs = self.model(inputs)
             loss = self._loss(outputs, labels)
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,15 @@
 """The engine: the single writer of the model.
 
-One worker thread owns the model and its adapter. Every forward pass, every adaptation step and
-every reset runs on that thread, in the order it was submitted, so the model never sees two writers
-and an adapter needs no locks. Async code hands work over with `Engine.run`.
+One worker thread owns the model and everything that learns online: the test-time adapter, the
+AdaNPC memory, the error memory (ReLoop2 compensation), the output corrector and the supervised
+step. Every forward pass, every adaptation step, every update from labels and every reset runs on
+that thread, in the order it was submitted, so the model never sees two writers and none of these
+parts needs a lock. Async code hands work over with `Engine.run`.
+
+A batch goes: the model (logits or values, and the features entering its last linear layer), the
+test-time adapter's step, AdaNPC's vote (classification), the output corrector (regression), then
+the error memory's compensation. What the label path needs later (the outputs before each
+correction, the inputs for a supervised step) comes back in `BatchOutput.arrays` for the records.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import functools
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -20,7 +27,10 @@ import torch
 
 from adapters import Adapter
 from adapters.adanpc import AdaNPC
+from adapters.error_memory import ErrorMemory, HashedErrorMemory
 from adapters.guard import CollapseGuard
+from adapters.lowrank import SupervisedStep
+from adapters.output_correction import OutputCorrector
 from service.events import EventLog
 from service.metrics import Metrics
 from service.model import FeatureTap, LoadedModel
@@ -37,9 +47,24 @@ class BatchOutput:
     features: np.ndarray | None
     entropy: np.ndarray | None
     adapter_version: int
-    # rows this batch added to the memory (for the store), and whether the memory was reset first
+    # rows this batch added to the AdaNPC memory (for the store)
     memory_rows: np.ndarray | None = None
-    memory_reset: bool = False
+    # memories reset since the last batch (their stored rows must be cleared too)
+    cleared: tuple[str, ...] = ()
+    # per-sample vectors the label path needs, (n, ...) each: "base" (the outputs before the error
+    # memory's compensation), "raw" (a regressor's values before the corrector), "inputs"
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class LabelledBatch:
+    """Joined labels as the engine learns from them; rows are aligned, absent parts are None."""
+
+    labels: np.ndarray
+    features: np.ndarray | None = None
+    compensation_rows: np.ndarray | None = None  # packed by the error memory, already stored
+    raw: np.ndarray | None = None
+    inputs: np.ndarray | None = None
 
 
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
@@ -52,6 +77,9 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
     return json.loads(blob[8:8 + size]).get("__metadata__", {})
 
 
+Compensation = ErrorMemory | HashedErrorMemory
+
+
 class Engine:
     def __init__(
         self,
@@ -61,6 +89,10 @@ class Engine:
         events: EventLog,
         guard: CollapseGuard | None = None,
         memory: AdaNPC | None = None,
+        compensation: Compensation | None = None,
+        correction: OutputCorrector | None = None,
+        supervised: SupervisedStep | None = None,
+        supervised_batch: int = 32,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -68,10 +100,17 @@ class Engine:
         self.events = events
         self.guard = guard
         self.memory = memory
-        self._memory_reset = False
+        self.compensation = compensation
+        self.correction = correction
+        self.supervised = supervised
+        self.supervised_batch = supervised_batch
+        self._supervised_inputs: list[torch.Tensor] = []
+        self._supervised_labels: list[torch.Tensor] = []
+        self._cleared: set[str] = set()
         self.tap = FeatureTap(model.module)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
         metrics.learning_rate.set(adapter.learning_rate)
+        self._report_memories()
 
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run `fn` on the engine thread, after everything submitted before it."""
@@ -98,9 +137,17 @@ class Engine:
         features = self.tap.take()
         outputs = outputs.detach().float().reshape(x.shape[0], -1)
         features_np = None if features is None else features.float().numpy()
+        arrays: dict[str, np.ndarray] = {}
+        if self.supervised is not None:
+            arrays["inputs"] = x.reshape(x.shape[0], -1).numpy()
         if self.model.task != "classification":
+            if self.correction is not None:
+                arrays["raw"] = outputs.numpy()
+                outputs = self.correction.correct(features, outputs)
+            outputs = self._compensated(features, outputs, arrays)
             return BatchOutput(predictions=outputs[:, 0].numpy(), outputs=outputs.numpy(),
-                               features=features_np, entropy=None, adapter_version=version)
+                               features=features_np, entropy=None, adapter_version=version,
+                               cleared=self._take_cleared(), arrays=arrays)
         probabilities = outputs.softmax(1)
         memory_rows = None
         if self.memory is not None and features is not None:
@@ -111,16 +158,70 @@ class Engine:
                 if self.memory.observe(features, probabilities):
                     memory_rows = self.memory.rows(since=before)
                 self.metrics.memory_size.labels(self.memory.name).set(len(self.memory))
+        probabilities = self._compensated(features, probabilities, arrays)
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)
         self.metrics.mean_entropy.set(float(entropy.mean()))
         predictions = probabilities.argmax(1).numpy()
         if adapt and self.guard is not None and self.guard.observe(predictions):
             self._reset_after_collapse()
-        memory_reset, self._memory_reset = self._memory_reset, False
+        cleared = self._take_cleared()
         return BatchOutput(predictions=predictions, outputs=probabilities.numpy(),
                            features=features_np, entropy=entropy.numpy(), adapter_version=version,
-                           memory_rows=None if memory_reset else memory_rows,
-                           memory_reset=memory_reset)
+                           memory_rows=None if AdaNPC.name in cleared else memory_rows,
+                           cleared=cleared, arrays=arrays)
+
+    def _compensated(self, features: torch.Tensor | None, outputs: torch.Tensor,
+                     arrays: dict[str, np.ndarray]) -> torch.Tensor:
+        """ReLoop2: the error memory's correction of the outputs; the base kept for the labels."""
+        if self.compensation is None or features is None:
+            return outputs
+        arrays["base"] = outputs.numpy()
+        return self.compensation.compensate(features, outputs)
+
+    def learn(self, batch: LabelledBatch) -> None:
+        """Engine thread only. What joined labels teach: rows for the error memory (already in
+        the store), a step of the output corrector, labelled samples for the supervised step."""
+        if self.compensation is not None and batch.compensation_rows is not None:
+            self.compensation.add_rows(batch.compensation_rows)
+        if self.correction is not None and batch.raw is not None:
+            features = None if batch.features is None else torch.from_numpy(batch.features)
+            self.correction.learn(features, torch.from_numpy(batch.raw),
+                                  torch.from_numpy(batch.labels.astype(np.float32)))
+            self.metrics.correction_steps.inc()
+        if self.supervised is not None and batch.inputs is not None:
+            self._supervised_inputs.append(torch.from_numpy(batch.inputs))
+            self._supervised_labels.append(torch.from_numpy(batch.labels))
+            self._supervised_step()
+        self._report_memories()
+
+    def _supervised_step(self) -> None:
+        assert self.supervised is not None
+        waiting = sum(len(x) for x in self._supervised_inputs)
+        if waiting < self.supervised_batch:
+            return
+        inputs = torch.cat(self._supervised_inputs).reshape(-1, *self.model.input_shape)
+        labels = torch.cat(self._supervised_labels)
+        self._supervised_inputs.clear()
+        self._supervised_labels.clear()
+        if self.model.task == "classification":
+            labels = labels.reshape(-1).long()
+        else:
+            labels = labels.reshape(len(inputs), -1).float()
+        armed, self.tap.armed = self.tap.armed, False  # the step's forward keeps no features
+        try:
+            self.supervised.step(inputs, labels)
+        finally:
+            self.tap.armed = armed
+        self.metrics.supervised_steps.inc()
+
+    def _report_memories(self) -> None:
+        for memory in (self.memory, self.compensation):
+            if memory is not None:
+                self.metrics.memory_size.labels(memory.name).set(len(memory))
+
+    def _take_cleared(self) -> tuple[str, ...]:
+        cleared, self._cleared = tuple(sorted(self._cleared)), set()
+        return cleared
 
     def _reset_after_collapse(self) -> None:
         assert self.guard is not None
@@ -131,50 +232,82 @@ class Engine:
             threshold=self.guard.threshold, window=self.guard.window,
         )
 
-    def reset_adapter(self, source: str = "operator") -> bool:
-        """Engine thread only. Back to the source weights (and the memory to its seed), recorded
-        as an event. True when a memory was reset, so the caller clears its stored rows too."""
+    def reset_adapter(self, source: str = "operator") -> tuple[str, ...]:
+        """Engine thread only. Back to the source weights, the memories to their seed (or empty),
+        recorded as an event. Returns the names of the memories reset, whose stored rows the
+        caller clears too."""
         self._reset(source)
         self.events.record("reset", source, "adapter_reset")
-        memory_reset, self._memory_reset = self._memory_reset, False
-        return memory_reset
+        return self._take_cleared()
 
     def _reset(self, reason: str) -> None:
         self.adapter.reset()
         if self.guard is not None:
             self.guard.clear()
-        if self.memory is not None:
-            self.memory.reset()
-            self._memory_reset = True
-            self.metrics.memory_size.labels(self.memory.name).set(len(self.memory))
+        if self.supervised is not None:
+            self.supervised.reset()
+            self._supervised_inputs.clear()
+            self._supervised_labels.clear()
+        if self.correction is not None:
+            self.correction.reset()
+        # the memories hold what the old model did: the AdaNPC memory goes back to its seed, the
+        # error memory (errors of the old model's outputs) empties
+        for memory in (self.memory, self.compensation):
+            if memory is not None:
+                memory.reset()
+                self._cleared.add(memory.name)
+        self._report_memories()
         self.metrics.adapter_resets.labels(reason).inc()
         self.metrics.learning_rate.set(self.adapter.learning_rate)
 
+    def _learned(self) -> dict[str, object]:
+        """Everything whose weights a checkpoint holds, by key prefix."""
+        parts: dict[str, object] = {"": self.adapter}
+        if self.supervised is not None:
+            parts["supervised."] = self.supervised
+        if self.correction is not None:
+            parts["correction."] = self.correction
+        return parts
+
     def checkpoint(self) -> bytes:
-        """Engine thread only. The adapter's learned state as safetensors bytes, tagged with the
-        model version and adapter name so it is never restored onto another model."""
+        """Engine thread only. The learned state (the adapter's, and the supervised step's and
+        the output corrector's where configured) as safetensors bytes, tagged with the model
+        version and the parts, so it is never restored onto another model or composition."""
         from safetensors.torch import save
 
-        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
-        return save(state, metadata={"model_version": self.model.version,
-                                     "adapter": self.adapter.name,
-                                     "norm": str(getattr(self.adapter, "norm", ""))})
+        state: dict[str, torch.Tensor] = {}
+        for prefix, part in self._learned().items():
+            for key, value in part.state_dict().items():  # type: ignore[attr-defined]
+                state[prefix + key] = value.detach().contiguous().cpu()
+        return save(state, metadata=self._checkpoint_tags())
+
+    def _checkpoint_tags(self) -> dict[str, str]:
+        return {"model_version": self.model.version,
+                "adapter": self.adapter.name,
+                "norm": str(getattr(self.adapter, "norm", "")),
+                "parts": ",".join(sorted(p.rstrip(".") for p in self._learned() if p))}
 
     def restore(self, blob: bytes) -> bool:
         """Engine thread only. Load a checkpoint made by `checkpoint`; False if it was made for
-        another model version, method or normalisation, or does not fit (then nothing changes)."""
+        another model version, method, normalisation or composition, or does not fit (then
+        nothing changes)."""
         from safetensors.torch import load
 
         metadata = safetensors_metadata(blob)
-        if (metadata.get("model_version"), metadata.get("adapter"), metadata.get("norm")) != (
-            self.model.version, self.adapter.name, str(getattr(self.adapter, "norm", ""))
-        ):
+        tags = self._checkpoint_tags()
+        if {k: metadata.get(k, "") for k in tags} != tags:
             return False
-        current = self.adapter.state_dict()
+        loaded = load(blob)
+        parts = self._learned()
+        current = {prefix: part.state_dict() for prefix, part in parts.items()}  # type: ignore
         try:
-            self.adapter.load_state_dict(load(blob))
+            for prefix, part in sorted(parts.items(), key=lambda item: -len(item[0])):
+                own = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)
+                       and not any(k.startswith(p) for p in parts if len(p) > len(prefix))}
+                part.load_state_dict(own)  # type: ignore[attr-defined]
         except (ValueError, RuntimeError, KeyError):
-            self.adapter.load_state_dict(current)  # a checkpoint that does not fit changes nothing
+            for prefix, part in parts.items():  # a checkpoint that does not fit changes nothing
+                part.load_state_dict(current[prefix])  # type: ignore[attr-defined]
             return False
         self.metrics.learning_rate.set(self.adapter.learning_rate)
         return True

@@ -7,9 +7,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+import numpy as np
+import torch
+
+from service.engine import Engine, LabelledBatch
 from service.gateway import StoreGateway
 from service.metrics import Metrics
-from store import JoinResult, PartialJoin, PredictionRecord
+from store import JoinResult, LabelEffects, PartialJoin, PredictionRecord
 
 
 class RollingQuality:
@@ -54,24 +58,83 @@ class RollingQuality:
 
 
 class FeedbackService:
-    """Joins labels to their predictions exactly once and feeds what the joins reveal onwards."""
+    """Joins labels to their predictions exactly once and feeds what the joins reveal onwards.
 
-    def __init__(self, store: StoreGateway, metrics: Metrics, quality: RollingQuality) -> None:
+    The error memory's rows are written by the join itself (`LabelEffects`), so a label's effects
+    in the store land with it or not at all, and a label delivered again (an HTTP retry, a stream
+    entry redelivered after a crash) is a duplicate that changes nothing. The in-process parts
+    then learn on the engine thread: the error memory's index, the output corrector, the
+    supervised step. Records made by another model version only count towards quality.
+    """
+
+    def __init__(self, store: StoreGateway, metrics: Metrics, quality: RollingQuality,
+                 engine: Engine, persisted: frozenset[str] = frozenset()) -> None:
         self.store = store
         self.metrics = metrics
         self.quality = quality
+        self.engine = engine
+        self.persisted = persisted
 
     async def apply(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
         """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
         `PartialJoin` when it failed part-way, with the labels joined before applied."""
+        compensation = self.engine.compensation
+        effects = None
+        if compensation is not None and compensation.name in self.persisted:
+            effects = self._effects
         try:
             result = await self.store.call("join_labels", self.store.store.join_labels,
-                                           list(labels))
+                                           list(labels), effects)
         except PartialJoin as partial:
-            self._record(partial.result)  # joined before the failure: apply them, then report
+            await self._absorb(partial.result)  # joined before the failure: apply them, then report
             raise
-        self._record(result)
+        await self._absorb(result)
         return result
+
+    def _effects(self, joined: list[PredictionRecord],
+                 calibrators: dict[str, bytes | None]) -> LabelEffects:
+        """What the join writes with the labels: the error memory's new rows."""
+        compensation = self.engine.compensation
+        assert compensation is not None
+        batch = self._usable(joined)
+        if batch is None:
+            return LabelEffects()
+        rows = self._compensation_rows(batch)
+        return LabelEffects(memories=[(compensation.name, rows, compensation.capacity)])
+
+    def _usable(self, joined: list[PredictionRecord]) -> list[PredictionRecord] | None:
+        """The records this model made, with features: those the label path can learn from."""
+        model = self.engine.model
+        usable = [r for r in joined if r.model_version == model.version]
+        return usable or None
+
+    def _compensation_rows(self, records: list[PredictionRecord]) -> np.ndarray | None:
+        compensation = self.engine.compensation
+        if compensation is None or any(r.features is None for r in records):
+            return None
+        features = torch.from_numpy(np.stack([r.features for r in records]))
+        base = torch.from_numpy(np.stack([r.arrays.get("base", r.outputs) for r in records]))
+        labels = torch.tensor([r.label for r in records], dtype=torch.float32)
+        if self.engine.model.task == "classification":
+            labels = labels.long()
+        else:
+            labels = labels.reshape(len(records), -1).expand(-1, base.shape[1])
+        return compensation.pack(features, labels, base)
+
+    async def _absorb(self, result: JoinResult) -> None:
+        self._record(result)
+        records = self._usable(result.joined)
+        if records is None:
+            return
+        batch = LabelledBatch(labels=np.array([r.label for r in records], dtype=np.float32))
+        if all(r.features is not None for r in records):
+            batch.features = np.stack([r.features for r in records])
+            batch.compensation_rows = self._compensation_rows(records)
+        if self.engine.correction is not None:
+            batch.raw = np.stack([r.arrays.get("raw", r.outputs) for r in records])
+        if self.engine.supervised is not None and all("inputs" in r.arrays for r in records):
+            batch.inputs = np.stack([r.arrays["inputs"] for r in records])
+        await self.engine.run(self.engine.learn, batch)
 
     def _record(self, result: JoinResult) -> None:
         self._account(result.joined)

@@ -70,6 +70,25 @@ class Metrics:
         self.mean_entropy = Gauge(
             "adaptd_mean_entropy", "mean softmax entropy of the last batch", registry=r
         )
+        self.correction_steps = Counter(
+            "adaptd_correction_steps", "updates of the regression output corrector from labels",
+            registry=r,
+        )
+        self.supervised_steps = Counter(
+            "adaptd_supervised_steps", "supervised optimizer steps on labelled feedback",
+            registry=r,
+        )
+        self.stream_entries = Counter(
+            "adaptd_label_stream_entries",
+            "label stream entries by what became of them: read, claimed (from a dead consumer), "
+            "acked, dead (malformed, moved to the dead-letter stream)", ["outcome"], registry=r,
+        )
+        for outcome in ("read", "claimed", "acked", "dead"):
+            self.stream_entries.labels(outcome)
+        self.stream_backlog = Gauge(
+            "adaptd_label_stream_backlog", "entries in the label stream not yet acknowledged",
+            registry=r,
+        )
         self.memory_size = Gauge(
             "adaptd_memory_size", "rows in each memory (seed included)", ["memory"], registry=r
         )

@@ -31,11 +31,11 @@ class Predictor:
     """Runs batches on the engine, keeps a record per sample, and shapes the rows."""
 
     def __init__(self, engine: Engine, store: StoreGateway, metrics: Metrics,
-                 persist_memory: bool = True) -> None:
+                 persisted: frozenset[str] = frozenset()) -> None:
         self.engine = engine
         self.store = store
         self.metrics = metrics
-        self.persist_memory = persist_memory
+        self.persisted = persisted  # the memories whose rows live in the store
 
     async def run_batch(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
         return await self._finish(await self.engine.predict(inputs, adapt=True), ids)
@@ -45,15 +45,16 @@ class Predictor:
         return await self._finish(await self.engine.predict(inputs, adapt=False), ids)
 
     async def _persist_memory(self, out: BatchOutput) -> None:
-        """Share what the memory learned: its new rows go to the store, for replicas and restarts
-        (a failure loses them only there; the in-process memory keeps them)."""
-        memory = self.engine.memory
-        if memory is None or not self.persist_memory:
-            return
+        """Share what the memories learned: reset ones are cleared in the store, AdaNPC's new rows
+        go to it, for replicas and restarts (a failure loses them only there; the in-process
+        memory keeps them). The error memory's rows reach the store with their labels."""
         try:
-            if out.memory_reset:
-                await self.store.call("clear_memory", self.store.store.clear_memory, memory.name)
-            if out.memory_rows is not None and len(out.memory_rows):
+            for name in out.cleared:
+                if name in self.persisted:
+                    await self.store.call("clear_memory", self.store.store.clear_memory, name)
+            memory = self.engine.memory
+            if (memory is not None and memory.name in self.persisted
+                    and out.memory_rows is not None and len(out.memory_rows)):
                 await self.store.call("append_memory", self.store.store.append_memory,
                                       memory.name, out.memory_rows, memory.capacity)
         except StoreUnavailable:
@@ -71,6 +72,7 @@ class Predictor:
                 features=None if out.features is None else out.features[i],
                 model_version=model.version,
                 adapter_version=out.adapter_version,
+                arrays={name: values[i] for name, values in out.arrays.items()},
             )
             for i, sample_id in enumerate(ids)
         ]

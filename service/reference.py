@@ -48,7 +48,7 @@ def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData
         )
     labels = tensors.get("labels")
     if labels is not None:
-        labels = labels.long()[:limit]
+        labels = (labels.long() if model.task == "classification" else labels.float())[:limit]
         if len(labels) != len(inputs):
             raise ModelLoadError(f"{path}: {len(labels)} labels for {len(inputs)} inputs")
     return ReferenceData(inputs, labels)
@@ -76,3 +76,18 @@ def source_features(model: LoadedModel, reference: ReferenceData) -> torch.Tenso
         batches.append(tap.take())
     tap.remove()
     return torch.cat(batches)
+
+
+@torch.inference_mode()
+def feature_width(model: LoadedModel) -> int | None:
+    """The width of the features entering the last `nn.Linear` (a dry run on zeros); None when
+    the model has no linear layer."""
+    from service.model import FeatureTap
+
+    tap = FeatureTap(model.module)
+    if tap.layer_name is None:
+        return None
+    model.module(torch.zeros(2, *model.input_shape))
+    features = tap.take()
+    tap.remove()
+    return None if features is None else int(features.shape[1])

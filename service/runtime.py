@@ -6,11 +6,17 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from adapters import Adapter, build_adapter
 from adapters.adanpc import AdaNPC
+from adapters.error_memory import build_error_memory
 from adapters.guard import CollapseGuard, effective_classes
+from adapters.lowrank import SupervisedStep, inject_lowrank
+from adapters.norm import normalisation_affines
+from adapters.output_correction import OutputCorrector
 from service.batcher import MicroBatcher
-from service.engine import Engine
+from service.engine import Compensation, Engine
 from service.events import EventLog
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
@@ -19,6 +25,7 @@ from service.model import LoadedModel, load_model
 from service.predictor import PredictionRow, Predictor
 from service.reference import (
     ReferenceData,
+    feature_width,
     load_reference_data,
     source_features,
     source_predictions,
@@ -41,6 +48,7 @@ class Runtime:
     feedback: FeedbackService
     quality: RollingQuality
     events: EventLog
+    persisted_memories: frozenset[str]
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -50,9 +58,11 @@ class Runtime:
         store = StoreGateway(_open_store(settings), metrics)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
-        if engine.memory is not None and settings.adapter.memory.persist:
-            await _reload_memory(engine, store)
-        predictor = Predictor(engine, store, metrics, settings.adapter.memory.persist)
+        persisted = persisted_memories(settings, engine)
+        for memory in (engine.memory, engine.compensation):
+            if memory is not None and memory.name in persisted:
+                await _reload_memory(engine, store, memory)
+        predictor = Predictor(engine, store, metrics, persisted)
         batcher: MicroBatcher[PredictionRow] = MicroBatcher(
             predictor.run_batch,
             predictor.run_alone,
@@ -62,11 +72,11 @@ class Runtime:
         )
         batcher.start()
         quality = RollingQuality(model.task, settings.feedback.rolling_window)
-        feedback = FeedbackService(store, metrics, quality)
+        feedback = FeedbackService(store, metrics, quality, engine, persisted)
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
                  settings.adapter.name, store.store.backend)
         return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
-                   events)
+                   events, persisted)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -81,6 +91,9 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     reference = load_reference_data(settings, model)
     guard = _collapse_guard(settings, model, reference)
     memory = _memory(settings, model, reference)  # seeded by the source model, before adaptation
+    compensation = _compensation(settings, model, reference)
+    correction = _correction(settings, model, reference)
+    supervised = _supervised(settings, model)  # injects its low-rank layers before the adapter
     try:
         adapter = build_adapter(
             settings.adapter, model.module, model.task, num_classes=model.num_classes,
@@ -94,7 +107,66 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                 "(N, *input_shape)"
             ) from error
         raise
-    return Engine(model, adapter, metrics, events, guard, memory)
+    return Engine(model, adapter, metrics, events, guard, memory, compensation, correction,
+                  supervised, settings.feedback.supervised.batch_size)
+
+
+def _compensation(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                  ) -> Compensation | None:
+    """ReLoop2's error memory, keyed by the model's features (centred on the reference data's)."""
+    c = settings.compensation
+    if c.kind == "off":
+        return None
+    features = source_features(model, reference) if reference is not None else None
+    width = features.shape[1] if features is not None else feature_width(model)
+    if width is None:
+        raise ValueError("compensation keys the error memory by the features entering the last "
+                         "nn.Linear, and the model has none: set compensation.kind = 'off'")
+    options: dict[str, object] = {"feature_dim": width, "task": model.task,
+                                  "output_dim": model.num_classes or model.num_outputs,
+                                  "gamma": c.gamma, "compensation_weight": c.weight,
+                                  "capacity": c.capacity, **c.options}
+    if c.center and features is not None:
+        options["feature_mean"] = features.mean(0)
+    if c.kind == "exact":
+        options.update(k=c.k, temperature=c.temperature)
+    return build_error_memory(c.kind, **options)
+
+
+def _correction(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                ) -> OutputCorrector | None:
+    """ADCSD's output corrector for a regressor, standardised like the source model's outputs."""
+    c = settings.correction
+    if not c.enabled:
+        return None
+    width = feature_width(model) if c.use_features else 0
+    mean, scale = 0.0, 1.0
+    if reference is not None:
+        with torch.inference_mode():
+            values = torch.cat([model.module(reference.inputs[i:i + 256]).float()
+                                for i in range(0, len(reference.inputs), 256)])
+        mean, scale = float(values.mean()), float(values.std()) or 1.0
+    return OutputCorrector(output_dim=model.num_outputs, feature_dim=width or 0, hidden=c.hidden,
+                           learning_rate=c.learning_rate, steps=c.steps, window=c.window,
+                           loss=c.loss, output_mean=mean, output_scale=scale,
+                           max_learning_rate=settings.adapter.max_learning_rate)
+
+
+def _supervised(settings: Settings, model: LoadedModel) -> SupervisedStep | None:
+    """The supervised step on labels: normalisation affines where the model has them (auto), or a
+    low-rank adapter injected beside its last linear layers."""
+    s = settings.feedback.supervised
+    if not s.enabled:
+        return None
+    has_norm = bool(normalisation_affines(model.module)[0])
+    train = s.train if s.train != "auto" else ("norm" if has_norm else "lowrank")
+    if train == "norm" and not has_norm:
+        raise ValueError("feedback.supervised.train = 'norm', but the model has no normalisation "
+                         "layer: use 'lowrank' (or 'auto')")
+    if train == "lowrank":
+        inject_lowrank(model.module, rank=s.rank, layers=s.layers)
+    return SupervisedStep(model.module, model.task, learning_rate=s.learning_rate, prefer=train,
+                          max_learning_rate=settings.adapter.max_learning_rate)
 
 
 def _memory(settings: Settings, model: LoadedModel, reference: ReferenceData | None
@@ -139,17 +211,31 @@ def _collapse_guard(
                          settings.adapter.collapse_min_ratio, source_effective)
 
 
-async def _reload_memory(engine: Engine, store: StoreGateway) -> None:
+def persisted_memories(settings: Settings, engine: Engine) -> frozenset[str]:
+    """The names of the memories whose rows live in the store."""
+    names = set()
+    if engine.memory is not None and settings.adapter.memory.persist:
+        names.add(engine.memory.name)
+    if engine.compensation is not None and settings.compensation.persist:
+        names.add(engine.compensation.name)
+    return frozenset(names)
+
+
+async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | Compensation
+                         ) -> None:
     """Rows this deployment's replicas added to the memory before, from the store."""
-    memory = engine.memory
-    assert memory is not None
     try:
         rows = await store.call("load_memory", store.store.load_memory, memory.name)
     except StoreUnavailable:
         log.warning("the store is unreachable: the %s memory starts from its seed", memory.name)
         return
     if rows.size:
-        await engine.run(memory.load_rows, rows)
+        try:
+            await engine.run(memory.load_rows, rows)
+        except ValueError as error:  # rows of another model (a new feature width): start afresh
+            log.warning("the stored %s memory does not fit this model (%s); it starts empty",
+                        memory.name, error)
+            return
         log.info("reloaded %d %s memory rows", len(rows), memory.name)
 
 

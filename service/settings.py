@@ -164,11 +164,75 @@ class AdapterSettings(Section):
         return [part for part in self.name.split("+") if part == "adanpc"]
 
 
+class SupervisedSettings(Section):
+    """A supervised step on labelled feedback, through the engine like every model change."""
+
+    enabled: bool = False
+    train: Literal["auto", "norm", "lowrank"] = Field(
+        "auto",
+        description="what trains: the normalisation affines where the model has them (auto), "
+        "or a low-rank adapter beside the last linear layers (models without normalisation)",
+    )
+    rank: PositiveInt = Field(4, description="the low-rank adapter's rank")
+    layers: PositiveInt = Field(1, description="how many of the last linear layers get one")
+    learning_rate: PositiveFloat = 1e-3
+    batch_size: PositiveInt = Field(32, description="labelled samples per step")
+
+
 class FeedbackSettings(Section):
-    """How labels are scored."""
+    """How labels arrive and are scored."""
 
     rolling_window: PositiveInt = Field(1000, description="labels in the rolling error")
     max_labels_per_request: PositiveInt = 10_000
+    stream: bool = Field(
+        False, description="consume labels from the Redis Stream `adaptd:{namespace}:labels` "
+        "with a consumer group (needs a redis store)",
+    )
+    stream_group: str = Field("adaptd", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    stream_consumer: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="this replica's name in the group; defaults to host-pid",
+    )
+    stream_batch: PositiveInt = Field(500, le=10_000, description="entries read at once")
+    stream_block_ms: PositiveInt = Field(500, le=1500, description="how long a read waits")
+    stream_claim_idle_ms: PositiveInt = Field(
+        30_000, description="entries delivered this long ago and never acknowledged (a dead "
+        "consumer's) are claimed by another",
+    )
+    supervised: SupervisedSettings = SupervisedSettings()
+
+
+class CompensationSettings(Section):
+    """ReLoop2's error memory: labelled samples correct the outputs of similar new inputs."""
+
+    kind: Literal["off", "exact", "hashed"] = Field(
+        "off", description="exact top-K retrieval, or the hashed (SimHash sketch) approximation"
+    )
+    k: PositiveInt = Field(100, description="K, the neighbours of the exact memory")
+    temperature: PositiveFloat = Field(0.1, description="τ in softmax(similarity / τ)")
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="γ: own error against neighbours'")
+    weight: float = Field(0.5, ge=0.0, le=1.0, description="λ, how much error is added back")
+    capacity: PositiveInt = Field(10_000, description="the newest rows kept")
+    center: bool = Field(
+        True, description="subtract the reference data's mean feature before the cosine"
+    )
+    persist: bool = Field(True, description="rows go to the store with their labels; "
+                          "reloaded on start")
+    options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, description="the hashed memory's knobs (tables, bits, ...)"
+    )
+
+
+class CorrectionSettings(Section):
+    """Regression: a small network after the model, trained online on arriving labels (ADCSD)."""
+
+    enabled: bool = False
+    hidden: PositiveInt = 128
+    learning_rate: PositiveFloat = 1e-3
+    window: PositiveInt = Field(64, description="the newest labelled samples a step trains on")
+    steps: PositiveInt = Field(1, description="Adam steps per batch of labels")
+    loss: Literal["mse", "mae", "huber"] = "mse"
+    use_features: bool = Field(True, description="feed the model's features to the network")
 
 
 class Settings(BaseSettings):
@@ -191,6 +255,18 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     adapter: AdapterSettings = AdapterSettings()
     feedback: FeedbackSettings = FeedbackSettings()
+    compensation: CompensationSettings = CompensationSettings()
+    correction: CorrectionSettings = CorrectionSettings()
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> Settings:
+        if self.feedback.stream and not self.store.url.startswith(("redis", "rediss", "unix")):
+            raise ValueError("feedback.stream consumes a Redis Stream: set store.url to a redis "
+                             "URL, or send labels to POST /v1/feedback")
+        if self.correction.enabled and self.model.task != "regression":
+            raise ValueError("correction corrects a regression model's values; for "
+                             "classification use compensation")
+        return self
 
     @property
     def namespace(self) -> str:

@@ -7,7 +7,14 @@ from a URL.
 
 from __future__ import annotations
 
-from store.base import JoinResult, PartialJoin, PredictionRecord, Store, StoreUnavailable
+from store.base import (
+    JoinResult,
+    LabelEffects,
+    PartialJoin,
+    PredictionRecord,
+    Store,
+    StoreUnavailable,
+)
 from store.memory import MemoryStore
 
 
@@ -31,6 +38,7 @@ def open_store(url: str, namespace: str, record_ttl_s: float, **options: object)
 
 __all__ = [
     "JoinResult",
+    "LabelEffects",
     "PartialJoin",
     "MemoryStore",
     "PredictionRecord",

@@ -20,6 +20,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+# the field prefix of a record's named arrays (`PredictionRecord.arrays`)
+ARRAY_FIELD = "array:"
+
 
 class StoreUnavailable(RuntimeError):
     """The backing server did not answer; the operation had no effect that can be relied on."""
@@ -45,10 +48,11 @@ def memory_rows(rows: np.ndarray, cap: int) -> np.ndarray:
 class PredictionRecord:
     """What the service remembers about one prediction until its label arrives.
 
-    `outputs` are the probabilities (classification) or predicted values (regression) and
-    `features` the input of the model's last linear layer, both float32. `extra` carries small
-    JSON-serialisable facts (a prediction set, an interval, the conformal level) that later
-    stages need to score the label.
+    `outputs` are the probabilities (classification) or predicted values (regression) as served
+    and `features` the input of the model's last linear layer, both float32. `arrays` holds other
+    named float32 vectors the label path needs (the outputs before a correction, the inputs for a
+    supervised step), flattened. `extra` carries small JSON-serialisable facts (a prediction set,
+    an interval, the conformal level) that later stages need to score the label.
     """
 
     id: str
@@ -59,6 +63,7 @@ class PredictionRecord:
     model_version: str = ""
     adapter_version: int = 0
     extra: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
     label: float | None = None
     labelled_at: float | None = None
 
@@ -75,6 +80,8 @@ class PredictionRecord:
         }
         if self.features is not None:
             fields["features"] = np.ascontiguousarray(self.features, dtype=np.float32).tobytes()
+        for name, values in self.arrays.items():
+            fields[ARRAY_FIELD + name] = np.ascontiguousarray(values, dtype=np.float32).tobytes()
         return fields
 
     @classmethod
@@ -92,6 +99,8 @@ class PredictionRecord:
             model_version=f["model_version"].decode(),
             adapter_version=int(f["adapter_version"]),
             extra=json.loads(f["extra"]),
+            arrays={k[len(ARRAY_FIELD):]: np.frombuffer(v, np.float32).copy()
+                    for k, v in f.items() if k.startswith(ARRAY_FIELD)},
             label=None if label is None else float(label),
             labelled_at=None if labelled_at is None else float(labelled_at),
         )
@@ -115,6 +124,27 @@ class JoinResult:
     unknown: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LabelEffects:
+    """What a batch of joined labels changes besides their records, stored in the same atomic
+    step as the join: rows appended to named memories, new states of named calibrators.
+
+    Because the effects land with the join or not at all, a label delivered twice (a client's
+    retry, a stream entry redelivered after a crash) finds its record labelled, is a duplicate, and
+    changes nothing the second time: every label is applied exactly once.
+    """
+
+    # (memory name, float32 rows (n, d), cap): appended and trimmed as `Store.append_memory` does
+    memories: list[tuple[str, np.ndarray, int]] = field(default_factory=list)
+    # calibrator name -> its new state; names must be among those the join was asked to read
+    calibrators: dict[str, bytes] = field(default_factory=dict)
+
+
+# computes the effects of the records joined now, given the current states of the calibrators the
+# join was asked to read; it may run more than once (an optimistic retry), so it must not act
+EffectsFn = Callable[[list[PredictionRecord], dict[str, bytes | None]], LabelEffects]
 
 
 @runtime_checkable
@@ -142,11 +172,23 @@ class Store(Protocol):
         """The live record for an id, labelled or not; None when unknown or expired."""
         ...
 
-    def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+    def join_labels(
+        self,
+        labels: Sequence[tuple[str, float]],
+        effects: EffectsFn | None = None,
+        calibrators: Sequence[str] = (),
+    ) -> JoinResult:
         """Attach each label to its record, atomically per id, at most once per id.
 
         Labels are taken in order, so a second label for an id in the same call is a duplicate.
         Joined records come back with `label` and `labelled_at` set.
+
+        With `effects`, the records about to be joined and the current states of `calibrators`
+        go to `effects`, and the `LabelEffects` it returns are written together with the labels,
+        atomically: both or neither. `effects` may be called more than once (Redis retries when
+        another writer touched the same records or calibrators meanwhile); the last call's
+        effects are the ones written. If it raises, nothing is written. Large batches are joined
+        in chunks, each atomic on its own (`PartialJoin` if a later chunk fails).
         """
         ...
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from store.base import JoinResult, PredictionRecord, memory_rows
+from store.base import EffectsFn, JoinResult, LabelEffects, PredictionRecord, memory_rows
 from store.keys import Keys
 
 # Markers outlive their records by the grace period, so there are more of them than records; this
@@ -131,31 +131,32 @@ class MemoryStore:
             fields = self._live_fields(prediction_id, now)
         return None if fields is None else PredictionRecord.from_fields(fields)
 
-    def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+    def join_labels(
+        self,
+        labels: Sequence[tuple[str, float]],
+        effects: EffectsFn | None = None,
+        calibrators: Sequence[str] = (),
+    ) -> JoinResult:
+        for name in calibrators:
+            self._keys.calibrator(name)
         result = JoinResult()
-        joined_fields: list[dict[str, bytes]] = []
+        # id -> fields with the label, written only once the effects are known
+        labelled: dict[str, dict[str, bytes]] = {}
         with self._lock:
             now = self._clock()
             self._purge_expired(now)
             for prediction_id, label in labels:
                 fields = self._live_fields(prediction_id, now)
                 if fields is not None:
-                    if "label" in fields:
+                    if "label" in fields or prediction_id in labelled:
                         result.duplicate.append(prediction_id)
                         continue
                     # a new dict, so a record already handed out is never changed under its reader
-                    fields = {
+                    labelled[prediction_id] = {
                         **fields,
                         "label": repr(float(label)).encode(),
                         "labelled_at": repr(float(now)).encode(),
                     }
-                    expires_at = self._records[prediction_id][0]
-                    self._records[prediction_id] = (expires_at, fields)
-                    marker_expires_at = expires_at + self.expired_grace_s
-                    if prediction_id in self._markers:
-                        marker_expires_at = self._markers[prediction_id][0]
-                    self._markers[prediction_id] = (marker_expires_at, True)
-                    joined_fields.append(fields)
                     continue
                 marker = self._markers.get(prediction_id)
                 if marker is None or marker[0] <= now:
@@ -164,7 +165,31 @@ class MemoryStore:
                     result.duplicate.append(prediction_id)
                 else:
                     result.expired.append(prediction_id)
-        result.joined = [PredictionRecord.from_fields(fields) for fields in joined_fields]
+            result.joined = [PredictionRecord.from_fields(f) for f in labelled.values()]
+            changes = LabelEffects()
+            if effects is not None and result.joined:
+                # computed before anything is written: if it raises, nothing changes
+                changes = effects(result.joined, {n: self._calibrators.get(n) for n in calibrators})
+                appends = [(name, memory_rows(rows, cap), cap)
+                           for name, rows, cap in changes.memories]
+                for name, rows, _ in appends:
+                    self._check_width(name, rows)
+                unasked = set(changes.calibrators) - set(calibrators)
+                if unasked:
+                    raise ValueError(f"effects wrote calibrators {sorted(unasked)} the join was "
+                                     "not asked to read")
+            for prediction_id, fields in labelled.items():
+                expires_at = self._records[prediction_id][0]
+                self._records[prediction_id] = (expires_at, fields)
+                marker_expires_at = expires_at + self.expired_grace_s
+                if prediction_id in self._markers:
+                    marker_expires_at = self._markers[prediction_id][0]
+                self._markers[prediction_id] = (marker_expires_at, True)
+            if effects is not None and result.joined:
+                for name, rows, cap in appends:
+                    self._append(name, rows, cap)
+                for name, state in changes.calibrators.items():
+                    self._calibrators[name] = bytes(state)
         return result
 
     def save_adapter(self, blob: bytes) -> int:
@@ -184,20 +209,26 @@ class MemoryStore:
     def append_memory(self, name: str, rows: np.ndarray, cap: int) -> None:
         self._keys.memory(name)  # the same name check as Redis
         rows = memory_rows(rows, cap)
+        with self._lock:
+            self._check_width(name, rows)
+            self._append(name, rows, cap)
+
+    def _check_width(self, name: str, rows: np.ndarray) -> None:
+        self._keys.memory(name)
+        memory = self._memories.get(name)
+        if memory and len(rows) and len(memory[0]) != rows.shape[1] * rows.itemsize:
+            raise ValueError(
+                f"memory {name!r} holds rows of {len(memory[0]) // 4} values; these have "
+                f"{rows.shape[1]}: clear it (clear_memory) before storing rows of a new width"
+            )
+
+    def _append(self, name: str, rows: np.ndarray, cap: int) -> None:
         if len(rows) == 0:
             return
-        width = rows.shape[1] * rows.itemsize
-        packed = [row.tobytes() for row in rows]
-        with self._lock:
-            memory = self._memories.setdefault(name, deque())
-            if memory and len(memory[0]) != width:
-                raise ValueError(
-                    f"memory {name!r} holds rows of {len(memory[0]) // 4} values; these have "
-                    f"{rows.shape[1]}: clear it (clear_memory) before storing rows of a new width"
-                )
-            memory.extend(packed)
-            while len(memory) > cap:
-                memory.popleft()
+        memory = self._memories.setdefault(name, deque())
+        memory.extend(row.tobytes() for row in rows)
+        while len(memory) > cap:
+            memory.popleft()
 
     def load_memory(self, name: str) -> np.ndarray:
         self._keys.memory(name)

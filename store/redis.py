@@ -1,8 +1,9 @@
 """The shared store: prediction records, label joins, adapter checkpoints and memories in Redis.
 
 Several replicas share one Redis, so any replica can take any label: a record is a hash with a
-TTL, and the join is one Lua script per batch, which makes "at most once per id" hold across
-replicas and label redeliveries. Every key is built by `store.keys.Keys`, under the namespace
+TTL, and the join is one optimistic transaction per chunk of labels (read under WATCH, write the
+labels and their effects in MULTI/EXEC), which makes "exactly once per id" hold across replicas
+and label redeliveries. Every key is built by `store.keys.Keys`, under the namespace
 prefix. Connection failures become `StoreUnavailable`, so the service keeps predicting from its
 in-process state and reports not-ready instead of failing requests.
 """
@@ -28,7 +29,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from store.base import JoinResult, PartialJoin, PredictionRecord, StoreUnavailable, memory_rows
+from store.base import (
+    EffectsFn,
+    JoinResult,
+    LabelEffects,
+    PartialJoin,
+    PredictionRecord,
+    StoreUnavailable,
+    memory_rows,
+)
 from store.keys import Keys
 
 # A pooled connection idle this long is PINGed before use, so a connection that a Redis restart
@@ -42,34 +51,21 @@ MAX_CALIBRATOR_RETRIES = 50
 # this many ids (each id is still joined atomically, and in order across chunks).
 JOIN_CHUNK = 1000
 
-# KEYS: the record key and the seen-marker key of each label, in the order of the labels.
-# ARGV[1]: labelled_at; ARGV[2]: the grace period in ms; ARGV[2 + i]: the label of the i-th id.
-# Returns one reply per id: {'joined', <the record's HGETALL>}, {'duplicate'}, {'expired'} or
-# {'unknown'}. Ids are taken in order, so a repeated id in one batch is a duplicate.
-JOIN_LABELS_LUA = """
-local labelled_at = ARGV[1]
-local grace_ms = tonumber(ARGV[2])
+# Reads only. KEYS: the record key and the seen-marker key of each label, in order. Returns one
+# reply per id: {'live', <the record's HGETALL>} for a record waiting for its label, {'duplicate'}
+# (labelled already, or labelled before it expired), {'expired'} or {'unknown'}.
+PEEK_LABELS_LUA = """
 local outcomes = {}
 for i = 1, #KEYS / 2 do
   local record_key = KEYS[2 * i - 1]
-  local seen_key = KEYS[2 * i]
   if redis.call('EXISTS', record_key) == 1 then
     if redis.call('HEXISTS', record_key, 'label') == 1 then
       outcomes[i] = {'duplicate'}
     else
-      redis.call('HSET', record_key, 'label', ARGV[2 + i], 'labelled_at', labelled_at)
-      if redis.call('EXISTS', seen_key) == 1 then
-        redis.call('SET', seen_key, '1', 'KEEPTTL')
-      else
-        -- the marker was evicted (maxmemory): SET KEEPTTL would create it with no TTL at all,
-        -- so give it its lifetime again, the record's plus the grace period
-        local ttl_ms = math.max(redis.call('PTTL', record_key), 0) + grace_ms
-        redis.call('SET', seen_key, '1', 'PX', math.max(ttl_ms, 1))
-      end
-      outcomes[i] = {'joined', redis.call('HGETALL', record_key)}
+      outcomes[i] = {'live', redis.call('HGETALL', record_key)}
     end
   else
-    local seen = redis.call('GET', seen_key)
+    local seen = redis.call('GET', KEYS[2 * i])
     if seen == '1' then
       outcomes[i] = {'duplicate'}
     elseif seen == '0' then
@@ -80,6 +76,30 @@ for i = 1, #KEYS / 2 do
   end
 end
 return outcomes
+"""
+
+# Runs inside MULTI, after a peek under WATCH. KEYS: record and seen-marker key of each label to
+# write; ARGV[1]: labelled_at; ARGV[2]: the grace period in ms; ARGV[2 + i]: the i-th label. A
+# record that expired since the peek is left alone (HSET would create a hash with no TTL).
+MARK_LABELS_LUA = """
+local labelled_at = ARGV[1]
+local grace_ms = tonumber(ARGV[2])
+for i = 1, #KEYS / 2 do
+  local record_key = KEYS[2 * i - 1]
+  local seen_key = KEYS[2 * i]
+  if redis.call('EXISTS', record_key) == 1 then
+    redis.call('HSET', record_key, 'label', ARGV[2 + i], 'labelled_at', labelled_at)
+    if redis.call('EXISTS', seen_key) == 1 then
+      redis.call('SET', seen_key, '1', 'KEEPTTL')
+    else
+      -- the marker was evicted (maxmemory): SET KEEPTTL would create it with no TTL at all,
+      -- so give it its lifetime again, the record's plus the grace period
+      local ttl_ms = math.max(redis.call('PTTL', record_key), 0) + grace_ms
+      redis.call('SET', seen_key, '1', 'PX', math.max(ttl_ms, 1))
+    end
+  end
+end
+return #KEYS / 2
 """
 
 # KEYS[1]: the new version's blob; KEYS[2]: the latest pointer; KEYS[3]: the blob `keep` versions
@@ -197,7 +217,8 @@ class RedisStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         # loaded on first use and again after a restart (redis-py answers NOSCRIPT by loading)
-        self._join_labels_script = self._redis.register_script(JOIN_LABELS_LUA)
+        self._peek_labels_script = self._redis.register_script(PEEK_LABELS_LUA)
+        self._mark_labels_script = self._redis.register_script(MARK_LABELS_LUA)
         self._save_adapter_script = self._redis.register_script(SAVE_ADAPTER_LUA)
         self._append_memory_script = self._redis.register_script(APPEND_MEMORY_LUA)
 
@@ -227,19 +248,19 @@ class RedisStore:
             fields = self._redis.hgetall(self._keys.record(prediction_id))
         return PredictionRecord.from_fields(fields) if fields else None
 
-    def join_labels(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+    def join_labels(
+        self,
+        labels: Sequence[tuple[str, float]],
+        effects: EffectsFn | None = None,
+        calibrators: Sequence[str] = (),
+    ) -> JoinResult:
+        calibrator_keys = {name: self._keys.calibrator(name) for name in calibrators}
         result = JoinResult()
-        labelled_at = repr(time.time()).encode()
         for start in range(0, len(labels), JOIN_CHUNK):
             chunk = labels[start:start + JOIN_CHUNK]
-            keys: list[str] = []
-            args: list[bytes] = [labelled_at, str(self._grace_ms).encode()]
-            for prediction_id, label in chunk:
-                keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
-                args.append(repr(float(label)).encode())
             try:
                 with self._unavailable("join labels"):
-                    outcomes = self._join_labels_script(keys=keys, args=args)
+                    self._join_chunk(chunk, effects, calibrator_keys, result)
             except StoreUnavailable as error:
                 if start == 0:
                     raise
@@ -249,23 +270,107 @@ class RedisStore:
                     "again, those joined come back as duplicate)",
                     result, [i for i, _ in labels[start:]],
                 ) from error
-            self._collect(chunk, outcomes, result)
         return result
 
+    def _join_chunk(self, chunk: Sequence[tuple[str, float]], effects: EffectsFn | None,
+                    calibrator_keys: dict[str, str], result: JoinResult) -> None:
+        """One optimistic transaction: WATCH the records and calibrators, read them, compute the
+        effects here, then write labels and effects in MULTI/EXEC. EXEC fails if another writer
+        (a replica joining the same id, a calibrator update, a new prediction under an id) got
+        there first, and the chunk is read and computed again."""
+        keys: list[str] = []
+        for prediction_id, _ in chunk:
+            keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
+        with self._redis.pipeline() as pipe:
+            for _ in range(MAX_CALIBRATOR_RETRIES):
+                try:
+                    pipe.watch(*keys, *calibrator_keys.values())
+                    outcomes = self._peek_labels_script(keys=keys, client=pipe)
+                    states = {name: pipe.get(key) for name, key in calibrator_keys.items()}
+                    joined, waiting, other = self._sort(chunk, outcomes)
+                    labelled_at = time.time()
+                    for record, (_, label) in zip(joined, waiting, strict=True):
+                        record.label, record.labelled_at = float(label), labelled_at
+                    changes = LabelEffects()
+                    if effects is not None and joined:
+                        changes = effects(joined, states)
+                        self._check_effects(changes, calibrator_keys, pipe)
+                    pipe.multi()
+                    if joined:
+                        self._queue_marks(pipe, waiting, labelled_at)
+                    for name, rows, cap in changes.memories:
+                        self._queue_append(pipe, name, memory_rows(rows, cap), cap)
+                    for name, state in changes.calibrators.items():
+                        pipe.set(calibrator_keys[name], bytes(state))
+                    pipe.execute()
+                except WatchError:
+                    continue
+                finally:
+                    pipe.reset()
+                result.joined += joined
+                for kind, prediction_id in other:
+                    getattr(result, kind).append(prediction_id)
+                return
+        raise StoreUnavailable(
+            f"{MAX_CALIBRATOR_RETRIES} concurrent writers in a row changed these labels' records "
+            "or calibrators first; nothing was written"
+        )
+
     @staticmethod
-    def _collect(chunk: Sequence[tuple[str, float]], outcomes: list, result: JoinResult) -> None:
-        for (prediction_id, _), outcome in zip(chunk, outcomes, strict=True):
+    def _sort(chunk: Sequence[tuple[str, float]], outcomes: list
+              ) -> tuple[list[PredictionRecord], list[tuple[str, float]], list[tuple[str, str]]]:
+        """Records to join (first label per live id, in order), their labels, and the rest."""
+        joined: list[PredictionRecord] = []
+        waiting: list[tuple[str, float]] = []
+        other: list[tuple[str, str]] = []
+        taken: set[str] = set()
+        for (prediction_id, label), outcome in zip(chunk, outcomes, strict=True):
             status = outcome[0]
-            if status == b"joined":
+            if status == b"live" and prediction_id not in taken:
+                taken.add(prediction_id)
                 flat = outcome[1]  # HGETALL: field, value, field, value...
-                fields = dict(zip(flat[::2], flat[1::2], strict=True))
-                result.joined.append(PredictionRecord.from_fields(fields))
-            elif status == b"duplicate":
-                result.duplicate.append(prediction_id)
-            elif status == b"expired":
-                result.expired.append(prediction_id)
+                joined.append(PredictionRecord.from_fields(dict(zip(flat[::2], flat[1::2],
+                                                                    strict=True))))
+                waiting.append((prediction_id, label))
+            elif status in (b"live", b"duplicate"):
+                other.append(("duplicate", prediction_id))
             else:
-                result.unknown.append(prediction_id)
+                other.append((status.decode(), prediction_id))
+        return joined, waiting, other
+
+    def _queue_marks(self, pipe: redis.client.Pipeline, waiting: list[tuple[str, float]],
+                     labelled_at: float) -> None:
+        keys: list[str] = []
+        args: list[bytes] = [repr(labelled_at).encode(), str(self._grace_ms).encode()]
+        for prediction_id, label in waiting:
+            keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
+            args.append(repr(float(label)).encode())
+        self._mark_labels_script(keys=keys, args=args, client=pipe)
+
+    def _check_effects(self, changes: LabelEffects, calibrator_keys: dict[str, str],
+                       pipe: redis.client.Pipeline) -> None:
+        """Refuse effects that EXEC would half-apply: unasked calibrators, rows of a new width."""
+        unasked = set(changes.calibrators) - set(calibrator_keys)
+        if unasked:
+            raise ValueError(f"effects wrote calibrators {sorted(unasked)} the join was not "
+                             "asked to read")
+        for name, rows, cap in changes.memories:
+            rows = memory_rows(rows, cap)
+            first = pipe.lindex(self._keys.memory(name), 0)
+            if first is not None and len(rows) and len(first) != rows.shape[1] * rows.itemsize:
+                raise ValueError(
+                    f"memory {name!r} holds rows of {len(first) // 4} values; these have "
+                    f"{rows.shape[1]}: clear it (clear_memory) before storing rows of a new width"
+                )
+
+    def _queue_append(self, pipe: redis.client.Pipeline, name: str, rows: np.ndarray,
+                      cap: int) -> None:
+        width = rows.shape[1] * rows.itemsize
+        for start in range(0, len(rows), MEMORY_CHUNK):
+            chunk = rows[start:start + MEMORY_CHUNK]
+            self._append_memory_script(keys=[self._keys.memory(name)],
+                                       args=[int(cap), width, *(row.tobytes() for row in chunk)],
+                                       client=pipe)
 
     def save_adapter(self, blob: bytes) -> int:
         # INCR alone hands out a version no replica reuses; the writes that depend on it go in one

@@ -29,3 +29,13 @@ def poisoned() -> nn.Module:
 def regressor() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+class _Doubler(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(1, keepdim=True) * 2
+
+
+def no_linear() -> nn.Module:
+    """A regressor with no nn.Linear at all, so it has no features to key a memory by."""
+    return _Doubler()

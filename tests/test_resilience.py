@@ -61,9 +61,9 @@ class FailsHalfway:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def join_labels(self, labels):
+    def join_labels(self, labels, effects=None, calibrators=()):
         half = len(labels) // 2
-        joined = self.inner.join_labels(labels[:half])
+        joined = self.inner.join_labels(labels[:half], effects, calibrators)
         raise PartialJoin("the store went away", joined, [i for i, _ in labels[half:]])
 
 

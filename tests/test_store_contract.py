@@ -19,6 +19,7 @@ import redis
 from redis_server import RedisServer, free_port
 
 from store import JoinResult, MemoryStore, PredictionRecord, Store, StoreUnavailable
+from store.base import LabelEffects
 from store.keys import Keys
 from store.redis import RedisStore
 
@@ -50,6 +51,7 @@ def prediction(
         model_version="digits-cnn@3",
         adapter_version=7,
         extra={"set": [2, 1], "alpha": 0.1, "note": "é"},
+        arrays={"base": np.array([0.1, 0.1, 0.6, 0.2], dtype=np.float32)},
     )
 
 
@@ -69,6 +71,10 @@ def assert_same_prediction(actual: PredictionRecord | None, expected: Prediction
     assert actual.model_version == expected.model_version
     assert actual.adapter_version == expected.adapter_version
     assert actual.extra == expected.extra
+    assert actual.arrays.keys() == expected.arrays.keys()
+    for name, values in expected.arrays.items():
+        assert actual.arrays[name].dtype == np.float32
+        np.testing.assert_array_equal(actual.arrays[name], values)
 
 
 def ids_by_outcome(result: JoinResult) -> dict[str, list[str]]:
@@ -371,7 +377,7 @@ def test_redis_a_join_whose_marker_was_evicted_gives_the_marker_a_ttl_again(
     assert 0 < redis_client.pttl(keys.seen("evicted-marker")) <= 90_000
 
 
-def test_redis_a_whole_batch_of_labels_is_joined_by_one_script_call(
+def test_redis_a_whole_batch_of_labels_is_joined_by_one_transaction(
     redis_store: RedisStore, redis_client: redis.Redis
 ) -> None:
     redis_store.put_predictions([prediction(f"batch-{i}") for i in range(50)])
@@ -380,13 +386,16 @@ def test_redis_a_whole_batch_of_labels_is_joined_by_one_script_call(
     def calls(command: str) -> int:
         return redis_client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
 
-    before = {command: calls(command) for command in ("evalsha", "eval", "hset")}
+    commands = ("evalsha", "eval", "hset", "exec", "watch")
+    before = {command: calls(command) for command in commands}
     result = redis_store.join_labels([(f"batch-{i}", 1.0) for i in range(50)])
-    after = {command: calls(command) for command in ("evalsha", "eval", "hset")}
+    after = {command: calls(command) for command in commands}
 
     assert len(result.joined) == 50
-    assert after["evalsha"] - before["evalsha"] == 1
+    assert after["watch"] - before["watch"] == 1
+    assert after["evalsha"] - before["evalsha"] == 2  # the peek, then the marks inside MULTI
     assert after["eval"] - before["eval"] == 0
+    assert after["exec"] - before["exec"] == 1
     assert after["hset"] - before["hset"] == 50  # inside the script, one per joined record
 
 
@@ -400,11 +409,11 @@ def test_redis_a_large_batch_is_joined_in_chunks_that_keep_order_and_once_per_id
     redis_store.join_labels([("warm-up: loads the script", 0.0)])
     # the repeat of big-0 lies in the last chunk: still a duplicate of the first chunk's join
     labels = [(f"big-{i}", 1.0) for i in range(count)] + [("big-0", 2.0)]
-    before = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    before = redis_client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
     result = redis_store.join_labels(labels)
-    after = redis_client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    after = redis_client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0)
 
-    assert after - before == 3
+    assert after - before == 3  # one transaction per chunk
     assert [r.id for r in result.joined] == [f"big-{i}" for i in range(count)]
     assert result.duplicate == ["big-0"]
     assert redis_store.get_prediction("big-0").label == 1.0
@@ -721,3 +730,87 @@ def test_concurrent_calibrator_updates_from_many_threads_lose_none(make_store) -
     for thread in threads:
         thread.join()
     assert shared[0].load_calibrator("conformal") == b"400"
+
+
+# --- effects joined with their labels: both or neither, once per label -------------------------
+
+
+def _effects(joined: list[PredictionRecord], states: dict[str, bytes | None]) -> LabelEffects:
+    """One memory row per joined record (its label, then its features) and a count of them."""
+    rows = np.stack([np.concatenate([[r.label], r.features]) for r in joined]).astype(np.float32)
+    count = int(states["conformal"] or b"0") + len(joined)
+    return LabelEffects(memories=[("errors", rows, 1000)],
+                        calibrators={"conformal": str(count).encode()})
+
+
+def test_effects_are_written_with_the_labels_and_never_for_a_duplicate(store: Store) -> None:
+    store.put_predictions([prediction(f"fx-{i}") for i in range(3)])
+
+    first = store.join_labels([("fx-0", 1.0), ("fx-1", 2.0), ("fx-0", 3.0), ("nope", 1.0)],
+                              effects=_effects, calibrators=["conformal"])
+    again = store.join_labels([("fx-1", 2.0), ("fx-2", 0.0)],
+                              effects=_effects, calibrators=["conformal"])
+
+    assert [r.id for r in first.joined] == ["fx-0", "fx-1"]
+    assert first.duplicate == ["fx-0"] and first.unknown == ["nope"]
+    assert [r.id for r in again.joined] == ["fx-2"] and again.duplicate == ["fx-1"]
+    assert [r.label for r in first.joined] == [1.0, 2.0]  # the effects saw the labels
+    assert store.load_memory("errors")[:, 0].tolist() == [1.0, 2.0, 0.0]
+    assert store.load_calibrator("conformal") == b"3"
+
+
+def test_effects_that_raise_leave_the_labels_unjoined(store: Store) -> None:
+    store.put_predictions([prediction("fx-raise")])
+
+    def broken(joined: list[PredictionRecord], states: dict[str, bytes | None]) -> LabelEffects:
+        raise RuntimeError("no effects today")
+
+    with pytest.raises(RuntimeError):
+        store.join_labels([("fx-raise", 1.0)], effects=broken)
+    assert store.get_prediction("fx-raise").label is None
+    assert len(store.join_labels([("fx-raise", 1.0)], effects=_effects,
+                                 calibrators=["conformal"]).joined) == 1
+
+
+def test_effects_writing_an_unread_calibrator_or_a_new_row_width_write_nothing(
+    store: Store,
+) -> None:
+    store.put_predictions([prediction("fx-width")])
+    store.append_memory("errors", np.zeros((1, 3), dtype=np.float32), cap=10)
+
+    with pytest.raises(ValueError, match="3 values"):
+        store.join_labels([("fx-width", 1.0)], effects=_effects, calibrators=["conformal"])
+    with pytest.raises(ValueError, match="not asked"):
+        store.join_labels([("fx-width", 1.0)],
+                          effects=lambda joined, states: LabelEffects(calibrators={"x": b"1"}))
+    assert store.get_prediction("fx-width").label is None
+    assert store.load_memory("errors").shape == (1, 3)
+    assert store.load_calibrator("conformal") is None
+
+
+def test_replicas_joining_at_once_apply_every_label_exactly_once(make_store) -> None:
+    namespace = f"test:{uuid.uuid4().hex}"
+    stores = [make_store(namespace=namespace) for _ in range(4)]
+    shared = stores if stores[0].backend == "redis" else [stores[0]] * 4
+    ids = [f"race-{i}" for i in range(400)]
+    shared[0].put_predictions([prediction(i) for i in ids])
+    rng = random.Random(7)
+    # every replica gets every label, in its own order, in batches: each id is raced four ways
+    orders = [rng.sample(ids, len(ids)) for _ in shared]
+    joined: list[str] = []
+
+    def work(replica: Store, order: list[str]) -> None:
+        for start in range(0, len(order), 25):
+            batch = [(i, 1.0) for i in order[start:start + 25]]
+            result = replica.join_labels(batch, effects=_effects, calibrators=["conformal"])
+            joined.extend(r.id for r in result.joined)
+
+    threads = [threading.Thread(target=work, args=(replica, order))
+               for replica, order in zip(shared, orders, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(joined) == sorted(ids)
+    assert shared[0].load_calibrator("conformal") == b"400"
+    assert len(shared[0].load_memory("errors")) == 400

@@ -18,15 +18,15 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)])
 @router.post("/v1/admin/reset", response_model=AdapterState)
 async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterState:
     """Return the adapter to the source weights (after the batches already queued)."""
-    memory_reset = await runtime.engine.run(runtime.engine.reset_adapter)
-    memory = runtime.engine.memory
-    if memory_reset and memory is not None and runtime.settings.adapter.memory.persist:
-        try:
-            await runtime.store.call("clear_memory", runtime.store.store.clear_memory, memory.name)
-        except StoreUnavailable as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                f"the adapter was reset, but its stored memory was not: {exc}; "
-                                "reset again when the store is back") from None
+    cleared = await runtime.engine.run(runtime.engine.reset_adapter)
+    try:
+        for name in cleared:
+            if name in runtime.persisted_memories:
+                await runtime.store.call("clear_memory", runtime.store.store.clear_memory, name)
+    except StoreUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            f"the adapter was reset, but its stored memory was not: {exc}; "
+                            "reset again when the store is back") from None
     return adapter_state(runtime)
 
 

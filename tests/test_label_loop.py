@@ -1,0 +1,187 @@
+"""The label loop in the running service: labels feed the error memory (ReLoop2 compensation), the
+regression output corrector and the supervised step, exactly once, through the store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from harness import metric, serving, settings_for
+from redis_server import RedisServer
+
+from service.demo import digits_split
+from tests.models import regressor
+
+REGRESSOR = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+             "input_shape": [3], "num_classes": None}
+
+
+def test_labels_pull_a_repeated_input_towards_its_label_and_the_memory_grows_once() -> None:
+    """Eight predictions of one image, all labelled with a class the model did not predict:
+    with γ = 1 and λ = 0.5 every neighbour is that image, so the next prediction is
+    p + 0.5 (onehot - p) exactly, and a repeated label adds nothing."""
+    _, _, x_test, _ = digits_split()
+    image = x_test[0].tolist()
+
+    async def scenario():
+        async with serving(compensation={"kind": "exact", "weight": 0.5, "k": 10}) as (client, app):
+            first = (await client.post("/v1/predict", json={
+                "inputs": [image] * 8, "ids": [f"same-{i}" for i in range(8)]})).json()
+            probs = first["predictions"][0]["probabilities"]
+            wrong = int(np.argsort(probs)[0])  # the class the model finds least likely
+            labels = {"labels": [{"id": f"same-{i}", "label": wrong} for i in range(8)]}
+            joined = (await client.post("/v1/feedback", json=labels)).json()
+            again = (await client.post("/v1/feedback", json=labels)).json()
+            after = (await client.post("/v1/predict", json={"inputs": [image]})).json()
+            runtime = app.state.runtime
+            stored = runtime.store.store.load_memory("error_memory")
+            return (probs, wrong, joined, again, after["predictions"][0], stored,
+                    len(runtime.engine.compensation), metric(app, "adaptd_memory_size",
+                                                             memory="error_memory"))
+
+    probs, wrong, joined, again, after, stored, size, gauge = asyncio.run(scenario())
+    assert joined["joined"] == 8 and again["duplicate"] == [f"same-{i}" for i in range(8)]
+    assert size == 8 and gauge == 8.0 and stored.shape[0] == 8
+    expected = np.array(probs) + 0.5 * (np.eye(10)[wrong] - np.array(probs))
+    np.testing.assert_allclose(after["probabilities"], expected, atol=1e-5)
+    assert after["prediction"] == int(np.argmax(expected))
+
+
+def test_a_regressor_is_compensated_halfway_towards_what_its_neighbours_turned_out_to_be() -> None:
+    inputs = np.array([[0.1, 0.2, 0.3]] * 4, dtype=np.float32)
+    with torch.inference_mode():
+        source = float(regressor()(torch.from_numpy(inputs[:1]))[0, 0])
+
+    async def scenario():
+        async with serving(model=REGRESSOR, compensation={"kind": "exact", "weight": 0.5},
+                           adapter={"name": "none"}) as (client, _):
+            await client.post("/v1/predict", json={"inputs": inputs.tolist(),
+                                                   "ids": ["r0", "r1", "r2", "r3"]})
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": f"r{i}", "label": source + 2.0} for i in range(4)]})
+            return (await client.post("/v1/predict", json={"inputs": inputs[:1].tolist()})).json()
+
+    after = asyncio.run(scenario())["predictions"][0]
+    assert after["prediction"] == pytest.approx(source + 1.0, abs=1e-5)
+
+
+def test_the_output_corrector_learns_an_offset_from_labels() -> None:
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(256, 3)).astype(np.float32)
+    with torch.inference_mode():
+        source = regressor()(torch.from_numpy(inputs))[:, 0].numpy()
+
+    async def scenario():
+        async with serving(model=REGRESSOR, adapter={"name": "none"},
+                           correction={"enabled": True, "learning_rate": 0.01, "steps": 5,
+                                       "hidden": 32}) as (client, app):
+            errors = []
+            for start in range(0, 256, 32):
+                ids = [f"c{i}" for i in range(start, start + 32)]
+                rows = (await client.post("/v1/predict", json={
+                    "inputs": inputs[start:start + 32].tolist(), "ids": ids})).json()
+                predicted = np.array([r["prediction"] for r in rows["predictions"]])
+                truth = source[start:start + 32] + 1.5
+                errors.append(float(np.abs(predicted - truth).mean()))
+                await client.post("/v1/feedback", json={"labels": [
+                    {"id": i, "label": float(y)} for i, y in zip(ids, truth, strict=True)]})
+            return errors, metric(app, "adaptd_correction_steps_total")
+
+    errors, steps = asyncio.run(scenario())
+    assert errors[0] == pytest.approx(1.5, abs=1e-3)  # the corrector starts as the identity
+    assert errors[-1] < 0.5 * errors[0]
+    assert steps == 8
+
+
+def test_a_model_without_normalisation_adapts_to_labels_through_a_low_rank_adapter() -> None:
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(128, 3)).astype(np.float32)
+    with torch.inference_mode():
+        source = regressor()(torch.from_numpy(inputs))[:, 0].numpy()
+
+    async def scenario():
+        async with serving(model=REGRESSOR, adapter={"name": "none"},
+                           feedback={"supervised": {"enabled": True, "learning_rate": 0.01,
+                                                    "batch_size": 32}}) as (client, app):
+            engine = app.state.runtime.engine
+            assert engine.supervised.param_names[-1].endswith("lora_B")
+            for _ in range(12):
+                for start in range(0, 128, 32):
+                    ids = [f"s{uuid.uuid4().hex}" for _ in range(32)]
+                    await client.post("/v1/predict", json={
+                        "inputs": inputs[start:start + 32].tolist(), "ids": ids})
+                    await client.post("/v1/feedback", json={"labels": [
+                        {"id": i, "label": float(y + 1.0)}
+                        for i, y in zip(ids, source[start:start + 32], strict=True)]})
+            adapted = (await client.post("/v1/predict", json={"inputs": inputs.tolist()[:64]}
+                                         )).json()
+            steps = metric(app, "adaptd_supervised_steps_total")
+            await client.post("/v1/admin/reset")
+            reset = (await client.post("/v1/predict", json={"inputs": inputs.tolist()[:64]})).json()
+            return adapted, reset, steps
+
+    adapted, reset, steps = asyncio.run(scenario())
+    moved = np.array([r["prediction"] for r in adapted["predictions"]]) - source[:64]
+    assert steps == 48
+    assert np.mean(np.abs(moved - 1.0)) < 0.35  # most of the way to the +1 the labels showed
+    np.testing.assert_allclose([r["prediction"] for r in reset["predictions"]], source[:64],
+                               atol=1e-5)
+
+
+def test_an_operator_reset_empties_the_error_memory_and_its_stored_rows() -> None:
+    _, _, x_test, y_test = digits_split()
+
+    async def scenario():
+        async with serving(compensation={"kind": "hashed"}) as (client, app):
+            ids = [f"h{i}" for i in range(16)]
+            await client.post("/v1/predict", json={"inputs": x_test[:16].tolist(), "ids": ids})
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:16], strict=True)]})
+            runtime = app.state.runtime
+            before = (len(runtime.engine.compensation),
+                      len(runtime.store.store.load_memory("error_memory")))
+            await client.post("/v1/admin/reset")
+            after = (len(runtime.engine.compensation),
+                     len(runtime.store.store.load_memory("error_memory")))
+            return before, after
+
+    assert asyncio.run(scenario()) == ((16, 16), (0, 0))
+
+
+def test_the_error_memory_comes_back_from_redis_after_a_restart(redis_server: RedisServer) -> None:
+    _, _, x_test, y_test = digits_split()
+    settings = settings_for(compensation={"kind": "exact"},
+                            store={"url": redis_server.url, "namespace": uuid.uuid4().hex})
+
+    async def first_life():
+        async with serving(settings) as (client, app):
+            ids = [f"life-{i}" for i in range(40)]
+            await client.post("/v1/predict", json={"inputs": x_test[:40].tolist(), "ids": ids})
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:40], strict=True)]})
+            return app.state.runtime.engine.compensation.rows()
+
+    async def second_life():
+        async with serving(settings) as (_, app):
+            return app.state.runtime.engine.compensation.rows()
+
+    before = asyncio.run(first_life())
+    np.testing.assert_array_equal(asyncio.run(second_life()), before)
+    assert before.shape[0] == 40
+
+
+def test_compensation_on_a_model_without_a_linear_layer_is_refused_at_start() -> None:
+    from service.runtime import build_engine
+
+    settings = settings_for(model={"factory": "tests.models:no_linear", "name": "conv",
+                                   "task": "regression", "input_shape": [3], "num_classes": None},
+                            compensation={"kind": "exact"})
+    with pytest.raises(ValueError, match="compensation.kind = 'off'"):
+        from service.events import EventLog
+        from service.metrics import Metrics
+
+        metrics = Metrics()
+        build_engine(settings, metrics, EventLog(metrics))
