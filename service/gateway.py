@@ -20,7 +20,8 @@ from store import Store, StoreUnavailable
 T = TypeVar("T")
 
 STORE_OPS = ("put_predictions", "join_labels", "save_adapter", "load_adapter", "append_memory",
-             "load_memory", "clear_memory")
+             "load_memory", "clear_memory", "read_label_stream", "ack_label_stream",
+             "ensure_label_group")
 
 
 class StoreGateway:

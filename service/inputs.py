@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -82,12 +84,36 @@ def check_labels(labels: Sequence[tuple[str, float]], model: LoadedModel, limit:
     """Every label must fit the task: a class index in range, or a finite value."""
     if len(labels) > limit:
         raise InvalidInput(f"{len(labels)} labels in one request; the limit is {limit}")
-    if model.task != "classification":
-        return
-    classes = model.num_classes or 0
     for index, (_, label) in enumerate(labels):
-        if label != int(label) or not 0 <= label < classes:
-            raise InvalidInput(
-                f"labels[{index}].label is {label:g}; a class index is an integer from 0 to "
-                f"{classes - 1}"
-            )
+        problem = label_problem(label, model)
+        if problem is not None:
+            raise InvalidInput(f"labels[{index}].label {problem}")
+
+
+def label_problem(label: float, model: LoadedModel) -> str | None:
+    """Why this label does not fit the task, or None when it does.
+
+    >>> from types import SimpleNamespace
+    >>> classifier = SimpleNamespace(task="classification", num_classes=3)
+    >>> label_problem(2.0, classifier) is None, label_problem(3.0, classifier)
+    (True, 'is 3; a class index is an integer from 0 to 2')
+    """
+    if not math.isfinite(label):
+        return f"is {label}; a label must be a finite number"
+    if model.task != "classification":
+        return None
+    classes = model.num_classes or 0
+    if label != int(label) or not 0 <= label < classes:
+        return f"is {label:g}; a class index is an integer from 0 to {classes - 1}"
+    return None
+
+
+ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def id_problem(prediction_id: str) -> str | None:
+    """Why this id cannot name a prediction, or None (the rule the request schemas apply)."""
+    if not ID_PATTERN.match(prediction_id):
+        return (f"id {prediction_id[:40]!r} must be 1 to 128 printable ASCII characters "
+                "without spaces")
+    return None

@@ -20,6 +20,7 @@ from service.engine import Compensation, Engine
 from service.events import EventLog
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
+from service.label_stream import LabelStreamConsumer
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
 from service.predictor import PredictionRow, Predictor
@@ -49,6 +50,7 @@ class Runtime:
     quality: RollingQuality
     events: EventLog
     persisted_memories: frozenset[str]
+    stream: LabelStreamConsumer | None = None
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -73,12 +75,18 @@ class Runtime:
         batcher.start()
         quality = RollingQuality(model.task, settings.feedback.rolling_window)
         feedback = FeedbackService(store, metrics, quality, engine, persisted)
+        stream = None
+        if settings.feedback.stream:
+            stream = LabelStreamConsumer(store, feedback, model, settings.feedback, metrics)
+            stream.start()
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
                  settings.adapter.name, store.store.backend)
         return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
-                   events, persisted)
+                   events, persisted, stream)
 
     async def stop(self) -> None:
+        if self.stream is not None:
+            await self.stream.stop()
         await self.batcher.stop()
         self.engine.close()
         self.store.store.close()

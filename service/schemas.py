@@ -67,6 +67,17 @@ class FeedbackResponse(BaseModel):
     expired: list[str]
 
 
+class BulkFeedbackResponse(BaseModel):
+    labels: int = Field(description="labels read from the body")
+    joined: int
+    unknown: int
+    duplicate: int
+    expired: int
+    examples: dict[str, list[str]] = Field(
+        description="up to 20 ids per outcome that was not a join (unknown, duplicate, expired)"
+    )
+
+
 class ModelState(BaseModel):
     name: str
     task: str

@@ -61,6 +61,16 @@ class Keys:
             raise ValueError("a memory needs a name, such as 'adanpc'")
         return f"{self.prefix}memory:{name}"
 
+    def labels(self) -> str:
+        """The Stream that label producers add to (fields ``id`` and ``label``), consumed by the
+        replicas as one consumer group."""
+        return f"{self.prefix}labels"
+
+    def dead_labels(self) -> str:
+        """The capped Stream where malformed label entries go, with the reason, instead of being
+        lost or blocking the ones behind them."""
+        return f"{self.prefix}labels:dead"
+
     def calibrator(self, name: str) -> str:
         """The state of one named online conformal calibrator, shared by every replica."""
         if not name:

@@ -47,6 +47,9 @@ HEALTH_CHECK_INTERVAL_S = 30
 # an optimistic calibrator update retries this often when other replicas keep winning the race
 MAX_CALIBRATOR_RETRIES = 50
 
+# the dead-letter stream keeps about this many malformed label entries, newest last
+DEAD_LABELS_KEPT = 10_000
+
 # A script blocks the whole server while it runs: a large batch of labels is joined in chunks of
 # this many ids (each id is still joined atomically, and in order across chunks).
 JOIN_CHUNK = 1000
@@ -467,6 +470,73 @@ class RedisStore:
     def clear_calibrator(self, name: str) -> None:
         with self._unavailable("clear a calibrator"):
             self._redis.delete(self._keys.calibrator(name))
+
+    # --- the label stream: at-least-once delivery, made exactly-once by the join -------------
+
+    def ensure_label_group(self, group: str) -> None:
+        """Create the consumer group (and the stream) if missing; it starts from the stream's
+        first entry, so labels added before the first replica started are consumed too."""
+        with self._unavailable("create the label stream's group"):
+            try:
+                self._redis.xgroup_create(self._keys.labels(), group, id="0", mkstream=True)
+            except ResponseError as error:
+                if "BUSYGROUP" not in str(error):
+                    raise
+
+    def publish_labels(self, labels: Sequence[tuple[str, float]]) -> list[bytes]:
+        """Add labels to the stream, one entry each (what a producer does; here for tools and
+        tests). Returns the entry ids."""
+        with self._unavailable("add labels to the stream"), self._redis.pipeline(
+                transaction=False) as pipe:
+            for prediction_id, label in labels:
+                pipe.xadd(self._keys.labels(), {"id": prediction_id, "label": repr(float(label))})
+            return pipe.execute()
+
+    def read_label_stream(self, group: str, consumer: str, count: int, block_ms: int,
+                          claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]]]:
+        """The next entries for this consumer, and where they came from: ``pending`` (delivered
+        to it before and never acknowledged: a failed apply), ``claimed`` (from a consumer idle
+        for `claim_idle_ms`, presumed dead) or ``new``. An entry's fields are {} when it was
+        deleted while pending. Waits up to `block_ms` for new entries."""
+        key = self._keys.labels()
+        with self._unavailable("read the label stream"):
+            try:
+                return self._read_labels(key, group, consumer, count, block_ms, claim_idle_ms)
+            except ResponseError as error:
+                if "NOGROUP" not in str(error):
+                    raise
+            self.ensure_label_group(group)  # the stream was deleted under us: start it again
+            return self._read_labels(key, group, consumer, count, block_ms, claim_idle_ms)
+
+    def _read_labels(self, key: str, group: str, consumer: str, count: int, block_ms: int,
+                     claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]]]:
+        pending = self._redis.xreadgroup(group, consumer, {key: "0"}, count=count)
+        if pending and pending[0][1]:
+            return "pending", [(entry_id, fields or {}) for entry_id, fields in pending[0][1]]
+        claimed = self._redis.xautoclaim(key, group, consumer, min_idle_time=claim_idle_ms,
+                                         start_id="0-0", count=count)
+        if claimed[1]:
+            return "claimed", [(entry_id, fields or {}) for entry_id, fields in claimed[1]]
+        new = self._redis.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
+        return "new", [] if not new else [(e, f or {}) for e, f in new[0][1]]
+
+    def ack_label_stream(self, group: str, entry_ids: Sequence[bytes],
+                         dead: Sequence[tuple[bytes, dict, str]] = ()) -> int:
+        """Acknowledge and delete entries whose effects are stored; malformed ones (`dead`: id,
+        fields, reason) go to the dead-letter stream in the same transaction. Returns how many
+        entries the stream still holds (the backlog, pending ones included)."""
+        key = self._keys.labels()
+        ids = [*entry_ids, *(entry_id for entry_id, _, _ in dead)]
+        with self._unavailable("acknowledge labels"), self._redis.pipeline() as pipe:
+            for entry_id, fields, reason in dead:
+                pipe.xadd(self._keys.dead_labels(),
+                          {**fields, "entry": entry_id, "reason": reason.encode()},
+                          maxlen=DEAD_LABELS_KEPT, approximate=True)
+            if ids:
+                pipe.xack(key, group, *ids)
+                pipe.xdel(key, *ids)
+            pipe.xlen(key)
+            return int(pipe.execute()[-1])
 
     def close(self) -> None:
         # the client owns its pool (from_url), so this disconnects every pooled connection

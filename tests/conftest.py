@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 from redis_server import RedisServer
 
 from store import MemoryStore, Store
@@ -96,3 +97,11 @@ def make_store(
 @pytest.fixture
 def store(make_store: Callable[..., Store]) -> Store:
     return make_store()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain client on the test server, for looking at what the store wrote."""
+    client = redis_server.client()
+    yield client
+    client.close()

@@ -339,13 +339,6 @@ def redis_store(redis_server: RedisServer) -> Iterator[RedisStore]:
     store.close()
 
 
-@pytest.fixture
-def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    yield client
-    client.close()
-
-
 def all_keys(client: redis.Redis) -> set[bytes]:
     """Every key on the server, read with SCAN (the tests only read; the store never scans)."""
     return set(client.scan_iter(count=1000))

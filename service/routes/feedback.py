@@ -1,16 +1,24 @@
-"""POST /v1/feedback."""
+"""POST /v1/feedback (one or many labels) and /v1/feedback/bulk (newline-delimited JSON)."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import ValidationError
 
 from service.deps import get_runtime, require_token
-from service.inputs import InvalidInput, check_labels
+from service.inputs import InvalidInput, check_labels, label_problem
 from service.runtime import Runtime
-from service.schemas import FeedbackRequest, FeedbackResponse
-from store import StoreUnavailable
+from service.schemas import BulkFeedbackResponse, FeedbackRequest, FeedbackResponse, Label
+from store import JoinResult, PartialJoin, StoreUnavailable
+
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/jsonlines")
+# labels joined per store call on the bulk route
+BULK_CHUNK = 5000
+EXAMPLES = 20
+NDJSON_LINE = 'one label per line: {"id": ..., "label": ...}'
 
 router = APIRouter(tags=["feedback"])
 
@@ -45,3 +53,88 @@ async def feedback(
         duplicate=result.duplicate,
         expired=result.expired,
     )
+
+
+@router.post(
+    "/v1/feedback/bulk",
+    response_model=BulkFeedbackResponse,
+    dependencies=[Depends(require_token)],
+    openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": {
+        "schema": {"type": "string",
+                   "description": 'one label per line: {"id": ..., "label": ...}'},
+    }}}},
+    responses={
+        413: {"description": "the body is larger than max_body_bytes; split it"},
+        415: {"description": "the body is not newline-delimited JSON"},
+        422: {"description": "a line that is not a label for this model; nothing was applied"},
+        503: {"description": "the store is unreachable: send the whole body again; labels "
+                             "joined before the failure come back as duplicate"},
+    },
+)
+async def feedback_bulk(
+    request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> BulkFeedbackResponse:
+    """A back-fill of labels as newline-delimited JSON, one `{"id": ..., "label": ...}` per line,
+    read as it streams in. Every line is checked before any label is applied: one bad line
+    rejects the body with its line number. Then labels are joined in order, exactly once per id,
+    as `POST /v1/feedback` joins them."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in NDJSON_TYPES:
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+                            f"send newline-delimited JSON with Content-Type "
+                            f"application/x-ndjson, not {content_type or 'no content type'!r}")
+    labels: list[tuple[str, float]] = []
+    pending = b""
+    number = 0
+    async for chunk in request.stream():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            number += 1
+            _read_line(line, number, runtime, labels)
+    if pending.strip():
+        _read_line(pending, number + 1, runtime, labels)
+    if not labels:
+        raise HTTPException(422, "the body holds no labels: send one JSON object per line")
+    total = JoinResult()
+    for start in range(0, len(labels), BULK_CHUNK):
+        try:
+            result = await runtime.feedback.apply(labels[start:start + BULK_CHUNK])
+        except StoreUnavailable as exc:
+            joined = len(total.joined)
+            if isinstance(exc, PartialJoin):
+                joined += len(exc.result.joined)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                f"{exc}; {joined} of {len(labels)} labels were joined before the "
+                                "failure: send the whole body again, those come back as "
+                                "duplicate") from None
+        total.joined += result.joined
+        total.unknown += result.unknown
+        total.duplicate += result.duplicate
+        total.expired += result.expired
+    return BulkFeedbackResponse(
+        labels=len(labels), joined=len(total.joined), unknown=len(total.unknown),
+        duplicate=len(total.duplicate), expired=len(total.expired),
+        examples={name: ids[:EXAMPLES] for name, ids in (
+            ("unknown", total.unknown), ("duplicate", total.duplicate),
+            ("expired", total.expired)) if ids},
+    )
+
+
+def _read_line(line: bytes, number: int, runtime: Runtime,
+               labels: list[tuple[str, float]]) -> None:
+    if not line.strip():
+        return
+    try:
+        item = Label.model_validate_json(line)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the line"
+        raise HTTPException(422, f"line {number}: {where}: {first['msg']}; nothing was "
+                                 "applied") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPException(422, f"line {number} is not JSON; nothing was applied") from None
+    problem = label_problem(item.label, runtime.model)
+    if problem is not None:
+        raise HTTPException(422, f"line {number}: label {problem}; nothing was applied")
+    labels.append((item.id, item.label))
