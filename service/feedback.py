@@ -13,17 +13,22 @@ import torch
 from service.engine import Engine, LabelledBatch
 from service.gateway import StoreGateway
 from service.metrics import Metrics
-from store import JoinResult, LabelEffects, PartialJoin, PredictionRecord
+from store import JoinResult, LabelEffects, LabelValue, PartialJoin, PredictionRecord
 
 
 class RollingQuality:
     """Error rate (classification) or mean absolute error (regression) over the last labels.
+
+    A multi-output regressor's error is the mean absolute error over its outputs.
 
     >>> quality = RollingQuality("classification", window=3)
     >>> for prediction, label in [(1, 1), (2, 0), (3, 3), (4, 0)]:
     ...     quality.update(prediction, label)
     >>> quality.value, quality.count
     (0.6666666666666666, 3)
+    >>> regression = RollingQuality("regression", window=3)
+    >>> regression.update([1.0, 2.0], [2.0, 4.0]); regression.value
+    1.5
     """
 
     def __init__(self, task: str, window: int) -> None:
@@ -33,11 +38,12 @@ class RollingQuality:
         self.seen = 0
         self._lock = threading.Lock()
 
-    def update(self, prediction: float, label: float) -> None:
+    def update(self, prediction: LabelValue, label: LabelValue) -> None:
         if self.task == "classification":
-            error = float(int(prediction) != int(label))
+            error = float(int(prediction) != int(label))  # type: ignore[arg-type]
         else:
-            error = abs(float(prediction) - float(label))
+            error = float(np.mean(np.abs(np.asarray(prediction, np.float64)
+                                         - np.asarray(label, np.float64))))
         with self._lock:
             if len(self.errors) == self.errors.maxlen:
                 self.total -= self.errors[0]
@@ -75,7 +81,7 @@ class FeedbackService:
         self.engine = engine
         self.persisted = persisted
 
-    async def apply(self, labels: Sequence[tuple[str, float]]) -> JoinResult:
+    async def apply(self, labels: Sequence[tuple[str, LabelValue]]) -> JoinResult:
         """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
         `PartialJoin` when it failed part-way, with the labels joined before applied."""
         compensation = self.engine.compensation
@@ -114,19 +120,23 @@ class FeedbackService:
             return None
         features = torch.from_numpy(np.stack([r.features for r in records]))
         base = torch.from_numpy(np.stack([r.arrays.get("base", r.outputs) for r in records]))
-        labels = torch.tensor([r.label for r in records], dtype=torch.float32)
+        labels = torch.from_numpy(self._labels(records))
         if self.engine.model.task == "classification":
             labels = labels.long()
-        else:
-            labels = labels.reshape(len(records), -1).expand(-1, base.shape[1])
         return compensation.pack(features, labels, base)
+
+    def _labels(self, records: list[PredictionRecord]) -> np.ndarray:
+        """Class indices (n,), or values (n, outputs) for a regressor."""
+        if self.engine.model.task == "classification":
+            return np.array([r.label for r in records], dtype=np.float32)
+        return np.array([np.atleast_1d(r.label) for r in records], dtype=np.float32)
 
     async def _absorb(self, result: JoinResult) -> None:
         self._record(result)
         records = self._usable(result.joined)
         if records is None:
             return
-        batch = LabelledBatch(labels=np.array([r.label for r in records], dtype=np.float32))
+        batch = LabelledBatch(labels=self._labels(records))
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])
             batch.compensation_rows = self._compensation_rows(records)
@@ -149,7 +159,10 @@ class FeedbackService:
         for record in joined:
             lag = (record.labelled_at or now) - record.created_at
             self.metrics.label_lag.observe(max(0.0, lag))
-            self.quality.update(record.prediction, record.label)
+            if self.engine.model.task == "classification" or record.outputs.size == 1:
+                self.quality.update(record.prediction, record.label)
+            else:
+                self.quality.update(record.outputs.tolist(), record.label)
         value = self.quality.value
         if value is not None:
             self.metrics.rolling_error.set(value)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.model import LoadedModel
+from store import LabelValue
 
 
 class InvalidInput(ValueError):
@@ -80,7 +81,7 @@ def prediction_ids(ids: Sequence[str] | None, count: int) -> list[str]:
     return list(ids)
 
 
-def check_labels(labels: Sequence[tuple[str, float]], model: LoadedModel, limit: int) -> None:
+def check_labels(labels: Sequence[tuple[str, LabelValue]], model: LoadedModel, limit: int) -> None:
     """Every label must fit the task: a class index in range, or a finite value."""
     if len(labels) > limit:
         raise InvalidInput(f"{len(labels)} labels in one request; the limit is {limit}")
@@ -90,18 +91,31 @@ def check_labels(labels: Sequence[tuple[str, float]], model: LoadedModel, limit:
             raise InvalidInput(f"labels[{index}].label {problem}")
 
 
-def label_problem(label: float, model: LoadedModel) -> str | None:
-    """Why this label does not fit the task, or None when it does.
+def label_problem(label: LabelValue, model: LoadedModel) -> str | None:
+    """Why this label does not fit the task, or None when it does: a class index in range; one
+    finite value for a single-output regressor, a list of one per output for a multi-output one.
 
     >>> from types import SimpleNamespace
     >>> classifier = SimpleNamespace(task="classification", num_classes=3)
     >>> label_problem(2.0, classifier) is None, label_problem(3.0, classifier)
     (True, 'is 3; a class index is an integer from 0 to 2')
+    >>> label_problem([1.0, 2.0], SimpleNamespace(task="regression", num_outputs=3))
+    'has 2 values; this model predicts 3 per sample'
     """
+    if model.task != "classification":
+        outputs = model.num_outputs
+        values = label if isinstance(label, list) else [label]
+        if not isinstance(label, list) and outputs > 1:
+            return f"is one number; this model predicts {outputs} values per sample: send a list"
+        if len(values) != outputs:
+            return f"has {len(values)} values; this model predicts {outputs} per sample"
+        if not all(math.isfinite(v) for v in values):
+            return "holds a value that is not finite"
+        return None
+    if isinstance(label, list):
+        return "is a list; a classifier's label is one class index"
     if not math.isfinite(label):
         return f"is {label}; a label must be a finite number"
-    if model.task != "classification":
-        return None
     classes = model.num_classes or 0
     if label != int(label) or not 0 <= label < classes:
         return f"is {label:g}; a class index is an integer from 0 to {classes - 1}"

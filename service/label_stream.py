@@ -24,7 +24,8 @@ from service.inputs import id_problem, label_problem
 from service.metrics import Metrics
 from service.model import LoadedModel
 from service.settings import FeedbackSettings
-from store import StoreUnavailable
+from store import LabelValue, StoreUnavailable
+from store.base import decode_label
 
 log = logging.getLogger("adaptd.labels")
 
@@ -38,7 +39,7 @@ def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"[:128]
 
 
-def parse_entry(fields: dict, model: LoadedModel) -> tuple[str, float] | str:
+def parse_entry(fields: dict, model: LoadedModel) -> tuple[str, LabelValue] | str:
     """An entry's (id, label), or why it cannot be one.
 
     >>> from types import SimpleNamespace
@@ -62,9 +63,9 @@ def parse_entry(fields: dict, model: LoadedModel) -> tuple[str, float] | str:
     if problem is not None:
         return problem
     try:
-        label = float(decoded[b"label"])
-    except ValueError:
-        return f"label {decoded[b'label'][:40]!r} is not a number"
+        label = decode_label(decoded[b"label"])
+    except (ValueError, TypeError):
+        return f"label {decoded[b'label'][:40]!r} is not a number or a list of numbers"
     problem = label_problem(label, model)
     if problem is not None:
         return f"label {problem}"
@@ -126,7 +127,7 @@ class LabelStreamConsumer:
             return 0
         self.metrics.stream_entries.labels("claimed" if source == "claimed" else "read").inc(
             len(entries))
-        labels: list[tuple[str, float]] = []
+        labels: list[tuple[str, LabelValue]] = []
         good: list[bytes] = []
         dead: list[tuple[bytes, dict, str]] = []
         deleted: list[bytes] = []

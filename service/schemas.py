@@ -51,8 +51,12 @@ class PredictResponse(BaseModel):
 
 class Label(Body):
     id: PredictionId
-    label: Annotated[StrictFloat, Field(allow_inf_nan=False)] = Field(
-        description="class index (classification) or observed value (regression)"
+    label: Annotated[StrictFloat, Field(allow_inf_nan=False)] | Annotated[
+        list[Annotated[StrictFloat, Field(allow_inf_nan=False)]],
+        Field(min_length=1, max_length=4096),
+    ] = Field(
+        description="class index (classification), observed value (regression), or the list of "
+        "observed values of a multi-output regressor (one per output, e.g. per horizon)"
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from store.base import (
     JoinResult,
     LabelEffects,
+    LabelValue,
     PartialJoin,
     PredictionRecord,
     Store,
@@ -39,6 +40,7 @@ def open_store(url: str, namespace: str, record_ttl_s: float, **options: object)
 __all__ = [
     "JoinResult",
     "LabelEffects",
+    "LabelValue",
     "PartialJoin",
     "MemoryStore",
     "PredictionRecord",

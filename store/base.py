@@ -24,6 +24,38 @@ import numpy as np
 ARRAY_FIELD = "array:"
 
 
+# a class index or a value (one number), or the values of a multi-output regressor (its horizons)
+LabelValue = float | list[float]
+
+
+def encode_label(label: LabelValue) -> bytes:
+    """A label as the store keeps it: the float's repr, or a JSON list for several values.
+
+    >>> encode_label(3), encode_label([1.5, 2])
+    (b'3.0', b'[1.5,2.0]')
+    """
+    if isinstance(label, (list, tuple, np.ndarray)):
+        return json.dumps([float(v) for v in label], separators=(",", ":")).encode()
+    return repr(float(label)).encode()
+
+
+def decode_label(raw: bytes | str) -> LabelValue:
+    """The inverse of `encode_label`.
+
+    >>> decode_label(b'3.0'), decode_label(b'[1.5,2.0]')
+    (3.0, [1.5, 2.0])
+    """
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    if text.startswith("["):
+        return [float(v) for v in json.loads(text)]
+    return float(text)
+
+
+def normal_label(label: LabelValue) -> LabelValue:
+    """A label with plain floats, as a joined record carries it."""
+    return decode_label(encode_label(label))
+
+
 class StoreUnavailable(RuntimeError):
     """The backing server did not answer; the operation had no effect that can be relied on."""
 
@@ -64,7 +96,7 @@ class PredictionRecord:
     adapter_version: int = 0
     extra: dict = field(default_factory=dict)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    label: float | None = None
+    label: LabelValue | None = None
     labelled_at: float | None = None
 
     def to_fields(self) -> dict[str, bytes]:
@@ -101,7 +133,7 @@ class PredictionRecord:
             extra=json.loads(f["extra"]),
             arrays={k[len(ARRAY_FIELD):]: np.frombuffer(v, np.float32).copy()
                     for k, v in f.items() if k.startswith(ARRAY_FIELD)},
-            label=None if label is None else float(label),
+            label=None if label is None else decode_label(label),
             labelled_at=None if labelled_at is None else float(labelled_at),
         )
 
@@ -174,7 +206,7 @@ class Store(Protocol):
 
     def join_labels(
         self,
-        labels: Sequence[tuple[str, float]],
+        labels: Sequence[tuple[str, LabelValue]],
         effects: EffectsFn | None = None,
         calibrators: Sequence[str] = (),
     ) -> JoinResult:

@@ -16,7 +16,15 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from store.base import EffectsFn, JoinResult, LabelEffects, PredictionRecord, memory_rows
+from store.base import (
+    EffectsFn,
+    JoinResult,
+    LabelEffects,
+    LabelValue,
+    PredictionRecord,
+    encode_label,
+    memory_rows,
+)
 from store.keys import Keys
 
 # Markers outlive their records by the grace period, so there are more of them than records; this
@@ -133,7 +141,7 @@ class MemoryStore:
 
     def join_labels(
         self,
-        labels: Sequence[tuple[str, float]],
+        labels: Sequence[tuple[str, LabelValue]],
         effects: EffectsFn | None = None,
         calibrators: Sequence[str] = (),
     ) -> JoinResult:
@@ -154,7 +162,7 @@ class MemoryStore:
                     # a new dict, so a record already handed out is never changed under its reader
                     labelled[prediction_id] = {
                         **fields,
-                        "label": repr(float(label)).encode(),
+                        "label": encode_label(label),
                         "labelled_at": repr(float(now)).encode(),
                     }
                     continue

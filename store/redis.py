@@ -33,10 +33,13 @@ from store.base import (
     EffectsFn,
     JoinResult,
     LabelEffects,
+    LabelValue,
     PartialJoin,
     PredictionRecord,
     StoreUnavailable,
+    encode_label,
     memory_rows,
+    normal_label,
 )
 from store.keys import Keys
 
@@ -253,7 +256,7 @@ class RedisStore:
 
     def join_labels(
         self,
-        labels: Sequence[tuple[str, float]],
+        labels: Sequence[tuple[str, LabelValue]],
         effects: EffectsFn | None = None,
         calibrators: Sequence[str] = (),
     ) -> JoinResult:
@@ -275,7 +278,7 @@ class RedisStore:
                 ) from error
         return result
 
-    def _join_chunk(self, chunk: Sequence[tuple[str, float]], effects: EffectsFn | None,
+    def _join_chunk(self, chunk: Sequence[tuple[str, LabelValue]], effects: EffectsFn | None,
                     calibrator_keys: dict[str, str], result: JoinResult) -> None:
         """One optimistic transaction: WATCH the records and calibrators, read them, compute the
         effects here, then write labels and effects in MULTI/EXEC. EXEC fails if another writer
@@ -293,7 +296,7 @@ class RedisStore:
                     joined, waiting, other = self._sort(chunk, outcomes)
                     labelled_at = time.time()
                     for record, (_, label) in zip(joined, waiting, strict=True):
-                        record.label, record.labelled_at = float(label), labelled_at
+                        record.label, record.labelled_at = normal_label(label), labelled_at
                     changes = LabelEffects()
                     if effects is not None and joined:
                         changes = effects(joined, states)
@@ -320,11 +323,11 @@ class RedisStore:
         )
 
     @staticmethod
-    def _sort(chunk: Sequence[tuple[str, float]], outcomes: list
-              ) -> tuple[list[PredictionRecord], list[tuple[str, float]], list[tuple[str, str]]]:
+    def _sort(chunk: Sequence[tuple[str, LabelValue]], outcomes: list) -> tuple[
+            list[PredictionRecord], list[tuple[str, LabelValue]], list[tuple[str, str]]]:
         """Records to join (first label per live id, in order), their labels, and the rest."""
         joined: list[PredictionRecord] = []
-        waiting: list[tuple[str, float]] = []
+        waiting: list[tuple[str, LabelValue]] = []
         other: list[tuple[str, str]] = []
         taken: set[str] = set()
         for (prediction_id, label), outcome in zip(chunk, outcomes, strict=True):
@@ -341,13 +344,13 @@ class RedisStore:
                 other.append((status.decode(), prediction_id))
         return joined, waiting, other
 
-    def _queue_marks(self, pipe: redis.client.Pipeline, waiting: list[tuple[str, float]],
+    def _queue_marks(self, pipe: redis.client.Pipeline, waiting: list[tuple[str, LabelValue]],
                      labelled_at: float) -> None:
         keys: list[str] = []
         args: list[bytes] = [repr(labelled_at).encode(), str(self._grace_ms).encode()]
         for prediction_id, label in waiting:
             keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
-            args.append(repr(float(label)).encode())
+            args.append(encode_label(label))
         self._mark_labels_script(keys=keys, args=args, client=pipe)
 
     def _check_effects(self, changes: LabelEffects, calibrator_keys: dict[str, str],
@@ -483,13 +486,13 @@ class RedisStore:
                 if "BUSYGROUP" not in str(error):
                     raise
 
-    def publish_labels(self, labels: Sequence[tuple[str, float]]) -> list[bytes]:
+    def publish_labels(self, labels: Sequence[tuple[str, LabelValue]]) -> list[bytes]:
         """Add labels to the stream, one entry each (what a producer does; here for tools and
         tests). Returns the entry ids."""
         with self._unavailable("add labels to the stream"), self._redis.pipeline(
                 transaction=False) as pipe:
             for prediction_id, label in labels:
-                pipe.xadd(self._keys.labels(), {"id": prediction_id, "label": repr(float(label))})
+                pipe.xadd(self._keys.labels(), {"id": prediction_id, "label": encode_label(label)})
             return pipe.execute()
 
     def read_label_stream(self, group: str, consumer: str, count: int, block_ms: int,

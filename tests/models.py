@@ -39,3 +39,9 @@ class _Doubler(nn.Module):
 def no_linear() -> nn.Module:
     """A regressor with no nn.Linear at all, so it has no features to key a memory by."""
     return _Doubler()
+
+
+def forecaster() -> nn.Module:
+    """A regressor of two values per sample (two horizons)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))

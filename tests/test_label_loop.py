@@ -185,3 +185,37 @@ def test_compensation_on_a_model_without_a_linear_layer_is_refused_at_start() ->
 
         metrics = Metrics()
         build_engine(settings, metrics, EventLog(metrics))
+
+
+def test_a_multi_output_regressor_takes_one_label_value_per_output() -> None:
+    from tests.models import forecaster
+
+    model = {"factory": "tests.models:forecaster", "name": "fc", "task": "regression",
+             "input_shape": [3], "num_classes": None}
+    inputs = np.array([[0.3, -0.2, 0.5]] * 4, dtype=np.float32)
+    with torch.inference_mode():
+        source = forecaster()(torch.from_numpy(inputs[:1]))[0].numpy()
+    truth = [float(source[0] + 1.0), float(source[1] - 2.0)]
+
+    async def scenario():
+        async with serving(model=model, adapter={"name": "none"},
+                           compensation={"kind": "exact", "weight": 0.5}) as (client, app):
+            await client.post("/v1/predict", json={"inputs": inputs.tolist(),
+                                                   "ids": ["f0", "f1", "f2", "f3"]})
+            scalar = await client.post("/v1/feedback", json={"labels": [{"id": "f0",
+                                                                         "label": 1.0}]})
+            short = await client.post("/v1/feedback", json={"labels": [{"id": "f0",
+                                                                        "label": [1.0]}]})
+            joined = (await client.post("/v1/feedback", json={"labels": [
+                {"id": f"f{i}", "label": truth} for i in range(4)]})).json()
+            after = (await client.post("/v1/predict", json={"inputs": inputs[:1].tolist()})).json()
+            record = app.state.runtime.store.store.get_prediction("f0")
+            state = (await client.get("/v1/state")).json()
+            return scalar, short, joined, after["predictions"][0], record, state
+
+    scalar, short, joined, after, record, state = asyncio.run(scenario())
+    assert scalar.status_code == 422 and "send a list" in scalar.json()["detail"]
+    assert short.status_code == 422 and "predicts 2" in short.json()["detail"]
+    assert joined["joined"] == 4 and record.label == truth
+    np.testing.assert_allclose(after["prediction"], (source + np.array(truth)) / 2, atol=1e-5)
+    assert state["quality"]["rolling_error"] == pytest.approx(1.5, abs=1e-5)

@@ -807,3 +807,10 @@ def test_replicas_joining_at_once_apply_every_label_exactly_once(make_store) -> 
     assert sorted(joined) == sorted(ids)
     assert shared[0].load_calibrator("conformal") == b"400"
     assert len(shared[0].load_memory("errors")) == 400
+
+
+def test_a_multi_output_label_is_kept_as_its_list_of_values(store: Store) -> None:
+    store.put_predictions([prediction("vec")])
+    result = store.join_labels([("vec", [1.5, -2.0, 3.25])])
+    assert result.joined[0].label == [1.5, -2.0, 3.25]
+    assert store.get_prediction("vec").label == [1.5, -2.0, 3.25]

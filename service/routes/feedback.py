@@ -12,7 +12,7 @@ from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput, check_labels, label_problem
 from service.runtime import Runtime
 from service.schemas import BulkFeedbackResponse, FeedbackRequest, FeedbackResponse, Label
-from store import JoinResult, PartialJoin, StoreUnavailable
+from store import JoinResult, LabelValue, PartialJoin, StoreUnavailable
 
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/jsonlines")
 # labels joined per store call on the bulk route
@@ -83,7 +83,7 @@ async def feedback_bulk(
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
                             f"send newline-delimited JSON with Content-Type "
                             f"application/x-ndjson, not {content_type or 'no content type'!r}")
-    labels: list[tuple[str, float]] = []
+    labels: list[tuple[str, LabelValue]] = []
     pending = b""
     number = 0
     async for chunk in request.stream():
@@ -122,7 +122,7 @@ async def feedback_bulk(
 
 
 def _read_line(line: bytes, number: int, runtime: Runtime,
-               labels: list[tuple[str, float]]) -> None:
+               labels: list[tuple[str, LabelValue]]) -> None:
     if not line.strip():
         return
     try:
