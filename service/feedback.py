@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from service.calibration import STATE, SUMMARY, Conformal
 from service.engine import Engine, LabelledBatch
 from service.gateway import StoreGateway
 from service.metrics import Metrics
@@ -74,39 +75,56 @@ class FeedbackService:
     """
 
     def __init__(self, store: StoreGateway, metrics: Metrics, quality: RollingQuality,
-                 engine: Engine, persisted: frozenset[str] = frozenset()) -> None:
+                 engine: Engine, persisted: frozenset[str] = frozenset(),
+                 conformal: Conformal | None = None) -> None:
         self.store = store
         self.metrics = metrics
         self.quality = quality
         self.engine = engine
         self.persisted = persisted
+        self.conformal = conformal
 
     async def apply(self, labels: Sequence[tuple[str, LabelValue]]) -> JoinResult:
         """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
         `PartialJoin` when it failed part-way, with the labels joined before applied."""
         compensation = self.engine.compensation
-        effects = None
-        if compensation is not None and compensation.name in self.persisted:
-            effects = self._effects
+        stores_rows = compensation is not None and compensation.name in self.persisted
+        calibrators = (STATE, SUMMARY) if self.conformal is not None else ()
+        written: dict[str, bytes] = {}
+
+        def effects(joined: list[PredictionRecord],
+                    states: dict[str, bytes | None]) -> LabelEffects:
+            """What the join writes with the labels: the error memory's rows, the calibrator."""
+            out = LabelEffects()
+            records = self._usable(joined)
+            if stores_rows and records is not None:
+                rows = self._compensation_rows(records)
+                if rows is not None:
+                    out.memories.append((compensation.name, rows, compensation.capacity))
+            scorable = self._scorable(joined)
+            if self.conformal is not None and scorable:
+                out.calibrators = self.conformal.effects(
+                    scorable, states, self.conformal.scores(scorable)).calibrators
+                written.clear()
+                written.update(out.calibrators)
+            return out
+
         try:
-            result = await self.store.call("join_labels", self.store.store.join_labels,
-                                           list(labels), effects)
+            result = await self.store.call(
+                "join_labels", self.store.store.join_labels, list(labels),
+                effects if stores_rows or calibrators else None, calibrators)
         except PartialJoin as partial:
             await self._absorb(partial.result)  # joined before the failure: apply them, then report
             raise
         await self._absorb(result)
+        if SUMMARY in written and self.conformal is not None:
+            self.conformal.read_summary(written[SUMMARY])  # this replica just moved it
         return result
 
-    def _effects(self, joined: list[PredictionRecord],
-                 calibrators: dict[str, bytes | None]) -> LabelEffects:
-        """What the join writes with the labels: the error memory's new rows."""
-        compensation = self.engine.compensation
-        assert compensation is not None
-        batch = self._usable(joined)
-        if batch is None:
-            return LabelEffects()
-        rows = self._compensation_rows(batch)
-        return LabelEffects(memories=[(compensation.name, rows, compensation.capacity)])
+    def _scorable(self, joined: list[PredictionRecord]) -> list[PredictionRecord]:
+        """Records whose outputs fit this model (an older model's may have other classes)."""
+        width = self.engine.model.num_classes or self.engine.model.num_outputs
+        return [r for r in joined if r.outputs.size == width]
 
     def _usable(self, joined: list[PredictionRecord]) -> list[PredictionRecord] | None:
         """The records this model made, with features: those the label path can learn from."""
@@ -133,6 +151,9 @@ class FeedbackService:
 
     async def _absorb(self, result: JoinResult) -> None:
         self._record(result)
+        scorable = self._scorable(result.joined)
+        if self.conformal is not None and scorable:
+            self.conformal.observe(scorable, self.conformal.scores(scorable))
         records = self._usable(result.joined)
         if records is None:
             return

@@ -89,6 +89,27 @@ class Metrics:
             "adaptd_label_stream_backlog", "entries in the label stream not yet acknowledged",
             registry=r,
         )
+        self.conformal_coverage = Gauge(
+            "adaptd_conformal_coverage", "share of the last labels inside the set or interval "
+            "served for them, by calibrator and window (labels)", ["calibrator", "window"],
+            registry=r,
+        )
+        self.conformal_size = Gauge(
+            "adaptd_conformal_size", "mean set size (classification) or interval width "
+            "(regression) of the last 1000 predictions", ["calibrator"], registry=r,
+        )
+        self.conformal_alpha = Gauge(
+            "adaptd_conformal_alpha", "the calibrator's current miscoverage level α_t",
+            ["calibrator"], registry=r,
+        )
+        self.conformal_threshold = Gauge(
+            "adaptd_conformal_threshold", "the score threshold sets and intervals are built with",
+            ["calibrator"], registry=r,
+        )
+        self.conformal_target = Gauge(
+            "adaptd_conformal_target", "the coverage the calibrator aims at, 1 − α",
+            ["calibrator"], registry=r,
+        )
         self.memory_size = Gauge(
             "adaptd_memory_size", "rows in each memory (seed included)", ["memory"], registry=r
         )

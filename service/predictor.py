@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from service.calibration import SUMMARY, Conformal
 from service.engine import BatchOutput, Engine
 from service.gateway import StoreGateway
 from service.metrics import Metrics
@@ -22,7 +23,8 @@ class PredictionRow:
     prediction: int | float | list[float]
     probabilities: list[float] | None
     set: list[int] | None
-    interval: list[float] | None
+    interval: list[float] | list[list[float]] | None
+    level: float | None
     model_version: str
     adapter_version: int
 
@@ -31,11 +33,25 @@ class Predictor:
     """Runs batches on the engine, keeps a record per sample, and shapes the rows."""
 
     def __init__(self, engine: Engine, store: StoreGateway, metrics: Metrics,
-                 persisted: frozenset[str] = frozenset()) -> None:
+                 persisted: frozenset[str] = frozenset(),
+                 conformal: Conformal | None = None) -> None:
         self.engine = engine
         self.store = store
         self.metrics = metrics
         self.persisted = persisted  # the memories whose rows live in the store
+        self.conformal = conformal
+
+    async def _calibrated(self, outputs: np.ndarray) -> tuple[list | None, list | None]:
+        """Sets or intervals at the shared calibrator's current threshold (the last one read
+        when the store does not answer)."""
+        assert self.conformal is not None
+        try:
+            summary = await self.store.call("load_calibrator", self.store.store.load_calibrator,
+                                            SUMMARY)
+            self.conformal.read_summary(summary)
+        except StoreUnavailable:
+            pass
+        return self.conformal.shape(outputs)
 
     async def run_batch(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
         return await self._finish(await self.engine.predict(inputs, adapt=True), ids)
@@ -62,6 +78,12 @@ class Predictor:
 
     async def _finish(self, out: BatchOutput, ids: list[str]) -> list[PredictionRow]:
         model = self.engine.model
+        sets: list | None = None
+        intervals: list | None = None
+        extra: dict = {}
+        if self.conformal is not None:
+            sets, intervals = await self._calibrated(out.outputs)
+            extra = {"q": self.conformal.threshold}
         now = time.time()
         records = [
             PredictionRecord(
@@ -73,6 +95,7 @@ class Predictor:
                 model_version=model.version,
                 adapter_version=out.adapter_version,
                 arrays={name: values[i] for name, values in out.arrays.items()},
+                extra=extra if sets is None else {**extra, "set": sets[i]},
             )
             for i, sample_id in enumerate(ids)
         ]
@@ -95,8 +118,9 @@ class Predictor:
                 id=sample_id,
                 prediction=prediction,
                 probabilities=values if classification else None,
-                set=None,
-                interval=None,
+                set=None if sets is None else sets[i],
+                interval=None if intervals is None else intervals[i],
+                level=None if self.conformal is None else 1 - self.conformal.alpha,
                 model_version=model.version,
                 adapter_version=out.adapter_version,
             ))

@@ -16,6 +16,7 @@ from adapters.lowrank import SupervisedStep, inject_lowrank
 from adapters.norm import normalisation_affines
 from adapters.output_correction import OutputCorrector
 from service.batcher import MicroBatcher
+from service.calibration import SUMMARY, Conformal
 from service.engine import Compensation, Engine
 from service.events import EventLog
 from service.feedback import FeedbackService, RollingQuality
@@ -51,6 +52,7 @@ class Runtime:
     events: EventLog
     persisted_memories: frozenset[str]
     stream: LabelStreamConsumer | None = None
+    conformal: Conformal | None = None
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -64,7 +66,14 @@ class Runtime:
         for memory in (engine.memory, engine.compensation):
             if memory is not None and memory.name in persisted:
                 await _reload_memory(engine, store, memory)
-        predictor = Predictor(engine, store, metrics, persisted)
+        conformal = _conformal(settings, engine, reference_max_scale(settings, engine))
+        if conformal is not None:
+            try:
+                conformal.read_summary(await store.call(
+                    "load_calibrator", store.store.load_calibrator, SUMMARY))
+            except StoreUnavailable:
+                log.warning("the store is unreachable: sets start from the calibrator as built")
+        predictor = Predictor(engine, store, metrics, persisted, conformal)
         batcher: MicroBatcher[PredictionRow] = MicroBatcher(
             predictor.run_batch,
             predictor.run_alone,
@@ -74,7 +83,7 @@ class Runtime:
         )
         batcher.start()
         quality = RollingQuality(model.task, settings.feedback.rolling_window)
-        feedback = FeedbackService(store, metrics, quality, engine, persisted)
+        feedback = FeedbackService(store, metrics, quality, engine, persisted, conformal)
         stream = None
         if settings.feedback.stream:
             stream = LabelStreamConsumer(store, feedback, model, settings.feedback, metrics)
@@ -82,7 +91,7 @@ class Runtime:
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
                  settings.adapter.name, store.store.backend)
         return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
-                   events, persisted, stream)
+                   events, persisted, stream, conformal)
 
     async def stop(self) -> None:
         if self.stream is not None:
@@ -217,6 +226,43 @@ def _collapse_guard(
         source_effective = effective_classes(predictions, model.num_classes)
     return CollapseGuard(model.num_classes, settings.adapter.collapse_window,
                          settings.adapter.collapse_min_ratio, source_effective)
+
+
+def _conformal(settings: Settings, engine: Engine, max_scale: float | None) -> Conformal | None:
+    c = settings.conformal
+    if c.method == "off":
+        return None
+    if c.method == "auto":
+        known = max_scale is not None or "max_scale" in c.options
+        c = c.model_copy(update={"method": "saocp" if known else "aci"})
+        if not known:
+            log.info("conformal: no score range for SAOCP (set conformal.max_scale or give "
+                     "labelled reference data); calibrating with ACI")
+    if c.method in ("sfogd", "saocp") and max_scale is None and "max_scale" not in c.options:
+        raise ValueError(
+            f"conformal.method {c.method!r} learns its threshold over the score range D: set "
+            "conformal.max_scale (about √3 × the largest residual you expect), give "
+            "adapter.calibration_data with labels, or choose method 'aci' (scale-free)"
+        )
+    return Conformal(c, engine.model, engine.metrics, max_scale)
+
+
+def reference_max_scale(settings: Settings, engine: Engine) -> float | None:
+    """D for SAOCP and SF-OGD: set, or 1 for probability scores, or √3 × the largest residual of
+    the source model on labelled reference data (what the reference package derives)."""
+    c = settings.conformal
+    if c.max_scale is not None:
+        return c.max_scale
+    if engine.model.task == "classification":
+        return 1.0
+    reference = load_reference_data(settings, engine.model)
+    if reference is None or reference.labels is None:
+        return None
+    with torch.inference_mode():
+        predicted = torch.cat([engine.model.module(reference.inputs[i:i + 256]).float()
+                               for i in range(0, len(reference.inputs), 256)])
+    residuals = (reference.labels.float().reshape(len(predicted), -1) - predicted).abs()
+    return float(residuals.max()) * 3 ** 0.5 or 1.0
 
 
 def persisted_memories(settings: Settings, engine: Engine) -> frozenset[str]:

@@ -40,7 +40,14 @@ class Prediction(BaseModel):
     )
     probabilities: list[float] | None = None
     set: list[int] | None = Field(None, description="conformal prediction set, when calibrated")
-    interval: list[float] | None = Field(None, description="conformal interval [low, high]")
+    interval: list[float] | list[list[float]] | None = Field(
+        None, description="conformal interval [low, high]; one per output for a multi-output "
+        "regressor",
+    )
+    level: float | None = Field(
+        None, description="the coverage the set or interval aims at (1 − α); null when "
+        "conformal calibration is off",
+    )
     model_version: str
     adapter_version: int
 
@@ -126,7 +133,10 @@ class QualityState(BaseModel):
 class StateResponse(BaseModel):
     model: ModelState
     adapter: AdapterState
-    calibrator: dict | None = Field(None, description="online conformal calibration (not yet on)")
+    calibrator: dict | None = Field(
+        None, description="online conformal calibration: method, score, target, alpha_t, "
+        "threshold, updates, coverage and labels per window, mean set size or width; null when off",
+    )
     detectors: list[dict] = Field(default_factory=list, description="drift detectors (none yet)")
     memories: dict[str, int] = Field(default_factory=dict, description="memory sizes by name")
     store: StoreState

@@ -235,6 +235,29 @@ class CorrectionSettings(Section):
     use_features: bool = Field(True, description="feed the model's features to the network")
 
 
+class ConformalSettings(Section):
+    """Online conformal calibration: a set or an interval on every prediction at 1 − α coverage."""
+
+    method: Literal["auto", "off", "split", "aci", "faci", "sfogd", "saocp"] = Field(
+        "auto", description="saocp (strongly adaptive: covers on every stretch of time), faci, "
+        "aci, sfogd, split (sliding-window split conformal) or off; auto is saocp when its score "
+        "range D is known (probability scores, set max_scale, or labelled reference data) and "
+        "aci (scale-free) otherwise",
+    )
+    alpha: float = Field(0.1, gt=0.0, lt=1.0, description="target miscoverage; coverage 1 − α")
+    score: Literal["auto", "lac", "aps", "residual"] = Field(
+        "auto", description="lac (1 − p_y) or aps for classification, residual (|y − ŷ|) for "
+        "regression; auto picks lac or residual by task",
+    )
+    max_scale: PositiveFloat | None = Field(
+        None, description="D, the score range SAOCP and SF-OGD learn over: 1 for lac/aps; for "
+        "residuals √3 × the largest reference residual when the reference data has labels",
+    )
+    options: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, description="the method's knobs (lifetime, gamma, window, ...)"
+    )
+
+
 class Settings(BaseSettings):
     """Everything the service reads at start-up."""
 
@@ -257,12 +280,17 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     compensation: CompensationSettings = CompensationSettings()
     correction: CorrectionSettings = CorrectionSettings()
+    conformal: ConformalSettings = ConformalSettings()
 
     @model_validator(mode="after")
     def _parts_fit(self) -> Settings:
         if self.feedback.stream and not self.store.url.startswith(("redis", "rediss", "unix")):
             raise ValueError("feedback.stream consumes a Redis Stream: set store.url to a redis "
                              "URL, or send labels to POST /v1/feedback")
+        score = self.conformal.score
+        if score != "auto" and (score == "residual") != (self.model.task == "regression"):
+            raise ValueError(f"conformal.score {score!r} does not fit a {self.model.task} model: "
+                             "use lac or aps for classification, residual for regression")
         if self.correction.enabled and self.model.task != "regression":
             raise ValueError("correction corrects a regression model's values; for "
                              "classification use compensation")

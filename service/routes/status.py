@@ -35,8 +35,9 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
         model=ModelState(name=model.name, task=model.task, input_shape=list(model.input_shape),
                          classes=classes, version=model.version),
         adapter=adapter_state(runtime),
-        memories={} if runtime.engine.memory is None
-        else {runtime.engine.memory.name: len(runtime.engine.memory)},
+        calibrator=None if runtime.conformal is None else runtime.conformal.describe(),
+        memories={m.name: len(m) for m in (runtime.engine.memory, runtime.engine.compensation)
+                  if m is not None},
         store=StoreState(backend=store.backend, namespace=store.namespace, up=runtime.store.up,
                          record_ttl_s=store.record_ttl_s),
         batcher=BatcherState(max_batch_size=runtime.batcher.max_batch_size,

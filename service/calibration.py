@@ -1,0 +1,188 @@
+"""Online conformal calibration in the service: one calibrator per deployment, shared through the
+store, a set or an interval on every prediction, and the coverage it achieves as metrics.
+
+The calibrator's full state lives in the store under ``conformal`` and a small summary (the
+threshold, α_t, the number of updates) under ``conformal.threshold``; both are rewritten by the
+join that brings the labels (`Store.join_labels` effects), so with Redis every replica's labels
+update one calibrator atomically, exactly once per label, and every replica reads the threshold
+of the summary before each batch it serves. When the store does not answer, a replica serves with
+the last threshold it read.
+
+Scores: LAC (1 − p_y) or APS for classification, on the probabilities served; for regression the
+absolute residual |y − ŷ| (for a multi-output regressor the largest over its outputs, so the
+intervals of one sample cover all of its outputs together). A prediction's record keeps the
+threshold it was served with, so coverage is measured on what callers actually got.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from adapters.conformal import (
+    Calibrator,
+    aps_scores,
+    aps_set,
+    build_calibrator,
+    lac_scores,
+    lac_set,
+)
+from service.metrics import Metrics
+from service.model import LoadedModel
+from service.settings import ConformalSettings
+from store import LabelEffects, PredictionRecord
+
+STATE = "conformal"
+SUMMARY = "conformal.threshold"
+WINDOWS = (100, 1000)
+
+
+class Conformal:
+    """The calibrator of one deployment, its threshold for serving, and its coverage here."""
+
+    def __init__(self, settings: ConformalSettings, model: LoadedModel, metrics: Metrics,
+                 max_scale: float | None) -> None:
+        self.settings = settings
+        self.model = model
+        self.metrics = metrics
+        self.method = settings.method
+        self.score = settings.score if settings.score != "auto" else (
+            "lac" if model.task == "classification" else "residual")
+        self.alpha = settings.alpha
+        options: dict[str, Any] = dict(settings.options)
+        if self.method in ("sfogd", "saocp"):
+            options.setdefault("max_scale", max_scale)
+        self.options = options
+        self.fresh().state()  # refuse bad options at start-up, not at the first label
+        self.threshold = 0.0  # what this replica serves with: the store's, as last read
+        self.alpha_t = self.alpha
+        self.steps = 0
+        self._covered = {w: deque(maxlen=w) for w in WINDOWS}
+        self._sizes: deque[float] = deque(maxlen=max(WINDOWS))
+        self._lock = threading.Lock()
+        self._publish()
+
+    def fresh(self) -> Calibrator:
+        return build_calibrator(self.method, self.alpha, **self.options)
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def read_summary(self, summary: bytes | None) -> None:
+        """Adopt the shared threshold (None: no label yet, the calibrator as built)."""
+        if summary is None:
+            calibrator = self.fresh()
+            threshold, alpha_t, steps = calibrator.threshold, calibrator.alpha_t, 0
+        else:
+            values = json.loads(summary)
+            threshold, alpha_t, steps = values["threshold"], values["alpha_t"], values["steps"]
+        self.threshold, self.alpha_t, self.steps = float(threshold), float(alpha_t), int(steps)
+        self._publish()
+
+    def shape(self, outputs: np.ndarray) -> tuple[list[list[int]] | None, list | None]:
+        """Sets (classification) or intervals (regression) for a batch of served outputs."""
+        q = self.threshold
+        if self.model.task == "classification":
+            members = lac_set(outputs, q) if self.score == "lac" else aps_set(outputs, q)
+            sets = [np.flatnonzero(row).tolist() for row in members]
+            with self._lock:
+                self._sizes.extend(len(s) for s in sets)
+            return sets, None
+        if outputs.shape[1] == 1:
+            intervals: list = [[float(v - q), float(v + q)] for v in outputs[:, 0]]
+        else:
+            intervals = [[[float(v - q), float(v + q)] for v in row] for row in outputs]
+        with self._lock:
+            self._sizes.extend([2.0 * q] * len(outputs))
+        return None, intervals
+
+    # --- labels -----------------------------------------------------------------------------
+
+    def scores(self, records: list[PredictionRecord]) -> np.ndarray:
+        """The nonconformity of each record's label against what was served."""
+        if self.model.task == "classification":
+            probs = np.stack([r.outputs for r in records]).astype(np.float64)
+            probs = probs / probs.sum(1, keepdims=True)  # float32 rounding: sums within 1e-6
+            labels = np.array([int(r.label) for r in records])  # type: ignore[arg-type]
+            fn = lac_scores if self.score == "lac" else aps_scores
+            return np.asarray(fn(probs, labels), dtype=np.float64)
+        predicted = np.stack([r.outputs for r in records]).astype(np.float64)
+        observed = np.array([np.atleast_1d(r.label) for r in records], dtype=np.float64)
+        return np.abs(observed - predicted).max(axis=1)
+
+    def effects(self, records: list[PredictionRecord], states: dict[str, bytes | None],
+                scores: np.ndarray) -> LabelEffects:
+        """The calibrator's new state and summary after these scores, in order."""
+        raw = states.get(STATE)
+        calibrator = self.fresh()
+        if raw is not None:
+            try:
+                calibrator.load_state(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                # made by another method or options (a redeploy): start again rather than fail
+                # every label
+                calibrator = self.fresh()
+        for score in scores:
+            calibrator.update(float(score))
+        summary = {"threshold": calibrator.threshold, "alpha_t": calibrator.alpha_t,
+                   "steps": calibrator.steps}
+        return LabelEffects(calibrators={
+            STATE: json.dumps(calibrator.state(), separators=(",", ":")).encode(),
+            SUMMARY: json.dumps(summary).encode(),
+        })
+
+    def observe(self, records: list[PredictionRecord], scores: np.ndarray) -> None:
+        """Coverage of the sets and intervals these records were served with: the label in the
+        set served (which holds the predicted class even when no class's score is within the
+        threshold), or the value within the interval."""
+        with self._lock:
+            for record, score in zip(records, scores, strict=True):
+                served = record.extra.get("q")
+                if served is None:
+                    continue
+                if "set" in record.extra:
+                    covered = int(record.label) in record.extra["set"]  # type: ignore[arg-type]
+                else:
+                    covered = score <= served + 1e-9
+                for window in self._covered.values():
+                    window.append(covered)
+        self._publish()
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def coverage(self, window: int) -> float | None:
+        with self._lock:
+            kept = self._covered[window]
+            return sum(kept) / len(kept) if kept else None
+
+    @property
+    def mean_size(self) -> float | None:
+        with self._lock:
+            return float(np.mean(self._sizes)) if self._sizes else None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "score": self.score, "target": 1 - self.alpha,
+            "alpha_t": self.alpha_t, "threshold": self.threshold, "updates": self.steps,
+            "coverage": {str(w): self.coverage(w) for w in WINDOWS},
+            "labels": {str(w): len(self._covered[w]) for w in WINDOWS},
+            ("mean_set_size" if self.model.task == "classification" else "mean_width"):
+                self.mean_size,
+        }
+
+    def _publish(self) -> None:
+        m, name = self.metrics, self.method
+        m.conformal_threshold.labels(name).set(self.threshold)
+        m.conformal_alpha.labels(name).set(self.alpha_t)
+        m.conformal_target.labels(name).set(1 - self.alpha)
+        for window in WINDOWS:
+            value = self.coverage(window)
+            if value is not None:
+                m.conformal_coverage.labels(name, str(window)).set(value)
+        size = self.mean_size
+        if size is not None and math.isfinite(size):
+            m.conformal_size.labels(name).set(size)
