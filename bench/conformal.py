@@ -1,30 +1,46 @@
 """B3, online conformal calibration: coverage, its worst stretches, set sizes and update cost.
 
-Two streams, target coverage 90% (α = 0.1):
+Three kinds of stream, target coverage 90% (α = 0.1):
 - synthetic scores, |N(0,1)| for 2,000 steps then |N(0,3)| for 2,000, mean of 10 seeds, the
   stream on which METHODS.md quotes salesforce/online_conformal (its numbers are in the last
   column); D (`max_scale`) = 5 for SF-OGD and SAOCP;
 - Digits-C classification (B1's stream: ten corruptions, then clean data), through the same
   in-process engine the service runs, with EATA adapting in batches of 64. Each sample's set is
   predicted at the calibrator's current threshold, then its label's score updates it, in stream
-  order; LAC (1 − p_y) and randomised APS scores, D = 1 (both lie in [0, 1]).
+  order; LAC (1 − p_y) and randomised APS scores, D = 1 (both lie in [0, 1]);
+- B2's regression streams: River's `FriedmanDrift` (10 uniform features, 5 relevant, noise
+  N(0, 1)), 15,000 samples each, mean of 5 stream seeds: `gra` (global, abrupt: the features
+  swap roles at 5,000, the first concept returns at 10,000), `lea` (local, abrupt, expanding
+  regions at 4,000, 8,000 and 12,000) and `gsg` (global, gradual: concepts mixed for 1,000
+  samples from 5,000 and from 10,000). A torch MLP (10-64-64-1) is trained once on 4,000
+  samples of the first concept (River's `Friedman`, seed 1,000; 150 epochs, a few seconds on one
+  thread); intervals ŷ ∓ q_t from absolute residual scores |y − ŷ|. SF-OGD and SAOCP take
+  D = max |residual| over 1,000 held-out samples of the first concept × √3 (the reference
+  package's rule, METHODS.md); a second table shows what other D do on `gra`.
 
-Regression streams (B2's intervals, residual scores) come with the drift-stream issue.
+Every calibrator starts cold (no score yet, threshold 0), as the service's would.
 
-    python -m bench.conformal                    # both tables
-    python -m bench.conformal --part synthetic   # or: --part digits
+    python -m bench.conformal                     # every table
+    python -m bench.conformal --part synthetic    # or: --part digits, --part regression
+    python -m bench.conformal --part regression --delay 100   # labels 100 samples late
 
 Prints markdown tables: long-run coverage, the worst coverage over any window of 100 and 500
-steps, mean threshold or set size, and the median time of one `update` in µs.
+steps (labels), mean threshold, set size or interval width, and the median time of one `update`
+in µs. With `--delay d` (regression streams only) the interval served for sample t uses the
+threshold learnt from the labels of samples up to t − d − 1, as when labels come back late; the
+first d samples, served before any label is back (zero width), are left out of the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,9 +49,14 @@ from adapters.conformal import (
     aps_scores,
     aps_set,
     build_calibrator,
+    interval,
     lac_scores,
     lac_set,
+    residual_scores,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 ALPHA = 0.1
 SEEDS = range(10)
@@ -186,20 +207,247 @@ def digits_table() -> str:
     return "\n".join(lines)
 
 
+# ---- B2's regression streams: FriedmanDrift, a small MLP, intervals from |y − ŷ| ----------------
+
+STREAM_LENGTH = 15_000
+# name: (River's drift_type, drift positions, transition window, what happens)
+FRIEDMAN_STREAMS: dict[str, tuple[str, tuple[int, ...], int, str]] = {
+    "gra": ("gra", (5_000, 10_000), 0, "abrupt at 5,000, the first concept back at 10,000"),
+    "lea": ("lea", (4_000, 8_000, 12_000), 0, "abrupt, local, expanding at 4,000/8,000/12,000"),
+    "gsg": ("gsg", (5_000, 10_000), 1_000, "gradual over 1,000 samples from 5,000 and 10,000"),
+}
+STREAM_SEEDS = range(1, 6)
+TRAIN_SEED = 1_000
+TRAIN_SAMPLES = 4_000
+CALIBRATION_SAMPLES = 1_000
+CALIBRATION_D = "D"  # stands for the D derived from the calibration residuals
+D_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+REGRESSION_ROWS: list[tuple[str, str, dict]] = [
+    ("split, last 1,000", "split", {"window": 1000}),
+    ("ACI, γ = 0.005", "aci", {"gamma": 0.005}),
+    ("FACI", "faci", {}),
+    ("SF-OGD", "sfogd", {"max_scale": CALIBRATION_D}),
+    ("SAOCP, lifetime 8", "saocp", {"max_scale": CALIBRATION_D, "lifetime": 8}),
+    ("SAOCP, lifetime 32", "saocp", {"max_scale": CALIBRATION_D, "lifetime": 32}),
+]
+
+
+def friedman_samples(stream: str | None, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`size` samples (features, targets) of a `FRIEDMAN_STREAMS` stream, or of the first concept
+    alone (River's stationary `Friedman`, the function every FriedmanDrift variant starts with)
+    when `stream` is None."""
+    from river.datasets import synth
+
+    if stream is None:
+        source = synth.Friedman(seed=seed)
+    else:
+        drift_type, positions, transition, _ = FRIEDMAN_STREAMS[stream]
+        source = synth.FriedmanDrift(drift_type=drift_type, position=positions,
+                                     transition_window=transition, seed=seed)
+    features = np.empty((size, 10))
+    targets = np.empty(size)
+    for i, (x, y) in enumerate(source.take(size)):
+        features[i] = [x[k] for k in range(10)]
+        targets[i] = y
+    return features, targets
+
+
+@dataclass
+class FriedmanModel:
+    """The MLP trained on the first concept, and its residuals on held-out first-concept data."""
+
+    net: torch.nn.Module
+    target_mean: float
+    target_std: float
+    calibration_residuals: np.ndarray
+    train_seconds: float
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return _forward(self.net, features) * self.target_std + self.target_mean
+
+    @property
+    def max_scale(self) -> float:
+        """D for SF-OGD and SAOCP: the largest held-out residual × √3, the reference's rule."""
+        return float(self.calibration_residuals.max() * math.sqrt(3.0))
+
+
+def _forward(net: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return net(torch.as_tensor(features, dtype=torch.float32))[:, 0].double().numpy()
+
+
+def train_friedman_model(epochs: int = 150, train: int = TRAIN_SAMPLES,
+                         calibration: int = CALIBRATION_SAMPLES,
+                         seed: int = TRAIN_SEED) -> FriedmanModel:
+    """A 10-64-64-1 ReLU MLP fitted to standardised targets of the first concept (Adam 3e-3,
+    batches of 128), deterministic: one thread, fixed seeds."""
+    import torch
+
+    features, targets = friedman_samples(None, train + calibration, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(10, 64), torch.nn.ReLU(),
+                                  torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                  torch.nn.Linear(64, 1))
+        x = torch.as_tensor(features[:train], dtype=torch.float32)
+        y = torch.as_tensor(targets[:train], dtype=torch.float32)
+        mean, std = float(y.mean()), float(y.std())
+        y = ((y - mean) / std)[:, None]
+        optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for batch in torch.randperm(train, generator=order).split(128):
+                loss = torch.nn.functional.mse_loss(net(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        net.eval()
+    finally:
+        torch.set_num_threads(threads)
+    seconds = time.perf_counter() - started
+    held_out = _forward(net, features[train:]) * std + mean
+    return FriedmanModel(net, mean, std, residual_scores(held_out, targets[train:]), seconds)
+
+
+def run_intervals(calibrator: Calibrator, predictions: np.ndarray, targets: np.ndarray,
+                  delay: int = 0) -> Run:
+    """Serve ŷ ∓ q_t for each sample; its residual updates the calibrator once its label is back,
+    `delay` samples later (0: before the next sample is served). Times each update."""
+    scores = residual_scores(predictions, targets)
+    covered = np.empty(len(targets), dtype=bool)
+    half_widths = np.empty(len(targets))
+    update_ns = []
+    pending: deque[float] = deque()
+    clock = time.perf_counter_ns
+    for i, (prediction, target, score) in enumerate(
+            zip(predictions.tolist(), targets.tolist(), scores.tolist(), strict=True)):
+        threshold = calibrator.threshold
+        lower, upper = interval(np.float64(prediction), threshold)
+        covered[i] = lower <= target <= upper
+        half_widths[i] = threshold
+        pending.append(score)
+        if len(pending) > delay:
+            started = clock()
+            calibrator.update(pending.popleft())
+            update_ns.append(clock() - started)
+    return Run(covered, half_widths, np.asarray(update_ns, dtype=np.int64))
+
+
+def _options(options: dict, max_scale: float) -> dict:
+    return {k: max_scale if v == CALIBRATION_D else v for k, v in options.items()}
+
+
+def regression_streams(model: FriedmanModel) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(predictions, targets) per stream and seed."""
+    streams = {}
+    for stream in FRIEDMAN_STREAMS:
+        streams[stream] = []
+        for seed in STREAM_SEEDS:
+            features, targets = friedman_samples(stream, STREAM_LENGTH, seed)
+            streams[stream].append((model.predict(features), targets))
+    return streams
+
+
+def _interval_cells(runs: list[Run], skip: int) -> list[str]:
+    """Coverage, worst windows and mean width over the samples after the first `skip`."""
+    covered = [r.covered[skip:] for r in runs]
+    return [f"{np.mean([c.mean() for c in covered]):.3f}",
+            f"{np.mean([worst_window(c, 500) for c in covered]):.3f}",
+            f"{np.mean([worst_window(c, 100) for c in covered]):.3f}",
+            f"{np.mean([2 * r.thresholds[skip:].mean() for r in runs]):.2f}"]
+
+
+def regression_table(model: FriedmanModel,
+                     streams: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+                     delay: int = 0) -> str:
+    header = ["stream", "method", "coverage", "worst 500", "worst 100", "mean width",
+              "µs / update"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for stream, pairs in streams.items():
+        for label, name, options in REGRESSION_ROWS:
+            options = _options(options, model.max_scale)
+            runs = [run_intervals(build_calibrator(name, ALPHA, **options), p, t, delay)
+                    for p, t in pairs]
+            cells = [stream, label, *_interval_cells(runs, delay),
+                     f"{np.median(np.concatenate([r.update_ns for r in runs])) / 1e3:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def max_scale_table(model: FriedmanModel,
+                    streams: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+                    stream: str = "gra", delay: int = 0) -> str:
+    """SF-OGD and SAOCP on one stream with D a multiple of the calibration-derived D."""
+    header = ["D", "method", "coverage", "worst 500", "worst 100", "mean width"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for factor in D_FACTORS:
+        max_scale = factor * model.max_scale
+        for label, name, options in REGRESSION_ROWS:
+            if options.get("max_scale") != CALIBRATION_D:
+                continue
+            options = _options(options, max_scale)
+            runs = [run_intervals(build_calibrator(name, ALPHA, **options), p, t, delay)
+                    for p, t in streams[stream]]
+            cells = [f"{max_scale:.2f} ({factor:g} × D)", label, *_interval_cells(runs, delay)]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def regression_tables(delay: int, machine: str) -> list[str]:
+    model = train_friedman_model()
+    residuals = model.calibration_residuals
+    print(f"MLP trained in {model.train_seconds:.1f} s; held-out first-concept residuals: mean "
+          f"{residuals.mean():.2f}, 90% quantile {np.quantile(residuals, 0.9):.2f}, max "
+          f"{residuals.max():.2f}, so D = {model.max_scale:.2f}", flush=True)
+    streams = regression_streams(model)
+    described = "; ".join(f"{name}: {what}, MLP mean absolute error "
+                          f"{np.mean([np.abs(t - p).mean() for p, t in streams[name]]):.2f}"
+                          for name, (_, _, _, what) in FRIEDMAN_STREAMS.items())
+    intro = (f"FriedmanDrift, {STREAM_LENGTH:,} samples ({described}), mean of "
+             f"{len(STREAM_SEEDS)} stream seeds, labels {delay} samples late (figures from sample "
+             f"{delay} on); MLP trained on "
+             f"{TRAIN_SAMPLES:,} first-concept samples in {model.train_seconds:.1f} s, held-out "
+             f"residuals mean {residuals.mean():.2f} / max {residuals.max():.2f}, "
+             f"D = max × √3 = {model.max_scale:.2f}; target 0.9; {machine}")
+    first, second = FRIEDMAN_STREAMS["gra"][1]
+    drifted = max(np.abs(t - p)[first:second].max() for p, t in streams["gra"])
+    return [f"{intro}\n\n{regression_table(model, streams, delay)}",
+            f"gra, SF-OGD and SAOCP with other D (residuals of the drifted concept reach "
+            f"{drifted:.1f}; labels {delay} samples late)\n\n"
+            f"{max_scale_table(model, streams, 'gra', delay)}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["synthetic", "digits", "both"], default="both")
+    parser.add_argument("--part", choices=["synthetic", "digits", "regression", "all"],
+                        default="all")
+    parser.add_argument("--delay", type=int, default=0,
+                        help="regression streams: labels come back this many samples late")
     args = parser.parse_args()
+    if args.delay < 0:
+        parser.error("--delay counts samples: 0 or more")
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{time.strftime('%Y-%m-%d')}")
+    started = time.perf_counter()
     tables = []
-    if args.part in ("synthetic", "both"):
+    if args.part in ("synthetic", "all"):
         tables.append(f"Synthetic |N(0,1)| → |N(0,3)| at step {SHIFT_AT}, target 0.9, mean of "
                       f"{len(SEEDS)} seeds; {machine}\n\n{synthetic_table()}")
-    if args.part in ("digits", "both"):
+    if args.part in ("regression", "all"):
+        tables += regression_tables(args.delay, machine)
+    if args.part in ("digits", "all"):
         tables.append(f"Digits-C (EATA, batch 64), sets at the current threshold, target 0.9; "
                       f"{machine}\n\n{digits_table()}")
     print("\n\n" + "\n\n".join(tables))
+    print(f"\n{time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

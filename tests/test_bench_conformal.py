@@ -1,0 +1,88 @@
+"""B3's regression streams: the FriedmanDrift layout, the MLP, and how intervals are served."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from adapters.conformal import build_calibrator, residual_scores
+from bench.conformal import (
+    FRIEDMAN_STREAMS,
+    friedman_samples,
+    run_intervals,
+    run_scores,
+    train_friedman_model,
+    worst_window,
+)
+
+
+def first_concept(features: np.ndarray) -> np.ndarray:
+    """Friedman #1, the function every FriedmanDrift variant starts with (noise N(0, 1) aside)."""
+    x = features
+    return (10 * np.sin(np.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3]
+            + 5 * x[:, 4])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return train_friedman_model(epochs=30, train=2000, calibration=500)
+
+
+def test_gra_stream_leaves_the_first_concept_exactly_between_its_drift_positions():
+    first, second = FRIEDMAN_STREAMS["gra"][1]
+    features, targets = friedman_samples("gra", second + 2000, seed=3)
+    noise = targets - first_concept(features)
+    assert np.std(noise[:first]) == pytest.approx(1.0, abs=0.05)
+    assert np.std(noise[second:]) == pytest.approx(1.0, abs=0.05)
+    assert np.std(noise[first:second]) > 3.0
+    assert abs(noise[first - 1]) < 5 and np.mean(np.abs(noise[first:first + 50])) > 2.0
+
+
+def test_the_mlp_learns_the_first_concept_and_fails_on_the_drifted_one(model):
+    # the noise alone gives E|N(0, 1)| = 0.80
+    assert 0.8 < model.calibration_residuals.mean() < 1.3
+    assert model.max_scale == pytest.approx(model.calibration_residuals.max() * math.sqrt(3))
+    first, second = FRIEDMAN_STREAMS["gra"][1]
+    features, targets = friedman_samples("gra", second, seed=1)
+    residuals = np.abs(targets - model.predict(features))
+    assert residuals[first:].mean() > 3 * residuals[:first].mean()
+
+
+def test_training_is_deterministic(model):
+    again = train_friedman_model(epochs=30, train=2000, calibration=500)
+    np.testing.assert_array_equal(again.calibration_residuals, model.calibration_residuals)
+
+
+def test_an_interval_covers_exactly_when_the_residual_is_within_the_threshold():
+    rng = np.random.default_rng(0)
+    predictions = rng.normal(size=3000)
+    targets = predictions + rng.normal(scale=np.r_[np.ones(1500), 3 * np.ones(1500)])
+    by_interval = run_intervals(build_calibrator("saocp", 0.1, max_scale=5.0), predictions,
+                                targets)
+    by_score = run_scores(build_calibrator("saocp", 0.1, max_scale=5.0),
+                          residual_scores(predictions, targets))
+    np.testing.assert_array_equal(by_interval.covered, by_score.covered)
+    np.testing.assert_array_equal(by_interval.thresholds, by_score.thresholds)
+
+
+def test_late_labels_serve_the_threshold_learnt_from_older_labels_only():
+    rng = np.random.default_rng(1)
+    predictions = np.zeros(1000)
+    targets = rng.normal(size=1000)
+    on_time = run_intervals(build_calibrator("aci", 0.1), predictions, targets)
+    late = run_intervals(build_calibrator("aci", 0.1), predictions, targets, delay=50)
+    np.testing.assert_array_equal(late.thresholds[:50], 0.0)
+    np.testing.assert_array_equal(late.thresholds[50:], on_time.thresholds[:-50])
+    assert len(late.update_ns) == 950
+
+
+def test_saocp_keeps_coverage_through_the_abrupt_drift_where_split_conformal_breaks(model):
+    features, targets = friedman_samples("gra", 15_000, seed=2)
+    predictions = model.predict(features)
+    saocp = run_intervals(build_calibrator("saocp", 0.1, max_scale=model.max_scale),
+                          predictions, targets)
+    split = run_intervals(build_calibrator("split", 0.1, window=1000), predictions, targets)
+    assert saocp.covered.mean() == pytest.approx(0.9, abs=0.015)
+    assert worst_window(saocp.covered, 500) > worst_window(split.covered, 500) + 0.15
