@@ -223,6 +223,15 @@ class AdaNPC:
         self._sequence = torch.full((len(self._seed_labels),), -1, dtype=torch.long)
         self._trim()
 
+    def trim(self, keep_recent: int) -> None:
+        """Keep the seed and only the newest `keep_recent` rows added at test time (a drift
+        policy's refresh: older rows hold the old concept)."""
+        if keep_recent < 0:
+            raise ValueError(f"keep_recent must be >= 0, got {keep_recent}")
+        rows = self.rows()
+        if len(rows) > keep_recent:
+            self.load_rows(rows[len(rows) - keep_recent:])
+
     def rows(self, since: int = 0) -> np.ndarray:
         """The live rows added at test time, oldest first, as float32 ``[feature..., label]``.
 

@@ -31,11 +31,26 @@ from adapters.error_memory import ErrorMemory, HashedErrorMemory
 from adapters.guard import CollapseGuard
 from adapters.lowrank import SupervisedStep
 from adapters.output_correction import OutputCorrector
+from drift import Action
 from service.events import EventLog
 from service.metrics import Metrics
 from service.model import FeatureTap, LoadedModel
+from service.monitor import DriftMonitor
 
 T = TypeVar("T")
+
+
+@dataclass
+class Housekeeping:
+    """Store work that follows what the engine did: memories reset (clear their stored rows) or
+    trimmed by a drift action (keep their newest rows), the calibrator reset by one."""
+
+    cleared: tuple[str, ...] = ()
+    trimmed: dict[str, int] = field(default_factory=dict)
+    calibrator_reset: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.cleared or self.trimmed or self.calibrator_reset)
 
 
 @dataclass
@@ -49,8 +64,8 @@ class BatchOutput:
     adapter_version: int
     # rows this batch added to the AdaNPC memory (for the store)
     memory_rows: np.ndarray | None = None
-    # memories reset since the last batch (their stored rows must be cleared too)
-    cleared: tuple[str, ...] = ()
+    # store work after resets and drift actions since the last report
+    housekeeping: Housekeeping = field(default_factory=Housekeeping)
     # per-sample vectors the label path needs, (n, ...) each: "base" (the outputs before the error
     # memory's compensation), "raw" (a regressor's values before the corrector), "inputs"
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
@@ -65,6 +80,7 @@ class LabelledBatch:
     compensation_rows: np.ndarray | None = None  # packed by the error memory, already stored
     raw: np.ndarray | None = None
     inputs: np.ndarray | None = None
+    errors: np.ndarray | None = None  # the labelled drift signal of every joined label
 
 
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
@@ -93,6 +109,7 @@ class Engine:
         correction: OutputCorrector | None = None,
         supervised: SupervisedStep | None = None,
         supervised_batch: int = 32,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
@@ -106,7 +123,14 @@ class Engine:
         self.supervised_batch = supervised_batch
         self._supervised_inputs: list[torch.Tensor] = []
         self._supervised_labels: list[torch.Tensor] = []
+        self.drift = drift
         self._cleared: set[str] = set()
+        self._trimmed: dict[str, int] = {}
+        self._calibrator_reset = False
+        # every learning part's own rate, which a drift boost multiplies
+        self._base_rates = {part: part.learning_rate for part in (adapter, supervised, correction)
+                            if part is not None and part.learning_rate > 0}
+        self._factor = 1.0
         self.tap = FeatureTap(model.module)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
         metrics.learning_rate.set(adapter.learning_rate)
@@ -145,9 +169,11 @@ class Engine:
                 arrays["raw"] = outputs.numpy()
                 outputs = self.correction.correct(features, outputs)
             outputs = self._compensated(features, outputs, arrays)
+            if adapt:
+                self._watch(None, features_np, len(outputs))
             return BatchOutput(predictions=outputs[:, 0].numpy(), outputs=outputs.numpy(),
                                features=features_np, entropy=None, adapter_version=version,
-                               cleared=self._take_cleared(), arrays=arrays)
+                               housekeeping=self._take_housekeeping(), arrays=arrays)
         probabilities = outputs.softmax(1)
         memory_rows = None
         if self.memory is not None and features is not None:
@@ -164,11 +190,46 @@ class Engine:
         predictions = probabilities.argmax(1).numpy()
         if adapt and self.guard is not None and self.guard.observe(predictions):
             self._reset_after_collapse()
-        cleared = self._take_cleared()
+        if adapt:
+            self._watch(probabilities.numpy(), features_np, len(predictions))
+        housekeeping = self._take_housekeeping()
         return BatchOutput(predictions=predictions, outputs=probabilities.numpy(),
                            features=features_np, entropy=entropy.numpy(), adapter_version=version,
-                           memory_rows=None if AdaNPC.name in cleared else memory_rows,
-                           cleared=cleared, arrays=arrays)
+                           memory_rows=None if AdaNPC.name in housekeeping.cleared
+                           else memory_rows, housekeeping=housekeeping, arrays=arrays)
+
+    # --- drift ------------------------------------------------------------------------------
+
+    def _watch(self, probabilities: np.ndarray | None, features: np.ndarray | None,
+               count: int) -> None:
+        if self.drift is not None:
+            self._act(self.drift.observe_batch(probabilities, features, count))
+
+    def _act(self, actions: list[Action]) -> None:
+        """Apply the drift policy's actions, then the learning rates it wants now."""
+        for action in actions:
+            if action.name == "reset_adapter":
+                self._reset("drift")
+            elif action.name == "trim_memory":
+                keep = int(action.detail.get("keep", 0))
+                for memory in (self.memory, self.compensation):
+                    if memory is not None:
+                        memory.trim(keep)
+                        self._trimmed[memory.name] = keep
+                self._report_memories()
+            elif action.name == "reset_calibrator":
+                self._calibrator_reset = True
+        self._apply_rates()
+
+    def _apply_rates(self, force: bool = False) -> None:
+        """Every learning part at its base rate times the drift boost (capped by its setter)."""
+        factor = 1.0 if self.drift is None else self.drift.factor()
+        if factor == self._factor and not force:
+            return
+        self._factor = factor
+        for part, base in self._base_rates.items():
+            part.set_learning_rate(base * factor)
+        self.metrics.learning_rate.set(self.adapter.learning_rate)
 
     def _compensated(self, features: torch.Tensor | None, outputs: torch.Tensor,
                      arrays: dict[str, np.ndarray]) -> torch.Tensor:
@@ -178,9 +239,10 @@ class Engine:
         arrays["base"] = outputs.numpy()
         return self.compensation.compensate(features, outputs)
 
-    def learn(self, batch: LabelledBatch) -> None:
+    def learn(self, batch: LabelledBatch) -> Housekeeping:
         """Engine thread only. What joined labels teach: rows for the error memory (already in
-        the store), a step of the output corrector, labelled samples for the supervised step."""
+        the store), a step of the output corrector, labelled samples for the supervised step,
+        and the labelled drift signal. Returns the store work its drift actions left."""
         if self.compensation is not None and batch.compensation_rows is not None:
             self.compensation.add_rows(batch.compensation_rows)
         if self.correction is not None and batch.raw is not None:
@@ -193,6 +255,16 @@ class Engine:
             self._supervised_labels.append(torch.from_numpy(batch.labels))
             self._supervised_step()
         self._report_memories()
+        if self.drift is not None and batch.errors is not None and len(batch.errors):
+            self._act(self.drift.observe_labels(batch.errors))
+        return self._take_housekeeping()
+
+    def observe_errors(self, errors: np.ndarray) -> Housekeeping:
+        """Engine thread only. The labelled drift signal of labels this model cannot learn from
+        (an older model's records): the detectors still see them."""
+        if self.drift is not None and len(errors):
+            self._act(self.drift.observe_labels(errors))
+        return self._take_housekeeping()
 
     def _supervised_step(self) -> None:
         assert self.supervised is not None
@@ -219,9 +291,10 @@ class Engine:
             if memory is not None:
                 self.metrics.memory_size.labels(memory.name).set(len(memory))
 
-    def _take_cleared(self) -> tuple[str, ...]:
-        cleared, self._cleared = tuple(sorted(self._cleared)), set()
-        return cleared
+    def _take_housekeeping(self) -> Housekeeping:
+        work = Housekeeping(tuple(sorted(self._cleared)), self._trimmed, self._calibrator_reset)
+        self._cleared, self._trimmed, self._calibrator_reset = set(), {}, False
+        return work
 
     def _reset_after_collapse(self) -> None:
         assert self.guard is not None
@@ -232,13 +305,13 @@ class Engine:
             threshold=self.guard.threshold, window=self.guard.window,
         )
 
-    def reset_adapter(self, source: str = "operator") -> tuple[str, ...]:
+    def reset_adapter(self, source: str = "operator") -> Housekeeping:
         """Engine thread only. Back to the source weights, the memories to their seed (or empty),
-        recorded as an event. Returns the names of the memories reset, whose stored rows the
+        recorded as an event. Returns the store work: the memories reset, whose stored rows the
         caller clears too."""
         self._reset(source)
         self.events.record("reset", source, "adapter_reset")
-        return self._take_cleared()
+        return self._take_housekeeping()
 
     def _reset(self, reason: str) -> None:
         self.adapter.reset()
@@ -258,6 +331,7 @@ class Engine:
                 self._cleared.add(memory.name)
         self._report_memories()
         self.metrics.adapter_resets.labels(reason).inc()
+        self._apply_rates(force=True)  # a reset restores base rates; a boost in force stays
         self.metrics.learning_rate.set(self.adapter.learning_rate)
 
     def _learned(self) -> dict[str, object]:

@@ -11,10 +11,17 @@ import numpy as np
 import torch
 
 from service.calibration import STATE, SUMMARY, Conformal
-from service.engine import Engine, LabelledBatch
-from service.gateway import StoreGateway
+from service.engine import Engine, Housekeeping, LabelledBatch
+from service.gateway import StoreGateway, housekeep
 from service.metrics import Metrics
-from store import JoinResult, LabelEffects, LabelValue, PartialJoin, PredictionRecord
+from store import (
+    JoinResult,
+    LabelEffects,
+    LabelValue,
+    PartialJoin,
+    PredictionRecord,
+    StoreUnavailable,
+)
 
 
 class RollingQuality:
@@ -154,10 +161,14 @@ class FeedbackService:
         scorable = self._scorable(result.joined)
         if self.conformal is not None and scorable:
             self.conformal.observe(scorable, self.conformal.scores(scorable))
+        errors = self._errors(scorable) if scorable else None
         records = self._usable(result.joined)
         if records is None:
+            if errors is not None:
+                work = await self.engine.run(self.engine.observe_errors, errors)
+                await self._housekeep(work)
             return
-        batch = LabelledBatch(labels=self._labels(records))
+        batch = LabelledBatch(labels=self._labels(records), errors=errors)
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])
             batch.compensation_rows = self._compensation_rows(records)
@@ -165,7 +176,24 @@ class FeedbackService:
             batch.raw = np.stack([r.arrays.get("raw", r.outputs) for r in records])
         if self.engine.supervised is not None and all("inputs" in r.arrays for r in records):
             batch.inputs = np.stack([r.arrays["inputs"] for r in records])
-        await self.engine.run(self.engine.learn, batch)
+        await self._housekeep(await self.engine.run(self.engine.learn, batch))
+
+    def _errors(self, records: list[PredictionRecord]) -> np.ndarray:
+        """The labelled drift signal: 0/1 errors of the served class, or absolute residuals of
+        the served values (the mean over a multi-output regressor's outputs)."""
+        if self.engine.model.task == "classification":
+            return np.array([float(int(r.prediction) != int(r.label))  # type: ignore[arg-type]
+                             for r in records])
+        served = np.stack([r.outputs for r in records]).astype(np.float64)
+        return np.abs(self._labels(records).astype(np.float64) - served).mean(axis=1)
+
+    async def _housekeep(self, work: Housekeeping) -> None:
+        if not work:
+            return
+        try:
+            await housekeep(self.store, work, self.persisted, self.conformal)
+        except StoreUnavailable:
+            pass  # the in-process state changed; the store catches up at the next trim or reset
 
     def _record(self, result: JoinResult) -> None:
         self._account(result.joined)

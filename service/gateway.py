@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from service.calibration import STATE, SUMMARY, Conformal
+from service.engine import Housekeeping
 from service.metrics import Metrics
 from store import Store, StoreUnavailable
 
@@ -21,7 +23,8 @@ T = TypeVar("T")
 
 STORE_OPS = ("put_predictions", "join_labels", "save_adapter", "load_adapter", "append_memory",
              "load_memory", "clear_memory", "read_label_stream", "ack_label_stream",
-             "ensure_label_group")
+             "ensure_label_group", "load_calibrator", "clear_calibrator", "trim_memory",
+             "append_events", "load_events", "save_state", "load_state")
 
 
 class StoreGateway:
@@ -85,3 +88,21 @@ class StoreGateway:
         self.up = True
         self._backoff_s = self.first_backoff_s
         self.metrics.store_up.set(1)
+
+
+async def housekeep(store: StoreGateway, work: Housekeeping, persisted: frozenset[str],
+                    conformal: Conformal | None) -> None:
+    """Bring the store in step with what the engine did: clear the stored rows of memories it
+    reset, trim those a drift action trimmed, reset the shared calibrator if one asked.
+    Raises `StoreUnavailable` (the in-process state already changed; the store catches up at
+    the next reset or trim)."""
+    for name in work.cleared:
+        if name in persisted:
+            await store.call("clear_memory", store.store.clear_memory, name)
+    for name, keep in work.trimmed.items():
+        if name in persisted:
+            await store.call("trim_memory", store.store.trim_memory, name, keep)
+    if work.calibrator_reset and conformal is not None:
+        for name in (STATE, SUMMARY):
+            await store.call("clear_calibrator", store.store.clear_calibrator, name)
+        conformal.read_summary(None)

@@ -110,6 +110,18 @@ class Metrics:
             "adaptd_conformal_target", "the coverage the calibrator aims at, 1 − α",
             ["calibrator"], registry=r,
         )
+        self.drift_alarms = Counter(
+            "adaptd_drift_alarms", "drift alarms raised, by detector and signal",
+            ["detector", "signal"], registry=r,
+        )
+        self.drift_actions = Counter(
+            "adaptd_drift_actions", "actions the drift policy took, by action and the alarm's "
+            "detector and signal", ["action", "detector", "signal"], registry=r,
+        )
+        self.drift_boost = Gauge(
+            "adaptd_drift_learning_rate_factor", "the drift policy's learning-rate multiplier "
+            "now (1 outside a boost)", registry=r,
+        )
         self.memory_size = Gauge(
             "adaptd_memory_size", "rows in each memory (seed included)", ["memory"], registry=r
         )
@@ -121,7 +133,7 @@ class Metrics:
             "adaptd_events", "events by kind, source and action (e.g. collapse, guard, reset)",
             ["kind", "source", "action"], registry=r,
         )
-        for reason in ("operator", "collapse"):
+        for reason in ("operator", "collapse", "drift"):
             self.adapter_resets.labels(reason)
         for kind, source in (("collapse", "guard"), ("reset", "operator")):
             self.events.labels(kind, source, "adapter_reset")

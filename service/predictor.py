@@ -9,8 +9,8 @@ from typing import TypeVar
 import numpy as np
 
 from service.calibration import SUMMARY, Conformal
-from service.engine import BatchOutput, Engine
-from service.gateway import StoreGateway
+from service.engine import BatchOutput, Engine, Housekeeping
+from service.gateway import StoreGateway, housekeep
 from service.metrics import Metrics
 from store import PredictionRecord, StoreUnavailable
 
@@ -62,17 +62,21 @@ class Predictor:
 
     async def _persist_memory(self, out: BatchOutput) -> None:
         """Share what the memories learned: reset ones are cleared in the store, AdaNPC's new rows
-        go to it, for replicas and restarts (a failure loses them only there; the in-process
-        memory keeps them). The error memory's rows reach the store with their labels."""
+        go to it, trimmed ones are trimmed there, for replicas and restarts (a failure loses them
+        only there; the in-process memory keeps them). The error memory's rows reach the store
+        with their labels."""
+        work = out.housekeeping
         try:
-            for name in out.cleared:
-                if name in self.persisted:
-                    await self.store.call("clear_memory", self.store.store.clear_memory, name)
+            await housekeep(self.store, Housekeeping(cleared=work.cleared), self.persisted,
+                            self.conformal)
             memory = self.engine.memory
             if (memory is not None and memory.name in self.persisted
                     and out.memory_rows is not None and len(out.memory_rows)):
                 await self.store.call("append_memory", self.store.store.append_memory,
                                       memory.name, out.memory_rows, memory.capacity)
+            await housekeep(self.store, Housekeeping(trimmed=work.trimmed,
+                                                     calibrator_reset=work.calibrator_reset),
+                            self.persisted, self.conformal)
         except StoreUnavailable:
             pass
 

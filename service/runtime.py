@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +21,13 @@ from adapters.output_correction import OutputCorrector
 from service.batcher import MicroBatcher
 from service.calibration import SUMMARY, Conformal
 from service.engine import Compensation, Engine
-from service.events import EventLog
+from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
-from service.label_stream import LabelStreamConsumer
+from service.label_stream import LabelStreamConsumer, default_consumer_name
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
+from service.monitor import DriftMonitor
 from service.predictor import PredictionRow, Predictor
 from service.reference import (
     ReferenceData,
@@ -36,6 +40,8 @@ from service.settings import Settings
 from store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("adaptd")
+
+DRIFT_STATE = "drift"
 
 
 @dataclass
@@ -53,15 +59,19 @@ class Runtime:
     persisted_memories: frozenset[str]
     stream: LabelStreamConsumer | None = None
     conformal: Conformal | None = None
+    _chores: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
-        events = EventLog(metrics)
+        events = EventLog(metrics, replica=settings.feedback.stream_consumer
+                          or default_consumer_name())
         engine = await asyncio.to_thread(build_engine, settings, metrics, events)
         model, adapter = engine.model, engine.adapter
         store = StoreGateway(_open_store(settings), metrics)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
+        if engine.drift is not None:
+            await _restore_drift(engine, store)
         persisted = persisted_memories(settings, engine)
         for memory in (engine.memory, engine.compensation):
             if memory is not None and memory.name in persisted:
@@ -90,13 +100,53 @@ class Runtime:
             stream.start()
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
                  settings.adapter.name, store.store.backend)
-        return cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
-                   events, persisted, stream, conformal)
+        runtime = cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
+                      events, persisted, stream, conformal)
+        runtime._chores = asyncio.create_task(runtime._keep_state(), name="adaptd-state")
+        return runtime
+
+    async def flush_events(self) -> None:
+        """Hand new events to the store's shared log (kept for the next try if it is down)."""
+        events = self.events.take_unsaved()
+        if not events:
+            return
+        try:
+            await self.store.call("append_events", self.store.store.append_events, events,
+                                  self.settings.drift.events_kept)
+        except StoreUnavailable:
+            self.events.put_back(events)
+
+    async def save_drift(self) -> None:
+        """Save the drift detectors' and policy's state, so a restart resumes them."""
+        if self.engine.drift is None:
+            return
+        state = await self.engine.run(self.engine.drift.state)
+        blob = json.dumps(json_safe(state), separators=(",", ":")).encode()
+        try:
+            await self.store.call("save_state", self.store.store.save_state, DRIFT_STATE, blob)
+        except StoreUnavailable:
+            pass
+
+    async def _keep_state(self) -> None:
+        """Every second: events to the store; every drift.save_every_s: the drift state."""
+        saved_at = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            await self.flush_events()
+            if time.monotonic() - saved_at >= self.settings.drift.save_every_s:
+                saved_at = time.monotonic()
+                await self.save_drift()
 
     async def stop(self) -> None:
         if self.stream is not None:
             await self.stream.stop()
+        if self._chores is not None:
+            self._chores.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._chores
         await self.batcher.stop()
+        await self.flush_events()
+        await self.save_drift()
         self.engine.close()
         self.store.store.close()
 
@@ -124,8 +174,10 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                 "(N, *input_shape)"
             ) from error
         raise
+    drift = (DriftMonitor(settings.drift, model.task, metrics, events)
+             if settings.drift.enabled else None)
     return Engine(model, adapter, metrics, events, guard, memory, compensation, correction,
-                  supervised, settings.feedback.supervised.batch_size)
+                  supervised, settings.feedback.supervised.batch_size, drift)
 
 
 def _compensation(settings: Settings, model: LoadedModel, reference: ReferenceData | None
@@ -291,6 +343,25 @@ async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | C
                         memory.name, error)
             return
         log.info("reloaded %d %s memory rows", len(rows), memory.name)
+
+
+async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
+    """Resume the detectors and the policy where the deployment left them."""
+    assert engine.drift is not None
+    try:
+        blob = await store.call("load_state", store.store.load_state, DRIFT_STATE)
+    except StoreUnavailable:
+        log.warning("the store is unreachable: drift detectors start afresh")
+        return
+    if blob is None:
+        return
+    try:
+        state = json.loads(blob)
+    except ValueError:
+        log.warning("the stored drift state is not JSON; detectors start afresh")
+        return
+    skipped = await engine.run(engine.drift.load_state, state)
+    log.info("resumed drift detectors%s", f" (not: {', '.join(skipped)})" if skipped else "")
 
 
 async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:

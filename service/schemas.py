@@ -137,7 +137,14 @@ class StateResponse(BaseModel):
         None, description="online conformal calibration: method, score, target, alpha_t, "
         "threshold, updates, coverage and labels per window, mean set size or width; null when off",
     )
-    detectors: list[dict] = Field(default_factory=list, description="drift detectors (none yet)")
+    detectors: list[dict] = Field(
+        default_factory=list, description="drift detectors: detector, signal, labelled, params, "
+        "counts, warm, statistic and estimate, last alarm",
+    )
+    drift_policy: dict | None = Field(
+        None, description="the drift policy: actions, boost, cool-down, the sample clock and the "
+        "learning-rate factor now; null when drift detection is off",
+    )
     memories: dict[str, int] = Field(default_factory=dict, description="memory sizes by name")
     store: StoreState
     batcher: BatcherState
@@ -158,10 +165,13 @@ class CheckpointResponse(BaseModel):
 class EventItem(BaseModel):
     seq: int = Field(description="increasing sequence number; page back with ?before=seq")
     time: float = Field(description="seconds since the epoch")
-    kind: str = Field(description="e.g. collapse, reset")
-    source: str = Field(description="who raised it: guard, operator...")
-    action: str | None = Field(description="what the service did, e.g. adapter_reset")
-    detail: dict[str, object]
+    kind: str = Field(description="drift_alarm, drift_action, drift_unconfirmed, collapse, reset")
+    source: str = Field(description="who raised it: detector/signal (adwin/error), guard, "
+                        "operator")
+    action: str | None = Field(description="what the service did: boost_lr, trim_memory, "
+                               "reset_calibrator, adapter_reset; null for an alarm")
+    detail: dict[str, object] = Field(description="statistic, estimate, sample clock, outcome...")
+    replica: str | None = Field(None, description="the replica that recorded it")
 
 
 class EventsResponse(BaseModel):

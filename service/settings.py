@@ -258,6 +258,64 @@ class ConformalSettings(Section):
     )
 
 
+class DetectorSettings(Section):
+    """One River drift detector on one signal."""
+
+    detector: Literal["adwin", "page_hinkley", "kswin", "ddm", "eddm", "hddm_a", "hddm_w"]
+    signal: Literal["entropy", "confidence", "feature_mean", "error", "residual"]
+    params: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, description="the River class's constructor arguments")
+    chunk: PositiveInt | None = Field(None, description="values per detector update (a mean)")
+    warmup: int | None = Field(None, ge=0, description="updates that fix the z-score scale")
+
+
+class PolicySettings(Section):
+    """What an alarm does (see docs/adaptation.md): actions, boost, cool-down, confirmation."""
+
+    label_free_actions: list[Literal["boost_lr", "reset_adapter", "trim_memory",
+                                     "reset_calibrator"]] = ["boost_lr"]
+    labelled_actions: list[Literal["boost_lr", "reset_adapter", "trim_memory",
+                                   "reset_calibrator"]] = ["boost_lr", "trim_memory"]
+    boost: float = Field(5.0, ge=1.0, description="the learning rate's multiplier at an alarm")
+    half_life: PositiveFloat = Field(500.0, description="samples over which the boost halves")
+    cooldown: int = Field(2000, ge=0, description="samples before an action is taken again")
+    confirmation: Literal["independent", "labelled"] = Field(
+        "independent", description="labelled: a label-free alarm acts only once a labelled "
+        "alarm follows within confirm_window samples",
+    )
+    confirm_window: int = Field(2000, ge=0)
+    trim_keep: int = Field(512, ge=0, description="rows a memory keeps at trim_memory")
+
+
+class DriftSettings(Section):
+    """Drift detectors on label-free and labelled signals, and the policy acting on alarms."""
+
+    enabled: bool = True
+    label_free: list[DetectorSettings] | None = Field(
+        None, description="detectors on the prediction path; default: the measured defaults on "
+        "entropy and feature_mean (classification) or feature_mean (regression)",
+    )
+    labelled: list[DetectorSettings] | None = Field(
+        None, description="detectors on the label path; default: the measured default on the "
+        "0/1 error (classification) or the absolute residual (regression)",
+    )
+    policy: PolicySettings = PolicySettings()
+    events_kept: PositiveInt = Field(1000, description="events kept in the store's shared log")
+    save_every_s: PositiveFloat = Field(
+        30.0, description="how often detector and policy state is saved to the store"
+    )
+
+    @model_validator(mode="after")
+    def _signals_fit_paths(self) -> DriftSettings:
+        for path, specs, labelled in (("label_free", self.label_free, False),
+                                      ("labelled", self.labelled, True)):
+            for spec in specs or []:
+                if (spec.signal in ("error", "residual")) != labelled:
+                    raise ValueError(f"drift.{path}: signal {spec.signal!r} belongs to the "
+                                     f"{'labelled' if not labelled else 'label_free'} list")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the service reads at start-up."""
 
@@ -281,6 +339,7 @@ class Settings(BaseSettings):
     compensation: CompensationSettings = CompensationSettings()
     correction: CorrectionSettings = CorrectionSettings()
     conformal: ConformalSettings = ConformalSettings()
+    drift: DriftSettings = DriftSettings()
 
     @model_validator(mode="after")
     def _parts_fit(self) -> Settings:

@@ -249,6 +249,26 @@ class Store(Protocol):
         """Drop every row of the named memory (an adapter reset, a drift action)."""
         ...
 
+    def trim_memory(self, name: str, keep: int) -> None:
+        """Keep only the newest `keep` rows of the named memory (a drift policy's refresh)."""
+        ...
+
+    def append_events(self, events: Sequence[dict], cap: int) -> None:
+        """Add JSON-serialisable events to the deployment's shared log; keep the newest `cap`."""
+        ...
+
+    def load_events(self, limit: int) -> list[dict]:
+        """The newest `limit` events of the shared log, newest first."""
+        ...
+
+    def save_state(self, name: str, blob: bytes) -> None:
+        """Keep a named piece of state (drift detectors and policy), replacing the last one."""
+        ...
+
+    def load_state(self, name: str) -> bytes | None:
+        """The named state as last saved; None when there is none."""
+        ...
+
     def load_calibrator(self, name: str) -> bytes | None:
         """The named calibrator's state as last written; None when there is none."""
         ...

@@ -71,6 +71,16 @@ class Keys:
         lost or blocking the ones behind them."""
         return f"{self.prefix}labels:dead"
 
+    def events(self) -> str:
+        """The capped list of events (drift alarms and actions, resets), newest first, as JSON."""
+        return f"{self.prefix}events"
+
+    def state(self, name: str) -> str:
+        """A named piece of saved state, such as the drift detectors' and policy's."""
+        if not name:
+            raise ValueError("a saved state needs a name, such as 'drift'")
+        return f"{self.prefix}state:{name}"
+
     def calibrator(self, name: str) -> str:
         """The state of one named online conformal calibrator, shared by every replica."""
         if not name:

@@ -9,6 +9,7 @@ the caller's objects.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict, deque
@@ -110,6 +111,8 @@ class MemoryStore:
         # name -> packed float32 rows, oldest first; every row of one memory has the same width
         self._memories: dict[str, deque[bytes]] = {}
         self._calibrators: dict[str, bytes] = {}
+        self._events: deque[str] = deque()  # JSON, oldest first
+        self._states: dict[str, bytes] = {}
         self._keys = Keys(namespace)
 
     def ping(self) -> bool:
@@ -253,6 +256,35 @@ class MemoryStore:
         with self._lock:
             self._memories.pop(name, None)
 
+    def trim_memory(self, name: str, keep: int) -> None:
+        self._keys.memory(name)
+        with self._lock:
+            memory = self._memories.get(name)
+            while memory and len(memory) > max(keep, 0):
+                memory.popleft()
+
+    def append_events(self, events: Sequence[dict], cap: int) -> None:
+        encoded = [json.dumps(event, separators=(",", ":"), default=str) for event in events]
+        with self._lock:
+            self._events.extend(encoded)
+            while len(self._events) > cap:
+                self._events.popleft()
+
+    def load_events(self, limit: int) -> list[dict]:
+        with self._lock:
+            newest = list(self._events)[-limit:] if limit > 0 else []
+        return [json.loads(event) for event in reversed(newest)]
+
+    def save_state(self, name: str, blob: bytes) -> None:
+        self._keys.state(name)
+        with self._lock:
+            self._states[name] = bytes(blob)
+
+    def load_state(self, name: str) -> bytes | None:
+        self._keys.state(name)
+        with self._lock:
+            return self._states.get(name)
+
     def load_calibrator(self, name: str) -> bytes | None:
         self._keys.calibrator(name)
         with self._lock:
@@ -276,6 +308,8 @@ class MemoryStore:
     def close(self) -> None:
         with self._lock:
             self._calibrators.clear()
+            self._events.clear()
+            self._states.clear()
             self._records.clear()
             self._markers.clear()
             self._adapters.clear()

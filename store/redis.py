@@ -10,6 +10,7 @@ in-process state and reports not-ready instead of failing requests.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -437,6 +438,37 @@ class RedisStore:
     def clear_memory(self, name: str) -> None:
         with self._unavailable("clear a memory"):
             self._redis.delete(self._keys.memory(name))
+
+    def trim_memory(self, name: str, keep: int) -> None:
+        with self._unavailable("trim a memory"):
+            if keep <= 0:
+                self._redis.delete(self._keys.memory(name))
+            else:
+                self._redis.ltrim(self._keys.memory(name), -keep, -1)
+
+    def append_events(self, events: Sequence[dict], cap: int) -> None:
+        if not events:
+            return
+        encoded = [json.dumps(event, separators=(",", ":"), default=str) for event in events]
+        with self._unavailable("record events"), self._redis.pipeline() as pipe:
+            pipe.lpush(self._keys.events(), *encoded)  # the last one ends up first: newest first
+            pipe.ltrim(self._keys.events(), 0, cap - 1)
+            pipe.execute()
+
+    def load_events(self, limit: int) -> list[dict]:
+        if limit <= 0:
+            return []
+        with self._unavailable("read events"):
+            raw = self._redis.lrange(self._keys.events(), 0, limit - 1)
+        return [json.loads(event) for event in raw]
+
+    def save_state(self, name: str, blob: bytes) -> None:
+        with self._unavailable("save state"):
+            self._redis.set(self._keys.state(name), bytes(blob))
+
+    def load_state(self, name: str) -> bytes | None:
+        with self._unavailable("load state"):
+            return self._redis.get(self._keys.state(name))
 
     def load_calibrator(self, name: str) -> bytes | None:
         with self._unavailable("load a calibrator"):

@@ -814,3 +814,25 @@ def test_a_multi_output_label_is_kept_as_its_list_of_values(store: Store) -> Non
     result = store.join_labels([("vec", [1.5, -2.0, 3.25])])
     assert result.joined[0].label == [1.5, -2.0, 3.25]
     assert store.get_prediction("vec").label == [1.5, -2.0, 3.25]
+
+
+def test_a_memory_is_trimmed_to_its_newest_rows(store: Store) -> None:
+    store.append_memory("trimmed", np.arange(10, dtype=np.float32).reshape(5, 2), cap=10)
+    store.trim_memory("trimmed", 2)
+    assert store.load_memory("trimmed").tolist() == [[6.0, 7.0], [8.0, 9.0]]
+    store.trim_memory("trimmed", 0)
+    assert store.load_memory("trimmed").shape == (0, 0)
+
+
+def test_events_are_kept_newest_first_up_to_the_cap(store: Store) -> None:
+    store.append_events([{"n": 1}, {"n": 2}], cap=3)
+    store.append_events([{"n": 3, "text": "é"}, {"n": 4}], cap=3)
+    assert store.load_events(10) == [{"n": 4}, {"n": 3, "text": "é"}, {"n": 2}]
+    assert store.load_events(1) == [{"n": 4}]
+
+
+def test_a_named_state_is_replaced_by_the_last_save(store: Store) -> None:
+    assert store.load_state("drift") is None
+    store.save_state("drift", b"one")
+    store.save_state("drift", b"two")
+    assert store.load_state("drift") == b"two"

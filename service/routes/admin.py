@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, status
 
 from service.deps import get_runtime, require_token
+from service.gateway import housekeep
 from service.routes.status import adapter_state
 from service.runtime import Runtime
 from service.schemas import AdapterState, CheckpointResponse
@@ -18,11 +19,9 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)])
 @router.post("/v1/admin/reset", response_model=AdapterState)
 async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterState:
     """Return the adapter to the source weights (after the batches already queued)."""
-    cleared = await runtime.engine.run(runtime.engine.reset_adapter)
+    work = await runtime.engine.run(runtime.engine.reset_adapter)
     try:
-        for name in cleared:
-            if name in runtime.persisted_memories:
-                await runtime.store.call("clear_memory", runtime.store.store.clear_memory, name)
+        await housekeep(runtime.store, work, runtime.persisted_memories, runtime.conformal)
     except StoreUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             f"the adapter was reset, but its stored memory was not: {exc}; "

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from service.deps import get_runtime
 from service.runtime import Runtime
 from service.schemas import EventItem, EventsResponse
+from store import StoreUnavailable
 
 router = APIRouter(tags=["status"])
 
@@ -17,7 +18,27 @@ router = APIRouter(tags=["status"])
 async def events(
     runtime: Annotated[Runtime, Depends(get_runtime)],
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    before: Annotated[int | None, Query(ge=1, description="events older than this seq")] = None,
+    before: Annotated[int | None, Query(ge=1, description="events older than this seq "
+                                        "(scope=replica)")] = None,
+    kind: Annotated[str | None, Query(max_length=64, description="only events of this kind, "
+                                      "e.g. drift_alarm")] = None,
+    scope: Annotated[Literal["replica", "deployment"], Query(
+        description="replica: this process's events; deployment: every replica's, from the "
+        "store's shared log (it outlives restarts)")] = "replica",
 ) -> EventsResponse:
     """What the service did on its own or was told to do, newest first."""
-    return EventsResponse(events=[EventItem(**e) for e in runtime.events.list(limit, before)])
+    if scope == "replica":
+        events = runtime.events.list(1000 if kind else limit, before)
+    else:
+        if before is not None:
+            raise HTTPException(422, "before pages this replica's log; with scope=deployment "
+                                     "use limit (and kind)")
+        await runtime.flush_events()
+        try:
+            events = await runtime.store.call(
+                "load_events", runtime.store.store.load_events, runtime.settings.drift.events_kept)
+        except StoreUnavailable as exc:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+    if kind is not None:
+        events = [e for e in events if e.get("kind") == kind]
+    return EventsResponse(events=[EventItem(**e) for e in events[:limit]])

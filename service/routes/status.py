@@ -36,6 +36,9 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
                          classes=classes, version=model.version),
         adapter=adapter_state(runtime),
         calibrator=None if runtime.conformal is None else runtime.conformal.describe(),
+        detectors=[] if runtime.engine.drift is None else runtime.engine.drift.describe(),
+        drift_policy=None if runtime.engine.drift is None
+        else runtime.engine.drift.describe_policy(),
         memories={m.name: len(m) for m in (runtime.engine.memory, runtime.engine.compensation)
                   if m is not None},
         store=StoreState(backend=store.backend, namespace=store.namespace, up=runtime.store.up,

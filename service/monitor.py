@@ -1,0 +1,185 @@
+"""Drift monitoring in the service: River detectors on the prediction and label paths, and the
+policy that turns their alarms into actions on the engine.
+
+Engine thread only (the engine owns the monitor, as it owns the model), so nothing here locks.
+The clock is the number of samples served: label-free alarms (raised while predicting) and
+labelled ones (raised when late labels are joined) sit on one time line, and the policy's
+cool-down, boost half-life and confirmation window are counted in samples.
+
+The policy runs with a base learning rate of 1, so its rate *is* the boost factor: the engine
+multiplies every learning component's own base rate (the test-time adapter's, the supervised
+step's, the output corrector's) by it, through their capped setters.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from drift import (
+    DEFAULT_DETECTORS,
+    Action,
+    Alarm,
+    DriftPolicy,
+    SignalDetector,
+    StateMismatch,
+    confidence,
+    entropy,
+    feature_mean,
+)
+from service.events import EventLog
+from service.metrics import Metrics
+from service.settings import DetectorSettings, DriftSettings
+
+DEFAULT_SIGNALS = {
+    ("classification", False): ("entropy", "feature_mean"),
+    ("classification", True): ("error",),
+    ("regression", False): ("feature_mean",),
+    ("regression", True): ("residual",),
+}
+STATE_VERSION = 1
+
+
+def _detectors(specs: list[DetectorSettings] | None, task: str, labelled: bool
+               ) -> list[SignalDetector]:
+    if specs is None:
+        specs = [DetectorSettings(detector=DEFAULT_DETECTORS[signal].detector, signal=signal,
+                                  params=dict(DEFAULT_DETECTORS[signal].params),
+                                  chunk=DEFAULT_DETECTORS[signal].chunk)
+                 for signal in DEFAULT_SIGNALS[(task, labelled)]]
+    detectors = []
+    for spec in specs:
+        if task != "classification" and spec.signal in ("entropy", "confidence", "error"):
+            raise ValueError(f"drift signal {spec.signal!r} needs class probabilities; a "
+                             "regressor has feature_mean and residual")
+        if task == "classification" and spec.signal == "residual":
+            raise ValueError("drift signal 'residual' is a regressor's; a classifier has 'error'")
+        detectors.append(SignalDetector(spec.detector, spec.signal, dict(spec.params),
+                                        spec.chunk, spec.warmup))
+    return detectors
+
+
+class DriftMonitor:
+    """The detectors of both paths, the policy, and the sample clock they share."""
+
+    def __init__(self, settings: DriftSettings, task: str, metrics: Metrics,
+                 events: EventLog) -> None:
+        self.task = task
+        self.metrics = metrics
+        self.events = events
+        self.label_free = _detectors(settings.label_free, task, labelled=False)
+        self.labelled = _detectors(settings.labelled, task, labelled=True)
+        p = settings.policy
+        self.policy = DriftPolicy(
+            base_learning_rate=1.0, boost=p.boost, half_life=p.half_life, cooldown=p.cooldown,
+            label_free_actions=p.label_free_actions, labelled_actions=p.labelled_actions,
+            confirmation=p.confirmation, confirm_window=p.confirm_window,
+            trim_keep=p.trim_keep,
+        )
+        self.samples = 0
+        for detector in (*self.label_free, *self.labelled):
+            metrics.drift_alarms.labels(detector.name, detector.signal.name)
+
+    # --- the two paths ----------------------------------------------------------------------
+
+    def observe_batch(self, probabilities: np.ndarray | None,
+                      features: np.ndarray | None, count: int) -> list[Action]:
+        """Label-free signals of one served batch; the actions its alarms call for."""
+        self.samples += count
+        values = {
+            "entropy": None if probabilities is None else entropy(probabilities),
+            "confidence": None if probabilities is None else confidence(probabilities),
+            "feature_mean": None if features is None else feature_mean(features),
+        }
+        return self._update(self.label_free, values)
+
+    def observe_labels(self, errors: np.ndarray) -> list[Action]:
+        """The labelled signal (0/1 errors or absolute residuals) of joined labels, in order."""
+        signal = "error" if self.task == "classification" else "residual"
+        return self._update(self.labelled, {signal: np.asarray(errors, dtype=np.float64)})
+
+    def factor(self) -> float:
+        """The learning-rate multiplier now: 1, or a boost decaying back to 1."""
+        return self.policy.learning_rate(self.samples)
+
+    def _update(self, detectors: list[SignalDetector],
+                values: dict[str, np.ndarray | None]) -> list[Action]:
+        actions: list[Action] = []
+        now = time.time()
+        for detector in detectors:
+            stream = values.get(detector.signal.name)
+            if stream is None or not len(stream):
+                continue
+            alarm = detector.update(stream, now=now)
+            if alarm is not None:
+                actions += self._on_alarm(alarm)
+        self.policy.advance(self.samples)
+        self._publish()
+        return actions
+
+    def _on_alarm(self, alarm: Alarm) -> list[Action]:
+        self.metrics.drift_alarms.labels(alarm.detector, alarm.signal).inc()
+        actions = self.policy.on_alarm(alarm, now=self.samples)
+        for action in actions:
+            self.metrics.drift_actions.labels(action.name, action.detector, action.signal).inc()
+        return actions
+
+    def _publish(self) -> None:
+        for event in self.policy.take_events():
+            detail = {k: v for k, v in event.items()
+                      if k not in ("time", "kind", "action", "detail")}
+            detail.update(event.get("detail") or {})
+            self.events.record(event["kind"], f"{event['detector']}/{event['signal']}",
+                               event.get("action"), **detail)
+        self.metrics.drift_boost.set(self.factor())
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "samples": self.samples,
+                "label_free": [d.state() for d in self.label_free],
+                "labelled": [d.state() for d in self.labelled],
+                "policy": self.policy.state()}
+
+    def load_state(self, state: dict[str, Any]) -> list[str]:
+        """Restore what a restart would lose; returns what did not fit (then left as built)."""
+        skipped: list[str] = []
+        if state.get("version") != STATE_VERSION:
+            return ["the whole state (another format)"]
+        for path in ("label_free", "labelled"):
+            detectors = getattr(self, path)
+            saved = state.get(path) or []
+            for detector, kept in zip(detectors, saved, strict=False):
+                try:
+                    detector.load_state(kept)
+                except (StateMismatch, ValueError, KeyError, TypeError):
+                    skipped.append(f"{path} {detector.name} on {detector.signal.name}")
+            if len(saved) != len(detectors):
+                skipped.append(f"{path}: {len(saved)} saved detectors for {len(detectors)}")
+        try:
+            self.policy.load_state(state["policy"])
+        except (ValueError, KeyError):
+            skipped.append("policy")
+        self.samples = max(self.samples, int(state.get("samples", 0)))
+        return skipped
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [_finite({**detector.describe(), "warm": detector.warm})
+                for detector in (*self.label_free, *self.labelled)]
+
+    def describe_policy(self) -> dict[str, Any]:
+        return _finite({**self.policy.describe(), "samples": self.samples,
+                        "learning_rate_factor": self.factor()})
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe: non-finite floats (a statistic not yet defined) become None."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,155 @@
+"""Drift detection that acts, in the running service: an abrupt change at a known position raises
+an alarm, the policy boosts the learning rate once (cool-down), the rate decays back to base, a
+labelled alarm trims the memories, and all of it shows in /v1/events, /metrics and /v1/state;
+detector state survives a restart through the store."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+from harness import metric, serving, settings_for
+from redis_server import RedisServer
+
+from service.demo import digits_split
+
+BASE = 1e-3
+CHANGE_AT = 640
+
+
+def _stream() -> tuple[np.ndarray, np.ndarray]:
+    """Clean digits, then from CHANGE_AT on the same digits under heavy noise."""
+    _, _, x_test, y_test = digits_split()
+    rng = np.random.default_rng(0)
+    clean = x_test[:CHANGE_AT]
+    noisy = np.clip(x_test[:640] + rng.normal(0, 0.6, x_test[:640].shape), 0, 1)
+    return (np.concatenate([clean, noisy]).astype(np.float32),
+            np.concatenate([y_test[:CHANGE_AT], y_test[:640]]))
+
+
+def test_an_abrupt_change_boosts_the_learning_rate_once_and_it_decays_back_to_base() -> None:
+    inputs, _ = _stream()
+    settings = {"adapter": {"name": "tent", "learning_rate": BASE},
+                "drift": {"policy": {"boost": 4.0, "half_life": 64, "cooldown": 5000}},
+                "batcher": {"max_wait_ms": 0}}
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            engine = app.state.runtime.engine
+            rates = []
+            for start in range(0, len(inputs), 32):
+                await client.post("/v1/predict", json={"inputs": inputs[start:start + 32].tolist()})
+                rates.append((start + 32, engine.adapter.learning_rate))
+            # the new concept goes on, but no new alarm: the rate settles back to base
+            for _ in range(30):
+                await client.post("/v1/predict", json={"inputs": inputs[-32:].tolist()})
+            rates.append((None, engine.adapter.learning_rate))
+            alarms = (await client.get("/v1/events", params={"kind": "drift_alarm"})).json()
+            actions = (await client.get("/v1/events", params={"kind": "drift_action"})).json()
+            state = (await client.get("/v1/state")).json()
+            counted = {
+                "alarms": sum(metric(app, "adaptd_drift_alarms_total", detector="adwin",
+                                     signal=s) for s in ("entropy", "feature_mean")),
+                "boosts": sum(metric(app, "adaptd_drift_actions_total", action="boost_lr",
+                                     detector="adwin", signal=s)
+                              for s in ("entropy", "feature_mean")),
+                "rate": metric(app, "adaptd_learning_rate"),
+                "factor": metric(app, "adaptd_drift_learning_rate_factor"),
+            }
+            return rates, alarms["events"], actions["events"], state, counted
+
+    rates, alarms, actions, state, counted = asyncio.run(scenario())
+    before = [rate for served, rate in rates if served is not None and served <= CHANGE_AT]
+    assert before == [BASE] * len(before), "an alarm before the change"
+    assert len(actions) == 1 and actions[0]["action"] == "boost_lr"
+    boost = actions[0]["detail"]
+    assert CHANGE_AT < boost["at"] <= CHANGE_AT + 250  # the detection delay, in samples
+    assert boost["to"] == 4.0 and actions[0]["source"] in ("adwin/entropy", "adwin/feature_mean")
+    peak = max(rate for _, rate in rates)
+    assert peak == BASE * 4.0
+    assert rates[-1][1] == BASE and counted["rate"] == BASE and counted["factor"] == 1.0
+    # every alarm is an event; the ones after the boost met the cool-down
+    outcomes = [a["detail"]["outcome"] for a in reversed(alarms)]
+    assert outcomes[0] == "acted" and set(outcomes[1:]) <= {"cooldown"}
+    assert counted["alarms"] == len(alarms) >= 1 and counted["boosts"] == 1
+    signals = {d["signal"]: d for d in state["detectors"]}
+    assert set(signals) == {"entropy", "feature_mean", "error"}
+    assert signals["error"]["labelled"] and signals["error"]["samples"] == 0
+    assert sum(d["alarms"] for d in signals.values()) == len(alarms)
+    assert state["drift_policy"]["samples"] == len(inputs) + 30 * 32
+
+
+def test_a_labelled_alarm_trims_the_error_memory_here_and_in_the_store() -> None:
+    inputs, labels = _stream()
+    settings = {"compensation": {"kind": "exact"},
+                "drift": {"label_free": [], "policy": {"trim_keep": 40}},
+                "batcher": {"max_wait_ms": 0}}
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            runtime = app.state.runtime
+            sizes = []
+            for start in range(0, len(inputs), 32):
+                ids = [f"t{i}" for i in range(start, start + 32)]
+                await client.post("/v1/predict", json={"inputs": inputs[start:start + 32].tolist(),
+                                                       "ids": ids})
+                await client.post("/v1/feedback", json={"labels": [
+                    {"id": i, "label": int(y)}
+                    for i, y in zip(ids, labels[start:start + 32], strict=True)]})
+                sizes.append(len(runtime.engine.compensation))
+            stored = len(runtime.store.store.load_memory("error_memory"))
+            actions = (await client.get("/v1/events", params={"kind": "drift_action"})).json()
+            return sizes, stored, actions["events"]
+
+    sizes, stored, actions = asyncio.run(scenario())
+    names = sorted(a["action"] for a in actions)
+    assert names == ["boost_lr", "trim_memory"]
+    trim = next(a for a in actions if a["action"] == "trim_memory")
+    assert trim["source"] == "adwin/error" and CHANGE_AT < trim["detail"]["at"]
+    # the memory grew by 32 a batch until the alarm, then restarted from the 40 kept rows
+    dropped = [i for i in range(1, len(sizes)) if sizes[i] < sizes[i - 1]]
+    assert len(dropped) == 1 and sizes[dropped[0]] <= 40 + 32
+    assert stored == sizes[-1]
+
+
+def test_detectors_and_the_policy_resume_after_a_restart(redis_server: RedisServer) -> None:
+    inputs, _ = _stream()
+    settings = settings_for(store={"url": redis_server.url, "namespace": uuid.uuid4().hex},
+                            adapter={"name": "tent"}, batcher={"max_wait_ms": 0})
+
+    async def first_life():
+        async with serving(settings) as (client, app):
+            for start in range(0, len(inputs), 64):
+                await client.post("/v1/predict", json={"inputs": inputs[start:start + 64].tolist()})
+            return (await client.get("/v1/state")).json()
+
+    async def second_life():
+        async with serving(settings) as (client, _):
+            state = (await client.get("/v1/state")).json()
+            shared = (await client.get("/v1/events", params={"scope": "deployment",
+                                                              "kind": "drift_alarm"})).json()
+            return state, shared["events"]
+
+    before = asyncio.run(first_life())
+    after, shared = asyncio.run(second_life())
+    assert after["detectors"] == before["detectors"]
+    assert after["drift_policy"]["samples"] == before["drift_policy"]["samples"] == len(inputs)
+    assert after["drift_policy"]["boost_at"] == before["drift_policy"]["boost_at"] is not None
+    assert len(shared) == sum(d["alarms"] for d in before["detectors"]) >= 1
+
+
+def test_drift_can_be_switched_off_and_bad_detector_settings_are_refused() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    async def scenario():
+        async with serving(drift={"enabled": False}) as (client, _):
+            return (await client.get("/v1/state")).json()
+
+    state = asyncio.run(scenario())
+    assert state["detectors"] == [] and state["drift_policy"] is None
+    with pytest.raises(ValidationError, match="labelled"):
+        settings_for(drift={"label_free": [{"detector": "adwin", "signal": "error"}]})
+    with pytest.raises(ValidationError):
+        settings_for(drift={"labelled": [{"detector": "adwin", "signal": "nope"}]})
