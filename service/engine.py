@@ -131,6 +131,7 @@ class Engine:
         self._base_rates = {part: part.learning_rate for part in (adapter, supervised, correction)
                             if part is not None and part.learning_rate > 0}
         self._factor = 1.0
+        self._resets = 0
         self.tap = FeatureTap(model.module)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
         metrics.learning_rate.set(adapter.learning_rate)
@@ -329,10 +330,18 @@ class Engine:
             if memory is not None:
                 memory.reset()
                 self._cleared.add(memory.name)
+        self._resets += 1
         self._report_memories()
         self.metrics.adapter_resets.labels(reason).inc()
         self._apply_rates(force=True)  # a reset restores base rates; a boost in force stays
         self.metrics.learning_rate.set(self.adapter.learning_rate)
+
+    def learned_version(self) -> tuple[int, ...]:
+        """Engine thread only. Changes whenever a learned weight may have: steps of the adapter,
+        the supervised step and the corrector, and resets."""
+        return (self.adapter.version, self.adapter.steps,
+                0 if self.supervised is None else self.supervised.steps,
+                0 if self.correction is None else self.correction.steps, self._resets)
 
     def _learned(self) -> dict[str, object]:
         """Everything whose weights a checkpoint holds, by key prefix."""

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -60,6 +62,7 @@ class Runtime:
     stream: LabelStreamConsumer | None = None
     conformal: Conformal | None = None
     _chores: asyncio.Task[None] | None = None
+    _checkpointed: tuple[int, ...] = (0,)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -68,6 +71,7 @@ class Runtime:
         engine = await asyncio.to_thread(build_engine, settings, metrics, events)
         model, adapter = engine.model, engine.adapter
         store = StoreGateway(_open_store(settings), metrics)
+        await asyncio.to_thread(_load_snapshot, settings, store.store)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
         if engine.drift is not None:
@@ -102,6 +106,7 @@ class Runtime:
                  settings.adapter.name, store.store.backend)
         runtime = cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
                       events, persisted, stream, conformal)
+        runtime._checkpointed = await engine.run(engine.learned_version)
         runtime._chores = asyncio.create_task(runtime._keep_state(), name="adaptd-state")
         return runtime
 
@@ -127,15 +132,53 @@ class Runtime:
         except StoreUnavailable:
             pass
 
+    async def checkpoint(self) -> tuple[int, int]:
+        """Save the learned state to the store as a new version; returns the version and its
+        size in bytes. Raises `StoreUnavailable`."""
+        learned = await self.engine.run(self.engine.learned_version)
+        blob = await self.engine.run(self.engine.checkpoint)
+        version = await self.store.call("save_adapter", self.store.store.save_adapter, blob)
+        self._checkpointed = learned
+        return version, len(blob)
+
+    async def _checkpoint_if_learned(self) -> None:
+        if self.settings.adapter.checkpoint_every_s is None:
+            return
+        if await self.engine.run(self.engine.learned_version) == self._checkpointed:
+            return
+        try:
+            await self.checkpoint()
+        except StoreUnavailable as error:
+            log.warning("adapter checkpoint not saved: %s", error)
+
+    async def write_snapshot(self) -> None:
+        """The in-process store's lasting state to its snapshot file, if one is configured."""
+        path = self.settings.store.snapshot_path
+        if path is not None:
+            await asyncio.to_thread(_write_snapshot, path, self.store.store)
+
     async def _keep_state(self) -> None:
-        """Every second: events to the store; every drift.save_every_s: the drift state."""
-        saved_at = time.monotonic()
+        """Every second: events to the store; every drift.save_every_s: the drift state; every
+        store.snapshot_every_s: the embedded store's snapshot."""
+        saved_at = snapshot_at = checkpoint_at = time.monotonic()
+        checkpoint_every = self.settings.adapter.checkpoint_every_s
         while True:
             await asyncio.sleep(1.0)
             await self.flush_events()
+            due = checkpoint_every is not None and time.monotonic() - checkpoint_at >= (
+                checkpoint_every)
+            if due:
+                checkpoint_at = time.monotonic()
+                await self._checkpoint_if_learned()
             if time.monotonic() - saved_at >= self.settings.drift.save_every_s:
                 saved_at = time.monotonic()
                 await self.save_drift()
+            if time.monotonic() - snapshot_at >= self.settings.store.snapshot_every_s:
+                snapshot_at = time.monotonic()
+                try:
+                    await self.write_snapshot()
+                except OSError as error:
+                    log.error("could not write the store snapshot: %s", error)
 
     async def stop(self) -> None:
         if self.stream is not None:
@@ -147,6 +190,11 @@ class Runtime:
         await self.batcher.stop()
         await self.flush_events()
         await self.save_drift()
+        await self._checkpoint_if_learned()
+        try:
+            await self.write_snapshot()
+        except OSError as error:
+            log.error("could not write the store snapshot: %s", error)
         self.engine.close()
         self.store.store.close()
 
@@ -379,6 +427,27 @@ async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
     else:
         log.info("adapter checkpoint %d was made for another model version, method or norm, or "
                  "does not fit this model; not restored", version)
+
+
+def _load_snapshot(settings: Settings, store: Store) -> None:
+    path = settings.store.snapshot_path
+    if path is None or not path.exists():
+        return
+    try:
+        store.restore(path.read_bytes())  # type: ignore[attr-defined]
+    except (OSError, ValueError) as error:
+        raise ValueError(f"store.snapshot_path {path}: {error}; move it away to start "
+                         "afresh") from error
+    log.info("restored the in-process store from %s", path)
+
+
+def _write_snapshot(path: Path, store: Store) -> None:
+    """Atomically: a half-written snapshot never replaces a whole one."""
+    blob = store.snapshot()  # type: ignore[attr-defined]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(blob)
+    os.replace(partial, path)
 
 
 def _open_store(settings: Settings) -> Store:

@@ -84,6 +84,12 @@ class StoreSettings(Section):
         description="how long after expiry a late label is reported as expired",
     )
     max_records: PositiveInt = Field(200_000, description="in-process store only")
+    snapshot_path: Path | None = Field(
+        None, description="in-process store only: a file its lasting state (adapter "
+        "checkpoints, memories, the calibrator, drift state, events) is written to every "
+        "snapshot_every_s and on stop, and read back at start",
+    )
+    snapshot_every_s: PositiveFloat = Field(60.0, description="how often the snapshot is written")
 
     @model_validator(mode="after")
     def _known_scheme(self) -> StoreSettings:
@@ -91,6 +97,9 @@ class StoreSettings(Section):
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError(f"store.url {self.url!r}: use 'memory' or redis://host:port/db")
+        if self.snapshot_path is not None and self.url not in ("memory", "memory://"):
+            raise ValueError("store.snapshot_path is for the in-process store; Redis keeps its "
+                             "own state")
         return self
 
 
@@ -150,6 +159,10 @@ class AdapterSettings(Section):
         "share of the source model's (0 turns the guard off)",
     )
     restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
+    checkpoint_every_s: PositiveFloat | None = Field(
+        300.0, description="save a checkpoint this often while the adapter learns, and on stop "
+        "(None: only when POST /v1/admin/checkpoint asks)",
+    )
 
 
     @property

@@ -9,6 +9,8 @@ the caller's objects.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 import time
@@ -27,6 +29,8 @@ from store.base import (
     memory_rows,
 )
 from store.keys import Keys
+
+SNAPSHOT_FORMAT = "adaptd-memory-store/1"
 
 # Markers outlive their records by the grace period, so there are more of them than records; this
 # many per allowed record bounds them and still keeps every live record's (the newest) marker.
@@ -304,6 +308,56 @@ class MemoryStore:
         self._keys.calibrator(name)
         with self._lock:
             self._calibrators.pop(name, None)
+
+    # --- a snapshot on disk: what a restart of the embedded store keeps ----------------------
+
+    def snapshot(self) -> bytes:
+        """The lasting state as JSON bytes: adapter checkpoints, memories, calibrators, saved
+        states and events. Prediction records are left out: they wait for labels for a while,
+        and a label for a prediction made before a restart counts as unknown."""
+        def b64(blob: bytes) -> str:
+            return base64.b64encode(blob).decode()
+
+        with self._lock:
+            state = {
+                "format": SNAPSHOT_FORMAT,
+                "namespace": self.namespace,
+                "adapter_version": self._adapter_version,
+                "adapters": {str(v): b64(blob) for v, blob in self._adapters.items()},
+                "memories": {name: [b64(row) for row in rows]
+                             for name, rows in self._memories.items()},
+                "calibrators": {name: b64(blob) for name, blob in self._calibrators.items()},
+                "states": {name: b64(blob) for name, blob in self._states.items()},
+                "events": list(self._events),
+            }
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    def restore(self, snapshot: bytes) -> None:
+        """Load what `snapshot` wrote (the whole lasting state is replaced). ValueError, and
+        nothing changed, when it is not a snapshot of this namespace."""
+        try:
+            state = json.loads(snapshot)
+            if state.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"not a snapshot of the embedded store: format "
+                                 f"{state.get('format')!r}, not {SNAPSHOT_FORMAT!r}")
+            if state["namespace"] != self.namespace:
+                raise ValueError(f"the snapshot belongs to namespace {state['namespace']!r}, "
+                                 f"not {self.namespace!r}")
+            unb64 = base64.b64decode
+            adapters = {int(v): unb64(blob) for v, blob in state["adapters"].items()}
+            memories = {name: deque(unb64(row) for row in rows)
+                        for name, rows in state["memories"].items()}
+            calibrators = {n: unb64(b) for n, b in state["calibrators"].items()}
+            states = {n: unb64(b) for n, b in state["states"].items()}
+            events = deque(str(e) for e in state["events"])
+            version = int(state["adapter_version"])
+        except (KeyError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError,
+                UnicodeDecodeError) as error:
+            raise ValueError(f"not a snapshot of the embedded store: {error!r}") from error
+        with self._lock:
+            self._adapters, self._adapter_version = adapters, version
+            self._memories, self._calibrators = memories, calibrators
+            self._states, self._events = states, events
 
     def close(self) -> None:
         with self._lock:

@@ -36,9 +36,8 @@ async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterSta
 )
 async def checkpoint(runtime: Annotated[Runtime, Depends(get_runtime)]) -> CheckpointResponse:
     """Save the adapter's learned state to the store as a new version; a restart restores it."""
-    blob = await runtime.engine.run(runtime.engine.checkpoint)
     try:
-        version = await runtime.store.call("save_adapter", runtime.store.store.save_adapter, blob)
+        version, size = await runtime.checkpoint()
     except StoreUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    return CheckpointResponse(version=version, bytes=len(blob), adapter=runtime.adapter.name)
+    return CheckpointResponse(version=version, bytes=size, adapter=runtime.settings.adapter.name)
