@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TypeVar
@@ -41,24 +42,43 @@ class Predictor:
         self.persisted = persisted  # the memories whose rows live in the store
         self.conformal = conformal
 
-    async def _calibrated(self, outputs: np.ndarray) -> tuple[list | None, list | None]:
+    async def _calibrated(self, outputs: np.ndarray,
+                          summary: asyncio.Future[bytes | None] | None
+                          ) -> tuple[list | None, list | None]:
         """Sets or intervals at the shared calibrator's current threshold (the last one read
         when the store does not answer)."""
         assert self.conformal is not None
-        try:
-            summary = await self.store.call("load_calibrator", self.store.store.load_calibrator,
-                                            SUMMARY)
-            self.conformal.read_summary(summary)
-        except StoreUnavailable:
-            pass
+        if summary is not None:
+            try:
+                self.conformal.read_summary(await summary)
+            except StoreUnavailable:
+                pass
         return self.conformal.shape(outputs)
 
     async def run_batch(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
-        return await self._finish(await self.engine.predict(inputs, adapt=True), ids)
+        return await self._run(inputs, ids, adapt=True)
 
     async def run_alone(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
         """The fallback for a failed batch: the same model, no adaptation step."""
-        return await self._finish(await self.engine.predict(inputs, adapt=False), ids)
+        return await self._run(inputs, ids, adapt=False)
+
+    async def _run(self, inputs: np.ndarray, ids: list[str], adapt: bool) -> list[PredictionRow]:
+        summary = self._read_summary()  # while the model runs
+        try:
+            out = await self.engine.predict(inputs, adapt=adapt)
+        except BaseException:
+            if summary is not None:
+                summary.cancel()
+                await asyncio.gather(summary, return_exceptions=True)
+            raise
+        return await self._finish(out, ids, summary)
+
+    def _read_summary(self) -> asyncio.Future[bytes | None] | None:
+        """Start reading the shared calibrator's threshold, to overlap with the forward pass."""
+        if self.conformal is None:
+            return None
+        return asyncio.ensure_future(self.store.call(
+            "load_calibrator", self.store.store.load_calibrator, SUMMARY))
 
     async def _persist_memory(self, out: BatchOutput) -> None:
         """Share what the memories learned: reset ones are cleared in the store, AdaNPC's new rows
@@ -80,13 +100,15 @@ class Predictor:
         except StoreUnavailable:
             pass
 
-    async def _finish(self, out: BatchOutput, ids: list[str]) -> list[PredictionRow]:
+    async def _finish(self, out: BatchOutput, ids: list[str],
+                      summary: asyncio.Future[bytes | None] | None = None
+                      ) -> list[PredictionRow]:
         model = self.engine.model
         sets: list | None = None
         intervals: list | None = None
         extra: dict = {}
         if self.conformal is not None:
-            sets, intervals = await self._calibrated(out.outputs)
+            sets, intervals = await self._calibrated(out.outputs, summary)
             extra = {"q": self.conformal.threshold}
         now = time.time()
         records = [
