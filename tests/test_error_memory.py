@@ -373,3 +373,19 @@ def test_a_feature_mean_is_subtracted_before_comparing_directions() -> None:
 
     np.testing.assert_allclose(corrected.numpy(), [-1.0, 1.0])
     np.testing.assert_allclose(memory.rows()[:, :2], [[1.0, 0.0], [0.0, 1.0]])
+
+
+@pytest.mark.parametrize("kind", ["exact", "hashed"])
+def test_packed_rows_added_later_are_what_add_would_have_stored(kind: str) -> None:
+    torch.manual_seed(3)
+    features, labels = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    predictions = torch.softmax(torch.randn(20, 3), 1)
+    direct = build_error_memory(kind, feature_dim=6, output_dim=3, feature_mean=torch.ones(6))
+    packed = build_error_memory(kind, feature_dim=6, output_dim=3, feature_mean=torch.ones(6))
+    direct.add(features, labels, predictions)
+    packed.add_rows(packed.pack(features, labels, predictions))
+    assert len(packed) == 20 and packed.observed == 20
+    np.testing.assert_array_equal(packed.rows(), direct.rows())
+    query = torch.randn(4, 6)
+    base = torch.softmax(torch.randn(4, 3), 1)
+    torch.testing.assert_close(packed.compensate(query, base), direct.compensate(query, base))
