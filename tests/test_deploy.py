@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -25,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "adaptd.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 K8S = DEPLOY / "k8s"
 METRIC_NAME = re.compile(r"\badaptd_[a-z0-9_]+\b")
 TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][\w.-]*):", re.MULTILINE)
@@ -138,9 +141,15 @@ def test_the_dashboard_queries_every_signal_operators_watch():
                  "adaptd_predictions_total", "adaptd_labels_total",
                  "adaptd_label_lag_seconds_bucket", "adaptd_rolling_error",
                  "adaptd_adaptation_steps_total", "adaptd_learning_rate", "adaptd_mean_entropy",
-                 "adaptd_store_up", "adaptd_store_errors_total"):
+                 "adaptd_store_up", "adaptd_store_errors_total",
+                 "adaptd_conformal_coverage", "adaptd_conformal_target", "adaptd_conformal_size",
+                 "adaptd_drift_alarms_total", "adaptd_drift_actions_total",
+                 "adaptd_drift_learning_rate_factor", "adaptd_label_stream_backlog",
+                 "adaptd_label_stream_entries_total"):
         assert name in exprs, name
     assert "histogram_quantile(0.99" in exprs and "histogram_quantile(0.5" in exprs
+    # coverage is drawn for both windows the service measures, against its target
+    assert 'window="100"' in exprs and 'window="1000"' in exprs
 
 
 def test_every_yaml_file_under_deploy_is_space_indented_with_the_expected_top_level_keys():
@@ -168,7 +177,7 @@ def test_every_yaml_file_under_deploy_is_space_indented_with_the_expected_top_le
                 assert {"apiVersion", "kind", "metadata"} <= set(keys), rel
 
 
-def test_the_alert_rules_cover_down_readiness_errors_latency_store_quality_joins_and_queue():
+def test_the_alert_rules_cover_availability_store_quality_coverage_and_the_label_stream():
     text = ALERTS.read_text()
     blocks = re.split(r"^\s+- alert: ", text, flags=re.MULTILINE)[1:]
     rules = {block.split("\n", 1)[0].strip(): block for block in blocks}
@@ -182,6 +191,9 @@ def test_the_alert_rules_cover_down_readiness_errors_latency_store_quality_joins
         "AdaptdRollingErrorHigh": "adaptd_rolling_error >",
         "AdaptdLabelsNotJoining": 'adaptd_labels_total{outcome=~"unknown|expired"}',
         "AdaptdQueueDepthHigh": "adaptd_queue_depth",
+        "AdaptdConformalCoverageLow": "(adaptd_conformal_target - 0.05)",
+        "AdaptdLabelStreamBacklogGrowing": "deriv(max by (job) (adaptd_label_stream_backlog)",
+        "AdaptdLabelStreamDeadLetters": 'adaptd_label_stream_entries_total{outcome="dead"}',
     }
     assert set(wanted) <= set(rules)
     for alert, fragment in wanted.items():
@@ -190,6 +202,16 @@ def test_the_alert_rules_cover_down_readiness_errors_latency_store_quality_joins
         assert re.search(r"^\s+expr:", block, flags=re.MULTILINE), alert
         assert re.search(r"^\s+for: \d+m$", block, flags=re.MULTILINE), alert
         assert re.search(r"^\s+severity: (critical|warning)$", block, flags=re.MULTILINE), alert
+
+
+def test_the_alert_rules_load_in_prometheus_and_pass_their_unit_tests():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (it ships with Prometheus; Debian: prometheus)")
+    assert re.search(r"^rule_files:\n  - alerts.yml$", ALERT_TESTS.read_text(), re.MULTILINE)
+    for command in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERT_TESTS)]):
+        run = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_prometheus_scrapes_every_adaptd_replica_of_the_compose_file_and_they_share_redis():
