@@ -28,7 +28,7 @@ import platform
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import numpy as np
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     with RedisServer() as server:
         results = {effects: asyncio.run(_one(server.url, effects, args.labels, args.per_request))
                    for effects in (False, True)}
-    print(f"# Label ingestion, one replica ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    print(f"# Label ingestion, one replica ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
           f"{platform.processor() or platform.machine()}, python {sys.version.split()[0]})")
     print(f"`python -m bench.label_ingest --labels {args.labels} --per-request "
           f"{args.per_request}`\n")

@@ -222,6 +222,10 @@ class Engine:
                 self._calibrator_reset = True
         self._apply_rates()
 
+    def resume_rates(self) -> None:
+        """Engine thread only. The learning rates the drift policy wants now (after a restore)."""
+        self._apply_rates(force=True)
+
     def _apply_rates(self, force: bool = False) -> None:
         """Every learning part at its base rate times the drift boost (capped by its setter)."""
         factor = 1.0 if self.drift is None else self.drift.factor()
@@ -339,6 +343,8 @@ class Engine:
     def learned_version(self) -> tuple[int, ...]:
         """Engine thread only. Changes whenever a learned weight may have: steps of the adapter,
         the supervised step and the corrector, and resets."""
+        if not self.adapter.state_dict() and self.supervised is None and self.correction is None:
+            return (0,)  # nothing a checkpoint would hold
         return (self.adapter.version, self.adapter.steps,
                 0 if self.supervised is None else self.supervised.steps,
                 0 if self.correction is None else self.correction.steps, self._resets)

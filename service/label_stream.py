@@ -109,20 +109,28 @@ class LabelStreamConsumer:
             except StoreUnavailable:
                 await asyncio.sleep(RETRY_S)
         log.info("consuming labels as %s in group %s", self.consumer, self.group)
+        failing = False
         while True:
             try:
                 await self.step()
             except StoreUnavailable as error:
-                log.warning("label stream: %s", error)
+                if not failing:  # once per outage, not once a second
+                    log.warning("label stream: %s; retrying every %.0f s", error, RETRY_S)
+                failing = True
                 await asyncio.sleep(RETRY_S)
+            else:
+                if failing:
+                    log.info("label stream: the store answers again")
+                failing = False
 
     async def step(self) -> int:
         """Read, apply and acknowledge one batch of entries; returns how many were taken."""
         s = self.settings
         store = self.store.store
-        source, entries = await self.store.call(
+        source, entries, backlog = await self.store.call(
             "read_label_stream", store.read_label_stream, self.group, self.consumer,
             s.stream_batch, s.stream_block_ms, s.stream_claim_idle_ms)
+        self.metrics.stream_backlog.set(backlog)
         if not entries:
             return 0
         self.metrics.stream_entries.labels("claimed" if source == "claimed" else "read").inc(

@@ -79,8 +79,18 @@ class DriftMonitor:
             trim_keep=p.trim_keep,
         )
         self.samples = 0
+        # every series a dashboard's increase() needs exists from the start, at 0
         for detector in (*self.label_free, *self.labelled):
-            metrics.drift_alarms.labels(detector.name, detector.signal.name)
+            source = (detector.name, detector.signal.name)
+            metrics.drift_alarms.labels(*source)
+            metrics.events.labels("drift_alarm", "/".join(source), "none")
+            actions = p.labelled_actions if detector.labelled else [
+                *p.label_free_actions, *(p.labelled_actions if p.confirmation == "labelled"
+                                         else [])]
+            for action in actions:
+                metrics.drift_actions.labels(action, *source)
+                metrics.events.labels("drift_action", "/".join(source), action)
+        metrics.drift_boost.set(self.factor())
 
     # --- the two paths ----------------------------------------------------------------------
 
@@ -163,6 +173,7 @@ class DriftMonitor:
         except (ValueError, KeyError):
             skipped.append("policy")
         self.samples = max(self.samples, int(state.get("samples", 0)))
+        self.metrics.drift_boost.set(self.factor())
         return skipped
 
     def describe(self) -> list[dict[str, Any]]:

@@ -142,7 +142,7 @@ class Runtime:
         return version, len(blob)
 
     async def _checkpoint_if_learned(self) -> None:
-        if self.settings.adapter.checkpoint_every_s is None:
+        if not self.settings.adapter.checkpoint_every_s:
             return
         if await self.engine.run(self.engine.learned_version) == self._checkpointed:
             return
@@ -165,8 +165,7 @@ class Runtime:
         while True:
             await asyncio.sleep(1.0)
             await self.flush_events()
-            due = checkpoint_every is not None and time.monotonic() - checkpoint_at >= (
-                checkpoint_every)
+            due = checkpoint_every > 0 and time.monotonic() - checkpoint_at >= checkpoint_every
             if due:
                 checkpoint_at = time.monotonic()
                 await self._checkpoint_if_learned()
@@ -242,11 +241,16 @@ def _compensation(settings: Settings, model: LoadedModel, reference: ReferenceDa
     options: dict[str, object] = {"feature_dim": width, "task": model.task,
                                   "output_dim": model.num_classes or model.num_outputs,
                                   "gamma": c.gamma, "compensation_weight": c.weight,
-                                  "capacity": c.capacity, **c.options}
-    if c.center and features is not None:
-        options["feature_mean"] = features.mean(0)
+                                  "capacity": c.capacity}
     if c.kind == "exact":
         options.update(k=c.k, temperature=c.temperature)
+    clash = sorted(set(c.options) & (set(options) | {"feature_mean"}))
+    if clash:
+        raise ValueError(f"compensation.options {clash}: set these as [compensation] keys (or "
+                         "they come from the model); options are the hashed memory's own knobs")
+    options.update(c.options)
+    if c.center and features is not None:
+        options["feature_mean"] = features.mean(0)
     return build_error_memory(c.kind, **options)
 
 
@@ -409,6 +413,7 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
         log.warning("the stored drift state is not JSON; detectors start afresh")
         return
     skipped = await engine.run(engine.drift.load_state, state)
+    await engine.run(engine.resume_rates)  # a boost in force when the state was saved
     log.info("resumed drift detectors%s", f" (not: {', '.join(skipped)})" if skipped else "")
 
 
@@ -425,8 +430,9 @@ async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
     if await engine.run(engine.restore, blob):
         log.info("restored adapter checkpoint %d", version)
     else:
-        log.info("adapter checkpoint %d was made for another model version, method or norm, or "
-                 "does not fit this model; not restored", version)
+        log.info("adapter checkpoint %d was made for another model version, method, norm or "
+                 "composition (supervised step, output corrector), or does not fit this model; "
+                 "not restored", version)
 
 
 def _load_snapshot(settings: Settings, store: Store) -> None:

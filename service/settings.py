@@ -159,9 +159,9 @@ class AdapterSettings(Section):
         "share of the source model's (0 turns the guard off)",
     )
     restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
-    checkpoint_every_s: PositiveFloat | None = Field(
-        300.0, description="save a checkpoint this often while the adapter learns, and on stop "
-        "(None: only when POST /v1/admin/checkpoint asks)",
+    checkpoint_every_s: float = Field(
+        300.0, ge=0.0, description="save a checkpoint this often while the adapter learns, and "
+        "on stop (0: only when POST /v1/admin/checkpoint asks)",
     )
 
 

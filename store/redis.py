@@ -528,11 +528,12 @@ class RedisStore:
             return pipe.execute()
 
     def read_label_stream(self, group: str, consumer: str, count: int, block_ms: int,
-                          claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]]]:
-        """The next entries for this consumer, and where they came from: ``pending`` (delivered
+                          claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]], int]:
+        """The next entries for this consumer, where they came from: ``pending`` (delivered
         to it before and never acknowledged: a failed apply), ``claimed`` (from a consumer idle
-        for `claim_idle_ms`, presumed dead) or ``new``. An entry's fields are {} when it was
-        deleted while pending. Waits up to `block_ms` for new entries."""
+        for `claim_idle_ms`, presumed dead) or ``new``, and the stream's length before the read
+        (the backlog). An entry's fields are {} when it was deleted while pending. Waits up to
+        `block_ms` for new entries."""
         key = self._keys.labels()
         with self._unavailable("read the label stream"):
             try:
@@ -544,16 +545,18 @@ class RedisStore:
             return self._read_labels(key, group, consumer, count, block_ms, claim_idle_ms)
 
     def _read_labels(self, key: str, group: str, consumer: str, count: int, block_ms: int,
-                     claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]]]:
+                     claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]], int]:
+        backlog = int(self._redis.xlen(key))
         pending = self._redis.xreadgroup(group, consumer, {key: "0"}, count=count)
         if pending and pending[0][1]:
-            return "pending", [(entry_id, fields or {}) for entry_id, fields in pending[0][1]]
+            return ("pending", [(entry_id, fields or {}) for entry_id, fields in pending[0][1]],
+                    backlog)
         claimed = self._redis.xautoclaim(key, group, consumer, min_idle_time=claim_idle_ms,
                                          start_id="0-0", count=count)
         if claimed[1]:
-            return "claimed", [(entry_id, fields or {}) for entry_id, fields in claimed[1]]
+            return "claimed", [(entry_id, fields or {}) for entry_id, fields in claimed[1]], backlog
         new = self._redis.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
-        return "new", [] if not new else [(e, f or {}) for e, f in new[0][1]]
+        return "new", [] if not new else [(e, f or {}) for e, f in new[0][1]], backlog
 
     def ack_label_stream(self, group: str, entry_ids: Sequence[bytes],
                          dead: Sequence[tuple[bytes, dict, str]] = ()) -> int:

@@ -219,3 +219,14 @@ def test_a_multi_output_regressor_takes_one_label_value_per_output() -> None:
     assert joined["joined"] == 4 and record.label == truth
     np.testing.assert_allclose(after["prediction"], (source + np.array(truth)) / 2, atol=1e-5)
     assert state["quality"]["rolling_error"] == pytest.approx(1.5, abs=1e-5)
+
+
+def test_compensation_options_cannot_override_the_sections_own_keys() -> None:
+    from service.events import EventLog
+    from service.metrics import Metrics
+    from service.runtime import build_engine
+
+    metrics = Metrics()
+    settings = settings_for(compensation={"kind": "hashed", "options": {"capacity": 5}})
+    with pytest.raises(ValueError, match=r"compensation.options \['capacity'\]"):
+        build_engine(settings, metrics, EventLog(metrics))

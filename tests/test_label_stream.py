@@ -60,7 +60,7 @@ def test_a_bulk_back_fill_joins_every_line_once_and_reports_the_rest() -> None:
 
 @pytest.mark.parametrize(("body", "message"), [
     (b'{"id": "a", "label": 1}\n{"id": "b", "label": 12}\n', "line 2: label is 12"),
-    (b'{"id": "a", "label": 1}\nnot json\n', "line 2"),
+    (b'{"id": "a", "label": 1}\nnot json\n', "line 2 is not JSON"),
     (b'{"id": "a", "label": 1}\n\n{"id": "b"}\n', "line 3: label"),
     (b'{"id": "a", "label": "1"}\n', "line 1: label"),
     (b'{"id": "a b", "label": 1}\n', "line 1: id"),

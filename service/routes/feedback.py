@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
@@ -104,10 +103,11 @@ async def feedback_bulk(
             joined = len(total.joined)
             if isinstance(exc, PartialJoin):
                 joined += len(exc.result.joined)
+            reason = str(exc).split(" (after joining")[0]  # the chunk's own count would mislead
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                f"{exc}; {joined} of {len(labels)} labels were joined before the "
-                                "failure: send the whole body again, those come back as "
-                                "duplicate") from None
+                                f"{reason}; {joined} of the body's {len(labels)} labels were "
+                                "joined before the failure: send the whole body again, those "
+                                "come back as duplicate") from None
         total.joined += result.joined
         total.unknown += result.unknown
         total.duplicate += result.duplicate
@@ -129,11 +129,12 @@ def _read_line(line: bytes, number: int, runtime: Runtime,
         item = Label.model_validate_json(line)
     except ValidationError as exc:
         first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise HTTPException(422, f"line {number} is not JSON ({first['msg']}); nothing was "
+                                     "applied") from None
         where = ".".join(str(part) for part in first["loc"]) or "the line"
         raise HTTPException(422, f"line {number}: {where}: {first['msg']}; nothing was "
                                  "applied") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise HTTPException(422, f"line {number} is not JSON; nothing was applied") from None
     problem = label_problem(item.label, runtime.model)
     if problem is not None:
         raise HTTPException(422, f"line {number}: label {problem}; nothing was applied")
