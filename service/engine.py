@@ -176,6 +176,9 @@ class Engine:
                                features=features_np, entropy=None, adapter_version=version,
                                housekeeping=self._take_housekeeping(), arrays=arrays)
         probabilities = outputs.softmax(1)
+        # the drift detectors watch the model's own distribution: the memories' votes and
+        # corrections change by themselves as they fill, which is no drift of the inputs
+        model_probabilities = probabilities.numpy()
         memory_rows = None
         if self.memory is not None and features is not None:
             # AdaNPC: the memory's vote replaces the model's softmax; confident samples join it
@@ -192,7 +195,7 @@ class Engine:
         if adapt and self.guard is not None and self.guard.observe(predictions):
             self._reset_after_collapse()
         if adapt:
-            self._watch(probabilities.numpy(), features_np, len(predictions))
+            self._watch(model_probabilities, features_np, len(predictions))
         housekeeping = self._take_housekeeping()
         return BatchOutput(predictions=predictions, outputs=probabilities.numpy(),
                            features=features_np, entropy=entropy.numpy(), adapter_version=version,

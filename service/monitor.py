@@ -40,6 +40,8 @@ DEFAULT_SIGNALS = {
     ("regression", True): ("residual",),
 }
 STATE_VERSION = 1
+# the way a signal moves when the model gets worse; feature_mean has no good or bad way
+HARMFUL = {"entropy": "up", "error": "up", "residual": "up", "confidence": "down"}
 
 
 def _detectors(specs: list[DetectorSettings] | None, task: str, labelled: bool
@@ -78,12 +80,14 @@ class DriftMonitor:
             confirmation=p.confirmation, confirm_window=p.confirm_window,
             trim_keep=p.trim_keep,
         )
+        self.act_on = settings.act_on
         self.samples = 0
         # every series a dashboard's increase() needs exists from the start, at 0
         for detector in (*self.label_free, *self.labelled):
             source = (detector.name, detector.signal.name)
             metrics.drift_alarms.labels(*source)
             metrics.events.labels("drift_alarm", "/".join(source), "none")
+            metrics.events.labels("drift_change", "/".join(source), "none")
             actions = p.labelled_actions if detector.labelled else [
                 *p.label_free_actions, *(p.labelled_actions if p.confirmation == "labelled"
                                          else [])]
@@ -130,6 +134,16 @@ class DriftMonitor:
         return actions
 
     def _on_alarm(self, alarm: Alarm) -> list[Action]:
+        direction = alarm.detail.get("direction")
+        harmful = HARMFUL.get(alarm.signal)
+        if self.act_on == "harm" and direction and harmful and direction != harmful:
+            # the signal moved the harmless way: a change worth a line, not an action
+            self.events.record("drift_change", f"{alarm.detector}/{alarm.signal}", None,
+                               detector=alarm.detector, signal=alarm.signal,
+                               labelled=alarm.labelled, sample=alarm.sample, at=self.samples,
+                               statistic=alarm.statistic, estimate=alarm.estimate,
+                               direction=direction)
+            return []
         self.metrics.drift_alarms.labels(alarm.detector, alarm.signal).inc()
         actions = self.policy.on_alarm(alarm, now=self.samples)
         for action in actions:

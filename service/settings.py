@@ -313,6 +313,11 @@ class DriftSettings(Section):
         "0/1 error (classification) or the absolute residual (regression)",
     )
     policy: PolicySettings = PolicySettings()
+    act_on: Literal["harm", "any"] = Field(
+        "harm", description="harm: an alarm whose signal moved the harmless way (entropy, error "
+        "or residual down, confidence up: often the model improving as it learns) is an event "
+        "of kind drift_change and takes no action; any: every alarm goes to the policy",
+    )
     events_kept: PositiveInt = Field(1000, description="events kept in the store's shared log")
     save_every_s: PositiveFloat = Field(
         30.0, description="how often detector and policy state is saved to the store"
