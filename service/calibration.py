@@ -65,6 +65,8 @@ class Conformal:
         self._covered = {w: deque(maxlen=w) for w in WINDOWS}
         self._sizes: deque[float] = deque(maxlen=max(WINDOWS))
         self._lock = threading.Lock()
+        # the state bytes this replica wrote last, and the calibrator that holds them
+        self._cache: tuple[bytes | None, Calibrator] = (None, self.fresh())
         self._publish()
 
     def fresh(self) -> Calibrator:
@@ -118,22 +120,30 @@ class Conformal:
                 scores: np.ndarray) -> LabelEffects:
         """The calibrator's new state and summary after these scores, in order."""
         raw = states.get(STATE)
-        calibrator = self.fresh()
-        if raw is not None:
-            try:
-                calibrator.load_state(json.loads(raw))
-            except (ValueError, KeyError, TypeError):
-                # made by another method or options (a redeploy): start again rather than fail
-                # every label
-                calibrator = self.fresh()
+        with self._lock:
+            cached_state, cached = self._cache
+        if raw is not None and raw == cached_state:
+            # the state this replica wrote last, unchanged since: no need to parse it again
+            calibrator = cached
+        else:
+            calibrator = self.fresh()
+            if raw is not None:
+                try:
+                    calibrator.load_state(json.loads(raw))
+                except (ValueError, KeyError, TypeError):
+                    # made by another method or options (a redeploy): start again rather than
+                    # fail every label
+                    calibrator = self.fresh()
         for score in scores:
             calibrator.update(float(score))
+        state = json.dumps(calibrator.state(), separators=(",", ":")).encode()
+        with self._lock:
+            # the object now holds exactly `state`: if this write loses a race, the next try
+            # reads other bytes and parses them
+            self._cache = (state, calibrator)
         summary = {"threshold": calibrator.threshold, "alpha_t": calibrator.alpha_t,
                    "steps": calibrator.steps}
-        return LabelEffects(calibrators={
-            STATE: json.dumps(calibrator.state(), separators=(",", ":")).encode(),
-            SUMMARY: json.dumps(summary).encode(),
-        })
+        return LabelEffects(calibrators={STATE: state, SUMMARY: json.dumps(summary).encode()})
 
     def observe(self, records: list[PredictionRecord], scores: np.ndarray) -> None:
         """Coverage of the sets and intervals these records were served with: the label in the
