@@ -65,7 +65,8 @@ class Conformal:
         self._covered = {w: deque(maxlen=w) for w in WINDOWS}
         self._sizes: deque[float] = deque(maxlen=max(WINDOWS))
         self._lock = threading.Lock()
-        # the state bytes this replica wrote last, and the calibrator that holds them
+        # the state bytes this replica wrote last, and the calibrator that holds them; a join
+        # takes it (leaving None) so no two joins update one object
         self._cache: tuple[bytes | None, Calibrator] = (None, self.fresh())
         self._publish()
 
@@ -121,7 +122,9 @@ class Conformal:
         """The calibrator's new state and summary after these scores, in order."""
         raw = states.get(STATE)
         with self._lock:
+            # taken, not shared: two joins of this replica may compute effects at once
             cached_state, cached = self._cache
+            self._cache = (None, cached)
         if raw is not None and raw == cached_state:
             # the state this replica wrote last, unchanged since: no need to parse it again
             calibrator = cached

@@ -1,9 +1,16 @@
-"""Run the real app in process: its lifespan, an HTTP client on it, and metric readings."""
+"""Run the real app in process (its lifespan, an HTTP client on it, metric readings), or as
+`adaptd serve` in a process of its own."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,3 +40,31 @@ def metric(app: FastAPI, name: str, **labels: str) -> float:
     """A sample's current value from the app's registry (0.0 when it has not been observed)."""
     value = app.state.metrics.registry.get_sample_value(name, labels or None)
     return 0.0 if value is None else value
+
+
+# --- `adaptd serve` as a separate process --------------------------------------------------------
+
+ADAPTD = str(Path(sys.executable).with_name("adaptd"))
+
+
+def start_service(port: int, environment: dict[str, str]) -> subprocess.Popen:
+    """`adaptd serve` on 127.0.0.1:port with these ADAPTD_* settings and no others from the
+    test environment; its output is discarded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")} | environment
+    return subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Until GET /readyz answers 200; fails if the process exits or the time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "adaptd serve exited"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"adaptd serve was not ready within {timeout_s:.0f} s")

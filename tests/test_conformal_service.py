@@ -7,20 +7,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 import torch
-from harness import metric, serving
+from harness import metric, serving, start_service, wait_ready
 from redis_server import RedisServer, free_port
 
 from adapters.conformal import build_calibrator, lac_scores
@@ -154,16 +150,13 @@ def test_conformal_off_serves_no_sets() -> None:
 
 # --- two service processes, one Redis -----------------------------------------------------------
 
-ADAPTD = str(Path(sys.executable).with_name("adaptd"))
 LABELS = 1500
 
 
 def _start(redis_url: str, namespace: str, port: int) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
-    environment |= {"ADAPTD_STORE__URL": redis_url, "ADAPTD_STORE__NAMESPACE": namespace,
-                    "ADAPTD_BATCHER__MAX_REQUEST_SAMPLES": "500"}
-    return subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_service(port, {"ADAPTD_STORE__URL": redis_url,
+                                "ADAPTD_STORE__NAMESPACE": namespace,
+                                "ADAPTD_BATCHER__MAX_REQUEST_SAMPLES": "500"})
 
 
 def _post(port: int, path: str, body: dict) -> dict:
@@ -172,20 +165,6 @@ def _post(port: int, path: str, body: dict) -> dict:
                                      headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as reply:
         return json.load(reply)
-
-
-def _ready(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "adaptd serve exited"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("adaptd serve was not ready within 60 s")
 
 
 def test_two_replicas_labelling_at_once_apply_every_update_to_the_shared_calibrator_once(
@@ -199,7 +178,7 @@ def test_two_replicas_labelling_at_once_apply_every_update_to_the_shared_calibra
     processes = [_start(redis_server.url, namespace, port) for port in ports]
     try:
         for port, process in zip(ports, processes, strict=True):
-            _ready(port, process)
+            wait_ready(port, process)
         ids = [f"two-{i}" for i in range(LABELS)]
         truth = [int(y_test[i % len(y_test)]) for i in range(LABELS)]
         for start in range(0, LABELS, 500):

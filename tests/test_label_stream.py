@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
-from harness import metric, serving, settings_for
+from harness import metric, serving, settings_for, start_service, wait_ready
 from redis_server import RedisServer, free_port
 
 from service.demo import digits_split
@@ -225,35 +222,17 @@ def test_the_stream_needs_a_redis_store() -> None:
 
 # --- exactly once through a kill ----------------------------------------------------------------
 
-ADAPTD = str(Path(sys.executable).with_name("adaptd"))
 TOTAL = 10_000
 
 
 def _start(redis_url: str, namespace: str, port: int) -> subprocess.Popen:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")}
-    environment |= {
+    return start_service(port, {
         "ADAPTD_STORE__URL": redis_url, "ADAPTD_STORE__NAMESPACE": namespace,
         "ADAPTD_FEEDBACK__STREAM": "true", "ADAPTD_FEEDBACK__STREAM_BATCH": "250",
         "ADAPTD_FEEDBACK__STREAM_CLAIM_IDLE_MS": "1000",
         "ADAPTD_COMPENSATION__KIND": "exact", "ADAPTD_COMPENSATION__CAPACITY": "20000",
         "ADAPTD_BATCHER__MAX_REQUEST_SAMPLES": "1000",
-    }
-    return subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_ready(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "adaptd serve exited"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("adaptd serve was not ready within 60 s")
+    })
 
 
 def _wait(condition, timeout_s: float, what: str) -> None:
@@ -280,7 +259,7 @@ def test_ten_thousand_labels_through_a_killed_consumer_are_each_applied_exactly_
     port = free_port()
     first = _start(redis_server.url, namespace, port)
     try:
-        _wait_ready(port, first)
+        wait_ready(port, first)
         for start in range(0, TOTAL, 1000):
             inputs = x_test[np.arange(start, start + 1000) % len(x_test)].tolist()
             body = json.dumps({"inputs": inputs, "ids": ids[start:start + 1000]}).encode()
@@ -304,7 +283,7 @@ def test_ten_thousand_labels_through_a_killed_consumer_are_each_applied_exactly_
     port = free_port()
     second = _start(redis_server.url, namespace, port)
     try:
-        _wait_ready(port, second)
+        wait_ready(port, second)
         _wait(lambda: redis_client.xlen(keys.labels()) == 0
               and redis_client.xpending(keys.labels(), "adaptd")["pending"] == 0,
               120, "the second consumer to drain the stream")
