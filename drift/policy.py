@@ -20,8 +20,9 @@ Actions (`ACTIONS`):
   restarts from ``boost`` x base; boosts never compound.
 * ``reset_adapter``: back to the source weights (not in the defaults: the collapse guard already
   resets an adapter that collapsed, and a drift alone does not mean adaptation failed).
-* ``trim_memory``: keep only the newest ``trim_keep`` rows of the AdaNPC and error memories, the
-  part most likely to hold the new concept.
+* ``trim_memory``: keep only the newest rows of the AdaNPC and error memories, the part most
+  likely to hold the new concept: ``trim_keep`` at most, and for a labelled ADWIN alarm no more
+  than its window after the alarm (the labels since the change it found).
 * ``reset_calibrator``: restart online conformal calibration (only where configured).
 
 One drift, one action: each action kind has a cool-down; an alarm within ``cooldown`` of the last
@@ -130,7 +131,7 @@ class DriftPolicy:
         labelled_actions: Sequence[str] = ("boost_lr", "trim_memory"),
         confirmation: Literal["independent", "labelled"] = "independent",
         confirm_window: int = 2000,
-        trim_keep: int = 512,
+        trim_keep: int = 64,
         clock: Callable[[], float] = time.time,
         max_events: int = 1000,
     ) -> None:
@@ -236,7 +237,7 @@ class DriftPolicy:
             detail = {"from": before, "to": self.learning_rate(now), "boost": self.boost,
                       "half_life": self.half_life}
         elif name == "trim_memory":
-            detail = {"keep": self.trim_keep, "onset": onset}
+            detail = {"keep": self._rows_to_keep(alarm), "onset": onset}
         self._last_taken[name] = now
         action = Action(name, now, self.clock(), alarm.detector, alarm.signal, detail)
         self._record({"time": action.time, "kind": "drift_action", "detector": alarm.detector,
@@ -244,6 +245,15 @@ class DriftPolicy:
                       "statistic": alarm.statistic, "estimate": alarm.estimate,
                       "sample": alarm.sample, "at": now, "action": name, "detail": detail})
         return action
+
+    def _rows_to_keep(self, alarm: Alarm) -> int:
+        """At most ``trim_keep`` rows, and no more than a labelled ADWIN alarm's window: what is
+        left of it after the alarm is the labels since the change it found (one memory row
+        each), so the memories keep the new concept and drop the old."""
+        width = alarm.detail.get("width")
+        if alarm.labelled and isinstance(width, int) and width >= 0:
+            return min(self.trim_keep, width)
+        return self.trim_keep
 
     # ---- events and state ------------------------------------------------------------------------
 

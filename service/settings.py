@@ -297,7 +297,7 @@ class PolicySettings(Section):
         "alarm follows within confirm_window samples",
     )
     confirm_window: int = Field(2000, ge=0)
-    trim_keep: int = Field(512, ge=0, description="rows a memory keeps at trim_memory")
+    trim_keep: int = Field(64, ge=0, description="rows a memory keeps at trim_memory")
 
 
 class DriftSettings(Section):

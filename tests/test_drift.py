@@ -262,7 +262,7 @@ def test_under_independent_confirmation_label_free_alarms_only_boost():
 
 
 def test_under_labelled_confirmation_a_label_free_alarm_waits_for_a_labelled_one():
-    drift_policy = policy(confirmation="labelled", confirm_window=500,
+    drift_policy = policy(confirmation="labelled", confirm_window=500, trim_keep=512,
                           label_free_actions=("boost_lr", "reset_adapter"),
                           labelled_actions=("trim_memory", "reset_calibrator"))
     assert drift_policy.on_alarm(alarm("entropy"), now=1_000) == []
@@ -270,7 +270,8 @@ def test_under_labelled_confirmation_a_label_free_alarm_waits_for_a_labelled_one
     actions = drift_policy.on_alarm(alarm("error"), now=1_400)
     assert [a.name for a in actions] == \
         ["boost_lr", "reset_adapter", "trim_memory", "reset_calibrator"]
-    assert actions[2].detail == {"keep": 512, "onset": 1_000}
+    # the labelled ADWIN alarm's window after the cut (120 labels) is all of the new concept
+    assert actions[2].detail == {"keep": 120, "onset": 1_000}
     acted = [e for e in drift_policy.take_events() if e["detail"].get("outcome") == "acted"][0]
     assert acted["detail"]["confirms"] == [{"detector": "adwin", "signal": "entropy", "at": 1_000}]
 
@@ -322,3 +323,14 @@ def test_a_policy_refuses_settings_it_cannot_honour():
         policy(boost=0.5)
     with pytest.raises(ValueError, match="confirmation"):
         policy(confirmation="majority")
+
+
+def test_a_trim_keeps_trim_keep_rows_unless_a_labelled_window_says_fewer():
+    wide = Alarm("adwin", "error", True, sample=0, update=0, time=0.0, statistic=None,
+                 estimate=0.3, detail={"width": 5_000})
+    drift_policy = policy(labelled_actions=("trim_memory",), trim_keep=512)
+    assert drift_policy.on_alarm(wide, now=100)[0].detail["keep"] == 512
+    drift_policy = policy(labelled_actions=("trim_memory",), trim_keep=512)
+    assert drift_policy.on_alarm(alarm("error"), now=100)[0].detail["keep"] == 120
+    drift_policy = policy(label_free_actions=("trim_memory",), trim_keep=512)
+    assert drift_policy.on_alarm(alarm("entropy"), now=100)[0].detail["keep"] == 512
