@@ -74,11 +74,12 @@ class RollingQuality:
 class FeedbackService:
     """Joins labels to their predictions exactly once and feeds what the joins reveal onwards.
 
-    The error memory's rows are written by the join itself (`LabelEffects`), so a label's effects
-    in the store land with it or not at all, and a label delivered again (an HTTP retry, a stream
-    entry redelivered after a crash) is a duplicate that changes nothing. The in-process parts
-    then learn on the engine thread: the error memory's index, the output corrector, the
-    supervised step. Records made by another model version only count towards quality.
+    The error memory's rows and the shared calibrator's new state are written by the join itself
+    (`LabelEffects`), so a label's effects in the store land with it or not at all, and a label
+    delivered again (an HTTP retry, a stream entry redelivered after a crash) is a duplicate that
+    changes nothing. The in-process parts then learn on the engine thread: the error memory's
+    index, the output corrector, the supervised step, the labelled drift detectors. Records made
+    by another model version count towards quality, coverage and drift, not learning.
     """
 
     def __init__(self, store: StoreGateway, metrics: Metrics, quality: RollingQuality,
