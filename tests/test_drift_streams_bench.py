@@ -48,8 +48,11 @@ def test_static_regressor_error_grows_after_the_friedman_drift():
     assert result.service_rolling == pytest.approx(result.bench_rolling, rel=1e-4)
 
 
-@pytest.mark.skipif(missing_settings(CONFIGS["compensation"]) is not None,
-                    reason="this checkout has no compensation settings")
+def test_every_configuration_runs_on_this_checkout():
+    assert {name: missing_settings(config) for name, config in CONFIGS.items()} == dict.fromkeys(
+        CONFIGS)
+
+
 def test_error_compensation_beats_the_static_model_after_the_sea_drift(static_sea):
     result = run_stream(STREAMS["sea"], CONFIGS["compensation"], **TINY)
     assert result.unjoined_labels == 0
@@ -57,8 +60,6 @@ def test_error_compensation_beats_the_static_model_after_the_sea_drift(static_se
     assert result.after > static_sea.after + 0.03
 
 
-@pytest.mark.skipif(missing_settings(CONFIGS["comp+drift"]) is not None,
-                    reason="this checkout has no drift settings")
 def test_drift_alarms_are_placed_on_the_served_sample_clock():
     # 2,000 samples before the drift: on 800 the memory is small and corrects the new concept
     # before the labelled error detector has seen enough errors to raise an alarm
