@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.model import LoadedModel
+from service.schemas import PREDICTION_ID_PATTERN
 from store import LabelValue
 
 
@@ -122,7 +123,7 @@ def label_problem(label: LabelValue, model: LoadedModel) -> str | None:
     return None
 
 
-ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,128}$")
+ID_PATTERN = re.compile(PREDICTION_ID_PATTERN)
 
 
 def id_problem(prediction_id: str) -> str | None:

@@ -84,7 +84,6 @@ class LabelStreamConsumer:
         self.metrics = metrics
         self.group = settings.stream_group
         self.consumer = settings.stream_consumer or default_consumer_name()
-        self.applied = 0  # entries acknowledged by this consumer
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -159,7 +158,6 @@ class LabelStreamConsumer:
         self.metrics.stream_entries.labels("acked").inc(len(good) + len(deleted))
         self.metrics.stream_entries.labels("dead").inc(len(dead))
         self.metrics.stream_backlog.set(backlog)
-        self.applied += len(good)
         for entry_id, _, reason in dead:
             log.warning("label stream entry %s moved to the dead-letter stream: %s",
                         entry_id.decode(), reason)

@@ -12,9 +12,11 @@ Tensor = TypeAliasType(
     "Tensor",
     Union[Annotated[StrictFloat, Field(allow_inf_nan=False)], list["Tensor"]],  # noqa: UP007
 )
+# printable ASCII without spaces; the label stream checks its entries' ids by the same rule
+PREDICTION_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"
 PredictionId = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$"),
+    StringConstraints(min_length=1, max_length=128, pattern=PREDICTION_ID_PATTERN),
     Field(description="printable ASCII without spaces, at most 128 characters"),
 ]
 

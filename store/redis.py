@@ -48,8 +48,9 @@ from store.keys import Keys
 # or a load balancer dropped is replaced instead of failing the next request.
 HEALTH_CHECK_INTERVAL_S = 30
 
-# an optimistic calibrator update retries this often when other replicas keep winning the race
-MAX_CALIBRATOR_RETRIES = 50
+# an optimistic transaction (a label join, a calibrator update) retries this often when other
+# writers keep winning the race
+MAX_OPTIMISTIC_RETRIES = 50
 
 # the dead-letter stream keeps about this many malformed label entries, newest last
 DEAD_LABELS_KEPT = 10_000
@@ -289,7 +290,7 @@ class RedisStore:
         for prediction_id, _ in chunk:
             keys += [self._keys.record(prediction_id), self._keys.seen(prediction_id)]
         with self._redis.pipeline() as pipe:
-            for _ in range(MAX_CALIBRATOR_RETRIES):
+            for _ in range(MAX_OPTIMISTIC_RETRIES):
                 try:
                     pipe.watch(*keys, *calibrator_keys.values())
                     outcomes = self._peek_labels_script(keys=keys, client=pipe)
@@ -319,7 +320,7 @@ class RedisStore:
                     getattr(result, kind).append(prediction_id)
                 return
         raise StoreUnavailable(
-            f"{MAX_CALIBRATOR_RETRIES} concurrent writers in a row changed these labels' records "
+            f"{MAX_OPTIMISTIC_RETRIES} concurrent writers in a row changed these labels' records "
             "or calibrators first; nothing was written"
         )
 
@@ -481,7 +482,7 @@ class RedisStore:
         # fails if another replica wrote first, and the update runs again on what it wrote
         key = self._keys.calibrator(name)
         with self._unavailable("update a calibrator"), self._redis.pipeline() as pipe:
-            for _ in range(MAX_CALIBRATOR_RETRIES):
+            for _ in range(MAX_OPTIMISTIC_RETRIES):
                 try:
                     pipe.watch(key)
                     current = pipe.get(key)
@@ -498,7 +499,7 @@ class RedisStore:
                 finally:
                     pipe.reset()
         raise StoreUnavailable(
-            f"calibrator {name!r}: {MAX_CALIBRATOR_RETRIES} concurrent writers in a row won the "
+            f"calibrator {name!r}: {MAX_OPTIMISTIC_RETRIES} concurrent writers in a row won the "
             "race; nothing was written"
         )
 

@@ -31,14 +31,19 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
         [str(i) for i in range(model.num_classes)] if model.num_classes else None
     )
     store = runtime.store.store
+    drift = runtime.engine.drift
+    detectors: list[dict] = []
+    drift_policy = None
+    if drift is not None:  # the engine thread owns the detectors: read them there
+        detectors = await runtime.engine.run(drift.describe)
+        drift_policy = await runtime.engine.run(drift.describe_policy)
     return StateResponse(
         model=ModelState(name=model.name, task=model.task, input_shape=list(model.input_shape),
                          classes=classes, version=model.version),
         adapter=adapter_state(runtime),
         calibrator=None if runtime.conformal is None else runtime.conformal.describe(),
-        detectors=[] if runtime.engine.drift is None else runtime.engine.drift.describe(),
-        drift_policy=None if runtime.engine.drift is None
-        else runtime.engine.drift.describe_policy(),
+        detectors=detectors,
+        drift_policy=drift_policy,
         memories={m.name: len(m) for m in (runtime.engine.memory, runtime.engine.compensation)
                   if m is not None},
         store=StoreState(backend=store.backend, namespace=store.namespace, up=runtime.store.up,
