@@ -1,14 +1,23 @@
-"""Everything that adapts online. One method per file; `build_adapter` picks one by name."""
+"""Test-time adaptation methods, one per file, and `build_adapter`, which picks one by name.
+
+`adapters` as a whole holds everything that adapts online, one room per kind: `adapters.tta` (this
+registry's methods and what they share: robust BatchNorm, the Fisher estimate, the collapse guard),
+`adapters.memory` (AdaNPC and the error memory over one cosine top-k vote), `adapters.labels` (what
+learns from joined labels: the output corrector, the low-rank adapter and supervised step),
+`adapters.conformal` (scores and the online calibrators) and `adapters.learner` (the `Learner`
+protocol every learning part implements).
+"""
 
 from __future__ import annotations
 
 import inspect
 
-from adapters.base import Adapter, AdaptOutput, GradientAdapter, NormStatistics, softmax_entropy
-from adapters.eata import EATA, ETA
-from adapters.none import NoAdaptation
-from adapters.psmt import PSMT
-from adapters.tent import Tent
+from adapters.tta.base import Adapter, AdaptOutput, GradientAdapter, softmax_entropy
+from adapters.tta.bn import NormStatistics
+from adapters.tta.eata import EATA, ETA
+from adapters.tta.none import NoAdaptation
+from adapters.tta.psmt import PSMT
+from adapters.tta.tent import Tent
 
 ADAPTERS: dict[str, type[Adapter]] = {
     NoAdaptation.name: NoAdaptation,

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from adapters import Adapter
-from adapters.adanpc import AdaNPC
-from adapters.error_memory import ErrorMemory, HashedErrorMemory
-from adapters.guard import CollapseGuard
-from adapters.lowrank import SupervisedStep
-from adapters.output_correction import OutputCorrector
+from adapters.labels.lowrank import SupervisedStep
+from adapters.labels.output_corrector import OutputCorrector
+from adapters.memory.adanpc import AdaNPC
+from adapters.memory.error_memory import ErrorMemory, HashedErrorMemory
+from adapters.tta.guard import CollapseGuard
 from drift import Action
 from service.events import EventLog
 from service.metrics import Metrics

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from adapters import Adapter, build_adapter
-from adapters.adanpc import AdaNPC
-from adapters.error_memory import build_error_memory
-from adapters.guard import CollapseGuard, effective_classes
-from adapters.lowrank import SupervisedStep, inject_lowrank
-from adapters.norm import normalisation_affines
-from adapters.output_correction import OutputCorrector
+from adapters.labels.lowrank import SupervisedStep, inject_lowrank
+from adapters.labels.output_corrector import OutputCorrector
+from adapters.memory.adanpc import AdaNPC
+from adapters.memory.error_memory import build_error_memory
+from adapters.tta.guard import CollapseGuard, effective_classes
+from adapters.tta.norm import normalisation_affines
 from service.batcher import MicroBatcher
 from service.calibration import SUMMARY, Conformal
 from service.engine import Compensation, Engine

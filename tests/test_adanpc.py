@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.adanpc import AdaNPC
+from adapters.memory.adanpc import AdaNPC
 from store import Store
 
 # four unit rows in 2-D: two of class 0 around the x axis, two of class 1 (the y axis and -x)

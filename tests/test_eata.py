@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from adapters.eata import EATA, ETA
-from adapters.norm import RobustBatchNorm
+from adapters.tta.eata import EATA, ETA
+from adapters.tta.norm import RobustBatchNorm
 from service.demo import WEIGHTS_PATH, digits_cnn, digits_split
 
 E0_3 = 0.4 * math.log(3)

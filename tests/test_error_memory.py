@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.error_memory import ErrorMemory, HashedErrorMemory, build_error_memory
+from adapters.memory.error_memory import ErrorMemory, HashedErrorMemory, build_error_memory
 
 # three keys in 2-D: the x axis, the y axis and the diagonal; the query (0.6, 0.8) has cosine
 # similarities 0.6, 0.8 and 1.4 / sqrt(2) = 0.989949 to them, so with K = 2 the diagonal and the

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adapters.lowrank import (
+from adapters.labels.lowrank import (
     LowRankLinear,
     SupervisedStep,
     inject_lowrank,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.output_correction import OutputCorrector, decompose
+from adapters.labels.output_corrector import OutputCorrector, decompose
 
 
 def shifted_stream(batches: int, batch: int = 16, seed: int = 0, noise: float = 0.05):

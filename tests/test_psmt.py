@@ -14,8 +14,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from adapters.norm import RobustBatchNorm
-from adapters.psmt import PSMT, mean_teacher_update, smallest_fraction_mask, symmetric_cross_entropy
+from adapters.tta.norm import RobustBatchNorm
+from adapters.tta.psmt import (
+    PSMT,
+    mean_teacher_update,
+    smallest_fraction_mask,
+    symmetric_cross_entropy,
+)
 from service.demo import WEIGHTS_PATH, digits_cnn, digits_split
 
 

@@ -11,7 +11,7 @@ batch of 64 to 200 samples; a service also sees single requests. So a batch of a
 `adapt_batch_size` samples takes the reference path (one forward, predict then step on it), and
 smaller batches are predicted at once and kept in a buffer until `adapt_batch_size` samples have
 arrived, when one step is taken on the buffer. Normalisation uses robust test-time statistics by
-default (see `adapters.norm`), so one-at-a-time and batched streams see nearly the same model.
+default (see `adapters.tta.norm`), so one-at-a-time and batched streams see nearly the same model.
 """
 
 from __future__ import annotations
@@ -24,60 +24,13 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from adapters.norm import RobustBatchNorm, configure_norm, frozen_statistics
+from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
+from adapters.tta.norm import configure_norm, frozen_statistics
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-sample entropy of the softmax, -(softmax(z) * log_softmax(z)).sum(1), as in Tent."""
     return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
-def checked_features(features: torch.Tensor, feature_dim: int) -> torch.Tensor:
-    """Feature rows for a memory: float32 on the CPU, shape (n, feature_dim), all finite."""
-    features = torch.as_tensor(features).detach().to("cpu", torch.float32)
-    if features.ndim != 2 or features.shape[1] != feature_dim:
-        raise ValueError(
-            f"features have shape {tuple(features.shape)}; expected (n, {feature_dim}), the "
-            "input of the model's last linear layer for each sample"
-        )
-    if not torch.isfinite(features).all():
-        raise ValueError("features contain NaN or infinity")
-    return features
-
-
-def set_capped_learning_rate(
-    optimizer: torch.optim.Optimizer, learning_rate: float, cap: float
-) -> float:
-    """Set the first parameter group's rate to `learning_rate` clamped to [0, cap], and scale the
-    others so every group keeps its ratio to the rate it started with; returns the rate in force."""
-    learning_rate = min(max(learning_rate, 0.0), cap)
-    groups = optimizer.param_groups
-    for group in groups:
-        group.setdefault("initial_lr", group["lr"])
-    scale = learning_rate / groups[0]["initial_lr"]
-    for group in groups:
-        group["lr"] = group["initial_lr"] * scale
-    return float(groups[0]["lr"])
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """An optimizer's per-parameter state (Adam's moments, its step) as flat named tensors,
-    `optim.<index>.<field>`, so a checkpoint is plain safetensors."""
-    return {f"optim.{index}.{key}": torch.as_tensor(value).clone()
-            for index, param_state in optimizer.state_dict()["state"].items()
-            for key, value in param_state.items()}
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer,
-                           state: dict[str, torch.Tensor]) -> None:
-    """The inverse of `optimizer_tensors`; keys not starting with `optim.` are ignored."""
-    optimizer_state = optimizer.state_dict()
-    optimizer_state["state"] = {}
-    for key, value in state.items():
-        if key.startswith("optim."):
-            _, index, field = key.split(".", 2)
-            optimizer_state["state"].setdefault(int(index), {})[field] = value.clone()
-    optimizer.load_state_dict(optimizer_state)
 
 
 @dataclass
@@ -137,50 +90,6 @@ class Adapter:
             "backward_samples": self.backward_samples,
             "version": self.version,
         }
-
-
-class NormStatistics(Adapter):
-    """Test-time normalisation statistics only, no gradient (the "BN statistics" baseline).
-
-    >>> import torch, torch.nn as nn
-    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    >>> adapter = NormStatistics(model)
-    >>> adapter.adapt(torch.randn(1, 4)).outputs.shape
-    torch.Size([1, 3])
-    """
-
-    name = "bn"
-
-    def __init__(self, model: nn.Module, norm: str = "robust", norm_momentum: float = 0.02) -> None:
-        super().__init__(configure_norm(model, norm, norm_momentum))
-        model.requires_grad_(False)
-        self.norm = norm
-
-    def describe(self) -> dict[str, object]:
-        return {**super().describe(), "norm": self.norm}
-
-    def adapt(self, x: torch.Tensor) -> AdaptOutput:
-        with torch.no_grad():
-            return AdaptOutput(outputs=self.model(x))
-
-    @torch.no_grad()
-    def infer(self, x: torch.Tensor) -> torch.Tensor:
-        with frozen_statistics(self.model):
-            return self.model(x)
-
-    def reset(self) -> None:
-        for module in self.model.modules():
-            if isinstance(module, RobustBatchNorm):
-                module.reset_statistics()
-        super().reset()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.model.state_dict().items()
-                if k.endswith((".mean", ".square"))}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state, strict=False)
-        self.version += 1
 
 
 class GradientAdapter(Adapter):

@@ -13,7 +13,7 @@ affines); per batch, with p_i = softmax(z_i) and H_i its entropy:
 
 and the optimizer steps only when S2 is not empty: skipping the backward pass for unreliable and
 redundant samples is what makes the method cheaper than Tent. F is the diagonal Fisher of the
-source model (`adapters.fisher.fisher_information`: squared gradients of the batch-mean
+source model (`adapters.tta.fisher.fisher_information`: squared gradients of the batch-mean
 cross-entropy against the model's own argmax labels, averaged over batches of in-distribution
 data, 2,000 samples) and theta0 the source values of the trained parameters. ETA is EATA without
 the Fisher term, and so needs no in-distribution data.
@@ -23,11 +23,11 @@ betas 0.9/0.999, d_margin 0.4, beta 1, 2,000 Fisher samples), because the served
 classes. The ImageNet configuration of the reference is beta 2000, d_margin 0.05, SGD lr 0.00025
 with momentum 0.9, batch 64; E0 = 0.4 ln(C) in both.
 
-Deliberate deviations, for a service: as in `adapters.tent`, only normalisation changes its
+Deliberate deviations, for a service: as in `adapters.tta.tent`, only normalisation changes its
 test-time behaviour (the reference's `model.train()` would also switch dropout on); `norm="batch"`
 normalises by each batch as the reference does, and the default `norm="robust"` uses robust
 test-time statistics and steps once `adapt_batch_size` samples have arrived (see
-`adapters.base.GradientAdapter`). The Fisher is estimated with the adapter's own normalisation
+`adapters.tta.base.GradientAdapter`). The Fisher is estimated with the adapter's own normalisation
 (the reference uses batch statistics, which `norm="batch"` reproduces).
 """
 
@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.base import AdaptOutput, GradientAdapter, softmax_entropy
-from adapters.fisher import fisher_information
-from adapters.norm import normalisation_affines
+from adapters.tta.base import AdaptOutput, GradientAdapter, softmax_entropy
+from adapters.tta.fisher import fisher_information
+from adapters.tta.norm import normalisation_affines
 
 MODEL_PROBS_KEY = "eata.model_probs"
 

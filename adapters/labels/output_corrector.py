@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.base import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
+from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
 
 LOSSES = ("mse", "mae", "huber")
 

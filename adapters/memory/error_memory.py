@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters.base import checked_features
+from adapters.memory.knn import checked_features, cosine_top_k
 
 TASKS = ("classification", "regression")
 KINDS = ("exact", "hashed")
@@ -476,9 +476,8 @@ class ErrorMemory(_LabelledWindow):
 
     def _neighbour_means(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
-        similarity = keys @ self._keys[:self._size].T  # (n, M) cosine similarities
-        top_similarity, top_index = similarity.topk(min(self.k, self._size), dim=1)
-        weights = torch.softmax(top_similarity / self.temperature, dim=1)[:, None, :]  # (n, 1, K)
+        weights, top_index = cosine_top_k(keys, self._keys[:self._size], self.k, self.temperature)
+        weights = weights[:, None, :]  # (n, 1, K)
         label_mean = (weights @ self._targets[top_index]).squeeze(1)  # (n, C)
         base_mean = (weights @ self._predicted[top_index]).squeeze(1)
         return label_mean, base_mean, torch.ones(len(keys), dtype=torch.bool)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.norm import frozen_statistics
+from adapters.tta.norm import frozen_statistics
 
 
 def fisher_information(

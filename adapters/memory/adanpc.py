@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters.base import checked_features
+from adapters.memory.knn import checked_features, cosine_top_k
 
 POLICIES = ("per_class_fifo", "fifo")
 
@@ -190,9 +190,7 @@ class AdaNPC:
                 "(load_rows) before voting"
             )
         queries = self._normalised(features)
-        similarity = queries @ self._features.T  # (N, M) cosine similarities
-        top_similarity, top_index = similarity.topk(min(self.k, len(self)), dim=1)
-        weights = torch.softmax(top_similarity / self.temperature, dim=1)
+        weights, top_index = cosine_top_k(queries, self._features, self.k, self.temperature)
         scores = torch.zeros(len(queries), self.num_classes)
         return scores.scatter_add_(1, self._labels[top_index], weights)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from adapters.base import Adapter, AdaptOutput
+from adapters.tta.base import Adapter, AdaptOutput
 
 
 class NoAdaptation(Adapter):

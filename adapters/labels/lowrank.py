@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.base import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
-from adapters.norm import frozen_statistics, normalisation_affines
+from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
+from adapters.tta.norm import frozen_statistics, normalisation_affines
 
 PREFERENCES = ("lowrank", "norm")
 LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}

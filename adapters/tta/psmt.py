@@ -41,10 +41,10 @@ Quirks of the official code, reproduced or deliberately dropped:
 - Single-sample mode there predicts with the teacher alone; here `predict` (used for buffered
   small batches and `infer`) returns teacher + student logits, like the batch path.
 
-Normalisation statistics, for a service (see `adapters.base` and `adapters.norm`): teacher and
-student each own their robust BN averages. The teacher commits its statistics whenever the student
-does (predictions and full-batch steps) and never when the student's are frozen (the step over a
-buffer, `infer`), so no sample counts twice in either model.
+Normalisation statistics, for a service (see `adapters.tta.base` and `adapters.tta.norm`):
+teacher and student each own their robust BN averages. The teacher commits its statistics whenever
+the student does (predictions and full-batch steps) and never when the student's are frozen (the
+step over a buffer, `infer`), so no sample counts twice in either model.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ import math
 import torch
 import torch.nn as nn
 
-from adapters.base import AdaptOutput, GradientAdapter
-from adapters.fisher import fisher_information
-from adapters.norm import RobustBatchNorm
+from adapters.tta.base import AdaptOutput, GradientAdapter
+from adapters.tta.fisher import fisher_information
+from adapters.tta.norm import RobustBatchNorm
 
 
 def symmetric_cross_entropy(

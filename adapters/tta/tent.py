@@ -8,7 +8,7 @@ Deliberate deviations, for a service: the reference calls `model.train()`, which
 dropout on, so here only normalisation changes its test-time behaviour; with `norm="batch"` it
 normalises by each batch exactly as the reference does, and with the default `norm="robust"` by
 robust test-time statistics, taking its step once `adapt_batch_size` samples have arrived (see
-`adapters.base.GradientAdapter`).
+`adapters.tta.base.GradientAdapter`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from adapters.base import AdaptOutput, GradientAdapter, softmax_entropy
-from adapters.norm import normalisation_affines
+from adapters.tta.base import AdaptOutput, GradientAdapter, softmax_entropy
+from adapters.tta.norm import normalisation_affines
 
 
 class Tent(GradientAdapter):

@@ -1,0 +1,174 @@
+"""The calibrator interface every online conformal method shares, its argument checks, and
+the bounded window of past scores the quantile-based methods read."""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import math
+from collections import deque
+from typing import Any, ClassVar
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha is the target miscoverage and lies in (0, 1); got {alpha}")
+    return float(alpha)
+
+
+def _check_window(window: int | None, at_least: int = 1) -> int | None:
+    if window is not None and (int(window) != window or window < at_least):
+        raise ValueError(f"window must be a whole number ≥ {at_least} (or None for every past "
+                         f"score); got {window}")
+    return None if window is None else int(window)
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be positive and finite; got {value}")
+    return float(value)
+
+
+def _check_score(score: float) -> float:
+    score = float(score)
+    if not math.isfinite(score):
+        raise ValueError(f"scores must be finite; got {score}")
+    return score
+
+
+def _ceil(x: float) -> int:
+    """⌈x⌉, forgiving the float error that turns a whole n·a into n·a + 1e-15."""
+    return math.ceil(x - 1e-9)
+
+
+class ScoreWindow:
+    """The last `size` scores, in arrival order and sorted, for O(log n) ranks and counts.
+
+    >>> window = ScoreWindow(size=3)
+    >>> for s in [0.4, 0.1, 0.3, 0.2]:
+    ...     window.add(s)
+    >>> window.scores(), window.largest(1), window.count_at_least(0.25)
+    ([0.1, 0.3, 0.2], 0.3, 1)
+    """
+
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+        self.arrivals: deque[float] = deque(maxlen=size)
+        self.ordered: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.arrivals)
+
+    def add(self, score: float) -> None:
+        if self.size is not None and len(self.arrivals) == self.size:
+            del self.ordered[bisect.bisect_left(self.ordered, self.arrivals[0])]
+        self.arrivals.append(score)
+        bisect.insort(self.ordered, score)
+
+    def count_at_least(self, score: float) -> int:
+        return len(self.ordered) - bisect.bisect_left(self.ordered, score)
+
+    def largest(self, k: int) -> float:
+        """The k-th largest score, k clipped to [1, n]; 0 when there is none."""
+        n = len(self.ordered)
+        return self.ordered[n - min(max(k, 1), n)] if n else 0.0
+
+    def scores(self) -> list[float]:
+        return list(self.arrivals)
+
+    def clear(self) -> None:
+        self.arrivals.clear()
+        self.ordered.clear()
+
+
+class Calibrator:
+    """What every online calibrator offers; `Calibrator.from_state(state)` rebuilds any of them."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = _check_alpha(alpha)
+        self.steps = 0
+        self.misses = 0
+
+    @property
+    def threshold(self) -> float:
+        """q_t: the set for the next sample holds every candidate whose score is ≤ q_t."""
+        raise NotImplementedError
+
+    @property
+    def alpha_t(self) -> float:
+        """The miscoverage level the current threshold aims at (α itself unless it adapts it)."""
+        return self.alpha
+
+    @property
+    def miscoverage(self) -> float:
+        """The share of labels so far that fell above the threshold served for them."""
+        return self.misses / self.steps if self.steps else 0.0
+
+    def update(self, score: float) -> None:
+        """Learn from the score of a label that has arrived, scored against the prediction the
+        current threshold was served for."""
+        score = _check_score(score)
+        self.steps += 1
+        self.misses += score > self.threshold
+        self._learn(score)
+
+    def _learn(self, score: float) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget every score: back to the calibrator as built."""
+        self.steps = 0
+        self.misses = 0
+
+    # ---- state, as plain JSON values, so a store can keep it (and swap it atomically)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    def options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.option_names()}
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to carry on exactly where this calibrator is, as JSON values."""
+        return {"name": self.name, **self.options(), "steps": self.steps,
+                "misses": self.misses, **self._dynamic_state()}
+
+    def _dynamic_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Calibrator:
+        """A calibrator built with the options `state` records and carrying on from it."""
+        from adapters.conformal import CALIBRATORS  # the registry imports every calibrator
+
+        kind = CALIBRATORS.get(state.get("name", "")) if cls is Calibrator else cls
+        if kind is None:
+            raise ValueError(f"state names no known calibrator ({state.get('name')!r}); "
+                             f"known: {', '.join(CALIBRATORS)}")
+        calibrator = kind(**{name: state[name] for name in kind.option_names()})
+        calibrator.load_state(state)
+        return calibrator
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Carry on from `state`, saved by a calibrator of the same kind and options."""
+        if state.get("name") != self.name:
+            raise ValueError(f"state of calibrator {state.get('name')!r} cannot load into "
+                             f"{self.name!r}; use Calibrator.from_state(state)")
+        saved = {name: state.get(name) for name in self.option_names()}
+        if saved != self.options():
+            raise ValueError(f"state saved with {saved}, this calibrator has {self.options()}; "
+                             f"use Calibrator.from_state(state) to build one like it")
+        self.reset()
+        self.steps = int(state["steps"])
+        self.misses = int(state["misses"])
+        self._load_dynamic_state(state)
+
+    def _load_dynamic_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({options})"

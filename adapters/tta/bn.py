@@ -1,0 +1,63 @@
+"""Test-time BatchNorm: the model's normalisation layers use statistics of the test stream, and
+nothing else changes (Schneider et al., NeurIPS 2020, "Improving robustness against common
+corruptions by covariate shift adaptation"; Nado et al. 2020, "Evaluating prediction-time batch
+normalization for robustness under covariate shift").
+
+With the default `norm = "robust"` every BatchNorm layer keeps an exponential moving average of
+the test batches' mean and second moment (see `adapters.tta.norm`), so single requests and
+batches see nearly the same model; `norm = "batch"` uses each batch's own statistics, as the
+papers do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from adapters.tta.base import Adapter, AdaptOutput
+from adapters.tta.norm import RobustBatchNorm, configure_norm, frozen_statistics
+
+
+class NormStatistics(Adapter):
+    """Test-time normalisation statistics only, no gradient (the "BN statistics" baseline).
+
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    >>> adapter = NormStatistics(model)
+    >>> adapter.adapt(torch.randn(1, 4)).outputs.shape
+    torch.Size([1, 3])
+    """
+
+    name = "bn"
+
+    def __init__(self, model: nn.Module, norm: str = "robust", norm_momentum: float = 0.02) -> None:
+        super().__init__(configure_norm(model, norm, norm_momentum))
+        model.requires_grad_(False)
+        self.norm = norm
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "norm": self.norm}
+
+    def adapt(self, x: torch.Tensor) -> AdaptOutput:
+        with torch.no_grad():
+            return AdaptOutput(outputs=self.model(x))
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        with frozen_statistics(self.model):
+            return self.model(x)
+
+    def reset(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, RobustBatchNorm):
+                module.reset_statistics()
+        super().reset()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.model.state_dict().items()
+                if k.endswith((".mean", ".square"))}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+        self.version += 1
+
