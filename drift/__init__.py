@@ -1,7 +1,9 @@
 """Drift: River's detectors on label-free and labelled signals, and the policy that acts on alarms.
 
 `drift.detectors` wraps one `river.drift` detector on one named signal (`SignalDetector`, built by
-`build_detector` or `default_detector`), with a JSON state that survives a restart. `drift.policy`
+`build_detector` or `default_detector`), with a JSON state that survives a restart; River has no
+public state API, so `drift.persistence` reads and writes the River detectors' internals for that
+state. `Alarm.to_json` is an alarm's one JSON shape, saved and served. `drift.policy`
 turns alarms into actions (a learning-rate boost that decays back, an adapter reset, a memory trim,
 a calibrator reset) with a cool-down and a confirmation rule, and says what it did as event dicts.
 Neither imports the service or the adapters: the engine feeds signals in and applies actions.

@@ -31,43 +31,33 @@ level rather than the exact mean). The 0/1
 error is fed as it is. Measured (ADWIN, delta 0.002, clock 1): median delay on the bench's
 confidence stream 145 samples raw, 70 standardised; entropy 70 and 66.
 
-State. ``state()`` is a JSON-safe dict (non-finite floats written as "inf", "-inf", "nan") with the
-detector's name, signal, parameters, counts, warm-up, the last alarm and the River detector's
-internals read attribute by attribute; ``load_state`` (or ``SignalDetector.from_state``) rebuilds
-the River object from its parameters and writes the internals back, and the restored detector
-raises exactly the alarms the original would have. No pickle anywhere: Page-Hinkley, KSWIN and the
-binary family are plain numbers, deques and `stats.Mean`/`Var` objects (KSWIN's random generator
-state is a list of ints; HDDM_W's exponentially weighted means, Rust objects, are rebuilt through
-their first update, which takes the value as it is). ADWIN's window lives in a Rust object
-(``river._river_rust.drift.AdaptiveWindowing``) whose only way in or out is ``__getstate__`` /
-``__setstate__`` on bincode bytes of a serde struct: not pickle, but river decodes them with
-``unwrap()``, so malformed bytes raise pyo3's PanicException (a BaseException, past any
-``except Exception``), and well-formed but inconsistent ones panic later, inside ``update``. The
-state therefore holds the window's decoded fields as JSON (each exponential bucket's totals and
-variances, the counters), ``load_state`` checks them (capacities, the width matching the buckets,
-finite numbers) before encoding the bytes river expects, and reads them back to confirm. The
-layout is river 0.26's; should a later river change it, ``state()`` keeps everything but the
-window (``"internals": null``, with the reason under ``internals_lost``) and the restored ADWIN
-starts a fresh window.
+State. ``state()`` is a JSON-safe dict (non-finite floats written as "inf", "-inf", "nan", by
+`store.encoding`) with the detector's name, signal, parameters, counts, warm-up, the last alarm
+(`Alarm.to_json`) and the River detector's internals; ``load_state`` (or
+``SignalDetector.from_state``) rebuilds the River object from its parameters and writes the
+internals back, and the restored detector raises exactly the alarms the original would have. River
+has no public state API, so the internals are read and written attribute by attribute, with no
+pickle, by `drift.persistence` (river 0.26's layout; should a later river change it, ``state()``
+keeps everything but the internals: ``"internals": null``, with the reason under
+``internals_lost``, and the restored detector starts afresh on the same standardisation).
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import random
-import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import river
-from river import drift, stats
+from river import drift
 from river.drift import binary
-from river.drift.binary.hddm_w import SampleInfo
+
+from drift.persistence import dump_internals, load_internals, read_count, read_finite
+from store.encoding import NonFinite, float_from_json, from_json_safe, json_float, json_safe
 
 STATE_FORMAT = 1
 
@@ -167,11 +157,45 @@ class Alarm:
     estimate: float | None
     detail: dict[str, Any] = field(default_factory=dict)
 
-    def event(self) -> dict[str, Any]:
-        return {"time": self.time, "kind": "drift_alarm", "detector": self.detector,
-                "signal": self.signal, "labelled": self.labelled, "sample": self.sample,
-                "update": self.update, "statistic": self.statistic, "estimate": self.estimate,
-                "detail": dict(self.detail)}
+    def to_json(self, nonfinite: NonFinite = "text") -> dict[str, Any]:
+        """The alarm as plain JSON, the one shape it is saved and shown in.
+
+        The default writes non-finite floats as "inf", "-inf" or "nan", which `from_json` reads
+        back (a detector's saved ``last_alarm``, the policy's pending alarms); ``"null"`` writes
+        None instead, for what is served (``/v1/state``, events), where a field is a number or
+        null. The ``kind`` marks the record as an alarm; `from_json` ignores it.
+
+        >>> alarm = Alarm("adwin", "error", True, sample=900, update=900, time=1.0,
+        ...               statistic=None, estimate=float("inf"), detail={"width": 120})
+        >>> alarm.to_json()["estimate"], alarm.to_json(nonfinite="null")["estimate"]
+        ('inf', None)
+        >>> Alarm.from_json(alarm.to_json()) == alarm
+        True
+        """
+        def number(value: float | None) -> float | None:
+            # always a float, as saved alarms have always held (an int clock's 7 is saved as 7.0)
+            return None if value is None else float(value)
+
+        return json_safe({"time": number(self.time), "kind": "drift_alarm",
+                          "detector": self.detector, "signal": self.signal,
+                          "labelled": self.labelled, "sample": self.sample, "update": self.update,
+                          "statistic": number(self.statistic), "estimate": number(self.estimate),
+                          "detail": dict(self.detail)}, nonfinite=nonfinite)
+
+    @classmethod
+    def from_json(cls, fields: dict[str, Any]) -> Alarm:
+        """The alarm `to_json` wrote; ValueError, TypeError or KeyError if it does not hold.
+
+        Also reads what earlier versions saved: their policy state held the fields without
+        ``kind``, with None for a non-finite number.
+        """
+        detail = fields["detail"]
+        if not isinstance(detail, dict):
+            raise TypeError(f"an alarm's detail is an object, got {detail!r}")
+        return cls(fields["detector"], fields["signal"], bool(fields["labelled"]),
+                   read_count(fields["sample"]), read_count(fields["update"]),
+                   float_from_json(fields["time"]), float_from_json(fields["statistic"]),
+                   float_from_json(fields["estimate"]), from_json_safe(detail))
 
 
 # ---- signals from model outputs ------------------------------------------------------------------
@@ -377,25 +401,28 @@ class SignalDetector:
                 "labelled": self.signal.labelled, "params": dict(self.params),
                 "chunk": self.chunk, "warmup": self.warmup, "center": self.center,
                 "scale": self.scale, **self.counts, **self.measure(),
-                "last_alarm": None if self.last_alarm is None else self.last_alarm.event()}
+                "last_alarm": None if self.last_alarm is None
+                else self.last_alarm.to_json(nonfinite="null")}
 
     # ---- state -----------------------------------------------------------------------------------
 
     def _identity(self) -> dict[str, Any]:
         return {"detector": self.kind.name, "signal": self.signal.name,
-                "params": _json_params(self.params), "chunk": self.chunk, "warmup": self.warmup}
+                # sorted: the saved state reads the same whatever order the caller passed
+                "params": json_safe(dict(sorted(self.params.items())), nonfinite="text"),
+                "chunk": self.chunk, "warmup": self.warmup}
 
     def state(self) -> dict[str, Any]:
         """A JSON-safe dict from which `load_state` (or `from_state`) rebuilds this detector."""
-        internals, lost = _dump_internals(self.kind.name, self._river, self.params)
+        internals, lost = dump_internals(self.kind.name, self._river, self.params)
         state: dict[str, Any] = {
             "format": STATE_FORMAT, "river": river.__version__, **self._identity(),
             "counts": self.counts,
-            "partial_chunk": {"sum": _num(self._chunk_sum), "count": self._chunk_count},
-            "standardize": {"n": self._warm_n, "mean": _num(self._warm_mean),
-                            "m2": _num(self._warm_m2), "center": _num(self.center),
-                            "scale": _num(self.scale)},
-            "last_alarm": None if self.last_alarm is None else _json_alarm(self.last_alarm),
+            "partial_chunk": {"sum": json_float(self._chunk_sum), "count": self._chunk_count},
+            "standardize": {"n": self._warm_n, "mean": json_float(self._warm_mean),
+                            "m2": json_float(self._warm_m2), "center": json_float(self.center),
+                            "scale": json_float(self.scale)},
+            "last_alarm": None if self.last_alarm is None else self.last_alarm.to_json(),
             "internals": internals,
         }
         if lost:
@@ -405,8 +432,9 @@ class SignalDetector:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> SignalDetector:
         try:
-            params = {k: _unnum(v) if v in ("inf", "-inf", "nan") else v
-                      for k, v in state["params"].items()}
+            if not isinstance(state["params"], dict):
+                raise TypeError(f"parameters {state['params']!r}, not an object")
+            params = from_json_safe(state["params"])
             detector = cls(state["detector"], state["signal"], params, state["chunk"],
                            state["warmup"])
         except (KeyError, TypeError, AttributeError) as error:
@@ -428,23 +456,24 @@ class SignalDetector:
                     "SignalDetector.from_state, or discard the state")
             fresh = self.kind.cls(**self.params)
             if state["internals"] is not None:
-                _load_internals(self.kind.name, fresh, self.params, state["internals"])
-            counts = {key: _count(state["counts"][key])
+                load_internals(self.kind.name, fresh, self.params, state["internals"])
+            counts = {key: read_count(state["counts"][key])
                       for key in ("samples", "updates", "alarms", "skipped")}
             partial = state["partial_chunk"]
-            chunk_sum, chunk_count = _finite(partial["sum"]), _count(partial["count"])
+            chunk_sum, chunk_count = read_finite(partial["sum"]), read_count(partial["count"])
             if chunk_count >= self.chunk:
                 raise StateMismatch(f"a partial chunk of {chunk_count} values, chunk is "
                                     f"{self.chunk}")
             warm = state["standardize"]
-            warm_n = _count(warm["n"])
-            warm_mean, warm_m2 = _finite(warm["mean"]), _finite(warm["m2"])
-            center, scale = _unnum(warm["center"]), _unnum(warm["scale"])
+            warm_n = read_count(warm["n"])
+            warm_mean, warm_m2 = read_finite(warm["mean"]), read_finite(warm["m2"])
+            center, scale = float_from_json(warm["center"]), float_from_json(warm["scale"])
             if (center is None) != (scale is None) or (scale is not None and not scale > 0):
                 raise StateMismatch("a standardisation with a centre but no positive scale")
             if scale is None and warm_n >= self.warmup:
                 raise StateMismatch("a finished warm-up without a scale")
-            last_alarm = None if state["last_alarm"] is None else _alarm_from(state["last_alarm"])
+            last_alarm = (None if state["last_alarm"] is None
+                          else Alarm.from_json(state["last_alarm"]))
         except StateMismatch:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
@@ -493,348 +522,6 @@ def _checked_params(kind: DetectorKind, params: dict[str, Any]) -> dict[str, Any
         if not isinstance(value, bool | int | float | str | None):
             raise ValueError(f"{kind.name} parameter {key}={value!r}: numbers, strings, booleans")
     return params
-
-
-def _json_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {key: _num(value) if isinstance(value, float) else value
-            for key, value in sorted(params.items())}
-
-
-def _json_alarm(alarm: Alarm) -> dict[str, Any]:
-    event = alarm.event()
-    for key in ("statistic", "estimate", "time"):
-        event[key] = _num(event[key])
-    event["detail"] = {key: _num(value) if isinstance(value, float) else value
-                       for key, value in event["detail"].items()}
-    return event
-
-
-def _alarm_from(event: dict[str, Any]) -> Alarm:
-    detail = {k: _unnum(v) if v in ("inf", "-inf", "nan") else v
-              for k, v in event["detail"].items()}
-    return Alarm(event["detector"], event["signal"], bool(event["labelled"]),
-                 _count(event["sample"]), _count(event["update"]), _unnum(event["time"]),
-                 _unnum(event["statistic"]), _unnum(event["estimate"]), detail)
-
-
-# ---- numbers in JSON -----------------------------------------------------------------------------
-
-def _num(value: float | None) -> float | str | None:
-    if value is None:
-        return None
-    value = float(value)
-    if math.isfinite(value):
-        return value
-    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-
-
-def _unnum(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value not in ("inf", "-inf", "nan"):
-        raise ValueError(f"expected a number, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise TypeError(f"expected a number, got {value!r}")
-    return float(value)
-
-
-def _finite(value: Any) -> float:
-    number = _unnum(value)
-    if number is None or not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {value!r}")
-    return number
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a count, got {value!r}")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {value!r}")
-    return value
-
-
-# ---- River internals, detector by detector -------------------------------------------------------
-# Each dump reads River 0.26's attributes; each load writes them into a freshly built detector.
-
-def _dump_mean(mean: stats.Mean) -> dict[str, Any]:
-    return {"n": _num(mean.n), "mean": _num(mean._mean)}
-
-
-def _load_mean(saved: dict[str, Any]) -> stats.Mean:
-    mean = stats.Mean()
-    mean.n, mean._mean = _finite(saved["n"]), _finite(saved["mean"])
-    if mean.n < 0:
-        raise ValueError("a negative count in a mean")
-    return mean
-
-
-def _dump_var(var: stats.Var) -> dict[str, Any]:
-    return {"mean": _dump_mean(var.mean), "S": _num(var._S)}
-
-
-def _load_var(saved: dict[str, Any], ddof: int) -> stats.Var:
-    var = stats.Var(ddof=ddof)
-    var.mean, var._S = _load_mean(saved["mean"]), _finite(saved["S"])
-    return var
-
-
-def _flags(detector: Any) -> dict[str, bool]:
-    flags = {"drift": detector._drift_detected}
-    if hasattr(detector, "_warning_detected"):
-        flags["warning"] = detector._warning_detected
-    return flags
-
-
-def _load_flags(detector: Any, saved: dict[str, Any]) -> None:
-    detector._drift_detected = _flag(saved["drift"])
-    if hasattr(detector, "_warning_detected"):
-        detector._warning_detected = _flag(saved["warning"])
-
-
-def _dump_page_hinkley(detector: drift.PageHinkley, params: dict) -> dict[str, Any]:
-    return {**_flags(detector), "x_mean": _dump_mean(detector._x_mean),
-            "sum_increase": _num(detector._sum_increase),
-            "sum_decrease": _num(detector._sum_decrease),
-            "min_increase": _num(detector._min_increase),
-            "max_decrease": _num(detector._max_decrease)}
-
-
-def _load_page_hinkley(detector: drift.PageHinkley, params: dict, saved: dict) -> None:
-    detector._x_mean = _load_mean(saved["x_mean"])
-    detector._sum_increase = _finite(saved["sum_increase"])
-    detector._sum_decrease = _finite(saved["sum_decrease"])
-    detector._min_increase = _unnum(saved["min_increase"])  # inf until the first update
-    detector._max_decrease = _finite(saved["max_decrease"])
-    _load_flags(detector, saved)
-
-
-def _dump_kswin(detector: drift.KSWIN, params: dict) -> dict[str, Any]:
-    version, internal, gauss = detector._rng.getstate()
-    return {**_flags(detector), "window": [_num(v) for v in detector.window],
-            "n": detector.n, "p_value": _num(detector.p_value),
-            "rng": {"version": version, "internal": list(internal), "gauss": _num(gauss)}}
-
-
-def _load_kswin(detector: drift.KSWIN, params: dict, saved: dict) -> None:
-    window = [_finite(v) for v in saved["window"]]
-    if len(window) > detector.window_size:
-        raise ValueError(f"a window of {len(window)} values, window_size is "
-                         f"{detector.window_size}")
-    detector.window = deque(window, maxlen=detector.window_size)
-    detector.n = _count(saved["n"])
-    detector.p_value = _finite(saved["p_value"])
-    rng = saved["rng"]
-    internal = rng["internal"]
-    if not (isinstance(internal, list) and all(isinstance(i, int) and not isinstance(i, bool)
-                                               for i in internal)):
-        raise TypeError("the KSWIN generator state is a list of ints")
-    generator = random.Random()
-    generator.setstate((rng["version"], tuple(internal), _unnum(rng["gauss"])))
-    detector._rng = generator
-    _load_flags(detector, saved)
-
-
-def _dump_ddm(detector: binary.DDM, params: dict) -> dict[str, Any]:
-    return {**_flags(detector), "p": _dump_mean(detector._p), "p_min": _num(detector._p_min),
-            "s_min": _num(detector._s_min), "ps_min": _num(detector._ps_min)}
-
-
-def _load_ddm(detector: binary.DDM, params: dict, saved: dict) -> None:
-    detector._p = _load_mean(saved["p"])
-    detector._p_min = None if saved["p_min"] is None else _finite(saved["p_min"])
-    detector._s_min = None if saved["s_min"] is None else _finite(saved["s_min"])
-    detector._ps_min = _unnum(saved["ps_min"])  # inf until warm
-    _load_flags(detector, saved)
-
-
-def _dump_eddm(detector: binary.EDDM, params: dict) -> dict[str, Any]:
-    return {**_flags(detector), "distances": _dump_var(detector._error_distances),
-            "n": detector._n, "last_error": detector._last_error,
-            "n_errors": detector._n_errors, "p2s_prime_max": _num(detector._p2s_prime_max)}
-
-
-def _load_eddm(detector: binary.EDDM, params: dict, saved: dict) -> None:
-    detector._error_distances = _load_var(saved["distances"], detector._error_distances.ddof)
-    detector._n = _count(saved["n"])
-    detector._last_error = _count(saved["last_error"])
-    detector._n_errors = _count(saved["n_errors"])
-    detector._p2s_prime_max = _finite(saved["p2s_prime_max"])
-    _load_flags(detector, saved)
-
-
-def _dump_hddm_a(detector: binary.HDDMA, params: dict) -> dict[str, Any]:
-    return {**_flags(detector), "z": _dump_mean(detector._z),
-            "x_min": _dump_mean(detector._x_min), "x_max": _dump_mean(detector._x_max)}
-
-
-def _load_hddm_a(detector: binary.HDDMA, params: dict, saved: dict) -> None:
-    detector._z = _load_mean(saved["z"])
-    detector._x_min = _load_mean(saved["x_min"])
-    detector._x_max = _load_mean(saved["x_max"])
-    _load_flags(detector, saved)
-
-
-_HDDM_W_SAMPLES = ("_total", "_s1_decr", "_s1_incr", "_s2_decr", "_s2_incr")
-
-
-def _dump_sample_info(info: SampleInfo) -> dict[str, Any]:
-    return {"ewma": _num(info.ewma), "init": info.is_init, "ibc": _num(info.ibc)}
-
-
-def _load_sample_info(saved: dict[str, Any], lambda_val: float) -> SampleInfo:
-    info = SampleInfo(lambda_val)
-    if _flag(saved["init"]):
-        # the exponentially weighted mean (a Rust object) takes its first value as it is
-        info._ewma.update(_finite(saved["ewma"]))
-        info._is_init = True
-    info._ibc = _finite(saved["ibc"])
-    return info
-
-
-def _dump_hddm_w(detector: binary.HDDMW, params: dict) -> dict[str, Any]:
-    return {**_flags(detector),
-            **{name[1:]: _dump_sample_info(getattr(detector, name)) for name in _HDDM_W_SAMPLES},
-            "incr_cutpoint": _num(detector._incr_cutpoint),
-            "decr_cutpoint": _num(detector._decr_cutpoint)}
-
-
-def _load_hddm_w(detector: binary.HDDMW, params: dict, saved: dict) -> None:
-    for name in _HDDM_W_SAMPLES:
-        setattr(detector, name, _load_sample_info(saved[name[1:]], detector.lambda_val))
-    detector._incr_cutpoint = _unnum(saved["incr_cutpoint"])
-    detector._decr_cutpoint = _unnum(saved["decr_cutpoint"])
-    _load_flags(detector, saved)
-
-
-# ADWIN's window: the bincode (v1: little-endian, fixed-width ints, u64 lengths) encoding of
-# river 0.26's RsAdaptiveWindowing = {inner: AdaptiveWindowing, delta, clock, max_buckets,
-# min_window_length, grace_period}; see river's rust_src/adwin.rs and pyo3_bindings.rs.
-_ADWIN_INNER = struct.Struct("<diQddddddiiii")
-_ADWIN_OUTER = struct.Struct("<diQii")
-_U64 = struct.Struct("<Q")
-_I32_MAX = 2**31 - 1
-
-
-def _adwin_decode(blob: bytes, params: dict) -> dict[str, Any]:
-    (delta, clock, max_buckets, min_window, grace, total, variance, width, total_width,
-     n_buckets, max_n_buckets, tick, n_detections) = _ADWIN_INNER.unpack_from(blob, 0)
-    offset = _ADWIN_INNER.size
-    (count,), offset = _U64.unpack_from(blob, offset), offset + 8
-    buckets = []
-    for _ in range(count):
-        (max_size,), (current,) = _U64.unpack_from(blob, offset), _U64.unpack_from(blob, offset + 8)
-        offset += 16
-        columns = []
-        for _column in range(2):
-            (length,), offset = _U64.unpack_from(blob, offset), offset + 8
-            values = struct.unpack_from(f"<{length}d", blob, offset)
-            offset += 8 * length
-            if length != max_buckets + 1 or any(values[current:]):
-                raise ValueError("an ADWIN bucket laid out unlike river 0.26's")
-            columns.append([_num(v) for v in values[:current]])
-        if max_size != max_buckets:
-            raise ValueError("an ADWIN bucket laid out unlike river 0.26's")
-        buckets.append({"count": current, "totals": columns[0], "variances": columns[1]})
-    outer = _ADWIN_OUTER.unpack_from(blob, offset)
-    if offset + _ADWIN_OUTER.size != len(blob):
-        raise ValueError("ADWIN's window bytes are longer than river 0.26's layout")
-    expected = (params["delta"], params["clock"], params["max_buckets"],
-                params["min_window_length"], params["grace_period"])
-    if outer != expected or (delta, clock, max_buckets, min_window, grace) != expected:
-        raise ValueError("ADWIN's window bytes do not carry its parameters where river 0.26 does")
-    return {"total": _num(total), "variance": _num(variance), "width": _num(width),
-            "total_width": _num(total_width), "n_buckets": n_buckets,
-            "max_n_buckets": max_n_buckets, "tick": tick, "n_detections": n_detections,
-            "buckets": buckets}
-
-
-def _adwin_encode(saved: dict[str, Any], params: dict) -> bytes:
-    max_buckets = params["max_buckets"]
-    buckets = saved["buckets"]
-    if not isinstance(buckets, list) or not 1 <= len(buckets) <= 60:
-        raise ValueError("ADWIN's window needs 1 to 60 buckets")
-    parts, width = [], 0
-    for index, bucket in enumerate(buckets):
-        count = _count(bucket["count"])
-        totals = [_finite(v) for v in bucket["totals"]]
-        variances = [_finite(v) for v in bucket["variances"]]
-        if count > max_buckets + 1 or len(totals) != count or len(variances) != count:
-            raise ValueError(f"ADWIN bucket {index} holds {count} entries, at most "
-                             f"{max_buckets + 1}, with as many totals and variances")
-        if count == 0 and index == len(buckets) - 1 and index > 0:
-            raise ValueError("ADWIN's oldest bucket is empty")
-        width += count << index
-        padding = [0.0] * (max_buckets + 1 - count)
-        parts.append(_U64.pack(max_buckets) + _U64.pack(count))
-        for column in (totals, variances):
-            parts.append(_U64.pack(max_buckets + 1) + struct.pack(f"<{max_buckets + 1}d",
-                                                                  *column, *padding))
-    if _finite(saved["width"]) != width:
-        raise ValueError(f"ADWIN's width {saved['width']} is not its buckets' {width}")
-    counters = [saved[key] for key in ("n_buckets", "max_n_buckets", "tick", "n_detections")]
-    if not all(isinstance(c, int) and not isinstance(c, bool) and abs(c) <= _I32_MAX
-               for c in counters):
-        raise ValueError("ADWIN's counters are 32-bit integers")
-    head = _ADWIN_INNER.pack(
-        params["delta"], params["clock"], max_buckets, float(params["min_window_length"]),
-        float(params["grace_period"]), _finite(saved["total"]), _finite(saved["variance"]),
-        float(width), _finite(saved["total_width"]), *counters)
-    tail = _ADWIN_OUTER.pack(params["delta"], params["clock"], max_buckets,
-                             params["min_window_length"], params["grace_period"])
-    return head + _U64.pack(len(buckets)) + b"".join(parts) + tail
-
-
-def _adwin_params(detector: drift.ADWIN) -> dict[str, Any]:
-    return {"delta": float(detector.delta), "clock": int(detector.clock),
-            "max_buckets": int(detector.max_buckets),
-            "min_window_length": int(detector.min_window_length),
-            "grace_period": int(detector.grace_period)}
-
-
-def _dump_adwin(detector: drift.ADWIN, params: dict) -> dict[str, Any]:
-    blob = detector._helper.__getstate__()
-    layout = _adwin_params(detector)
-    saved = _adwin_decode(blob, layout)
-    if _adwin_encode(saved, layout) != blob:
-        raise ValueError("ADWIN's window does not survive a decode and encode")
-    return {**_flags(detector), "window": saved}
-
-
-def _load_adwin(detector: drift.ADWIN, params: dict, saved: dict) -> None:
-    blob = _adwin_encode(saved["window"], _adwin_params(detector))
-    detector._helper.__setstate__(blob)
-    if detector._helper.__getstate__() != blob:
-        raise ValueError("river did not take ADWIN's window as given")
-    _load_flags(detector, saved)
-
-
-_CODECS: dict[str, tuple[Callable, Callable]] = {
-    "adwin": (_dump_adwin, _load_adwin),
-    "page_hinkley": (_dump_page_hinkley, _load_page_hinkley),
-    "kswin": (_dump_kswin, _load_kswin),
-    "ddm": (_dump_ddm, _load_ddm),
-    "eddm": (_dump_eddm, _load_eddm),
-    "hddm_a": (_dump_hddm_a, _load_hddm_a),
-    "hddm_w": (_dump_hddm_w, _load_hddm_w),
-}
-
-
-def _dump_internals(name: str, detector: Any, params: dict) -> tuple[dict | None, str | None]:
-    try:
-        return _CODECS[name][0](detector, params), None
-    except (AttributeError, ValueError, struct.error) as error:
-        # a river whose internals moved: keep the rest of the state, restart the window
-        return None, f"river {river.__version__}: {error}"
-
-
-def _load_internals(name: str, detector: Any, params: dict, saved: dict) -> None:
-    if not isinstance(saved, dict):
-        raise TypeError("a detector's internals are an object")
-    _CODECS[name][1](detector, params, saved)
 
 
 # ---- statistics at an alarm ---------------------------------------------------------------------

@@ -189,8 +189,8 @@ class DriftPolicy:
             wanted = self.label_free_actions
             if self.confirmation == "labelled":
                 self._pending.append(_Pending(alarm, now))
-                self._record(_alarm_event(alarm, now, self.clock(), "pending",
-                                          {"wait": self.confirm_window}))
+                self._record(_alarm_event(alarm, "drift_alarm", self.clock(), now, None,
+                                          {"outcome": "pending", "wait": self.confirm_window}))
                 return []
         else:
             wanted = self.labelled_actions
@@ -201,15 +201,17 @@ class DriftPolicy:
                 wanted = _ordered([*self.label_free_actions, *wanted])
                 self._pending.clear()
         if not wanted:
-            self._record(_alarm_event(alarm, now, self.clock(), "no_actions", {}))
+            self._record(_alarm_event(alarm, "drift_alarm", self.clock(), now, None,
+                                      {"outcome": "no_actions"}))
             return []
         taken = [name for name in wanted if self._cooled(name, now)]
         cooling = [name for name in wanted if name not in taken]
         extra: dict[str, Any] = {"suppressed": cooling} if cooling else {}
         if confirms:
             extra["confirms"] = confirms
-        self._record(_alarm_event(alarm, now, self.clock(), "acted" if taken else "cooldown",
-                                  {"actions": taken, **extra}))
+        self._record(_alarm_event(alarm, "drift_alarm", self.clock(), now, None,
+                                  {"outcome": "acted" if taken else "cooldown",
+                                   "actions": taken, **extra}))
         return [self._take(name, alarm, now, onset) for name in taken]
 
     def advance(self, now: int) -> None:
@@ -217,10 +219,9 @@ class DriftPolicy:
         kept = []
         for pending in self._pending:
             if now - pending.at > self.confirm_window:
-                event = _alarm_event(pending.alarm, pending.at, self.clock(), "unconfirmed",
-                                     {"expired_at": now})
-                event["kind"] = "drift_unconfirmed"
-                self._record(event)
+                self._record(_alarm_event(pending.alarm, "drift_unconfirmed", self.clock(),
+                                          pending.at, None,
+                                          {"outcome": "unconfirmed", "expired_at": now}))
             else:
                 kept.append(pending)
         self._pending = kept
@@ -240,10 +241,9 @@ class DriftPolicy:
             detail = {"keep": self._rows_to_keep(alarm), "onset": onset}
         self._last_taken[name] = now
         action = Action(name, now, self.clock(), alarm.detector, alarm.signal, detail)
-        self._record({"time": action.time, "kind": "drift_action", "detector": alarm.detector,
-                      "signal": alarm.signal, "labelled": alarm.labelled,
-                      "statistic": alarm.statistic, "estimate": alarm.estimate,
-                      "sample": alarm.sample, "at": now, "action": name, "detail": detail})
+        # the action's own detail only, not the alarm's: that went with the alarm's event
+        self._record(_alarm_event(alarm, "drift_action", action.time, now, name, detail,
+                                  with_alarm_detail=False))
         return action
 
     def _rows_to_keep(self, alarm: Alarm) -> int:
@@ -269,14 +269,15 @@ class DriftPolicy:
     def state(self) -> dict[str, Any]:
         """A JSON-safe dict of what must outlive a restart: boost, cool-downs, pending alarms."""
         return {"boost_at": self._boost_at, "last_taken": dict(self._last_taken),
-                "pending": [{"at": p.at, "alarm": _alarm_fields(p.alarm)} for p in self._pending]}
+                "pending": [{"at": p.at, "alarm": _saved_alarm(p.alarm)} for p in self._pending]}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore `state()`'s dict; ValueError, and nothing changed, if it does not hold."""
         try:
             last_taken = {str(k): int(v) for k, v in state["last_taken"].items()}
             boost_at = None if state["boost_at"] is None else int(state["boost_at"])
-            pending = [_Pending(Alarm(**p["alarm"]), int(p["at"])) for p in state["pending"]]
+            pending = [_Pending(Alarm.from_json(p["alarm"]), int(p["at"]))
+                       for p in state["pending"]]
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a drift policy state: {error!r}") from error
         unknown = set(last_taken) - set(ACTIONS)
@@ -297,16 +298,24 @@ def _ordered(actions: Sequence[str]) -> tuple[str, ...]:
     return tuple(name for name in ACTIONS if name in set(actions))
 
 
-def _alarm_fields(alarm: Alarm) -> dict[str, Any]:
-    return {"detector": alarm.detector, "signal": alarm.signal, "labelled": alarm.labelled,
-            "sample": alarm.sample, "update": alarm.update, "time": alarm.time,
-            "statistic": alarm.statistic, "estimate": alarm.estimate,
-            "detail": dict(alarm.detail)}
+def _saved_alarm(alarm: Alarm) -> dict[str, Any]:
+    """A pending alarm as the policy state saves it: `Alarm.to_json` less ``kind``, the shape
+    earlier versions wrote and read back as ``Alarm(**fields)``, so a rollback still loads it."""
+    fields = alarm.to_json()
+    del fields["kind"]
+    return fields
 
 
-def _alarm_event(alarm: Alarm, now: int, wall: float, outcome: str,
-                 detail: dict[str, Any]) -> dict[str, Any]:
-    return {"time": wall, "kind": "drift_alarm", "detector": alarm.detector,
-            "signal": alarm.signal, "labelled": alarm.labelled, "statistic": alarm.statistic,
-            "estimate": alarm.estimate, "sample": alarm.sample, "at": now, "action": None,
-            "detail": {"outcome": outcome, **detail, **alarm.detail}}
+# the alarm's fields an event carries, as /v1/events has always served them (no ``update``)
+_EVENT_FIELDS = ("detector", "signal", "labelled", "statistic", "estimate", "sample")
+
+
+def _alarm_event(alarm: Alarm, kind: str, wall: float, at: int, action: str | None,
+                 detail: dict[str, Any], with_alarm_detail: bool = True) -> dict[str, Any]:
+    """An event about ``alarm``: its fields from `Alarm.to_json` (non-finite numbers as None, as
+    served), when (``wall``) and on the policy's clock (``at``), with ``detail`` first and then,
+    unless told otherwise, the alarm's own detail."""
+    fields = alarm.to_json(nonfinite="null")
+    return {"time": wall, "kind": kind, **{key: fields[key] for key in _EVENT_FIELDS},
+            "at": at, "action": action,
+            "detail": {**detail, **fields["detail"]} if with_alarm_detail else dict(detail)}

@@ -9,13 +9,13 @@ lists newest first, and handed to the store's shared log of the deployment (`tak
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from service.metrics import Metrics
+from store.encoding import json_safe  # service.runtime imports it from here too
 
 
 @dataclass
@@ -27,23 +27,6 @@ class Event:
     action: str | None = None
     detail: dict[str, object] = field(default_factory=dict)
     replica: str | None = None
-
-
-def json_safe(value: object) -> object:
-    """Plain JSON values: non-finite floats become None, numpy scalars plain numbers.
-
-    >>> json_safe({"a": float("nan"), "b": [1.5, float("inf")]})
-    {'a': None, 'b': [1.5, None]}
-    """
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # a numpy scalar
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 class EventLog:

@@ -93,9 +93,26 @@ def test_an_alarm_carries_the_statistic_and_the_estimate_in_signal_units():
     alarm = feed(detector, abrupt("entropy", seed=3))[0]
     assert alarm.statistic > 50.0  # Page-Hinkley alarms above its threshold, in sd units
     assert 0.45 < alarm.estimate < 0.8  # the running mean of entropy, not of z-scores
-    event = alarm.event()
+    event = alarm.to_json()
     assert {"time", "detector", "signal", "statistic", "estimate", "sample", "detail"} <= set(event)
     assert event["detail"]["threshold"] == 50.0
+    assert Alarm.from_json(json.loads(json.dumps(event, allow_nan=False))) == alarm
+
+
+def test_an_alarm_keeps_non_finite_numbers_in_its_json_and_serves_them_as_null():
+    odd = Alarm("page_hinkley", "entropy", False, sample=7, update=5, time=1.0,
+                statistic=float("inf"), estimate=None,
+                detail={"threshold": float("-inf"), "direction": "up"})
+    saved = json.loads(json.dumps(odd.to_json(), allow_nan=False))
+    assert (saved["kind"], saved["statistic"], saved["detail"]["threshold"]) == \
+        ("drift_alarm", "inf", "-inf")
+    assert Alarm.from_json(saved) == odd
+    served = odd.to_json(nonfinite="null")
+    assert (served["statistic"], served["detail"]["threshold"]) == (None, None)
+    with pytest.raises(ValueError):
+        Alarm.from_json({**saved, "sample": -1})
+    with pytest.raises(ValueError):
+        Alarm.from_json({**saved, "statistic": "big"})
 
 
 def test_standardising_makes_the_alarms_independent_of_the_signal_scale():
@@ -182,14 +199,14 @@ def test_a_tampered_adwin_window_is_refused_before_it_reaches_river():
 
 
 def test_an_adwin_window_river_lays_out_differently_is_dropped_and_the_rest_kept(monkeypatch):
-    import drift.detectors as detectors
+    import drift.persistence as persistence
 
     def unknown_layout(blob, params):
         raise ValueError("ADWIN's window bytes are longer than river 0.26's layout")
 
     detector = default_detector("entropy")
     feed(detector, abrupt("entropy", seed=1)[:3_000])
-    monkeypatch.setattr(detectors, "_adwin_decode", unknown_layout)
+    monkeypatch.setattr(persistence, "_adwin_decode", unknown_layout)
     state = json.loads(json.dumps(detector.state(), allow_nan=False))
     assert state["internals"] is None and "0.26" in state["internals_lost"]
     restored = SignalDetector.from_state(state)
@@ -314,6 +331,18 @@ def test_a_restored_policy_keeps_the_boost_the_cooldowns_and_the_pending_alarms(
     assert restored.learning_rate(450) == drift_policy.learning_rate(450)
     assert restored.on_alarm(alarm("error"), now=900) == []  # still cooling
     assert restored.describe()["pending"] == 0  # the confirmation used the pending alarm
+
+
+def test_a_policy_state_saved_before_alarms_had_to_json_still_loads():
+    # what earlier versions saved: the alarm's fields without "kind", a non-finite number as null
+    saved = {"boost_at": None, "last_taken": {}, "pending": [{"at": 100, "alarm": {
+        "detector": "adwin", "signal": "entropy", "labelled": False, "sample": 90, "update": 80,
+        "time": 1.5, "statistic": None, "estimate": None, "detail": {"width": 12}}}]}
+    restored = policy(confirmation="labelled")
+    restored.load_state(saved)
+    assert restored.describe()["pending"] == 1
+    # and a state saved now keeps that shape
+    assert restored.state() == saved
 
 
 def test_a_policy_refuses_settings_it_cannot_honour():
