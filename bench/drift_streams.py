@@ -7,7 +7,7 @@ BatchNorm; standardisation is a fixed affine map inside it) is trained on the fi
 samples of the first concept, saved with safetensors and served by the real app, in process
 (`service.app.create_app` under its lifespan, an httpx client on an ASGI transport), with the
 micro-batcher's wait at 0 and the in-process store. The first 2,000 training samples are the
-service's reference data (`adapter.calibration_data`): the error memory centres its keys on their
+service's reference data (`model.reference_data`): the error memory centres its keys on their
 mean feature, the output corrector scales by their outputs. Online conformal calibration is off
 (it adds sets and intervals, changes no prediction, and B3 measures it); everything else is at the
 service's defaults.
@@ -47,8 +47,8 @@ Configurations (service settings); a configuration whose settings this checkout 
 is skipped with a note:
 
     static            adapter none, nothing learns from labels, drift monitoring off
-    compensation      ReLoop2 error memory, exact top-K (`compensation.kind = "exact"`), policy off
-    hashed            the same memory, SimHash buckets (`compensation.kind = "hashed"`)
+    compensation      ReLoop2 error memory, exact top-K (`error_memory.kind = "exact"`), policy off
+    hashed            the same memory, SimHash buckets (`error_memory.kind = "hashed"`)
     correction        regression only: ADCSD output correction, no memory
     comp+drift        compensation with drift monitoring and its policy at the service defaults
                       (an alarm on the labelled signal trims the memory to its newest rows and
@@ -56,7 +56,7 @@ is skipped with a note:
     correction+drift  regression only: the corrector, its learning rate boosted on alarms
     all               regression only: compensation, correction and the drift policy
     supervised        the supervised step on labels: low-rank adapters trained on joined labels
-                      (`feedback.supervised`), nothing else
+                      (`[supervised]`), nothing else
     comp+sup          classification only: compensation and the supervised step, policy off
     comp+sup+drift    classification only: the same with drift monitoring and its policy
 
@@ -295,18 +295,18 @@ class Config:
     compensation: str = "off"  # the error memory: off, exact or hashed
     correction: bool = False  # ADCSD's output corrector (regression)
     drift_policy: bool = False
-    supervised: bool = False  # a low-rank adapter trained on the labels (feedback.supervised)
+    supervised: bool = False  # a low-rank adapter trained on the labels ([supervised])
     tasks: tuple[str, ...] = ("classification", "regression")
 
     def settings(self, task: str) -> dict[str, Any]:
         """The settings sections this configuration sets, for a model of `task`."""
         sections: dict[str, Any] = {}
         if self.compensation != "off":
-            sections["compensation"] = {"kind": self.compensation, **MEMORY[task]}
+            sections["error_memory"] = {"kind": self.compensation, **MEMORY[task]}
         if self.correction:
-            sections["correction"] = {"enabled": True, **CORRECTION}
+            sections["output_corrector"] = {"enabled": True, **CORRECTION}
         if self.supervised:
-            sections["feedback"] = {"supervised": {"enabled": True, **SUPERVISED}}
+            sections["supervised"] = {"enabled": True, **SUPERVISED}
         # the service watches for drift by default: off unless this configuration is about it
         sections["drift"] = {"enabled": True, **DRIFT} if self.drift_policy else {"enabled": False}
         # conformal sets and intervals change no prediction (B3 measures them), and their update
@@ -426,7 +426,8 @@ def _settings(stream: Stream, config: Config, weights: Path, reference: Path):
     model = {"factory": stream.factory, "weights": str(weights), "task": stream.task,
              "input_shape": [stream.features], "name": f"{stream.name}-mlp",
              "num_classes": stream.classes}
-    overrides = {"model": model, "adapter": {"name": "none", "calibration_data": str(reference)},
+    model["reference_data"] = str(reference)
+    overrides = {"model": model, "adapter": {"name": "none"},
                  "batcher": {"max_wait_ms": 0}, "log_level": "warning"}
     return load_settings(None, **overrides, **config.settings(stream.task))
 
@@ -656,8 +657,8 @@ def report(results: list[Result]) -> str:
               f"{r.bench_rolling:.4f} computed here" for r in results
               if r.service_rolling is not None and r.bench_rolling is not None
               and abs(r.service_rolling - r.bench_rolling) > 1e-4]
-    notes += [f"{r.stream}/{r.config}: no memory rows at the end: is compensation wired?"
-              for r in results if "compensation" in r.settings and r.memory_rows == 0]
+    notes += [f"{r.stream}/{r.config}: no memory rows at the end: is the error memory wired?"
+              for r in results if "error_memory" in r.settings and r.memory_rows == 0]
     if notes:
         parts.append("\n".join(f"- {n}" for n in notes))
     return "\n\n".join(parts)

@@ -46,7 +46,7 @@ def _settings(url: str, effects: bool):
         "store": {"url": url, "namespace": f"bench:{uuid.uuid4().hex[:8]}"},
         "feedback": {"stream": True, "stream_block_ms": 50, "stream_batch": 1000},
         "batcher": {"max_request_samples": 1000, "max_wait_ms": 0},
-        "compensation": {"kind": "exact" if effects else "off", "capacity": 100_000},
+        "error_memory": {"kind": "exact" if effects else "off", "capacity": 100_000},
         "conformal": {"method": "saocp" if effects else "off"},
         "max_body_bytes": 64 * 1024 * 1024,
     }

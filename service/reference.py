@@ -1,9 +1,10 @@
 """In-distribution reference data: what the source model saw, for methods that need a baseline.
 
-EATA and PSMT estimate a Fisher on it, AdaNPC seeds its memory with it, and the collapse guard
-measures the source model's prediction diversity on it. The demo model uses its own training
-split; a user model names a safetensors file with an `inputs` tensor (N, *input_shape) and,
-optionally, `labels` (N,).
+EATA and PSMT estimate a Fisher on it, AdaNPC seeds its memory with it, the collapse guard
+measures the source model's prediction diversity on it, the error memory centres its keys on its
+features and conformal calibration takes a regressor's score range from its labels. The demo model
+uses its own training split; a user model names (`model.reference_data`) a safetensors file with an
+`inputs` tensor (N, *input_shape) and, optionally, `labels` (N,).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class ReferenceData:
 def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData | None:
     """The configured reference data, at most `calibration_samples` rows, or None."""
     limit = settings.adapter.calibration_samples
-    path = settings.adapter.calibration_data
+    path = settings.model.reference_data
     if path is None:
         if settings.model.factory != DEMO_FACTORY:
             return None
@@ -36,7 +37,7 @@ def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise ModelLoadError(f"adapter.calibration_data {path} does not exist")
+        raise ModelLoadError(f"model.reference_data {path} does not exist")
     tensors = load_file(str(path))
     if "inputs" not in tensors:
         raise ModelLoadError(f"{path} has no tensor named 'inputs' (it has {sorted(tensors)})")
@@ -48,7 +49,7 @@ def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData
         )
     labels = tensors.get("labels")
     if labels is not None:
-        labels = (labels.long() if model.task == "classification" else labels.float())[:limit]
+        labels = (labels.long() if model.task.discrete else labels.float())[:limit]
         if len(labels) != len(inputs):
             raise ModelLoadError(f"{path}: {len(labels)} labels for {len(inputs)} inputs")
     return ReferenceData(inputs, labels)

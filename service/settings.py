@@ -4,11 +4,16 @@ Sources, strongest first: command-line flags, `ADAPTD_*` environment variables (
 with a double underscore: `ADAPTD_STORE__URL`, `ADAPTD_BATCHER__MAX_WAIT_MS`), an optional TOML
 file (`--config` or `ADAPTD_CONFIG`), then the defaults below. With no configuration at all the
 service runs the bundled demo model on the in-process store.
+
+Keys renamed in this version (`RENAMED`) are refused from every source with a message that names
+the new key, so an old config never runs with a part silently off.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +24,10 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    ValidationError,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +36,46 @@ from pydantic_settings import (
 )
 
 DEMO_FACTORY = "service.demo:digits_cnn"
+
+# Keys renamed in this version, by their old path: what to say when one still arrives, from the
+# file, an ADAPTD_* variable or a flag. Each is refused rather than mapped, so one name stays.
+RENAMED: dict[tuple[str, ...], str] = {
+    ("compensation",): "`[compensation]` is now `[error_memory]` (same keys); rename the section "
+                       "(ADAPTD_COMPENSATION__* is now ADAPTD_ERROR_MEMORY__*)",
+    ("correction",): "`[correction]` is now `[output_corrector]` (same keys); rename the section "
+                     "(ADAPTD_CORRECTION__* is now ADAPTD_OUTPUT_CORRECTOR__*)",
+    ("feedback", "supervised"): "`[feedback.supervised]` is now the top-level `[supervised]` "
+                                "(same keys); move the section (ADAPTD_FEEDBACK__SUPERVISED__* "
+                                "is now ADAPTD_SUPERVISED__*)",
+    ("adapter", "calibration_data"): "adapter.calibration_data is now model.reference_data; move "
+                                     "the key to [model] (ADAPTD_ADAPTER__CALIBRATION_DATA is now "
+                                     "ADAPTD_MODEL__REFERENCE_DATA)",
+}
+
+
+def _refuse(found: Sequence[tuple[tuple[str, ...], str, Any]]) -> None:
+    """A validation error for each (where, message, value) of a renamed key, or nothing. Raised
+    by the source that read the key, so the error shows that key's value and nothing else."""
+    if found:
+        raise ValidationError.from_exception_data("Settings", [
+            InitErrorDetails(type=PydanticCustomError("renamed_setting", message), loc=where,
+                             input=value)
+            for where, message, value in found
+        ])
+
+
+def _refuse_renamed_keys(data: Any) -> None:
+    """Refuse the renamed keys in nested settings `data` (the TOML file's, or keyword arguments)."""
+    found = []
+    for path, message in RENAMED.items():
+        node = data
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                break
+            node = node[key]
+        else:
+            found.append((path, message, node))
+    _refuse(found)
 
 
 class Section(BaseModel):
@@ -49,6 +96,13 @@ class ModelSettings(Section):
     input_shape: list[PositiveInt] = Field([1, 16, 16], min_length=1, description="one sample")
     num_classes: PositiveInt | None = Field(10, description="classification only")
     class_names: list[str] | None = None
+    reference_data: Path | None = Field(
+        None,
+        description="safetensors file with in-distribution `inputs` (and optional `labels`): "
+        "the model's training distribution, for EATA's and PSMT's Fisher, AdaNPC's seed memory, "
+        "the collapse guard, the error memory's centring and conformal's score range; the demo "
+        "model uses its own training split",
+    )
 
     @model_validator(mode="after")
     def _classes_fit_task(self) -> ModelSettings:
@@ -142,13 +196,9 @@ class AdapterSettings(Section):
     options: dict[str, float | int | bool | str] = Field(
         default_factory=dict, description="method-specific knobs, by constructor argument name"
     )
-    calibration_data: Path | None = Field(
-        None,
-        description="safetensors file with in-distribution `inputs` (and optional `labels`) for "
-        "EATA's and PSMT's Fisher, AdaNPC's seed memory and the collapse guard; the demo model "
-        "uses its own training split",
+    calibration_samples: PositiveInt = Field(
+        2000, description="at most this many rows of model.reference_data are used"
     )
-    calibration_samples: PositiveInt = Field(2000, description="at most this many are used")
     collapse_window: PositiveInt = Field(
         512, description="predictions the collapse guard looks at"
     )
@@ -212,10 +262,9 @@ class FeedbackSettings(Section):
         30_000, description="entries delivered this long ago and never acknowledged (a dead "
         "consumer's) are claimed by another",
     )
-    supervised: SupervisedSettings = SupervisedSettings()
 
 
-class CompensationSettings(Section):
+class ErrorMemorySettings(Section):
     """ReLoop2's error memory: labelled samples correct the outputs of similar new inputs."""
 
     kind: Literal["off", "exact", "hashed"] = Field(
@@ -236,7 +285,7 @@ class CompensationSettings(Section):
     )
 
 
-class CorrectionSettings(Section):
+class OutputCorrectorSettings(Section):
     """Regression: a small network after the model, trained online on arriving labels (ADCSD)."""
 
     enabled: bool = False
@@ -354,10 +403,15 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     adapter: AdapterSettings = AdapterSettings()
     feedback: FeedbackSettings = FeedbackSettings()
-    compensation: CompensationSettings = CompensationSettings()
-    correction: CorrectionSettings = CorrectionSettings()
+    supervised: SupervisedSettings = SupervisedSettings()
+    error_memory: ErrorMemorySettings = ErrorMemorySettings()
+    output_corrector: OutputCorrectorSettings = OutputCorrectorSettings()
     conformal: ConformalSettings = ConformalSettings()
     drift: DriftSettings = DriftSettings()
+
+    def __init__(self, **values: Any) -> None:
+        _refuse_renamed_keys(values)  # flags and keyword arguments; the sources check their own
+        super().__init__(**values)
 
     @model_validator(mode="after")
     def _parts_fit(self) -> Settings:
@@ -368,9 +422,9 @@ class Settings(BaseSettings):
         if score != "auto" and (score == "residual") != (self.model.task == "regression"):
             raise ValueError(f"conformal.score {score!r} does not fit a {self.model.task} model: "
                              "use lac or aps for classification, residual for regression")
-        if self.correction.enabled and self.model.task != "regression":
-            raise ValueError("correction corrects a regression model's values; for "
-                             "classification use compensation")
+        if self.output_corrector.enabled and self.model.task != "regression":
+            raise ValueError("output_corrector corrects a regression model's values; for "
+                             "classification use error_memory")
         return self
 
     @property
@@ -386,10 +440,59 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings, env_settings, _RenamedEnvironment(settings_cls)
+        ]
         if settings_cls.model_config.get("toml_file"):
-            sources.append(TomlConfigSettingsSource(settings_cls))
+            sources.append(_TomlFile(settings_cls))
         return tuple(sources)
+
+
+class _RenamedEnvironment(PydanticBaseSettingsSource):
+    """Refuses the ADAPTD_* variables of renamed keys. The environment source drops a variable of
+    an unknown top-level section (ADAPTD_COMPENSATION__KIND) without a word, which would leave the
+    part silently off; this source adds nothing."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.config.get("env_prefix") or "").lower()
+        delimiter = str(self.config.get("env_nested_delimiter") or "__")
+        found = []
+        for name, value in sorted(os.environ.items()):
+            if not name.lower().startswith(prefix):
+                continue
+            path = tuple(name.lower()[len(prefix):].split(delimiter))
+            for old, message in RENAMED.items():
+                if path[:len(old)] == old:
+                    found.append(((name,), message, value))
+                elif old[:len(path)] == path and _json_has(value, old[len(path):]):
+                    found.append(((name,), message, value))  # ADAPTD_FEEDBACK='{"supervised": ..}'
+        _refuse(found)
+        return {}
+
+
+def _json_has(value: str | None, path: tuple[str, ...]) -> bool:
+    """Whether `value`, read as JSON, is a table with `path` in it."""
+    try:
+        node = json.loads(value or "")
+    except ValueError:
+        return False
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    """The TOML file, refusing renamed keys by name before the table reaches validation."""
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        _refuse_renamed_keys(data)
+        return data
 
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:

@@ -24,6 +24,7 @@ def test_recovery_is_the_end_of_the_first_post_drift_window_back_at_the_level():
     assert recovery_samples(correct[:1_700], drift_at=1_000, level=1.0) is None
 
 
+@pytest.mark.slow
 def test_static_model_loses_accuracy_at_the_sea_drift_and_never_recovers(static_sea):
     result = static_sea
     assert (result.samples, result.drift_at, result.delay) == (1_600, 800, 50)
@@ -34,12 +35,14 @@ def test_static_model_loses_accuracy_at_the_sea_drift_and_never_recovers(static_
     assert result.after < result.overall < result.before
 
 
+@pytest.mark.slow
 def test_every_label_is_joined_and_the_service_agrees_on_the_rolling_error(static_sea):
     assert static_sea.unjoined_labels == 0
     assert static_sea.service_rolling == pytest.approx(static_sea.bench_rolling, abs=1e-6)
     assert static_sea.alarms == []
 
 
+@pytest.mark.slow
 def test_static_regressor_error_grows_after_the_friedman_drift():
     result = run_stream(STREAMS["friedman-gra"], CONFIGS["static"], **TINY)
     assert result.task == "regression" and result.recovery is None
@@ -53,6 +56,7 @@ def test_every_configuration_runs_on_this_checkout():
         CONFIGS)
 
 
+@pytest.mark.slow
 def test_error_compensation_beats_the_static_model_after_the_sea_drift(static_sea):
     result = run_stream(STREAMS["sea"], CONFIGS["compensation"], **TINY)
     assert result.unjoined_labels == 0
@@ -60,6 +64,7 @@ def test_error_compensation_beats_the_static_model_after_the_sea_drift(static_se
     assert result.after > static_sea.after + 0.03
 
 
+@pytest.mark.slow
 def test_drift_alarms_are_placed_on_the_served_sample_clock():
     # 2,000 samples before the drift: on 800 the memory is small and corrects the new concept
     # before the labelled error detector has seen enough errors to raise an alarm

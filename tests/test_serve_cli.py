@@ -12,8 +12,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from service.demo import digits_split
 from tests.redis_server import free_port
+
+# every test here starts `adaptd serve` in a process of its own, several seconds each
+pytestmark = pytest.mark.slow
 
 ADAPTD = str(Path(sys.executable).with_name("adaptd"))
 
@@ -70,6 +75,21 @@ def test_adaptd_serve_refuses_a_bad_configuration_with_a_message():
     assert result.returncode != 0
     assert b"invalid configuration" in result.stderr
     assert b"use 'memory' or redis://" in result.stderr
+
+
+def test_adaptd_serve_refuses_a_renamed_key_naming_the_new_one(tmp_path):
+    config = tmp_path / "adaptd.toml"
+    config.write_text("[adapter]\ncalibration_data = \"reference.safetensors\"\n")
+    environment = _environment() | {"ADAPTD_COMPENSATION__KIND": "exact"}
+    result = subprocess.run([ADAPTD, "serve"], env=environment, capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert b"invalid configuration" in result.stderr
+    assert b"ADAPTD_COMPENSATION__KIND" in result.stderr
+    assert b"`[compensation]` is now `[error_memory]`" in result.stderr
+    result = subprocess.run([ADAPTD, "serve", "--config", str(config)], env=_environment(),
+                            capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert b"adapter.calibration_data is now model.reference_data" in result.stderr
 
 
 def test_adaptd_serve_refuses_a_model_that_does_not_fit_its_declared_shape():

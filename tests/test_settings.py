@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -71,3 +74,125 @@ def test_a_mistake_in_the_config_file_is_an_error_that_names_it(tmp_path, toml, 
 def test_a_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+# --- renamed in this version: the old keys are refused, from every source, naming the new ones ---
+
+RENAMED_KEYS = [
+    # (TOML, environment variable, what the message must name)
+    ("[compensation]\nkind = \"exact\"\n", "ADAPTD_COMPENSATION__KIND", "`[error_memory]`"),
+    ("[adapter]\ncalibration_data = \"reference.safetensors\"\n",
+     "ADAPTD_ADAPTER__CALIBRATION_DATA", "model.reference_data"),
+    ("[feedback.supervised]\nenabled = true\n", "ADAPTD_FEEDBACK__SUPERVISED__ENABLED",
+     "`[supervised]`"),
+    ("[correction]\nenabled = true\n", "ADAPTD_CORRECTION__ENABLED", "`[output_corrector]`"),
+]
+
+
+@pytest.mark.parametrize(("toml", "variable", "new"), RENAMED_KEYS)
+def test_an_old_key_in_the_config_file_is_refused_naming_the_new_one(tmp_path, toml, variable,
+                                                                     new):
+    config = tmp_path / "adaptd.toml"
+    config.write_text(toml)
+    with pytest.raises(ValidationError, match=re.escape(new)) as refused:
+        load_settings(config)
+    assert refused.value.errors()[0]["type"] == "renamed_setting"
+    assert " is now " in str(refused.value)
+
+
+@pytest.mark.parametrize(("toml", "variable", "new"), RENAMED_KEYS)
+def test_an_old_environment_variable_is_refused_naming_the_new_one(monkeypatch, toml, variable,
+                                                                   new):
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValidationError, match=re.escape(new)) as refused:
+        load_settings()
+    assert refused.value.errors()[0]["loc"] == (variable,)
+    assert refused.value.errors()[0]["type"] == "renamed_setting"
+
+
+@pytest.mark.parametrize(
+    "variable", ["adaptd_compensation__k", "ADAPTD_CORRECTION__HIDDEN", "ADAPTD_COMPENSATION"]
+)
+def test_an_old_top_level_section_is_refused_whatever_the_case_or_depth(monkeypatch, variable):
+    # the environment source drops variables of an unknown top-level section without a word
+    monkeypatch.setenv(variable, "3")
+    with pytest.raises(ValidationError, match="is now `"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "new"),
+    [("ADAPTD_FEEDBACK", '{"supervised": {"enabled": true}}', "`[supervised]`"),
+     ("ADAPTD_ADAPTER", '{"calibration_data": "r.safetensors"}', "model.reference_data")],
+)
+def test_an_old_key_inside_a_json_section_variable_is_refused(monkeypatch, variable, value, new):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=re.escape(new)):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "new"),
+    [({"compensation": {"kind": "exact"}}, "`[error_memory]`"),
+     ({"adapter": {"calibration_data": "r.safetensors"}}, "model.reference_data"),
+     ({"feedback": {"supervised": {"enabled": True}}}, "`[supervised]`"),
+     ({"correction": {"enabled": True}}, "`[output_corrector]`")],
+)
+def test_an_old_key_as_an_override_is_refused_naming_the_new_one(overrides, new):
+    with pytest.raises(ValidationError, match=re.escape(new)):
+        load_settings(None, **overrides)
+
+
+def test_an_old_key_error_shows_only_that_keys_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTD_API_TOKEN", "s3cret-token")
+    config = tmp_path / "adaptd.toml"
+    config.write_text("[compensation]\nkind = \"exact\"\n[correction]\nenabled = true\n")
+    with pytest.raises(ValidationError) as refused:
+        load_settings(config)
+    assert [e["loc"] for e in refused.value.errors()] == [("compensation",), ("correction",)]
+    assert "s3cret" not in str(refused.value)
+
+
+def test_the_new_keys_are_read_from_the_file_and_the_environment(tmp_path, monkeypatch):
+    config = tmp_path / "adaptd.toml"
+    config.write_text(
+        "[model]\ntask = \"regression\"\ninput_shape = [4]\n"
+        "reference_data = \"reference.safetensors\"\n"
+        "[error_memory]\nkind = \"exact\"\nk = 7\n"
+        "[supervised]\nenabled = true\nrank = 8\n"
+        "[output_corrector]\nenabled = true\nhidden = 16\n"
+    )
+    monkeypatch.setenv("ADAPTD_ERROR_MEMORY__WEIGHT", "0.25")
+    monkeypatch.setenv("ADAPTD_SUPERVISED__BATCH_SIZE", "16")
+    monkeypatch.setenv("ADAPTD_OUTPUT_CORRECTOR__STEPS", "3")
+    settings = load_settings(config)
+    assert settings.model.reference_data == Path("reference.safetensors")
+    assert (settings.error_memory.kind, settings.error_memory.k,
+            settings.error_memory.weight) == ("exact", 7, 0.25)
+    assert (settings.supervised.enabled, settings.supervised.rank,
+            settings.supervised.batch_size) == (True, 8, 16)
+    assert (settings.output_corrector.enabled, settings.output_corrector.hidden,
+            settings.output_corrector.steps) == (True, 16, 3)
+    for old in ("compensation", "correction"):
+        assert not hasattr(settings, old)
+    assert not hasattr(settings.feedback, "supervised")
+    assert not hasattr(settings.adapter, "calibration_data")
+
+
+def test_the_new_keys_are_read_from_overrides_and_the_defaults_are_off(monkeypatch):
+    monkeypatch.setenv("ADAPTD_MODEL__REFERENCE_DATA", "env.safetensors")
+    settings = load_settings(None, error_memory={"kind": "hashed"}, supervised={"enabled": True})
+    assert settings.model.reference_data == Path("env.safetensors")
+    assert (settings.error_memory.kind, settings.supervised.enabled) == ("hashed", True)
+    defaults = load_settings(None, model={"reference_data": None})
+    assert defaults.model.reference_data is None
+    assert (defaults.error_memory.kind, defaults.supervised.enabled,
+            defaults.output_corrector.enabled) == ("off", False, False)
+
+
+def test_the_output_corrector_is_for_regression_only():
+    with pytest.raises(ValidationError, match="output_corrector corrects a regression model's "
+                       "values; for classification use error_memory"):
+        load_settings(None, output_corrector={"enabled": True})
+    assert load_settings(None, model={"task": "regression", "input_shape": [4]},
+                         output_corrector={"enabled": True}).output_corrector.enabled
