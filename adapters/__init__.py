@@ -11,7 +11,12 @@ protocol every learning part implements).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from typing import Protocol
 
+import torch.nn as nn
+
+from adapters.task import Task, task_named
 from adapters.tta.base import Adapter, AdaptOutput, GradientAdapter, softmax_entropy
 from adapters.tta.bn import NormStatistics
 from adapters.tta.eata import EATA, ETA
@@ -29,7 +34,27 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 
-def build_adapter(settings: object, model, task: str, **context: object) -> Adapter:
+class AdapterKnobs(Protocol):
+    """What `build_adapter` reads from its settings (the service's `AdapterSettings` has these)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def norm(self) -> str: ...
+    @property
+    def norm_momentum(self) -> float: ...
+    @property
+    def adapt_batch_size(self) -> int: ...
+    @property
+    def max_learning_rate(self) -> float: ...
+    @property
+    def learning_rate(self) -> float | None: ...
+    @property
+    def options(self) -> Mapping[str, object]: ...
+
+
+def build_adapter(settings: AdapterKnobs | str, model: nn.Module, task: str | Task,
+                  **context: object) -> Adapter:
     """The adapter that `settings` names (an `AdapterSettings`, or just a name), around `model`.
 
     Common knobs (norm, norm_momentum, adapt_batch_size, max_learning_rate, learning_rate) go to
@@ -46,6 +71,7 @@ def build_adapter(settings: object, model, task: str, **context: object) -> Adap
     except KeyError:
         known = ", ".join(sorted(ADAPTERS))
         raise ValueError(f"unknown adapter {name!r}; choose one of: {known}") from None
+    task = task_named(task).name
     if task not in adapter_cls.tasks:
         tasks = ", ".join(adapter_cls.tasks)
         raise ValueError(f"adapter {name!r} works for {tasks} models, not {task}")

@@ -16,26 +16,22 @@ threshold it was served with, so coverage is measured on what callers actually g
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from adapters.conformal import (
-    Calibrator,
-    aps_scores,
-    aps_set,
-    build_calibrator,
-    lac_scores,
-    lac_set,
-)
+from adapters.conformal import Calibrator, build_calibrator
+from service.gateway import StoreGateway
 from service.metrics import Metrics
 from service.model import LoadedModel
 from service.settings import ConformalSettings
-from store import LabelEffects, PredictionRecord
+from store import PredictionRecord, StoreUnavailable
 
 STATE = "conformal"
 SUMMARY = "conformal.threshold"
@@ -43,16 +39,21 @@ WINDOWS = (100, 1000)
 
 
 class Conformal:
-    """The calibrator of one deployment, its threshold for serving, and its coverage here."""
+    """The calibrator of one deployment: its threshold for serving, the sets or intervals it
+    shapes, the state a join writes with its labels, the coverage it achieves here, and its reset.
+    The store holds its bytes; what they mean is decided here only."""
+
+    # the calibrator states a join reads and rewrites with the labels
+    names = (STATE, SUMMARY)
 
     def __init__(self, settings: ConformalSettings, model: LoadedModel, metrics: Metrics,
-                 max_scale: float | None) -> None:
+                 store: StoreGateway, max_scale: float | None) -> None:
         self.settings = settings
-        self.model = model
+        self.task = model.task
         self.metrics = metrics
+        self.store = store
         self.method = settings.method
-        self.score = settings.score if settings.score != "auto" else (
-            "lac" if model.task == "classification" else "residual")
+        self.score = settings.score if settings.score != "auto" else self.task.scores_known[0]
         self.alpha = settings.alpha
         options: dict[str, Any] = dict(settings.options)
         if self.method in ("sfogd", "saocp"):
@@ -62,7 +63,7 @@ class Conformal:
         self.threshold = 0.0  # what this replica serves with: the store's, as last read
         self.alpha_t = self.alpha
         self.steps = 0
-        self._covered = {w: deque(maxlen=w) for w in WINDOWS}
+        self._covered: dict[int, deque[bool]] = {w: deque(maxlen=w) for w in WINDOWS}
         self._sizes: deque[float] = deque(maxlen=max(WINDOWS))
         self._lock = threading.Lock()
         # the state bytes this replica wrote last, and the calibrator that holds them; a join
@@ -75,8 +76,20 @@ class Conformal:
 
     # --- serving ----------------------------------------------------------------------------
 
+    async def refresh(self) -> None:
+        """Adopt the shared threshold from the store (the last one read when it does not
+        answer)."""
+        try:
+            self.read_summary(await self.store.load_calibrator(SUMMARY))
+        except StoreUnavailable:
+            pass
+
+    def refresh_soon(self) -> asyncio.Task[None]:
+        """`refresh` as a task, to overlap the read with a forward pass."""
+        return asyncio.ensure_future(self.refresh())
+
     def read_summary(self, summary: bytes | None) -> None:
-        """Adopt the shared threshold (None: no label yet, the calibrator as built)."""
+        """Adopt a threshold summary (None: no label yet, the calibrator as built)."""
         if summary is None:
             calibrator = self.fresh()
             threshold, alpha_t, steps = calibrator.threshold, calibrator.alpha_t, 0
@@ -87,39 +100,20 @@ class Conformal:
         self._publish()
 
     def shape(self, outputs: np.ndarray) -> tuple[list[list[int]] | None, list | None]:
-        """Sets (classification) or intervals (regression) for a batch of served outputs."""
-        q = self.threshold
-        if self.model.task == "classification":
-            members = lac_set(outputs, q) if self.score == "lac" else aps_set(outputs, q)
-            sets = [np.flatnonzero(row).tolist() for row in members]
-            with self._lock:
-                self._sizes.extend(len(s) for s in sets)
-            return sets, None
-        if outputs.shape[1] == 1:
-            intervals: list = [[float(v - q), float(v + q)] for v in outputs[:, 0]]
-        else:
-            intervals = [[[float(v - q), float(v + q)] for v in row] for row in outputs]
+        """Sets (classification) or intervals (regression) for a batch of served outputs, at
+        the threshold in force."""
+        sets, intervals, sizes = self.task.calibrated(outputs, self.threshold, self.score)
         with self._lock:
-            self._sizes.extend([2.0 * q] * len(outputs))
-        return None, intervals
+            self._sizes.extend(sizes)
+        return sets, intervals
 
     # --- labels -----------------------------------------------------------------------------
 
-    def scores(self, records: list[PredictionRecord]) -> np.ndarray:
-        """The nonconformity of each record's label against what was served."""
-        if self.model.task == "classification":
-            probs = np.stack([r.outputs for r in records]).astype(np.float64)
-            probs = probs / probs.sum(1, keepdims=True)  # float32 rounding: sums within 1e-6
-            labels = np.array([int(r.label) for r in records])  # type: ignore[arg-type]
-            fn = lac_scores if self.score == "lac" else aps_scores
-            return np.asarray(fn(probs, labels), dtype=np.float64)
-        predicted = np.stack([r.outputs for r in records]).astype(np.float64)
-        observed = np.array([np.atleast_1d(r.label) for r in records], dtype=np.float64)
-        return np.abs(observed - predicted).max(axis=1)
-
-    def effects(self, records: list[PredictionRecord], states: dict[str, bytes | None],
-                scores: np.ndarray) -> LabelEffects:
-        """The calibrator's new state and summary after these scores, in order."""
+    def effects(self, records: Sequence[PredictionRecord],
+                states: dict[str, bytes | None]) -> dict[str, bytes]:
+        """The calibrator's new state and summary after these records' labels, in order: what
+        the join writes with them (it may call this again if another replica wrote first)."""
+        scores = self.task.scores(records, self.score)
         raw = states.get(STATE)
         with self._lock:
             # taken, not shared: two joins of this replica may compute effects at once
@@ -146,12 +140,20 @@ class Conformal:
             self._cache = (state, calibrator)
         summary = {"threshold": calibrator.threshold, "alpha_t": calibrator.alpha_t,
                    "steps": calibrator.steps}
-        return LabelEffects(calibrators={STATE: state, SUMMARY: json.dumps(summary).encode()})
+        return {STATE: state, SUMMARY: json.dumps(summary).encode()}
 
-    def observe(self, records: list[PredictionRecord], scores: np.ndarray) -> None:
+    def adopt(self, written: dict[str, bytes]) -> None:
+        """This replica's join just wrote these states: serve with their threshold at once."""
+        if SUMMARY in written:
+            self.read_summary(written[SUMMARY])
+
+    def observe(self, records: Sequence[PredictionRecord]) -> None:
         """Coverage of the sets and intervals these records were served with: the label in the
         set served (which holds the predicted class even when no class's score is within the
         threshold), or the value within the interval."""
+        if not records:
+            return
+        scores = self.task.scores(records, self.score)
         with self._lock:
             for record, score in zip(records, scores, strict=True):
                 served = record.extra.get("q")
@@ -160,10 +162,17 @@ class Conformal:
                 if "set" in record.extra:
                     covered = int(record.label) in record.extra["set"]  # type: ignore[arg-type]
                 else:
-                    covered = score <= served + 1e-9
+                    covered = bool(score <= served + 1e-9)
                 for window in self._covered.values():
                     window.append(covered)
         self._publish()
+
+    async def reset(self) -> None:
+        """Forget the shared calibrator (a drift action): its stored state goes, and this replica
+        serves with the calibrator as built. Raises `StoreUnavailable`."""
+        for name in self.names:
+            await self.store.clear_calibrator(name)
+        self.read_summary(None)
 
     # --- reporting --------------------------------------------------------------------------
 
@@ -183,8 +192,7 @@ class Conformal:
             "alpha_t": self.alpha_t, "threshold": self.threshold, "updates": self.steps,
             "coverage": {str(w): self.coverage(w) for w in WINDOWS},
             "labels": {str(w): len(self._covered[w]) for w in WINDOWS},
-            ("mean_set_size" if self.model.task == "classification" else "mean_width"):
-                self.mean_size,
+            self.task.size_name: self.mean_size,
         }
 
     def _publish(self) -> None:

@@ -1,15 +1,21 @@
 """The engine: the single writer of the model.
 
 One worker thread owns the model and everything that learns online: the test-time adapter, the
-AdaNPC memory, the error memory (ReLoop2 compensation), the output corrector and the supervised
-step. Every forward pass, every adaptation step, every update from labels and every reset runs on
-that thread, in the order it was submitted, so the model never sees two writers and none of these
-parts needs a lock. Async code hands work over with `Engine.run`.
+AdaNPC memory, the error memory (ReLoop2), the output corrector and the supervised step. Every
+forward pass, every adaptation step, every update from labels and every reset runs on that thread,
+in the order it was submitted, so the model never sees two writers and none of these parts needs a
+lock. Async code hands work over with `Engine.run`.
 
-A batch goes: the model (logits or values, and the features entering its last linear layer), the
-test-time adapter's step, AdaNPC's vote (classification), the output corrector (regression), then
-the error memory's compensation. What the label path needs later (the outputs before each
-correction, the inputs for a supervised step) comes back in `BatchOutput.arrays` for the records.
+A batch goes through one pipeline, whatever the task: the model (its outputs, and the features
+entering its last linear layer), the test-time adapter's step, what the task serves (softmax
+probabilities, or values), AdaNPC's vote (built for classifiers only), the output corrector (built
+for regressors only), then the error memory's compensation. What the label path needs later (the
+outputs before each correction, the inputs for a supervised step) comes back in
+`BatchOutput.arrays` for the records.
+
+The engine has no store. What it changes that the store must follow (memory rows added, a memory
+reset or trimmed, the calibrator reset by a drift action) it lists, in order, as `StateChange`s;
+`service.state_sync.StateSync` takes them after each call and writes them.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +35,7 @@ import torch
 from adapters import Adapter
 from adapters.labels.lowrank import SupervisedStep
 from adapters.labels.output_corrector import OutputCorrector
+from adapters.learner import Learner
 from adapters.memory.adanpc import AdaNPC
 from adapters.memory.error_memory import ErrorMemory, HashedErrorMemory
 from adapters.tta.guard import CollapseGuard
@@ -39,18 +47,42 @@ from service.monitor import DriftMonitor
 
 T = TypeVar("T")
 
+# the array names a record keeps for the label path
+BEFORE_ERROR_MEMORY = "before_error_memory"  # the outputs the error memory corrected
+BEFORE_CORRECTOR = "before_corrector"  # a regressor's values before the output corrector
+INPUTS = "inputs"  # the flattened inputs, for the supervised step
 
-@dataclass
-class Housekeeping:
-    """Store work that follows what the engine did: memories reset (clear their stored rows) or
-    trimmed by a drift action (keep their newest rows), the calibrator reset by one."""
 
-    cleared: tuple[str, ...] = ()
-    trimmed: dict[str, int] = field(default_factory=dict)
-    calibrator_reset: bool = False
+@dataclass(frozen=True)
+class MemoryRowsAdded:
+    """Rows a memory took in at test time (AdaNPC's confident samples), packed for the store."""
 
-    def __bool__(self) -> bool:
-        return bool(self.cleared or self.trimmed or self.calibrator_reset)
+    name: str
+    rows: np.ndarray
+    capacity: int
+
+
+@dataclass(frozen=True)
+class MemoryCleared:
+    """A memory went back to its seed (or empty): its stored rows go too."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class MemoryTrimmed:
+    """A drift action kept only a memory's newest `keep` rows."""
+
+    name: str
+    keep: int
+
+
+@dataclass(frozen=True)
+class CalibratorReset:
+    """A drift action reset the shared conformal calibrator."""
+
+
+StateChange = MemoryRowsAdded | MemoryCleared | MemoryTrimmed | CalibratorReset
 
 
 @dataclass
@@ -62,12 +94,7 @@ class BatchOutput:
     features: np.ndarray | None
     entropy: np.ndarray | None
     adapter_version: int
-    # rows this batch added to the AdaNPC memory (for the store)
-    memory_rows: np.ndarray | None = None
-    # store work after resets and drift actions since the last report
-    housekeeping: Housekeeping = field(default_factory=Housekeeping)
-    # per-sample vectors the label path needs, (n, ...) each: "base" (the outputs before the error
-    # memory's compensation), "raw" (a regressor's values before the corrector), "inputs"
+    # per-sample vectors the label path needs, (n, ...) each, named by the constants above
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -77,8 +104,8 @@ class LabelledBatch:
 
     labels: np.ndarray
     features: np.ndarray | None = None
-    compensation_rows: np.ndarray | None = None  # packed by the error memory, already stored
-    raw: np.ndarray | None = None
+    error_memory_rows: np.ndarray | None = None  # packed by the error memory, already stored
+    before_corrector: np.ndarray | None = None
     inputs: np.ndarray | None = None
     errors: np.ndarray | None = None  # the labelled drift signal of every joined label
 
@@ -90,10 +117,11 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
     size = int.from_bytes(blob[:8], "little")
     if size > len(blob) - 8:
         raise ValueError("not a safetensors checkpoint: header runs past the end")
-    return json.loads(blob[8:8 + size]).get("__metadata__", {})
+    metadata: dict[str, str] = json.loads(blob[8:8 + size]).get("__metadata__", {})
+    return metadata
 
 
-Compensation = ErrorMemory | HashedErrorMemory
+AnyErrorMemory = ErrorMemory | HashedErrorMemory
 
 
 class Engine:
@@ -104,32 +132,32 @@ class Engine:
         metrics: Metrics,
         events: EventLog,
         guard: CollapseGuard | None = None,
-        memory: AdaNPC | None = None,
-        compensation: Compensation | None = None,
-        correction: OutputCorrector | None = None,
+        adanpc: AdaNPC | None = None,
+        error_memory: AnyErrorMemory | None = None,
+        output_corrector: OutputCorrector | None = None,
         supervised: SupervisedStep | None = None,
         supervised_batch: int = 32,
         drift: DriftMonitor | None = None,
     ) -> None:
         self.model = model
+        self.task = model.task
         self.adapter = adapter
         self.metrics = metrics
         self.events = events
         self.guard = guard
-        self.memory = memory
-        self.compensation = compensation
-        self.correction = correction
+        self.adanpc = adanpc
+        self.error_memory = error_memory
+        self.output_corrector = output_corrector
         self.supervised = supervised
         self.supervised_batch = supervised_batch
         self._supervised_inputs: list[torch.Tensor] = []
         self._supervised_labels: list[torch.Tensor] = []
         self.drift = drift
-        self._cleared: set[str] = set()
-        self._trimmed: dict[str, int] = {}
-        self._calibrator_reset = False
+        self._changes: list[StateChange] = []
+        self._changes_lock = threading.Lock()
         # every learning part's own rate, which a drift boost multiplies
-        self._base_rates = {part: part.learning_rate for part in (adapter, supervised, correction)
-                            if part is not None and part.learning_rate > 0}
+        self._base_rates: dict[Learner, float] = {
+            part: part.learning_rate for part in self.learners() if part.learning_rate > 0}
         self._factor = 1.0
         self._resets = 0
         self.tap = FeatureTap(model.module)
@@ -137,70 +165,82 @@ class Engine:
         metrics.learning_rate.set(adapter.learning_rate)
         self._report_memories()
 
+    def learners(self) -> list[Learner]:
+        """Every part that learns: the adapter, and the supervised step and the output corrector
+        where configured."""
+        parts: list[Learner] = [self.adapter]
+        parts += [p for p in (self.supervised, self.output_corrector) if p is not None]
+        return parts
+
+    def memories(self) -> list[AdaNPC | AnyErrorMemory]:
+        return [m for m in (self.adanpc, self.error_memory) if m is not None]
+
     async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run `fn` on the engine thread, after everything submitted before it."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
 
-    async def predict(self, inputs: np.ndarray, adapt: bool = True) -> BatchOutput:
-        return await self.run(self.forward, inputs, adapt)
+    def take_changes(self) -> list[StateChange]:
+        """What changed that the store must follow, in order, since the last call (any thread)."""
+        with self._changes_lock:
+            changes, self._changes = self._changes, []
+        return changes
+
+    def _changed(self, change: StateChange) -> None:
+        with self._changes_lock:
+            self._changes.append(change)
 
     def forward(self, inputs: np.ndarray, adapt: bool = True) -> BatchOutput:
         """Engine thread only. Predict a batch; with `adapt`, let the adapter take its step."""
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        count = x.shape[0]
         version = self.adapter.version
         self.tap.arm()
         if adapt:
             result = self.adapter.adapt(x)
-            outputs = result.outputs
+            raw = result.outputs
             if result.stepped:
                 self.metrics.adaptation_steps.inc()
                 self.metrics.adaptation_samples.inc(result.backward_samples)
                 self.metrics.learning_rate.set(self.adapter.learning_rate)
         else:
-            outputs = self.adapter.infer(x)
+            raw = self.adapter.infer(x)
         features = self.tap.take()
-        outputs = outputs.detach().float().reshape(x.shape[0], -1)
         features_np = None if features is None else features.float().numpy()
-        arrays: dict[str, np.ndarray] = {}
-        if self.supervised is not None:
-            arrays["inputs"] = x.reshape(x.shape[0], -1).numpy()
-        if self.model.task != "classification":
-            if self.correction is not None:
-                arrays["raw"] = outputs.numpy()
-                outputs = self.correction.correct(features, outputs)
-            outputs = self._compensated(features, outputs, arrays)
-            if adapt:
-                self._watch(None, features_np, len(outputs))
-            return BatchOutput(predictions=outputs[:, 0].numpy(), outputs=outputs.numpy(),
-                               features=features_np, entropy=None, adapter_version=version,
-                               housekeeping=self._take_housekeeping(), arrays=arrays)
-        probabilities = outputs.softmax(1)
+        outputs = self.task.served(raw.detach().float().reshape(count, -1))
         # the drift detectors watch the model's own distribution: the memories' votes and
         # corrections change by themselves as they fill, which is no drift of the inputs
-        model_probabilities = probabilities.numpy()
-        memory_rows = None
-        if self.memory is not None and features is not None:
+        model_outputs = outputs.numpy()
+        arrays: dict[str, np.ndarray] = {}
+        if self.supervised is not None:
+            arrays[INPUTS] = x.reshape(count, -1).numpy()
+        if self.adanpc is not None and features is not None:
             # AdaNPC: the memory's vote replaces the model's softmax; confident samples join it
-            probabilities = self.memory.vote(features)
+            outputs = self.adanpc.vote(features)
             if adapt:
-                before = self.memory.observed
-                if self.memory.observe(features, probabilities):
-                    memory_rows = self.memory.rows(since=before)
-                self.metrics.memory_size.labels(self.memory.name).set(len(self.memory))
-        probabilities = self._compensated(features, probabilities, arrays)
-        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)
-        self.metrics.mean_entropy.set(float(entropy.mean()))
-        predictions = probabilities.argmax(1).numpy()
-        if adapt and self.guard is not None and self.guard.observe(predictions):
-            self._reset_after_collapse()
+                before = self.adanpc.observed
+                if self.adanpc.observe(features, outputs):
+                    self._changed(MemoryRowsAdded(self.adanpc.name, self.adanpc.rows(since=before),
+                                                  self.adanpc.capacity))
+                self._report_memories()
+        if self.output_corrector is not None:
+            arrays[BEFORE_CORRECTOR] = outputs.numpy()
+            outputs = self.output_corrector.correct(features, outputs)
+        if self.error_memory is not None and features is not None:
+            # ReLoop2: the error memory's correction; what it corrected is kept for the labels
+            arrays[BEFORE_ERROR_MEMORY] = outputs.numpy()
+            outputs = self.error_memory.compensate(features, outputs)
+        predictions = self.task.predictions(outputs).numpy()
+        entropy = self.task.entropy(outputs)
+        if entropy is not None:
+            self.metrics.mean_entropy.set(float(entropy.mean()))
         if adapt:
-            self._watch(model_probabilities, features_np, len(predictions))
-        housekeeping = self._take_housekeeping()
-        return BatchOutput(predictions=predictions, outputs=probabilities.numpy(),
-                           features=features_np, entropy=entropy.numpy(), adapter_version=version,
-                           memory_rows=None if AdaNPC.name in housekeeping.cleared
-                           else memory_rows, housekeeping=housekeeping, arrays=arrays)
+            if self.guard is not None and self.guard.observe(predictions):
+                self._reset_after_collapse()
+            self._watch(model_outputs if self.task.discrete else None, features_np, count)
+        return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
+                           entropy=None if entropy is None else entropy.numpy(),
+                           adapter_version=version, arrays=arrays)
 
     # --- drift ------------------------------------------------------------------------------
 
@@ -216,13 +256,12 @@ class Engine:
                 self._reset("drift")
             elif action.name == "trim_memory":
                 keep = int(action.detail.get("keep", 0))
-                for memory in (self.memory, self.compensation):
-                    if memory is not None:
-                        memory.trim(keep)
-                        self._trimmed[memory.name] = keep
+                for memory in self.memories():
+                    memory.trim(keep)
+                    self._changed(MemoryTrimmed(memory.name, keep))
                 self._report_memories()
             elif action.name == "reset_calibrator":
-                self._calibrator_reset = True
+                self._changed(CalibratorReset())
         self._apply_rates()
 
     def resume_rates(self) -> None:
@@ -239,40 +278,30 @@ class Engine:
             part.set_learning_rate(base * factor)
         self.metrics.learning_rate.set(self.adapter.learning_rate)
 
-    def _compensated(self, features: torch.Tensor | None, outputs: torch.Tensor,
-                     arrays: dict[str, np.ndarray]) -> torch.Tensor:
-        """ReLoop2: the error memory's correction of the outputs; the base kept for the labels."""
-        if self.compensation is None or features is None:
-            return outputs
-        arrays["base"] = outputs.numpy()
-        return self.compensation.compensate(features, outputs)
-
-    def learn(self, batch: LabelledBatch) -> Housekeeping:
+    def learn(self, batch: LabelledBatch) -> None:
         """Engine thread only. What joined labels teach: rows for the error memory (already in
         the store), a step of the output corrector, labelled samples for the supervised step,
-        and the labelled drift signal. Returns the store work its drift actions left."""
-        if self.compensation is not None and batch.compensation_rows is not None:
-            self.compensation.add_rows(batch.compensation_rows)
-        if self.correction is not None and batch.raw is not None:
+        and the labelled drift signal."""
+        if self.error_memory is not None and batch.error_memory_rows is not None:
+            self.error_memory.add_rows(batch.error_memory_rows)
+        if self.output_corrector is not None and batch.before_corrector is not None:
             features = None if batch.features is None else torch.from_numpy(batch.features)
-            self.correction.learn(features, torch.from_numpy(batch.raw),
-                                  torch.from_numpy(batch.labels.astype(np.float32)))
+            self.output_corrector.learn(features, torch.from_numpy(batch.before_corrector),
+                                        torch.from_numpy(batch.labels.astype(np.float32)))
             self.metrics.correction_steps.inc()
         if self.supervised is not None and batch.inputs is not None:
             self._supervised_inputs.append(torch.from_numpy(batch.inputs))
             self._supervised_labels.append(torch.from_numpy(batch.labels))
             self._supervised_step()
         self._report_memories()
-        if self.drift is not None and batch.errors is not None and len(batch.errors):
-            self._act(self.drift.observe_labels(batch.errors))
-        return self._take_housekeeping()
+        if batch.errors is not None:
+            self.observe_errors(batch.errors)
 
-    def observe_errors(self, errors: np.ndarray) -> Housekeeping:
-        """Engine thread only. The labelled drift signal of labels this model cannot learn from
-        (an older model's records): the detectors still see them."""
+    def observe_errors(self, errors: np.ndarray) -> None:
+        """Engine thread only. The labelled drift signal of joined labels (also of those this
+        model cannot learn from, an older model's records: the detectors still see them)."""
         if self.drift is not None and len(errors):
             self._act(self.drift.observe_labels(errors))
-        return self._take_housekeeping()
 
     def _supervised_step(self) -> None:
         assert self.supervised is not None
@@ -280,13 +309,9 @@ class Engine:
         if waiting < self.supervised_batch:
             return
         inputs = torch.cat(self._supervised_inputs).reshape(-1, *self.model.input_shape)
-        labels = torch.cat(self._supervised_labels)
+        labels = self.task.label_tensor(torch.cat(self._supervised_labels), len(inputs))
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
-        if self.model.task == "classification":
-            labels = labels.reshape(-1).long()
-        else:
-            labels = labels.reshape(len(inputs), -1).float()
         armed, self.tap.armed = self.tap.armed, False  # the step's forward keeps no features
         try:
             self.supervised.step(inputs, labels)
@@ -295,14 +320,8 @@ class Engine:
         self.metrics.supervised_steps.inc()
 
     def _report_memories(self) -> None:
-        for memory in (self.memory, self.compensation):
-            if memory is not None:
-                self.metrics.memory_size.labels(memory.name).set(len(memory))
-
-    def _take_housekeeping(self) -> Housekeeping:
-        work = Housekeeping(tuple(sorted(self._cleared)), self._trimmed, self._calibrator_reset)
-        self._cleared, self._trimmed, self._calibrator_reset = set(), {}, False
-        return work
+        for memory in self.memories():
+            self.metrics.memory_size.labels(memory.name).set(len(memory))
 
     def _reset_after_collapse(self) -> None:
         assert self.guard is not None
@@ -313,30 +332,24 @@ class Engine:
             threshold=self.guard.threshold, window=self.guard.window,
         )
 
-    def reset_adapter(self, source: str = "operator") -> Housekeeping:
+    def reset_adapter(self, source: str = "operator") -> None:
         """Engine thread only. Back to the source weights, the memories to their seed (or empty),
-        recorded as an event. Returns the store work: the memories reset, whose stored rows the
-        caller clears too."""
+        recorded as an event; the memories' stored rows follow through `take_changes`."""
         self._reset(source)
         self.events.record("reset", source, "adapter_reset")
-        return self._take_housekeeping()
 
     def _reset(self, reason: str) -> None:
-        self.adapter.reset()
+        for part in self.learners():
+            part.reset()
         if self.guard is not None:
             self.guard.clear()
-        if self.supervised is not None:
-            self.supervised.reset()
-            self._supervised_inputs.clear()
-            self._supervised_labels.clear()
-        if self.correction is not None:
-            self.correction.reset()
+        self._supervised_inputs.clear()
+        self._supervised_labels.clear()
         # the memories hold what the old model did: the AdaNPC memory goes back to its seed, the
         # error memory (errors of the old model's outputs) empties
-        for memory in (self.memory, self.compensation):
-            if memory is not None:
-                memory.reset()
-                self._cleared.add(memory.name)
+        for memory in self.memories():
+            memory.reset()
+            self._changed(MemoryCleared(memory.name))
         self._resets += 1
         self._report_memories()
         self.metrics.adapter_resets.labels(reason).inc()
@@ -346,19 +359,20 @@ class Engine:
     def learned_version(self) -> tuple[int, ...]:
         """Engine thread only. Changes whenever a learned weight may have: steps of the adapter,
         the supervised step and the corrector, and resets."""
-        if not self.adapter.state_dict() and self.supervised is None and self.correction is None:
+        if not self.adapter.state_dict() and len(self.learners()) == 1:
             return (0,)  # nothing a checkpoint would hold
         return (self.adapter.version, self.adapter.steps,
                 0 if self.supervised is None else self.supervised.steps,
-                0 if self.correction is None else self.correction.steps, self._resets)
+                0 if self.output_corrector is None else self.output_corrector.steps, self._resets)
 
-    def _learned(self) -> dict[str, object]:
-        """Everything whose weights a checkpoint holds, by key prefix."""
-        parts: dict[str, object] = {"": self.adapter}
+    def _learned(self) -> dict[str, Learner]:
+        """Everything whose weights a checkpoint holds, by key prefix (the output corrector's
+        is "correction.", as in the checkpoints saved before it had that name)."""
+        parts: dict[str, Learner] = {"": self.adapter}
         if self.supervised is not None:
             parts["supervised."] = self.supervised
-        if self.correction is not None:
-            parts["correction."] = self.correction
+        if self.output_corrector is not None:
+            parts["correction."] = self.output_corrector
         return parts
 
     def checkpoint(self) -> bytes:
@@ -369,14 +383,14 @@ class Engine:
 
         state: dict[str, torch.Tensor] = {}
         for prefix, part in self._learned().items():
-            for key, value in part.state_dict().items():  # type: ignore[attr-defined]
+            for key, value in part.state_dict().items():
                 state[prefix + key] = value.detach().contiguous().cpu()
         return save(state, metadata=self._checkpoint_tags())
 
     def _checkpoint_tags(self) -> dict[str, str]:
         return {"model_version": self.model.version,
                 "adapter": self.adapter.name,
-                "norm": str(getattr(self.adapter, "norm", "")),
+                "norm": self.adapter.norm,
                 "parts": ",".join(sorted(p.rstrip(".") for p in self._learned() if p))}
 
     def restore(self, blob: bytes) -> bool:
@@ -391,15 +405,15 @@ class Engine:
             return False
         loaded = load(blob)
         parts = self._learned()
-        current = {prefix: part.state_dict() for prefix, part in parts.items()}  # type: ignore
+        current = {prefix: part.state_dict() for prefix, part in parts.items()}
         try:
             for prefix, part in sorted(parts.items(), key=lambda item: -len(item[0])):
                 own = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)
                        and not any(k.startswith(p) for p in parts if len(p) > len(prefix))}
-                part.load_state_dict(own)  # type: ignore[attr-defined]
+                part.load_state_dict(own)
         except (ValueError, RuntimeError, KeyError):
             for prefix, part in parts.items():  # a checkpoint that does not fit changes nothing
-                part.load_state_dict(current[prefix])  # type: ignore[attr-defined]
+                part.load_state_dict(current[prefix])
             return False
         self.metrics.learning_rate.set(self.adapter.learning_rate)
         return True

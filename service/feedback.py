@@ -5,61 +5,51 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from service.calibration import STATE, SUMMARY, Conformal
-from service.engine import Engine, Housekeeping, LabelledBatch
-from service.gateway import StoreGateway, housekeep
+from service.calibration import Conformal
+from service.engine import BEFORE_CORRECTOR, BEFORE_ERROR_MEMORY, INPUTS, Engine, LabelledBatch
+from service.gateway import StoreGateway
 from service.metrics import Metrics
+from service.state_sync import StateSync
 from store import (
     JoinResult,
     LabelEffects,
     LabelValue,
     PartialJoin,
     PredictionRecord,
-    StoreUnavailable,
 )
 
 
 class RollingQuality:
-    """Error rate (classification) or mean absolute error (regression) over the last labels.
+    """The mean of the last `window` errors a label revealed: the error rate (classification) or
+    the mean absolute error (regression; over its outputs for a multi-output regressor).
 
-    A multi-output regressor's error is the mean absolute error over its outputs.
-
-    >>> quality = RollingQuality("classification", window=3)
-    >>> for prediction, label in [(1, 1), (2, 0), (3, 3), (4, 0)]:
-    ...     quality.update(prediction, label)
+    >>> quality = RollingQuality(window=3)
+    >>> quality.extend([0.0, 1.0, 0.0, 1.0])
     >>> quality.value, quality.count
     (0.6666666666666666, 3)
-    >>> regression = RollingQuality("regression", window=3)
-    >>> regression.update([1.0, 2.0], [2.0, 4.0]); regression.value
-    1.5
     """
 
-    def __init__(self, task: str, window: int) -> None:
-        self.task = task
+    def __init__(self, window: int) -> None:
         self.errors: deque[float] = deque(maxlen=window)
         self.total = 0.0
         self.seen = 0
         self._lock = threading.Lock()
 
-    def update(self, prediction: LabelValue, label: LabelValue) -> None:
-        if self.task == "classification":
-            error = float(int(prediction) != int(label))  # type: ignore[arg-type]
-        else:
-            error = float(np.mean(np.abs(np.asarray(prediction, np.float64)
-                                         - np.asarray(label, np.float64))))
+    def extend(self, errors: Iterable[float]) -> None:
         with self._lock:
-            if len(self.errors) == self.errors.maxlen:
-                self.total -= self.errors[0]
-            self.errors.append(error)
-            self.total += error
-            self.seen += 1
-            if self.seen % 4096 == 0:  # re-sum now and then so float drift never accumulates
-                self.total = float(sum(self.errors))
+            for error in errors:
+                if len(self.errors) == self.errors.maxlen:
+                    self.total -= self.errors[0]
+                self.errors.append(float(error))
+                self.total += float(error)
+                self.seen += 1
+                if self.seen % 4096 == 0:  # re-sum now and then so float drift never accumulates
+                    self.total = float(sum(self.errors))
 
     @property
     def count(self) -> int:
@@ -82,22 +72,24 @@ class FeedbackService:
     by another model version count towards quality, coverage and drift, not learning.
     """
 
-    def __init__(self, store: StoreGateway, metrics: Metrics, quality: RollingQuality,
-                 engine: Engine, persisted: frozenset[str] = frozenset(),
+    def __init__(self, store: StoreGateway, sync: StateSync, metrics: Metrics,
+                 quality: RollingQuality, engine: Engine, persisted: frozenset[str] = frozenset(),
                  conformal: Conformal | None = None) -> None:
         self.store = store
+        self.sync = sync
         self.metrics = metrics
         self.quality = quality
         self.engine = engine
+        self.task = engine.task
         self.persisted = persisted
         self.conformal = conformal
 
     async def apply(self, labels: Sequence[tuple[str, LabelValue]]) -> JoinResult:
         """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
         `PartialJoin` when it failed part-way, with the labels joined before applied."""
-        compensation = self.engine.compensation
-        stores_rows = compensation is not None and compensation.name in self.persisted
-        calibrators = (STATE, SUMMARY) if self.conformal is not None else ()
+        memory = self.engine.error_memory
+        stores_rows = memory is not None and memory.name in self.persisted
+        conformal = self.conformal
         written: dict[str, bytes] = {}
 
         def effects(joined: list[PredictionRecord],
@@ -105,28 +97,27 @@ class FeedbackService:
             """What the join writes with the labels: the error memory's rows, the calibrator."""
             out = LabelEffects()
             records = self._usable(joined)
-            if stores_rows and records is not None:
-                rows = self._compensation_rows(records)
+            if memory is not None and stores_rows and records:
+                rows = self._error_memory_rows(records)
                 if rows is not None:
-                    out.memories.append((compensation.name, rows, compensation.capacity))
+                    out.memories.append((memory.name, rows, memory.capacity))
             scorable = self._scorable(joined)
-            if self.conformal is not None and scorable:
-                out.calibrators = self.conformal.effects(
-                    scorable, states, self.conformal.scores(scorable)).calibrators
+            if conformal is not None and scorable:
+                out.calibrators = conformal.effects(scorable, states)
                 written.clear()
                 written.update(out.calibrators)
             return out
 
+        calibrators = () if conformal is None else conformal.names
         try:
-            result = await self.store.call(
-                "join_labels", self.store.store.join_labels, list(labels),
-                effects if stores_rows or calibrators else None, calibrators)
+            result = await self.store.join_labels(
+                list(labels), effects if stores_rows or calibrators else None, calibrators)
         except PartialJoin as partial:
             await self._absorb(partial.result)  # joined before the failure: apply them, then report
             raise
         await self._absorb(result)
-        if SUMMARY in written and self.conformal is not None:
-            self.conformal.read_summary(written[SUMMARY])  # this replica just moved it
+        if conformal is not None:
+            conformal.adopt(written)  # this replica just moved the threshold
         return result
 
     def _scorable(self, joined: list[PredictionRecord]) -> list[PredictionRecord]:
@@ -134,85 +125,55 @@ class FeedbackService:
         width = self.engine.model.num_classes or self.engine.model.num_outputs
         return [r for r in joined if r.outputs.size == width]
 
-    def _usable(self, joined: list[PredictionRecord]) -> list[PredictionRecord] | None:
-        """The records this model made, with features: those the label path can learn from."""
-        model = self.engine.model
-        usable = [r for r in joined if r.model_version == model.version]
-        return usable or None
+    def _usable(self, joined: list[PredictionRecord]) -> list[PredictionRecord]:
+        """The records this model made: those the label path can learn from."""
+        return [r for r in joined if r.model_version == self.engine.model.version]
 
-    def _compensation_rows(self, records: list[PredictionRecord]) -> np.ndarray | None:
-        compensation = self.engine.compensation
-        if compensation is None or any(r.features is None for r in records):
+    def _error_memory_rows(self, records: list[PredictionRecord]) -> np.ndarray | None:
+        memory = self.engine.error_memory
+        if memory is None or any(r.features is None for r in records):
             return None
-        features = torch.from_numpy(np.stack([r.features for r in records]))
-        base = torch.from_numpy(np.stack([r.arrays.get("base", r.outputs) for r in records]))
-        labels = torch.from_numpy(self._labels(records))
-        if self.engine.model.task == "classification":
-            labels = labels.long()
-        return compensation.pack(features, labels, base)
-
-    def _labels(self, records: list[PredictionRecord]) -> np.ndarray:
-        """Class indices (n,), or values (n, outputs) for a regressor."""
-        if self.engine.model.task == "classification":
-            return np.array([r.label for r in records], dtype=np.float32)
-        return np.array([np.atleast_1d(r.label) for r in records], dtype=np.float32)
+        features = torch.from_numpy(np.stack([r.features for r in records]))  # type: ignore
+        before = torch.from_numpy(np.stack([r.arrays.get(BEFORE_ERROR_MEMORY, r.outputs)
+                                            for r in records]))
+        labels = self.task.label_array([r.label for r in records])
+        return memory.pack(features, torch.from_numpy(labels), before)
 
     async def _absorb(self, result: JoinResult) -> None:
-        self._record(result)
         scorable = self._scorable(result.joined)
-        if self.conformal is not None and scorable:
-            self.conformal.observe(scorable, self.conformal.scores(scorable))
-        errors = self._errors(scorable) if scorable else None
+        errors = self.task.errors(scorable) if scorable else None
+        self._record(result, errors)
+        if self.conformal is not None:
+            self.conformal.observe(scorable)
         records = self._usable(result.joined)
-        if records is None:
+        if not records:
             if errors is not None:
-                work = await self.engine.run(self.engine.observe_errors, errors)
-                await self._housekeep(work)
+                await self.sync.run(self.engine.observe_errors, errors)
             return
-        batch = LabelledBatch(labels=self._labels(records), errors=errors)
+        batch = LabelledBatch(labels=self.task.label_array([r.label for r in records]),
+                              errors=errors)
         if all(r.features is not None for r in records):
-            batch.features = np.stack([r.features for r in records])
-            batch.compensation_rows = self._compensation_rows(records)
-        if self.engine.correction is not None:
-            batch.raw = np.stack([r.arrays.get("raw", r.outputs) for r in records])
-        if self.engine.supervised is not None and all("inputs" in r.arrays for r in records):
-            batch.inputs = np.stack([r.arrays["inputs"] for r in records])
-        await self._housekeep(await self.engine.run(self.engine.learn, batch))
+            batch.features = np.stack([r.features for r in records])  # type: ignore[misc]
+            batch.error_memory_rows = self._error_memory_rows(records)
+        if self.engine.output_corrector is not None:
+            batch.before_corrector = np.stack([r.arrays.get(BEFORE_CORRECTOR, r.outputs)
+                                               for r in records])
+        if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
+            batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
+        await self.sync.run(self.engine.learn, batch)
 
-    def _errors(self, records: list[PredictionRecord]) -> np.ndarray:
-        """The labelled drift signal: 0/1 errors of the served class, or absolute residuals of
-        the served values (the mean over a multi-output regressor's outputs)."""
-        if self.engine.model.task == "classification":
-            return np.array([float(int(r.prediction) != int(r.label))  # type: ignore[arg-type]
-                             for r in records])
-        served = np.stack([r.outputs for r in records]).astype(np.float64)
-        return np.abs(self._labels(records).astype(np.float64) - served).mean(axis=1)
-
-    async def _housekeep(self, work: Housekeeping) -> None:
-        if not work:
-            return
-        try:
-            await housekeep(self.store, work, self.persisted, self.conformal)
-        except StoreUnavailable:
-            pass  # the in-process state changed; the store catches up at the next trim or reset
-
-    def _record(self, result: JoinResult) -> None:
-        self._account(result.joined)
+    def _record(self, result: JoinResult, errors: np.ndarray | None) -> None:
         m = self.metrics.labels
         m.labels("joined").inc(len(result.joined))
         m.labels("unknown").inc(len(result.unknown))
         m.labels("duplicate").inc(len(result.duplicate))
         m.labels("expired").inc(len(result.expired))
-
-    def _account(self, joined: list[PredictionRecord]) -> None:
         now = time.time()
-        for record in joined:
+        for record in result.joined:
             lag = (record.labelled_at or now) - record.created_at
             self.metrics.label_lag.observe(max(0.0, lag))
-            if self.engine.model.task == "classification" or record.outputs.size == 1:
-                self.quality.update(record.prediction, record.label)
-            else:
-                self.quality.update(record.outputs.tolist(), record.label)
+        if errors is not None:
+            self.quality.extend(errors.tolist())
         value = self.quality.value
         if value is not None:
             self.metrics.rolling_error.set(value)

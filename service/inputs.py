@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -93,34 +92,10 @@ def check_labels(labels: Sequence[tuple[str, LabelValue]], model: LoadedModel, l
 
 
 def label_problem(label: LabelValue, model: LoadedModel) -> str | None:
-    """Why this label does not fit the task, or None when it does: a class index in range; one
-    finite value for a single-output regressor, a list of one per output for a multi-output one.
-
-    >>> from types import SimpleNamespace
-    >>> classifier = SimpleNamespace(task="classification", num_classes=3)
-    >>> label_problem(2.0, classifier) is None, label_problem(3.0, classifier)
-    (True, 'is 3; a class index is an integer from 0 to 2')
-    >>> label_problem([1.0, 2.0], SimpleNamespace(task="regression", num_outputs=3))
-    'has 2 values; this model predicts 3 per sample'
-    """
-    if model.task != "classification":
-        outputs = model.num_outputs
-        values = label if isinstance(label, list) else [label]
-        if not isinstance(label, list) and outputs > 1:
-            return f"is one number; this model predicts {outputs} values per sample: send a list"
-        if len(values) != outputs:
-            return f"has {len(values)} values; this model predicts {outputs} per sample"
-        if not all(math.isfinite(v) for v in values):
-            return "holds a value that is not finite"
-        return None
-    if isinstance(label, list):
-        return "is a list; a classifier's label is one class index"
-    if not math.isfinite(label):
-        return f"is {label}; a label must be a finite number"
-    classes = model.num_classes or 0
-    if label != int(label) or not 0 <= label < classes:
-        return f"is {label:g}; a class index is an integer from 0 to {classes - 1}"
-    return None
+    """Why this label does not fit the model's task, or None when it does: a class index in
+    range; one finite value for a single-output regressor, a list of one per output for a
+    multi-output one (the rule is the task's, `adapters.task`)."""
+    return model.task.label_problem(label, model.width)
 
 
 ID_PATTERN = re.compile(PREDICTION_ID_PATTERN)

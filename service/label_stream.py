@@ -43,7 +43,8 @@ def parse_entry(fields: dict, model: LoadedModel) -> tuple[str, LabelValue] | st
     """An entry's (id, label), or why it cannot be one.
 
     >>> from types import SimpleNamespace
-    >>> model = SimpleNamespace(task="classification", num_classes=10)
+    >>> from adapters.task import task_named
+    >>> model = SimpleNamespace(task=task_named("classification"), width=10)
     >>> parse_entry({b"id": b"req-1", b"label": b"3"}, model)
     ('req-1', 3.0)
     >>> parse_entry({b"id": b"req-1"}, model)
@@ -100,10 +101,9 @@ class LabelStreamConsumer:
                 pass
 
     async def _run(self) -> None:
-        store = self.store.store
         while True:
             try:
-                await self.store.call("ensure_label_group", store.ensure_label_group, self.group)
+                await self.store.ensure_label_group(self.group)
                 break
             except StoreUnavailable:
                 await asyncio.sleep(RETRY_S)
@@ -125,10 +125,8 @@ class LabelStreamConsumer:
     async def step(self) -> int:
         """Read, apply and acknowledge one batch of entries; returns how many were taken."""
         s = self.settings
-        store = self.store.store
-        source, entries, backlog = await self.store.call(
-            "read_label_stream", store.read_label_stream, self.group, self.consumer,
-            s.stream_batch, s.stream_block_ms, s.stream_claim_idle_ms)
+        source, entries, backlog = await self.store.read_label_stream(
+            self.group, self.consumer, s.stream_batch, s.stream_block_ms, s.stream_claim_idle_ms)
         self.metrics.stream_backlog.set(backlog)
         if not entries:
             return 0
@@ -153,8 +151,7 @@ class LabelStreamConsumer:
             # every entry of the batch comes back as pending and is applied again: joined ones
             # as duplicates
             await self.feedback.apply(labels)
-        backlog = await self.store.call("ack_label_stream", store.ack_label_stream, self.group,
-                                        good + deleted, dead)
+        backlog = await self.store.ack_label_stream(self.group, good + deleted, dead)
         self.metrics.stream_entries.labels("acked").inc(len(good) + len(deleted))
         self.metrics.stream_entries.labels("dead").inc(len(dead))
         self.metrics.stream_backlog.set(backlog)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from adapters.task import Task, task_named
 from service.settings import DEMO_FACTORY, ModelSettings
 
 
@@ -27,12 +28,17 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     module: nn.Module
     name: str
-    task: str
+    task: Task
     input_shape: tuple[int, ...]
     num_classes: int | None
     class_names: list[str] | None
     version: str
     num_outputs: int
+
+    @property
+    def width(self) -> int:
+        """Outputs per sample as served: the class count, or the regressor's values."""
+        return self.num_classes or self.num_outputs
 
 
 class FeatureTap:
@@ -127,12 +133,13 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         version = f"{settings.name}@init"
     module.eval()
     num_outputs = _dry_run(module, settings)
+    task = task_named(settings.task)
     return LoadedModel(
         module=module,
         name=settings.name,
-        task=settings.task,
+        task=task,
         input_shape=tuple(settings.input_shape),
-        num_classes=settings.num_classes if settings.task == "classification" else None,
+        num_classes=settings.num_classes if task.discrete else None,
         class_names=settings.class_names,
         version=version,
         num_outputs=num_outputs,
@@ -152,7 +159,7 @@ def _dry_run(module: nn.Module, settings: ModelSettings) -> int:
     if not isinstance(outputs, torch.Tensor) or outputs.shape[0] != 2:
         raise ModelLoadError("the model must return one tensor with a row per sample")
     outputs = outputs.reshape(2, -1)
-    if settings.task == "classification" and outputs.shape[1] != settings.num_classes:
+    if task_named(settings.task).discrete and outputs.shape[1] != settings.num_classes:
         raise ModelLoadError(
             f"the model returns {outputs.shape[1]} scores per sample, "
             f"model.num_classes says {settings.num_classes}"

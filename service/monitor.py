@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from adapters.task import Task
 from drift import (
     DEFAULT_DETECTORS,
     Action,
@@ -32,31 +33,31 @@ from drift import (
 from service.events import EventLog
 from service.metrics import Metrics
 from service.settings import DetectorSettings, DriftSettings
+from store.encoding import json_safe
 
-DEFAULT_SIGNALS = {
-    ("classification", False): ("entropy", "feature_mean"),
-    ("classification", True): ("error",),
-    ("regression", False): ("feature_mean",),
-    ("regression", True): ("residual",),
-}
+# the label-free signals watched by default: the model's own entropy needs class probabilities
+DEFAULT_LABEL_FREE = {True: ("entropy", "feature_mean"), False: ("feature_mean",)}
+# the signals that need class probabilities
+PROBABILITY_SIGNALS = ("entropy", "confidence", "error")
 STATE_VERSION = 1
 # the way a signal moves when the model gets worse; feature_mean has no good or bad way
 HARMFUL = {"entropy": "up", "error": "up", "residual": "up", "confidence": "down"}
 
 
-def _detectors(specs: list[DetectorSettings] | None, task: str, labelled: bool
+def _detectors(specs: list[DetectorSettings] | None, task: Task, labelled: bool
                ) -> list[SignalDetector]:
     if specs is None:
         specs = [DetectorSettings(detector=DEFAULT_DETECTORS[signal].detector, signal=signal,
                                   params=dict(DEFAULT_DETECTORS[signal].params),
                                   chunk=DEFAULT_DETECTORS[signal].chunk)
-                 for signal in DEFAULT_SIGNALS[(task, labelled)]]
+                 for signal in ((task.signal,) if labelled
+                                else DEFAULT_LABEL_FREE[task.discrete])]
     detectors = []
     for spec in specs:
-        if task != "classification" and spec.signal in ("entropy", "confidence", "error"):
+        if not task.discrete and spec.signal in PROBABILITY_SIGNALS:
             raise ValueError(f"drift signal {spec.signal!r} needs class probabilities; a "
                              "regressor has feature_mean and residual")
-        if task == "classification" and spec.signal == "residual":
+        if task.discrete and spec.signal == "residual":
             raise ValueError("drift signal 'residual' is a regressor's; a classifier has 'error'")
         detectors.append(SignalDetector(spec.detector, spec.signal, dict(spec.params),
                                         spec.chunk, spec.warmup))
@@ -66,7 +67,7 @@ def _detectors(specs: list[DetectorSettings] | None, task: str, labelled: bool
 class DriftMonitor:
     """The detectors of both paths, the policy, and the sample clock they share."""
 
-    def __init__(self, settings: DriftSettings, task: str, metrics: Metrics,
+    def __init__(self, settings: DriftSettings, task: Task, metrics: Metrics,
                  events: EventLog) -> None:
         self.task = task
         self.metrics = metrics
@@ -111,7 +112,7 @@ class DriftMonitor:
 
     def observe_labels(self, errors: np.ndarray) -> list[Action]:
         """The labelled signal (0/1 errors or absolute residuals) of joined labels, in order."""
-        signal = "error" if self.task == "classification" else "residual"
+        signal = self.task.signal
         return self._update(self.labelled, {signal: np.asarray(errors, dtype=np.float64)})
 
     def factor(self) -> float:
@@ -191,20 +192,10 @@ class DriftMonitor:
         return skipped
 
     def describe(self) -> list[dict[str, Any]]:
-        return [_finite({**detector.describe(), "warm": detector.warm})
+        return [json_safe({**detector.describe(), "warm": detector.warm})
                 for detector in (*self.label_free, *self.labelled)]
 
     def describe_policy(self) -> dict[str, Any]:
-        return _finite({**self.policy.describe(), "samples": self.samples,
+        return json_safe({**self.policy.describe(), "samples": self.samples,
                         "learning_rate_factor": self.factor()})
 
-
-def _finite(value: Any) -> Any:
-    """JSON-safe: non-finite floats (a statistic not yet defined) become None."""
-    if isinstance(value, float):
-        return value if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

@@ -21,8 +21,8 @@ from adapters.memory.error_memory import build_error_memory
 from adapters.tta.guard import CollapseGuard, effective_classes
 from adapters.tta.norm import normalisation_affines
 from service.batcher import MicroBatcher
-from service.calibration import SUMMARY, Conformal
-from service.engine import Compensation, Engine
+from service.calibration import Conformal
+from service.engine import AnyErrorMemory, Engine
 from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
@@ -39,6 +39,7 @@ from service.reference import (
     source_predictions,
 )
 from service.settings import Settings
+from service.state_sync import StateSync
 from store import Store, StoreUnavailable, open_store
 
 log = logging.getLogger("adaptd")
@@ -54,11 +55,11 @@ class Runtime:
     adapter: Adapter
     engine: Engine
     store: StoreGateway
+    sync: StateSync
     batcher: MicroBatcher[PredictionRow]
     feedback: FeedbackService
     quality: RollingQuality
     events: EventLog
-    persisted_memories: frozenset[str]
     stream: LabelStreamConsumer | None = None
     conformal: Conformal | None = None
     _chores: asyncio.Task[None] | None = None
@@ -71,23 +72,22 @@ class Runtime:
         engine = await asyncio.to_thread(build_engine, settings, metrics, events)
         model, adapter = engine.model, engine.adapter
         store = StoreGateway(_open_store(settings), metrics)
-        await asyncio.to_thread(_load_snapshot, settings, store.store)
+        await asyncio.to_thread(_load_snapshot, settings, store)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
         if engine.drift is not None:
             await _restore_drift(engine, store)
         persisted = persisted_memories(settings, engine)
-        for memory in (engine.memory, engine.compensation):
-            if memory is not None and memory.name in persisted:
+        for memory in engine.memories():
+            if memory.name in persisted:
                 await _reload_memory(engine, store, memory)
-        conformal = _conformal(settings, engine, reference_max_scale(settings, engine))
+        conformal = _conformal(settings, engine, store, reference_max_scale(settings, engine))
         if conformal is not None:
-            try:
-                conformal.read_summary(await store.call(
-                    "load_calibrator", store.store.load_calibrator, SUMMARY))
-            except StoreUnavailable:
+            await conformal.refresh()
+            if not store.up:
                 log.warning("the store is unreachable: sets start from the calibrator as built")
-        predictor = Predictor(engine, store, metrics, persisted, conformal)
+        sync = StateSync(engine, store, persisted, conformal)
+        predictor = Predictor(engine, sync, store, metrics, conformal)
         batcher: MicroBatcher[PredictionRow] = MicroBatcher(
             predictor.run_batch,
             predictor.run_alone,
@@ -96,16 +96,16 @@ class Runtime:
             metrics=metrics,
         )
         batcher.start()
-        quality = RollingQuality(model.task, settings.feedback.rolling_window)
-        feedback = FeedbackService(store, metrics, quality, engine, persisted, conformal)
+        quality = RollingQuality(settings.feedback.rolling_window)
+        feedback = FeedbackService(store, sync, metrics, quality, engine, persisted, conformal)
         stream = None
         if settings.feedback.stream:
             stream = LabelStreamConsumer(store, feedback, model, settings.feedback, metrics)
             stream.start()
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
-                 settings.adapter.name, store.store.backend)
-        runtime = cls(settings, metrics, model, adapter, engine, store, batcher, feedback, quality,
-                      events, persisted, stream, conformal)
+                 settings.adapter.name, store.backend)
+        runtime = cls(settings, metrics, model, adapter, engine, store, sync, batcher, feedback,
+                      quality, events, stream, conformal)
         runtime._checkpointed = await engine.run(engine.learned_version)
         runtime._chores = asyncio.create_task(runtime._keep_state(), name="adaptd-state")
         return runtime
@@ -116,8 +116,7 @@ class Runtime:
         if not events:
             return
         try:
-            await self.store.call("append_events", self.store.store.append_events, events,
-                                  self.settings.drift.events_kept)
+            await self.store.append_events(events, self.settings.drift.events_kept)
         except StoreUnavailable:
             self.events.put_back(events)
 
@@ -128,7 +127,7 @@ class Runtime:
         state = await self.engine.run(self.engine.drift.state)
         blob = json.dumps(json_safe(state), separators=(",", ":")).encode()
         try:
-            await self.store.call("save_state", self.store.store.save_state, DRIFT_STATE, blob)
+            await self.store.save_state(DRIFT_STATE, blob)
         except StoreUnavailable:
             pass
 
@@ -137,7 +136,7 @@ class Runtime:
         size in bytes. Raises `StoreUnavailable`."""
         learned = await self.engine.run(self.engine.learned_version)
         blob = await self.engine.run(self.engine.checkpoint)
-        version = await self.store.call("save_adapter", self.store.store.save_adapter, blob)
+        version = await self.store.save_adapter(blob)
         self._checkpointed = learned
         return version, len(blob)
 
@@ -155,7 +154,7 @@ class Runtime:
         """The in-process store's lasting state to its snapshot file, if one is configured."""
         path = self.settings.store.snapshot_path
         if path is not None:
-            await asyncio.to_thread(_write_snapshot, path, self.store.store)
+            await asyncio.to_thread(_write_snapshot, path, self.store)
 
     async def _keep_state(self) -> None:
         """Every second: events to the store; every drift.save_every_s: the drift state; every
@@ -165,6 +164,7 @@ class Runtime:
         while True:
             await asyncio.sleep(1.0)
             await self.flush_events()
+            await self.sync.flush()  # what the engine changed while the store was away
             due = checkpoint_every > 0 and time.monotonic() - checkpoint_at >= checkpoint_every
             if due:
                 checkpoint_at = time.monotonic()
@@ -195,7 +195,7 @@ class Runtime:
         except OSError as error:
             log.error("could not write the store snapshot: %s", error)
         self.engine.close()
-        self.store.store.close()
+        self.store.close()
 
 
 def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engine:
@@ -204,9 +204,9 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     model = load_model(settings.model)
     reference = load_reference_data(settings, model)
     guard = _collapse_guard(settings, model, reference)
-    memory = _memory(settings, model, reference)  # seeded by the source model, before adaptation
-    compensation = _compensation(settings, model, reference)
-    correction = _correction(settings, model, reference)
+    adanpc = _adanpc(settings, model, reference)  # seeded by the source model, before adaptation
+    error_memory = _error_memory(settings, model, reference)
+    output_corrector = _output_corrector(settings, model, reference)
     supervised = _supervised(settings, model)  # injects its low-rank layers before the adapter
     try:
         adapter = build_adapter(
@@ -217,27 +217,29 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
         if reference is None and "calibration" in str(error):
             raise ValueError(
                 f"adapter {settings.adapter.method!r} needs in-distribution reference data: set "
-                "adapter.calibration_data to a safetensors file with an `inputs` tensor "
+                "model.reference_data to a safetensors file with an `inputs` tensor "
                 "(N, *input_shape)"
             ) from error
         raise
     drift = (DriftMonitor(settings.drift, model.task, metrics, events)
              if settings.drift.enabled else None)
-    return Engine(model, adapter, metrics, events, guard, memory, compensation, correction,
-                  supervised, settings.feedback.supervised.batch_size, drift)
+    return Engine(model, adapter, metrics, events, guard=guard, adanpc=adanpc,
+                  error_memory=error_memory, output_corrector=output_corrector,
+                  supervised=supervised, supervised_batch=settings.supervised.batch_size,
+                  drift=drift)
 
 
-def _compensation(settings: Settings, model: LoadedModel, reference: ReferenceData | None
-                  ) -> Compensation | None:
+def _error_memory(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                  ) -> AnyErrorMemory | None:
     """ReLoop2's error memory, keyed by the model's features (centred on the reference data's)."""
-    c = settings.compensation
+    c = settings.error_memory
     if c.kind == "off":
         return None
     features = source_features(model, reference) if reference is not None else None
     width = features.shape[1] if features is not None else feature_width(model)
     if width is None:
-        raise ValueError("compensation keys the error memory by the features entering the last "
-                         "nn.Linear, and the model has none: set compensation.kind = 'off'")
+        raise ValueError("the error memory is keyed by the features entering the last "
+                         "nn.Linear, and the model has none: set error_memory.kind = 'off'")
     options: dict[str, object] = {"feature_dim": width, "task": model.task,
                                   "output_dim": model.num_classes or model.num_outputs,
                                   "gamma": c.gamma, "compensation_weight": c.weight,
@@ -246,7 +248,7 @@ def _compensation(settings: Settings, model: LoadedModel, reference: ReferenceDa
         options.update(k=c.k, temperature=c.temperature)
     clash = sorted(set(c.options) & (set(options) | {"feature_mean"}))
     if clash:
-        raise ValueError(f"compensation.options {clash}: set these as [compensation] keys (or "
+        raise ValueError(f"error_memory.options {clash}: set these as [error_memory] keys (or "
                          "they come from the model); options are the hashed memory's own knobs")
     options.update(c.options)
     if c.center and features is not None:
@@ -254,10 +256,10 @@ def _compensation(settings: Settings, model: LoadedModel, reference: ReferenceDa
     return build_error_memory(c.kind, **options)
 
 
-def _correction(settings: Settings, model: LoadedModel, reference: ReferenceData | None
-                ) -> OutputCorrector | None:
+def _output_corrector(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                      ) -> OutputCorrector | None:
     """ADCSD's output corrector for a regressor, standardised like the source model's outputs."""
-    c = settings.correction
+    c = settings.output_corrector
     if not c.enabled:
         return None
     width = feature_width(model) if c.use_features else 0
@@ -276,13 +278,13 @@ def _correction(settings: Settings, model: LoadedModel, reference: ReferenceData
 def _supervised(settings: Settings, model: LoadedModel) -> SupervisedStep | None:
     """The supervised step on labels: normalisation affines where the model has them (auto), or a
     low-rank adapter injected beside its last linear layers."""
-    s = settings.feedback.supervised
+    s = settings.supervised
     if not s.enabled:
         return None
     has_norm = bool(normalisation_affines(model.module)[0])
     train = s.train if s.train != "auto" else ("norm" if has_norm else "lowrank")
     if train == "norm" and not has_norm:
-        raise ValueError("feedback.supervised.train = 'norm', but the model has no normalisation "
+        raise ValueError("supervised.train = 'norm', but the model has no normalisation "
                          "layer: use 'lowrank' (or 'auto')")
     if train == "lowrank":
         inject_lowrank(model.module, rank=s.rank, layers=s.layers)
@@ -290,16 +292,16 @@ def _supervised(settings: Settings, model: LoadedModel) -> SupervisedStep | None
                           max_learning_rate=settings.adapter.max_learning_rate)
 
 
-def _memory(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+def _adanpc(settings: Settings, model: LoadedModel, reference: ReferenceData | None
             ) -> AdaNPC | None:
     """AdaNPC's memory, seeded with the reference data's features and labels, when configured."""
     if "adanpc" not in settings.adapter.memories:
         return None
-    if model.task != "classification" or model.num_classes is None:
+    if not model.task.discrete or model.num_classes is None:
         raise ValueError("adanpc votes over classes; it serves classification models only")
     if reference is None:
         raise ValueError("adanpc seeds its memory with in-distribution data: set "
-                         "adapter.calibration_data to a safetensors file with `inputs` (and "
+                         "model.reference_data to a safetensors file with `inputs` (and "
                          "`labels`, else the source model's predictions stand in)")
     features = source_features(model, reference)
     if features is None:
@@ -319,7 +321,7 @@ def _collapse_guard(
     settings: Settings, model: LoadedModel, reference: ReferenceData | None
 ) -> CollapseGuard | None:
     """A guard for methods that change the model, judged against the source's own diversity."""
-    if model.task != "classification" or settings.adapter.method == "none":
+    if not model.task.discrete or settings.adapter.method == "none":
         return None
     if settings.adapter.collapse_min_ratio <= 0:
         return None
@@ -332,7 +334,8 @@ def _collapse_guard(
                          settings.adapter.collapse_min_ratio, source_effective)
 
 
-def _conformal(settings: Settings, engine: Engine, max_scale: float | None) -> Conformal | None:
+def _conformal(settings: Settings, engine: Engine, store: StoreGateway,
+               max_scale: float | None) -> Conformal | None:
     c = settings.conformal
     if c.method == "off":
         return None
@@ -346,9 +349,9 @@ def _conformal(settings: Settings, engine: Engine, max_scale: float | None) -> C
         raise ValueError(
             f"conformal.method {c.method!r} learns its threshold over the score range D: set "
             "conformal.max_scale (about √3 × the largest residual you expect), give "
-            "adapter.calibration_data with labels, or choose method 'aci' (scale-free)"
+            "model.reference_data with labels, or choose method 'aci' (scale-free)"
         )
-    return Conformal(c, engine.model, engine.metrics, max_scale)
+    return Conformal(c, engine.model, engine.metrics, store, max_scale)
 
 
 def reference_max_scale(settings: Settings, engine: Engine) -> float | None:
@@ -357,7 +360,7 @@ def reference_max_scale(settings: Settings, engine: Engine) -> float | None:
     c = settings.conformal
     if c.max_scale is not None:
         return c.max_scale
-    if engine.model.task == "classification":
+    if engine.model.task.discrete:
         return 1.0
     reference = load_reference_data(settings, engine.model)
     if reference is None or reference.labels is None:
@@ -372,18 +375,18 @@ def reference_max_scale(settings: Settings, engine: Engine) -> float | None:
 def persisted_memories(settings: Settings, engine: Engine) -> frozenset[str]:
     """The names of the memories whose rows live in the store."""
     names = set()
-    if engine.memory is not None and settings.adapter.memory.persist:
-        names.add(engine.memory.name)
-    if engine.compensation is not None and settings.compensation.persist:
-        names.add(engine.compensation.name)
+    if engine.adanpc is not None and settings.adapter.memory.persist:
+        names.add(engine.adanpc.name)
+    if engine.error_memory is not None and settings.error_memory.persist:
+        names.add(engine.error_memory.name)
     return frozenset(names)
 
 
-async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | Compensation
+async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | AnyErrorMemory
                          ) -> None:
     """Rows this deployment's replicas added to the memory before, from the store."""
     try:
-        rows = await store.call("load_memory", store.store.load_memory, memory.name)
+        rows = await store.load_memory(memory.name)
     except StoreUnavailable:
         log.warning("the store is unreachable: the %s memory starts from its seed", memory.name)
         return
@@ -401,7 +404,7 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
     """Resume the detectors and the policy where the deployment left them."""
     assert engine.drift is not None
     try:
-        blob = await store.call("load_state", store.store.load_state, DRIFT_STATE)
+        blob = await store.load_state(DRIFT_STATE)
     except StoreUnavailable:
         log.warning("the store is unreachable: drift detectors start afresh")
         return
@@ -420,7 +423,7 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
 async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
     """Resume from the latest checkpoint in the store, if it was made for this model and method."""
     try:
-        latest = await store.call("load_adapter", store.store.load_adapter)
+        latest = await store.load_adapter()
     except StoreUnavailable:
         log.warning("the store is unreachable: the adapter starts from the source weights")
         return
@@ -435,21 +438,21 @@ async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
                  "not restored", version)
 
 
-def _load_snapshot(settings: Settings, store: Store) -> None:
+def _load_snapshot(settings: Settings, store: StoreGateway) -> None:
     path = settings.store.snapshot_path
     if path is None or not path.exists():
         return
     try:
-        store.restore(path.read_bytes())  # type: ignore[attr-defined]
+        store.restore(path.read_bytes())
     except (OSError, ValueError) as error:
         raise ValueError(f"store.snapshot_path {path}: {error}; move it away to start "
                          "afresh") from error
     log.info("restored the in-process store from %s", path)
 
 
-def _write_snapshot(path: Path, store: Store) -> None:
+def _write_snapshot(path: Path, store: StoreGateway) -> None:
     """Atomically: a half-written snapshot never replaces a whole one."""
-    blob = store.snapshot()  # type: ignore[attr-defined]
+    blob = store.snapshot()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(blob)

@@ -7,20 +7,28 @@ from a URL.
 
 from __future__ import annotations
 
+from typing import Any
+
 from store.base import (
+    EffectsFn,
     JoinResult,
     LabelEffects,
+    LabelStream,
     LabelValue,
     PartialJoin,
     PredictionRecord,
+    Snapshots,
     Store,
     StoreUnavailable,
 )
 from store.memory import MemoryStore
 
 
-def open_store(url: str, namespace: str, record_ttl_s: float, **options: object) -> Store:
+def open_store(url: str, namespace: str, record_ttl_s: float, **options: Any) -> Store:
     """Build a store from a URL: ``memory`` (or ``memory://``) or ``redis://host:port/db``.
+
+    ``options`` go to the backend's constructor (`MemoryStore` or `RedisStore`), whose own
+    parameters they must be: which ones apply depends on the URL.
 
     >>> store = open_store("memory", namespace="demo", record_ttl_s=60)
     >>> store.backend
@@ -38,12 +46,15 @@ def open_store(url: str, namespace: str, record_ttl_s: float, **options: object)
 
 
 __all__ = [
+    "EffectsFn",
     "JoinResult",
     "LabelEffects",
+    "LabelStream",
     "LabelValue",
     "PartialJoin",
     "MemoryStore",
     "PredictionRecord",
+    "Snapshots",
     "Store",
     "StoreUnavailable",
     "open_store",

@@ -14,7 +14,7 @@ predicting from in-process state, count the failure and report not-ready.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -117,7 +117,7 @@ class PredictionRecord:
         return fields
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes | str, bytes]) -> PredictionRecord:
+    def from_fields(cls, fields: Mapping[str, bytes] | Mapping[bytes, bytes]) -> PredictionRecord:
         f = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
         features = f.get("features")
         label = f.get("label")
@@ -273,19 +273,41 @@ class Store(Protocol):
         """The named calibrator's state as last written; None when there is none."""
         ...
 
-    def update_calibrator(
-        self, name: str, update: Callable[[bytes | None], bytes | None]
-    ) -> bytes | None:
-        """Read-modify-write the named calibrator's state atomically: `update` gets the current
-        state and returns the new one (None leaves it unchanged), and is called again if another
-        writer changed the state meanwhile, so concurrent replicas lose no update. `update` must
-        therefore be free of side effects. Returns the state written."""
-        ...
-
     def clear_calibrator(self, name: str) -> None:
         """Drop the named calibrator's state (a drift action, or an operator's reset)."""
         ...
 
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""
+        ...
+
+
+class LabelStream(Protocol):
+    """A backend that also carries the label stream (Redis): entries read as one consumer group,
+    acknowledged once their join is stored, malformed ones moved to a dead-letter stream."""
+
+    def ensure_label_group(self, group: str) -> None:
+        """Create the consumer group (and the stream) if they do not exist yet."""
+        ...
+
+    def read_label_stream(self, group: str, consumer: str, count: int, block_ms: int,
+                          claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]], int]:
+        """(source, entries, backlog): this consumer's pending entries, then entries a dead
+        consumer held for `claim_idle_ms`, then new ones."""
+        ...
+
+    def ack_label_stream(self, group: str, entry_ids: Sequence[bytes],
+                         dead: Sequence[tuple[bytes, dict, str]] = ()) -> int:
+        """Acknowledge and delete entries, moving `dead` ones to the dead-letter stream with
+        their reason; returns the backlog."""
+        ...
+
+
+class Snapshots(Protocol):
+    """A backend whose lasting state is written to and read from a file (the in-process one)."""
+
+    def snapshot(self) -> bytes:
+        ...
+
+    def restore(self, snapshot: bytes) -> None:
         ...

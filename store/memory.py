@@ -294,16 +294,6 @@ class MemoryStore:
         with self._lock:
             return self._calibrators.get(name)
 
-    def update_calibrator(
-        self, name: str, update: Callable[[bytes | None], bytes | None]
-    ) -> bytes | None:
-        self._keys.calibrator(name)
-        with self._lock:  # one writer at a time: the update sees the state it replaces
-            state = update(self._calibrators.get(name))
-            if state is not None:
-                self._calibrators[name] = bytes(state)
-            return self._calibrators.get(name)
-
     def clear_calibrator(self, name: str) -> None:
         self._keys.calibrator(name)
         with self._lock:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -29,6 +30,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from store.base import (
     EffectsFn,
@@ -43,6 +45,12 @@ from store.base import (
     normal_label,
 )
 from store.keys import Keys
+
+# The client is built with decode_responses=False and speaks RESP2, so a reply is bytes (or None)
+# and a stream read is a list of (stream, entries). redis-py annotates each command for every
+# client mode at once (str or bytes replies, RESP2 or RESP3 shapes), so replies are cast to these.
+# A stream entry: (id, fields); fields are None when the entry was deleted while pending.
+StreamEntries = list[tuple[bytes, dict[bytes, bytes] | None]]
 
 # A pooled connection idle this long is PINGed before use, so a connection that a Redis restart
 # or a load balancer dropped is replaced instead of failing the next request.
@@ -246,14 +254,16 @@ class RedisStore:
                 record_key = self._keys.record(record.id)
                 # a replaced record must not keep fields of the old one, its label above all
                 pipe.delete(record_key)
-                pipe.hset(record_key, mapping=record.to_fields())
+                pipe.hset(record_key,
+                          mapping=cast("dict[FieldT, EncodableT]", record.to_fields()))
                 pipe.pexpire(record_key, self._record_ttl_ms)
                 pipe.set(self._keys.seen(record.id), b"0", px=marker_ttl_ms)
             pipe.execute()
 
     def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
         with self._unavailable("read a prediction"):
-            fields = self._redis.hgetall(self._keys.record(prediction_id))
+            fields = cast("dict[bytes, bytes]",
+                          self._redis.hgetall(self._keys.record(prediction_id)))
         return PredictionRecord.from_fields(fields) if fields else None
 
     def join_labels(
@@ -294,7 +304,8 @@ class RedisStore:
                 try:
                     pipe.watch(*keys, *calibrator_keys.values())
                     outcomes = self._peek_labels_script(keys=keys, client=pipe)
-                    states = {name: pipe.get(key) for name, key in calibrator_keys.items()}
+                    states = {name: cast("bytes | None", pipe.get(key))
+                              for name, key in calibrator_keys.items()}
                     joined, waiting, other = self._sort(chunk, outcomes)
                     labelled_at = time.time()
                     for record, (_, label) in zip(joined, waiting, strict=True):
@@ -404,7 +415,7 @@ class RedisStore:
                 if latest is None:
                     return None
                 version = int(latest)
-            blob = self._redis.get(self._keys.adapter_blob(version))
+            blob = cast("bytes | None", self._redis.get(self._keys.adapter_blob(version)))
         return None if blob is None else (int(version), blob)
 
     def append_memory(self, name: str, rows: np.ndarray, cap: int) -> None:
@@ -428,7 +439,7 @@ class RedisStore:
 
     def load_memory(self, name: str) -> np.ndarray:
         with self._unavailable("load a memory"):
-            packed = self._redis.lrange(self._keys.memory(name), 0, -1)
+            packed = cast("list[bytes]", self._redis.lrange(self._keys.memory(name), 0, -1))
         if not packed:
             return np.empty((0, 0), dtype=np.float32)
         width = len(packed[0])
@@ -469,39 +480,11 @@ class RedisStore:
 
     def load_state(self, name: str) -> bytes | None:
         with self._unavailable("load state"):
-            return self._redis.get(self._keys.state(name))
+            return cast("bytes | None", self._redis.get(self._keys.state(name)))
 
     def load_calibrator(self, name: str) -> bytes | None:
         with self._unavailable("load a calibrator"):
-            return self._redis.get(self._keys.calibrator(name))
-
-    def update_calibrator(
-        self, name: str, update: Callable[[bytes | None], bytes | None]
-    ) -> bytes | None:
-        # optimistic: WATCH the state, compute the new one here, write it in MULTI/EXEC; EXEC
-        # fails if another replica wrote first, and the update runs again on what it wrote
-        key = self._keys.calibrator(name)
-        with self._unavailable("update a calibrator"), self._redis.pipeline() as pipe:
-            for _ in range(MAX_OPTIMISTIC_RETRIES):
-                try:
-                    pipe.watch(key)
-                    current = pipe.get(key)
-                    state = update(current)
-                    if state is None:
-                        pipe.unwatch()
-                        return current
-                    pipe.multi()
-                    pipe.set(key, bytes(state))
-                    pipe.execute()
-                    return bytes(state)
-                except WatchError:
-                    continue
-                finally:
-                    pipe.reset()
-        raise StoreUnavailable(
-            f"calibrator {name!r}: {MAX_OPTIMISTIC_RETRIES} concurrent writers in a row won the "
-            "race; nothing was written"
-        )
+            return cast("bytes | None", self._redis.get(self._keys.calibrator(name)))
 
     def clear_calibrator(self, name: str) -> None:
         with self._unavailable("clear a calibrator"):
@@ -548,15 +531,19 @@ class RedisStore:
     def _read_labels(self, key: str, group: str, consumer: str, count: int, block_ms: int,
                      claim_idle_ms: int) -> tuple[str, list[tuple[bytes, dict]], int]:
         backlog = int(self._redis.xlen(key))
-        pending = self._redis.xreadgroup(group, consumer, {key: "0"}, count=count)
+        pending = cast("list[tuple[bytes, StreamEntries]]",
+                       self._redis.xreadgroup(group, consumer, {key: "0"}, count=count))
         if pending and pending[0][1]:
             return ("pending", [(entry_id, fields or {}) for entry_id, fields in pending[0][1]],
                     backlog)
-        claimed = self._redis.xautoclaim(key, group, consumer, min_idle_time=claim_idle_ms,
-                                         start_id="0-0", count=count)
+        # (next start id, entries) and, from Redis 7, the ids of entries deleted meanwhile
+        claimed = cast("tuple[bytes, StreamEntries] | tuple[bytes, StreamEntries, list[bytes]]",
+                       self._redis.xautoclaim(key, group, consumer, min_idle_time=claim_idle_ms,
+                                              start_id="0-0", count=count))
         if claimed[1]:
             return "claimed", [(entry_id, fields or {}) for entry_id, fields in claimed[1]], backlog
-        new = self._redis.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
+        new = cast("list[tuple[bytes, StreamEntries]]",
+                   self._redis.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms))
         return "new", [] if not new else [(e, f or {}) for e, f in new[0][1]], backlog
 
     def ack_label_stream(self, group: str, entry_ids: Sequence[bytes],

@@ -26,16 +26,16 @@ def test_eata_with_adanpc_votes_grows_a_memory_that_survives_a_restart_and_reset
             reply = (await client.post("/v1/predict",
                                        json={"inputs": X_TEST[:64].tolist()})).json()
             after = (await client.get("/v1/state")).json()
-            memory = app.state.runtime.engine.memory
+            memory = app.state.runtime.engine.adanpc
             return before, reply, after, memory.rows(), memory.seed_size
 
     async def second_life():
         async with serving(settings) as (client, app):
-            reloaded = app.state.runtime.engine.memory.rows()
+            reloaded = app.state.runtime.engine.adanpc.rows()
             state = (await client.get("/v1/state")).json()
             reset = await client.post("/v1/admin/reset")
             cleared = (await client.get("/v1/state")).json()["memories"]
-            stored = app.state.runtime.store.store.load_memory("adanpc")
+            stored = app.state.runtime.store.raw.load_memory("adanpc")
             return reloaded, state, reset.status_code, cleared, stored
 
     before, reply, after, rows, seed = asyncio.run(first_life())

@@ -321,12 +321,14 @@ def worst_after_shift(runs: list) -> float:
     return float(np.mean([worst_window(r.covered[SHIFT_AT:], 100) for r in runs]))
 
 
+@pytest.mark.slow  # the shifted_runs fixture: 30 long calibrator runs
 @pytest.mark.parametrize("name", ["saocp", "faci"])
 def test_strongly_adaptive_calibrators_cover_0_9_within_a_point(shifted_runs, name) -> None:
     coverage = np.mean([run.covered.mean() for run in shifted_runs[name]])
     assert abs(coverage - 0.9) <= 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["saocp", "faci"])
 def test_strongly_adaptive_calibrators_recover_from_the_shift_faster_than_aci(
     shifted_runs, name,

@@ -77,7 +77,7 @@ def test_the_stored_calibrator_is_the_sequence_of_label_scores_each_applied_once
             labels = [{"id": i, "label": int(y)} for i, y in zip(ids, y_test[:64], strict=True)]
             await client.post("/v1/feedback", json={"labels": labels[:40]})
             await client.post("/v1/feedback", json={"labels": labels})  # 40 duplicates
-            stored = app.state.runtime.store.store.load_calibrator("conformal")
+            stored = app.state.runtime.store.raw.load_calibrator("conformal")
             return reply["predictions"], json.loads(stored)
 
     predictions, stored = asyncio.run(scenario())
@@ -167,6 +167,7 @@ def _post(port: int, path: str, body: dict) -> dict:
         return json.load(reply)
 
 
+@pytest.mark.slow
 def test_two_replicas_labelling_at_once_apply_every_update_to_the_shared_calibrator_once(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import uuid
 
 import numpy as np
+import pytest
 from harness import metric, serving, settings_for
 from redis_server import RedisServer
 
@@ -28,6 +29,7 @@ def _stream() -> tuple[np.ndarray, np.ndarray]:
             np.concatenate([y_test[:CHANGE_AT], y_test[:640]]))
 
 
+@pytest.mark.slow
 def test_an_abrupt_change_boosts_the_learning_rate_once_and_it_decays_back_to_base() -> None:
     inputs, _ = _stream()
     settings = {"adapter": {"name": "tent", "learning_rate": BASE},
@@ -80,9 +82,10 @@ def test_an_abrupt_change_boosts_the_learning_rate_once_and_it_decays_back_to_ba
     assert state["drift_policy"]["samples"] == len(inputs) + 30 * 32
 
 
+@pytest.mark.slow
 def test_a_labelled_alarm_trims_the_error_memory_here_and_in_the_store() -> None:
     inputs, labels = _stream()
-    settings = {"compensation": {"kind": "exact"},
+    settings = {"error_memory": {"kind": "exact"},
                 "drift": {"label_free": [], "policy": {"trim_keep": 40}},
                 "batcher": {"max_wait_ms": 0}}
 
@@ -97,8 +100,8 @@ def test_a_labelled_alarm_trims_the_error_memory_here_and_in_the_store() -> None
                 await client.post("/v1/feedback", json={"labels": [
                     {"id": i, "label": int(y)}
                     for i, y in zip(ids, labels[start:start + 32], strict=True)]})
-                sizes.append(len(runtime.engine.compensation))
-            stored = len(runtime.store.store.load_memory("error_memory"))
+                sizes.append(len(runtime.engine.error_memory))
+            stored = len(runtime.store.raw.load_memory("error_memory"))
             actions = (await client.get("/v1/events", params={"kind": "drift_action"})).json()
             return sizes, stored, actions["events"]
 
@@ -113,6 +116,7 @@ def test_a_labelled_alarm_trims_the_error_memory_here_and_in_the_store() -> None
     assert stored == sizes[-1]
 
 
+@pytest.mark.slow
 def test_detectors_and_the_policy_resume_after_a_restart(redis_server: RedisServer) -> None:
     inputs, _ = _stream()
     settings = settings_for(store={"url": redis_server.url, "namespace": uuid.uuid4().hex},

@@ -27,7 +27,7 @@ def test_labels_pull_a_repeated_input_towards_its_label_and_the_memory_grows_onc
     image = x_test[0].tolist()
 
     async def scenario():
-        async with serving(compensation={"kind": "exact", "weight": 0.5, "k": 10}) as (client, app):
+        async with serving(error_memory={"kind": "exact", "weight": 0.5, "k": 10}) as (client, app):
             first = (await client.post("/v1/predict", json={
                 "inputs": [image] * 8, "ids": [f"same-{i}" for i in range(8)]})).json()
             probs = first["predictions"][0]["probabilities"]
@@ -37,9 +37,9 @@ def test_labels_pull_a_repeated_input_towards_its_label_and_the_memory_grows_onc
             again = (await client.post("/v1/feedback", json=labels)).json()
             after = (await client.post("/v1/predict", json={"inputs": [image]})).json()
             runtime = app.state.runtime
-            stored = runtime.store.store.load_memory("error_memory")
+            stored = runtime.store.raw.load_memory("error_memory")
             return (probs, wrong, joined, again, after["predictions"][0], stored,
-                    len(runtime.engine.compensation), metric(app, "adaptd_memory_size",
+                    len(runtime.engine.error_memory), metric(app, "adaptd_memory_size",
                                                              memory="error_memory"))
 
     probs, wrong, joined, again, after, stored, size, gauge = asyncio.run(scenario())
@@ -56,7 +56,7 @@ def test_a_regressor_is_compensated_halfway_towards_what_its_neighbours_turned_o
         source = float(regressor()(torch.from_numpy(inputs[:1]))[0, 0])
 
     async def scenario():
-        async with serving(model=REGRESSOR, compensation={"kind": "exact", "weight": 0.5},
+        async with serving(model=REGRESSOR, error_memory={"kind": "exact", "weight": 0.5},
                            adapter={"name": "none"}) as (client, _):
             await client.post("/v1/predict", json={"inputs": inputs.tolist(),
                                                    "ids": ["r0", "r1", "r2", "r3"]})
@@ -76,8 +76,8 @@ def test_the_output_corrector_learns_an_offset_from_labels() -> None:
 
     async def scenario():
         async with serving(model=REGRESSOR, adapter={"name": "none"},
-                           correction={"enabled": True, "learning_rate": 0.01, "steps": 5,
-                                       "hidden": 32}) as (client, app):
+                           output_corrector={"enabled": True, "learning_rate": 0.01,
+                                             "steps": 5, "hidden": 32}) as (client, app):
             errors = []
             for start in range(0, 256, 32):
                 ids = [f"c{i}" for i in range(start, start + 32)]
@@ -104,8 +104,8 @@ def test_a_model_without_normalisation_adapts_to_labels_through_a_low_rank_adapt
 
     async def scenario():
         async with serving(model=REGRESSOR, adapter={"name": "none"},
-                           feedback={"supervised": {"enabled": True, "learning_rate": 0.01,
-                                                    "batch_size": 32}}) as (client, app):
+                           supervised={"enabled": True, "learning_rate": 0.01,
+                                       "batch_size": 32}) as (client, app):
             engine = app.state.runtime.engine
             assert engine.supervised.param_names[-1].endswith("lora_B")
             for _ in range(12):
@@ -135,17 +135,17 @@ def test_an_operator_reset_empties_the_error_memory_and_its_stored_rows() -> Non
     _, _, x_test, y_test = digits_split()
 
     async def scenario():
-        async with serving(compensation={"kind": "hashed"}) as (client, app):
+        async with serving(error_memory={"kind": "hashed"}) as (client, app):
             ids = [f"h{i}" for i in range(16)]
             await client.post("/v1/predict", json={"inputs": x_test[:16].tolist(), "ids": ids})
             await client.post("/v1/feedback", json={"labels": [
                 {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:16], strict=True)]})
             runtime = app.state.runtime
-            before = (len(runtime.engine.compensation),
-                      len(runtime.store.store.load_memory("error_memory")))
+            before = (len(runtime.engine.error_memory),
+                      len(runtime.store.raw.load_memory("error_memory")))
             await client.post("/v1/admin/reset")
-            after = (len(runtime.engine.compensation),
-                     len(runtime.store.store.load_memory("error_memory")))
+            after = (len(runtime.engine.error_memory),
+                     len(runtime.store.raw.load_memory("error_memory")))
             return before, after
 
     assert asyncio.run(scenario()) == ((16, 16), (0, 0))
@@ -153,7 +153,7 @@ def test_an_operator_reset_empties_the_error_memory_and_its_stored_rows() -> Non
 
 def test_the_error_memory_comes_back_from_redis_after_a_restart(redis_server: RedisServer) -> None:
     _, _, x_test, y_test = digits_split()
-    settings = settings_for(compensation={"kind": "exact"},
+    settings = settings_for(error_memory={"kind": "exact"},
                             store={"url": redis_server.url, "namespace": uuid.uuid4().hex})
 
     async def first_life():
@@ -162,24 +162,24 @@ def test_the_error_memory_comes_back_from_redis_after_a_restart(redis_server: Re
             await client.post("/v1/predict", json={"inputs": x_test[:40].tolist(), "ids": ids})
             await client.post("/v1/feedback", json={"labels": [
                 {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:40], strict=True)]})
-            return app.state.runtime.engine.compensation.rows()
+            return app.state.runtime.engine.error_memory.rows()
 
     async def second_life():
         async with serving(settings) as (_, app):
-            return app.state.runtime.engine.compensation.rows()
+            return app.state.runtime.engine.error_memory.rows()
 
     before = asyncio.run(first_life())
     np.testing.assert_array_equal(asyncio.run(second_life()), before)
     assert before.shape[0] == 40
 
 
-def test_compensation_on_a_model_without_a_linear_layer_is_refused_at_start() -> None:
+def test_error_memory_on_a_model_without_a_linear_layer_is_refused_at_start() -> None:
     from service.runtime import build_engine
 
     settings = settings_for(model={"factory": "tests.models:no_linear", "name": "conv",
                                    "task": "regression", "input_shape": [3], "num_classes": None},
-                            compensation={"kind": "exact"})
-    with pytest.raises(ValueError, match="compensation.kind = 'off'"):
+                            error_memory={"kind": "exact"})
+    with pytest.raises(ValueError, match="error_memory.kind = 'off'"):
         from service.events import EventLog
         from service.metrics import Metrics
 
@@ -199,7 +199,7 @@ def test_a_multi_output_regressor_takes_one_label_value_per_output() -> None:
 
     async def scenario():
         async with serving(model=model, adapter={"name": "none"},
-                           compensation={"kind": "exact", "weight": 0.5}) as (client, app):
+                           error_memory={"kind": "exact", "weight": 0.5}) as (client, app):
             await client.post("/v1/predict", json={"inputs": inputs.tolist(),
                                                    "ids": ["f0", "f1", "f2", "f3"]})
             scalar = await client.post("/v1/feedback", json={"labels": [{"id": "f0",
@@ -209,7 +209,7 @@ def test_a_multi_output_regressor_takes_one_label_value_per_output() -> None:
             joined = (await client.post("/v1/feedback", json={"labels": [
                 {"id": f"f{i}", "label": truth} for i in range(4)]})).json()
             after = (await client.post("/v1/predict", json={"inputs": inputs[:1].tolist()})).json()
-            record = app.state.runtime.store.store.get_prediction("f0")
+            record = app.state.runtime.store.raw.get_prediction("f0")
             state = (await client.get("/v1/state")).json()
             return scalar, short, joined, after["predictions"][0], record, state
 
@@ -221,12 +221,12 @@ def test_a_multi_output_regressor_takes_one_label_value_per_output() -> None:
     assert state["quality"]["rolling_error"] == pytest.approx(1.5, abs=1e-5)
 
 
-def test_compensation_options_cannot_override_the_sections_own_keys() -> None:
+def test_error_memory_options_cannot_override_the_sections_own_keys() -> None:
     from service.events import EventLog
     from service.metrics import Metrics
     from service.runtime import build_engine
 
     metrics = Metrics()
-    settings = settings_for(compensation={"kind": "hashed", "options": {"capacity": 5}})
-    with pytest.raises(ValueError, match=r"compensation.options \['capacity'\]"):
+    settings = settings_for(error_memory={"kind": "hashed", "options": {"capacity": 5}})
+    with pytest.raises(ValueError, match=r"error_memory.options \['capacity'\]"):
         build_engine(settings, metrics, EventLog(metrics))

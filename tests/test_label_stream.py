@@ -38,13 +38,13 @@ def test_a_bulk_back_fill_joins_every_line_once_and_reports_the_rest() -> None:
     lines += [{"id": "bulk-3", "label": 1}, {"id": "never-made", "label": 2}]
 
     async def scenario():
-        async with serving(compensation={"kind": "exact"}) as (client, app):
+        async with serving(error_memory={"kind": "exact"}) as (client, app):
             await client.post("/v1/predict", json={"inputs": x_test[:100].tolist(), "ids": ids})
             first = await client.post("/v1/feedback/bulk", content=ndjson(lines), headers=NDJSON)
             again = await client.post("/v1/feedback/bulk", content=ndjson(lines[:10]),
                                       headers=NDJSON)
             return (first.status_code, first.json(), again.json(),
-                    len(app.state.runtime.engine.compensation),
+                    len(app.state.runtime.engine.error_memory),
                     metric(app, "adaptd_labels_total", outcome="joined"))
 
     status, first, again, memory_rows, joined = asyncio.run(scenario())
@@ -72,7 +72,7 @@ def test_a_bad_line_rejects_the_whole_body_and_applies_nothing(body: bytes, mess
             await client.post("/v1/predict", json={"inputs": x_test[:2].tolist(),
                                                    "ids": ["a", "b"]})
             reply = await client.post("/v1/feedback/bulk", content=body, headers=NDJSON)
-            return reply, app.state.runtime.store.store.get_prediction("a").label
+            return reply, app.state.runtime.store.raw.get_prediction("a").label
 
     reply, label = asyncio.run(scenario())
     assert reply.status_code == 422 and message in reply.json()["detail"]
@@ -95,7 +95,7 @@ def test_bulk_needs_ndjson_and_respects_the_body_limit() -> None:
 
 def _stream_settings(redis_server: RedisServer, namespace: str, **feedback):
     return settings_for(store={"url": redis_server.url, "namespace": namespace},
-                        compensation={"kind": "exact", "capacity": 20_000},
+                        error_memory={"kind": "exact", "capacity": 20_000},
                         feedback={"stream": True, "stream_block_ms": 100, **feedback})
 
 
@@ -131,8 +131,8 @@ def test_the_stream_applies_labels_dead_letters_malformed_entries_and_empties(
             return (metric(app, "adaptd_labels_total", outcome="joined"),
                     metric(app, "adaptd_labels_total", outcome="duplicate"),
                     metric(app, "adaptd_label_stream_backlog"),
-                    len(runtime.engine.compensation),
-                    runtime.store.store.get_prediction("s-0").label)
+                    len(runtime.engine.error_memory),
+                    runtime.store.raw.get_prediction("s-0").label)
 
     joined, duplicate, backlog, rows, label = asyncio.run(scenario())
     assert (joined, duplicate, backlog, rows) == (50.0, 1.0, 0.0, 50)
@@ -190,7 +190,7 @@ def test_an_entry_joined_but_never_acknowledged_is_redelivered_and_changes_nothi
     async def scenario():
         async with serving(_stream_settings(redis_server, namespace)) as (client, app):
             runtime = app.state.runtime
-            store = runtime.store.store
+            store = runtime.store.raw
             real_ack, failures = store.ack_label_stream, []
 
             def ack_fails_once(*args, **kwargs):
@@ -207,7 +207,7 @@ def test_an_entry_joined_but_never_acknowledged_is_redelivered_and_changes_nothi
             await _until(lambda: redis_client.xlen(keys.labels()) == 0)
             return (metric(app, "adaptd_labels_total", outcome="joined"),
                     metric(app, "adaptd_labels_total", outcome="duplicate"),
-                    len(runtime.engine.compensation), redis_client.llen(
+                    len(runtime.engine.error_memory), redis_client.llen(
                         keys.memory("error_memory")))
 
     joined, duplicate, rows, stored = asyncio.run(scenario())
@@ -230,7 +230,7 @@ def _start(redis_url: str, namespace: str, port: int) -> subprocess.Popen:
         "ADAPTD_STORE__URL": redis_url, "ADAPTD_STORE__NAMESPACE": namespace,
         "ADAPTD_FEEDBACK__STREAM": "true", "ADAPTD_FEEDBACK__STREAM_BATCH": "250",
         "ADAPTD_FEEDBACK__STREAM_CLAIM_IDLE_MS": "1000",
-        "ADAPTD_COMPENSATION__KIND": "exact", "ADAPTD_COMPENSATION__CAPACITY": "20000",
+        "ADAPTD_ERROR_MEMORY__KIND": "exact", "ADAPTD_ERROR_MEMORY__CAPACITY": "20000",
         "ADAPTD_BATCHER__MAX_REQUEST_SAMPLES": "1000",
     })
 
@@ -242,6 +242,7 @@ def _wait(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ten_thousand_labels_through_a_killed_consumer_are_each_applied_exactly_once(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:

@@ -38,7 +38,7 @@ def test_after_a_failure_the_gateway_fails_fast_until_its_backoff_ends():
             clock.now += advance
             started = time.perf_counter()
             with pytest.raises(StoreUnavailable) as error:
-                await gateway.call("join_labels", store.join_labels, [("a", 1.0)])
+                await gateway.join_labels([("a", 1.0)])
             outcomes.append(("not retried" in str(error.value), time.perf_counter() - started))
         return outcomes, await gateway.ping()
 
@@ -73,14 +73,14 @@ def test_labels_joined_before_a_store_failure_are_applied_and_a_retry_completes_
     async def scenario():
         async with serving() as (client, app):
             runtime = app.state.runtime
-            healthy = runtime.store.store
+            healthy = runtime.store.raw
             await client.post("/v1/predict", json={"inputs": x_test[:8].tolist(),
                                                    "ids": [f"p{i}" for i in range(8)]})
-            runtime.store.store = FailsHalfway(healthy)
+            runtime.store.raw = FailsHalfway(healthy)
             labels = [{"id": f"p{i}", "label": int(y_test[i])} for i in range(8)]
             failed = await client.post("/v1/feedback", json={"labels": labels})
             counted = (await client.get("/v1/state")).json()["quality"]["labels"]
-            runtime.store.store = healthy
+            runtime.store.raw = healthy
             runtime.store._answered()
             retried = await client.post("/v1/feedback", json={"labels": labels})
             joined = metric(app, "adaptd_labels_total", outcome="joined")

@@ -13,14 +13,17 @@ from harness import serving, settings_for
 from safetensors.torch import load
 
 from service.demo import digits_split
-from store import MemoryStore
+from store import LabelEffects, MemoryStore, PredictionRecord
 
 
 def test_a_snapshot_restores_the_lasting_state_and_refuses_another_namespace() -> None:
     store = MemoryStore(namespace="snap", record_ttl_s=60)
     store.save_adapter(b"weights-1")
     store.append_memory("error_memory", np.ones((3, 4), dtype=np.float32), cap=10)
-    store.update_calibrator("conformal", lambda _: b"state")
+    store.put_predictions([PredictionRecord(id="p-1", created_at=0.0, prediction=1.0,
+                                            outputs=np.ones(2, dtype=np.float32))])
+    store.join_labels([("p-1", 1)], effects=lambda joined, states: LabelEffects(
+        calibrators={"conformal": b"state"}), calibrators=["conformal"])
     store.save_state("drift", b"{}")
     store.append_events([{"kind": "reset"}], cap=10)
 
@@ -43,7 +46,7 @@ def test_a_snapshot_restores_the_lasting_state_and_refuses_another_namespace() -
 def test_the_embedded_service_resumes_from_its_snapshot(tmp_path: Path) -> None:
     _, _, x_test, y_test = digits_split()
     settings = settings_for(store={"snapshot_path": str(tmp_path / "state.json")},
-                            adapter={"name": "tent"}, compensation={"kind": "exact"})
+                            adapter={"name": "tent"}, error_memory={"kind": "exact"})
 
     async def first_life():
         async with serving(settings) as (client, app):

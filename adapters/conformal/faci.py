@@ -32,6 +32,9 @@ class FACI(Calibrator):
     name = "faci"
     gammas = tuple(0.001 * 2**k for k in range(8))
     horizon = 100
+    # set by reset()
+    _alphas: np.ndarray
+    _weights: np.ndarray
 
     def __init__(self, alpha: float = 0.1, window: int | None = 10_000) -> None:
         super().__init__(alpha)

@@ -49,6 +49,11 @@ class SAOCP(Calibrator):
     """
 
     name = "saocp"
+    # set by reset()
+    _t: int
+    _threshold: float
+    # step at which an expert retires -> its slots in the table
+    _retiring: dict[int, list[int]]
 
     def __init__(self, alpha: float = 0.1, max_scale: float = 1.0, lifetime: int = 32) -> None:
         super().__init__(alpha)
@@ -148,7 +153,7 @@ class SAOCP(Calibrator):
         super().reset()
         self._t = 1
         self._use_table(np.zeros((11, 0)))
-        self._retiring: dict[int, list[int]] = {}
+        self._retiring = {}
         self._threshold = 0.0
 
     def _dynamic_state(self) -> dict[str, Any]:

@@ -27,6 +27,9 @@ class SFOGD(Calibrator):
     """
 
     name = "sfogd"
+    # set by reset()
+    _threshold: float
+    grad_sq_sum: float
 
     def __init__(self, alpha: float = 0.1, max_scale: float = 1.0) -> None:
         super().__init__(alpha)

@@ -42,10 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
+from adapters.task import Task, task_named
 from adapters.tta.norm import frozen_statistics, normalisation_affines
 
 PREFERENCES = ("lowrank", "norm")
-LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "huber")}
 
 
 class LowRankLinear(nn.Linear):
@@ -74,9 +74,9 @@ class LowRankLinear(nn.Linear):
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.scaling = self.alpha / rank
-        factory = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as LoRA and nn.Linear do
         self._initial_A = self.lora_A.detach().clone()
 
@@ -213,28 +213,28 @@ class SupervisedStep:
     def __init__(
         self,
         model: nn.Module,
-        task: str,
+        task: str | Task,
         learning_rate: float = 1e-3,
         prefer: str = "lowrank",
         loss: str | None = None,
         huber_delta: float = 1.0,
         max_learning_rate: float = 1e-2,
     ) -> None:
-        if task not in LOSSES:
-            raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(LOSSES)}")
-        loss = loss or LOSSES[task][0]
-        if loss not in LOSSES[task]:
-            raise ValueError(f"loss {loss!r} does not fit {task}; choose one of: "
-                             f"{', '.join(LOSSES[task])}")
+        self.task = task_named(task)
+        loss = loss or self.task.losses[0]
+        if loss not in self.task.losses:
+            raise ValueError(f"loss {loss!r} does not fit {self.task}; choose one of: "
+                             f"{', '.join(self.task.losses)}")
         if not 0 < learning_rate <= max_learning_rate:
             raise ValueError(f"learning rate {learning_rate} must be positive and at most the cap "
                              f"{max_learning_rate}")
         self.model = model
-        self.task = task
         self.loss = loss
         self.huber_delta = huber_delta
         self.max_learning_rate = max_learning_rate
         self.params, self.param_names = supervised_parameters(model, prefer)
+        # what `prefer` found: the preferred kind falls back to the other when the model lacks it
+        self.trains = "lowrank" if any("lora_" in n for n in self.param_names) else "norm"
         model.requires_grad_(False)
         for param in self.params:
             param.requires_grad_(True)
@@ -298,18 +298,11 @@ class SupervisedStep:
         load_optimizer_tensors(self.optimizer, state)
         self.steps = int(state.get("steps", torch.tensor(0)))
 
+    def describe(self) -> dict[str, object]:
+        """What trains, at which rate, and how often it has stepped."""
+        return {"name": self.name, "trains": self.trains, "parameters": len(self.params),
+                "loss": self.loss, "learning_rate": self.learning_rate, "steps": self.steps}
+
     def _loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels).to(outputs.device)
-        if self.task == "classification":
-            if labels.shape != (len(outputs),):
-                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected "
-                                 f"({len(outputs)},) class indices")
-            return F.cross_entropy(outputs, labels.long())
-        labels = labels.to(outputs.dtype)
-        if labels.numel() != outputs.numel() or len(labels) != len(outputs):
-            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected the outputs' "
-                             f"{tuple(outputs.shape)}")
-        labels = labels.reshape(outputs.shape)
-        if self.loss == "huber":
-            return F.huber_loss(outputs, labels, delta=self.huber_delta)
-        return F.mse_loss(outputs, labels)
+        return self.task.loss(outputs, labels, self.loss, self.huber_delta)

@@ -279,6 +279,11 @@ class OutputCorrector:
 
     # --- state ------------------------------------------------------------------------------
 
+    def describe(self) -> dict[str, object]:
+        """Its rate, its steps and how many labelled samples its replay window holds."""
+        return {"name": self.name, "learning_rate": self.learning_rate, "steps": self.steps,
+                "window": self.window, "loss": self.loss, "uses_features": self.feature_dim > 0}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Network parameters, Adam's moments, the step count and the replay window."""
         state = {f"param.{name}": value.detach().clone()
@@ -330,7 +335,8 @@ class OutputCorrector:
                   targets: torch.Tensor) -> None:
         self._window_outputs = torch.cat([self._window_outputs, outputs])[-self.window:]
         self._window_targets = torch.cat([self._window_targets, targets])[-self.window:]
-        if features is not None:
+        # both are None exactly when feature_dim == 0 (see `_checked_features`, `_clear_window`)
+        if features is not None and self._window_features is not None:
             self._window_features = torch.cat([self._window_features, features])[-self.window:]
 
     def _checked_predictions(self, values: torch.Tensor, count: int | None,

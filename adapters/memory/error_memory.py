@@ -48,8 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from adapters.memory.knn import checked_features, cosine_top_k
+from adapters.task import Task, task_named
 
-TASKS = ("classification", "regression")
 KINDS = ("exact", "hashed")
 # tolerance on predicted probabilities: a softmax in float32 sums to 1 within ~1e-6
 PROBABILITY_TOLERANCE = 1e-3
@@ -65,14 +65,13 @@ class _LabelledWindow:
 
     name: ClassVar[str] = "error_memory"
 
-    def __init__(self, feature_dim: int, output_dim: int, task: str, gamma: float,
+    def __init__(self, feature_dim: int, output_dim: int, task: str | Task, gamma: float,
                  compensation_weight: float, capacity: int,
                  feature_mean: torch.Tensor | None) -> None:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+        task = task_named(task)
         if feature_dim < 1:
             raise ValueError(f"feature_dim must be at least 1, got {feature_dim}")
-        if output_dim < 1 or (task == "classification" and output_dim < 2):
+        if output_dim < 1 or (task.discrete and output_dim < 2):
             raise ValueError(
                 f"output_dim must be the number of classes (>= 2) for classification or the "
                 f"number of predicted values (>= 1) for regression, got {output_dim}"
@@ -135,9 +134,7 @@ class _LabelledWindow:
                 raise ValueError(f"{len(features)} feature rows for {len(predicted)} predictions")
             return predictions.clone()
         corrected = predicted + self.compensation_weight * self._error(features, predicted)
-        if self.task == "classification":
-            corrected = corrected.clamp(0.0, 1.0)
-            corrected = corrected / corrected.sum(1, keepdim=True)
+        corrected = self.task.settle(corrected)
         return corrected.reshape(predictions.shape).to(predictions.dtype).to(predictions.device)
 
     @torch.no_grad()
@@ -357,7 +354,7 @@ class _LabelledWindow:
 
     def _as_matrix(self, values: torch.Tensor, what: str, count: int | None) -> torch.Tensor:
         values = torch.as_tensor(values).detach().to("cpu", torch.float32)
-        if values.ndim == 1 and self.task == "regression" and self.output_dim == 1:
+        if values.ndim == 1 and not self.task.discrete and self.output_dim == 1:
             values = values[:, None]
         if values.ndim != 2 or values.shape[1] != self.output_dim or (
                 count is not None and len(values) != count):
@@ -370,24 +367,17 @@ class _LabelledWindow:
 
     def _checked_predictions(self, predictions: torch.Tensor, count: int | None) -> torch.Tensor:
         predicted = self._as_matrix(predictions, "predictions", count)
-        if self.task == "classification":
+        if self.task.discrete:
             _check_distributions(predicted, "predictions",
                                  "pass class probabilities (the softmax of the logits)")
         return predicted
 
     def _checked_labels(self, labels: torch.Tensor, count: int) -> torch.Tensor:
         labels = torch.as_tensor(labels).detach()
-        if self.task == "classification" and labels.ndim == 1:
-            if labels.is_floating_point() and not torch.equal(labels, labels.round()):
-                raise ValueError("classification labels (n,) must be integer class indices")
-            labels = labels.to("cpu", torch.long)
-            if labels.shape != (count,):
-                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected ({count},)")
-            if count and (labels.min() < 0 or labels.max() >= self.output_dim):
-                raise ValueError(f"labels must lie in 0..{self.output_dim - 1}")
-            return F.one_hot(labels, self.output_dim).to(torch.float32)
-        targets = self._as_matrix(labels, "labels", count)
-        if self.task == "classification":
+        if len(labels) != count:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}; expected ({count}, ...)")
+        targets = self._as_matrix(self.task.targets(labels, self.output_dim), "labels", count)
+        if self.task.discrete:
             _check_distributions(targets, "labels", "pass class indices or label distributions")
         return targets
 
@@ -457,7 +447,7 @@ class ErrorMemory(_LabelledWindow):
         self,
         feature_dim: int,
         output_dim: int,
-        task: str = "classification",
+        task: str | Task = "classification",
         k: int = 100,
         temperature: float = 0.1,
         gamma: float = 1.0,
@@ -532,7 +522,7 @@ class HashedErrorMemory(_LabelledWindow):
         self,
         feature_dim: int,
         output_dim: int,
-        task: str = "classification",
+        task: str | Task = "classification",
         bits: int = 8,
         tables: int = 8,
         gamma: float = 1.0,
@@ -634,7 +624,7 @@ def build_error_memory(kind: str = "exact", **options: object) -> ErrorMemory | 
     except KeyError:
         raise ValueError(f"unknown error memory kind {kind!r}; choose one of: "
                          f"{', '.join(KINDS)}") from None
-    accepted = set(inspect.signature(memory_cls.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(memory_cls).parameters)
     unknown = set(options) - accepted
     if unknown:
         raise ValueError(f"the {kind} error memory has no option {sorted(unknown)}; it takes "

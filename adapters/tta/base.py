@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 import torch
 import torch.nn as nn
@@ -48,6 +48,8 @@ class Adapter:
 
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    # which normalisation statistics it runs with ("robust", "batch", "source"); "" for none
+    norm: str = ""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -90,6 +92,15 @@ class Adapter:
             "backward_samples": self.backward_samples,
             "version": self.version,
         }
+
+
+class CommonKnobs(TypedDict, total=False):
+    """`GradientAdapter`'s keyword arguments, which each gradient method passes on as `**common`."""
+
+    norm: str
+    norm_momentum: float
+    adapt_batch_size: int
+    max_learning_rate: float
 
 
 class GradientAdapter(Adapter):

@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.tta.base import AdaptOutput, GradientAdapter, softmax_entropy
+from adapters.tta.base import AdaptOutput, CommonKnobs, GradientAdapter, softmax_entropy
 from adapters.tta.fisher import fisher_information
 from adapters.tta.norm import normalisation_affines
 
@@ -97,7 +98,7 @@ class ETA(GradientAdapter):
         learning_rate: float = 1e-3,
         e_margin_factor: float = 0.4,
         d_margin: float = 0.4,
-        **common: object,
+        **common: Unpack[CommonKnobs],
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"{self.name} needs num_classes of at least 2, got {num_classes}")
@@ -222,7 +223,7 @@ class EATA(ETA):
         calibration: torch.Tensor | None = None,
         fisher_samples: int = 2000,
         fisher_batch_size: int = 64,
-        **common: object,
+        **common: Unpack[CommonKnobs],
     ) -> None:
         # checked before the model is touched, so a failed construction leaves it as it was
         if calibration is None or len(calibration) == 0:
@@ -245,10 +246,10 @@ class EATA(ETA):
 
     def fisher_penalty(self) -> torch.Tensor:
         """beta * sum over trained parameters of F * (theta - theta0)^2, elementwise."""
-        penalty = sum(
+        penalty = torch.stack([
             (self.fisher[name] * (param - self.source_params[name]) ** 2).sum()
             for name, param in zip(self.param_names, self.params, strict=True)
-        )
+        ]).sum()
         return self.fisher_beta * penalty
 
     def loss(self, outputs: torch.Tensor, selection: Selection) -> torch.Tensor:

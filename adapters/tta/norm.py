@@ -30,6 +30,12 @@ class RobustBatchNorm(nn.Module):
     [2.0, -2.0]
     """
 
+    # buffers, registered in __init__
+    source_mean: torch.Tensor
+    source_square: torch.Tensor
+    mean: torch.Tensor
+    square: torch.Tensor
+
     def __init__(self, bn: _BatchNorm, momentum: float = 0.02) -> None:
         super().__init__()
         if bn.running_mean is None or bn.running_var is None:

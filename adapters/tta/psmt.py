@@ -51,11 +51,12 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Unpack
 
 import torch
 import torch.nn as nn
 
-from adapters.tta.base import AdaptOutput, GradientAdapter
+from adapters.tta.base import AdaptOutput, CommonKnobs, GradientAdapter
 from adapters.tta.fisher import fisher_information
 from adapters.tta.norm import RobustBatchNorm
 
@@ -142,7 +143,7 @@ class PSMT(GradientAdapter):
         calibration: torch.Tensor | None = None,
         fisher_samples: int = 2000,
         fisher_batch_size: int = 64,
-        **common: object,
+        **common: Unpack[CommonKnobs],
     ) -> None:
         if calibration is None:
             raise ValueError(
@@ -179,10 +180,10 @@ class PSMT(GradientAdapter):
 
     def ewc_penalty(self) -> torch.Tensor:
         """λ Σ F (θ - θ0)², summed over every trained entry."""
-        return self.ewc_lambda * sum(
+        return self.ewc_lambda * torch.stack([
             (self.fisher[name] * (p - self.source_values[name]) ** 2).sum()
             for name, p in self.params.items()
-        )
+        ]).sum()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's forward; its robust BN commits statistics exactly when the student's do."""

@@ -13,10 +13,12 @@ robust test-time statistics, taking its step once `adapt_batch_size` samples hav
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 import torch.nn as nn
 
-from adapters.tta.base import AdaptOutput, GradientAdapter, softmax_entropy
+from adapters.tta.base import AdaptOutput, CommonKnobs, GradientAdapter, softmax_entropy
 from adapters.tta.norm import normalisation_affines
 
 
@@ -41,7 +43,7 @@ class Tent(GradientAdapter):
         model: nn.Module,
         learning_rate: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
-        **common: object,
+        **common: Unpack[CommonKnobs],
     ) -> None:
         super().__init__(model, **common)
         self.params, self.param_names = normalisation_affines(self.model)

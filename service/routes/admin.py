@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, status
 
 from service.deps import get_runtime, require_token
-from service.gateway import housekeep
 from service.routes.status import adapter_state
 from service.runtime import Runtime
 from service.schemas import AdapterState, CheckpointResponse
@@ -19,13 +18,12 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)])
 @router.post("/v1/admin/reset", response_model=AdapterState)
 async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterState:
     """Return the adapter to the source weights (after the batches already queued)."""
-    work = await runtime.engine.run(runtime.engine.reset_adapter)
-    try:
-        await housekeep(runtime.store, work, runtime.persisted_memories, runtime.conformal)
-    except StoreUnavailable as exc:
+    await runtime.sync.run(runtime.engine.reset_adapter)
+    if runtime.sync.pending:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"the adapter was reset, but its stored memory was not: {exc}; "
-                            "reset again when the store is back") from None
+                            f"the adapter was reset, but its stored memory was not "
+                            f"({runtime.store.last_error}); it is cleared there when the store "
+                            "answers again")
     return adapter_state(runtime)
 
 

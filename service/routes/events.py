@@ -35,8 +35,7 @@ async def events(
                                      "use limit (and kind)")
         await runtime.flush_events()
         try:
-            events = await runtime.store.call(
-                "load_events", runtime.store.store.load_events, runtime.settings.drift.events_kept)
+            events = await runtime.store.load_events(runtime.settings.drift.events_kept)
         except StoreUnavailable as exc:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     if kind is not None:

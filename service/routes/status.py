@@ -30,7 +30,7 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
     classes = model.class_names or (
         [str(i) for i in range(model.num_classes)] if model.num_classes else None
     )
-    store = runtime.store.store
+    store = runtime.store
     drift = runtime.engine.drift
     detectors: list[dict] = []
     drift_policy = None
@@ -38,14 +38,13 @@ async def state(runtime: Annotated[Runtime, Depends(get_runtime)]) -> StateRespo
         detectors = await runtime.engine.run(drift.describe)
         drift_policy = await runtime.engine.run(drift.describe_policy)
     return StateResponse(
-        model=ModelState(name=model.name, task=model.task, input_shape=list(model.input_shape),
+        model=ModelState(name=model.name, task=model.task.name, input_shape=list(model.input_shape),
                          classes=classes, version=model.version),
         adapter=adapter_state(runtime),
         calibrator=None if runtime.conformal is None else runtime.conformal.describe(),
         detectors=detectors,
         drift_policy=drift_policy,
-        memories={m.name: len(m) for m in (runtime.engine.memory, runtime.engine.compensation)
-                  if m is not None},
+        memories={m.name: len(m) for m in runtime.engine.memories()},
         store=StoreState(backend=store.backend, namespace=store.namespace, up=runtime.store.up,
                          record_ttl_s=store.record_ttl_s),
         batcher=BatcherState(max_batch_size=runtime.batcher.max_batch_size,
