@@ -59,7 +59,7 @@ def build_adapter(settings: AdapterKnobs | str, model: nn.Module, task: str | Ta
 
     Common knobs (norm, norm_momentum, adapt_batch_size, max_learning_rate, learning_rate) go to
     the methods that take them; `settings.options` are the method's own constructor arguments;
-    `context` (num_classes, calibration data) goes to the methods whose constructors name it.
+    `context` (num_classes, the reference inputs) goes to the methods whose constructors name it.
 
     >>> import torch.nn as nn
     >>> build_adapter("none", nn.Linear(4, 2), task="classification").name

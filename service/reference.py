@@ -24,8 +24,8 @@ class ReferenceData:
 
 
 def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData | None:
-    """The configured reference data, at most `calibration_samples` rows, or None."""
-    limit = settings.adapter.calibration_samples
+    """The configured reference data, at most `model.reference_samples` rows, or None."""
+    limit = settings.model.reference_samples
     path = settings.model.reference_data
     if path is None:
         if settings.model.factory != DEMO_FACTORY:

@@ -211,10 +211,10 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     try:
         adapter = build_adapter(
             settings.adapter, model.module, model.task, num_classes=model.num_classes,
-            calibration=None if reference is None else reference.inputs,
+            reference=None if reference is None else reference.inputs,
         )
     except ValueError as error:
-        if reference is None and "calibration" in str(error):
+        if reference is None and "reference" in str(error):
             raise ValueError(
                 f"adapter {settings.adapter.method!r} needs in-distribution reference data: set "
                 "model.reference_data to a safetensors file with an `inputs` tensor "

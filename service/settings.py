@@ -35,6 +35,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from adapters.task import task_named
+
 DEMO_FACTORY = "service.demo:digits_cnn"
 
 # Keys renamed in this version, by their old path: what to say when one still arrives, from the
@@ -50,6 +52,10 @@ RENAMED: dict[tuple[str, ...], str] = {
     ("adapter", "calibration_data"): "adapter.calibration_data is now model.reference_data; move "
                                      "the key to [model] (ADAPTD_ADAPTER__CALIBRATION_DATA is now "
                                      "ADAPTD_MODEL__REFERENCE_DATA)",
+    ("adapter", "calibration_samples"): "adapter.calibration_samples is now "
+                                        "model.reference_samples; move the key to [model] "
+                                        "(ADAPTD_ADAPTER__CALIBRATION_SAMPLES is now "
+                                        "ADAPTD_MODEL__REFERENCE_SAMPLES)",
 }
 
 
@@ -104,9 +110,13 @@ class ModelSettings(Section):
         "model uses its own training split",
     )
 
+    reference_samples: PositiveInt = Field(
+        2000, description="at most this many rows of model.reference_data are used"
+    )
+
     @model_validator(mode="after")
     def _classes_fit_task(self) -> ModelSettings:
-        if self.task == "classification":
+        if task_named(self.task).discrete:
             if self.num_classes is None or self.num_classes < 2:
                 raise ValueError("a classification model needs model.num_classes >= 2")
             if self.class_names is not None and len(self.class_names) != self.num_classes:
@@ -195,9 +205,6 @@ class AdapterSettings(Section):
     )
     options: dict[str, float | int | bool | str] = Field(
         default_factory=dict, description="method-specific knobs, by constructor argument name"
-    )
-    calibration_samples: PositiveInt = Field(
-        2000, description="at most this many rows of model.reference_data are used"
     )
     collapse_window: PositiveInt = Field(
         512, description="predictions the collapse guard looks at"
@@ -419,10 +426,11 @@ class Settings(BaseSettings):
             raise ValueError("feedback.stream consumes a Redis Stream: set store.url to a redis "
                              "URL, or send labels to POST /v1/feedback")
         score = self.conformal.score
-        if score != "auto" and (score == "residual") != (self.model.task == "regression"):
-            raise ValueError(f"conformal.score {score!r} does not fit a {self.model.task} model: "
+        task = task_named(self.model.task)
+        if score != "auto" and score not in task.scores_known:
+            raise ValueError(f"conformal.score {score!r} does not fit a {task} model: "
                              "use lac or aps for classification, residual for regression")
-        if self.output_corrector.enabled and self.model.task != "regression":
+        if self.output_corrector.enabled and task.discrete:
             raise ValueError("output_corrector corrects a regression model's values; for "
                              "classification use error_memory")
         return self

@@ -93,7 +93,7 @@ def test_first_batch_skips_the_redundancy_filter_and_sets_m_then_the_next_batch_
 
 def test_no_sample_selected_means_no_step_and_no_optimizer_state():
     eata = EATA(identity_logits_model(), num_classes=3, norm="source", adapt_batch_size=1,
-                calibration=torch.randn(8, 3), fisher_beta=2000.0)
+                reference=torch.randn(8, 3), fisher_beta=2000.0)
     before = [p.detach().clone() for p in eata.params]
     result = eata.adapt(torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]))
     assert (result.stepped, result.backward_samples, result.loss) == (False, 0, None)
@@ -115,7 +115,7 @@ def test_fisher_is_the_mean_over_batches_of_squared_gradients_of_the_batch_mean_
         outputs = by_hand(x)
         loss = F.cross_entropy(outputs, outputs.argmax(1))
         squares.append([g**2 for g in torch.autograd.grad(loss, [bn.weight, bn.bias])])
-    eata = EATA(source, num_classes=3, norm="batch", calibration=inputs,
+    eata = EATA(source, num_classes=3, norm="batch", reference=inputs,
                 fisher_samples=10, fisher_batch_size=5)
     assert sorted(eata.fisher) == ["1.bias", "1.weight"]
     torch.testing.assert_close(eata.fisher["1.weight"], (squares[0][0] + squares[1][0]) / 2)
@@ -126,7 +126,7 @@ def test_fisher_is_the_mean_over_batches_of_squared_gradients_of_the_batch_mean_
 def test_eata_loss_is_the_eta_loss_plus_beta_times_fisher_weighted_squared_distance():
     beta, shift = 2000.0, 0.1
     eta = ETA(trained_digits(), num_classes=10, norm="batch")
-    eata = EATA(trained_digits(), num_classes=10, norm="batch", calibration=calibration(),
+    eata = EATA(trained_digits(), num_classes=10, norm="batch", reference=calibration(),
                 fisher_beta=beta)
     x = noisy_digits(0, 64)
     with torch.no_grad():  # both move the first BN bias away from the source by hand
@@ -145,7 +145,7 @@ def test_eta_needs_no_calibration_and_eata_without_it_raises_leaving_the_model_u
     eta = ETA(trained_digits(), num_classes=10)
     assert not hasattr(eta, "fisher") and eta.name == "eta"
     model = trained_digits()
-    with pytest.raises(ValueError, match="calibration.*'eta'"):
+    with pytest.raises(ValueError, match="reference.*'eta'"):
         EATA(model, num_classes=10)
     assert not any(isinstance(m, RobustBatchNorm) for m in model.modules())
     assert model.training and all(p.requires_grad for p in model.parameters())
@@ -154,7 +154,7 @@ def test_eta_needs_no_calibration_and_eata_without_it_raises_leaving_the_model_u
 @pytest.mark.parametrize("method", [ETA, EATA])
 def test_only_normalisation_affines_change_and_reset_restores_the_source_bit_for_bit(method):
     model = trained_digits()
-    options = {"calibration": calibration()} if method is EATA else {}
+    options = {"reference": calibration()} if method is EATA else {}
     adapter = method(model, num_classes=10, norm="batch", **options)
     source = {k: v.clone() for k, v in model.state_dict().items()}
     x = noisy_digits(0, 64)
@@ -178,14 +178,14 @@ def test_only_normalisation_affines_change_and_reset_restores_the_source_bit_for
 
 
 def test_checkpoint_round_trip_restores_the_moving_average_of_probabilities():
-    eata = EATA(trained_digits(), num_classes=10, norm="batch", calibration=calibration())
+    eata = EATA(trained_digits(), num_classes=10, norm="batch", reference=calibration())
     assert "eata.model_probs" not in eata.state_dict(), "omitted while m is unset"
     for start in (0, 64):
         eata.adapt(noisy_digits(start, 64))
     saved = eata.state_dict()
     torch.testing.assert_close(saved["eata.model_probs"], eata.current_model_probs, rtol=0, atol=0)
 
-    clone = EATA(trained_digits(), num_classes=10, norm="batch", calibration=calibration())
+    clone = EATA(trained_digits(), num_classes=10, norm="batch", reference=calibration())
     clone.load_state_dict(saved)
     torch.testing.assert_close(clone.current_model_probs, eata.current_model_probs, rtol=0, atol=0)
     x = noisy_digits(128, 64)
@@ -201,7 +201,7 @@ def test_checkpoint_round_trip_restores_the_moving_average_of_probabilities():
 
 
 def test_single_samples_are_buffered_into_at_most_one_step_per_adapt_batch():
-    eata = EATA(trained_digits(), num_classes=10, calibration=calibration(), adapt_batch_size=8)
+    eata = EATA(trained_digits(), num_classes=10, reference=calibration(), adapt_batch_size=8)
     stream = noisy_digits(0, 16)
     results = [eata.adapt(stream[i:i + 1]) for i in range(16)]
     assert all(tuple(r.outputs.shape) == (1, 10) for r in results)

@@ -47,7 +47,7 @@ def shifted_digits(count: int, seed: int = 0) -> torch.Tensor:
 
 
 def psmt(**options: object) -> PSMT:
-    return PSMT(trained_cnn(), calibration=calibration(), **options)
+    return PSMT(trained_cnn(), reference=calibration(), **options)
 
 
 def test_the_mask_selects_the_floor_of_ratio_times_n_smallest_entries_across_all_tensors():
@@ -89,7 +89,7 @@ def test_symmetric_cross_entropy_matches_a_hand_computed_two_sample_case():
 
 
 def test_psmt_needs_calibration_data_and_trains_every_weight_and_bias_with_adam():
-    with pytest.raises(ValueError, match="calibration="):
+    with pytest.raises(ValueError, match="reference="):
         PSMT(trained_cnn())
     adapter = psmt(norm="batch")
     trainable = {name for name, p in adapter.model.named_parameters() if p.requires_grad}

@@ -86,6 +86,8 @@ RENAMED_KEYS = [
     ("[feedback.supervised]\nenabled = true\n", "ADAPTD_FEEDBACK__SUPERVISED__ENABLED",
      "`[supervised]`"),
     ("[correction]\nenabled = true\n", "ADAPTD_CORRECTION__ENABLED", "`[output_corrector]`"),
+    ("[adapter]\ncalibration_samples = 100\n", "ADAPTD_ADAPTER__CALIBRATION_SAMPLES",
+     "model.reference_samples"),
 ]
 
 

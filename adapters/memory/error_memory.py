@@ -55,7 +55,7 @@ KINDS = ("exact", "hashed")
 PROBABILITY_TOLERANCE = 1e-3
 
 
-class _LabelledWindow:
+class _ErrorMemory:
     """The newest `capacity` labelled rows (key, y, ŷ) in a ring buffer, shared by both memories.
 
     Storage grows as rows arrive, up to `capacity` rows and never beyond. Invariant: either the
@@ -393,7 +393,7 @@ def _check_distributions(values: torch.Tensor, what: str, advice: str) -> None:
                          f"worst row sum is off by {worst:.3g}): {advice}")
 
 
-class ErrorMemory(_LabelledWindow):
+class ErrorMemory(_ErrorMemory):
     """ReLoop2's error memory with exact top-K retrieval: one matmul and one top-k per batch.
 
     Parameters
@@ -473,7 +473,7 @@ class ErrorMemory(_LabelledWindow):
         return label_mean, base_mean, torch.ones(len(keys), dtype=torch.bool)
 
 
-class HashedErrorMemory(_LabelledWindow):
+class HashedErrorMemory(_ErrorMemory):
     """ReLoop2's fast approximate error memory: SimHash buckets holding running sums.
 
     Each of `tables` hash tables draws `bits` random hyperplanes (Gaussian normals, fixed by

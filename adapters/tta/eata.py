@@ -195,13 +195,14 @@ class ETA(GradientAdapter):
 class EATA(ETA):
     """ETA plus the anti-forgetting term beta * sum F (theta - theta0)^2 towards the source.
 
-    `calibration` holds in-distribution inputs; the first `fisher_samples` of them, in batches of
-    `fisher_batch_size`, give the Fisher F. `fisher_beta` is beta. Other parameters as `ETA`.
+    `reference` holds in-distribution inputs (the reference data); the first `fisher_samples` of
+    them, in batches of `fisher_batch_size`, give the Fisher F. `fisher_beta` is beta. Other
+    parameters as `ETA`.
 
     Examples:
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    >>> eata = EATA(model, num_classes=3, calibration=torch.randn(32, 4), norm="batch")
+    >>> eata = EATA(model, num_classes=3, reference=torch.randn(32, 4), norm="batch")
     >>> sorted(eata.fisher), eata.fisher_penalty().item()  # at the source the term is zero
     (['1.bias', '1.weight'], 0.0)
     >>> eata.adapt(torch.randn(16, 4)).outputs.shape
@@ -220,15 +221,15 @@ class EATA(ETA):
         e_margin_factor: float = 0.4,
         d_margin: float = 0.4,
         fisher_beta: float = 1.0,
-        calibration: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
         fisher_samples: int = 2000,
         fisher_batch_size: int = 64,
         **common: Unpack[CommonKnobs],
     ) -> None:
         # checked before the model is touched, so a failed construction leaves it as it was
-        if calibration is None or len(calibration) == 0:
+        if reference is None or len(reference) == 0:
             raise ValueError(
-                "eata needs `calibration`: in-distribution inputs (for example a slice of the "
+                "eata needs `reference`: in-distribution inputs (for example a slice of the "
                 "training data) to estimate the Fisher information; without them use adapter "
                 "'eta', which is EATA without the Fisher term"
             )
@@ -238,7 +239,7 @@ class EATA(ETA):
         self.fisher_beta = fisher_beta
         named = dict(zip(self.param_names, self.params, strict=True))
         self.fisher = fisher_information(
-            self.model, named, torch.as_tensor(calibration)[:fisher_samples], fisher_batch_size
+            self.model, named, torch.as_tensor(reference)[:fisher_samples], fisher_batch_size
         )
         self.source_params = {name: p.detach().clone() for name, p in named.items()}
         # taken again after the Fisher pass (ETA took one), so reset returns to this exact state

@@ -36,7 +36,7 @@ Quirks of the official code, reproduced or deliberately dropped:
   fewer under ties at the threshold (none at all when more than r N gradients are exactly zero).
   Here the mask is exactly the ⌊r N⌋ smallest, ties broken by `torch.topk`.
 - The official Fisher uses 10,000 source samples; here `fisher_samples` (2,000 by default, as in
-  EATA) caps the calibration set the caller passes. The optimizer is the code's default config
+  EATA) caps the reference inputs the caller passes. The optimizer is the code's default config
   (Adam, lr 1e-3, betas 0.9/0.999, no weight decay; no psmt.yaml was found in the repository).
 - Single-sample mode there predicts with the teacher alone; here `predict` (used for buffered
   small batches and `infer`) returns teacher + student logits, like the batch path.
@@ -114,12 +114,12 @@ class PSMT(GradientAdapter):
 
     Parameters: `learning_rate` (Adam), `ema_momentum` m of the teacher, `sce_alpha` α,
     `ewc_lambda` λ, `mask_ratio` r (the share of entries restored to source per step),
-    `calibration` (in-distribution inputs for the source Fisher; required), `fisher_samples`,
+    `reference` (in-distribution inputs for the source Fisher; required), `fisher_samples`,
     `fisher_batch_size`, and the common `GradientAdapter` knobs.
 
     >>> import torch, torch.nn as nn
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
-    >>> psmt = PSMT(model, calibration=torch.randn(32, 4), norm="batch")
+    >>> psmt = PSMT(model, reference=torch.randn(32, 4), norm="batch")
     >>> result = psmt.adapt(torch.randn(16, 4))
     >>> result.outputs.shape, result.stepped, result.backward_samples, psmt.steps
     (torch.Size([16, 3]), True, 16, 1)
@@ -140,14 +140,14 @@ class PSMT(GradientAdapter):
         sce_alpha: float = 0.5,
         ewc_lambda: float = 500.0,
         mask_ratio: float = 0.03,
-        calibration: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
         fisher_samples: int = 2000,
         fisher_batch_size: int = 64,
         **common: Unpack[CommonKnobs],
     ) -> None:
-        if calibration is None:
+        if reference is None:
             raise ValueError(
-                "psmt needs in-distribution inputs for its source Fisher: pass calibration= "
+                "psmt needs in-distribution inputs for its source Fisher: pass reference= "
                 "(for example a few hundred training inputs)"
             )
         if not 0.0 <= ema_momentum <= 1.0:
@@ -171,7 +171,7 @@ class PSMT(GradientAdapter):
         teacher_params = dict(self.teacher.named_parameters())
         self.teacher_params = {name: teacher_params[name] for name in self.params}
         self.source_values = {name: p.detach().clone() for name, p in self.params.items()}
-        inputs = torch.as_tensor(calibration)[:fisher_samples]
+        inputs = torch.as_tensor(reference)[:fisher_samples]
         self.fisher = fisher_information(self.model, self.params, inputs, fisher_batch_size)
         self.optimizer = torch.optim.Adam(self.params.values(), lr=learning_rate,
                                           betas=(0.9, 0.999))
