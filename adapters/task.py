@@ -88,6 +88,10 @@ class Task:
         """Labels as float32: class indices (n,), or values (n, outputs)."""
         raise NotImplementedError
 
+    def record_labels(self, records: Sequence[PredictionRecord]) -> np.ndarray:
+        """The labels of joined records, as `label_array` reads them."""
+        return self.label_array([joined_label(r) for r in records])
+
     def label_tensor(self, labels: np.ndarray | torch.Tensor, count: int) -> torch.Tensor:
         """Labels as a training target: class indices (n,) long, or values (n, outputs) float."""
         raise NotImplementedError
@@ -161,13 +165,14 @@ class Classification(Task):
         return torch.as_tensor(labels).reshape(-1).long()
 
     def errors(self, records: Sequence[PredictionRecord]) -> np.ndarray:
-        return np.array([float(int(r.prediction) != int(r.label))  # type: ignore[arg-type]
-                         for r in records], dtype=np.float64)
+        labels = self.record_labels(records)
+        predictions = np.array([r.prediction for r in records], dtype=np.float32)
+        return (predictions != labels).astype(np.float64)
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
         probs = np.stack([r.outputs for r in records]).astype(np.float64)
         probs = probs / probs.sum(1, keepdims=True)  # float32 rounding: sums within 1e-6
-        labels = np.array([int(r.label) for r in records])  # type: ignore[arg-type]
+        labels = self.record_labels(records).astype(np.int64)
         fn = lac_scores if score == "lac" else aps_scores
         return np.asarray(fn(probs, labels), dtype=np.float64)
 
@@ -239,14 +244,12 @@ class Regression(Task):
 
     def errors(self, records: Sequence[PredictionRecord]) -> np.ndarray:
         served = np.stack([r.outputs for r in records]).astype(np.float64)
-        labels = self.label_array([r.label for r in records]).astype(np.float64)
-        return np.abs(labels - served).mean(axis=1)
+        return np.abs(self.record_labels(records).astype(np.float64) - served).mean(axis=1)
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
         # the largest residual over the outputs, so one sample's intervals cover all of them
         served = np.stack([r.outputs for r in records]).astype(np.float64)
-        observed = np.array([np.atleast_1d(r.label) for r in records], dtype=np.float64)
-        return np.abs(observed - served).max(axis=1)
+        return np.abs(self.record_labels(records).astype(np.float64) - served).max(axis=1)
 
     def targets(self, labels: torch.Tensor, width: int) -> torch.Tensor:
         labels = torch.as_tensor(labels).detach().to("cpu", torch.float32)
@@ -262,6 +265,13 @@ class Regression(Task):
         if name == "huber":
             return F.huber_loss(outputs, labels, delta=huber_delta)
         return F.mse_loss(outputs, labels)
+
+
+def joined_label(record: PredictionRecord) -> LabelValue:
+    """A joined record's label (a record is joined exactly when it has one)."""
+    if record.label is None:
+        raise ValueError(f"prediction {record.id!r} has no label: it was not joined")
+    return record.label
 
 
 TASKS: dict[str, Task] = {task.name: task for task in (Classification(), Regression())}

@@ -102,12 +102,18 @@ class MicroBatcher(Generic[R]):
         self.waiting_samples += delta
         self.metrics.queue_depth.set(self.waiting_samples)
 
-    async def _next(self, timeout: float | None) -> _Pending[R] | None:
+    async def _first(self) -> _Pending[R]:
+        """The oldest request: one carried over from the last batch, or the next to arrive."""
         if self._carry is not None:
             pending, self._carry = self._carry, None
             return pending
-        if timeout is None:
-            return await self._queue.get()
+        return await self._queue.get()
+
+    async def _next(self, timeout: float) -> _Pending[R] | None:
+        """The next request to arrive within `timeout` seconds, or None."""
+        if self._carry is not None:
+            pending, self._carry = self._carry, None
+            return pending
         if not self._queue.empty():
             return self._queue.get_nowait()
         if timeout <= 0:
@@ -119,7 +125,7 @@ class MicroBatcher(Generic[R]):
 
     async def _gather(self) -> list[_Pending[R]]:
         loop = asyncio.get_running_loop()
-        first = await self._next(None)
+        first = await self._first()
         batch, size = [first], first.size
         self._gathering = batch
         deadline = first.arrived + self.max_wait_s

@@ -46,7 +46,7 @@ class EventLog:
                **detail: object) -> Event:
         with self._lock:
             event = Event(next(self._seq), time.time(), kind, source, action,
-                          json_safe(detail), self.replica)  # type: ignore[arg-type]
+                          json_safe(detail), self.replica)
             self._events.append(event)
             self._unsaved.append(event)
         self.metrics.events.labels(kind, source, action or "none").inc()

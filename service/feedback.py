@@ -136,7 +136,7 @@ class FeedbackService:
         features = torch.from_numpy(np.stack([r.features for r in records]))  # type: ignore
         before = torch.from_numpy(np.stack([r.arrays.get(BEFORE_ERROR_MEMORY, r.outputs)
                                             for r in records]))
-        labels = self.task.label_array([r.label for r in records])
+        labels = self.task.record_labels(records)
         return memory.pack(features, torch.from_numpy(labels), before)
 
     async def _absorb(self, result: JoinResult) -> None:
@@ -150,7 +150,7 @@ class FeedbackService:
             if errors is not None:
                 await self.sync.run(self.engine.observe_errors, errors)
             return
-        batch = LabelledBatch(labels=self.task.label_array([r.label for r in records]),
+        batch = LabelledBatch(labels=self.task.record_labels(records),
                               errors=errors)
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])  # type: ignore[misc]

@@ -75,8 +75,7 @@ def prediction_ids(ids: Sequence[str] | None, count: int) -> list[str]:
     if len(ids) != count:
         raise InvalidInput(f"{len(ids)} ids for {count} inputs: send one id per sample, or none")
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        duplicate = next(i for i in ids if i in seen or seen.add(i))
+        duplicate = next(i for n, i in enumerate(ids) if i in ids[:n])
         raise InvalidInput(f"id {duplicate!r} appears twice in one request; ids must be unique")
     return list(ids)
 

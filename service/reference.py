@@ -74,7 +74,9 @@ def source_features(model: LoadedModel, reference: ReferenceData) -> torch.Tenso
     for start in range(0, len(reference.inputs), 256):
         tap.arm()
         model.module(reference.inputs[start:start + 256])
-        batches.append(tap.take())
+        features = tap.take()
+        assert features is not None  # the tap is armed and the model has its layer
+        batches.append(features)
     tap.remove()
     return torch.cat(batches)
 

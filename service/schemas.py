@@ -7,10 +7,11 @@ from typing import Annotated, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
 from typing_extensions import TypeAliasType
 
-# one sample: numbers nested to the model's input shape (checked against it by the route)
-Tensor = TypeAliasType(
-    "Tensor",
-    Union[Annotated[StrictFloat, Field(allow_inf_nan=False)], list["Tensor"]],  # noqa: UP007
+# one sample: numbers nested to the model's input shape (checked against it by the route); mypy
+# cannot follow a recursive TypeAliasType (pydantic can, and builds the schema from it)
+Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+Tensor = TypeAliasType(  # type: ignore[misc]
+    "Tensor", Union[Number, list["Tensor"]]  # type: ignore[misc]  # noqa: UP007
 )
 # printable ASCII without spaces; the label stream checks its entries' ids by the same rule
 PREDICTION_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"
