@@ -394,8 +394,12 @@ async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | A
         try:
             await engine.run(memory.load_rows, rows)
         except ValueError as error:  # rows of another model (a new feature width): start afresh
-            log.warning("the stored %s memory does not fit this model (%s); it starts empty",
-                        memory.name, error)
+            log.warning("the stored %s memory does not fit this model (%s); it starts empty, "
+                        "and the stored rows are cleared", memory.name, error)
+            try:
+                await store.clear_memory(memory.name)
+            except StoreUnavailable:
+                pass  # the next reset clears them; until then new rows are refused and dropped
             return
         log.info("reloaded %d %s memory rows", len(rows), memory.name)
 

@@ -71,6 +71,11 @@ class StateSync:
                     await self._write(self._pending[0])
                 except StoreUnavailable:
                     return False
+                except ValueError as error:
+                    # the store refuses this change for good (rows of another width: the stored
+                    # memory is another model's); waiting would block every change behind it
+                    log.error("the store refused a %s change and it is dropped: %s",
+                              type(self._pending[0]).__name__, error)
                 self._pending.popleft()
             return True
 

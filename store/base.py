@@ -274,7 +274,7 @@ class Store(Protocol):
         ...
 
     def clear_calibrator(self, name: str) -> None:
-        """Drop the named calibrator's state (a drift action, or an operator's reset)."""
+        """Drop the named calibrator's state (a drift action's reset of the shared calibrator)."""
         ...
 
     def close(self) -> None:

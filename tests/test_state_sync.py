@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 from harness import serving, settings_for
 
 from service.demo import digits_split
-from store import StoreUnavailable
+from store import MemoryStore, StoreUnavailable
 
 
 class Unreachable:
@@ -67,3 +68,27 @@ def test_memory_rows_wait_for_the_store_a_reset_supersedes_them_and_order_is_kep
     assert flushed is True
     assert after_reset == 0, "the stored rows were cleared once the store answered"
     assert len(stored) == 4 and (stored == held).all(), "new rows go to the store as before"
+
+
+def test_stored_rows_of_another_model_are_cleared_at_start_and_never_fail_a_prediction(tmp_path):
+    _, _, x_test, _ = digits_split()
+    # a snapshot whose adanpc memory holds rows of another width (another model's features)
+    other = MemoryStore(namespace="digits-cnn", record_ttl_s=60)
+    other.append_memory("adanpc", np.ones((3, 7), dtype=np.float32), cap=10)
+    snapshot = tmp_path / "store.snapshot"
+    snapshot.write_bytes(other.snapshot())
+    settings = settings_for(adapter={"name": "adanpc", "memory": {"confidence_threshold": 0.0}},
+                            store={"snapshot_path": str(snapshot)})
+
+    async def scenario():
+        async with serving(settings) as (client, app):
+            runtime = app.state.runtime
+            cleared = len(runtime.store.raw.load_memory("adanpc"))
+            # and if such rows appear while serving (another replica's), the change is dropped
+            runtime.store.raw.append_memory("adanpc", np.ones((3, 7), dtype=np.float32), cap=10)
+            reply = await client.post("/v1/predict", json={"inputs": x_test[:4].tolist()})
+            return cleared, reply.status_code, runtime.sync.pending
+
+    cleared, status, pending = asyncio.run(scenario())
+    assert cleared == 0, "the other model's rows were cleared at start"
+    assert status == 200 and pending == 0
