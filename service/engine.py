@@ -16,6 +16,10 @@ outputs before each correction, the inputs for a supervised step) comes back in
 The engine has no store. What it changes that the store must follow (memory rows added, a memory
 reset or trimmed, the calibrator reset by a drift action) it lists, in order, as `StateChange`s;
 `service.state_sync.StateSync` takes them after each call and writes them.
+
+Outputs or features that are not finite never leave the engine: `forward` raises
+`NonFiniteOutputs` before any memory, corrector, guard or detector sees the batch, and the
+micro-batcher runs each request again alone, without adaptation.
 """
 
 from __future__ import annotations
@@ -51,6 +55,39 @@ T = TypeVar("T")
 BEFORE_ERROR_MEMORY = "before_error_memory"  # the outputs the error memory corrected
 BEFORE_CORRECTOR = "before_corrector"  # a regressor's values before the output corrector
 INPUTS = "inputs"  # the flattened inputs, for the supervised step
+
+
+class NonFiniteOutputs(ValueError):
+    """The model gave NaN or infinite outputs (or features) for some rows of a batch: nothing of
+    the batch is served, remembered or watched. `rows` index the batch passed to `forward`."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+        named = ", ".join(f"inputs[{row}]" for row in rows[:10])
+        more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+        verb, its = ("gives a non-finite output", "its") if len(rows) == 1 else (
+            "give non-finite outputs", "their")
+        super().__init__(f"{named}{more} {verb} (NaN or infinity) from the model; check the "
+                         f"scale of {its} values")
+
+
+def non_finite_rows(outputs: torch.Tensor, features: torch.Tensor | None) -> list[int]:
+    """The rows whose outputs or features hold a NaN or an infinity.
+
+    >>> non_finite_rows(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), None)
+    [1]
+    """
+    count = outputs.shape[0]
+    bad = ~torch.isfinite(outputs.reshape(count, -1)).all(1)
+    if features is not None:
+        finite = torch.isfinite(features.reshape(features.shape[0], -1)).all(1)
+        if len(finite) == count:
+            bad |= ~finite
+        elif not bool(finite.all()):  # features not one row per sample: every row is suspect
+            bad[:] = True
+    if not bool(bad.any()):
+        return []
+    return [int(i) for i in torch.nonzero(bad).flatten()]
 
 
 @dataclass(frozen=True)
@@ -191,7 +228,8 @@ class Engine:
             self._changes.append(change)
 
     def forward(self, inputs: np.ndarray, adapt: bool = True) -> BatchOutput:
-        """Engine thread only. Predict a batch; with `adapt`, let the adapter take its step."""
+        """Engine thread only. Predict a batch; with `adapt`, let the adapter take its step.
+        Raises `NonFiniteOutputs` when a row's outputs or features are NaN or infinite."""
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         count = x.shape[0]
         version = self.adapter.version
@@ -203,9 +241,14 @@ class Engine:
                 self.metrics.adaptation_steps.inc()
                 self.metrics.adaptation_samples.inc(result.backward_samples)
                 self.metrics.learning_rate.set(self.adapter.learning_rate)
+            if result.skipped:
+                self.metrics.adaptation_skipped.inc()
         else:
             raw = self.adapter.infer(x)
         features = self.tap.take()
+        bad = non_finite_rows(raw.detach(), features)
+        if bad:  # before any memory, corrector, guard or detector sees the batch
+            raise NonFiniteOutputs(bad)
         features_np = None if features is None else features.float().numpy()
         outputs = self.task.served(raw.detach().float().reshape(count, -1))
         # the drift detectors watch the model's own distribution: the memories' votes and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,11 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be served; the message says what to change."""
 
 
+# the square root of float32's largest value: a value up to this can be squared without overflow
+SQRT_FLOAT32_MAX = math.sqrt(float(torch.finfo(torch.float32).max))
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 @dataclass
 class LoadedModel:
     module: nn.Module
@@ -34,6 +40,8 @@ class LoadedModel:
     class_names: list[str] | None
     version: str
     num_outputs: int
+    # the largest |value| an input may hold (model.max_abs_input, or `input_bound` of the model)
+    max_abs_input: float = SQRT_FLOAT32_MAX
 
     @property
     def width(self) -> int:
@@ -134,6 +142,9 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     module.eval()
     num_outputs = _dry_run(module, settings)
     task = task_named(settings.task)
+    max_abs_input = settings.max_abs_input
+    if max_abs_input is None:
+        max_abs_input = input_bound(module)
     return LoadedModel(
         module=module,
         name=settings.name,
@@ -143,7 +154,35 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         class_names=settings.class_names,
         version=version,
         num_outputs=num_outputs,
+        max_abs_input=max_abs_input,
     )
+
+
+def input_bound(module: nn.Module) -> float:
+    """The largest |x| an input may hold so that the model's first weight layer cannot overflow
+    float32, even when a following normalisation squares its outputs: sqrt(float32 max) over the
+    largest L1 norm of one output unit's weights plus |its bias|, over the first `nn.Linear` or
+    `nn.Conv1d/2d/3d` in module order (sqrt(float32 max) when the model has none).
+
+    >>> layer = nn.Linear(2, 2)
+    >>> with torch.no_grad():
+    ...     _ = layer.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 0.5]])), layer.bias.fill_(1.0)
+    >>> f"{input_bound(nn.Sequential(layer, nn.ReLU())):.3g}"  # sqrt(3.4e38) / (1 + 2 + 1)
+    '4.61e+18'
+    """
+    layer = next((m for m in module.modules() if isinstance(m, WEIGHT_LAYERS)), None)
+    if layer is None:
+        return SQRT_FLOAT32_MAX
+    with torch.no_grad():
+        weight = layer.weight.detach().double()
+        norms = weight.abs().reshape(weight.shape[0], -1).sum(1)
+        if layer.bias is not None:
+            norms = norms + layer.bias.detach().double().abs()
+        largest = float(norms.max()) if norms.numel() else 0.0
+    if not math.isfinite(largest):
+        raise ModelLoadError(f"the model's first weight layer {type(layer).__name__} holds a "
+                             "weight that is not finite")
+    return SQRT_FLOAT32_MAX / largest if largest > 0 else SQRT_FLOAT32_MAX
 
 
 def _dry_run(module: nn.Module, settings: ModelSettings) -> int:

@@ -12,11 +12,17 @@ batch of 64 to 200 samples; a service also sees single requests. So a batch of a
 smaller batches are predicted at once and kept in a buffer until `adapt_batch_size` samples have
 arrived, when one step is taken on the buffer. Normalisation uses robust test-time statistics by
 default (see `adapters.tta.norm`), so one-at-a-time and batched streams see nearly the same model.
+
+Nothing is learned from what is not finite: the buffer takes only the samples whose outputs are
+finite, and every method steps through `GradientAdapter.take_step`, which takes no step when the
+loss or a gradient is NaN or infinite (`skipped_steps` counts those); robust BatchNorm keeps its
+average when a batch's statistics are not finite.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar, TypedDict
@@ -35,12 +41,14 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AdaptOutput:
-    """One batch through an adapter: the outputs it returned and what the step did."""
+    """One batch through an adapter: the outputs it returned and what the step did (`skipped`:
+    a step was due but not taken, its loss or a gradient not finite)."""
 
     outputs: torch.Tensor
     stepped: bool = False
     backward_samples: int = 0
     loss: float | None = None
+    skipped: bool = False
 
 
 class Adapter:
@@ -130,6 +138,7 @@ class GradientAdapter(Adapter):
         self.max_learning_rate = max_learning_rate
         self.buffer: list[torch.Tensor] = []
         self.buffered = 0
+        self.skipped_steps = 0
 
     def snapshot_source(self) -> None:
         """Remember the source state, including the optimizer's, for `reset()`."""
@@ -145,6 +154,26 @@ class GradientAdapter(Adapter):
     def forward_and_adapt(self, x: torch.Tensor) -> AdaptOutput:
         raise NotImplementedError
 
+    def take_step(self, loss: torch.Tensor) -> bool:
+        """The optimizer step on the gradients `loss.backward()` left, unless the loss or any
+        gradient is NaN or infinite: then no parameter (nor the optimizer's moments) changes and
+        `skipped_steps` counts it. The gradients are cleared either way. True if it stepped.
+
+        Every method steps through here, never through `self.optimizer.step()` directly.
+        """
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        finite = torch.isfinite(loss.detach()).all()
+        if grads:
+            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        stepped = bool(finite)
+        if stepped:
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
     @property
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -158,15 +187,19 @@ class GradientAdapter(Adapter):
             return self._account(self.forward_and_adapt(x))
         with torch.no_grad():
             outputs = self.predict(x)
-        self.buffer.append(x.detach())
-        self.buffered += x.shape[0]
+        # only samples the model gives finite outputs for wait for the step
+        finite = torch.isfinite(outputs.reshape(outputs.shape[0], -1)).all(1)
+        kept = x.detach() if bool(finite.all()) else x.detach()[finite]
+        if len(kept):
+            self.buffer.append(kept)
+            self.buffered += len(kept)
         if self.buffered < self.adapt_batch_size:
             return AdaptOutput(outputs=outputs)
         batch = torch.cat(self.buffer)
         self.buffer, self.buffered = [], 0
         with frozen_statistics(self.model):
             step = self._account(self.forward_and_adapt(batch))
-        return AdaptOutput(outputs, step.stepped, step.backward_samples, step.loss)
+        return dataclasses.replace(step, outputs=outputs)
 
     def _account(self, result: AdaptOutput) -> AdaptOutput:
         if result.stepped:
@@ -218,4 +251,5 @@ class GradientAdapter(Adapter):
         self.version += 1
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "buffered_samples": self.buffered, "norm": self.norm}
+        return {**super().describe(), "buffered_samples": self.buffered, "norm": self.norm,
+                "skipped_steps": self.skipped_steps}

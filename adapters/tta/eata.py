@@ -158,16 +158,17 @@ class ETA(GradientAdapter):
             selection = self.select(outputs)
             self.reliable_samples += len(selection.reliable)
             self.update_model_probs(outputs.detach()[selection.selected].softmax(1))
-            loss = None
+            objective = None
             # the reference steps only if a sample was selected
             if len(selection.selected) > 0:
                 objective = self.loss(outputs, selection)
                 objective.backward()
-                self.optimizer.step()
-                loss = objective.item()
+        if objective is None:
             self.optimizer.zero_grad(set_to_none=True)
-        return AdaptOutput(outputs=outputs.detach(), stepped=loss is not None,
-                           backward_samples=len(selection.selected), loss=loss)
+            return AdaptOutput(outputs=outputs.detach(), backward_samples=0)
+        stepped = self.take_step(objective)  # none on a NaN or infinite loss or gradient
+        return AdaptOutput(outputs=outputs.detach(), stepped=stepped, skipped=not stepped,
+                           backward_samples=len(selection.selected), loss=objective.item())
 
     def reset(self) -> None:
         """Source weights and optimizer (see `GradientAdapter.reset`), and m unset again."""

@@ -21,7 +21,9 @@ class RobustBatchNorm(nn.Module):
     """BatchNorm that normalises by source statistics blended with an average of test statistics.
 
     `commit` decides whether a forward pass updates the average (predictions do; the extra forward
-    that an adaptation step takes over buffered samples does not, so no sample counts twice).
+    that an adaptation step takes over buffered samples does not, so no sample counts twice). A
+    batch whose mean or second moment is not finite leaves the average as it was and is normalised
+    by it.
 
     >>> bn = nn.BatchNorm1d(2).eval()
     >>> robust = RobustBatchNorm(bn, momentum=0.5)
@@ -60,6 +62,12 @@ class RobustBatchNorm(nn.Module):
         m = 1.0 - (1.0 - self.momentum) ** x.shape[0]
         mean = (1.0 - m) * self.mean + m * batch_mean
         square = (1.0 - m) * self.square + m * batch_square
+        # a batch whose statistics are not finite (an overflowing sample) neither moves the
+        # average nor takes part in the normalisation: the layer uses its average as it was,
+        # so the other samples of the batch are normalised as if it had not come
+        finite = torch.isfinite(mean).all() & torch.isfinite(square).all()
+        mean = torch.where(finite, mean, self.mean)
+        square = torch.where(finite, square, self.square)
         if self.commit:
             self.mean.copy_(mean.detach())
             self.square.copy_(square.detach())

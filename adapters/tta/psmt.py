@@ -207,8 +207,12 @@ class PSMT(GradientAdapter):
             loss.backward()
         squared_grads = [p.grad ** 2 if p.grad is not None else torch.zeros_like(p)
                          for p in self.params.values()]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        outputs = (teacher_logits + student_logits).detach()
+        if not self.take_step(loss):
+            # a NaN or infinite loss or gradient: the student does not move, so neither the
+            # restore to source nor the teacher's average runs (the teacher never takes it in)
+            return AdaptOutput(outputs=outputs, skipped=True, backward_samples=x.shape[0],
+                               loss=loss.item())
         masks = smallest_fraction_mask(squared_grads, self.mask_ratio)
         with torch.no_grad():
             for (name, p), mask in zip(self.params.items(), masks, strict=True):
@@ -217,10 +221,8 @@ class PSMT(GradientAdapter):
         mean_teacher_update(list(self.teacher_params.values()),
                             [p.detach() for p in self.params.values()],
                             masks, self.ema_momentum ** 2)
-        return AdaptOutput(
-            outputs=(teacher_logits + student_logits).detach(),
-            stepped=True, backward_samples=x.shape[0], loss=loss.item(),
-        )
+        return AdaptOutput(outputs=outputs, stepped=True, backward_samples=x.shape[0],
+                           loss=loss.item())
 
     def reset(self) -> None:
         """Student, optimizer and statistics back to source (the base), and the teacher too."""

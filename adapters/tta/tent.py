@@ -62,8 +62,6 @@ class Tent(GradientAdapter):
             outputs = self.model(x)
             loss = softmax_entropy(outputs).mean(0)
             loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return AdaptOutput(
-            outputs=outputs.detach(), stepped=True, backward_samples=x.shape[0], loss=loss.item()
-        )
+        stepped = self.take_step(loss)  # no step on a NaN or infinite loss or gradient
+        return AdaptOutput(outputs=outputs.detach(), stepped=stepped, skipped=not stepped,
+                           backward_samples=x.shape[0], loss=loss.item())
