@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +23,11 @@ from store import (
     PartialJoin,
     PredictionRecord,
 )
+
+log = logging.getLogger("adaptd.feedback")
+
+# how many rejected ids (with their reasons) one log line names
+LOGGED_REJECTIONS = 5
 
 
 class RollingQuality:
@@ -70,6 +76,11 @@ class FeedbackService:
     changes nothing. The in-process parts then learn on the engine thread: the error memory's
     index, the output corrector, the supervised step, the labelled drift detectors. Records made
     by another model version count towards quality, coverage and drift, not learning.
+
+    A label whose effects cannot be computed from its record (outputs, features or stored arrays
+    that are not finite; a conformal score or an error-memory row that cannot be computed) is
+    *rejected*, record by record: the join leaves its record unlabelled and joins the others, so
+    one bad record never blocks the labels sent with it.
     """
 
     def __init__(self, store: StoreGateway, sync: StateSync, metrics: Metrics,
@@ -86,7 +97,8 @@ class FeedbackService:
 
     async def apply(self, labels: Sequence[tuple[str, LabelValue]]) -> JoinResult:
         """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
-        `PartialJoin` when it failed part-way, with the labels joined before applied."""
+        `PartialJoin` when it failed part-way, with the labels joined before applied. Labels
+        whose effects cannot be computed come back in `JoinResult.rejected`, not as an error."""
         memory = self.engine.error_memory
         stores_rows = memory is not None and memory.name in self.persisted
         conformal = self.conformal
@@ -94,24 +106,27 @@ class FeedbackService:
 
         def effects(joined: list[PredictionRecord],
                     states: dict[str, bytes | None]) -> LabelEffects:
-            """What the join writes with the labels: the error memory's rows, the calibrator."""
+            """What the join writes with the labels: the error memory's rows, the calibrator;
+            and the records it must not join, because their effects cannot be computed."""
             out = LabelEffects()
-            records = self._usable(joined)
+            out.rejected = self.refusals(joined)
+            records = self._usable([r for r in joined if r.id not in out.rejected])
             if memory is not None and stores_rows and records:
                 rows = self._error_memory_rows(records)
                 if rows is not None:
                     out.memories.append((memory.name, rows, memory.capacity))
-            scorable = self._scorable(joined)
+            scorable = self._scorable([r for r in joined if r.id not in out.rejected])
+            written.clear()
             if conformal is not None and scorable:
                 out.calibrators = conformal.effects(scorable, states)
-                written.clear()
                 written.update(out.calibrators)
             return out
 
+        # always handed to the join, so a record that cannot be used is rejected even where
+        # nothing is written besides the labels
         calibrators = () if conformal is None else conformal.names
         try:
-            result = await self.store.join_labels(
-                list(labels), effects if stores_rows or calibrators else None, calibrators)
+            result = await self.store.join_labels(list(labels), effects, calibrators)
         except PartialJoin as partial:
             await self._absorb(partial.result)  # joined before the failure: apply them, then report
             raise
@@ -119,6 +134,56 @@ class FeedbackService:
         if conformal is not None:
             conformal.adopt(written)  # this replica just moved the threshold
         return result
+
+    def refusals(self, records: list[PredictionRecord]) -> dict[str, str]:
+        """The records whose label cannot be used, by id, with why: checked one by one, so a bad
+        record never takes the others with it."""
+        refused: dict[str, str] = {}
+        if not all_finite(records):  # the common case costs one check for the whole batch
+            for record in records:
+                problem = record_problem(record)
+                if problem is not None:
+                    refused[record.id] = problem
+        conformal = self.conformal
+        scorable = self._scorable([r for r in records if r.id not in refused])
+        if conformal is not None and scorable:
+            for record, problem in zip(scorable, self._each(
+                    scorable, lambda rs: self.task.scores(rs, conformal.score)), strict=True):
+                if problem is not None:
+                    refused[record.id] = f"its conformal score cannot be computed ({problem})"
+        memory = self.engine.error_memory
+        usable = [r for r in self._usable(records)
+                  if r.id not in refused and r.features is not None]
+        if memory is not None and usable:
+            for record, problem in zip(usable, self._each(usable, self._packed), strict=True):
+                if problem is not None:
+                    refused[record.id] = f"its error-memory row cannot be computed ({problem})"
+        return refused
+
+    @staticmethod
+    def _each(records: list[PredictionRecord],
+              compute: Callable[[list[PredictionRecord]], np.ndarray]) -> list[str | None]:
+        """What is wrong with each record's row of `compute(records)` (one row per record):
+        None where it is finite. When the batch raises, each record is computed alone, so the
+        error is pinned on the records that cause it."""
+        try:
+            rows = np.asarray(compute(records), dtype=np.float64).reshape(len(records), -1)
+        except Exception:  # any error: find the records it comes from
+            problems: list[str | None] = []
+            for record in records:
+                try:
+                    row = np.asarray(compute([record]), dtype=np.float64)
+                except Exception as error:  # this record's own
+                    problems.append(f"{type(error).__name__}: {error}")
+                else:
+                    problems.append(None if np.isfinite(row).all() else "it is not finite")
+            return problems
+        finite = np.asarray(np.isfinite(rows).all(axis=1), dtype=bool)
+        return [None if finite[i] else "it is not finite" for i in range(len(records))]
+
+    def _packed(self, records: list[PredictionRecord]) -> np.ndarray:
+        rows = self._error_memory_rows(records)
+        return np.zeros((len(records), 0)) if rows is None else rows
 
     def _scorable(self, joined: list[PredictionRecord]) -> list[PredictionRecord]:
         """Records whose outputs fit this model (an older model's may have other classes)."""
@@ -168,6 +233,13 @@ class FeedbackService:
         m.labels("unknown").inc(len(result.unknown))
         m.labels("duplicate").inc(len(result.duplicate))
         m.labels("expired").inc(len(result.expired))
+        m.labels("rejected").inc(len(result.rejected))
+        if result.rejected:
+            named = list(result.reasons.items())[:LOGGED_REJECTIONS]
+            log.warning("rejected %d label(s) whose effects cannot be computed, their predictions "
+                        "left unlabelled: %s%s", len(result.rejected),
+                        "; ".join(f"{i}: {why}" for i, why in named),
+                        " ..." if len(result.reasons) > len(named) else "")
         now = time.time()
         for record in result.joined:
             lag = (record.labelled_at or now) - record.created_at
@@ -178,3 +250,29 @@ class FeedbackService:
         if value is not None:
             self.metrics.rolling_error.set(value)
         self.metrics.rolling_labels.set(self.quality.count)
+
+
+def all_finite(records: Sequence[PredictionRecord]) -> bool:
+    """Whether every value of these records' outputs, features and named arrays is finite."""
+    parts = [a for r in records for a in (r.outputs, r.features, *r.arrays.values())
+             if a is not None]
+    return not parts or bool(np.isfinite(np.concatenate([p.ravel() for p in parts])).all())
+
+
+def record_problem(record: PredictionRecord) -> str | None:
+    """Why a stored record cannot be learned from or scored, or None: its outputs, features or
+    named arrays hold a value that is not finite (NaN, infinity).
+
+    >>> import numpy as np
+    >>> record_problem(PredictionRecord(id="a", created_at=0.0, prediction=0.0,
+    ...                                 outputs=np.array([np.nan, 1.0], dtype=np.float32)))
+    'its stored outputs are not finite'
+    """
+    if not np.isfinite(record.outputs).all():
+        return "its stored outputs are not finite"
+    if record.features is not None and not np.isfinite(record.features).all():
+        return "its stored features are not finite"
+    for name, values in record.arrays.items():
+        if not np.isfinite(values).all():
+            return f"its stored {name} are not finite"
+    return None

@@ -3,8 +3,10 @@ counted when it fails, and not waited on when the store is known to be down.
 
 After a failure the gateway stops calling the store for a back-off (0.5 s, doubling to 15 s)
 and fails fast instead, so a hanging Redis costs the prediction path one timeout per back-off
-rather than one per batch. Readiness pings always go through and close the breaker when the store
-answers; the first call after the back-off tries the store again.
+rather than one per batch. Readiness probes (a small write) always go through and close the
+breaker when the store takes them; the first call after the back-off tries the store again. A
+store that answers but refuses writes (a Redis error reply: out of memory, read-only...) counts as
+down until a write succeeds again: reads it still answers do not end the failure.
 
 The methods mirror the `Store` protocol (and `LabelStream`, `Snapshots` where the backend has
 them) name for name, so a caller writes `await gateway.put_predictions(records)` and the metric
@@ -14,6 +16,7 @@ label is the operation's name.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
@@ -34,10 +37,16 @@ from store import (
 
 T = TypeVar("T")
 
+log = logging.getLogger("adaptd.store")
+
 STORE_OPS = ("put_predictions", "join_labels", "save_adapter", "load_adapter", "append_memory",
              "load_memory", "clear_memory", "read_label_stream", "ack_label_stream",
              "ensure_label_group", "load_calibrator", "clear_calibrator", "trim_memory",
              "append_events", "load_events", "save_state", "load_state")
+
+# operations that only read: one the store answers does not show that it takes writes again
+READ_OPS = frozenset({"load_adapter", "load_memory", "read_label_stream", "load_calibrator",
+                      "load_events", "load_state"})
 
 
 class StoreGateway:
@@ -57,7 +66,9 @@ class StoreGateway:
         self.max_backoff_s = max_backoff_s
         self.clock = clock
         self.up = True
-        self.last_error = ""
+        self.last_error = ""  # the last failure, for the log (may quote the server)
+        self.last_reason = ""  # the same in a few words fit for a client
+        self._refusing = False  # the last failure was an error reply: only a write ends it
         self._backoff_s = first_backoff_s
         self._retry_at = 0.0
         metrics.store_up.set(1)
@@ -156,12 +167,27 @@ class StoreGateway:
     def close(self) -> None:
         self.raw.close()
 
+    async def readiness(self) -> str | None:
+        """None when the store answers and takes a write now; else why not, in a few words fit
+        for a client (the full error goes to the log). Always asks the store, even during a
+        back-off, and ends the back-off when the store takes the write."""
+        try:
+            await asyncio.to_thread(self.raw.check_writable)
+        except StoreUnavailable as error:
+            self._failed(error, "check_writable")
+            return error.reason
+        except Exception as error:  # a probe never raises: not ready, and why is in the log
+            log.exception("the store's readiness probe failed")
+            self._failed(StoreUnavailable(f"{self.where} failed its readiness probe: {error!r}",
+                                          reason="the store failed its readiness probe"),
+                         "check_writable")
+            return "the store failed its readiness probe"
+        self._answered("check_writable")
+        return None
+
     async def ping(self) -> bool:
-        if await asyncio.to_thread(self.raw.ping):
-            self._answered()
-            return True
-        self._failed(f"{self.where} did not answer a ping")
-        return False
+        """True when the store is ready: it answers and takes a write now (`readiness`)."""
+        return await self.readiness() is None
 
     # --- the breaker ------------------------------------------------------------------------
 
@@ -169,16 +195,17 @@ class StoreGateway:
         if not self.up and self.clock() < self._retry_at:
             self.metrics.store_errors.labels(op).inc()
             raise StoreUnavailable(
-                f"the store is unreachable ({self.last_error}); not retried for another "
-                f"{self._retry_at - self.clock():.1f} s"
+                f"the store is unavailable ({self.last_error}); not retried for another "
+                f"{self._retry_at - self.clock():.1f} s",
+                reason=self.last_reason or "the store does not answer", refused=self._refusing,
             )
         try:
             result = await asyncio.to_thread(fn, *args)
         except StoreUnavailable as error:
             self.metrics.store_errors.labels(op).inc()
-            self._failed(str(error))
+            self._failed(error, op)
             raise
-        self._answered()
+        self._answered(op)
         return result
 
     def _stream(self) -> LabelStream:
@@ -191,17 +218,29 @@ class StoreGateway:
             raise TypeError(f"the {self.backend} store keeps no snapshot file")
         return cast(Snapshots, self.raw)
 
-    def _failed(self, error: str) -> None:
+    def _failed(self, error: StoreUnavailable, op: str) -> None:
+        message = str(error)
+        if self.up or message != self.last_error:
+            # once per outage, and again when what the store says changes: not once per call
+            log.warning("store %s failed: %s", op, message)
         if self.up:
             self._backoff_s = self.first_backoff_s
         else:
             self._backoff_s = min(self._backoff_s * 2, self.max_backoff_s)
         self.up = False
-        self.last_error = error
+        self.last_error = message
+        self.last_reason = error.reason
+        self._refusing = error.refused
         self._retry_at = self.clock() + self._backoff_s
         self.metrics.store_up.set(0)
 
-    def _answered(self) -> None:
+    def _answered(self, op: str = "") -> None:
+        """The store did what `op` asked (no `op`: take it as answering again in full)."""
+        if self._refusing and op in READ_OPS:
+            return  # the store answers reads, but it refused a write: still down for writes
+        if not self.up:
+            log.info("the store answers again (%s)", op)
         self.up = True
+        self._refusing = False
         self._backoff_s = self.first_backoff_s
         self.metrics.store_up.set(1)

@@ -7,8 +7,13 @@ acknowledges (and deletes) them only once the join and its effects are stored. D
 therefore at least once: an entry read by a replica that died before acknowledging it stays
 pending, and another consumer claims it after `feedback.stream_claim_idle_ms`. The join makes it
 exactly once: a redelivered label finds its record labelled and is a duplicate that changes
-nothing. A malformed entry (no id, a label that does not fit the model) is moved to the
+nothing. A malformed entry (no id, a label that does not fit the model) and a rejected one (a label
+whose prediction cannot be used: its stored outputs are not finite, say) are moved to the
 dead-letter stream ``...:labels:dead`` with the reason, never dropped and never retried forever.
+
+The consumer never dies quietly: an unexpected error in it is logged with its traceback, counted
+(`adaptd_label_stream_crashes_total`) and the consumer restarted after a short back-off; /readyz
+is 503 from the crash until the restarted consumer has read the stream again.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ log = logging.getLogger("adaptd.labels")
 # how long the consumer waits before trying a store that failed again (the gateway's breaker
 # answers at once meanwhile, so this only keeps the loop from spinning)
 RETRY_S = 1.0
+
+# after a crash the consumer restarts after this long, doubling with each crash in a row up to
+# RESTART_MAX_S (a crash that repeats at once, on the same entry, must not spin)
+RESTART_S = 1.0
+RESTART_MAX_S = 30.0
 
 
 def default_consumer_name() -> str:
@@ -65,7 +75,7 @@ def parse_entry(fields: dict, model: LoadedModel) -> tuple[str, LabelValue] | st
         return problem
     try:
         label = decode_label(decoded[b"label"])
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
         return f"label {decoded[b'label'][:40]!r} is not a number or a list of numbers"
     problem = label_problem(label, model)
     if problem is not None:
@@ -85,20 +95,55 @@ class LabelStreamConsumer:
         self.metrics = metrics
         self.group = settings.stream_group
         self.consumer = settings.stream_consumer or default_consumer_name()
+        self.restart_s = RESTART_S
+        self.restart_max_s = RESTART_MAX_S
+        # why the consumer is not consuming now (a crash it is restarting from), else None: what
+        # /readyz reports
+        self.problem: str | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="adaptd-label-stream")
+        self.problem = None
+        self._task = asyncio.create_task(self._supervise(), name="adaptd-label-stream")
 
     async def stop(self) -> None:
         """Stop reading. An entry being applied keeps its place in the stream unless its
         acknowledgement went out: it is redelivered, and its join makes that harmless."""
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             try:
-                await self._task
+                await task
             except asyncio.CancelledError:
                 pass
+
+    @property
+    def running(self) -> bool:
+        """The consumer is started and consuming: not stopped, not restarting from a crash."""
+        return self._task is not None and not self._task.done() and self.problem is None
+
+    async def _supervise(self) -> None:
+        """Run the consumer; when it dies of anything but a cancellation, log it with its
+        traceback, count it, report it to /readyz, and start it again after a back-off."""
+        delay = self.restart_s
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if self.problem is None:  # it had consumed since its last crash, if any
+                    delay = self.restart_s
+                self.metrics.stream_crashes.inc()
+                self.problem = (f"the label stream consumer crashed ({type(error).__name__}) and "
+                                "is being restarted; the log has the traceback")
+                log.error("label stream consumer crashed; restarting it in %g s", delay,
+                          exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.restart_max_s)
+                log.info("label stream consumer restarting")
+            else:  # _run returns only when told to: never, today
+                return
 
     async def _run(self) -> None:
         while True:
@@ -118,6 +163,9 @@ class LabelStreamConsumer:
                 failing = True
                 await asyncio.sleep(RETRY_S)
             else:
+                if self.problem is not None:
+                    log.info("label stream consumer runs again")
+                    self.problem = None
                 if failing:
                     log.info("label stream: the store answers again")
                 failing = False
@@ -133,7 +181,7 @@ class LabelStreamConsumer:
         self.metrics.stream_entries.labels("claimed" if source == "claimed" else "read").inc(
             len(entries))
         labels: list[tuple[str, LabelValue]] = []
-        good: list[bytes] = []
+        good: list[tuple[bytes, dict]] = []
         dead: list[tuple[bytes, dict, str]] = []
         deleted: list[bytes] = []
         for entry_id, fields in entries:
@@ -145,14 +193,25 @@ class LabelStreamConsumer:
                 dead.append((entry_id, fields, parsed))
             else:
                 labels.append(parsed)
-                good.append(entry_id)
+                good.append((entry_id, fields))
+        acked = [entry_id for entry_id, _ in good]
         if labels:
             # raises StoreUnavailable (also PartialJoin) before anything is acknowledged, so
             # every entry of the batch comes back as pending and is applied again: joined ones
             # as duplicates
-            await self.feedback.apply(labels)
-        backlog = await self.store.ack_label_stream(self.group, good + deleted, dead)
-        self.metrics.stream_entries.labels("acked").inc(len(good) + len(deleted))
+            result = await self.feedback.apply(labels)
+            if result.reasons:
+                # rejected: its prediction cannot be used, so sending it again cannot succeed
+                acked = []
+                for (entry_id, fields), (prediction_id, _) in zip(good, labels, strict=True):
+                    why = result.reasons.get(prediction_id)
+                    if why is None:
+                        acked.append(entry_id)
+                    else:
+                        dead.append((entry_id, fields, f"label for prediction {prediction_id} "
+                                                       f"rejected: {why}"))
+        backlog = await self.store.ack_label_stream(self.group, acked + deleted, dead)
+        self.metrics.stream_entries.labels("acked").inc(len(acked) + len(deleted))
         self.metrics.stream_entries.labels("dead").inc(len(dead))
         self.metrics.stream_backlog.set(backlog)
         for entry_id, _, reason in dead:

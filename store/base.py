@@ -7,8 +7,11 @@ after expiry, and *unknown* after that or if it was never seen. Adapter checkpoi
 blobs with a `latest` pointer. Memories (AdaNPC's feature memory, the error memory) are named,
 capped lists of float32 rows, oldest first, that every replica appends to and loads from.
 
-Backends raise `StoreUnavailable` when their server cannot be reached, so the service can keep
-predicting from in-process state, count the failure and report not-ready.
+Backends raise `StoreUnavailable` when their server cannot be reached or answers with an error
+(out of memory, read-only, ...), so the service can keep predicting from in-process state, count
+the failure and report not-ready. A join may also *reject* a label whose effects cannot be
+computed from its record (`LabelEffects.rejected`): that record stays unlabelled, and the other
+labels of the batch are joined.
 """
 
 from __future__ import annotations
@@ -57,7 +60,20 @@ def normal_label(label: LabelValue) -> LabelValue:
 
 
 class StoreUnavailable(RuntimeError):
-    """The backing server did not answer; the operation had no effect that can be relied on."""
+    """The backing server did not answer, or answered with an error; the operation had no effect
+    that can be relied on.
+
+    The message is for the log: it may name the server and quote what it answered. `reason` is a
+    few words fit for a client or a readiness probe (never the server's address or its own
+    words). `refused` is True when the server answered with an error (it is up but would not do
+    it: out of memory, read-only, a wrong key type...), False when it did not answer at all.
+    """
+
+    def __init__(self, message: str, reason: str = "the store does not answer",
+                 refused: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.refused = refused
 
 
 def memory_rows(rows: np.ndarray, cap: int) -> np.ndarray:
@@ -142,20 +158,28 @@ class PartialJoin(StoreUnavailable):
     """The store failed part-way through a batch of labels: `result` holds the ones joined before
     it did (their effects must still be applied), `pending` the ids not attempted."""
 
-    def __init__(self, message: str, result: JoinResult, pending: list[str]) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, result: JoinResult, pending: list[str],
+                 reason: str = "the store does not answer", refused: bool = False) -> None:
+        super().__init__(message, reason, refused)
         self.result = result
         self.pending = pending
 
 
 @dataclass
 class JoinResult:
-    """The outcome of joining a batch of labels: records joined now, and the ids that were not."""
+    """The outcome of joining a batch of labels: records joined now, and the ids that were not.
+
+    `rejected` holds the ids whose label the effects refused (`LabelEffects.rejected`): their
+    records stay unlabelled, so the same label sent again is rejected again, not a duplicate. A
+    later label for a rejected id in the same batch is rejected too. `reasons` says why, by id.
+    """
 
     joined: list[PredictionRecord] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,10 +196,42 @@ class LabelEffects:
     memories: list[tuple[str, np.ndarray, int]] = field(default_factory=list)
     # calibrator name -> its new state; names must be among those the join was asked to read
     calibrators: dict[str, bytes] = field(default_factory=dict)
+    # id -> why: records about to be joined whose effects cannot be computed (outputs that are
+    # not finite, say). The join leaves them unlabelled and reports them as `rejected`; the
+    # memories and calibrators above must be the effects of the other records only.
+    rejected: dict[str, str] = field(default_factory=dict)
+
+
+def rejections(changes: LabelEffects, handed: Sequence[PredictionRecord]) -> dict[str, str]:
+    """The ids the effects rejected, checked (as both backends do) to be among the records the
+    join handed them: a `ValueError` otherwise, and nothing is written."""
+    stray = set(changes.rejected) - {record.id for record in handed}
+    if stray:
+        raise ValueError(f"effects rejected ids {sorted(stray)[:5]} the join did not hand them")
+    return dict(changes.rejected)
+
+
+def sort_outcomes(outcomes: Sequence[tuple[str, str]], joined: Sequence[PredictionRecord],
+                  rejected: Mapping[str, str], result: JoinResult) -> None:
+    """Add one chunk's outcomes to `result`, in label order. `outcomes` holds (kind, id) with
+    the kinds of `JoinResult` plus ``live`` for the first label of a live, unlabelled record
+    (joined unless rejected) and ``again`` for a later label of such a record in the same batch
+    (a duplicate, or rejected with it). `rejected` maps the rejected ids to why."""
+    result.joined += [record for record in joined if record.id not in rejected]
+    for kind, prediction_id in outcomes:
+        if kind == "live":
+            if prediction_id in rejected:
+                result.rejected.append(prediction_id)
+            continue
+        if kind == "again":
+            kind = "rejected" if prediction_id in rejected else "duplicate"
+        getattr(result, kind).append(prediction_id)
+    result.reasons.update(rejected)
 
 
 # computes the effects of the records joined now, given the current states of the calibrators the
-# join was asked to read; it may run more than once (an optimistic retry), so it must not act
+# join was asked to read, and names the records it refuses; it may run more than once (an
+# optimistic retry), so it must not act
 EffectsFn = Callable[[list[PredictionRecord], dict[str, bytes | None]], LabelEffects]
 
 
@@ -188,7 +244,13 @@ class Store(Protocol):
     record_ttl_s: float
 
     def ping(self) -> bool:
-        """True when the backend answers now (readiness); never raises."""
+        """True when the backend answers now; never raises."""
+        ...
+
+    def check_writable(self) -> None:
+        """Readiness: returns when the store answers and takes a small write now (Redis: a key
+        that expires within seconds), so a store that is full or read-only is not ready.
+        Raises `StoreUnavailable` otherwise."""
         ...
 
     def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
@@ -219,8 +281,11 @@ class Store(Protocol):
         go to `effects`, and the `LabelEffects` it returns are written together with the labels,
         atomically: both or neither. `effects` may be called more than once (Redis retries when
         another writer touched the same records or calibrators meanwhile); the last call's
-        effects are the ones written. If it raises, nothing is written. Large batches are joined
-        in chunks, each atomic on its own (`PartialJoin` if a later chunk fails).
+        effects are the ones written. If it raises, nothing is written. The ids it rejects
+        (`LabelEffects.rejected`, each among the records handed to it) are not joined: their
+        records stay unlabelled and they come back in `JoinResult.rejected`, with the reasons;
+        the rest of the batch is joined. Large batches are joined in chunks, each atomic on its
+        own (`PartialJoin` if a later chunk fails).
         """
         ...
 

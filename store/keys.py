@@ -55,6 +55,10 @@ class Keys:
         """The counter that hands out adapter versions (INCR), so replicas never reuse one."""
         return f"{self.prefix}adapter:version"
 
+    def ready(self) -> str:
+        """The key a readiness probe writes (with a TTL of seconds): can the store take writes?"""
+        return f"{self.prefix}ready"
+
     def memory(self, name: str) -> str:
         """The list of packed float32 rows of one named memory (AdaNPC's, the error memory)."""
         if not name:

@@ -27,6 +27,8 @@ from store.base import (
     PredictionRecord,
     encode_label,
     memory_rows,
+    rejections,
+    sort_outcomes,
 )
 from store.keys import Keys
 
@@ -122,6 +124,9 @@ class MemoryStore:
     def ping(self) -> bool:
         return True
 
+    def check_writable(self) -> None:
+        """Always writable: the store is this process's memory."""
+
     def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
         encoded = [(record.id, record.to_fields()) for record in records]
         with self._lock:
@@ -157,34 +162,42 @@ class MemoryStore:
         result = JoinResult()
         # id -> fields with the label, written only once the effects are known
         labelled: dict[str, dict[str, bytes]] = {}
+        outcomes: list[tuple[str, str]] = []  # (kind, id) in label order, as `sort_outcomes` reads
         with self._lock:
             now = self._clock()
             self._purge_expired(now)
             for prediction_id, label in labels:
                 fields = self._live_fields(prediction_id, now)
                 if fields is not None:
-                    if "label" in fields or prediction_id in labelled:
-                        result.duplicate.append(prediction_id)
-                        continue
-                    # a new dict, so a record already handed out is never changed under its reader
-                    labelled[prediction_id] = {
-                        **fields,
-                        "label": encode_label(label),
-                        "labelled_at": repr(float(now)).encode(),
-                    }
+                    if "label" in fields:
+                        outcomes.append(("duplicate", prediction_id))
+                    elif prediction_id in labelled:
+                        outcomes.append(("again", prediction_id))
+                    else:
+                        # a new dict, so a record already handed out is never changed under its
+                        # reader
+                        labelled[prediction_id] = {
+                            **fields,
+                            "label": encode_label(label),
+                            "labelled_at": repr(float(now)).encode(),
+                        }
+                        outcomes.append(("live", prediction_id))
                     continue
                 marker = self._markers.get(prediction_id)
                 if marker is None or marker[0] <= now:
-                    result.unknown.append(prediction_id)
+                    outcomes.append(("unknown", prediction_id))
                 elif marker[1]:
-                    result.duplicate.append(prediction_id)
+                    outcomes.append(("duplicate", prediction_id))
                 else:
-                    result.expired.append(prediction_id)
-            result.joined = [PredictionRecord.from_fields(f) for f in labelled.values()]
+                    outcomes.append(("expired", prediction_id))
+            joined = [PredictionRecord.from_fields(f) for f in labelled.values()]
             changes = LabelEffects()
-            if effects is not None and result.joined:
+            rejected: dict[str, str] = {}
+            appends: list[tuple[str, np.ndarray, int]] = []
+            if effects is not None and joined:
                 # computed before anything is written: if it raises, nothing changes
-                changes = effects(result.joined, {n: self._calibrators.get(n) for n in calibrators})
+                changes = effects(joined, {n: self._calibrators.get(n) for n in calibrators})
+                rejected = rejections(changes, joined)
                 appends = [(name, memory_rows(rows, cap), cap)
                            for name, rows, cap in changes.memories]
                 for name, rows, _ in appends:
@@ -194,17 +207,19 @@ class MemoryStore:
                     raise ValueError(f"effects wrote calibrators {sorted(unasked)} the join was "
                                      "not asked to read")
             for prediction_id, fields in labelled.items():
+                if prediction_id in rejected:
+                    continue  # left unlabelled: the same label sent again is rejected again
                 expires_at = self._records[prediction_id][0]
                 self._records[prediction_id] = (expires_at, fields)
                 marker_expires_at = expires_at + self.expired_grace_s
                 if prediction_id in self._markers:
                     marker_expires_at = self._markers[prediction_id][0]
                 self._markers[prediction_id] = (marker_expires_at, True)
-            if effects is not None and result.joined:
-                for name, rows, cap in appends:
-                    self._append(name, rows, cap)
-                for name, state in changes.calibrators.items():
-                    self._calibrators[name] = bytes(state)
+            for name, rows, cap in appends:
+                self._append(name, rows, cap)
+            for name, state in changes.calibrators.items():
+                self._calibrators[name] = bytes(state)
+        sort_outcomes(outcomes, joined, rejected, result)
         return result
 
     def save_adapter(self, blob: bytes) -> int:

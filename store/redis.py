@@ -4,13 +4,15 @@ Several replicas share one Redis, so any replica can take any label: a record is
 TTL, and the join is one optimistic transaction per chunk of labels (read under WATCH, write the
 labels and their effects in MULTI/EXEC), which makes "exactly once per id" hold across replicas
 and label redeliveries. Every key is built by `store.keys.Keys`, under the namespace
-prefix. Connection failures become `StoreUnavailable`, so the service keeps predicting from its
-in-process state and reports not-ready instead of failing requests.
+prefix. Connection failures and every error reply (out of memory, read-only, a wrong key type...)
+become `StoreUnavailable`, so the service keeps predicting from its in-process state, counts the
+failure and reports not-ready instead of failing requests.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +23,11 @@ import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -43,6 +49,8 @@ from store.base import (
     encode_label,
     memory_rows,
     normal_label,
+    rejections,
+    sort_outcomes,
 )
 from store.keys import Keys
 
@@ -59,6 +67,9 @@ HEALTH_CHECK_INTERVAL_S = 30
 # an optimistic transaction (a label join, a calibrator update) retries this often when other
 # writers keep winning the race
 MAX_OPTIMISTIC_RETRIES = 50
+
+# the readiness probe's key lives this long, so probes leave nothing behind for long
+READY_TTL_S = 10
 
 # the dead-letter stream keeps about this many malformed label entries, newest last
 DEAD_LABELS_KEPT = 10_000
@@ -244,6 +255,13 @@ class RedisStore:
         except (RedisError, OSError):
             return False
 
+    def check_writable(self) -> None:
+        """A small write that expires by itself (SET ... EX): a Redis at `maxmemory` with
+        `noeviction`, a read-only replica or one that cannot persist refuses it, so it is not
+        ready although it answers PING."""
+        with self._unavailable("take a readiness probe's write"):
+            self._redis.set(self._keys.ready(), b"1", ex=READY_TTL_S)
+
     def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
         if not records:
             return
@@ -286,7 +304,7 @@ class RedisStore:
                 raise PartialJoin(
                     f"{error} (after joining {start} of {len(labels)} labels; send the rest "
                     "again, those joined come back as duplicate)",
-                    result, [i for i, _ in labels[start:]],
+                    result, [i for i, _ in labels[start:]], error.reason, error.refused,
                 ) from error
         return result
 
@@ -303,20 +321,24 @@ class RedisStore:
             for _ in range(MAX_OPTIMISTIC_RETRIES):
                 try:
                     pipe.watch(*keys, *calibrator_keys.values())
-                    outcomes = self._peek_labels_script(keys=keys, client=pipe)
+                    peeked = self._peek_labels_script(keys=keys, client=pipe)
                     states = {name: cast("bytes | None", pipe.get(key))
                               for name, key in calibrator_keys.items()}
-                    joined, waiting, other = self._sort(chunk, outcomes)
+                    joined, waiting, outcomes, rejected = self._sort(chunk, peeked)
                     labelled_at = time.time()
                     for record, (_, label) in zip(joined, waiting, strict=True):
                         record.label, record.labelled_at = normal_label(label), labelled_at
                     changes = LabelEffects()
                     if effects is not None and joined:
                         changes = effects(joined, states)
+                        rejected |= rejections(changes, joined)
                         self._check_effects(changes, calibrator_keys, pipe)
+                    # a rejected record stays unlabelled: the same label sent again is rejected
+                    # again rather than a duplicate
+                    marks = [pair for pair in waiting if pair[0] not in rejected]
                     pipe.multi()
-                    if joined:
-                        self._queue_marks(pipe, waiting, labelled_at)
+                    if marks:
+                        self._queue_marks(pipe, marks, labelled_at)
                     for name, rows, cap in changes.memories:
                         self._queue_append(pipe, name, memory_rows(rows, cap), cap)
                     for name, state in changes.calibrators.items():
@@ -326,36 +348,47 @@ class RedisStore:
                     continue
                 finally:
                     pipe.reset()
-                result.joined += joined
-                for kind, prediction_id in other:
-                    getattr(result, kind).append(prediction_id)
+                sort_outcomes(outcomes, joined, rejected, result)
                 return
         raise StoreUnavailable(
             f"{MAX_OPTIMISTIC_RETRIES} concurrent writers in a row changed these labels' records "
-            "or calibrators first; nothing was written"
+            "or calibrators first; nothing was written",
+            reason="the store is busy with concurrent writers",
         )
 
     @staticmethod
-    def _sort(chunk: Sequence[tuple[str, LabelValue]], outcomes: list) -> tuple[
-            list[PredictionRecord], list[tuple[str, LabelValue]], list[tuple[str, str]]]:
-        """Records to join (first label per live id, in order), their labels, and the rest."""
+    def _sort(chunk: Sequence[tuple[str, LabelValue]], peeked: list) -> tuple[
+            list[PredictionRecord], list[tuple[str, LabelValue]], list[tuple[str, str]],
+            dict[str, str]]:
+        """Records to join (first label per live id, in order), their labels, every label's
+        outcome as `sort_outcomes` reads it, and the records that cannot be read (written by
+        something else, or by another version of adaptd): rejected, not a reason to fail the
+        batch."""
         joined: list[PredictionRecord] = []
         waiting: list[tuple[str, LabelValue]] = []
-        other: list[tuple[str, str]] = []
+        outcomes: list[tuple[str, str]] = []
+        unreadable: dict[str, str] = {}
         taken: set[str] = set()
-        for (prediction_id, label), outcome in zip(chunk, outcomes, strict=True):
+        for (prediction_id, label), outcome in zip(chunk, peeked, strict=True):
             status = outcome[0]
-            if status == b"live" and prediction_id not in taken:
+            if status == b"live" and prediction_id in taken:
+                outcomes.append(("again", prediction_id))
+            elif status == b"live":
                 taken.add(prediction_id)
+                outcomes.append(("live", prediction_id))
                 flat = outcome[1]  # HGETALL: field, value, field, value...
-                joined.append(PredictionRecord.from_fields(dict(zip(flat[::2], flat[1::2],
-                                                                    strict=True))))
+                try:
+                    record = PredictionRecord.from_fields(dict(zip(flat[::2], flat[1::2],
+                                                                   strict=True)))
+                except (KeyError, ValueError, TypeError, UnicodeDecodeError) as error:
+                    unreadable[prediction_id] = (f"its stored record cannot be read "
+                                                 f"({type(error).__name__}: {error})")
+                    continue
+                joined.append(record)
                 waiting.append((prediction_id, label))
-            elif status in (b"live", b"duplicate"):
-                other.append(("duplicate", prediction_id))
             else:
-                other.append((status.decode(), prediction_id))
-        return joined, waiting, other
+                outcomes.append((status.decode(), prediction_id))
+        return joined, waiting, outcomes, unreadable
 
     def _queue_marks(self, pipe: redis.client.Pipeline, waiting: list[tuple[str, LabelValue]],
                      labelled_at: float) -> None:
@@ -425,17 +458,18 @@ class RedisStore:
         for start in range(0, len(rows), MEMORY_CHUNK):
             chunk = rows[start:start + MEMORY_CHUNK]
             args = [int(cap), width, *(row.tobytes() for row in chunk)]
-            try:
-                with self._unavailable("append to a memory"):
+            with self._unavailable("append to a memory"):
+                try:
                     self._append_memory_script(keys=[key], args=args)
-            except ResponseError as error:
-                if not str(error).startswith("WIDTH"):
-                    raise
-                stored = int(str(error).split()[1]) // 4
-                raise ValueError(
-                    f"memory {name!r} holds rows of {stored} values; these have {rows.shape[1]}: "
-                    "clear it (clear_memory) before storing rows of a new width"
-                ) from None
+                except ResponseError as error:
+                    if not str(error).startswith("WIDTH"):
+                        raise  # any other error reply: the store refused, see _unavailable
+                    stored = int(str(error).split()[1]) // 4
+                    raise ValueError(
+                        f"memory {name!r} holds rows of {stored} values; these have "
+                        f"{rows.shape[1]}: clear it (clear_memory) before storing rows of a new "
+                        "width"
+                    ) from None
 
     def load_memory(self, name: str) -> np.ndarray:
         with self._unavailable("load a memory"):
@@ -570,13 +604,66 @@ class RedisStore:
 
     @contextmanager
     def _unavailable(self, action: str) -> Iterator[None]:
-        """Turn a connection failure into `StoreUnavailable`, naming the server but no password."""
+        """Turn any Redis failure into `StoreUnavailable`: no answer (a refused or dropped
+        connection, a timeout) and every error reply alike (out of memory, read-only, loading,
+        cannot persist, a wrong key type, a lost script...). The message, for the log, names the
+        server (no password) and quotes what it answered; `reason` is for clients."""
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, BusyLoadingError) as error:
-            # READONLY (a replica after failover) and LOADING (a restart) pass with time, like a
-            # dropped connection
+        except (BusyLoadingError, AuthenticationError) as error:
+            # ConnectionErrors to redis-py, but Redis answered: it refused
+            raise self._refused(action, error) from error
+        except (RedisConnectionError, RedisTimeoutError) as error:
             raise StoreUnavailable(
                 f"Redis at {self.url} did not answer when asked to {action}: {error}; "
-                "check that it is running and reachable from this host"
+                "check that it is running and reachable from this host",
+                reason="the store does not answer",
             ) from error
+        except RedisError as error:
+            raise self._refused(action, error) from error
+
+    def _refused(self, action: str, error: RedisError) -> StoreUnavailable:
+        reason, advice = refusal(error)
+        return StoreUnavailable(
+            f"Redis at {self.url} refused to {action}: {type(error).__name__}: {error}; {advice}",
+            reason=reason, refused=True,
+        )
+
+
+def refusal(error: RedisError) -> tuple[str, str]:
+    """What a Redis error reply means, in a few words fit for a client (never Redis's own text),
+    and what an operator should do about it.
+
+    redis-py turns the common codes into classes and drops the code from the message; inside a
+    script's error the code stays in the text:
+
+    >>> refusal(OutOfMemoryError("command not allowed when used memory > 'maxmemory'."))[0]
+    'the store is full and refuses writes'
+    >>> refusal(ResponseError("Error running script (call to f_0): @user_script:4: WRONGTYPE "
+    ...                       "Operation against a key holding the wrong kind of value"))[0]
+    'the store holds a key of the wrong type'
+    """
+    text = str(error)
+
+    def says(code: str) -> bool:  # the code may follow a script's own prefix
+        return re.search(rf"\b{code}\b", text) is not None
+
+    if isinstance(error, OutOfMemoryError) or says("OOM"):
+        return ("the store is full and refuses writes",
+                "Redis reached maxmemory: free memory or raise maxmemory (keep noeviction)")
+    if isinstance(error, ReadOnlyError) or says("READONLY"):
+        return ("the store is read-only",
+                "this Redis is a replica (a failover?): point store.url at the primary")
+    if isinstance(error, BusyLoadingError) or says("LOADING"):
+        return ("the store is loading its data", "wait until Redis has loaded its dataset")
+    if says("MISCONF"):
+        return ("the store refuses writes", "Redis cannot persist to disk: check its disk and log")
+    if says("WRONGTYPE"):
+        return ("the store holds a key of the wrong type",
+                "a key under this namespace was written by something else: delete it")
+    if isinstance(error, (AuthenticationError, NoPermissionError)) or says("NOPERM"):
+        return ("the store refuses this client",
+                "check the user and password in store.url and the user's ACL in Redis")
+    if isinstance(error, NoScriptError) or says("NOSCRIPT"):
+        return ("the store lost a script", "the script cache was flushed: the next call loads it")
+    return ("the store answered with an error", "see Redis's log")

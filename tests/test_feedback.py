@@ -37,13 +37,14 @@ def test_labels_join_once_and_the_rolling_error_shows_in_metrics_and_state():
     (predictions, sent, first, state1, metrics_text, again, state2, joined, duplicate,
      unknown) = asyncio.run(scenario())
     expected_error = sum(p != s for p, s in zip(predictions, sent, strict=True)) / 20
-    assert first == {"joined": 20, "unknown": [], "duplicate": [], "expired": []}
+    assert first == {"joined": 20, "unknown": [], "duplicate": [], "expired": [], "rejected": []}
     assert state1["quality"]["labels"] == 20
     assert abs(state1["quality"]["rolling_error"] - expected_error) < 1e-9
     assert f"adaptd_rolling_error {expected_error}" in metrics_text
     assert 'adaptd_labels_total{outcome="joined"} 20.0' in metrics_text
     # the second label for d3 is a duplicate and changes nothing
-    assert again == {"joined": 0, "unknown": ["nobody"], "duplicate": ["d3"], "expired": []}
+    assert again == {"joined": 0, "unknown": ["nobody"], "duplicate": ["d3"], "expired": [],
+                     "rejected": []}
     assert state2["quality"] == state1["quality"]
     assert (joined, duplicate, unknown) == (20, 1, 1)
 
@@ -59,7 +60,8 @@ def test_a_label_for_an_expired_prediction_is_reported_as_expired():
             return reply.json(), metric(app, "adaptd_labels_total", outcome="expired")
 
     reply, expired = asyncio.run(scenario())
-    assert reply == {"joined": 0, "unknown": [], "duplicate": [], "expired": ["old"]}
+    assert reply == {"joined": 0, "unknown": [], "duplicate": [], "expired": ["old"],
+                     "rejected": []}
     assert expired == 1
 
 

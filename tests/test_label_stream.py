@@ -50,6 +50,7 @@ def test_a_bulk_back_fill_joins_every_line_once_and_reports_the_rest() -> None:
     status, first, again, memory_rows, joined = asyncio.run(scenario())
     assert status == 200
     assert first == {"labels": 102, "joined": 100, "unknown": 1, "duplicate": 1, "expired": 0,
+                     "rejected": 0,
                      "examples": {"unknown": ["never-made"], "duplicate": ["bulk-3"]}}
     assert again["duplicate"] == 10 and again["joined"] == 0
     assert memory_rows == 100 and joined == 100.0

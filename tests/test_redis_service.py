@@ -42,7 +42,8 @@ def test_predictions_and_labels_go_through_redis_and_a_checkpoint_survives_a_res
     assert saved["version"] == 1 and saved["adapter"] == "tent"
     again, restored, steps = asyncio.run(second_life())
     # a label already joined in the first life is a duplicate in the second: state is in Redis
-    assert again == {"joined": 0, "unknown": [], "duplicate": ["r0"], "expired": []}
+    assert again == {"joined": 0, "unknown": [], "duplicate": ["r0"], "expired": [],
+                     "rejected": []}
     assert steps == 1
     for before, after in zip(adapted, restored, strict=True):
         assert before.equal(after)
@@ -79,11 +80,15 @@ def test_while_redis_is_down_predictions_go_on_readiness_fails_and_it_all_comes_
          store_up) = asyncio.run(scenario())
     assert during.status_code == 200 and len(during.json()["predictions"]) == 2
     assert not_ready.status_code == 503
-    assert not_ready.json() == {"status": "not ready", "checks": {"model": True, "store": False}}
-    assert refused.status_code == 503 and "redis" in refused.json()["detail"].lower()
+    assert not_ready.json() == {"status": "not ready", "checks": {"model": True, "store": False},
+                                "reason": "the store does not answer"}
+    assert refused.status_code == 503
+    assert refused.json()["detail"].startswith("the store is unavailable; ")
+    assert "127.0.0.1" not in refused.json()["detail"]  # no internal address for clients
     assert state_down["store"]["up"] is False
     assert errors == 1
     assert back.status_code == 200 and after.status_code == 200
     # the records written while Redis was away are gone: their labels are unknown, not errors
-    assert joined == {"joined": 1, "unknown": ["lost1"], "duplicate": [], "expired": []}
+    assert joined == {"joined": 1, "unknown": ["lost1"], "duplicate": [], "expired": [],
+                      "rejected": []}
     assert store_up == 1

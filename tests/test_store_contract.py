@@ -819,3 +819,128 @@ def test_a_named_state_is_replaced_by_the_last_save(store: Store) -> None:
     store.save_state("drift", b"one")
     store.save_state("drift", b"two")
     assert store.load_state("drift") == b"two"
+
+
+# --- effects that reject records: those stay unlabelled, the rest join -------------------------
+
+
+def _effects_refusing(bad: set[str]):
+    """`_effects` for the records not in `bad`; those are rejected, with a reason."""
+
+    def effects(joined: list[PredictionRecord], states: dict[str, bytes | None]) -> LabelEffects:
+        kept = [r for r in joined if r.id not in bad]
+        changes = _effects(kept, states) if kept else LabelEffects()
+        changes.rejected = {r.id: f"{r.id} cannot be used" for r in joined if r.id in bad}
+        return changes
+
+    return effects
+
+
+def test_records_the_effects_reject_stay_unlabelled_and_the_others_join(store: Store) -> None:
+    store.put_predictions([prediction(f"rj-{i}") for i in range(4)])
+    effects = _effects_refusing({"rj-1"})
+
+    first = store.join_labels([("rj-0", 1.0), ("rj-1", 2.0), ("rj-2", 3.0), ("rj-1", 4.0),
+                               ("nope", 1.0)], effects=effects, calibrators=["conformal"])
+    again = store.join_labels([("rj-1", 2.0), ("rj-3", 0.0), ("rj-0", 1.0)], effects=effects,
+                              calibrators=["conformal"])
+
+    assert ids_by_outcome(first) == {"joined": ["rj-0", "rj-2"], "duplicate": [], "expired": [],
+                                     "unknown": ["nope"]}
+    # the repeat of the rejected id in the same batch is rejected with it, not a duplicate
+    assert first.rejected == ["rj-1", "rj-1"] and first.reasons == {"rj-1": "rj-1 cannot be used"}
+    # sent again, it is rejected again: its record was left unlabelled
+    assert again.rejected == ["rj-1"] and again.duplicate == ["rj-0"]
+    assert [r.id for r in again.joined] == ["rj-3"]
+    assert store.get_prediction("rj-1").label is None
+    assert store.get_prediction("rj-2").label == 3.0
+    # only the joined labels' effects were written: three rows, a count of three
+    assert store.load_memory("errors")[:, 0].tolist() == [1.0, 3.0, 0.0]
+    assert store.load_calibrator("conformal") == b"3"
+
+
+def test_a_batch_whose_every_record_is_rejected_writes_nothing(store: Store) -> None:
+    store.put_predictions([prediction("all-bad")])
+
+    result = store.join_labels([("all-bad", 1.0)], effects=_effects_refusing({"all-bad"}),
+                               calibrators=["conformal"])
+
+    assert result.rejected == ["all-bad"] and result.joined == []
+    assert store.get_prediction("all-bad").label is None
+    assert store.load_memory("errors").shape == (0, 0)
+    assert store.load_calibrator("conformal") is None
+
+
+def test_effects_rejecting_an_id_they_were_not_handed_write_nothing(store: Store) -> None:
+    store.put_predictions([prediction("handed")])
+
+    def stray(joined: list[PredictionRecord], states: dict[str, bytes | None]) -> LabelEffects:
+        return LabelEffects(rejected={"not-handed": "?"})
+
+    with pytest.raises(ValueError, match="did not hand"):
+        store.join_labels([("handed", 1.0)], effects=stray)
+    assert store.get_prediction("handed").label is None
+
+
+def test_a_store_that_takes_writes_passes_the_readiness_probe(store: Store) -> None:
+    store.check_writable()  # returns: no StoreUnavailable
+
+
+def test_redis_a_stored_record_that_cannot_be_read_is_rejected_and_the_rest_join(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    keys = Keys(redis_store.namespace)
+    redis_store.put_predictions([prediction("readable")])
+    # a record hash written by something else (or an older adaptd): no outputs, no version...
+    redis_client.hset(keys.record("foreign"), mapping={"id": "foreign", "created_at": "1"})
+    redis_client.expire(keys.record("foreign"), 60)
+
+    result = redis_store.join_labels([("foreign", 1.0), ("readable", 2.0)], effects=_effects,
+                                     calibrators=["conformal"])
+
+    assert [r.id for r in result.joined] == ["readable"] and result.rejected == ["foreign"]
+    assert "cannot be read" in result.reasons["foreign"]
+    assert not redis_client.hexists(keys.record("foreign"), "label")
+    assert redis_store.load_calibrator("conformal") == b"1"
+
+
+def test_redis_an_error_reply_is_store_unavailable_with_a_reason_free_of_redis_words(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    keys = Keys(redis_store.namespace)
+    redis_client.set(keys.memory("errors"), b"not a list")  # WRONGTYPE for every list command
+
+    for operation in (lambda: redis_store.append_memory("errors", np.ones((1, 2)), cap=10),
+                      lambda: redis_store.load_memory("errors"),
+                      lambda: redis_store.trim_memory("errors", 1)):
+        with pytest.raises(StoreUnavailable) as raised:
+            operation()
+        # the log's message quotes Redis; the reason, for clients, does not
+        assert "WRONGTYPE" in str(raised.value) and redis_store.url in str(raised.value)
+        assert raised.value.refused is True
+        assert raised.value.reason == "the store holds a key of the wrong type"
+    # a row of another width is still the caller's error, not the store's
+    redis_client.delete(keys.memory("errors"))
+    redis_store.append_memory("errors", np.ones((1, 2)), cap=10)
+    with pytest.raises(ValueError, match="2 values"):
+        redis_store.append_memory("errors", np.ones((1, 3)), cap=10)
+
+
+def test_redis_the_readiness_probe_writes_a_key_that_expires_within_seconds(
+    redis_store: RedisStore, redis_client: redis.Redis
+) -> None:
+    redis_store.check_writable()
+
+    ttl = redis_client.ttl(Keys(redis_store.namespace).ready())
+    assert 0 < ttl <= 10
+
+
+def test_redis_an_unreachable_server_fails_the_readiness_probe_saying_it_does_not_answer() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", "test:probe", record_ttl_s=60.0)
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            store.check_writable()
+        assert raised.value.reason == "the store does not answer"
+        assert raised.value.refused is False
+    finally:
+        store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, status
@@ -14,28 +15,43 @@ from store import StoreUnavailable
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_token)])
 
+log = logging.getLogger("adaptd.admin")
 
-@router.post("/v1/admin/reset", response_model=AdapterState)
+
+@router.post(
+    "/v1/admin/reset",
+    response_model=AdapterState,
+    responses={503: {"description": "the adapter was reset in process, but the store is "
+                                    "unavailable: its stored memory is cleared once the store "
+                                    "answers again; nothing to resend"}},
+)
 async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterState:
     """Return the adapter to the source weights (after the batches already queued)."""
     await runtime.sync.run(runtime.engine.reset_adapter)
     if runtime.sync.pending:
+        log.warning("POST /v1/admin/reset answered 503: the store did not take the reset: %s",
+                    runtime.store.last_error)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            f"the adapter was reset, but its stored memory was not "
-                            f"({runtime.store.last_error}); it is cleared there when the store "
-                            "answers again")
+                            "the store is unavailable; the adapter was reset, but its stored "
+                            "memory was not: it is cleared there when the store answers again, "
+                            "nothing needs sending again")
     return adapter_state(runtime)
 
 
 @router.post(
     "/v1/admin/checkpoint",
     response_model=CheckpointResponse,
-    responses={503: {"description": "the store is unreachable; nothing was saved"}},
+    responses={503: {"description": "the store is unavailable (down, or refusing writes); "
+                                    "nothing was saved: try again later"}},
 )
 async def checkpoint(runtime: Annotated[Runtime, Depends(get_runtime)]) -> CheckpointResponse:
     """Save the adapter's learned state to the store as a new version; a restart restores it."""
     try:
         version, size = await runtime.checkpoint()
     except StoreUnavailable as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+        log.warning("POST /v1/admin/checkpoint answered 503: %s", exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "the store is unavailable; nothing was saved: try again later (the "
+                            "service also saves by itself every adapter.checkpoint_every_s and "
+                            "at stop)") from None
     return CheckpointResponse(version=version, bytes=size, adapter=runtime.settings.adapter.name)

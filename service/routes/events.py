@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.exceptions import RequestValidationError
 
 from service.deps import get_runtime
 from service.runtime import Runtime
@@ -13,8 +15,16 @@ from store import StoreUnavailable
 
 router = APIRouter(tags=["status"])
 
+log = logging.getLogger("adaptd.events")
 
-@router.get("/v1/events", response_model=EventsResponse)
+
+@router.get(
+    "/v1/events",
+    response_model=EventsResponse,
+    responses={503: {"description": "scope=deployment only: the store is unavailable, so the "
+                                    "deployment's log cannot be read; try again later, or read "
+                                    "this replica's events (scope=replica)"}},
+)
 async def events(
     runtime: Annotated[Runtime, Depends(get_runtime)],
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -31,13 +41,22 @@ async def events(
         events = runtime.events.list(1000 if kind else limit, before)
     else:
         if before is not None:
-            raise HTTPException(422, "before pages this replica's log; with scope=deployment "
-                                     "use limit (and kind)")
+            # the shape of every other query error (FastAPI's validation errors, as the schema
+            # declares for 422), not a bare string
+            raise RequestValidationError([{
+                "type": "value_error", "loc": ("query", "before"), "input": before,
+                "msg": "before pages this replica's log; with scope=deployment use limit (and "
+                       "kind)",
+            }])
         await runtime.flush_events()
         try:
             events = await runtime.store.load_events(runtime.settings.drift.events_kept)
         except StoreUnavailable as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+            log.warning("GET /v1/events?scope=deployment answered 503: %s", exc)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                "the store is unavailable; the deployment's event log cannot be "
+                                "read now: try again later, or read this replica's "
+                                "events with scope=replica") from None
     if kind is not None:
         events = [e for e in events if e.get("kind") == kind]
     return EventsResponse(events=[EventItem(**e) for e in events[:limit]])

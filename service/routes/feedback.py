@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
@@ -21,6 +22,21 @@ NDJSON_LINE = 'one label per line: {"id": ..., "label": ...}'
 
 router = APIRouter(tags=["feedback"])
 
+log = logging.getLogger("adaptd.feedback")
+
+
+def unavailable(route: str, error: StoreUnavailable, total: int, done: int = 0) -> HTTPException:
+    """The 503 for labels the store could not take: what to do, without the store's address or
+    its own words (those go to the log). `done` labels were handled before the failure."""
+    log.warning("%s answered 503: %s", route, error)
+    if done:
+        happened = (f"{done} of the {total} labels were handled before it failed: send them all "
+                    "again; those joined come back as duplicate")
+    else:
+        happened = "no label was joined: send the labels again once it is back"
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                         f"the store is unavailable; {happened}")
+
 
 @router.post(
     "/v1/feedback",
@@ -28,15 +44,17 @@ router = APIRouter(tags=["feedback"])
     dependencies=[Depends(require_token)],
     responses={
         422: {"description": "a label that does not fit the task; nothing was applied"},
-        503: {"description": "the store is unreachable: send the labels again; any joined before "
-                             "the failure (the message says how many) come back as duplicate"},
+        503: {"description": "the store is unavailable (down, or refusing writes): send the "
+                             "labels again; any joined before the failure (the message says how "
+                             "many) come back as duplicate"},
     },
 )
 async def feedback(
     body: FeedbackRequest, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> FeedbackResponse:
     """Labels for earlier predictions, by id. A prediction is joined to at most one label; a new
-    prediction made under the same id starts afresh."""
+    prediction made under the same id starts afresh. A label whose prediction cannot be used
+    (its stored outputs are not finite, say) is `rejected`; the others are joined."""
     labels = [(item.id, item.label) for item in body.labels]
     try:
         check_labels(labels, runtime.model, runtime.settings.feedback.max_labels_per_request)
@@ -45,12 +63,14 @@ async def feedback(
     try:
         result = await runtime.feedback.apply(labels)
     except StoreUnavailable as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+        done = len(labels) - len(exc.pending) if isinstance(exc, PartialJoin) else 0
+        raise unavailable("POST /v1/feedback", exc, len(labels), done) from None
     return FeedbackResponse(
         joined=len(result.joined),
         unknown=result.unknown,
         duplicate=result.duplicate,
         expired=result.expired,
+        rejected=result.rejected,
     )
 
 
@@ -66,8 +86,9 @@ async def feedback(
         413: {"description": "the body is larger than max_body_bytes; split it"},
         415: {"description": "the body is not newline-delimited JSON"},
         422: {"description": "a line that is not a label for this model; nothing was applied"},
-        503: {"description": "the store is unreachable: send the whole body again; labels "
-                             "joined before the failure come back as duplicate"},
+        503: {"description": "the store is unavailable (down, or refusing writes): send the "
+                             "whole body again; labels joined before the failure come back as "
+                             "duplicate"},
     },
 )
 async def feedback_bulk(
@@ -76,7 +97,7 @@ async def feedback_bulk(
     """A back-fill of labels as newline-delimited JSON, one `{"id": ..., "label": ...}` per line,
     read as it streams in. Every line is checked before any label is applied: one bad line
     rejects the body with its line number. Then labels are joined in order, exactly once per id,
-    as `POST /v1/feedback` joins them."""
+    as `POST /v1/feedback` joins them (a label whose prediction cannot be used is `rejected`)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in NDJSON_TYPES:
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
@@ -100,24 +121,22 @@ async def feedback_bulk(
         try:
             result = await runtime.feedback.apply(labels[start:start + BULK_CHUNK])
         except StoreUnavailable as exc:
-            joined = len(total.joined)
+            done = start
             if isinstance(exc, PartialJoin):
-                joined += len(exc.result.joined)
-            reason = str(exc).split(" (after joining")[0]  # the chunk's own count would mislead
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                                f"{reason}; {joined} of the body's {len(labels)} labels were "
-                                "joined before the failure: send the whole body again, those "
-                                "come back as duplicate") from None
+                done += min(BULK_CHUNK, len(labels) - start) - len(exc.pending)
+            raise unavailable("POST /v1/feedback/bulk", exc, len(labels), done) from None
         total.joined += result.joined
         total.unknown += result.unknown
         total.duplicate += result.duplicate
         total.expired += result.expired
+        total.rejected += result.rejected
     return BulkFeedbackResponse(
         labels=len(labels), joined=len(total.joined), unknown=len(total.unknown),
         duplicate=len(total.duplicate), expired=len(total.expired),
+        rejected=len(total.rejected),
         examples={name: ids[:EXAMPLES] for name, ids in (
             ("unknown", total.unknown), ("duplicate", total.duplicate),
-            ("expired", total.expired)) if ids},
+            ("expired", total.expired), ("rejected", total.rejected)) if ids},
     )
 
 
