@@ -7,6 +7,13 @@ the engine computes one batch the next one gathers, so under load batches fill w
 
 If a batch fails, every request in it is retried alone without adaptation, so one input the model
 cannot process costs only its own caller an error (`PredictionFailed`); the others get results.
+That includes inputs the model gives NaN or infinite outputs for (`NonFiniteOutputs`): the error
+names the samples of the request, and nothing of them is recorded.
+
+Admission control: the queue holds at most `max_queued_samples` samples (counting the room held
+by requests admitted before their bodies are read, `admit`) and at most `max_inflight_requests`
+requests are in flight; a request beyond either is refused at once with `Overloaded` (HTTP 503
+with Retry-After), counted in `adaptd_requests_shed_total`, and never queued.
 """
 
 from __future__ import annotations
@@ -15,16 +22,22 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from service.engine import NonFiniteOutputs
 from service.metrics import Metrics
 
 R = TypeVar("R")
 RunBatch = Callable[[np.ndarray, list[str]], Awaitable[list[R]]]
 
 log = logging.getLogger("adaptd.batcher")
+
+# requests queued, gathered or running at once, by default (batcher.max_inflight_requests)
+DEFAULT_MAX_INFLIGHT_REQUESTS = 512
+# what a refused request's Retry-After says, in seconds
+RETRY_AFTER_S = 1
 
 
 class PredictionFailed(RuntimeError):
@@ -33,6 +46,42 @@ class PredictionFailed(RuntimeError):
 
 class BatcherStopped(RuntimeError):
     """The service is shutting down; the request was not run."""
+
+
+class Overloaded(RuntimeError):
+    """The batcher holds as many samples or requests as it may: the request was refused at once,
+    without queueing (HTTP 503 with `Retry-After: retry_after_s`)."""
+
+    def __init__(self, message: str, reason: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Admission:
+    """A request let in by `MicroBatcher.admit`: in flight, and holding room in the queue until
+    its samples are queued, until closed."""
+
+    def __init__(self, batcher: MicroBatcher[Any], held: int) -> None:
+        self.batcher = batcher
+        self.held = held
+        self.closed = False
+
+    def unhold(self) -> None:
+        self.batcher.held_samples -= self.held
+        self.held = 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.unhold()
+            self.batcher._inflight(-1)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 @dataclass
@@ -55,12 +104,19 @@ class MicroBatcher(Generic[R]):
         max_batch_size: int,
         max_wait_ms: float,
         metrics: Metrics,
+        max_queued_samples: int | None = None,
+        max_inflight_requests: int | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.run_alone = run_alone
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.metrics = metrics
+        # admission control: beyond either bound `submit` refuses at once (`Overloaded`)
+        self.max_queued_samples = max_queued_samples or 16 * max_batch_size
+        self.max_inflight_requests = max_inflight_requests or DEFAULT_MAX_INFLIGHT_REQUESTS
+        self.inflight_requests = 0  # admitted and not answered: being read, queued or running
+        self.held_samples = 0  # room held for admitted requests whose samples are not queued yet
         self._queue: asyncio.Queue[_Pending[R]] = asyncio.Queue()
         self._carry: _Pending[R] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -88,15 +144,55 @@ class MicroBatcher(Generic[R]):
                 pending.future.set_exception(BatcherStopped("the service is shutting down"))
         self._carry = None
 
-    async def submit(self, inputs: np.ndarray, ids: list[str]) -> list[R]:
-        """Queue one request's samples and wait for exactly its own rows, in order."""
+    def _admit(self, samples: int, new_request: bool) -> None:
+        """Raise `Overloaded` (and count it) when `samples` more queued or held samples would pass
+        `max_queued_samples`, or a new request would pass `max_inflight_requests`."""
+        if new_request and self.inflight_requests >= self.max_inflight_requests:
+            reason = "inflight_requests"
+            message = (f"the service is overloaded: {self.inflight_requests} requests are in "
+                       f"flight (batcher.max_inflight_requests); retry after {RETRY_AFTER_S} s")
+        elif self.waiting_samples + self.held_samples + samples > self.max_queued_samples:
+            reason = "queued_samples"
+            message = (f"the service is overloaded: {self.waiting_samples} samples are queued "
+                       f"and {self.held_samples} held for requests being read; {samples} more "
+                       f"would pass batcher.max_queued_samples ({self.max_queued_samples}); "
+                       f"retry after {RETRY_AFTER_S} s")
+        else:
+            return
+        self.metrics.requests_shed.labels(reason).inc()
+        raise Overloaded(message, reason, RETRY_AFTER_S)
+
+    def admit(self, expected_samples: int = 1) -> Admission:
+        """Let one request in, from before its body is read, or raise `Overloaded` at once when
+        either bound would be passed. The request is in flight, and holds `expected_samples` of
+        the queue's room while its body is read and parsed, until the `Admission` is closed (it
+        is a context manager); `submit(..., admission)` queues its samples in that room."""
+        self._admit(expected_samples, new_request=True)
+        self.held_samples += expected_samples
+        self._inflight(+1)
+        return Admission(self, expected_samples)
+
+    async def submit(self, inputs: np.ndarray, ids: list[str],
+                     admission: Admission | None = None) -> list[R]:
+        """Queue one request's samples and wait for exactly its own rows, in order; refuse it at
+        once with `Overloaded` when the queued samples or the requests in flight would pass their
+        bound. A request `admitted` before is queued in the room it held."""
         if self._worker is None:
             raise BatcherStopped("the batcher is not running")
+        if admission is None:
+            with self.admit(len(ids)) as admission:
+                return await self.submit(inputs, ids, admission)
+        admission.unhold()  # the samples it brings take the place it held
+        self._admit(len(ids), new_request=False)
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, ids, loop.create_future(), loop.time())
         self._waiting(+pending.size)
         self._queue.put_nowait(pending)
         return await pending.future
+
+    def _inflight(self, delta: int) -> None:
+        self.inflight_requests += delta
+        self.metrics.inflight_requests.set(self.inflight_requests)
 
     def _waiting(self, delta: int) -> None:
         self.waiting_samples += delta
@@ -155,9 +251,13 @@ class MicroBatcher(Generic[R]):
         self.metrics.batch_size.observe(len(ids))
         try:
             rows = await self.run_batch(inputs, ids)
-        except Exception:
-            log.warning("a batch of %d requests failed; retrying each alone", len(batch),
-                        exc_info=True)
+        except Exception as exc:
+            if isinstance(exc, NonFiniteOutputs):  # what some inputs do: no traceback
+                log.warning("a batch of %d requests gave non-finite outputs (%s); retrying each "
+                            "alone", len(batch), exc)
+            else:
+                log.warning("a batch of %d requests failed; retrying each alone", len(batch),
+                            exc_info=True)
             for pending in batch:
                 await self._run_alone(pending)
             return
@@ -172,6 +272,8 @@ class MicroBatcher(Generic[R]):
             rows = await self.run_alone(pending.inputs, pending.ids)
         except Exception as exc:
             self.metrics.prediction_failures.inc(pending.size)
+            if isinstance(exc, NonFiniteOutputs):
+                self.metrics.non_finite_outputs.inc(len(exc.rows))
             if not pending.future.done():
                 pending.future.set_exception(
                     PredictionFailed(f"the model could not process these inputs: {exc}")

@@ -55,9 +55,14 @@ def serve_command(args: argparse.Namespace) -> None:
         sys.exit(f"adaptd: invalid configuration:\n{exc}")
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # a model or adapter that cannot start is reported by the app's lifespan, and uvicorn exits 3
+    # a model or adapter that cannot start is reported by the app's lifespan, and uvicorn exits 3.
+    # Idle keep-alive connections close after keep_alive_s; beyond max_connections open
+    # connections (or requests being handled) uvicorn answers new requests 503 at once; a body
+    # that is late is the app's (body_timeout_s, 408)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+                log_level=settings.log_level, timeout_graceful_shutdown=10,
+                timeout_keep_alive=settings.keep_alive_s,
+                limit_concurrency=settings.max_connections)
 
 
 if __name__ == "__main__":

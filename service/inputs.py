@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections.abc import Sequence
@@ -17,8 +18,10 @@ class InvalidInput(ValueError):
     """The request cannot be served as sent; the message says what to change (HTTP 422)."""
 
 
-def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int) -> np.ndarray:
-    """Samples as one float32 array of shape (n, *input_shape), all finite.
+def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int,
+             max_abs: float = math.inf) -> np.ndarray:
+    """Samples as one float32 array of shape (n, *input_shape), all finite and none holding a
+    value beyond ±`max_abs` (the model's `max_abs_input`).
 
     >>> to_batch([[1, 2], [3, 4]], (2,), limit=8).shape
     (2, 2)
@@ -26,6 +29,10 @@ def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int)
     Traceback (most recent call last):
     ...
     service.inputs.InvalidInput: inputs[1] has shape [1]; the model takes samples of shape [2]
+    >>> to_batch([[1, 2], [3, -1e20]], (2,), limit=8, max_abs=6.1e18)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    service.inputs.InvalidInput: inputs[1] holds -1e+20, beyond the largest ... (6.1e+18, ...)
     """
     if len(inputs) > limit:
         raise InvalidInput(
@@ -45,14 +52,38 @@ def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int)
             )
     with np.errstate(over="ignore"):
         batch = np.asarray(inputs, dtype=np.float32)
-    finite = np.isfinite(batch.reshape(len(inputs), -1)).all(axis=1)
+    return checked_values(batch, max_abs)
+
+
+def checked_values(batch: np.ndarray, max_abs: float = math.inf) -> np.ndarray:
+    """`batch` (float32, one sample per row) when every value is finite and within ±`max_abs`;
+    the checks of `to_batch` after the shapes (`service.predict_body` builds its batch with numpy
+    and checks it here)."""
+    finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
     if not finite.all():
         index = int(np.argmin(finite))
         raise InvalidInput(
             f"inputs[{index}] holds a value that is not a finite float32 (NaN, infinity or beyond "
             "±3.4e38)"
         )
+    if max_abs < math.inf:
+        _check_range(batch.reshape(len(batch), -1), max_abs)
     return batch
+
+
+def _check_range(flat: np.ndarray, max_abs: float) -> None:
+    """Refuse the first sample (rows of `flat`) holding a value beyond ±max_abs."""
+    if not flat.size:
+        return
+    peaks = np.maximum(flat.max(axis=1), -flat.min(axis=1))
+    over = peaks > max_abs
+    if over.any():
+        index = int(np.argmax(over))
+        value = float(flat[index, int(np.argmax(np.abs(flat[index])))])
+        raise InvalidInput(
+            f"inputs[{index}] holds {value:.2g}, beyond the largest magnitude this model takes "
+            f"({max_abs:.2g}, model.max_abs_input)"
+        )
 
 
 def _shape(sample: object) -> list[int] | None:
@@ -102,7 +133,7 @@ ID_PATTERN = re.compile(PREDICTION_ID_PATTERN)
 
 def id_problem(prediction_id: str) -> str | None:
     """Why this id cannot name a prediction, or None (the rule the request schemas apply)."""
-    if not ID_PATTERN.match(prediction_id):
+    if not ID_PATTERN.fullmatch(prediction_id):
         return (f"id {prediction_id[:40]!r} must be 1 to 128 printable ASCII characters "
                 "without spaces")
     return None

@@ -19,7 +19,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "adaptd_http_requests", "HTTP requests by route template, method and status code",
+            "adaptd_http_requests", "HTTP requests by route template, method (GET, POST, PUT, "
+            "DELETE, PATCH, HEAD, OPTIONS or other) and status class (2xx, 3xx, 4xx, 5xx)",
             ["route", "method", "status"], registry=r,
         )
         self.request_latency = Histogram(
@@ -33,17 +34,32 @@ class Metrics:
         self.queue_depth = Gauge(
             "adaptd_queue_depth", "samples waiting in the micro-batcher", registry=r
         )
+        self.inflight_requests = Gauge(
+            "adaptd_inflight_requests", "prediction requests queued, gathered or running in the "
+            "micro-batcher", registry=r,
+        )
+        self.requests_shed = Counter(
+            "adaptd_requests_shed", "prediction requests refused at once with 503 because the "
+            "micro-batcher was full, by bound: queued_samples or inflight_requests",
+            ["reason"], registry=r,
+        )
+        for reason in ("queued_samples", "inflight_requests"):
+            self.requests_shed.labels(reason)
         self.predictions = Counter(
             "adaptd_predictions", "samples predicted", registry=r
         )
         self.prediction_failures = Counter(
             "adaptd_prediction_failures", "samples whose forward pass failed", registry=r
         )
+        self.non_finite_outputs = Counter(
+            "adaptd_non_finite_outputs", "samples refused because the model gave NaN or infinite "
+            "outputs for them, run alone (they also count as prediction failures)", registry=r
+        )
         self.labels = Counter(
             "adaptd_labels", "labels received, by outcome of the join",
             ["outcome"], registry=r,
         )
-        for outcome in ("joined", "unknown", "duplicate", "expired"):
+        for outcome in ("joined", "unknown", "duplicate", "expired", "rejected"):
             self.labels.labels(outcome)
         self.label_lag = Histogram(
             "adaptd_label_lag_seconds", "time from prediction to its joined label",
@@ -59,6 +75,10 @@ class Metrics:
         )
         self.adaptation_steps = Counter(
             "adaptd_adaptation_steps", "optimizer steps taken by the test-time adapter", registry=r
+        )
+        self.adaptation_skipped = Counter(
+            "adaptd_adaptation_skipped", "adaptation steps not taken because the loss or a "
+            "gradient was NaN or infinite", registry=r,
         )
         self.adaptation_samples = Counter(
             "adaptd_adaptation_samples", "samples that entered a gradient step (backward samples)",
@@ -85,6 +105,10 @@ class Metrics:
         )
         for outcome in ("read", "claimed", "acked", "dead"):
             self.stream_entries.labels(outcome)
+        self.stream_crashes = Counter(
+            "adaptd_label_stream_crashes", "times the label-stream consumer died of an "
+            "unexpected error (each is logged with its traceback and restarted)", registry=r,
+        )
         self.stream_backlog = Gauge(
             "adaptd_label_stream_backlog", "entries in the label stream not yet acknowledged",
             registry=r,

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,8 @@ class Runtime:
             max_batch_size=settings.batcher.max_batch_size,
             max_wait_ms=settings.batcher.max_wait_ms,
             metrics=metrics,
+            max_queued_samples=settings.batcher.queued_samples_limit,
+            max_inflight_requests=settings.batcher.max_inflight_requests,
         )
         batcher.start()
         quality = RollingQuality(settings.feedback.rolling_window)
@@ -180,21 +183,40 @@ class Runtime:
                     log.error("could not write the store snapshot: %s", error)
 
     async def stop(self) -> None:
+        """Take the parts apart and save what must outlive the process. Every step runs even
+        when one before it failed (a failure is logged with its traceback), so a crashed label
+        consumer or a full store never costs the checkpoint or the snapshot."""
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("stop the label stream consumer", self._stop_stream),
+            ("stop the state chores", self._stop_chores),
+            ("stop the batcher", self.batcher.stop),
+            ("hand events to the store", self.flush_events),
+            ("save the drift state", self.save_drift),
+            ("save the adapter checkpoint", self._checkpoint_if_learned),
+            ("write the store snapshot", self.write_snapshot),
+            ("close the engine", self._close_engine),
+            ("close the store", self._close_store),
+        ]
+        for what, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("at stop, could not %s; going on with the rest", what)
+
+    async def _stop_stream(self) -> None:
         if self.stream is not None:
             await self.stream.stop()
+
+    async def _stop_chores(self) -> None:
         if self._chores is not None:
             self._chores.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._chores
-        await self.batcher.stop()
-        await self.flush_events()
-        await self.save_drift()
-        await self._checkpoint_if_learned()
-        try:
-            await self.write_snapshot()
-        except OSError as error:
-            log.error("could not write the store snapshot: %s", error)
+
+    async def _close_engine(self) -> None:
         self.engine.close()
+
+    async def _close_store(self) -> None:
         self.store.close()
 
 

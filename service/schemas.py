@@ -74,11 +74,18 @@ class FeedbackRequest(Body):
     labels: list[Label] = Field(min_length=1)
 
 
+REJECTED = ("ids whose label was not joined because its effects cannot be computed from the "
+            "stored prediction (outputs or features that are not finite, say): the prediction "
+            "stays unlabelled, and the same label sent again is rejected again; the other labels "
+            "are joined. The service's log says why")
+
+
 class FeedbackResponse(BaseModel):
     joined: int
     unknown: list[str]
     duplicate: list[str]
     expired: list[str]
+    rejected: list[str] = Field(default_factory=list, description=REJECTED)
 
 
 class BulkFeedbackResponse(BaseModel):
@@ -87,8 +94,10 @@ class BulkFeedbackResponse(BaseModel):
     unknown: int
     duplicate: int
     expired: int
+    rejected: int = Field(0, description="labels rejected: " + REJECTED)
     examples: dict[str, list[str]] = Field(
-        description="up to 20 ids per outcome that was not a join (unknown, duplicate, expired)"
+        description="up to 20 ids per outcome that was not a join (unknown, duplicate, expired, "
+                    "rejected)"
     )
 
 

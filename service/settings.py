@@ -113,6 +113,12 @@ class ModelSettings(Section):
     reference_samples: PositiveInt = Field(
         2000, description="at most this many rows of model.reference_data are used"
     )
+    max_abs_input: PositiveFloat | None = Field(
+        None,
+        description="the largest |value| a sample may hold (422 beyond it); unset, derived at "
+        "start-up from the first nn.Linear or nn.Conv*d so its outputs cannot overflow float32 "
+        "even when squared: sqrt(float32 max) / the largest L1 norm of one unit's weights and bias",
+    )
 
     @model_validator(mode="after")
     def _classes_fit_task(self) -> ModelSettings:
@@ -133,6 +139,34 @@ class BatcherSettings(Section):
     max_batch_size: PositiveInt = 64
     max_wait_ms: float = Field(5.0, ge=0.0, le=10_000.0)
     max_request_samples: PositiveInt = Field(256, description="samples one request may carry")
+    max_queued_samples: PositiveInt | None = Field(
+        None, description="samples waiting to be batched, at most; a request that would pass it "
+        "is refused at once with 503 and Retry-After. Unset: 16 × max_batch_size, and at least "
+        "max_request_samples",
+    )
+    max_inflight_requests: PositiveInt = Field(
+        512, description="prediction requests queued or running at once, at most; beyond it a "
+        "request is refused at once with 503 and Retry-After",
+    )
+
+    @property
+    def queued_samples_limit(self) -> int:
+        """max_queued_samples, or its default."""
+        if self.max_queued_samples is not None:
+            return self.max_queued_samples
+        return max(16 * self.max_batch_size, self.max_request_samples)
+
+    @model_validator(mode="after")
+    def _a_request_can_queue(self) -> BatcherSettings:
+        if self.max_queued_samples is not None and (
+            self.max_queued_samples < self.max_request_samples
+        ):
+            raise ValueError(
+                f"batcher.max_queued_samples ({self.max_queued_samples}) is below "
+                f"batcher.max_request_samples ({self.max_request_samples}): a request that "
+                "large could never be queued; raise the first or lower the second"
+            )
+        return self
 
 
 class StoreSettings(Section):
@@ -403,6 +437,17 @@ class Settings(BaseSettings):
         None, description="bearer token required by write routes when set"
     )
     max_body_bytes: PositiveInt = Field(8 * 1024 * 1024, description="larger bodies get 413")
+    body_timeout_s: PositiveFloat = Field(
+        10.0, description="a request body not fully received this long after the request's "
+        "headers gets 408 and its connection is closed",
+    )
+    keep_alive_s: PositiveInt = Field(
+        5, description="an idle keep-alive connection is closed after this long (adaptd serve)"
+    )
+    max_connections: PositiveInt = Field(
+        512, description="open connections or requests being handled at once, at most; beyond "
+        "it new requests get 503 from uvicorn (adaptd serve; uvicorn's limit_concurrency)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     model: ModelSettings = ModelSettings()

@@ -107,7 +107,8 @@ RAW_CASES = {
         json.dumps({"inputs": [[[[float("nan")] * 16] * 16]]}).encode(), 422, "finite number"),
     "Infinity literal": (
         json.dumps({"inputs": [[[[float("inf")] * 16] * 16]]}).encode(), 422, "finite number"),
-    "deeply nested": (b'{"inputs": [' + b"[" * 5000 + b"]" * 5000 + b"]}", 400, "parsing the body"),
+    "deeply nested": (b'{"inputs": [' + b"[" * 5000 + b"]" * 5000 + b"]}", 422,
+                      "nested more than 1024 levels deep"),
     "body over the size limit": (
         json.dumps({"inputs": [GOOD] * 100}).encode(), 413, "larger than 200000 bytes"),
     "not json": (b"inputs=1", 422, "JSON decode error"),

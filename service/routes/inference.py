@@ -1,42 +1,136 @@
-"""POST /v1/predict."""
+"""POST /v1/predict.
+
+The body is read raw and parsed in a worker thread (`service.predict_body`), so a large or
+malformed body never holds the event loop; `PredictRequest` documents it in the OpenAPI schema.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Annotated
+import asyncio
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, status
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
+from fastapi.exceptions import RequestValidationError
 
-from service.batcher import BatcherStopped, PredictionFailed
+from service.batcher import BatcherStopped, Overloaded, PredictionFailed
 from service.deps import get_runtime, require_token
-from service.inputs import InvalidInput, prediction_ids, to_batch
+from service.inputs import InvalidInput
+from service.predict_body import SampleEstimate, SchemaErrors, parse_predict
 from service.runtime import Runtime
-from service.schemas import Prediction, PredictRequest, PredictResponse
+from service.schemas import PredictRequest, PredictResponse
 
 router = APIRouter(tags=["inference"])
+
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
+def request_schemas() -> dict[str, Any]:
+    """`PredictRequest` and the schemas it refers to (`Tensor`), for the OpenAPI components."""
+    schema = PredictRequest.model_json_schema(ref_template=SCHEMA_REF)
+    return {**schema.pop("$defs", {}), "PredictRequest": schema}
+
+
+def _error(description: str, detail: dict[str, Any] | None = None,
+           headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An error response for the OpenAPI schema: `{"detail": <a sentence>}` unless told."""
+    body: dict[str, Any] = {"type": "object", "required": ["detail"],
+                            "properties": {"detail": detail or {"type": "string"}}}
+    if detail is not None:  # a list of schema errors may be cut short
+        body["properties"]["more_errors"] = {"type": "integer"}
+    response: dict[str, Any] = {"description": description,
+                                "content": {"application/json": {"schema": body}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+SCHEMA_ERROR = {"type": "object", "required": ["type", "loc", "msg"], "properties": {
+    "type": {"type": "string"}, "loc": {"type": "array", "items": {
+        "anyOf": [{"type": "string"}, {"type": "integer"}]}}, "msg": {"type": "string"}}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _error("a token is set (api_token) and the request does not carry it as "
+                "`Authorization: Bearer <token>`"),
+    408: _error("the body did not arrive within body_timeout_s of the headers; the connection "
+                "is closed"),
+    413: _error("the body is larger than max_body_bytes"),
+    422: _error("inputs that do not fit the model: a sentence that says what to change, or, for "
+                "a body that is not JSON or does not match the schema, a list of at most 10 "
+                "`{type, loc, msg}` (with `more_errors` counting the rest)",
+                {"anyOf": [{"type": "string"}, {"type": "array", "items": SCHEMA_ERROR}]}),
+    503: _error("the micro-batcher is full (batcher.max_queued_samples or "
+                "batcher.max_inflight_requests): retry after Retry-After seconds; or the "
+                "service is starting or shutting down",
+                headers={"Retry-After": {"description": "seconds to wait before retrying (when "
+                                                        "the batcher is full)",
+                                         "schema": {"type": "integer"}}}),
+}
 
 
 @router.post(
     "/v1/predict",
     response_model=PredictResponse,
     dependencies=[Depends(require_token)],
-    responses={422: {"description": "inputs that do not fit the model"}},
+    responses=RESPONSES,
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": SCHEMA_REF.format(model="PredictRequest")}}}}},
 )
 async def predict(
-    body: PredictRequest, runtime: Annotated[Runtime, Depends(get_runtime)]
-) -> PredictResponse:
+    request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
+) -> Response:
     """Predict a batch of samples; each gets an id, its prediction and the versions that made it."""
+    limit = runtime.settings.batcher.max_request_samples
+    estimate = _sample_estimate(request, runtime)
     try:
-        batch = to_batch(
-            body.inputs, runtime.model.input_shape, runtime.settings.batcher.max_request_samples
-        )
-        ids = prediction_ids(body.ids, len(batch))
+        # in flight from now, before the body is read, holding the room its samples likely need
+        # in the queue: a full batcher refuses at once, without reading or parsing the body
+        admission = runtime.batcher.admit(estimate.samples(_content_length(request)))
+    except Overloaded as exc:
+        # the answer waits for the body, unread, so that the client is done sending and reads it
+        # (a connection closed on a client still sending can lose the answer)
+        async for _ in request.stream():
+            pass
+        raise _overloaded(exc) from None
+    try:
+        with admission:
+            body = await request.body()
+            batch, ids = await asyncio.to_thread(
+                parse_predict, body, request.headers.get("content-type"),
+                runtime.model.input_shape, limit, runtime.model.max_abs_input,
+            )
+            estimate.learn(len(body), len(ids))
+            rows = await runtime.batcher.submit(batch, ids, admission)
+    except SchemaErrors as exc:
+        raise RequestValidationError(exc.errors) from None
     except InvalidInput as exc:
         raise HTTPException(422, str(exc)) from None
-    try:
-        rows = await runtime.batcher.submit(batch, ids)
+    except Overloaded as exc:
+        raise _overloaded(exc) from None
     except PredictionFailed as exc:
         raise HTTPException(422, str(exc)) from None
     except BatcherStopped as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    return PredictResponse(predictions=[Prediction(**asdict(row)) for row in rows])
+    # the rows are dataclasses with PredictResponse's fields, in its order: orjson writes the
+    # same JSON as the model would, without a pydantic object per row (256 rows: 1 ms, not 60)
+    body = orjson.dumps({"predictions": rows}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(body, media_type="application/json")
+
+
+def _sample_estimate(request: Request, runtime: Runtime) -> SampleEstimate:
+    """This app's estimate of samples per body size, for this runtime's model."""
+    estimate: SampleEstimate | None = getattr(request.app.state, "sample_estimate", None)
+    if estimate is None or estimate.limit != runtime.settings.batcher.max_request_samples:
+        estimate = SampleEstimate(runtime.model.input_shape,
+                                  runtime.settings.batcher.max_request_samples)
+        request.app.state.sample_estimate = estimate
+    return estimate
+
+
+def _content_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else None
+
+
+def _overloaded(exc: Overloaded) -> HTTPException:
+    return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc),
+                         headers={"Retry-After": str(exc.retry_after_s)})
