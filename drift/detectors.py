@@ -194,7 +194,7 @@ class Alarm:
             raise TypeError(f"an alarm's detail is an object, got {detail!r}")
         return cls(fields["detector"], fields["signal"], bool(fields["labelled"]),
                    read_count(fields["sample"]), read_count(fields["update"]),
-                   float_from_json(fields["time"]), float_from_json(fields["statistic"]),
+                   read_finite(fields["time"]), float_from_json(fields["statistic"]),
                    float_from_json(fields["estimate"]), from_json_safe(detail))
 
 
@@ -299,7 +299,8 @@ class SignalDetector:
         self._chunk_count = 0
         # Welford's running mean and sum of squares over the warm-up, then the frozen centre/scale
         self._warm_n, self._warm_mean, self._warm_m2 = 0, 0.0, 0.0
-        self.center, self.scale = (None, None) if warmup else (0.0, 1.0)
+        self.center: float | None = None if warmup else 0.0
+        self.scale: float | None = None if warmup else 1.0
         self._river = self.kind.cls(**self.params)
 
     @property
@@ -548,7 +549,7 @@ def _measure_ddm(detector: binary.DDM, params: dict) -> dict[str, Any]:
     p, n = detector._p.get(), detector._p.n
     s = math.sqrt(p * (1 - p) / n) if n else 0.0
     statistic = None
-    if detector._s_min:
+    if detector._s_min and detector._p_min is not None:  # both set at once, on the first update
         # (p + s - p_min) / s_min: DDM alarms above drift_threshold
         statistic = (p + s - detector._p_min) / detector._s_min
     return {"statistic": statistic, "estimate": p, "threshold": detector.drift_threshold}

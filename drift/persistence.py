@@ -81,6 +81,14 @@ def read_finite(value: Any) -> float:
     return number
 
 
+def read_number(value: Any) -> float:
+    """A saved number that may be infinite (River starts some extremes at ±inf), never null."""
+    number = float_from_json(value)
+    if number is None:
+        raise ValueError(f"expected a number, got {value!r}")
+    return number
+
+
 def read_count(value: Any) -> int:
     """A saved non-negative int (not a bool, not a float that happens to be whole)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -144,8 +152,9 @@ def _load_page_hinkley(detector: drift.PageHinkley, params: dict, saved: dict) -
     detector._x_mean = _load_mean(saved["x_mean"])
     detector._sum_increase = read_finite(saved["sum_increase"])
     detector._sum_decrease = read_finite(saved["sum_decrease"])
-    detector._min_increase = float_from_json(saved["min_increase"])  # inf until the first update
-    detector._max_decrease = read_finite(saved["max_decrease"])
+    detector._min_increase = read_number(saved["min_increase"])  # inf until the first update
+    # River starts it at the int -1, so its inferred type is int; it holds floats after an update
+    detector._max_decrease = read_finite(saved["max_decrease"])  # type: ignore[assignment]
     _load_flags(detector, saved)
 
 
@@ -163,7 +172,8 @@ def _load_kswin(detector: drift.KSWIN, params: dict, saved: dict) -> None:
                          f"{detector.window_size}")
     detector.window = deque(window, maxlen=detector.window_size)
     detector.n = read_count(saved["n"])
-    detector.p_value = read_finite(saved["p_value"])
+    # River starts it at the int 0, so its inferred type is int; the KS test makes it a float
+    detector.p_value = read_finite(saved["p_value"])  # type: ignore[assignment]
     rng = saved["rng"]
     internal = rng["internal"]
     if not (isinstance(internal, list) and all(isinstance(i, int) and not isinstance(i, bool)
@@ -184,7 +194,7 @@ def _load_ddm(detector: binary.DDM, params: dict, saved: dict) -> None:
     detector._p = _load_mean(saved["p"])
     detector._p_min = None if saved["p_min"] is None else read_finite(saved["p_min"])
     detector._s_min = None if saved["s_min"] is None else read_finite(saved["s_min"])
-    detector._ps_min = float_from_json(saved["ps_min"])  # inf until warm
+    detector._ps_min = read_number(saved["ps_min"])  # inf until warm
     _load_flags(detector, saved)
 
 
@@ -199,7 +209,8 @@ def _load_eddm(detector: binary.EDDM, params: dict, saved: dict) -> None:
     detector._n = read_count(saved["n"])
     detector._last_error = read_count(saved["last_error"])
     detector._n_errors = read_count(saved["n_errors"])
-    detector._p2s_prime_max = read_finite(saved["p2s_prime_max"])
+    # River starts it at the int -1, so its inferred type is int; it holds floats after an error
+    detector._p2s_prime_max = read_finite(saved["p2s_prime_max"])  # type: ignore[assignment]
     _load_flags(detector, saved)
 
 
@@ -242,8 +253,8 @@ def _dump_hddm_w(detector: binary.HDDMW, params: dict) -> dict[str, Any]:
 def _load_hddm_w(detector: binary.HDDMW, params: dict, saved: dict) -> None:
     for name in _HDDM_W_SAMPLES:
         setattr(detector, name, _load_sample_info(saved[name[1:]], detector.lambda_val))
-    detector._incr_cutpoint = float_from_json(saved["incr_cutpoint"])
-    detector._decr_cutpoint = float_from_json(saved["decr_cutpoint"])
+    detector._incr_cutpoint = read_number(saved["incr_cutpoint"])
+    detector._decr_cutpoint = read_number(saved["decr_cutpoint"])
     _load_flags(detector, saved)
 
 
