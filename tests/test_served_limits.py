@@ -21,6 +21,10 @@ BODY_TIMEOUT_S = 1.0
 # 4,000,000 numbers, within the default 8 MiB body limit
 HUGE = b'{"inputs": [[' + b",".join([b"0"] * 4_000_000) + b"]]}"
 HEALTHZ_WITHIN_S = 0.1
+# a scheduler hiccup on a shared machine can delay one probe; a stalled loop delays all of them
+# by seconds (6 to 24 s before the fix), in every attempt
+ATTEMPTS = 3
+NEVER_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +41,17 @@ def port() -> Iterator[int]:
 
 def test_healthz_answers_within_100ms_while_4m_number_bodies_are_refused(port):
     assert len(HUGE) < 8 * 1024 * 1024
+    worst = []
+    for _ in range(ATTEMPTS):
+        worst.append(_worst_probe_while_refusing(port))
+        assert worst[-1] < NEVER_S, worst
+        if worst[-1] < HEALTHZ_WITHIN_S:
+            break
+    assert min(worst) < HEALTHZ_WITHIN_S, worst
+
+
+def _worst_probe_while_refusing(port: int) -> float:
+    """The slowest /healthz answer among those overlapping three refused 4M-number bodies."""
     spans: list[tuple[float, float]] = []
     statuses: list[int] = []
 
@@ -71,7 +86,7 @@ def test_healthz_answers_within_100ms_while_4m_number_bodies_are_refused(port):
     during = [end - start for start, end in probes
               if any(start < refused and end > sent for sent, refused in spans)]
     assert during, "no liveness probe overlapped a refused body"
-    assert max(during) < HEALTHZ_WITHIN_S, sorted(during)[-5:]
+    return max(during)
 
 
 def _read_until_closed(conn: socket.socket) -> bytes:
