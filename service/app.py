@@ -5,15 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.utils import is_body_allowed_for_status_code
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,9 +21,9 @@ from service.metrics import Metrics
 from service.model import ModelLoadError
 from service.routes import admin, events, feedback, inference, status
 from service.runtime import Runtime
+from service.schemas import MAX_REPORTED_ERRORS, ErrorResponse, SchemaError
 from service.settings import Settings, load_settings
 
-MAX_REPORTED_ERRORS = 10
 # the methods `adaptd_http_requests_total` names; any other is counted as "other", so a client
 # cannot add series by making methods up
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
@@ -70,17 +70,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=metrics)
-    _document_predict_body(app)
+    _complete_openapi(app, token_required=settings.api_token is not None)
     return app
 
 
-def _document_predict_body(app: FastAPI) -> None:
-    """POST /v1/predict reads its body raw (see `service.predict_body`), so FastAPI does not list
-    `PredictRequest` and its `Tensor`: add them to the schema's components, where the route's
-    `openapi_extra` points."""
+def _complete_openapi(app: FastAPI, token_required: bool) -> None:
+    """What FastAPI's schema leaves out. POST /v1/predict reads its body raw (see
+    `service.predict_body`), so FastAPI does not list `PredictRequest` and its `Tensor`: add them
+    to the components, where the route's `openapi_extra` points. And without a token
+    (`api_token` unset) the write routes take requests without one: their bearer token is
+    optional (`{}` among the alternatives), as OpenAPI says it."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -89,36 +92,82 @@ def _document_predict_body(app: FastAPI) -> None:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 inference.request_schemas()
             )
+            if not token_required:
+                for path in schema.get("paths", {}).values():
+                    for operation in path.values():
+                        if operation.get("security"):
+                            operation["security"].append({})
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's 422, trimmed: the first errors only, without echoing (possibly huge) inputs."""
+def error_response(status_code: int, detail: str, headers: Mapping[str, str] | None = None,
+                   errors: list[SchemaError] | None = None, more_errors: int | None = None,
+                   ) -> Response:
+    """The answer to every error: an `ErrorResponse` (fields that say nothing left out)."""
+    if not is_body_allowed_for_status_code(status_code):
+        return Response(status_code=status_code, headers=headers)
+    body = ErrorResponse(detail=detail, errors=errors, more_errors=more_errors)
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=status_code,
+                        headers=headers)
+
+
+def _where(loc: tuple[str | int, ...] | list[str | int]) -> str:
+    """A validation error's `loc` as one would write it: `body.labels[0].id`, `query.limit`;
+    a body that is not JSON at offset 14: `body, at offset 14`."""
+    text = ""
+    for index, part in enumerate(loc):
+        if isinstance(part, int):
+            text += f", at offset {part}" if index == 1 and len(loc) == 2 else f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "the request"
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    """A request that does not fit the schema: its first problem in `detail`, and the first
+    `MAX_REPORTED_ERRORS` in `errors` (type, loc, msg: never the input, which may be huge)."""
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    detail = [
-        {k: v for k, v in error.items() if k in ("type", "loc", "msg")}
-        for error in errors[:MAX_REPORTED_ERRORS]
-    ]
-    body = {"detail": jsonable_encoder(detail)}
-    if len(errors) > MAX_REPORTED_ERRORS:
-        body["more_errors"] = len(errors) - MAX_REPORTED_ERRORS
-    return JSONResponse(body, status_code=422)
+    found = exc.errors()
+    errors = [SchemaError.model_validate(jsonable_encoder(
+        {k: v for k, v in error.items() if k in ("type", "loc", "msg")}))
+        for error in found[:MAX_REPORTED_ERRORS]]
+    if not errors:  # not raised so by FastAPI nor by adaptd; a sentence all the same
+        return error_response(422, "the request does not fit the schema")
+    first = errors[0]
+    detail = f"the request does not fit the schema: {_where(first.loc)}: {first.msg}"
+    if len(found) > 1:
+        detail += f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})"
+    more = len(found) - len(errors)
+    return error_response(422, detail, errors=errors, more_errors=more or None)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    """FastAPI's own handling, except its 400 for a JSON body Python cannot read (nested too
-    deeply, an integer literal too long): that is a body that does not fit, a 422 like any other
-    that does not."""
+    """Errors raised as HTTPException (adaptd's own, and Starlette's 404 and 405), as an
+    `ErrorResponse`. FastAPI's 400 for a JSON body Python cannot read (nested too deeply, an
+    integer literal too long) is a body that does not fit, a 422 like any other that does not."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 400:
-        return JSONResponse({"detail": "the body is JSON this service cannot read: nested too "
-                                       "deeply or holding a number too large; send plain "
-                                       "numbers nested as the schema says"}, status_code=422)
-    return await http_exception_handler(request, exc)
+        return error_response(422, "the body is JSON this service cannot read: nested too "
+                                   "deeply or holding a number too large; send plain numbers "
+                                   "nested as the schema says")
+    detail = exc.detail
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = "no route has this path: GET /openapi.json lists them"
+    elif exc.status_code == 405 and detail == "Method Not Allowed":
+        allowed = (exc.headers or {}).get("Allow")
+        detail = "this route does not take this method" + (f"; it takes {allowed}"
+                                                            if allowed else "")
+    return error_response(exc.status_code, str(detail), headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """An exception no route handles: a bug. The answer says so in the one error shape; Starlette
+    logs the traceback (and re-raises it, for the server and tests to see)."""
+    return error_response(500, "the service failed on this request: a bug, its log has the "
+                               "traceback")
 
 
 class BodyTooLarge(HTTPException):
@@ -141,7 +190,10 @@ class BodyTimedOut(HTTPException):
 class BodyLimit:
     """Refuse bodies over `max_bytes` with 413, by header or while streaming, before parsing; and
     bodies not fully received `timeout_s` after the request's headers with 408, closing the
-    connection (a client that sends headers and part of a body holds it no longer)."""
+    connection (a client that sends headers and part of a body holds it no longer). Both only
+    when the route reads the body: one that never does (GET /healthz, POST /v1/admin/reset)
+    answers as if there were none, so only routes that take a body can answer 408 or 413, as
+    the schema says."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 10.0) -> None:
         self.app = app
@@ -153,9 +205,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
-            return
+        too_large = declared is not None and (not declared.isdigit()
+                                              or int(declared) > self.max_bytes)
         received = 0
         started = False
         complete = False  # the whole body arrived (or the client left): no deadline from then
@@ -166,6 +217,8 @@ class BodyLimit:
             nonlocal received, complete
             if complete:
                 return await receive()
+            if too_large:  # by its header: refused before a byte of it is read
+                raise BodyTooLarge(self.max_bytes)
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
@@ -190,10 +243,8 @@ class BodyLimit:
             if not started:
                 await self._refuse(send, exc)
 
-    async def _refuse(self, send: Send, exc: HTTPException | None = None) -> None:
-        exc = exc or BodyTooLarge(self.max_bytes)
-        response = JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
-                                headers=exc.headers)
+    async def _refuse(self, send: Send, exc: HTTPException) -> None:
+        response = error_response(exc.status_code, exc.detail, headers=exc.headers)
         await response({"type": "http"}, _no_body, send)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
 # one sample: numbers nested to the model's input shape (checked against it by the route); mypy
@@ -20,6 +21,44 @@ PredictionId = Annotated[
     StringConstraints(min_length=1, max_length=128, pattern=PREDICTION_ID_PATTERN),
     Field(description="printable ASCII without spaces, at most 128 characters"),
 ]
+
+
+class SchemaError(BaseModel):
+    """One way a request does not fit the schema, as FastAPI's validation errors put it."""
+
+    type: str = Field(description="what kind of problem, e.g. missing, json_invalid, float_type")
+    loc: list[str | int] = Field(
+        description="where: the part of the request (body, query...), then field names and list "
+        "indices; for a body that is not JSON, its character offset"
+    )
+    msg: str
+
+
+MAX_REPORTED_ERRORS = 10
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+class ErrorResponse(BaseModel):
+    """Every error the service answers (4xx and 5xx alike): one sentence in `detail`; for a
+    request that does not fit the schema, the first problems in `errors` too."""
+
+    detail: str = Field(description="what went wrong and what to change, in one sentence")
+    # absent rather than null when there is nothing to say: SkipJsonSchema and _no_default keep
+    # `null` out of the schema (the handlers never send it)
+    errors: Annotated[list[SchemaError], Field(max_length=MAX_REPORTED_ERRORS)] | SkipJsonSchema[
+        None
+    ] = Field(
+        None, json_schema_extra=_no_default,
+        description=f"only for a request that does not fit the schema: its first "
+        f"{MAX_REPORTED_ERRORS} problems",
+    )
+    more_errors: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=_no_default,
+        description="how many problems `errors` leaves out, when it is cut short",
+    )
 
 
 class Body(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import pytest
 
 from service.demo import digits_split
@@ -12,6 +13,7 @@ from tests.harness import metric, serving, settings_for
 
 _, _, X_TEST, _ = digits_split()
 GOOD = X_TEST[0].tolist()  # one sample, shape [1, 16, 16]
+JSON = {"content-type": "application/json"}
 ROW = GOOD[0]  # shape [16, 16]
 
 PREDICT_CASES = {
@@ -162,3 +164,87 @@ def test_write_routes_need_the_bearer_token_once_one_is_set():
     assert "Authorization: Bearer" in missing.json()["detail"]
     assert right.status_code == 200 and state.status_code == 200
     assert predictions == 1
+
+
+def test_every_error_answers_one_shape_with_detail_a_sentence():
+    """`{"detail": <a sentence>}`, with `errors` (at most 10, `more_errors` counting the rest)
+    for requests that do not fit the schema: from the routes, the schema checks, the token
+    check, the body limit and Starlette's routing alike."""
+
+    async def scenario():
+        async with serving(api_token="s3cret", max_body_bytes=200_000) as (client, _):
+            auth = {"authorization": "Bearer s3cret"}
+            return {
+                "401": await client.post("/v1/predict", json={"inputs": [GOOD]}),
+                "404": await client.get("/v2/predict"),
+                "405": await client.get("/v1/predict"),
+                "413": await client.post("/v1/predict", headers=auth,
+                                         content=b"[" * 300_000),
+                "415": await client.post("/v1/feedback/bulk", headers=auth, json={}),
+                "422 schema": await client.post("/v1/feedback", headers=auth, json={
+                    "labels": [{"id": "a b", "label": "x"}] * 8}),
+                "422 json": await client.post("/v1/predict", content=b'{"inputs": [1,}',
+                                              headers={**auth, **JSON}),
+                "422 model": await client.post("/v1/predict", headers=auth,
+                                               json={"inputs": [ROW]}),
+            }
+
+    replies = asyncio.run(scenario())
+    for name, reply in replies.items():
+        body = reply.json()
+        assert str(reply.status_code) == name.split()[0], (name, reply.text)
+        assert reply.headers["content-type"] == "application/json", name
+        assert set(body) <= {"detail", "errors", "more_errors"} and isinstance(body["detail"], str)
+        assert ("errors" in body) == (name in ("422 schema", "422 json")), name
+    assert replies["405"].headers["allow"] == "POST"
+    assert replies["405"].json()["detail"] == "this route does not take this method; it takes POST"
+    assert replies["404"].json()["detail"] == "no route has this path: GET /openapi.json lists them"
+    schema = replies["422 schema"].json()
+    assert len(schema["errors"]) == 10 and schema["more_errors"] == 14
+    assert schema["errors"][0] == {"type": "string_pattern_mismatch",
+                                   "loc": ["body", "labels", 0, "id"],
+                                   "msg": "String should match pattern '^[\\x21-\\x7e]{1,128}$'"}
+    assert schema["detail"] == ("the request does not fit the schema: body.labels[0].id: String "
+                                "should match pattern '^[\\x21-\\x7e]{1,128}$' (and 23 more "
+                                "problems)")
+    assert replies["422 json"].json()["detail"] == (
+        "the request does not fit the schema: body, at offset 14: JSON decode error: unexpected "
+        "character, expected a JSON value")
+    assert replies["422 model"].json() == {"detail": "inputs[0] has shape [16, 16]; the model "
+                                                     "takes samples of shape [1, 16, 16]"}
+
+
+def test_only_routes_that_read_a_body_refuse_one_over_the_limit():
+    """BodyLimit refuses a body by its Content-Length when the route reads it, so a route that
+    takes no body answers as it would without one: 408 and 413 are declared where they occur."""
+
+    async def scenario():
+        async with serving(max_body_bytes=1000) as (client, _):
+            big = b"x" * 5000
+            return (await client.request("GET", "/healthz", content=big),
+                    await client.post("/v1/admin/checkpoint", content=big),
+                    await client.post("/v1/feedback", content=big,
+                                      headers={"content-type": "application/json"}))
+
+    healthz, checkpoint, feedback = asyncio.run(scenario())
+    assert healthz.status_code == 200 and checkpoint.status_code == 200
+    assert feedback.status_code == 413
+    assert feedback.json() == {"detail": "the request body is larger than 1000 bytes: send less "
+                                         "per request"}
+
+
+def test_a_bug_answers_500_in_the_same_shape():
+    async def scenario():
+        async with serving() as (_, app):
+            def broken() -> None:
+                raise RuntimeError("a bug")
+
+            app.state.runtime.engine.reset_adapter = broken
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://adaptd") as client:
+                return await client.post("/v1/admin/reset")
+
+    reply = asyncio.run(scenario())
+    assert reply.status_code == 500
+    assert reply.json() == {"detail": "the service failed on this request: a bug, its log has "
+                                      "the traceback"}

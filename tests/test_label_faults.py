@@ -368,12 +368,12 @@ def test_before_with_scope_deployment_is_a_422_shaped_like_every_validation_erro
 
     reply, schema = asyncio.run(scenario())
     assert reply.status_code == 422
-    (error,) = reply.json()["detail"]
+    (error,) = reply.json()["errors"]
     assert error["loc"] == ["query", "before"] and error["type"] == "value_error"
     assert "scope=deployment" in error["msg"]
+    assert reply.json()["detail"].startswith("the request does not fit the schema: query.before: ")
     declared = schema["paths"]["/v1/events"]["get"]["responses"]["422"]
-    assert declared["content"]["application/json"]["schema"]["$ref"].endswith(
-        "HTTPValidationError")
+    assert declared["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
 
 
 # --- a stop whose steps fail --------------------------------------------------------------------

@@ -153,6 +153,7 @@ def test_concurrent_predictions_beyond_the_bound_get_503_with_retry_after_and_th
     for reply in refused:
         assert reply.headers["retry-after"] == "1"
         assert "the service is overloaded" in reply.json()["detail"]
+        assert set(reply.json()) == {"detail"}  # ErrorResponse, as the schema declares
     for i, reply in served:
         assert [p["id"] for p in reply.json()["predictions"]] == [f"r{i}a", f"r{i}b"]
     assert batcher.inflight_requests == 0 and batcher.waiting_samples == 0
@@ -279,7 +280,11 @@ def test_the_openapi_schema_still_documents_the_predict_body_and_declares_its_er
     assert "Tensor" in components
     assert {"200", "401", "408", "413", "422", "503"} <= set(predict["responses"])
     assert "Retry-After" in predict["responses"]["503"]["headers"]
-    for code in ("401", "408", "413", "503"):
+    for code in ("401", "408", "413", "422", "503"):
         body = predict["responses"][code]["content"]["application/json"]["schema"]
-        assert body["properties"]["detail"] == {"type": "string"}, code
+        assert body == {"$ref": "#/components/schemas/ErrorResponse"}, code
+    error = components["ErrorResponse"]
+    assert error["required"] == ["detail"]
+    assert error["properties"]["detail"]["type"] == "string"
+    assert error["properties"]["errors"]["maxItems"] == 10
     assert "503" in schema["paths"]["/v1/state"]["get"]["responses"]

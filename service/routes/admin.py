@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, status
 
 from service.deps import get_runtime, require_token
+from service.routes import STARTING, UNAUTHORIZED, error
 from service.routes.status import adapter_state
 from service.runtime import Runtime
 from service.schemas import AdapterState, CheckpointResponse
@@ -21,9 +22,10 @@ log = logging.getLogger("adaptd.admin")
 @router.post(
     "/v1/admin/reset",
     response_model=AdapterState,
-    responses={503: {"description": "the adapter was reset in process, but the store is "
-                                    "unavailable: its stored memory is cleared once the store "
-                                    "answers again; nothing to resend"}},
+    responses={**UNAUTHORIZED,
+               503: error("the adapter was reset in process, but the store is unavailable: its "
+                          "stored memory is cleared once the store answers again; nothing to "
+                          "resend; or " + STARTING)},
 )
 async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterState:
     """Return the adapter to the source weights (after the batches already queued)."""
@@ -41,8 +43,9 @@ async def reset(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AdapterSta
 @router.post(
     "/v1/admin/checkpoint",
     response_model=CheckpointResponse,
-    responses={503: {"description": "the store is unavailable (down, or refusing writes); "
-                                    "nothing was saved: try again later"}},
+    responses={**UNAUTHORIZED,
+               503: error("the store is unavailable (down, or refusing writes); nothing was "
+                          "saved: try again later; or " + STARTING)},
 )
 async def checkpoint(runtime: Annotated[Runtime, Depends(get_runtime)]) -> CheckpointResponse:
     """Save the adapter's learned state to the store as a new version; a restart restores it."""

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
 from service.deps import get_runtime
+from service.routes import STARTING, error
 from service.runtime import Runtime
 from service.schemas import EventItem, EventsResponse
 from store import StoreUnavailable
@@ -21,9 +22,13 @@ log = logging.getLogger("adaptd.events")
 @router.get(
     "/v1/events",
     response_model=EventsResponse,
-    responses={503: {"description": "scope=deployment only: the store is unavailable, so the "
-                                    "deployment's log cannot be read; try again later, or read "
-                                    "this replica's events (scope=replica)"}},
+    responses={
+        422: error("a query parameter out of its range, or `before` with scope=deployment "
+                   "(`errors` says which)"),
+        503: error("scope=deployment only: the store is unavailable, so the deployment's log "
+                   "cannot be read; try again later, or read this replica's events "
+                   "(scope=replica); or " + STARTING),
+    },
 )
 async def events(
     runtime: Annotated[Runtime, Depends(get_runtime)],
@@ -41,8 +46,8 @@ async def events(
         events = runtime.events.list(1000 if kind else limit, before)
     else:
         if before is not None:
-            # the shape of every other query error (FastAPI's validation errors, as the schema
-            # declares for 422), not a bare string
+            # a query that does not fit, answered as every other one is (ErrorResponse, with
+            # `errors`)
             raise RequestValidationError([{
                 "type": "value_error", "loc": ("query", "before"), "input": before,
                 "msg": "before pages this replica's log; with scope=deployment use limit (and "

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput, check_labels, label_problem
+from service.routes import BODY_LIMITS, STARTING, UNAUTHORIZED, error
 from service.runtime import Runtime
 from service.schemas import BulkFeedbackResponse, FeedbackRequest, FeedbackResponse, Label
 from store import JoinResult, LabelValue, PartialJoin, StoreUnavailable
@@ -43,10 +44,13 @@ def unavailable(route: str, error: StoreUnavailable, total: int, done: int = 0) 
     response_model=FeedbackResponse,
     dependencies=[Depends(require_token)],
     responses={
-        422: {"description": "a label that does not fit the task; nothing was applied"},
-        503: {"description": "the store is unavailable (down, or refusing writes): send the "
-                             "labels again; any joined before the failure (the message says how "
-                             "many) come back as duplicate"},
+        **UNAUTHORIZED,
+        **BODY_LIMITS,
+        422: error("the body does not fit the schema (`errors` lists the first problems), or a "
+                   "label does not fit the model; nothing was applied"),
+        503: error("the store is unavailable (down, or refusing writes): send the labels again; "
+                   "any joined before the failure (the message says how many) come back as "
+                   "duplicate; or " + STARTING),
     },
 )
 async def feedback(
@@ -81,14 +85,18 @@ async def feedback(
     openapi_extra={"requestBody": {"required": True, "content": {"application/x-ndjson": {
         "schema": {"type": "string",
                    "description": 'one label per line: {"id": ..., "label": ...}'},
+        "example": '{"id": "req-1", "label": 3}\n{"id": "req-2", "label": 7}\n',
     }}}},
     responses={
-        413: {"description": "the body is larger than max_body_bytes; split it"},
-        415: {"description": "the body is not newline-delimited JSON"},
-        422: {"description": "a line that is not a label for this model; nothing was applied"},
-        503: {"description": "the store is unavailable (down, or refusing writes): send the "
-                             "whole body again; labels joined before the failure come back as "
-                             "duplicate"},
+        **UNAUTHORIZED,
+        **BODY_LIMITS,
+        415: error("the body is not sent as newline-delimited JSON (Content-Type "
+                   "application/x-ndjson, application/jsonl or application/jsonlines)"),
+        422: error("a line that is not a label for this model, or no label at all; nothing was "
+                   "applied"),
+        503: error("the store is unavailable (down, or refusing writes): send the whole body "
+                   "again; labels joined before the failure come back as duplicate; or "
+                   + STARTING),
     },
 )
 async def feedback_bulk(

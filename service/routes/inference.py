@@ -17,6 +17,7 @@ from service.batcher import BatcherStopped, Overloaded, PredictionFailed
 from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput
 from service.predict_body import SampleEstimate, SchemaErrors, parse_predict
+from service.routes import BODY_LIMITS, RETRY_AFTER, STARTING, UNAUTHORIZED, Responses, error
 from service.runtime import Runtime
 from service.schemas import PredictRequest, PredictResponse
 
@@ -31,39 +32,15 @@ def request_schemas() -> dict[str, Any]:
     return {**schema.pop("$defs", {}), "PredictRequest": schema}
 
 
-def _error(description: str, detail: dict[str, Any] | None = None,
-           headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An error response for the OpenAPI schema: `{"detail": <a sentence>}` unless told."""
-    body: dict[str, Any] = {"type": "object", "required": ["detail"],
-                            "properties": {"detail": detail or {"type": "string"}}}
-    if detail is not None:  # a list of schema errors may be cut short
-        body["properties"]["more_errors"] = {"type": "integer"}
-    response: dict[str, Any] = {"description": description,
-                                "content": {"application/json": {"schema": body}}}
-    if headers:
-        response["headers"] = headers
-    return response
-
-
-SCHEMA_ERROR = {"type": "object", "required": ["type", "loc", "msg"], "properties": {
-    "type": {"type": "string"}, "loc": {"type": "array", "items": {
-        "anyOf": [{"type": "string"}, {"type": "integer"}]}}, "msg": {"type": "string"}}}
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: _error("a token is set (api_token) and the request does not carry it as "
-                "`Authorization: Bearer <token>`"),
-    408: _error("the body did not arrive within body_timeout_s of the headers; the connection "
-                "is closed"),
-    413: _error("the body is larger than max_body_bytes"),
-    422: _error("inputs that do not fit the model: a sentence that says what to change, or, for "
-                "a body that is not JSON or does not match the schema, a list of at most 10 "
-                "`{type, loc, msg}` (with `more_errors` counting the rest)",
-                {"anyOf": [{"type": "string"}, {"type": "array", "items": SCHEMA_ERROR}]}),
-    503: _error("the micro-batcher is full (batcher.max_queued_samples or "
-                "batcher.max_inflight_requests): retry after Retry-After seconds; or the "
-                "service is starting or shutting down",
-                headers={"Retry-After": {"description": "seconds to wait before retrying (when "
-                                                        "the batcher is full)",
-                                         "schema": {"type": "integer"}}}),
+RESPONSES: Responses = {
+    **UNAUTHORIZED,
+    **BODY_LIMITS,
+    422: error("inputs that do not fit the model or the schema: `detail` says what to change; "
+               "for a body that is not JSON or does not match the schema, `errors` lists the "
+               "first problems"),
+    503: error("the micro-batcher is full (batcher.max_queued_samples or "
+               "batcher.max_inflight_requests): nothing ran, retry after Retry-After seconds; or "
+               + STARTING, headers=RETRY_AFTER),
 }
 
 

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
 from service.deps import get_runtime
+from service.routes import STARTING, error
 from service.runtime import Runtime
 from service.schemas import (
     AdapterState,
@@ -42,11 +43,7 @@ class _StateCache:
     building_changes: int = -1
 
 
-@router.get("/v1/state", response_model=StateResponse, responses={503: {
-    "description": "the service is starting (the model is not loaded yet)",
-    "content": {"application/json": {"schema": {
-        "type": "object", "required": ["detail"], "properties": {"detail": {"type": "string"}}}}},
-}})
+@router.get("/v1/state", response_model=StateResponse, responses={503: error(STARTING)})
 async def state(
     request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> StateResponse:
@@ -159,7 +156,10 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(health.model_dump(exclude_none=True), status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={200: {
+    "description": "the Prometheus text exposition format",
+    "content": {"text/plain": {"schema": {"type": "string"}}},
+}})
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of every `adaptd_*` metric."""
     registry = request.app.state.metrics.registry
