@@ -166,21 +166,27 @@ class Runtime:
         checkpoint_every = self.settings.adapter.checkpoint_every_s
         while True:
             await asyncio.sleep(1.0)
-            await self.flush_events()
-            await self.sync.flush()  # what the engine changed while the store was away
+            await self._chore("send events to the store", self.flush_events)
+            # what the engine changed while the store was away
+            await self._chore("write the engine's changes to the store", self.sync.flush)
             due = checkpoint_every > 0 and time.monotonic() - checkpoint_at >= checkpoint_every
             if due:
                 checkpoint_at = time.monotonic()
-                await self._checkpoint_if_learned()
+                await self._chore("checkpoint the adapter", self._checkpoint_if_learned)
             if time.monotonic() - saved_at >= self.settings.drift.save_every_s:
                 saved_at = time.monotonic()
-                await self.save_drift()
+                await self._chore("save the drift state", self.save_drift)
             if time.monotonic() - snapshot_at >= self.settings.store.snapshot_every_s:
                 snapshot_at = time.monotonic()
-                try:
-                    await self.write_snapshot()
-                except OSError as error:
-                    log.error("could not write the store snapshot: %s", error)
+                await self._chore("write the store snapshot", self.write_snapshot)
+
+    async def _chore(self, what: str, chore: Callable[[], Awaitable[object]]) -> None:
+        """One chore; a failure is logged and the chore runs again at its next turn, so one bad
+        moment never stops the others (or this one) for the rest of the process's life."""
+        try:
+            await chore()
+        except Exception:
+            log.exception("could not %s; trying again at its next turn", what)
 
     async def stop(self) -> None:
         """Take the parts apart and save what must outlive the process. Every step runs even

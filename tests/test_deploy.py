@@ -196,6 +196,8 @@ def test_the_alert_rules_cover_availability_store_quality_coverage_and_the_label
         "AdaptdConformalCoverageLow": "(adaptd_conformal_target - 0.05)",
         "AdaptdLabelStreamBacklogGrowing": "deriv(max by (job) (adaptd_label_stream_backlog)",
         "AdaptdLabelStreamDeadLetters": 'adaptd_label_stream_entries_total{outcome="dead"}',
+        "AdaptdLabelStreamConsumerCrashing": "increase(adaptd_label_stream_crashes_total",
+        "AdaptdLabelsRejected": 'adaptd_labels_total{outcome="rejected"}',
     }
     assert set(wanted) <= set(rules)
     for alert, fragment in wanted.items():

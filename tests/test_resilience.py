@@ -119,3 +119,29 @@ def test_join_result_of_a_partial_join_is_what_was_joined_before_the_failure():
         store.join_labels([("x", 1.0), ("y", 2.0)])
     assert isinstance(error.value.result, JoinResult)
     assert error.value.result.unknown == ["x"] and error.value.pending == ["y"]
+
+
+def test_a_failing_state_chore_is_logged_and_the_chores_go_on(caplog):
+    async def scenario():
+        async with serving() as (client, app):
+            runtime = app.state.runtime
+            flush = runtime.flush_events
+            failures = 0
+
+            async def fails_once() -> None:
+                nonlocal failures
+                if failures == 0:
+                    failures += 1
+                    raise RuntimeError("a bad moment")
+                await flush()
+
+            runtime.flush_events = fails_once
+            runtime.events.record("reset", "operator", "adapter_reset")
+            await asyncio.sleep(2.5)  # two turns of the chores, one a second
+            stored = runtime.store.raw.load_events(10)
+            return runtime._chores.done(), failures, stored
+
+    done, failures, stored = asyncio.run(scenario())
+    assert not done and failures == 1
+    assert [e["kind"] for e in stored] == ["reset"], "the next turn sent the event"
+    assert "could not send events to the store" in caplog.text
