@@ -185,10 +185,6 @@ class StoreGateway:
         self._answered("check_writable")
         return None
 
-    async def ping(self) -> bool:
-        """True when the store is ready: it answers and takes a write now (`readiness`)."""
-        return await self.readiness() is None
-
     # --- the breaker ------------------------------------------------------------------------
 
     async def _call(self, op: str, fn: Callable[..., T], *args: object) -> T:
