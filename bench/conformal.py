@@ -68,6 +68,8 @@ SYNTHETIC_ROWS: list[tuple[str, str, dict, str]] = [
     ("split, all scores", "split", {"window": None}, "0.78 / 0.37"),
     ("ACI, γ = 0.005", "aci", {"gamma": 0.005}, "0.897 / 0.70"),
     ("FACI", "faci", {}, "0.892 / 0.70"),
+    ("DtACI", "dtaci", {}, ""),
+    ("PID (no signal)", "pid", {"max_scale": 5.0}, ""),
     ("SF-OGD", "sfogd", {"max_scale": 5.0}, "0.896 / 0.76"),
     ("SAOCP, lifetime 8", "saocp", {"max_scale": 5.0, "lifetime": 8}, "0.886 / 0.815"),
     ("SAOCP, lifetime 32", "saocp", {"max_scale": 5.0, "lifetime": 32}, "0.894 / 0.821"),
@@ -207,6 +209,127 @@ def digits_table() -> str:
     return "\n".join(lines)
 
 
+# ---- Digits-C with abrupt switches, through the service, labels late ----------------------------
+
+ABRUPT_DOMAINS = 8  # the first eight corruptions of B1's stream, one after the other
+SERVICE_DELAYS = (0, 32, 100)
+REQUEST = 32
+# (label, conformal.method, conformal.options, conformal.alpha)
+SERVICE_ROWS: list[tuple[str, str, dict, float]] = [
+    ("split, last 1,000", "split", {"window": 1000}, ALPHA),
+    ("ACI, γ = 0.005", "aci", {}, ALPHA),
+    ("FACI", "faci", {}, ALPHA),
+    # FACI aimed a little higher, for set sizes at PID's coverage (equal coverage)
+    ("FACI, α = 0.092", "faci", {}, 0.092),
+    ("DtACI", "dtaci", {}, ALPHA),
+    ("SAOCP, lifetime 32", "saocp", {}, ALPHA),
+    ("PID, no scorecaster", "pid", {"scorecast_lr": 0.0}, ALPHA),
+    ("PID, entropy scorecaster", "pid", {}, ALPHA),
+    ("auto (the default)", "auto", {}, ALPHA),
+]
+
+
+@dataclass
+class Served:
+    covered: np.ndarray
+    sizes: np.ndarray
+    errors: np.ndarray
+    state_bytes: int
+    method: str
+
+
+def abrupt_digits(domains: int = ABRUPT_DOMAINS, per_domain: int | None = None,
+                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """B1's corrupted domains back to back (no clean stretch between them), each switch abrupt;
+    `per_domain` keeps the first samples of each (None: all 899); `seed` draws other corruption
+    noise and orders (None: B1's)."""
+    from bench.digits_c import SEED, stream
+
+    chosen = [d for d in stream(SEED if seed is None else seed)
+              if d.name != "clean_after"][:domains]
+    inputs = np.concatenate([d.inputs[:per_domain] for d in chosen])
+    labels = np.concatenate([d.labels[:per_domain] for d in chosen])
+    return inputs, labels
+
+
+async def _serve_sets(adapter: str, method: str, options: dict, alpha: float,
+                      inputs: np.ndarray, labels: np.ndarray, delay: int, request: int
+                      ) -> Served:
+    """The stream through the app (in process, its lifespan, an ASGI client), `request` samples
+    per request; the labels of samples up to i go back once sample i + `delay` is predicted.
+    Covered: the label in the set served, as a caller got it."""
+    import httpx
+
+    from service.app import create_app
+    from service.settings import load_settings
+
+    settings = load_settings(None, adapter={"name": adapter}, batcher={"max_wait_ms": 0},
+                             conformal={"method": method, "options": options,
+                                        "alpha": alpha},
+                             log_level="warning")
+    app = create_app(settings)
+    covered = np.zeros(len(labels), dtype=bool)
+    sizes = np.zeros(len(labels))
+    errors = np.zeros(len(labels), dtype=bool)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://adaptd",
+                                     timeout=60) as client:
+            labelled = 0
+            for start in range(0, len(labels), request):
+                end = min(start + request, len(labels))
+                ids = [f"s{i}" for i in range(start, end)]
+                reply = await client.post("/v1/predict", json={
+                    "inputs": inputs[start:end].tolist(), "ids": ids})
+                reply.raise_for_status()
+                for i, row in enumerate(reply.json()["predictions"], start):
+                    covered[i] = int(labels[i]) in row["set"]
+                    sizes[i] = len(row["set"])
+                    errors[i] = row["prediction"] != labels[i]
+                due = end - delay
+                if due > labelled:
+                    back = [{"id": f"s{i}", "label": int(labels[i])} for i in range(labelled, due)]
+                    (await client.post("/v1/feedback", json={"labels": back})).raise_for_status()
+                    labelled = due
+            state = (await client.get("/v1/state")).json()["calibrator"]
+        stored = await app.state.runtime.store.load_calibrator("conformal")
+    return Served(covered, sizes, errors, len(stored or b""), state["method"])
+
+
+def serve_sets(adapter: str, method: str, options: dict, inputs: np.ndarray, labels: np.ndarray,
+               delay: int, request: int = REQUEST, alpha: float = ALPHA) -> Served:
+    import asyncio
+
+    return asyncio.run(_serve_sets(adapter, method, options, alpha, inputs, labels, delay,
+                                   request))
+
+
+def service_table(adapters: list[str], delays: list[int], per_domain: int | None = None,
+                  seed: int | None = None, methods: list[str] | None = None) -> str:
+    """One row per adapter, delay and `SERVICE_ROWS` entry (those whose method is in `methods`,
+    when given)."""
+    inputs, labels = abrupt_digits(per_domain=per_domain, seed=seed)
+    header = ["adapter", "labels late", "method", "coverage", "worst 500", "worst 100",
+              "mean set size", "state KB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for adapter in adapters:
+        for delay in delays:
+            for label, method, options, alpha in SERVICE_ROWS:
+                if methods is not None and method not in methods:
+                    continue
+                served = serve_sets(adapter, method, options, inputs, labels, delay,
+                                    alpha=alpha)
+                if method == "auto":
+                    label = f"{label}: {served.method}"
+                cells = [adapter, str(delay), label, f"{served.covered.mean():.3f}",
+                         f"{worst_window(served.covered, 500):.3f}",
+                         f"{worst_window(served.covered, 100):.3f}",
+                         f"{served.sizes.mean():.2f}", f"{served.state_bytes / 1e3:.1f}"]
+                lines.append("| " + " | ".join(cells) + " |")
+                print(lines[-1], f"(error {served.errors.mean():.3f})", flush=True)
+    return "\n".join(lines)
+
+
 # ---- B2's regression streams: FriedmanDrift, a small MLP, intervals from |y − ŷ| ----------------
 
 STREAM_LENGTH = 15_000
@@ -227,6 +350,8 @@ REGRESSION_ROWS: list[tuple[str, str, dict]] = [
     ("split, last 1,000", "split", {"window": 1000}),
     ("ACI, γ = 0.005", "aci", {"gamma": 0.005}),
     ("FACI", "faci", {}),
+    ("DtACI", "dtaci", {}),
+    ("PID (no signal)", "pid", {"max_scale": CALIBRATION_D}),
     ("SF-OGD", "sfogd", {"max_scale": CALIBRATION_D}),
     ("SAOCP, lifetime 8", "saocp", {"max_scale": CALIBRATION_D, "lifetime": 8}),
     ("SAOCP, lifetime 32", "saocp", {"max_scale": CALIBRATION_D, "lifetime": 32}),
@@ -427,12 +552,21 @@ def regression_tables(delay: int, machine: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["synthetic", "digits", "regression", "all"],
-                        default="all")
-    parser.add_argument("--delay", type=int, default=0,
-                        help="regression streams: labels come back this many samples late")
+    parser.add_argument("--part", choices=["synthetic", "digits", "service", "regression",
+                                           "all"], default="all")
+    parser.add_argument("--delay", type=int, default=None,
+                        help="labels come back this many samples late (regression and service "
+                        "parts; default: 0 for regression, 0, 32 and 100 through the service)")
+    parser.add_argument("--adapters", default="none,eata",
+                        help="service part: the adapters to serve the abrupt Digits-C stream with")
+    parser.add_argument("--per-domain", type=int, default=None,
+                        help="service part: keep this many samples of each domain (default all)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="service part: another draw of the corrupted stream (default B1's)")
+    parser.add_argument("--methods", default=None,
+                        help="service part: only these conformal.method rows, e.g. pid,faci")
     args = parser.parse_args()
-    if args.delay < 0:
+    if args.delay is not None and args.delay < 0:
         parser.error("--delay counts samples: 0 or more")
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{time.strftime('%Y-%m-%d')}")
@@ -441,8 +575,18 @@ def main() -> None:
     if args.part in ("synthetic", "all"):
         tables.append(f"Synthetic |N(0,1)| → |N(0,3)| at step {SHIFT_AT}, target 0.9, mean of "
                       f"{len(SEEDS)} seeds; {machine}\n\n{synthetic_table()}")
+    if args.part in ("service", "all"):
+        delays = list(SERVICE_DELAYS) if args.delay is None else [args.delay]
+        methods = None if args.methods is None else args.methods.split(",")
+        table = service_table(args.adapters.split(","), delays, args.per_domain, args.seed,
+                              methods)
+        tables.append(f"Digits-C, {ABRUPT_DOMAINS} corrupted domains back to back (abrupt "
+                      f"switches; stream seed {args.seed or 'of B1'}), through the service, "
+                      f"{REQUEST} samples per request, sets as "
+                      f"served, target 0.9; {machine}\n\n"
+                      f"{table}")
     if args.part in ("regression", "all"):
-        tables += regression_tables(args.delay, machine)
+        tables += regression_tables(args.delay or 0, machine)
     if args.part in ("digits", "all"):
         tables.append(f"Digits-C (EATA, batch 64), sets at the current threshold, target 0.9; "
                       f"{machine}\n\n{digits_table()}")

@@ -30,7 +30,9 @@ from service.engine import NonFiniteOutputs
 from service.metrics import Metrics
 
 R = TypeVar("R")
-RunBatch = Callable[[np.ndarray, list[str]], Awaitable[list[R]]]
+# (inputs, ids, groups): `groups` holds the group each sample's request named (None: none), or
+# is None when no request of the batch named one
+RunBatch = Callable[[np.ndarray, list[str], "list[str | None] | None"], Awaitable[list[R]]]
 
 log = logging.getLogger("adaptd.batcher")
 
@@ -90,6 +92,7 @@ class _Pending(Generic[R]):
     ids: list[str]
     future: asyncio.Future[list[R]]
     arrived: float = field(default=0.0)
+    group: str | None = None  # the group the request names (conformal.mondrian = "group")
 
     @property
     def size(self) -> int:
@@ -173,19 +176,20 @@ class MicroBatcher(Generic[R]):
         return Admission(self, expected_samples)
 
     async def submit(self, inputs: np.ndarray, ids: list[str],
-                     admission: Admission | None = None) -> list[R]:
+                     admission: Admission | None = None, group: str | None = None) -> list[R]:
         """Queue one request's samples and wait for exactly its own rows, in order; refuse it at
         once with `Overloaded` when the queued samples or the requests in flight would pass their
-        bound. A request `admitted` before is queued in the room it held."""
+        bound. A request `admitted` before is queued in the room it held; `group` is the group
+        it names, handed to the run with each of its samples."""
         if self._worker is None:
             raise BatcherStopped("the batcher is not running")
         if admission is None:
             with self.admit(len(ids)) as admission:
-                return await self.submit(inputs, ids, admission)
+                return await self.submit(inputs, ids, admission, group)
         admission.unhold()  # the samples it brings take the place it held
         self._admit(len(ids), new_request=False)
         loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, ids, loop.create_future(), loop.time())
+        pending = _Pending(inputs, ids, loop.create_future(), loop.time(), group)
         self._waiting(+pending.size)
         self._queue.put_nowait(pending)
         return await pending.future
@@ -248,9 +252,11 @@ class MicroBatcher(Generic[R]):
     async def _run(self, batch: list[_Pending[R]]) -> None:
         inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([p.inputs for p in batch])
         ids = [i for p in batch for i in p.ids]
+        groups = (None if all(p.group is None for p in batch)
+                  else [p.group for p in batch for _ in p.ids])
         self.metrics.batch_size.observe(len(ids))
         try:
-            rows = await self.run_batch(inputs, ids)
+            rows = await self.run_batch(inputs, ids, groups)
         except Exception as exc:
             if isinstance(exc, NonFiniteOutputs):  # what some inputs do: no traceback
                 log.warning("a batch of %d requests gave non-finite outputs (%s); retrying each "
@@ -269,7 +275,9 @@ class MicroBatcher(Generic[R]):
 
     async def _run_alone(self, pending: _Pending[R]) -> None:
         try:
-            rows = await self.run_alone(pending.inputs, pending.ids)
+            groups: list[str | None] | None = (None if pending.group is None
+                                               else [pending.group] * pending.size)
+            rows = await self.run_alone(pending.inputs, pending.ids, groups)
         except Exception as exc:
             self.metrics.prediction_failures.inc(pending.size)
             if isinstance(exc, NonFiniteOutputs):

@@ -13,6 +13,7 @@ parse.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 import orjson
 
 from service.inputs import ID_PATTERN, InvalidInput, checked_values, prediction_ids
-from service.schemas import PREDICTION_ID_PATTERN
+from service.schemas import GROUP_PATTERN, MAX_GROUP_LENGTH, PREDICTION_ID_PATTERN
 
 # orjson refuses arrays and objects nested deeper than this
 JSON_DEPTH_LIMIT = 1024
@@ -28,7 +29,8 @@ JSON_DEPTH_LIMIT = 1024
 # (whose arrays hold at most 64 dimensions)
 MAX_SAMPLE_DEPTH = 32
 MAX_ID_LENGTH = 128
-FIELDS = ("inputs", "ids")
+GROUP_MATCH = re.compile(GROUP_PATTERN)
+FIELDS = ("inputs", "ids", "group")
 
 
 class SampleEstimate:
@@ -78,13 +80,14 @@ def parse_predict(
     input_shape: Sequence[int],
     limit: int,
     max_abs: float = math.inf,
-) -> tuple[np.ndarray, list[str]]:
-    """The batch (float32, shape (n, *input_shape)) and one id per sample, from a raw body.
+) -> tuple[np.ndarray, list[str], str | None]:
+    """The batch (float32, shape (n, *input_shape)), one id per sample, and the group the
+    request names (None when it names none), from a raw body.
 
-    >>> batch, ids = parse_predict(b'{"inputs": [[1, 2]], "ids": ["a"]}', "application/json",
-    ...                            (2,), limit=8)
-    >>> batch.dtype, batch.shape, ids
-    (dtype('float32'), (1, 2), ['a'])
+    >>> batch, ids, group = parse_predict(b'{"inputs": [[1, 2]], "ids": ["a"], "group": "eu"}',
+    ...                                   "application/json", (2,), limit=8)
+    >>> batch.dtype, batch.shape, ids, group
+    (dtype('float32'), (1, 2), ['a'], 'eu')
     >>> parse_predict(b'{"inputs": [[[1, 2], [3]]]}', "application/json", (2, 2),
     ...               limit=8)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -102,7 +105,7 @@ def parse_predict(
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise SchemaErrors([_decode_error(body, exc)]) from None
-    inputs, ids = _fields(data)
+    inputs, ids, group = _fields(data)
     if len(inputs) > limit:
         raise InvalidInput(
             f"{len(inputs)} samples in one request; the limit is {limit}: split the request"
@@ -112,7 +115,7 @@ def parse_predict(
                for index, sample in enumerate(inputs)]
     with np.errstate(over="ignore"):
         batch = np.stack(samples).astype(np.float32)
-    return checked_values(batch, max_abs), prediction_ids(ids, len(batch))
+    return checked_values(batch, max_abs), prediction_ids(ids, len(batch)), group
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -159,8 +162,9 @@ def _decode_error(body: bytes, exc: orjson.JSONDecodeError) -> dict[str, Any]:
     return _error("json_invalid", [exc.pos], f"JSON decode error: {reason}")
 
 
-def _fields(data: object) -> tuple[list[Any], list[str] | None]:
-    """`inputs` and `ids`, checked against the request schema (every problem reported)."""
+def _fields(data: object) -> tuple[list[Any], list[str] | None, str | None]:
+    """`inputs`, `ids` and `group`, checked against the request schema (every problem
+    reported)."""
     if not isinstance(data, dict):
         raise SchemaErrors([_error("model_attributes_type", [], "Input should be a valid "
                                    "dictionary or object to extract fields from")])
@@ -179,12 +183,20 @@ def _fields(data: object) -> tuple[list[Any], list[str] | None]:
             errors.append(_error("list_type", ["ids"], "Input should be a valid list"))
         else:
             errors.extend(_id_errors(ids))
+    group = data.get("group")
+    if group is not None:
+        if not isinstance(group, str):
+            errors.append(_error("string_type", ["group"], "Input should be a valid string"))
+        elif not GROUP_MATCH.fullmatch(group):
+            errors.append(_error("string_pattern_mismatch", ["group"],
+                                 f"String should match pattern '{GROUP_PATTERN}' (1 to "
+                                 f"{MAX_GROUP_LENGTH} printable ASCII characters, no spaces)"))
     errors.extend(_error("extra_forbidden", [key], "Extra inputs are not permitted")
                   for key in data if key not in FIELDS)
     if errors:
         raise SchemaErrors(errors)
     assert isinstance(inputs, list)
-    return inputs, ids
+    return inputs, ids, group
 
 
 def _id_errors(ids: list[object]) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,9 @@ from service.gateway import StoreGateway
 from service.metrics import Metrics
 from service.state_sync import StateSync
 from store import PredictionRecord, StoreUnavailable
+
+# one group (or None) per sample, as the requests named them, or None for none at all
+Groups = Sequence[str | None] | None
 
 
 @dataclass
@@ -39,14 +43,18 @@ class Predictor:
         self.metrics = metrics
         self.conformal = conformal
 
-    async def run_batch(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
-        return await self._run(inputs, ids, adapt=True)
+    async def run_batch(self, inputs: np.ndarray, ids: list[str],
+                        groups: Groups = None) -> list[PredictionRow]:
+        """`groups`: the group each sample's request named (conformal.mondrian = 'group')."""
+        return await self._run(inputs, ids, groups, adapt=True)
 
-    async def run_alone(self, inputs: np.ndarray, ids: list[str]) -> list[PredictionRow]:
+    async def run_alone(self, inputs: np.ndarray, ids: list[str],
+                        groups: Groups = None) -> list[PredictionRow]:
         """The fallback for a failed batch: the same model, no adaptation step."""
-        return await self._run(inputs, ids, adapt=False)
+        return await self._run(inputs, ids, groups, adapt=False)
 
-    async def _run(self, inputs: np.ndarray, ids: list[str], adapt: bool) -> list[PredictionRow]:
+    async def _run(self, inputs: np.ndarray, ids: list[str], groups: Groups,
+                   adapt: bool) -> list[PredictionRow]:
         # the shared threshold is read while the model runs
         refresh = None if self.conformal is None else self.conformal.refresh_soon()
         try:
@@ -58,18 +66,26 @@ class Predictor:
             raise
         if refresh is not None:
             await refresh
-        return await self._finish(out, ids)
+        return await self._finish(out, ids, groups)
 
-    async def _finish(self, out: BatchOutput, ids: list[str]) -> list[PredictionRow]:
+    async def _finish(self, out: BatchOutput, ids: list[str],
+                      groups: Groups = None) -> list[PredictionRow]:
         model = self.engine.model
         task = model.task
         sets: list | None = None
         intervals: list | None = None
         extra: dict = {}
+        served: list | None = None
         level = None
         if self.conformal is not None:
-            sets, intervals = self.conformal.shape(out.outputs)
-            extra = {"q": self.conformal.threshold}
+            # the label-free signal (None unless the method reads one) and the threshold it
+            # gets are kept in the record: the join learns from them, coverage measures them
+            signal = self.conformal.signal(out.entropy)
+            sets, intervals = self.conformal.shape(out.outputs, signal, groups)
+            # one threshold per row (per class with Mondrian by class), kept with its group
+            served = self.conformal.thresholds(len(ids), signal, groups)
+            if signal is not None:
+                extra["signal"] = signal
             level = 1 - self.conformal.alpha
         now = time.time()
         records = [
@@ -82,7 +98,10 @@ class Predictor:
                 model_version=model.version,
                 adapter_version=out.adapter_version,
                 arrays={name: values[i] for name, values in out.arrays.items()},
-                extra=extra if sets is None else {**extra, "set": sets[i]},
+                extra=extra if served is None else {
+                    **extra, "q": served[i],
+                    **({} if groups is None or groups[i] is None else {"group": groups[i]}),
+                    **({} if sets is None else {"set": sets[i]})},
             )
             for i, sample_id in enumerate(ids)
         ]

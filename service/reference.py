@@ -9,6 +9,7 @@ uses its own training split; a user model names (`model.reference_data`) a safet
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,3 +95,20 @@ def feature_width(model: LoadedModel) -> int | None:
     features = tap.take()
     tap.remove()
     return None if features is None else int(features.shape[1])
+
+
+@torch.inference_mode()
+def served_entropy(model: LoadedModel, reference: ReferenceData,
+                   infer: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+    """The mean entropy (nats) of the probabilities `infer` (the adapter's inference, as served)
+    gives the reference data: the level a served batch's entropy is measured against by a
+    calibrator that reads it. None for a regressor."""
+    if not model.task.discrete or not len(reference.inputs):
+        return None
+    total = 0.0
+    for start in range(0, len(reference.inputs), 256):
+        raw = infer(reference.inputs[start:start + 256]).float()
+        entropy = model.task.entropy(model.task.served(raw.reshape(len(raw), -1)))
+        assert entropy is not None  # a classifier's probabilities
+        total += float(entropy.sum())
+    return total / len(reference.inputs)

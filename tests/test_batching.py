@@ -81,7 +81,8 @@ def test_a_poisoned_request_fails_alone_and_the_rest_of_its_batch_succeeds():
 def test_requests_are_never_split_and_an_oversize_request_runs_as_its_own_batch():
     seen_batches: list[list[str]] = []
 
-    async def run_batch(inputs: np.ndarray, ids: list[str]) -> list[float]:
+    async def run_batch(inputs: np.ndarray, ids: list[str],
+                        groups: list[str | None] | None) -> list[float]:
         seen_batches.append(list(ids))
         return [float(v) for v in inputs[:, 0]]
 

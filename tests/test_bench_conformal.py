@@ -1,4 +1,5 @@
-"""B3's regression streams: the FriedmanDrift layout, the MLP, and how intervals are served."""
+"""B3's streams: the FriedmanDrift layout, the MLP, how intervals are served, and the Digits-C
+stream with abrupt switches served through the service with labels late."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import pytest
 
 from adapters.conformal import build_calibrator, residual_scores
 from bench.conformal import (
+    ABRUPT_DOMAINS,
     FRIEDMAN_STREAMS,
+    abrupt_digits,
     friedman_samples,
     run_intervals,
     run_scores,
+    serve_sets,
     train_friedman_model,
     worst_window,
 )
@@ -86,3 +90,31 @@ def test_saocp_keeps_coverage_through_the_abrupt_drift_where_split_conformal_bre
     split = run_intervals(build_calibrator("split", 0.1, window=1000), predictions, targets)
     assert saocp.covered.mean() == pytest.approx(0.9, abs=0.015)
     assert worst_window(saocp.covered, 500) > worst_window(split.covered, 500) + 0.15
+
+
+def test_the_abrupt_digits_stream_is_eight_corrupted_domains_back_to_back():
+    inputs, labels = abrupt_digits(per_domain=50)
+    assert inputs.shape == (ABRUPT_DOMAINS * 50, 1, 16, 16) and labels.shape == (400,)
+    means = inputs.reshape(ABRUPT_DOMAINS, 50, -1).mean(axis=(1, 2))
+    assert np.all(np.abs(np.diff(means)) > 1e-3)  # every switch changes the inputs at once
+    other, _ = abrupt_digits(per_domain=50, seed=7)
+    assert not np.array_equal(other, inputs)
+
+
+def test_labels_later_than_the_stream_leave_every_calibrator_where_it_starts():
+    inputs, labels = abrupt_digits(domains=2, per_domain=64)
+    never = len(labels)  # no label comes back before the end
+    aci = serve_sets("none", "aci", {}, inputs, labels, delay=never)
+    pid = serve_sets("none", "pid", {}, inputs, labels, delay=never)
+    assert np.all(aci.sizes == 1) and aci.state_bytes == 0  # threshold 0: the argmax alone
+    assert np.all(pid.sizes == 10) and pid.covered.all()  # PID starts with every class in
+
+
+def test_labels_one_request_late_move_the_sets_served_from_the_second_request_on():
+    inputs, labels = abrupt_digits(domains=2, per_domain=64)
+    served = serve_sets("none", "auto", {}, inputs, labels, delay=32)
+    assert served.method == "pid"
+    assert np.all(served.sizes[:64] == 10)  # the first two requests: no label back yet
+    assert served.sizes[64:].mean() < 10 and 0 < served.state_bytes < 20_000
+    # a set keeps the predicted class: every right prediction is covered
+    assert np.all(served.covered[~served.errors])

@@ -37,6 +37,8 @@ SMALL_OPTIONS = {
     "faci": {"window": 15},
     "sfogd": {"max_scale": 2.0},
     "saocp": {"max_scale": 2.0, "lifetime": 2},
+    "dtaci": {"window": 15},
+    "pid": {"range_window": 5, "max_scale": 2.0},
 }
 scores_lists = st.lists(st.floats(0.0, 1e9, allow_nan=False, allow_infinity=False), max_size=120)
 
@@ -193,7 +195,8 @@ def test_reset_returns_to_the_calibrator_as_built(name: str) -> None:
     assert calibrator.state() != pristine
     calibrator.reset()
     assert calibrator.state() == pristine
-    assert calibrator.threshold == 0.0
+    # every one starts at 0 (the reference's quantile of nothing) but PID, at its scale's top
+    assert calibrator.threshold == (2.0 if name == "pid" else 0.0)
 
 
 # ------------------------------------------------------------------------ split conformal
@@ -363,8 +366,9 @@ def test_sfogd_threshold_tracks_the_quantile_and_never_goes_negative() -> None:
 def test_build_calibrator_knows_every_name_and_refuses_others() -> None:
     assert {name: type(build_calibrator(name, 0.1)).__name__ for name in CALIBRATORS} == {
         "split": "SplitConformal", "aci": "ACI", "faci": "FACI", "sfogd": "SFOGD",
-        "saocp": "SAOCP"}
-    with pytest.raises(ValueError, match="choose one of: split, aci, faci, sfogd, saocp"):
+        "saocp": "SAOCP", "dtaci": "DtACI", "pid": "PID"}
+    with pytest.raises(ValueError, match="choose one of: split, aci, faci, sfogd, saocp, dtaci, "
+                                         "pid"):
         build_calibrator("cqr", 0.1)
     with pytest.raises(ValueError, match=r"takes the options \['gamma', 'window'\]"):
         build_calibrator("aci", 0.1, lifetime=8)

@@ -39,7 +39,8 @@ def test_a_full_batcher_refuses_at_once_and_never_queues_beyond_its_bound():
     gate = asyncio.Event()
     metrics = Metrics()
 
-    async def run_batch(inputs: np.ndarray, ids: list[str]) -> list[float]:
+    async def run_batch(inputs: np.ndarray, ids: list[str],
+                        groups: list[str | None] | None) -> list[float]:
         await gate.wait()  # the model is busy: nothing leaves until the test says so
         return [float(v) for v in inputs[:, 0]]
 
@@ -84,7 +85,8 @@ def test_a_full_batcher_refuses_at_once_and_never_queues_beyond_its_bound():
 def test_the_requests_in_flight_are_bounded_too():
     gate = asyncio.Event()
 
-    async def run_batch(inputs: np.ndarray, ids: list[str]) -> list[float]:
+    async def run_batch(inputs: np.ndarray, ids: list[str],
+                        groups: list[str | None] | None) -> list[float]:
         await gate.wait()
         return [0.0] * len(ids)
 

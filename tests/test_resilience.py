@@ -97,7 +97,8 @@ def test_labels_joined_before_a_store_failure_are_applied_and_a_retry_completes_
 
 
 def test_stopping_the_batcher_answers_a_request_it_was_still_gathering():
-    async def run_batch(inputs: np.ndarray, ids: list[str]) -> list[int]:
+    async def run_batch(inputs: np.ndarray, ids: list[str],
+                        groups: list[str | None] | None) -> list[int]:
         return [0] * len(ids)
 
     async def scenario():

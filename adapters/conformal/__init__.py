@@ -6,9 +6,9 @@ A score s measures how badly a label fits a prediction: LAC's 1 − p_y, APS's r
 mass up to y, a regression residual |y − ŷ| (optionally divided by a scale). The set served for a
 sample is every candidate whose score is at most the current threshold q_t; once the label
 arrives, `update(s_t)` moves q_t. Every calibrator here speaks the same small vocabulary:
-`threshold`, `update(score)`, `alpha`, `alpha_t`, `state()` / `from_state()` / `load_state()`,
-`reset()`. Counters `steps` and `misses` count the labels seen and those that fell above the
-threshold served for them.
+`threshold`, `update(score, signal=None)`, `threshold_for(signal)`, `alpha`, `alpha_t`,
+`state()` / `from_state()` / `load_state()`, `reset()`. Counters `steps` and `misses` count the
+labels seen and those that fell above the threshold served for them.
 
 - `SplitConformal`: q_t = the ⌈(n+1)(1−α)⌉-th smallest of the last `window` scores. Exact
   coverage on exchangeable streams, none after a shift.
@@ -27,6 +27,20 @@ threshold served for them.
   `lifetime · 2^u(j)` steps (u(j): how often 2 divides j), so O(log t) are alive; they are mixed
   by coin betting (Jun et al. 2017, CBCE) with prior ∝ 1/(j² (1 + ⌊log₂ j⌋)). Coverage then holds
   on every interval of time, not only on average.
+- `DtACI` (Gibbs & Candès 2022, "Conformal inference for online prediction with arbitrary
+  distribution shifts", Algorithm 1, as the authors' R code `dtaci` runs it): FACI's experts and
+  mixture with the authors' σ = 1/1000 and η = 2.72 (or η re-tuned from the last losses), over a
+  window of 500 scores so its state stays under 20 KB.
+- `PID` (Angelopoulos, Candès & Tibshirani 2023, "Conformal PID control for time series
+  prediction"; aangelopoulos/conformal-time-series): quantile tracking with a step proportional
+  to the recent score range (P), a saturating integrator of the errors (I), and a scorecaster
+  (D) that here reads a label-free signal instead of forecasting scores. The only calibrator
+  with `uses_signal`: the threshold served for a batch depends on the signal it was served with
+  (`threshold_for(signal)`; a replica computes it from `signal_table()` alone, with
+  `served_threshold`), and `update(score, signal)` learns how far the scores of batches unlike
+  the labelled past run. Every other calibrator takes the signal and ignores it. Its deviations
+  from the reference (a cold start at the top of the scale, a log scale for probability scores,
+  late errors judged against the current threshold) are listed in its docstring.
 
 Reference: salesforce/online_conformal (PyPI `online-conformal` 1.0.2), whose behaviour this
 follows except where a service needs otherwise, on purpose:
@@ -60,8 +74,17 @@ from __future__ import annotations
 from typing import Any
 
 from adapters.conformal.aci import ACI
-from adapters.conformal.base import Calibrator, ScoreWindow
+from adapters.conformal.base import (
+    Calibrator,
+    ScoreWindow,
+    SignalTable,
+    from_log_scale,
+    served_threshold,
+    to_log_scale,
+)
+from adapters.conformal.dtaci import DtACI
 from adapters.conformal.faci import FACI
+from adapters.conformal.pid import PID
 from adapters.conformal.saocp import SAOCP
 from adapters.conformal.scores import (
     aps_scores,
@@ -81,11 +104,14 @@ CALIBRATORS: dict[str, type[Calibrator]] = {
     FACI.name: FACI,
     SFOGD.name: SFOGD,
     SAOCP.name: SAOCP,
+    DtACI.name: DtACI,
+    PID.name: PID,
 }
 
 
 def build_calibrator(name: str, alpha: float = 0.1, **options: Any) -> Calibrator:
-    """The calibrator called `name` (split, aci, faci, sfogd, saocp) at target miscoverage α.
+    """The calibrator called `name` (split, aci, faci, dtaci, sfogd, saocp, pid) at target
+    miscoverage α.
 
     >>> build_calibrator("saocp", 0.1, max_scale=5.0, lifetime=32)
     SAOCP(alpha=0.1, max_scale=5.0, lifetime=32)
@@ -103,7 +129,8 @@ def build_calibrator(name: str, alpha: float = 0.1, **options: Any) -> Calibrato
 
 
 __all__ = [
-    "ACI", "CALIBRATORS", "Calibrator", "FACI", "SAOCP", "SFOGD", "ScoreWindow", "SplitConformal",
-    "aps_scores", "aps_set", "build_calibrator", "interval", "lac_scores", "lac_set",
-    "pinball_loss", "residual_scores",
+    "ACI", "CALIBRATORS", "PID", "Calibrator", "DtACI", "FACI", "SAOCP", "SFOGD", "ScoreWindow",
+    "SignalTable", "SplitConformal", "aps_scores", "aps_set", "build_calibrator", "from_log_scale",
+    "interval",
+    "lac_scores", "lac_set", "pinball_loss", "residual_scores", "served_threshold", "to_log_scale",
 ]

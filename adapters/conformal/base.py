@@ -81,10 +81,54 @@ class ScoreWindow:
         self.ordered.clear()
 
 
+SignalTable = dict[str, Any]
+
+
+# the log scale's floor: 1 − s below this counts as this (u = −log(1e-12) ≈ 27.6 at most)
+LOG_FLOOR = 1e-12
+
+
+def to_log_scale(score: float) -> float:
+    """u = −log(1 − s) for a score s in [0, 1] (LAC's u is −log p_y), floored at 1e-12."""
+    return -math.log(max(1.0 - score, LOG_FLOOR))
+
+
+def from_log_scale(u: float) -> float:
+    """The score s with −log(1 − s) = u: thresholds on the log scale back to the score's."""
+    return -math.expm1(-u)
+
+
+def served_threshold(threshold: float, table: SignalTable | None, signal: float | None) -> float:
+    """The threshold to serve a batch with label-free signal `signal`, from a calibrator's
+    `threshold` and `signal_table()` alone (what a replica holds):
+    max(0, base + slope · max(0, |signal − center| / spread − band)), at most max(base, top),
+    back from the log scale if the table says so (`PID`'s scorecaster); the plain `threshold`
+    without a table or a signal.
+
+    >>> table = {"base": 0.5, "center": 0.1, "spread": 0.05, "band": 3.0, "slope": 0.2,
+    ...          "top": 1.0, "transform": "none"}
+    >>> served_threshold(0.5, table, 0.3), served_threshold(0.5, table, 0.2)  # 4 and 2 spreads
+    (0.7, 0.5)
+    >>> served_threshold(0.5, table, None)
+    0.5
+    """
+    if table is None or signal is None or not math.isfinite(signal):
+        return threshold
+    beyond = max(0.0, abs(signal - table["center"]) / table["spread"] - table["band"])
+    base = table["base"]
+    tau = max(0.0, min(base + table["slope"] * beyond, max(base, table["top"])))
+    return from_log_scale(tau) if table.get("transform") == "log" else tau
+
+
 class Calibrator:
-    """What every online calibrator offers; `Calibrator.from_state(state)` rebuilds any of them."""
+    """What every online calibrator offers; `Calibrator.from_state(state)` rebuilds any of them.
+
+    `uses_signal`: whether the threshold served for a batch depends on a label-free signal known
+    when it is served (`threshold_for`, `signal_table`, and `update(score, signal)` learning how
+    the score level follows the signal). Every other method ignores the signal entirely."""
 
     name: ClassVar[str] = ""
+    uses_signal: ClassVar[bool] = False
 
     def __init__(self, alpha: float) -> None:
         self.alpha = _check_alpha(alpha)
@@ -106,12 +150,23 @@ class Calibrator:
         """The share of labels so far that fell above the threshold served for them."""
         return self.misses / self.steps if self.steps else 0.0
 
-    def update(self, score: float) -> None:
+    def threshold_for(self, signal: float | None) -> float:
+        """The threshold for a batch whose label-free signal (see `uses_signal`) is `signal`;
+        the plain `threshold` for methods that read no signal, or when there is none."""
+        return self.threshold
+
+    def signal_table(self) -> SignalTable | None:
+        """What a replica needs to serve `threshold_for(signal)` without the full state, or None
+        for methods that read no signal (then `threshold` is all there is)."""
+        return None
+
+    def update(self, score: float, signal: float | None = None) -> None:
         """Learn from the score of a label that has arrived, scored against the prediction the
-        current threshold was served for."""
+        current threshold was served for; `signal` is the label-free signal that prediction was
+        served with (ignored by methods that read none)."""
         score = _check_score(score)
         self.steps += 1
-        self.misses += score > self.threshold
+        self.misses += score > self.threshold_for(signal)
         self._learn(score)
 
     def _learn(self, score: float) -> None:

@@ -97,8 +97,10 @@ def _nonempty(members: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return members
 
 
-def lac_set(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The classes with 1 − p_k ≤ q, as a boolean mask like `probs`; never empty.
+def lac_set(probs: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """The classes with 1 − p_k ≤ q, as a boolean mask like `probs`; never empty. `threshold`
+    may be an array broadcast against `probs`: one per class (q_k, Mondrian by class) or one per
+    row.
 
     >>> lac_set(np.array([0.5, 0.3, 0.2]), 0.75).tolist()
     [True, True, False]
@@ -110,7 +112,8 @@ def lac_set(probs: np.ndarray, threshold: float) -> np.ndarray:
     return members[0] if single else members
 
 
-def aps_set(probs: np.ndarray, threshold: float, u: np.ndarray | float | None = None) -> np.ndarray:
+def aps_set(probs: np.ndarray, threshold: float | np.ndarray,
+            u: np.ndarray | float | None = None) -> np.ndarray:
     """The classes whose APS score is ≤ q (a prefix of the classes ranked by probability), as a
     boolean mask like `probs`; never empty. `u` as in `aps_scores`.
 
