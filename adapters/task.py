@@ -72,10 +72,12 @@ class Task:
         """One row's probabilities as a response shows them (None for a regressor)."""
         return None
 
-    def calibrated(self, outputs: np.ndarray, threshold: float, score: str
+    def calibrated(self, outputs: np.ndarray, threshold: float | np.ndarray, score: str
                    ) -> tuple[list[list[int]] | None, list | None, list[float]]:
         """Prediction sets (classification) or intervals (regression) at `threshold`, and each
-        row's size (the set's class count, or the interval's width)."""
+        row's size (the set's class count, or the interval's width). `threshold` may be an
+        array broadcast against the outputs: one per class (n, classes) or (classes,), or one
+        per row ((n, 1) for classes, (n,) for values), as Mondrian calibration serves them."""
         raise NotImplementedError
 
     # --- labels -----------------------------------------------------------------------------
@@ -99,6 +101,17 @@ class Task:
     def errors(self, records: Sequence[PredictionRecord]) -> np.ndarray:
         """What joined labels say of what was served: 0/1 errors of the class, or the absolute
         residual of the values (the mean over a multi-output regressor's outputs)."""
+        raise NotImplementedError
+
+    def output_errors(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The same errors for other outputs of the same samples (the source model's, which
+        the shadow comparison scores against the labels)."""
+        raise NotImplementedError
+
+    def bounded_losses(self, outputs: np.ndarray, labels: np.ndarray, scale: float
+                       ) -> np.ndarray:
+        """Each row's loss in [0, 1] against its label, for weighing candidates: 1 − p_y of
+        the normalised probabilities, or |e| / (|e| + scale) of the mean absolute residual."""
         raise NotImplementedError
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
@@ -143,9 +156,13 @@ class Classification(Task):
     def probabilities(self, row: np.ndarray) -> list[float]:
         return row.tolist()
 
-    def calibrated(self, outputs: np.ndarray, threshold: float, score: str
+    def calibrated(self, outputs: np.ndarray, threshold: float | np.ndarray, score: str
                    ) -> tuple[list[list[int]], None, list[float]]:
-        members = lac_set(outputs, threshold) if score == "lac" else aps_set(outputs, threshold)
+        # normalised as `scores` normalises them, so a class is in the set exactly when its
+        # label's score would be within the threshold (or it is the argmax of an empty set)
+        probs = np.asarray(outputs, dtype=np.float64)
+        probs = probs / probs.sum(1, keepdims=True)
+        members = lac_set(probs, threshold) if score == "lac" else aps_set(probs, threshold)
         sets = [np.flatnonzero(row).tolist() for row in members]
         return sets, None, [float(len(s)) for s in sets]
 
@@ -168,6 +185,15 @@ class Classification(Task):
         labels = self.record_labels(records)
         predictions = np.array([r.prediction for r in records], dtype=np.float32)
         return (predictions != labels).astype(np.float64)
+
+    def output_errors(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return (np.asarray(outputs).argmax(1) != labels).astype(np.float64)
+
+    def bounded_losses(self, outputs: np.ndarray, labels: np.ndarray, scale: float
+                       ) -> np.ndarray:
+        probs = np.asarray(outputs, dtype=np.float64)
+        probs = probs / probs.sum(1, keepdims=True)
+        return 1.0 - probs[np.arange(len(probs)), labels.astype(np.int64)]
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
         probs = np.stack([r.outputs for r in records]).astype(np.float64)
@@ -217,14 +243,16 @@ class Regression(Task):
         values = row.tolist()
         return values[0] if len(values) == 1 else values
 
-    def calibrated(self, outputs: np.ndarray, threshold: float, score: str
+    def calibrated(self, outputs: np.ndarray, threshold: float | np.ndarray, score: str
                    ) -> tuple[None, list, list[float]]:
-        q = threshold
+        q = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(outputs),))
         if outputs.shape[1] == 1:
-            intervals: list = [[float(v - q), float(v + q)] for v in outputs[:, 0]]
+            intervals: list = [[float(v - h), float(v + h)]
+                               for v, h in zip(outputs[:, 0], q, strict=True)]
         else:
-            intervals = [[[float(v - q), float(v + q)] for v in row] for row in outputs]
-        return None, intervals, [2.0 * q] * len(outputs)
+            intervals = [[[float(v - h), float(v + h)] for v in row]
+                         for row, h in zip(outputs, q, strict=True)]
+        return None, intervals, [2.0 * float(h) for h in q]
 
     def label_problem(self, label: LabelValue, width: int) -> str | None:
         values = label if isinstance(label, list) else [label]
@@ -244,7 +272,16 @@ class Regression(Task):
 
     def errors(self, records: Sequence[PredictionRecord]) -> np.ndarray:
         served = np.stack([r.outputs for r in records]).astype(np.float64)
-        return np.abs(self.record_labels(records).astype(np.float64) - served).mean(axis=1)
+        return self.output_errors(served, self.record_labels(records))
+
+    def output_errors(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        values = np.asarray(outputs, np.float64)
+        return np.abs(labels.astype(np.float64).reshape(values.shape) - values).mean(axis=1)
+
+    def bounded_losses(self, outputs: np.ndarray, labels: np.ndarray, scale: float
+                       ) -> np.ndarray:
+        errors = self.output_errors(outputs, labels)
+        return errors / (errors + max(scale, 1e-12))
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
         # the largest residual over the outputs, so one sample's intervals cover all of them

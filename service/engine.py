@@ -25,8 +25,10 @@ micro-batcher runs each request again alone, without adaptation.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
+import secrets
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,12 +39,13 @@ import numpy as np
 import torch
 
 from adapters import Adapter
+from adapters.guard import CollapseGuard, SourceComparison
 from adapters.labels.lowrank import SupervisedStep
 from adapters.labels.output_corrector import OutputCorrector
 from adapters.learner import Learner
 from adapters.memory.adanpc import AdaNPC
 from adapters.memory.error_memory import ErrorMemory, HashedErrorMemory
-from adapters.tta.guard import CollapseGuard
+from adapters.mixture import FixedShareMixture
 from drift import Action
 from service.events import EventLog
 from service.metrics import Metrics
@@ -55,6 +58,15 @@ T = TypeVar("T")
 BEFORE_ERROR_MEMORY = "before_error_memory"  # the outputs the error memory corrected
 BEFORE_CORRECTOR = "before_corrector"  # a regressor's values before the output corrector
 INPUTS = "inputs"  # the flattened inputs, for the supervised step
+SOURCE_OUTPUTS = "source_outputs"  # what the source model served for the same input (the shadow)
+# which learning the sample was served by: a token drawn anew at start and at every reset, so
+# labels of samples served before a reset, by another replica or by an earlier process never
+# count for the comparison with the source (a float32 holds it exactly: below 2**24)
+EPOCH = "epoch"
+# the mixture's other candidates: after the test-time adapter, and after the memories and the
+# corrector (the source's are SOURCE_OUTPUTS)
+CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
+                    "compensated": "candidate.compensated"}
 
 
 class NonFiniteOutputs(ValueError):
@@ -145,6 +157,15 @@ class LabelledBatch:
     before_corrector: np.ndarray | None = None
     inputs: np.ndarray | None = None
     errors: np.ndarray | None = None  # the labelled drift signal of every joined label
+    # the shadow comparison: errors of what learns (the last stage before any mixture) and of
+    # the source's outputs, and the epoch each record was served in (see EPOCH)
+    adapted_errors: np.ndarray | None = None
+    source_errors: np.ndarray | None = None
+    epochs: np.ndarray | None = None
+    # the mixture's candidates' outputs, by candidate name, and their labels (the records that
+    # kept every candidate)
+    candidates: dict[str, np.ndarray] | None = None
+    candidate_labels: np.ndarray | None = None
 
 
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
@@ -175,6 +196,9 @@ class Engine:
         supervised: SupervisedStep | None = None,
         supervised_batch: int = 32,
         drift: DriftMonitor | None = None,
+        source: torch.nn.Module | None = None,
+        comparison: SourceComparison | None = None,
+        mixture: FixedShareMixture | None = None,
     ) -> None:
         self.model = model
         self.task = model.task
@@ -190,6 +214,14 @@ class Engine:
         self._supervised_inputs: list[torch.Tensor] = []
         self._supervised_labels: list[torch.Tensor] = []
         self.drift = drift
+        # the shadow: a frozen copy of the source model, run on every batch beside the adapted
+        # one, for the guard and for the comparison on labels
+        self.source = source
+        self.comparison = comparison if source is not None else None
+        self.mixture = mixture
+        self._epoch = secrets.randbelow(2**24)
+        # configurations that will do nothing (measured or known at start-up), said at start
+        self.warnings: list[str] = []
         self._changes: list[StateChange] = []
         self._changes_lock = threading.Lock()
         # every learning part's own rate, which a drift boost multiplies
@@ -208,6 +240,34 @@ class Engine:
         parts: list[Learner] = [self.adapter]
         parts += [p for p in (self.supervised, self.output_corrector) if p is not None]
         return parts
+
+    def describe_learning(self) -> dict[str, object]:
+        """Every part that changes what is served, with its settings as built (what `auto`
+        chose included), and the guards; the start-up log and `/v1/state` show it."""
+        parts: dict[str, object] = {
+            "adapter": {"name": self.adapter.name, "learning_rate": self.adapter.learning_rate,
+                        "norm": self.adapter.norm}}
+        if self.adanpc is not None:
+            parts["adanpc"] = self.adanpc.describe()
+        if self.error_memory is not None:
+            parts["error_memory"] = self.error_memory.describe()
+        if self.supervised is not None:
+            parts["supervised"] = {**self.supervised.describe(), "batch": self.supervised_batch}
+        if self.output_corrector is not None:
+            parts["output_corrector"] = self.output_corrector.describe()
+        parts["collapse_guard"] = self.guard is not None
+        parts["shadow"] = self.source is not None
+        if self.mixture is not None:
+            parts["mixture"] = self.mixture.describe()
+        parts["drift"] = self.drift is not None
+        return parts
+
+    def source_module(self) -> torch.nn.Module:
+        """The source model to run beside the served one at start-up (reference data through it
+        moves no statistic of the served model): the shadow copy, or a copy made now."""
+        if self.source is not None:
+            return self.source
+        return copy.deepcopy(self.model.module).eval()
 
     def memories(self) -> list[AdaNPC | AnyErrorMemory]:
         return [m for m in (self.adanpc, self.error_memory) if m is not None]
@@ -232,7 +292,7 @@ class Engine:
         Raises `NonFiniteOutputs` when a row's outputs or features are NaN or infinite."""
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         count = x.shape[0]
-        version = self.adapter.version
+        version, epoch = self.adapter.version, self._epoch
         self.tap.arm()
         if adapt:
             result = self.adapter.adapt(x)
@@ -251,10 +311,15 @@ class Engine:
             raise NonFiniteOutputs(bad)
         features_np = None if features is None else features.float().numpy()
         outputs = self.task.served(raw.detach().float().reshape(count, -1))
+        source = self._source_outputs(x, count)
         # the drift detectors watch the model's own distribution: the memories' votes and
         # corrections change by themselves as they fill, which is no drift of the inputs
         model_outputs = outputs.numpy()
+        candidates: dict[str, torch.Tensor | None] = {"source": source, "adapted": outputs}
         arrays: dict[str, np.ndarray] = {}
+        if source is not None:
+            arrays[SOURCE_OUTPUTS] = source.numpy()
+            arrays[EPOCH] = np.full(count, epoch, dtype=np.float32)
         if self.supervised is not None:
             arrays[INPUTS] = x.reshape(count, -1).numpy()
         if self.adanpc is not None and features is not None:
@@ -273,17 +338,57 @@ class Engine:
             # ReLoop2: the error memory's correction; what it corrected is kept for the labels
             arrays[BEFORE_ERROR_MEMORY] = outputs.numpy()
             outputs = self.error_memory.compensate(features, outputs)
+        candidates["compensated"] = outputs
+        learnt = outputs  # what the guard judges: what learns, not the mixture that hedges it
+        mixed = self._mixed(candidates)
+        if self.mixture is not None and mixed is not None:  # the source's may not be finite
+            for name, values in mixed.items():
+                arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
+            outputs = self.mixture.combine(mixed)
         predictions = self.task.predictions(outputs).numpy()
         entropy = self.task.entropy(outputs)
         if entropy is not None:
             self.metrics.mean_entropy.set(float(entropy.mean()))
         if adapt:
-            if self.guard is not None and self.guard.observe(predictions):
-                self._reset_after_collapse()
+            if self.guard is not None and self._collapsed(learnt, source):
+                if self.comparison is not None and self.comparison.better():
+                    self.guard.clear()  # the labels outrank it: what is served beats the source
+                else:
+                    self._reset_after_collapse()
             self._watch(model_outputs if self.task.discrete else None, features_np, count)
         return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
                            entropy=None if entropy is None else entropy.numpy(),
                            adapter_version=version, arrays=arrays)
+
+    def _source_outputs(self, x: torch.Tensor, count: int) -> torch.Tensor | None:
+        """What the source model serves for these inputs (None without a shadow, or where it is
+        not finite: the guard and the comparison then skip the batch)."""
+        if self.source is None:
+            return None
+        with torch.inference_mode():  # the copy was made before the feature tap: no hooks
+            served = self.task.served(self.source(x).float().reshape(count, -1))
+        return served if bool(torch.isfinite(served).all()) else None
+
+    def _mixed(self, candidates: dict[str, torch.Tensor | None]
+               ) -> dict[str, torch.Tensor] | None:
+        """The mixture's candidates for this batch, or None without a mixture or with one of
+        them missing."""
+        if self.mixture is None:
+            return None
+        mixed = {name: candidates[name] for name in self.mixture.names}
+        ready = {name: values for name, values in mixed.items() if values is not None}
+        return ready if len(ready) == len(mixed) else None
+
+    def _collapsed(self, learnt: torch.Tensor, source: torch.Tensor | None) -> bool:
+        """Whether the guard sees what learns collapsed against the source; a batch whose
+        source outputs are not finite is left out (with a source copy)."""
+        assert self.guard is not None
+        if source is None and self.source is not None:
+            return False
+        if self.task.discrete:
+            theirs = None if source is None else self.task.predictions(source).numpy()
+            return self.guard.observe(self.task.predictions(learnt).numpy(), theirs)
+        return self.guard.observe(learnt.numpy(), None if source is None else source.numpy())
 
     # --- drift ------------------------------------------------------------------------------
 
@@ -339,6 +444,34 @@ class Engine:
         self._report_memories()
         if batch.errors is not None:
             self.observe_errors(batch.errors)
+        self._compare(batch)
+        if (self.mixture is not None and batch.candidates is not None
+                and batch.candidate_labels is not None):
+            self.mixture.learn(self.mixture.losses(self.task, batch.candidates,
+                                                   batch.candidate_labels))
+            for name, weight in zip(self.mixture.names, self.mixture.weights, strict=True):
+                self.metrics.mixture_weight.labels(name).set(weight)
+
+    def _compare(self, batch: LabelledBatch) -> None:
+        """The shadow comparison: reset every learning part when the labels say that what is
+        served has become worse than the source model."""
+        if (self.comparison is None or batch.adapted_errors is None
+                or batch.source_errors is None or batch.epochs is None):
+            return
+        current = batch.epochs == self._epoch  # served by the learning in force now
+        if not current.any():
+            return
+        worse = self.comparison.observe(batch.adapted_errors[current],
+                                        batch.source_errors[current])
+        self.metrics.shadow_error.labels("adapted").set(self.comparison.learnt_error or 0.0)
+        self.metrics.shadow_error.labels("source").set(self.comparison.source_error or 0.0)
+        if worse:
+            detail = self.comparison.describe()
+            self._reset("shadow")
+            self.events.record("shadow", "shadow", "adapter_reset",
+                               adapted_error=detail["adapted_error"],
+                               source_error=detail["source_error"], labels=detail["labels"],
+                               evidence=detail["worse_evidence"])
 
     def observe_errors(self, errors: np.ndarray) -> None:
         """Engine thread only. The labelled drift signal of joined labels (also of those this
@@ -368,12 +501,10 @@ class Engine:
 
     def _reset_after_collapse(self) -> None:
         assert self.guard is not None
-        effective = self.guard.last_effective
+        measured = dict(self.guard.last)
         self._reset("collapse")
-        self.events.record(
-            "collapse", "guard", "adapter_reset", effective_classes=effective,
-            threshold=self.guard.threshold, window=self.guard.window,
-        )
+        self.events.record("collapse", "guard", "adapter_reset", window=self.guard.window,
+                           **measured)
 
     def reset_adapter(self, source: str = "operator") -> None:
         """Engine thread only. Back to the source weights, the memories to their seed (or empty),
@@ -386,6 +517,9 @@ class Engine:
             part.reset()
         if self.guard is not None:
             self.guard.clear()
+        if self.comparison is not None:
+            self.comparison.clear()
+        self._epoch = (self._epoch + 1 + secrets.randbelow(2**24 - 1)) % 2**24  # never the same
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
         # the memories hold what the old model did: the AdaNPC memory goes back to its seed, the

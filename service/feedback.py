@@ -12,7 +12,16 @@ import numpy as np
 import torch
 
 from service.calibration import Conformal
-from service.engine import BEFORE_CORRECTOR, BEFORE_ERROR_MEMORY, INPUTS, Engine, LabelledBatch
+from service.engine import (
+    BEFORE_CORRECTOR,
+    BEFORE_ERROR_MEMORY,
+    CANDIDATE_ARRAYS,
+    EPOCH,
+    INPUTS,
+    SOURCE_OUTPUTS,
+    Engine,
+    LabelledBatch,
+)
 from service.gateway import StoreGateway
 from service.metrics import Metrics
 from service.state_sync import StateSync
@@ -225,6 +234,26 @@ class FeedbackService:
                                                for r in records])
         if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
             batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
+        mixture = self.engine.mixture
+        # what learns: the served outputs, or under a mixture its last stage
+        learnt = None if mixture is None else CANDIDATE_ARRAYS[mixture.names[-1]]
+        shadowed = [r for r in records if SOURCE_OUTPUTS in r.arrays and EPOCH in r.arrays
+                    and (learnt is None or learnt in r.arrays)]
+        if self.engine.comparison is not None and shadowed:
+            labels = self.task.record_labels(shadowed)
+            batch.adapted_errors = (self.task.errors(shadowed) if learnt is None else
+                                    self.task.output_errors(
+                                        np.stack([r.arrays[learnt] for r in shadowed]), labels))
+            batch.source_errors = self.task.output_errors(
+                np.stack([r.arrays[SOURCE_OUTPUTS] for r in shadowed]), labels)
+            batch.epochs = np.array([r.arrays[EPOCH][0] for r in shadowed])
+        if mixture is not None:  # learnt from the records that kept every candidate
+            arrays = {name: CANDIDATE_ARRAYS[name] for name in mixture.names}
+            mixed = [r for r in records if all(a in r.arrays for a in arrays.values())]
+            if mixed:
+                batch.candidates = {name: np.stack([r.arrays[a] for r in mixed])
+                                    for name, a in arrays.items()}
+                batch.candidate_labels = self.task.record_labels(mixed)
         await self.sync.run(self.engine.learn, batch)
 
     def _record(self, result: JoinResult, errors: np.ndarray | None) -> None:

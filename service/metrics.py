@@ -134,6 +134,18 @@ class Metrics:
             "adaptd_conformal_target", "the coverage the calibrator aims at, 1 − α",
             ["calibrator"], registry=r,
         )
+        # bounded: the classes of a model with at most conformal.mondrian_max_groups of them,
+        # or at most that many groups
+        self.conformal_group_coverage = Gauge(
+            "adaptd_conformal_group_coverage", "share of the last 1000 labels of one class (by "
+            "its label) or one named group inside the set or interval served for them",
+            ["calibrator", "by", "group"], registry=r,
+        )
+        self.conformal_group_threshold = Gauge(
+            "adaptd_conformal_group_threshold", "the threshold of one class's or group's own "
+            "calibrator (conformal.mondrian), as last read from the store",
+            ["calibrator", "by", "group"], registry=r,
+        )
         self.drift_alarms = Counter(
             "adaptd_drift_alarms", "drift alarms raised, by detector and signal",
             ["detector", "signal"], registry=r,
@@ -157,10 +169,19 @@ class Metrics:
             "adaptd_events", "events by kind, source and action (e.g. collapse, guard, reset)",
             ["kind", "source", "action"], registry=r,
         )
-        for reason in ("operator", "collapse", "drift"):
+        for reason in ("operator", "collapse", "drift", "shadow"):
             self.adapter_resets.labels(reason)
-        for kind, source in (("collapse", "guard"), ("reset", "operator")):
+        for kind, source in (("collapse", "guard"), ("reset", "operator"), ("shadow", "shadow")):
             self.events.labels(kind, source, "adapter_reset")
+        self.shadow_error = Gauge(
+            "adaptd_shadow_error", "the shadow comparison on joined labels: the error rate (or "
+            "mean absolute error) of what was served and of the source model on the same samples, "
+            "over the comparison's window since the last reset", ["model"], registry=r,
+        )
+        self.mixture_weight = Gauge(
+            "adaptd_mixture_weight", "the online mixture's weight on each candidate (source, "
+            "adapted, compensated), learnt from joined labels", ["candidate"], registry=r,
+        )
         self.store_errors = Counter(
             "adaptd_store_errors", "store operations that failed, by operation",
             ["op"], registry=r,

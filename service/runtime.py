@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -12,14 +13,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapters import Adapter, build_adapter
+from adapters.conformal import CALIBRATORS
+from adapters.guard import CollapseGuard, SourceComparison, effective_classes
 from adapters.labels.lowrank import SupervisedStep, inject_lowrank
 from adapters.labels.output_corrector import OutputCorrector
 from adapters.memory.adanpc import AdaNPC
 from adapters.memory.error_memory import build_error_memory
-from adapters.tta.guard import CollapseGuard, effective_classes
+from adapters.mixture import FixedShareMixture
+from adapters.tta.eata import ETA
 from adapters.tta.norm import normalisation_affines
 from service.batcher import MicroBatcher
 from service.calibration import Conformal
@@ -36,6 +41,7 @@ from service.reference import (
     ReferenceData,
     feature_width,
     load_reference_data,
+    served_entropy,
     source_features,
     source_predictions,
 )
@@ -107,6 +113,9 @@ class Runtime:
             stream.start()
         log.info("serving %s (%s, adapter %s) on the %s store", model.version, model.task,
                  settings.adapter.name, store.backend)
+        log.info("learning: %s", json.dumps(json_safe(engine.describe_learning())))
+        for warning in engine.warnings:
+            log.warning("inert: %s", warning)
         runtime = cls(settings, metrics, model, adapter, engine, store, sync, batcher, feedback,
                       quality, events, stream, conformal)
         runtime._checkpointed = await engine.run(engine.learned_version)
@@ -231,7 +240,12 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     them (the benchmarks build theirs here too, so what they measure is what is served)."""
     model = load_model(settings.model)
     reference = load_reference_data(settings, model)
-    guard = _collapse_guard(settings, model, reference)
+    # the shadow: the source model as loaded, before any part changes it (or hooks into it)
+    learns = _learns(settings)
+    source = _source_copy(model) if learns and settings.shadow.enabled else None
+    spread = _source_spread(model, reference)
+    guard = _collapse_guard(settings, model, reference, spread, source is not None) if (
+        learns) else None
     adanpc = _adanpc(settings, model, reference)  # seeded by the source model, before adaptation
     error_memory = _error_memory(settings, model, reference)
     output_corrector = _output_corrector(settings, model, reference)
@@ -251,10 +265,123 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
         raise
     drift = (DriftMonitor(settings.drift, model.task, metrics, events)
              if settings.drift.enabled else None)
-    return Engine(model, adapter, metrics, events, guard=guard, adanpc=adanpc,
-                  error_memory=error_memory, output_corrector=output_corrector,
-                  supervised=supervised, supervised_batch=settings.supervised.batch_size,
-                  drift=drift)
+    engine = Engine(model, adapter, metrics, events, guard=guard, adanpc=adanpc,
+                    error_memory=error_memory, output_corrector=output_corrector,
+                    supervised=supervised, supervised_batch=settings.supervised.batch_size,
+                    drift=drift, source=source, comparison=_comparison(settings, model, spread),
+                    mixture=_mixture(settings, source is not None, model, spread))
+    engine.warnings = inert_settings(settings, engine, reference)
+    return engine
+
+
+def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
+    """The stages of this pipeline that differ: the source (with its copy), the adapted model
+    (when an adapter changes it), the compensated outputs (AdaNPC, the corrector, the error
+    memory)."""
+    names = ["source"] if shadow else []
+    if settings.adapter.method != "none" or settings.supervised.enabled:
+        names.append("adapted")
+    if (settings.adapter.memories or settings.error_memory.kind != "off"
+            or settings.output_corrector.enabled):
+        names.append("compensated")
+    return names
+
+
+def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.ndarray | None
+             ) -> FixedShareMixture | None:
+    m = settings.mixture
+    names = mixture_candidates(settings, shadow)
+    if not m.enabled or len(names) < 2:
+        return None
+    scale = _loss_scale(model, spread)
+    return FixedShareMixture(names, eta=m.eta, share=m.share,
+                             scale=1.0 if scale is None else scale)
+
+
+def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData | None
+                   ) -> list[str]:
+    """What this configuration sets up that will do nothing, each said in one sentence with
+    what to change: the start-up log warns of them and `/v1/state` lists them."""
+    said: list[str] = []
+    adapter, policy = engine.adapter, settings.drift.policy
+    if isinstance(adapter, ETA) and reference is not None:
+        source = engine.source_module()  # never the served model: a forward moves its statistics
+        with torch.inference_mode():
+            outputs = torch.cat([source(reference.inputs[i:i + 256]).float()
+                                 for i in range(0, len(reference.inputs), 256)])
+        rate = adapter.selection_rate(outputs, settings.adapter.adapt_batch_size)
+        if rate < 0.05:
+            said.append(
+                f"{adapter.name}'s filters select {rate:.1%} of the reference data's samples "
+                f"(d_margin {adapter.d_margin} with {adapter.num_classes} classes): it will "
+                "rarely step and serves like bn; set adapter.options.d_margin higher (1.0 turns "
+                "the redundancy filter off) or choose bn")
+    if settings.mixture.enabled and engine.mixture is None:
+        names = mixture_candidates(settings, engine.source is not None)
+        said.append(f"mixture.enabled has {len(names)} candidate(s) ({', '.join(names) or 'none'})"
+                    ": it needs two of the source (shadow.enabled), an adapter other than none or "
+                    "the supervised step, and a memory or the output corrector")
+    if adapter.name == "bn" and settings.adapter.norm == "source":
+        said.append("adapter bn with adapter.norm = 'source' keeps the training statistics: it "
+                    "serves the source model; choose norm 'robust' or adapter 'none'")
+    actions = set(policy.label_free_actions) | set(policy.labelled_actions)
+    if settings.drift.enabled:
+        rates = [part.learning_rate for part in engine.learners() if part.learning_rate > 0]
+        if "boost_lr" in actions and (not rates or all(
+                rate * policy.boost > settings.adapter.max_learning_rate for rate in rates)):
+            said.append("drift action boost_lr " + (
+                "has no learning rate to raise: nothing learns by gradient" if not rates else
+                f"is capped at adapter.max_learning_rate ({settings.adapter.max_learning_rate}): "
+                f"every rate × boost {policy.boost} exceeds it"))
+        if "trim_memory" in actions and not engine.memories():
+            said.append("drift action trim_memory has no memory to trim (no adanpc, no "
+                        "error_memory)")
+        if "reset_adapter" in actions and not _learns(settings):
+            said.append("drift action reset_adapter has nothing to reset: nothing learns")
+        if "reset_calibrator" in actions and settings.conformal.method == "off":
+            said.append("drift action reset_calibrator has no calibrator: conformal is off")
+    return said
+
+
+def _learns(settings: Settings) -> bool:
+    """Whether anything can make what is served differ from the source model."""
+    return (settings.adapter.name != "none" or settings.error_memory.kind != "off"
+            or settings.supervised.enabled or settings.output_corrector.enabled)
+
+
+def _source_copy(model: LoadedModel) -> torch.nn.Module:
+    try:
+        return copy.deepcopy(model.module).eval().requires_grad_(False)
+    except Exception as error:  # any: a module that will not copy, whatever it raises
+        raise ValueError(f"the source copy the guards run beside the model cannot be made "
+                         f"({type(error).__name__}: {error}); set shadow.enabled = false"
+                         ) from error
+
+
+def _source_spread(model: LoadedModel, reference: ReferenceData | None) -> np.ndarray | None:
+    """A regressor's spread per output on the reference data, from the source model as loaded
+    (None for a classifier, or without reference data)."""
+    if model.task.discrete or reference is None:
+        return None
+    with torch.inference_mode():
+        values = torch.cat([model.module(reference.inputs[i:i + 256]).float()
+                            for i in range(0, len(reference.inputs), 256)])
+    return values.reshape(len(values), -1).std(0).numpy().astype(np.float64)
+
+
+def _loss_scale(model: LoadedModel, spread: np.ndarray | None) -> float | None:
+    """A regressor's loss scale s in |e| / (|e| + s): the source's mean spread per output on the
+    reference data, 1 without it; None for a classifier (0/1 errors)."""
+    if model.task.discrete:
+        return None
+    return float(spread.mean()) if spread is not None and spread.mean() > 0 else 1.0
+
+
+def _comparison(settings: Settings, model: LoadedModel, spread: np.ndarray | None
+                ) -> SourceComparison:
+    s = settings.shadow
+    return SourceComparison(window=s.window, min_labels=s.min_labels, evidence=s.evidence,
+                            scale=_loss_scale(model, spread))
 
 
 def _error_memory(settings: Settings, model: LoadedModel, reference: ReferenceData | None
@@ -273,7 +400,11 @@ def _error_memory(settings: Settings, model: LoadedModel, reference: ReferenceDa
                                   "gamma": c.gamma, "compensation_weight": c.weight,
                                   "capacity": c.capacity}
     if c.kind == "exact":
-        options.update(k=c.k, temperature=c.temperature)
+        options.update(k=c.k, temperature=c.temperature, half_life=c.half_life)
+    elif c.half_life is not None:
+        raise ValueError("error_memory.half_life weighs the exact memory's rows by age; the "
+                         "hashed memory keeps sums per bucket, not rows: set kind = 'exact' or "
+                         "unset half_life")
     clash = sorted(set(c.options) & (set(options) | {"feature_mean"}))
     if clash:
         raise ValueError(f"error_memory.options {clash}: set these as [error_memory] keys (or "
@@ -346,20 +477,24 @@ def _adanpc(settings: Settings, model: LoadedModel, reference: ReferenceData | N
 
 
 def _collapse_guard(
-    settings: Settings, model: LoadedModel, reference: ReferenceData | None
+    settings: Settings, model: LoadedModel, reference: ReferenceData | None,
+    spread: np.ndarray | None, shadow: bool,
 ) -> CollapseGuard | None:
-    """A guard for methods that change the model, judged against the source's own diversity."""
-    if not model.task.discrete or settings.adapter.method == "none":
+    """The label-free guard of everything that learns. It judges the predictions of what learns
+    against the source's on the same inputs; the reference data gives the baseline for when no
+    source copy runs (a classifier's diversity) and the floor of a regressor's divergence. A
+    regressor has no guard without the source copy: there is nothing to judge its values by."""
+    a = settings.adapter
+    if a.collapse_min_ratio <= 0 or (not model.task.discrete and not shadow):
         return None
-    if settings.adapter.collapse_min_ratio <= 0:
-        return None
-    assert model.num_classes is not None
     source_effective = None
-    if reference is not None:
+    if reference is not None and model.task.discrete:
+        assert model.num_classes is not None
         predictions = source_predictions(model, reference).numpy()
         source_effective = effective_classes(predictions, model.num_classes)
-    return CollapseGuard(model.num_classes, settings.adapter.collapse_window,
-                         settings.adapter.collapse_min_ratio, source_effective)
+    return CollapseGuard(model.num_classes if model.task.discrete else None, a.collapse_window,
+                         a.collapse_min_ratio, source_effective, a.collapse_max_divergence,
+                         0.0 if spread is None else spread)
 
 
 def _conformal(settings: Settings, engine: Engine, store: StoreGateway,
@@ -367,19 +502,40 @@ def _conformal(settings: Settings, engine: Engine, store: StoreGateway,
     c = settings.conformal
     if c.method == "off":
         return None
+    why = None  # what auto picked, and why
     if c.method == "auto":
-        known = max_scale is not None or "max_scale" in c.options
-        c = c.model_copy(update={"method": "saocp" if known else "aci"})
-        if not known:
-            log.info("conformal: no score range for SAOCP (set conformal.max_scale or give "
-                     "labelled reference data); calibrating with ACI")
+        method, why = auto_method(engine.model.task.discrete,
+                                  max_scale is not None or "max_scale" in c.options)
+        c = c.model_copy(update={"method": method})
+        log.info("conformal: method auto is %s (%s)", method, why)
     if c.method in ("sfogd", "saocp") and max_scale is None and "max_scale" not in c.options:
         raise ValueError(
             f"conformal.method {c.method!r} learns its threshold over the score range D: set "
             "conformal.max_scale (about √3 × the largest residual you expect), give "
             "model.reference_data with labels, or choose method 'aci' (scale-free)"
         )
-    return Conformal(c, engine.model, engine.metrics, store, max_scale)
+    reference_entropy = None
+    if CALIBRATORS[c.method].uses_signal:
+        reference = load_reference_data(settings, engine.model)
+        if reference is None:
+            log.info("conformal: no reference data, so %s serves without its label-free "
+                     "signal", c.method)
+        else:
+            reference_entropy = served_entropy(engine.model, reference, engine.adapter.infer)
+    return Conformal(c, engine.model, engine.metrics, store, max_scale, reference_entropy,
+                     auto=why)
+
+
+def auto_method(discrete: bool, range_known: bool) -> tuple[str, str]:
+    """What `conformal.method = "auto"` runs, and why: the measured best of BENCHMARKS.md B3."""
+    if discrete:
+        return "pid", ("classification: conformal PID with its entropy scorecaster held B3's "
+                       "Digits-C targets with labels 32 and 100 samples late")
+    if range_known:
+        return "saocp", ("regression with a known score range D: SAOCP's worst windows on B3's "
+                         "FriedmanDrift streams are at the top")
+    return "dtaci", ("regression, no score range known (set conformal.max_scale or give "
+                     "labelled reference data for SAOCP): DtACI is scale-free")
 
 
 def reference_max_scale(settings: Settings, engine: Engine) -> float | None:
@@ -393,8 +549,9 @@ def reference_max_scale(settings: Settings, engine: Engine) -> float | None:
     reference = load_reference_data(settings, engine.model)
     if reference is None or reference.labels is None:
         return None
+    source = engine.source_module()  # never the served model: a forward moves its statistics
     with torch.inference_mode():
-        predicted = torch.cat([engine.model.module(reference.inputs[i:i + 256]).float()
+        predicted = torch.cat([source(reference.inputs[i:i + 256]).float()
                                for i in range(0, len(reference.inputs), 256)])
     residuals = (reference.labels.float().reshape(len(predicted), -1) - predicted).abs()
     return float(residuals.max()) * 3 ** 0.5 or 1.0

@@ -16,6 +16,9 @@ Tensor = TypeAliasType(  # type: ignore[misc]
 )
 # printable ASCII without spaces; the label stream checks its entries' ids by the same rule
 PREDICTION_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"
+# a group named in a predict request (conformal.mondrian = "group"): like an id, shorter
+MAX_GROUP_LENGTH = 64
+GROUP_PATTERN = r"^[\x21-\x7e]{1,64}$"
 PredictionId = Annotated[
     str,
     StringConstraints(min_length=1, max_length=128, pattern=PREDICTION_ID_PATTERN),
@@ -72,6 +75,11 @@ class PredictRequest(Body):
     )
     ids: list[PredictionId] | None = Field(
         None, description="one id per sample, unique; new ids are made where omitted"
+    )
+    group: Annotated[str, StringConstraints(pattern=GROUP_PATTERN)] | None = Field(
+        None, description="the group these samples belong to (a region, a customer, a "
+        "device...): with conformal.mondrian = 'group' each group's sets or intervals get a "
+        "threshold of their own; kept in each prediction's record",
     )
 
 
@@ -157,6 +165,10 @@ class AdapterState(BaseModel):
     norm: str | None = Field(None, description="test-time BatchNorm statistics: robust or batch")
     buffered_samples: int = Field(0, description="samples waiting for the next gradient step")
     guard: dict | None = Field(None, description="the collapse guard, when one watches")
+    shadow: dict | None = Field(
+        None, description="the comparison with the source model on joined labels, when the "
+        "source runs beside what learns: its window, the labels in it since the last reset, and "
+        "the served and source errors over them")
     details: dict[str, object] = Field(default_factory=dict, description="method-specific")
 
 
@@ -185,8 +197,11 @@ class StateResponse(BaseModel):
     model: ModelState
     adapter: AdapterState
     calibrator: dict | None = Field(
-        None, description="online conformal calibration: method, score, target, alpha_t, "
-        "threshold, updates, coverage and labels per window, mean set size or width; null when off",
+        None, description="online conformal calibration: method, auto (why method \"auto\" "
+        "picked it, else null), signal (whether sets follow the batch's entropy), score, "
+        "target, alpha_t, threshold, updates, coverage and labels per window, mean set size "
+        "or width, and per_group (coverage per class or named group, and their thresholds with "
+        "conformal.mondrian); null when off",
     )
     detectors: list[dict] = Field(
         default_factory=list, description="drift detectors: detector, signal, labelled, params, "
@@ -197,6 +212,14 @@ class StateResponse(BaseModel):
         "learning-rate factor now; null when drift detection is off",
     )
     memories: dict[str, int] = Field(default_factory=dict, description="memory sizes by name")
+    learning: dict[str, object] = Field(
+        default_factory=dict, description="every part that changes what is served, with its "
+        "settings as built (what `auto` chose included): adapter, adanpc, error_memory, "
+        "supervised, output_corrector, mixture (each present only when on), and whether the "
+        "collapse guard, the source shadow and drift detection run")
+    warnings: list[str] = Field(
+        default_factory=list, description="configured parts that will do nothing, each with "
+        "what to change (also logged at start-up)")
     store: StoreState
     batcher: BatcherState
     quality: QualityState

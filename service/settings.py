@@ -243,11 +243,16 @@ class AdapterSettings(Section):
     collapse_window: PositiveInt = Field(
         512, description="predictions the collapse guard looks at"
     )
+    collapse_max_divergence: PositiveFloat = Field(
+        3.0, description="a regressor's collapse guard: reset when the served values' RMS "
+        "distance from the source's exceeds this many of the source's spreads"
+    )
     memory: MemorySettings = MemorySettings()
     collapse_min_ratio: float = Field(
         0.3, ge=0.0, lt=1.0,
-        description="reset when the effective number of predicted classes falls below this "
-        "share of the source model's (0 turns the guard off)",
+        description="reset when the served predictions' effective number of classes above one "
+        "falls below this share of the source model's on the same inputs (a regressor: the "
+        "spread of its values); 0 turns the guard off",
     )
     restore: bool = Field(True, description="resume from the store's latest adapter checkpoint")
     checkpoint_every_s: float = Field(
@@ -305,6 +310,44 @@ class FeedbackSettings(Section):
     )
 
 
+class ShadowSettings(Section):
+    """The source model run beside the adapted one: the collapse guard compares their predictions,
+    and joined labels compare their errors; every learning part is reset when what is served is
+    worse than the source. Only where something learns (an adapter, a memory, the error memory,
+    the output corrector or the supervised step); it costs one more forward pass per batch and a
+    copy of the model's weights."""
+
+    enabled: bool = True
+    window: PositiveInt = Field(1000, description="joined labels the comparison looks at")
+    min_labels: PositiveInt = Field(
+        200, description="labels since the last reset before the comparison may reset anything"
+    )
+    evidence: float = Field(
+        100_000.0, gt=1.0, description="the e-value at which the comparison resets: where "
+        "what learns is no worse than the source, the mean number of labels between false "
+        "resets is at least this"
+    )
+
+    @model_validator(mode="after")
+    def _window_holds_min_labels(self) -> ShadowSettings:
+        if self.min_labels > self.window:
+            raise ValueError(f"shadow.min_labels ({self.min_labels}) cannot exceed "
+                             f"shadow.window ({self.window})")
+        return self
+
+
+class MixtureSettings(Section):
+    """An online mixture of what the pipeline makes (the source model, with the copy of
+    [shadow]; the adapted model; the compensated outputs), weighted by their losses on joined
+    labels, served instead of the last stage alone; needs at least two of them."""
+
+    enabled: bool = False
+    eta: PositiveFloat = Field(0.1, description="η, how fast a candidate's weight follows its "
+                               "losses (per label)")
+    share: float = Field(0.001, ge=0.0, lt=1.0, description="σ, the fixed share every candidate "
+                         "keeps, so one that becomes best can take over")
+
+
 class ErrorMemorySettings(Section):
     """ReLoop2's error memory: labelled samples correct the outputs of similar new inputs."""
 
@@ -316,6 +359,10 @@ class ErrorMemorySettings(Section):
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="γ: own error against neighbours'")
     weight: float = Field(0.5, ge=0.0, le=1.0, description="λ, how much error is added back")
     capacity: PositiveInt = Field(10_000, description="the newest rows kept")
+    half_life: PositiveFloat | None = Field(
+        None, description="recency (exact memory): a row's weight halves with every half_life "
+        "rows added after it; unset weighs rows by similarity alone"
+    )
     center: bool = Field(
         True, description="subtract the reference data's mean feature before the cosine"
     )
@@ -341,12 +388,12 @@ class OutputCorrectorSettings(Section):
 class ConformalSettings(Section):
     """Online conformal calibration: a set or an interval on every prediction at 1 − α coverage."""
 
-    method: Literal["auto", "off", "split", "aci", "faci", "sfogd", "saocp"] = Field(
-        "auto", description="saocp (strongly adaptive: covers on every stretch of time), faci, "
-        "aci, sfogd, split (sliding-window split conformal) or off; auto is saocp when its score "
-        "range D is known (probability scores, set max_scale, or labelled reference data) and "
-        "aci (scale-free) otherwise",
-    )
+    method: Literal["auto", "off", "split", "aci", "faci", "dtaci", "sfogd", "saocp", "pid"] = (
+        Field("auto", description="dtaci (ACI experts, dynamically tuned), faci, aci, saocp "
+              "(strongly adaptive, needs the score range D), sfogd, pid (conformal PID control, "
+              "its scorecaster reading the batch's entropy), split (sliding-window split "
+              "conformal) or off; auto is the measured best of BENCHMARKS.md B3 (dtaci), and "
+              "/v1/state says what it picked"))
     alpha: float = Field(0.1, gt=0.0, lt=1.0, description="target miscoverage; coverage 1 − α")
     score: Literal["auto", "lac", "aps", "residual"] = Field(
         "auto", description="lac (1 − p_y) or aps for classification, residual (|y − ŷ|) for "
@@ -358,6 +405,21 @@ class ConformalSettings(Section):
     )
     options: dict[str, float | int | bool | str] = Field(
         default_factory=dict, description="the method's knobs (lifetime, gamma, window, ...)"
+    )
+    mondrian: Literal["none", "class", "group"] = Field(
+        "none", description="none: one threshold for every prediction; class: one per class "
+        "(class-conditional coverage, classification only: candidate y is in the set iff its "
+        "score is within class y's threshold); group: one per group the caller names in the "
+        "predict request (`group`). Each threshold learns from its own labels only",
+    )
+    mondrian_max_groups: PositiveInt = Field(
+        100, description="the most classes or groups with a threshold of their own: a model "
+        "with more classes cannot start with mondrian = 'class'; groups beyond the first this "
+        "many whose labels arrive are served, and taught, by the shared threshold",
+    )
+    mondrian_min_labels: int = Field(
+        50, ge=0, description="labels a class or group must have taught its own calibrator "
+        "before its threshold is served; until then it is served the shared one",
     )
 
 
@@ -457,6 +519,8 @@ class Settings(BaseSettings):
     feedback: FeedbackSettings = FeedbackSettings()
     supervised: SupervisedSettings = SupervisedSettings()
     error_memory: ErrorMemorySettings = ErrorMemorySettings()
+    shadow: ShadowSettings = ShadowSettings()
+    mixture: MixtureSettings = MixtureSettings()
     output_corrector: OutputCorrectorSettings = OutputCorrectorSettings()
     conformal: ConformalSettings = ConformalSettings()
     drift: DriftSettings = DriftSettings()

@@ -45,3 +45,17 @@ def forecaster() -> nn.Module:
     """A regressor of two values per sample (two horizons)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def binary() -> nn.Module:
+    """A two-class classifier over 4 features, with BatchNorm for a test-time adapter to train;
+    on standard normal inputs it predicts both classes about evenly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():  # class 0 iff the features sum above 0
+        eye = torch.eye(4)
+        model[0].weight.copy_(torch.cat([eye, -eye]))
+        model[0].bias.zero_()
+        model[3].weight.copy_(torch.tensor([[1.0] * 4 + [-1.0] * 4, [-1.0] * 4 + [1.0] * 4]))
+        model[3].bias.zero_()
+    return model.eval()

@@ -389,3 +389,40 @@ def test_packed_rows_added_later_are_what_add_would_have_stored(kind: str) -> No
     query = torch.randn(4, 6)
     base = torch.softmax(torch.randn(4, 3), 1)
     torch.testing.assert_close(packed.compensate(query, base), direct.compensate(query, base))
+
+
+def test_recency_lets_the_newest_of_equally_similar_errors_count_most():
+    """Two rows with the same key and opposite errors: by similarity alone they cancel; with a
+    half-life of one row the newer weighs twice the older, and the older leaves the top-K when
+    rows as similar and newer arrive."""
+    from adapters.memory.error_memory import ErrorMemory
+
+    key = torch.tensor([[1.0, 0.0]])
+    def memory(half_life):
+        m = ErrorMemory(feature_dim=2, output_dim=1, task="regression", k=2,
+                        compensation_weight=1.0, half_life=half_life)
+        m.add(key, torch.tensor([1.0]), torch.tensor([[0.0]]))  # older: the model was 1 low
+        m.add(key, torch.tensor([-1.0]), torch.tensor([[0.0]]))  # newer: 1 high
+        return m
+
+    assert float(memory(None).compensate(key, torch.tensor([[0.0]]))) == pytest.approx(0.0)
+    # weights 1/3 and 2/3: (1/3)(+1) + (2/3)(-1)
+    assert float(memory(1.0).compensate(key, torch.tensor([[0.0]]))) == pytest.approx(-1 / 3)
+    recent = memory(1.0)
+    recent.add(key, torch.tensor([-1.0]), torch.tensor([[0.0]]))
+    assert float(recent.compensate(key, torch.tensor([[0.0]]))) == pytest.approx(-1.0)
+    assert recent.describe()["half_life"] == 1.0
+    with pytest.raises(ValueError, match="half_life must be positive"):
+        ErrorMemory(feature_dim=2, output_dim=1, task="regression", half_life=0.0)
+
+
+def test_a_hashed_memory_with_a_half_life_stops_the_start_saying_why():
+    from service.events import EventLog
+    from service.metrics import Metrics
+    from service.runtime import build_engine
+    from tests.harness import settings_for
+
+    settings = settings_for(error_memory={"kind": "hashed", "half_life": 100})
+    metrics = Metrics()
+    with pytest.raises(ValueError, match="set kind = 'exact' or unset half_life"):
+        build_engine(settings, metrics, EventLog(metrics))

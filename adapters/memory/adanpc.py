@@ -161,6 +161,12 @@ class AdaNPC:
     def __len__(self) -> int:
         return self._labels.shape[0]
 
+    def describe(self) -> dict[str, object]:
+        """The vote's and the admission's knobs, and how many rows the memory holds."""
+        return {"k": self.k, "temperature": self.temperature,
+                "confidence_threshold": self.confidence_threshold, "capacity": self.capacity,
+                "policy": self.policy, "rows": len(self)}
+
     @property
     def seed_size(self) -> int:
         """How many seed rows the memory holds now (all of them unless `keep_seed` is False)."""

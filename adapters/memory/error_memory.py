@@ -41,6 +41,8 @@ memory with rows read back by `Store.load_memory`; both kinds share the format.
 from __future__ import annotations
 
 import inspect
+import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -64,6 +66,7 @@ class _ErrorMemory:
     """
 
     name: ClassVar[str] = "error_memory"
+    kind: ClassVar[str] = ""  # exact or hashed
 
     def __init__(self, feature_dim: int, output_dim: int, task: str | Task, gamma: float,
                  compensation_weight: float, capacity: int,
@@ -98,6 +101,15 @@ class _ErrorMemory:
 
     def __len__(self) -> int:
         return self._size
+
+    def describe(self) -> dict[str, object]:
+        """The memory's kind and knobs, and how many rows it holds."""
+        return {"kind": self.kind, "gamma": self.gamma, "weight": self.compensation_weight,
+                "capacity": self.capacity, "centred": self.feature_mean is not None,
+                "rows": self._size, **self._knobs()}
+
+    def _knobs(self) -> dict[str, object]:
+        raise NotImplementedError
 
     @property
     def nbytes(self) -> int:
@@ -414,6 +426,10 @@ class ErrorMemory(_ErrorMemory):
         lambda, how much of the estimated error is added to the model's output.
     capacity
         The most rows kept; the oldest leave first.
+    half_life
+        Recency: a row's weight halves with every `half_life` rows added after it (its logit
+        s / tau gets −ln 2 · age / half_life), so where the stream drifts the newest similar
+        errors count most. None weighs rows by similarity alone, as ReLoop2 does.
     feature_mean
         Subtracted from every feature vector before it is normalised, e.g. the mean feature of
         the training or reference data. Features after a ReLU all lie in one orthant, where the
@@ -454,19 +470,36 @@ class ErrorMemory(_ErrorMemory):
         compensation_weight: float = 0.5,
         capacity: int = 10_000,
         feature_mean: torch.Tensor | None = None,
+        half_life: float | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if half_life is not None and not half_life > 0:
+            raise ValueError(f"half_life must be positive (rows), got {half_life}")
         super().__init__(feature_dim, output_dim, task, gamma, compensation_weight, capacity,
                          feature_mean)
         self.k = k
         self.temperature = float(temperature)
+        self.half_life = None if half_life is None else float(half_life)
+
+    kind = "exact"
+
+    def _knobs(self) -> dict[str, object]:
+        return {"k": self.k, "temperature": self.temperature, "half_life": self.half_life}
+
+    def _recency(self) -> torch.Tensor | None:
+        """Each live row's logit bias, −ln 2 · age / half_life (age: rows added after it)."""
+        if self.half_life is None:
+            return None
+        age = (self.observed - 1 - self._sequence[:self._size]).to(torch.float32)
+        return -math.log(2.0) * age / self.half_life
 
     def _neighbour_means(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
-        weights, top_index = cosine_top_k(keys, self._keys[:self._size], self.k, self.temperature)
+        weights, top_index = cosine_top_k(keys, self._keys[:self._size], self.k, self.temperature,
+                                          self._recency())
         weights = weights[:, None, :]  # (n, 1, K)
         label_mean = (weights @ self._targets[top_index]).squeeze(1)  # (n, C)
         base_mean = (weights @ self._predicted[top_index]).squeeze(1)
@@ -545,6 +578,11 @@ class HashedErrorMemory(_ErrorMemory):
         super().__init__(feature_dim, output_dim, task, gamma, compensation_weight, capacity,
                          feature_mean)
 
+    kind = "hashed"
+
+    def _knobs(self) -> dict[str, object]:
+        return {"bits": self.bits, "tables": self.tables}
+
     def buckets(self, features: torch.Tensor) -> torch.Tensor:
         """Each row's bucket in every table, (n, tables), as indices into the flat sum tables."""
         features = self._checked_features(features)
@@ -618,7 +656,8 @@ def build_error_memory(kind: str = "exact", **options: object) -> ErrorMemory | 
     >>> build_error_memory("hashed", feature_dim=8, output_dim=3).tables
     8
     """
-    memories = {"exact": ErrorMemory, "hashed": HashedErrorMemory}
+    memories: dict[str, Callable[..., ErrorMemory | HashedErrorMemory]] = {
+        "exact": ErrorMemory, "hashed": HashedErrorMemory}
     try:
         memory_cls = memories[kind]
     except KeyError:

@@ -7,7 +7,10 @@ Both memories hold L2-normalised feature rows m_j and answer a query z the same 
     w_j = exp(s_j / tau) / sum_{i in N_k} exp(s_i / tau)     for j in N_k(z)
 
 AdaNPC sums w_j per stored label (a class vote); the error memory averages stored targets and
-outputs with the same weights.
+outputs with the same weights. A per-key `bias` b_j is added to s_j / tau before both the top-k
+and the softmax: the error memory's recency, b_j = −ln 2 · age_j / half_life, so a row's weight
+halves with every `half_life` rows added after it, and older rows leave the neighbourhood when
+newer ones are nearly as similar.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ def checked_features(features: torch.Tensor, feature_dim: int) -> torch.Tensor:
     return features
 
 
-def cosine_top_k(queries: torch.Tensor, keys: torch.Tensor, k: int,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax weights (n, K) over each query's K = min(k, M) most similar keys, and their row
-    indices (n, K). Queries and keys must already be L2-normalised.
+def cosine_top_k(queries: torch.Tensor, keys: torch.Tensor, k: int, temperature: float,
+                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights (n, K) over each query's K = min(k, M) most similar keys (by similarity /
+    temperature + bias), and their row indices (n, K). Queries and keys must already be
+    L2-normalised.
 
     >>> keys = torch.eye(3)
     >>> weights, index = cosine_top_k(torch.tensor([[1.0, 0.0, 0.0]]), keys, k=2, temperature=0.1)
     >>> index.tolist(), round(float(weights[0, 0]), 5)
     ([[0, 1]], 0.99995)
     """
-    similarity = queries @ keys.T  # (n, M) cosine similarities
-    top_similarity, top_index = similarity.topk(min(k, len(keys)), dim=1)
-    return torch.softmax(top_similarity / temperature, dim=1), top_index
+    logits = queries @ keys.T / temperature  # (n, M) cosine similarities over tau
+    if bias is not None:
+        logits = logits + bias
+    top_logits, top_index = logits.topk(min(k, len(keys)), dim=1)
+    return torch.softmax(top_logits, dim=1), top_index

@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
 from service.deps import get_runtime
+from service.events import json_safe
 from service.routes import STARTING, error
 from service.runtime import Runtime
 from service.schemas import (
@@ -96,6 +97,8 @@ async def describe_state(runtime: Runtime) -> StateResponse:
         detectors=detectors,
         drift_policy=drift_policy,
         memories={m.name: len(m) for m in runtime.engine.memories()},
+        learning=json_safe(runtime.engine.describe_learning()),
+        warnings=runtime.engine.warnings,
         store=StoreState(backend=store.backend, namespace=store.namespace, up=runtime.store.up,
                          record_ttl_s=store.record_ttl_s),
         batcher=BatcherState(max_batch_size=runtime.batcher.max_batch_size,
@@ -110,10 +113,11 @@ def adapter_state(runtime: Runtime) -> AdapterState:
     """The adapter's description: the common fields, and the method's own under `details`."""
     described = runtime.adapter.describe()
     common = {k: described.pop(k) for k in list(described) if k in AdapterState.model_fields}
-    guard = runtime.engine.guard
+    guard, comparison = runtime.engine.guard, runtime.engine.comparison
     common["name"] = runtime.settings.adapter.name  # e.g. eata+adanpc, not just eata
     return AdapterState(**common, details=described,
-                        guard=None if guard is None else guard.describe())
+                        guard=None if guard is None else guard.describe(),
+                        shadow=None if comparison is None else comparison.describe())
 
 
 @router.get("/healthz", response_model=Health)

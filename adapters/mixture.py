@@ -1,0 +1,84 @@
+"""An online mixture of the candidates the pipeline makes, so that what is served is never much
+worse than the best of them.
+
+A batch passes through stages, each a candidate prediction for the same sample: the source model
+(the frozen copy the guards run), the adapted model (after the test-time adapter), and the
+compensated outputs (after AdaNPC's vote, the output corrector and the error memory). Which is
+best depends on the stream, and changes along it: on a stream the adapter cannot follow the source
+is best, after a shift that the labels teach the compensated outputs are. The mixture serves
+
+    p_t = Σ_i w_i,t · p_i,t                                   (probabilities, or values)
+
+and learns the weights from the joined labels with exponential weights and a fixed share
+(Herbster & Warmuth 1998, "Tracking the best expert"), one label at a time:
+
+    v_i = w_i · exp(−η ℓ_i),   w_i ← (1 − σ) · v_i / Σ_j v_j + σ / N,
+
+where ℓ_i ∈ [0, 1] is candidate i's loss on the label: 1 − p_i(y) for a classifier (linear in p,
+so the mixture's loss is exactly Σ w_i ℓ_i and the tracking bound of fixed share holds for what
+is served), and |y − ŷ_i| / (|y − ŷ_i| + s) for a regressor (s: the source's spread on the
+reference data, 1 without it, so the loss is bounded and scale-free). That loss is not convex in
+ŷ, so for a regressor the bound holds for the weights, not for the averaged value served: with
+y = 0, s = 1, ŷ = (0, 10) and equal weights the value served loses 0.83, the weighted losses 0.45.
+The share σ keeps every weight at least σ/N, so a candidate that was worst for a while can take
+over within about ln(N/σ) / (η · g) labels once it is better by g per label: with η = 0.1,
+σ = 0.001 and three candidates, about 80 labels at a gap of 1, about 270 at 0.3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from adapters.task import Task
+
+
+class FixedShareMixture:
+    """Exponentially weighted candidates with a fixed share.
+
+    >>> mixture = FixedShareMixture(["source", "adapted"], eta=1.0, share=0.01)
+    >>> mixture.learn(np.array([[0.9, 0.1]] * 20))  # "adapted" is right, "source" is not
+    >>> [round(w, 3) for w in mixture.weights]
+    [0.009, 0.991]
+    """
+
+    def __init__(self, names: list[str], eta: float = 0.1, share: float = 0.001,
+                 scale: float = 1.0) -> None:
+        if len(names) < 2:
+            raise ValueError(f"a mixture needs at least two candidates, got {names}")
+        if not eta > 0:
+            raise ValueError(f"eta must be positive, got {eta}")
+        if not 0 <= share < 1:
+            raise ValueError(f"share must lie in [0, 1), got {share}")
+        self.names = list(names)
+        self.eta = float(eta)
+        self.share = float(share)
+        self.scale = float(scale)  # a regressor's: its losses are |e| / (|e| + scale)
+        self.weights = [1.0 / len(names)] * len(names)
+        self.labels = 0
+
+    def combine(self, candidates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted average of the candidates' outputs, (n, width) each."""
+        return sum((w * candidates[name] for name, w in zip(self.names, self.weights,
+                                                           strict=True)),
+                   start=torch.zeros_like(candidates[self.names[0]]))
+
+    def losses(self, task: Task, candidates: dict[str, np.ndarray], labels: np.ndarray
+               ) -> np.ndarray:
+        """Each candidate's loss in [0, 1] on joined labels, (n, candidates)."""
+        return np.stack([task.bounded_losses(candidates[name], labels, self.scale)
+                         for name in self.names], axis=1)
+
+    def learn(self, losses: np.ndarray) -> None:
+        """Losses (n, candidates) in [0, 1] of joined labels, in the order they arrived."""
+        weights = np.asarray(self.weights, dtype=np.float64)
+        count = len(self.names)
+        for row in np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0):
+            weights = weights * np.exp(-self.eta * row)
+            weights = (1 - self.share) * weights / weights.sum() + self.share / count
+        self.weights = weights.tolist()
+        self.labels += len(losses)
+
+    def describe(self) -> dict[str, object]:
+        return {"eta": self.eta, "share": self.share, "labels": self.labels,
+                "weights": dict(zip(self.names, self.weights, strict=True))}
