@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 from service.model import ModelLoadError
-from service.routes import admin, events, feedback, inference, status
+from service.routes import admin, events, feedback, inference, oip, status
 from service.runtime import Runtime
 from service.schemas import MAX_REPORTED_ERRORS, ErrorResponse, SchemaError
 from service.settings import Settings, load_settings
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(status.router)
     app.include_router(events.router)
     app.include_router(admin.router)
+    app.include_router(oip.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
@@ -81,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _complete_openapi(app: FastAPI, token_required: bool) -> None:
     """What FastAPI's schema leaves out. POST /v1/predict reads its body raw (see
     `service.predict_body`), so FastAPI does not list `PredictRequest` and its `Tensor`: add them
-    to the components, where the route's `openapi_extra` points. And without a token
+    to the components, where the route's `openapi_extra` points; the same for the Open Inference
+    Protocol's `InferenceRequest`, whose routes answer no 422. And without a token
     (`api_token` unset) the write routes take requests without one: their bearer token is
     optional (`{}` among the alternatives), as OpenAPI says it."""
     build = app.openapi
@@ -89,9 +91,15 @@ def _complete_openapi(app: FastAPI, token_required: bool) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = build()
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(
-                inference.request_schemas()
-            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(inference.request_schemas())
+            components.update(oip.request_schemas())
+            for name, path in schema.get("paths", {}).items():
+                if speaks_oip(name):
+                    # FastAPI's 422 for path parameters, which are plain strings there: the
+                    # protocol's routes refuse a request with 400 or 404, never 422
+                    for operation in path.values():
+                        operation.get("responses", {}).pop("422", None)
             if not token_required:
                 for path in schema.get("paths", {}).values():
                     for operation in path.values():
@@ -105,13 +113,21 @@ def _complete_openapi(app: FastAPI, token_required: bool) -> None:
 
 def error_response(status_code: int, detail: str, headers: Mapping[str, str] | None = None,
                    errors: list[SchemaError] | None = None, more_errors: int | None = None,
-                   ) -> Response:
-    """The answer to every error: an `ErrorResponse` (fields that say nothing left out)."""
+                   path: str = "") -> Response:
+    """The answer to every error: an `ErrorResponse` (fields that say nothing left out); under
+    /v2, the Open Inference Protocol's `{"error": ...}` (`detail`, with no list of problems)."""
     if not is_body_allowed_for_status_code(status_code):
         return Response(status_code=status_code, headers=headers)
+    if speaks_oip(path):
+        return JSONResponse({"error": detail}, status_code=status_code, headers=headers)
     body = ErrorResponse(detail=detail, errors=errors, more_errors=more_errors)
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=status_code,
                         headers=headers)
+
+
+def speaks_oip(path: str) -> bool:
+    """Whether `path` is under the Open Inference Protocol's /v2, whose errors it shapes."""
+    return path == "/v2" or path.startswith("/v2/")
 
 
 def _where(loc: tuple[str | int, ...] | list[str | int]) -> str:
@@ -134,14 +150,15 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     errors = [SchemaError.model_validate(jsonable_encoder(
         {k: v for k, v in error.items() if k in ("type", "loc", "msg")}))
         for error in found[:MAX_REPORTED_ERRORS]]
+    path = request.url.path
     if not errors:  # not raised so by FastAPI nor by adaptd; a sentence all the same
-        return error_response(422, "the request does not fit the schema")
+        return error_response(422, "the request does not fit the schema", path=path)
     first = errors[0]
     detail = f"the request does not fit the schema: {_where(first.loc)}: {first.msg}"
     if len(found) > 1:
         detail += f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})"
     more = len(found) - len(errors)
-    return error_response(422, detail, errors=errors, more_errors=more or None)
+    return error_response(422, detail, errors=errors, more_errors=more or None, path=path)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -149,7 +166,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     `ErrorResponse`. FastAPI's 400 for a JSON body Python cannot read (nested too deeply, an
     integer literal too long) is a body that does not fit, a 422 like any other that does not."""
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 400:
+    path = request.url.path
+    if exc.status_code == 400 and not speaks_oip(path):  # the protocol's own 400s stay 400
         return error_response(422, "the body is JSON this service cannot read: nested too "
                                    "deeply or holding a number too large; send plain numbers "
                                    "nested as the schema says")
@@ -160,14 +178,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         allowed = (exc.headers or {}).get("Allow")
         detail = "this route does not take this method" + (f"; it takes {allowed}"
                                                             if allowed else "")
-    return error_response(exc.status_code, str(detail), headers=exc.headers)
+    return error_response(exc.status_code, str(detail), headers=exc.headers, path=path)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """An exception no route handles: a bug. The answer says so in the one error shape; Starlette
     logs the traceback (and re-raises it, for the server and tests to see)."""
     return error_response(500, "the service failed on this request: a bug, its log has the "
-                               "traceback")
+                               "traceback", path=request.url.path)
 
 
 class BodyTooLarge(HTTPException):
@@ -241,10 +259,10 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracked_send)
         except (BodyTooLarge, BodyTimedOut) as exc:
             if not started:
-                await self._refuse(send, exc)
+                await self._refuse(send, exc, scope.get("path", ""))
 
-    async def _refuse(self, send: Send, exc: HTTPException) -> None:
-        response = error_response(exc.status_code, exc.detail, headers=exc.headers)
+    async def _refuse(self, send: Send, exc: HTTPException, path: str) -> None:
+        response = error_response(exc.status_code, exc.detail, headers=exc.headers, path=path)
         await response({"type": "http"}, _no_body, send)
 
 

@@ -55,23 +55,25 @@ def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int,
     return checked_values(batch, max_abs)
 
 
-def checked_values(batch: np.ndarray, max_abs: float = math.inf) -> np.ndarray:
+def checked_values(batch: np.ndarray, max_abs: float = math.inf,
+                   name: str = "inputs") -> np.ndarray:
     """`batch` (float32, one sample per row) when every value is finite and within ±`max_abs`;
     the checks of `to_batch` after the shapes (`service.predict_body` builds its batch with numpy
-    and checks it here)."""
+    and checks it here). A message names a sample `{name}[i]`: `inputs[i]` in a v1 body, the
+    tensor's name under the Open Inference Protocol."""
     finite = np.isfinite(batch.reshape(len(batch), -1)).all(axis=1)
     if not finite.all():
         index = int(np.argmin(finite))
         raise InvalidInput(
-            f"inputs[{index}] holds a value that is not a finite float32 (NaN, infinity or beyond "
+            f"{name}[{index}] holds a value that is not a finite float32 (NaN, infinity or beyond "
             "±3.4e38)"
         )
     if max_abs < math.inf:
-        _check_range(batch.reshape(len(batch), -1), max_abs)
+        _check_range(batch.reshape(len(batch), -1), max_abs, name)
     return batch
 
 
-def _check_range(flat: np.ndarray, max_abs: float) -> None:
+def _check_range(flat: np.ndarray, max_abs: float, name: str) -> None:
     """Refuse the first sample (rows of `flat`) holding a value beyond ±max_abs."""
     if not flat.size:
         return
@@ -81,7 +83,7 @@ def _check_range(flat: np.ndarray, max_abs: float) -> None:
         index = int(np.argmax(over))
         value = float(flat[index, int(np.argmax(np.abs(flat[index])))])
         raise InvalidInput(
-            f"inputs[{index}] holds {value:.2g}, beyond the largest magnitude this model takes "
+            f"{name}[{index}] holds {value:.2g}, beyond the largest magnitude this model takes "
             f"({max_abs:.2g}, model.max_abs_input)"
         )
 

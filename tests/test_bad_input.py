@@ -176,7 +176,7 @@ def test_every_error_answers_one_shape_with_detail_a_sentence():
             auth = {"authorization": "Bearer s3cret"}
             return {
                 "401": await client.post("/v1/predict", json={"inputs": [GOOD]}),
-                "404": await client.get("/v2/predict"),
+                "404": await client.get("/v1/predictions"),
                 "405": await client.get("/v1/predict"),
                 "413": await client.post("/v1/predict", headers=auth,
                                          content=b"[" * 300_000),

@@ -2,13 +2,17 @@
 
 The body is read raw and parsed in a worker thread (`service.predict_body`), so a large or
 malformed body never holds the event loop; `PredictRequest` documents it in the OpenAPI schema.
+`run_admitted` is the path every predicting route takes into the micro-batcher (the Open
+Inference Protocol's infer too, `service.routes.oip`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +21,7 @@ from service.batcher import BatcherStopped, Overloaded, PredictionFailed
 from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput
 from service.predict_body import SampleEstimate, SchemaErrors, parse_predict
+from service.predictor import PredictionRow
 from service.routes import BODY_LIMITS, RETRY_AFTER, STARTING, UNAUTHORIZED, Responses, error
 from service.runtime import Runtime
 from service.schemas import PredictRequest, PredictResponse
@@ -24,6 +29,7 @@ from service.schemas import PredictRequest, PredictResponse
 router = APIRouter(tags=["inference"])
 
 SCHEMA_REF = "#/components/schemas/{model}"
+T = TypeVar("T")
 
 
 def request_schemas() -> dict[str, Any]:
@@ -56,35 +62,22 @@ async def predict(
     request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> Response:
     """Predict a batch of samples; each gets an id, its prediction and the versions that made it."""
+    content_type = request.headers.get("content-type")
+    model = runtime.model
     limit = runtime.settings.batcher.max_request_samples
-    estimate = _sample_estimate(request, runtime)
+
+    def parse(body: bytes) -> tuple[np.ndarray, list[str], str | None]:
+        return parse_predict(body, content_type, model.input_shape, limit, model.max_abs_input)
+
     try:
-        # in flight from now, before the body is read, holding the room its samples likely need
-        # in the queue: a full batcher refuses at once, without reading or parsing the body
-        admission = runtime.batcher.admit(estimate.samples(_content_length(request)))
-    except Overloaded as exc:
-        # the answer waits for the body, unread, so that the client is done sending and reads it
-        # (a connection closed on a client still sending can lose the answer)
-        async for _ in request.stream():
-            pass
-        raise _overloaded(exc) from None
-    try:
-        with admission:
-            body = await request.body()
-            batch, ids = await asyncio.to_thread(
-                parse_predict, body, request.headers.get("content-type"),
-                runtime.model.input_shape, limit, runtime.model.max_abs_input,
-            )
-            estimate.learn(len(body), len(ids))
-            rows = await runtime.batcher.submit(batch, ids, admission)
+        _, rows = await run_admitted(request, runtime, "sample_estimate", parse,
+                                     group_of=lambda group: group)
     except SchemaErrors as exc:
         raise RequestValidationError(exc.errors) from None
-    except InvalidInput as exc:
+    except (InvalidInput, PredictionFailed) as exc:
         raise HTTPException(422, str(exc)) from None
     except Overloaded as exc:
-        raise _overloaded(exc) from None
-    except PredictionFailed as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise overloaded(exc) from None
     except BatcherStopped as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
     # the rows are dataclasses with PredictResponse's fields, in its order: orjson writes the
@@ -93,13 +86,45 @@ async def predict(
     return Response(body, media_type="application/json")
 
 
-def _sample_estimate(request: Request, runtime: Runtime) -> SampleEstimate:
-    """This app's estimate of samples per body size, for this runtime's model."""
-    estimate: SampleEstimate | None = getattr(request.app.state, "sample_estimate", None)
+async def run_admitted(
+    request: Request, runtime: Runtime, estimate_name: str,
+    parse: Callable[[bytes], tuple[np.ndarray, list[str], T]],
+    group_of: Callable[[T], str | None] = lambda _: None,
+) -> tuple[T, list[PredictionRow]]:
+    """The admission path of every route that predicts (POST /v1/predict, the Open Inference
+    Protocol's infer): let the request in before its body is read, parse the body in a worker
+    thread (`parse` gives the batch, one id per sample, and whatever else the route needs), and
+    wait for its rows from the micro-batcher. Raises what `parse` raises, and `Overloaded`,
+    `PredictionFailed` or `BatcherStopped`; the route turns them into its own answers.
+    `estimate_name` keeps this route's estimate of samples per body byte apart from the others'
+    (a raw tensor takes fewer bytes per number than JSON); `group_of` picks the group the request
+    names (conformal.mondrian = "group") out of what `parse` gave."""
+    estimate = _sample_estimate(request, runtime, estimate_name)
+    try:
+        # in flight from now, before the body is read, holding the room its samples likely need
+        # in the queue: a full batcher refuses at once, without reading or parsing the body
+        admission = runtime.batcher.admit(estimate.samples(_content_length(request)))
+    except Overloaded:
+        # the answer waits for the body, unread, so that the client is done sending and reads it
+        # (a connection closed on a client still sending can lose the answer)
+        async for _ in request.stream():
+            pass
+        raise
+    with admission:
+        body = await request.body()
+        batch, ids, parsed = await asyncio.to_thread(parse, body)
+        estimate.learn(len(body), len(ids))
+        rows = await runtime.batcher.submit(batch, ids, admission, group_of(parsed))
+    return parsed, rows
+
+
+def _sample_estimate(request: Request, runtime: Runtime, name: str) -> SampleEstimate:
+    """This app's estimate of samples per body size for one route, for this runtime's model."""
+    estimate: SampleEstimate | None = getattr(request.app.state, name, None)
     if estimate is None or estimate.limit != runtime.settings.batcher.max_request_samples:
         estimate = SampleEstimate(runtime.model.input_shape,
                                   runtime.settings.batcher.max_request_samples)
-        request.app.state.sample_estimate = estimate
+        setattr(request.app.state, name, estimate)
     return estimate
 
 
@@ -108,6 +133,7 @@ def _content_length(request: Request) -> int | None:
     return int(declared) if declared.isdigit() else None
 
 
-def _overloaded(exc: Overloaded) -> HTTPException:
+def overloaded(exc: Overloaded) -> HTTPException:
+    """The 503 for a request the micro-batcher refused, with the Retry-After it asks for."""
     return HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc),
                          headers={"Retry-After": str(exc.retry_after_s)})
