@@ -198,6 +198,8 @@ def train_mlp(factory: Callable[[], StreamMLP], x: np.ndarray, y: np.ndarray, ta
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(z)).split(64):
+            if len(batch) < 2:  # a BatchNorm layer cannot train on one sample
+                continue
             optimizer.zero_grad()
             loss_fn(model.body(z[batch]), targets[batch]).backward()
             optimizer.step()
@@ -296,6 +298,7 @@ class Config:
     correction: bool = False  # ADCSD's output corrector (regression)
     drift_policy: bool = False
     supervised: bool = False  # a low-rank adapter trained on the labels ([supervised])
+    shadow: bool = True  # the source copy and its guards ([shadow]), on as the service's default
     tasks: tuple[str, ...] = ("classification", "regression")
 
     def settings(self, task: str) -> dict[str, Any]:
@@ -312,6 +315,7 @@ class Config:
         # conformal sets and intervals change no prediction (B3 measures them), and their update
         # at every label join makes the run twice as slow
         sections["conformal"] = {"method": "off"}
+        sections["shadow"] = {"enabled": self.shadow}
         return sections
 
 
@@ -432,10 +436,22 @@ def _settings(stream: Stream, config: Config, weights: Path, reference: Path):
     return load_settings(None, **overrides, **config.settings(stream.task))
 
 
-async def _serve(settings, x: np.ndarray, y: np.ndarray, delay: int, request: int
-                 ) -> tuple[np.ndarray, int, list[dict], dict, dict[str, float]]:
-    """Predictions for every sample, in order, with labels returned `delay` samples late.
-    Returns (predictions, labels not joined, drift alarm events, GET /v1/state, /metrics)."""
+@dataclass
+class ServedRun:
+    """What serving a stream prequentially gave: a prediction per sample, and the read-outs."""
+
+    predictions: np.ndarray
+    unjoined: int  # labels the service did not join
+    events: list[dict]  # every event of GET /v1/events, oldest first
+    state: dict  # GET /v1/state at the end
+    metrics: dict[str, float]  # /metrics at the end
+    seconds: float  # the stream alone: requests and labels, not the start or the read-outs
+
+
+async def serve_prequential(settings, x: np.ndarray, y: np.ndarray, delay: int, request: int
+                            ) -> ServedRun:
+    """Predictions for every sample, in order, `request` samples per request, with the label of
+    sample i returned once sample i + `delay` has been predicted, by a fresh app in process."""
     import httpx
 
     from service.app import create_app
@@ -448,6 +464,7 @@ async def _serve(settings, x: np.ndarray, y: np.ndarray, delay: int, request: in
         async with httpx.AsyncClient(transport=transport, base_url="http://adaptd",
                                      timeout=60) as client:
             labelled = 0  # samples whose label went back
+            started = time.perf_counter()
             for start in range(0, len(x), request):
                 end = min(start + request, len(x))
                 ids = [f"s{i}" for i in range(start, end)]
@@ -462,14 +479,15 @@ async def _serve(settings, x: np.ndarray, y: np.ndarray, delay: int, request: in
                     reply.raise_for_status()
                     unjoined += len(labels) - reply.json()["joined"]
                     labelled = due
-            alarms = await _drift_alarms(client)
+            seconds = time.perf_counter() - started
+            events = await _events(client)
             state = (await client.get("/v1/state")).json()
             exposition = (await client.get("/metrics")).text
-    return predictions, unjoined, alarms, state, _metric_values(exposition)
+    return ServedRun(predictions, unjoined, events, state, _metric_values(exposition), seconds)
 
 
-async def _drift_alarms(client) -> list[dict]:
-    """Every `drift_alarm` event, oldest first (the log pages back, newest first)."""
+async def _events(client) -> list[dict]:
+    """Every event, oldest first (the log pages back, newest first)."""
     events: list[dict] = []
     before = None
     while True:
@@ -479,7 +497,7 @@ async def _drift_alarms(client) -> list[dict]:
         if len(page) < 1000:
             break
         before = page[-1]["seq"]
-    return [e for e in reversed(events) if e["kind"] == "drift_alarm"]
+    return list(reversed(events))
 
 
 def _metric_values(exposition: str) -> dict[str, float]:
@@ -518,16 +536,25 @@ def trained(stream: Stream, train: int = TRAIN, before: int = BEFORE, after: int
             epochs: int = 10, seed: int = SEED) -> Iterator[Served]:
     """The stream's samples and its model, trained on the first concept and saved (with the
     first 2,000 training samples as reference data) in a folder that lives as long as this."""
-    from safetensors.torch import save_file
-
     (x_train, y_train), (x, y) = stream_data(stream, train, before, after)
     model = train_mlp(stream.model, x_train, y_train, stream.task, epochs=epochs, seed=seed)
-    with tempfile.TemporaryDirectory(prefix="adaptd-b2-") as folder:
+    with saved_model(model, x_train, y_train) as (weights, reference):
+        yield Served(stream, x, y, before, weights, reference)
+
+
+@contextmanager
+def saved_model(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray
+                ) -> Iterator[tuple[Path, Path]]:
+    """(weights, reference data): the model as safetensors, and its first 2,000 training samples
+    with their labels, in a folder that lives as long as this."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="adaptd-bench-") as folder:
         weights, reference = Path(folder) / "model.safetensors", Path(folder) / "ref.safetensors"
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         save_file({"inputs": torch.from_numpy(x_train[:2000]),
                    "labels": torch.from_numpy(y_train[:2000])}, str(reference))
-        yield Served(stream, x, y, before, weights, reference)
+        yield weights, reference
 
 
 def run_config(served: Served, config: Config, delay: int = DELAY,
@@ -536,9 +563,10 @@ def run_config(served: Served, config: Config, delay: int = DELAY,
     stream, x, y, before = served.stream, served.x, served.y, served.drift_at
     settings = _settings(stream, config, served.weights, served.reference)
     started = time.perf_counter()
-    predictions, unjoined, alarms, state, metrics = asyncio.run(
-        _serve(settings, x, y, delay, request))
+    run = asyncio.run(serve_prequential(settings, x, y, delay, request))
     seconds = time.perf_counter() - started
+    predictions, state, metrics = run.predictions, run.state, run.metrics
+    alarms = [e for e in run.events if e["kind"] == "drift_alarm"]
 
     if stream.task == "classification":
         scores = (predictions == y).astype(np.float64)  # correct, per sample
@@ -561,7 +589,7 @@ def run_config(served: Served, config: Config, delay: int = DELAY,
         after=float(scores[before:before + edge].mean()), post=float(scores[before:].mean()),
         end=float(scores[-edge:].mean()),
         level=level, recovery=recovery,
-        alarms=[(_alarm_position(e), e["source"]) for e in alarms], unjoined_labels=unjoined,
+        alarms=[(_alarm_position(e), e["source"]) for e in alarms], unjoined_labels=run.unjoined,
         memory_rows=int(sum(v for k, v in metrics.items() if k.startswith("adaptd_memory_size{"))),
         service_rolling=state["quality"]["rolling_error"], bench_rolling=bench_rolling,
         seconds=seconds, settings=config.settings(stream.task),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -67,8 +69,12 @@ def test_error_compensation_beats_the_static_model_after_the_sea_drift(static_se
 @pytest.mark.slow
 def test_drift_alarms_are_placed_on_the_served_sample_clock():
     # 2,000 samples before the drift: on 800 the memory is small and corrects the new concept
-    # before the labelled error detector has seen enough errors to raise an alarm
-    result = run_stream(STREAMS["sea"], CONFIGS["comp+drift"], **(TINY | {"before": 2_000}))
+    # before the labelled error detector has seen enough errors to raise an alarm. Without the
+    # shadow: on this stream the memory errs more than the source before the drift (4.3% against
+    # 0.9%), and the comparison's reset of it, right as it should, moves the alarm this test
+    # places on the clock
+    config = dataclasses.replace(CONFIGS["comp+drift"], shadow=False)
+    result = run_stream(STREAMS["sea"], config, **(TINY | {"before": 2_000}))
     assert result.drift_at == 2_000 and result.alarms == sorted(result.alarms)
     assert result.detection_delay is not None
     # labels come back 50 samples late, so the labelled detector cannot be earlier than that
