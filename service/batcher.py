@@ -1,9 +1,12 @@
 """The micro-batcher: concurrent requests become one forward pass, and each caller gets its rows.
 
 Requests queue up; a single worker takes the oldest one and keeps adding requests until the batch
-holds `max_batch_size` samples or `max_wait_ms` has passed since the oldest arrived. A request is
-never split across batches; a request larger than `max_batch_size` runs as a batch of its own. While
-the engine computes one batch the next one gathers, so under load batches fill without waiting.
+holds `max_batch_size` samples or `max_wait_ms` has passed since the oldest arrived. It waits only
+when waiting can pay: when no other request is on its way (every request let in is in this batch
+or already answered: none is being read, parsed or queued), the batch runs at once, so a single
+client never pays the wait. A request is never split across batches; a request larger than
+`max_batch_size` runs as a batch of its own. While the engine computes one batch the next one
+gathers, so under load batches fill without waiting.
 
 If a batch fails, every request in it is retried alone without adaptation, so one input the model
 cannot process costs only its own caller an error (`PredictionFailed`); the others get results.
@@ -68,15 +71,23 @@ class Admission:
         self.batcher = batcher
         self.held = held
         self.closed = False
+        self.answered = False
 
     def unhold(self) -> None:
         self.batcher.held_samples -= self.held
         self.held = 0
 
+    def answer(self) -> None:
+        """Its rows (or its error) are set: it is no longer on its way to a batch."""
+        if not self.answered:
+            self.answered = True
+            self.batcher.unanswered -= 1
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.unhold()
+            self.answer()
             self.batcher._inflight(-1)
 
     def __enter__(self) -> Admission:
@@ -91,6 +102,7 @@ class _Pending(Generic[R]):
     inputs: np.ndarray
     ids: list[str]
     future: asyncio.Future[list[R]]
+    admission: Admission
     arrived: float = field(default=0.0)
     group: str | None = None  # the group the request names (conformal.mondrian = "group")
 
@@ -118,7 +130,9 @@ class MicroBatcher(Generic[R]):
         # admission control: beyond either bound `submit` refuses at once (`Overloaded`)
         self.max_queued_samples = max_queued_samples or 16 * max_batch_size
         self.max_inflight_requests = max_inflight_requests or DEFAULT_MAX_INFLIGHT_REQUESTS
-        self.inflight_requests = 0  # admitted and not answered: being read, queued or running
+        self.inflight_requests = 0  # admitted and not closed: being read, queued or running
+        # admitted and not answered: the requests a batch being gathered may still wait for
+        self.unanswered = 0
         self.held_samples = 0  # room held for admitted requests whose samples are not queued yet
         self._queue: asyncio.Queue[_Pending[R]] = asyncio.Queue()
         self._carry: _Pending[R] | None = None
@@ -173,6 +187,7 @@ class MicroBatcher(Generic[R]):
         self._admit(expected_samples, new_request=True)
         self.held_samples += expected_samples
         self._inflight(+1)
+        self.unanswered += 1
         return Admission(self, expected_samples)
 
     async def submit(self, inputs: np.ndarray, ids: list[str],
@@ -189,7 +204,7 @@ class MicroBatcher(Generic[R]):
         admission.unhold()  # the samples it brings take the place it held
         self._admit(len(ids), new_request=False)
         loop = asyncio.get_running_loop()
-        pending = _Pending(inputs, ids, loop.create_future(), loop.time(), group)
+        pending = _Pending(inputs, ids, loop.create_future(), admission, loop.time(), group)
         self._waiting(+pending.size)
         self._queue.put_nowait(pending)
         return await pending.future
@@ -230,7 +245,9 @@ class MicroBatcher(Generic[R]):
         self._gathering = batch
         deadline = first.arrived + self.max_wait_s
         while size < self.max_batch_size:
-            pending = await self._next(deadline - loop.time())
+            # nothing else on its way (being read, parsed or queued): waiting cannot pay
+            coming = self.unanswered - len(batch)
+            pending = await self._next(deadline - loop.time() if coming > 0 else 0.0)
             if pending is None:
                 break
             if size + pending.size > self.max_batch_size:
@@ -269,6 +286,7 @@ class MicroBatcher(Generic[R]):
             return
         start = 0
         for pending in batch:
+            pending.admission.answer()
             if not pending.future.done():
                 pending.future.set_result(rows[start:start + pending.size])
             start += pending.size
@@ -279,6 +297,7 @@ class MicroBatcher(Generic[R]):
                                                else [pending.group] * pending.size)
             rows = await self.run_alone(pending.inputs, pending.ids, groups)
         except Exception as exc:
+            pending.admission.answer()
             self.metrics.prediction_failures.inc(pending.size)
             if isinstance(exc, NonFiniteOutputs):
                 self.metrics.non_finite_outputs.inc(len(exc.rows))
@@ -287,5 +306,6 @@ class MicroBatcher(Generic[R]):
                     PredictionFailed(f"the model could not process these inputs: {exc}")
                 )
             return
+        pending.admission.answer()
         if not pending.future.done():
             pending.future.set_result(rows)

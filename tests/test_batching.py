@@ -106,3 +106,33 @@ def test_requests_are_never_split_and_an_oversize_request_runs_as_its_own_batch(
     assert [len(b) for b in seen_batches] == [3, 3, 6, 1]
     for batch in seen_batches:
         assert len({i.split("-")[0] for i in batch}) == 1
+
+
+def test_a_lone_request_runs_at_once_and_one_on_its_way_is_waited_for():
+    """The wait pays only when another request is on its way: with none, a request runs without
+    waiting `max_wait_ms`; with one admitted (its body being read), the batch waits for it."""
+    from service.batcher import MicroBatcher
+    from service.metrics import Metrics
+
+    batches: list[list[str]] = []
+
+    async def run_batch(inputs, ids, groups):
+        batches.append(list(ids))
+        return list(ids)
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, run_batch, max_batch_size=64, max_wait_ms=60_000,
+                               metrics=Metrics())
+        batcher.start()
+        # a wait of max_wait_ms would run past this bound and fail the test
+        await asyncio.wait_for(batcher.submit(np.zeros((1, 2), np.float32), ["alone"]), 10)
+        with batcher.admit() as reading:  # admitted, body still being read
+            first = asyncio.create_task(batcher.submit(np.zeros((1, 2), np.float32), ["first"]))
+            await asyncio.sleep(0.2)
+            assert not first.done()  # held for the request on its way
+            await batcher.submit(np.zeros((1, 2), np.float32), ["second"], reading)
+            await first
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert batches == [["alone"], ["first", "second"]]

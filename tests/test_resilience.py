@@ -105,9 +105,11 @@ def test_stopping_the_batcher_answers_a_request_it_was_still_gathering():
         batcher = MicroBatcher(run_batch, run_batch, max_batch_size=64, max_wait_ms=10_000,
                                metrics=Metrics())
         batcher.start()
+        reading = batcher.admit()  # another request on its way: the worker waits for it
         waiting = asyncio.create_task(batcher.submit(np.zeros((1, 2), np.float32), ["a"]))
         await asyncio.sleep(0.05)  # the worker holds it, waiting for more
         await batcher.stop()
+        reading.close()
         return await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 1)
 
     (outcome,) = asyncio.run(scenario())
