@@ -1,0 +1,692 @@
+"""B6, real streams: River's bundled datasets and B2's drift streams, through the service and River.
+
+A small torch MLP with BatchNorm is trained on the first slice of each stream; the rest goes
+through the real app in process, prequentially, with labels back at once or 100 samples late.
+Beside it, on the same rows in the same order with the same delayed labels, River's Hoeffding
+tree, Hoeffding adaptive tree and adaptive random forest (classifiers or regressors), and the
+no-change baseline.
+
+Streams:
+
+- real, River's datasets that ship inside the package and load offline:
+
+      phishing        1,250 web pages, 9 features, phishing or not
+      bananas         5,300 points, 2 features, 2 classes (the banana-shaped clusters)
+      image-segments  2,310 outdoor image regions, 18 features, 7 classes
+      shuttle         Statlog shuttle, 9 features, 2 classes (River's binary form); 49,097 rows,
+                      the first `max_rows` used
+      trump-approval  1,001 days, 6 features (the date and five pollsters), approval rating
+      sp500           1,257 days, the returns of 10 stocks, the S&P 500's return
+      water-flow      1,268 hours, the flow through a pipe; the only feature is the time, given
+                      here as the hour of day and the weekday, each as (cos, sin)
+
+  Left out: `AirlinePassengers` (144 rows: 29 to train on), `ChickWeights` (its rows run chick
+  by chick, and the chick's number is an identifier, not a quantity), `SolarFlare` and `Yeast`
+  (several targets per row: River's three learners are single-target), and every dataset River
+  downloads (`Elec2`, `Higgs`, `CreditCard`, `Insects`, `MaliciousURL`, ...: the benchmark
+  runs offline).
+- synthetic: B2's streams (`bench/drift_streams.py`: SEA, Sine, Hyperplane, RandomRBF,
+  Agrawal; FriedmanDrift `gra` and `lea` for regression), one abrupt drift in the middle, the
+  model trained on the first concept.
+
+The model is `TabularMLP`: two hidden layers of 64 units, each Linear followed by BatchNorm and
+ReLU, with the standardisation of the inputs (and of a regression target) computed on the
+training slice and kept inside the module as buffers, so what is served takes raw features, as
+docs/configuration.md advises. It is trained by B2's `train_mlp` (Adam, batches of 64, about
+1,500 steps, at most 200 epochs: 800 steps on the smallest training slices). A real stream's
+first `train_share` (20%) of its rows train it; the rest is the stream. B2's streams train on
+the first `--synthetic` count of samples of the first concept. The first 2,000 training rows
+are the service's reference data.
+
+Protocol (B2's): `request` (16) samples per ``POST /v1/predict``; the label of sample i goes back
+through ``POST /v1/feedback`` once sample i + `delay` has been predicted, so with delay 0 a label
+is back before the next request. River's learners get exactly the same schedule: they learn the
+training slice first (as the MLP did), then for each block of `request` rows predict every row,
+then learn the labels that are due. The no-change baseline predicts the newest label available
+when the request is made (the last training label until then). River sees the features
+standardised with the training slice's statistics, the MLP's own (trees do not care; the linear
+models in a regression tree's leaves do).
+
+Configurations (service settings; each sets only what its name says and leaves everything else
+at the service's defaults, which are printed with the tables; conformal calibration is off in
+every one, as in B2: it changes no prediction):
+
+    source              adapter none, error memory off, supervised step off, drift off: the
+                        trained model as it is
+    defaults            nothing set
+    defaults-nodrift    drift monitoring off
+    bn                  adapter `bn` (test-time BatchNorm statistics)
+    memory              the error memory, exact (`error_memory.kind = "exact"`, other knobs at
+                        their defaults)
+    supervised          the supervised step on labels at its defaults
+    bn+mem+sup          all three of the above
+    bn+mem+sup-nodrift  the same, drift monitoring off
+    lowrank16           the supervised step as docs/configuration.md advises after abrupt
+                        changes (B2's: low-rank adapters of rank 16 beside all three Linear
+                        layers, learning rate 0.01, a step per 32 labels)
+    tent, eata          classification only; eata with `d_margin = 1.0` on two-class streams, as
+                        docs/adaptation.md advises for few classes
+
+Reported, per stream, delay and learner: prequential accuracy (or MAE) over the whole stream and
+over its last half, and milliseconds per sample (the stream's wall time over its samples: for the
+service the requests and labels, HTTP in process included; for River predict_one and learn_one).
+For the service also: label-free drift alarms (`drift_alarm` events whose detector watches a
+label-free signal) per 10,000 samples, over the whole stream for a real one (no drift is known
+there) and before the drift for B2's (false alarms proper); labelled alarms; and how often the
+guards reset what learned (`collapse` and `shadow` events).
+
+    python -m bench.real_streams                                   # everything; ~45 min
+    python -m bench.real_streams --quick                           # a look, ~6 min
+    python -m bench.real_streams --streams phishing,sea --configs source,bn --learners HT \\
+        --delays 0 100 --json b6.json
+    python -m bench.real_streams --report real.json b2.json        # the tables of saved runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bench.drift_streams import (
+    HIDDEN,
+    StreamMLP,
+    saved_model,
+    serve_prequential,
+    stream_data,
+    train_mlp,
+)
+from bench.drift_streams import STREAMS as DRIFT_STREAMS
+from bench.drift_streams import SUPERVISED as LOWRANK_16
+
+SEED = 2024
+TRAIN_SHARE = 0.2  # of a real stream's rows, to train on
+MAX_ROWS = 6_000  # rows read from a real dataset (Shuttle has 49,097)
+SYNTHETIC = {"train": 2_000, "before": 2_000, "after": 2_000}  # B2's streams, shortened
+REQUEST = 16
+DELAYS = (0, 100)
+TRAIN_STEPS = 1_500  # Adam steps on the training slice, about; between 10 and 200 epochs
+LABEL_FREE_SIGNALS = ("entropy", "confidence", "feature_mean")
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+class TabularMLP(StreamMLP):
+    """B2's MLP with BatchNorm after each hidden Linear: Linear-BN-ReLU, Linear-BN-ReLU, Linear.
+
+    The standardisation buffers and `body` are B2's, so `train_mlp` trains it as it is. Built by
+    name for the service (a factory takes no arguments): ``bench.real_streams:tabular_mlp_9x2``
+    is a model of 9 inputs and 2 outputs.
+
+    >>> from service.model import import_factory
+    >>> import_factory(factory_name(9, 2))()(torch.zeros(3, 9)).shape
+    torch.Size([3, 2])
+    """
+
+    def __init__(self, inputs: int, outputs: int, hidden: int = HIDDEN) -> None:
+        super().__init__(inputs, outputs, hidden)
+        self.body = nn.Sequential(
+            nn.Linear(inputs, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, outputs),
+        )
+
+
+_FACTORY = re.compile(r"tabular_mlp_(\d+)x(\d+)")
+
+
+def __getattr__(name: str) -> Callable[[], TabularMLP]:
+    # `tabular_mlp_<inputs>x<outputs>`: one factory per shape, without writing each out
+    if (match := _FACTORY.fullmatch(name)) is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return partial(TabularMLP, int(match[1]), int(match[2]))
+
+
+def factory_name(inputs: int, outputs: int) -> str:
+    # by import path, not `__name__`, which is "__main__" under `python -m`
+    return f"bench.real_streams:tabular_mlp_{inputs}x{outputs}"
+
+
+# --- the streams --------------------------------------------------------------------------------
+
+def _water_flow_features(x: dict) -> list[float]:
+    # the hour of day and the weekday on circles; no running time, which a network trained on
+    # the first fifth would only extrapolate (a first run with hours since the first row: MAE
+    # 105 against the no-change baseline's 1.8)
+    moment = x["Time"]
+    hour, weekday = moment.hour + moment.minute / 60, moment.weekday()
+    return [math.cos(2 * math.pi * hour / 24), math.sin(2 * math.pi * hour / 24),
+            math.cos(2 * math.pi * weekday / 7), math.sin(2 * math.pi * weekday / 7)]
+
+
+@dataclass(frozen=True)
+class RealStream:
+    """One of River's bundled datasets, by class name, and how its rows become numbers."""
+
+    name: str
+    dataset: str  # the class in `river.datasets`
+    task: str
+    features: Callable[[dict], list[float]] | None = None  # default: the values, in order
+
+    def rows(self, limit: int) -> Iterator[tuple[list[float], Any]]:
+        from river import datasets
+
+        for x, y in itertools.islice(getattr(datasets, self.dataset)(), limit):
+            yield (list(map(float, x.values())) if self.features is None
+                   else self.features(x)), y
+
+
+REAL_STREAMS: dict[str, RealStream] = {s.name: s for s in [
+    RealStream("phishing", "Phishing", "classification"),
+    RealStream("bananas", "Bananas", "classification"),
+    RealStream("image-segments", "ImageSegments", "classification"),
+    RealStream("shuttle", "Shuttle", "classification"),
+    RealStream("trump-approval", "TrumpApproval", "regression"),
+    RealStream("sp500", "SP500Stocks", "regression"),
+    RealStream("water-flow", "WaterFlow", "regression", _water_flow_features),
+]}
+STREAM_NAMES = [*REAL_STREAMS, *DRIFT_STREAMS]
+
+
+@dataclass
+class StreamData:
+    """A stream split into what trains the model and what is served."""
+
+    name: str
+    task: str
+    x_train: np.ndarray  # float32
+    y_train: np.ndarray  # class indices (int64) or targets (float64)
+    x: np.ndarray
+    y: np.ndarray
+    classes: int | None
+    drift_at: int | None = None  # B2's streams: where the second concept starts
+
+    @property
+    def outputs(self) -> int:
+        return self.classes or 1
+
+
+def load_stream(name: str, max_rows: int = MAX_ROWS, train_share: float = TRAIN_SHARE,
+                synthetic: dict[str, int] = SYNTHETIC) -> StreamData:
+    """The named stream: a real one cut at `max_rows`, its first `train_share` to train on, or
+    one of B2's with `synthetic`'s train, before and after counts."""
+    if name in DRIFT_STREAMS:
+        stream = DRIFT_STREAMS[name]
+        (x_train, y_train), (x, y) = stream_data(stream, **synthetic)
+        return StreamData(name, stream.task, x_train, y_train, x, y, stream.classes,
+                          drift_at=synthetic["before"])
+    real = REAL_STREAMS[name]
+    rows = list(real.rows(max_rows))
+    inputs = np.asarray([features for features, _ in rows], dtype=np.float32)
+    targets = [target for _, target in rows]
+    classes = None
+    if real.task == "classification":
+        names, labels = np.unique(np.asarray([str(t) for t in targets]), return_inverse=True)
+        values, classes = labels.astype(np.int64), len(names)
+    else:
+        values = np.asarray(targets, dtype=np.float64)
+    train = round(train_share * len(rows))
+    return StreamData(name, real.task, inputs[:train], values[:train], inputs[train:],
+                      values[train:], classes)
+
+
+def train_model(data: StreamData, seed: int = SEED) -> TabularMLP:
+    batches = math.ceil(len(data.x_train) / 64)
+    epochs = min(200, max(10, round(TRAIN_STEPS / batches)))
+    return train_mlp(partial(TabularMLP, data.x.shape[1], data.outputs), data.x_train,
+                     data.y_train, data.task, epochs=epochs, seed=seed)
+
+
+# --- configurations -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """A column of the tables: the settings sections the service runs the stream's model with."""
+
+    name: str
+    sections: dict[str, Any] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ("classification", "regression")
+    two_class_options: dict[str, Any] = field(default_factory=dict)  # adapter options for two
+
+    def settings(self, data: StreamData) -> dict[str, Any]:
+        sections = copy.deepcopy(self.sections)
+        if self.two_class_options and data.classes == 2:
+            sections["adapter"]["options"] = dict(self.two_class_options)
+        return sections | {"conformal": {"method": "off"}}
+
+
+_BN_MEM_SUP = {"adapter": {"name": "bn"}, "error_memory": {"kind": "exact"},
+               "supervised": {"enabled": True}}
+_OFF = {"drift": {"enabled": False}}
+CONFIGS: dict[str, Config] = {c.name: c for c in [
+    Config("source", {"adapter": {"name": "none"}, "error_memory": {"kind": "off"},
+                      "supervised": {"enabled": False}, "output_corrector": {"enabled": False},
+                      **_OFF}),
+    Config("defaults"),
+    Config("defaults-nodrift", _OFF),
+    Config("bn", {"adapter": {"name": "bn"}}),
+    Config("memory", {"error_memory": {"kind": "exact"}}),
+    Config("supervised", {"supervised": {"enabled": True}}),
+    Config("bn+mem+sup", _BN_MEM_SUP),
+    Config("bn+mem+sup-nodrift", _BN_MEM_SUP | _OFF),
+    Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
+    Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
+    # with two classes every softmax is within a cosine of 0.71 of the running mean, so EATA's
+    # redundancy filter at 0.4 selects nothing (docs/adaptation.md)
+    Config("eata", {"adapter": {"name": "eata"}}, tasks=("classification",),
+           two_class_options={"d_margin": 1.0}),
+]}
+# the pairs whose only difference is drift monitoring: (on at the default, off)
+DRIFT_PAIRS = [("defaults", "defaults-nodrift"), ("bn+mem+sup", "bn+mem+sup-nodrift")]
+
+
+def service_defaults() -> dict[str, Any]:
+    """What the service runs when a configuration leaves a part alone (printed with the tables)."""
+    from service.settings import load_settings
+
+    s = load_settings(None)
+    return {"adapter": s.adapter.name, "norm": s.adapter.norm,
+            "error_memory": s.error_memory.kind, "supervised": s.supervised.enabled,
+            "supervised.train": s.supervised.train, "output_corrector": s.output_corrector.enabled,
+            "drift": s.drift.enabled, "shadow": s.shadow.enabled}
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """One learner on one stream at one label delay."""
+
+    stream: str
+    learner: str  # a configuration's name, a River learner's, or "no-change"
+    kind: str  # adaptd, river or baseline
+    task: str
+    delay: int
+    samples: int
+    score: float  # accuracy, or MAE
+    last_half: float  # the same over the stream's second half
+    ms_per_sample: float
+    # the service only
+    label_free_alarms: int = 0
+    label_free_per_10k: float | None = None  # before the drift on B2's streams; else all
+    labelled_alarms: int = 0
+    collapse_resets: int = 0
+    shadow_resets: int = 0
+    unjoined_labels: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _scores(predictions: np.ndarray, y: np.ndarray, task: str) -> tuple[float, float]:
+    """(over the stream, over its last half): accuracy, or mean absolute error."""
+    per_sample = ((predictions == y).astype(np.float64) if task == "classification"
+                  else np.abs(predictions - y))
+    return float(per_sample.mean()), float(per_sample[len(per_sample) // 2:].mean())
+
+
+def _alarm_position(event: dict) -> int:
+    # the policy's served-sample clock, else the detector's own count
+    return int(event["detail"].get("at", event["detail"].get("sample", -1)))
+
+
+def run_service(data: StreamData, config: Config, weights: Path, reference: Path, delay: int,
+                request: int = REQUEST) -> Result:
+    """The stream through a fresh app with `config`, scored prequentially."""
+    from service.settings import load_settings
+
+    model = {"factory": factory_name(data.x.shape[1], data.outputs), "weights": str(weights),
+             "task": data.task, "input_shape": [data.x.shape[1]], "name": f"{data.name}-mlp",
+             "num_classes": data.classes, "reference_data": str(reference)}
+    # log_level error: the start-up's `inert:` warnings come back in /v1/state, reported once
+    settings = load_settings(None, model=model, batcher={"max_wait_ms": 0}, log_level="error",
+                             **config.settings(data))
+    run = asyncio.run(serve_prequential(settings, data.x, data.y, delay, request))
+    score, last_half = _scores(run.predictions, data.y, data.task)
+    alarms = [e for e in run.events if e["kind"] == "drift_alarm"]
+    label_free = [_alarm_position(e) for e in alarms
+                  if e["source"].split("/")[-1] in LABEL_FREE_SIGNALS]
+    drift_monitored = bool(run.state.get("detectors"))
+    span = data.drift_at or len(data.x)  # before the drift, or the whole stream
+    return Result(
+        data.name, config.name, "adaptd", data.task, delay, len(data.x), score, last_half,
+        1000 * run.seconds / len(data.x),
+        label_free_alarms=len(label_free),
+        label_free_per_10k=(10_000 * sum(at < span for at in label_free) / span
+                            if drift_monitored else None),
+        labelled_alarms=len(alarms) - len(label_free),
+        collapse_resets=sum(e["kind"] == "collapse" for e in run.events),
+        shadow_resets=sum(e["kind"] == "shadow" for e in run.events),
+        unjoined_labels=run.unjoined, warnings=list(run.state.get("warnings") or []))
+
+
+def _river_learners(task: str) -> dict[str, Callable[[], Any]]:
+    from river import forest, tree
+
+    if task == "classification":
+        return {"HT": tree.HoeffdingTreeClassifier,
+                "HAT": partial(tree.HoeffdingAdaptiveTreeClassifier, seed=SEED),
+                "ARF": partial(forest.ARFClassifier, seed=SEED)}
+    return {"HT": tree.HoeffdingTreeRegressor,
+            "HAT": partial(tree.HoeffdingAdaptiveTreeRegressor, seed=SEED),
+            "ARF": partial(forest.ARFRegressor, seed=SEED)}
+
+
+RIVER_LEARNERS = ("HT", "HAT", "ARF")
+
+
+def _river_rows(data: StreamData) -> tuple[list[dict], list[dict]]:
+    """Training and stream rows as River's dicts, standardised with the training slice's
+    mean and spread (the MLP's own standardisation)."""
+    mean = data.x_train.mean(0)
+    scale = np.maximum(data.x_train.std(0, ddof=1), 1e-6)
+
+    def as_dicts(x: np.ndarray) -> list[dict]:
+        return [dict(enumerate(row)) for row in ((x - mean) / scale).astype(float).tolist()]
+
+    return as_dicts(data.x_train), as_dicts(data.x)
+
+
+def _label(value: Any, task: str) -> int | float:
+    return int(value) if task == "classification" else float(value)
+
+
+def run_river(data: StreamData, learner: str, delay: int, request: int = REQUEST) -> Result:
+    """River's `learner` on the training slice, then on the stream with the service's schedule:
+    each block of `request` rows predicted, then the labels due learnt."""
+    model = _river_learners(data.task)[learner]()
+    train_rows, rows = _river_rows(data)
+    for x, y in zip(train_rows, data.y_train, strict=True):
+        model.learn_one(x, _label(y, data.task))
+    predictions = np.full(len(rows), np.nan)
+    labelled = 0
+    started = time.perf_counter()
+    for start in range(0, len(rows), request):
+        end = min(start + request, len(rows))
+        for i in range(start, end):
+            guess = model.predict_one(rows[i])
+            predictions[i] = np.nan if guess is None else guess
+        for i in range(labelled, max(labelled, end - delay)):
+            model.learn_one(rows[i], _label(data.y[i], data.task))
+        labelled = max(labelled, end - delay)
+    seconds = time.perf_counter() - started
+    score, last_half = _scores(predictions, data.y, data.task)
+    return Result(data.name, learner, "river", data.task, delay, len(rows), score, last_half,
+                  1000 * seconds / len(rows))
+
+
+def no_change(y_train: np.ndarray, y: np.ndarray, delay: int, request: int = REQUEST
+              ) -> np.ndarray:
+    """The no-change baseline: every sample of a request gets the newest label back when the
+    request is made (the last training label before any is).
+
+    >>> no_change(np.array([7]), np.array([1, 2, 3, 4, 5]), delay=0, request=1).tolist()
+    [7, 1, 2, 3, 4]
+    >>> no_change(np.array([7]), np.array([1, 2, 3, 4, 5]), delay=1, request=2).tolist()
+    [7, 7, 1, 1, 3]
+    """
+    starts = np.arange(len(y)) // request * request
+    newest = starts - delay - 1  # labels of samples before `start - delay` are back
+    history = np.concatenate([y_train[-1:], y])
+    return history[np.maximum(newest, -1) + 1]
+
+
+def run_no_change(data: StreamData, delay: int, request: int = REQUEST) -> Result:
+    started = time.perf_counter()
+    predictions = no_change(data.y_train, data.y, delay, request)
+    seconds = time.perf_counter() - started
+    score, last_half = _scores(predictions, data.y, data.task)
+    return Result(data.name, "no-change", "baseline", data.task, delay, len(data.y), score,
+                  last_half, 1000 * seconds / len(data.y))
+
+
+@contextmanager
+def trained(data: StreamData, seed: int = SEED) -> Iterator[tuple[Path, Path]]:
+    """The stream's model, trained and saved: (weights, reference data)."""
+    with saved_model(train_model(data, seed), data.x_train, data.y_train) as files:
+        yield files
+
+
+def run_stream(data: StreamData, configs: list[Config], learners: Iterable[str],
+               delays: Iterable[int], request: int = REQUEST,
+               progress: Callable[[Result], None] | None = None) -> list[Result]:
+    """Every configuration, River learner and the no-change baseline on one stream, per delay."""
+    results = []
+    with trained(data) as (weights, reference):
+        for delay in delays:
+            runs: list[Callable[[], Result]] = [
+                partial(run_service, data, config, weights, reference, delay, request)
+                for config in configs if data.task in config.tasks]
+            runs += [partial(run_river, data, learner, delay, request) for learner in learners]
+            runs.append(partial(run_no_change, data, delay, request))
+            for run in runs:
+                results.append(run())
+                if progress is not None:
+                    progress(results[-1])
+    return results
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def _cell(value: float, task: str) -> str:
+    return f"{100 * value:.1f}" if task == "classification" else f"{value:.3g}"
+
+
+def _lead(ours: Result, theirs: Result) -> float:
+    """How far `ours` is ahead: accuracy points, or MAE lower by (negative: behind)."""
+    if ours.task == "classification":
+        return 100 * (ours.score - theirs.score)
+    return theirs.score - ours.score
+
+
+def _lead_last_half(ours: Result, theirs: Result) -> float:
+    if ours.task == "classification":
+        return 100 * (ours.last_half - theirs.last_half)
+    return theirs.last_half - ours.last_half
+
+
+def _signed(value: float, task: str) -> str:
+    return f"{value:+.1f}" if task == "classification" else f"{value:+.3g}"
+
+
+def _by_stream(results: list[Result], task: str, delay: int) -> dict[str, dict[str, Result]]:
+    table: dict[str, dict[str, Result]] = {}
+    for r in results:
+        if r.task == task and r.delay == delay:
+            table.setdefault(r.stream, {})[r.learner] = r
+    return table
+
+
+def _learners(rows: dict[str, dict[str, Result]]) -> list[str]:
+    """Every learner in the rows: configurations first, River's, then the baseline."""
+    order = [*CONFIGS, *RIVER_LEARNERS, "no-change"]
+    names = {name for row in rows.values() for name in row}
+    return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
+def score_table(results: list[Result], task: str, delay: int) -> str:
+    """Streams by learners: the score over the stream (over its last half)."""
+    rows = _by_stream(results, task, delay)
+    learners = _learners(rows)
+    lines = ["| stream | " + " | ".join(learners) + " |", "|---" * (len(learners) + 1) + "|"]
+    for stream, row in rows.items():
+        cells = [f"{_cell(row[n].score, task)} ({_cell(row[n].last_half, task)})" if n in row
+                 else "" for n in learners]
+        lines.append(f"| {stream} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict_table(results: list[Result], task: str, delay: int) -> str:
+    """Per stream, what the issue's targets compare, as leads of adaptd (negative: behind)."""
+    header = ["stream", "defaults − HT", "defaults − no-change", "best adaptd − best River",
+              "worst config − source, last half",
+              *(f"{on} − {off}" for on, off in DRIFT_PAIRS)]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for stream, row in _by_stream(results, task, delay).items():
+        ours = [r for r in row.values() if r.kind == "adaptd"]
+        river = [r for r in row.values() if r.kind == "river"]
+        cells = [stream]
+        for name, other in (("defaults", "HT"), ("defaults", "no-change")):
+            cells.append(_signed(_lead(row[name], row[other]), task)
+                         if name in row and other in row else "")
+        if ours and river:
+            best_ours = max(ours, key=lambda r: _lead(r, river[0]))
+            best_river = max(river, key=lambda r: _lead(r, ours[0]))
+            cells.append(f"{_signed(_lead(best_ours, best_river), task)} ({best_ours.learner} "
+                         f"vs {best_river.learner})")
+        else:
+            cells.append("")
+        if "source" in row and len(ours) > 1:
+            worst = min((r for r in ours if r.learner != "source"),
+                        key=lambda r: _lead_last_half(r, row["source"]))
+            cells.append(f"{_signed(_lead_last_half(worst, row['source']), task)} "
+                         f"({worst.learner})")
+        else:
+            cells.append("")
+        for on, off in DRIFT_PAIRS:
+            cells.append(_signed(_lead(row[on], row[off]), task)
+                         if on in row and off in row else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def events_table(results: list[Result], delay: int) -> str:
+    """Streams by service configurations: label-free alarms per 10k, labelled alarms, resets."""
+    rows: dict[str, dict[str, Result]] = {}
+    for r in results:
+        if r.kind == "adaptd" and r.delay == delay:
+            rows.setdefault(r.stream, {})[r.learner] = r
+    configs = _learners(rows)
+    lines = ["| stream | " + " | ".join(configs) + " |", "|---" * (len(configs) + 1) + "|"]
+    for stream, row in rows.items():
+        cells = []
+        for name in configs:
+            r = row.get(name)
+            if r is None:
+                cells.append("")
+                continue
+            alarms = ("off" if r.label_free_per_10k is None
+                      else f"{r.label_free_per_10k:.1f} / {r.labelled_alarms}")
+            cells.append(f"{alarms} · {r.collapse_resets} / {r.shadow_resets}")
+        lines.append(f"| {stream} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def time_table(results: list[Result]) -> str:
+    """Learners by delay: the median over streams of milliseconds per sample."""
+    learners = _learners({"": {r.learner: r for r in results}})
+    delays = sorted({r.delay for r in results})
+    lines = ["| delay | " + " | ".join(learners) + " |", "|---" * (len(learners) + 1) + "|"]
+    for delay in delays:
+        cells = []
+        for name in learners:
+            times = [r.ms_per_sample for r in results if r.learner == name and r.delay == delay]
+            cells.append(f"{statistics.median(times):.3f}" if times else "")
+        lines.append(f"| {delay} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(results: list[Result]) -> str:
+    parts = []
+    for task, unit in (("classification", "accuracy %"), ("regression", "MAE")):
+        for delay in sorted({r.delay for r in results if r.task == task}):
+            parts.append(f"{task.capitalize()}, labels {delay} samples late: {unit} over the "
+                         f"stream (over its last half)\n\n{score_table(results, task, delay)}")
+            parts.append(f"Leads of adaptd, labels {delay} late ("
+                         f"{'accuracy points' if task == 'classification' else 'MAE lower by'};"
+                         f" negative: adaptd behind)\n\n{verdict_table(results, task, delay)}")
+    for delay in sorted({r.delay for r in results if r.kind == "adaptd"}):
+        parts.append(f"Service events, labels {delay} late: label-free drift alarms per 10,000 "
+                     f"samples (before the drift on B2's streams) / labelled alarms · collapse "
+                     f"/ shadow resets\n\n{events_table(results, delay)}")
+    parts.append("Milliseconds per sample, median over streams\n\n" + time_table(results))
+    notes = [f"{r.stream}/{r.learner}/{r.delay}: {r.unjoined_labels} labels not joined"
+             for r in results if r.unjoined_labels]
+    warned: dict[str, dict[str, None]] = {}  # the service's start-up warnings, by configuration
+    for r in results:
+        for warning in r.warnings:
+            warned.setdefault(warning, {})[r.learner] = None
+    notes += [f"{', '.join(configs)}: {warning}" for warning, configs in warned.items()]
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--streams", default=",".join(STREAM_NAMES))
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--learners", default=",".join(RIVER_LEARNERS),
+                        help="River's: HT, HAT, ARF; empty for none")
+    parser.add_argument("--delays", type=int, nargs="+", default=list(DELAYS))
+    parser.add_argument("--request", type=int, default=REQUEST, help="samples per request")
+    parser.add_argument("--max-rows", type=int, default=MAX_ROWS,
+                        help="rows read from a real dataset")
+    parser.add_argument("--train-share", type=float, default=TRAIN_SHARE)
+    parser.add_argument("--synthetic", type=int, nargs=3, metavar=("TRAIN", "BEFORE", "AFTER"),
+                        default=[SYNTHETIC[k] for k in ("train", "before", "after")])
+    parser.add_argument("--quick", action="store_true",
+                        help="600 rows of a real dataset, B2's streams 500 + 500 + 500")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--report", type=Path, nargs="+",
+                        help="print the tables of --json files together; no run")
+    args = parser.parse_args()
+    if args.report:
+        saved = [json.loads(path.read_text()) for path in args.report]
+        print("\n\n".join(part["header"] for part in saved) + "\n")
+        print(report([Result(**r) for part in saved for r in part["results"]]))
+        return
+    if args.quick:
+        args.max_rows, args.synthetic = 600, [500, 500, 500]
+    configs = [CONFIGS[name] for name in args.configs.split(",") if name]
+    learners = [name for name in args.learners.split(",") if name]
+    for name in learners:
+        if name not in RIVER_LEARNERS:
+            parser.error(f"unknown River learner {name!r}; choose from {RIVER_LEARNERS}")
+    synthetic = dict(zip(("train", "before", "after"), args.synthetic, strict=True))
+    torch.set_num_threads(1)  # tiny models; the machine is shared
+
+    def progress(r: Result) -> None:
+        print(f"{r.stream:15} delay {r.delay:3} {r.learner:19} {r.score:.4f} "
+              f"(last half {r.last_half:.4f}) {r.ms_per_sample:.3f} ms/sample", flush=True)
+
+    started = time.perf_counter()
+    results, sizes = [], []
+    for name in args.streams.split(","):
+        data = load_stream(name, args.max_rows, args.train_share, synthetic)
+        sizes.append(f"{name} {len(data.x_train):,} + {len(data.x):,}")
+        results += run_stream(data, configs, learners, args.delays, args.request, progress)
+    wall = time.perf_counter() - started
+
+    command = "python -m bench.real_streams " + " ".join(sys.argv[1:])
+    machine = platform.processor() or platform.machine()
+    header = (f"B6 real streams: rows trained on + streamed: {'; '.join(sizes)}. {args.request} "
+              f"samples per request; service defaults {service_defaults()}; {machine}, "
+              f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M %Z')}, wall {wall:.0f} s"
+              f"\n`{command.strip()}`")
+    print(f"\n{header}\n")
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header,
+                                         "results": [asdict(r) for r in results]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

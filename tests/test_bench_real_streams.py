@@ -1,0 +1,75 @@
+"""The B6 runner on a tiny real stream: what the service, River and the no-change baseline score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.real_streams import CONFIGS, load_stream, no_change, report, run_stream, train_model
+
+
+def test_the_no_change_baseline_predicts_the_newest_label_back_when_the_request_is_made():
+    y_train, y = np.array([9]), np.arange(10)
+    # one sample per request, labels at once: the previous sample's label
+    assert no_change(y_train, y, delay=0, request=1).tolist() == [9, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+    # requests of 4, labels 2 late: the request at 4 has the labels of samples 0 and 1 back
+    assert no_change(y_train, y, delay=2, request=4).tolist() == [9, 9, 9, 9, 1, 1, 1, 1, 5, 5]
+    # no label back within the stream: the last training label throughout
+    assert no_change(y_train, y, delay=10, request=1).tolist() == [9] * 10
+
+
+def test_a_real_stream_keeps_its_order_and_trains_on_its_first_slice():
+    data = load_stream("phishing", max_rows=400, train_share=0.2)
+    assert (len(data.x_train), len(data.x), data.classes) == (80, 320, 2)
+    assert data.x.shape[1] == 9 and data.drift_at is None
+    # River's Phishing opens with four phishing pages
+    assert data.y_train[:4].tolist() == [1, 1, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def tiny_phishing():
+    data = load_stream("phishing", max_rows=400, train_share=0.2)
+    configs = [CONFIGS["source"], CONFIGS["memory"]]
+    return data, run_stream(data, configs, learners=["HT"], delays=[0])
+
+
+@pytest.mark.slow
+def test_every_learner_scores_the_same_rows_with_accuracies_that_are_rates(tiny_phishing):
+    data, results = tiny_phishing
+    assert [r.learner for r in results] == ["source", "memory", "HT", "no-change"]
+    for r in results:
+        assert (r.samples, r.delay, r.task) == (320, 0, "classification")
+        assert 0.0 <= r.score <= 1.0 and 0.0 <= r.last_half <= 1.0
+        assert r.ms_per_sample >= 0.0 and r.unjoined_labels == 0
+    assert results[0].score > 0.6  # a trained model, not a coin
+
+
+@pytest.mark.slow
+def test_the_source_configuration_serves_the_trained_model_unchanged(tiny_phishing):
+    data, results = tiny_phishing
+    model = train_model(data)  # seeded: the same weights the service loaded
+    with torch.no_grad():
+        offline = model(torch.from_numpy(data.x)).argmax(1).numpy()
+    source = results[0]
+    assert source.score == pytest.approx(float((offline == data.y).mean()))
+    # nothing learns and nothing watches: no alarms, no guard
+    assert source.label_free_per_10k is None and source.labelled_alarms == 0
+    assert source.collapse_resets == source.shadow_resets == 0
+
+
+@pytest.mark.slow
+def test_the_no_change_row_is_the_newest_label_of_the_previous_request(tiny_phishing):
+    data, results = tiny_phishing
+    # 16 samples per request, labels at once: a request repeats the label its predecessor ended on
+    expected = [data.y_train[-1] if j < 16 else data.y[j // 16 * 16 - 1] for j in range(320)]
+    assert results[-1].score == pytest.approx(float(np.mean(np.asarray(expected) == data.y)))
+
+
+@pytest.mark.slow
+def test_the_report_prints_each_learners_accuracy_in_percent(tiny_phishing):
+    _, results = tiny_phishing
+    table = report(results)
+    assert "| stream | source | memory | HT | no-change |" in table
+    source = results[0]
+    assert f"| phishing | {100 * source.score:.1f} ({100 * source.last_half:.1f}) |" in table
