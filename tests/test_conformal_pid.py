@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -70,17 +69,13 @@ def test_a_restored_state_carries_on_with_identical_thresholds(name: str, option
 
 @pytest.mark.parametrize(("name", "options"), [("pid", {"transform": "log"}), ("dtaci", {}),
                                               ("dtaci", {"eta_lookback": 250})])
-def test_the_stored_state_stays_under_20_kb_and_an_update_under_50_us(name: str,
-                                                                    options: dict) -> None:
+def test_the_stored_state_stays_under_20_kb(name: str, options: dict) -> None:
+    # the update's cost is a timing claim: bench.conformal measures it (B3), not this test
     calibrator = build_calibrator(name, 0.1, **options)
     scores = np.random.default_rng(1).uniform(0, 1, 20_000).tolist()
-    costs = []
     for step, score in enumerate(scores):
-        started = time.perf_counter_ns()
         calibrator.update(score, 0.01 * (step % 7))
-        costs.append(time.perf_counter_ns() - started)
     assert len(json.dumps(calibrator.state(), separators=(",", ":"))) <= 20_000
-    assert np.median(costs) / 1e3 <= 50
 
 
 def calm_then_shifted(pid: PID, calm_labels: int = 600) -> None:

@@ -9,6 +9,8 @@ import math
 from collections import deque
 from typing import Any, ClassVar
 
+import numpy as np
+
 
 def _check_alpha(alpha: float) -> float:
     if not 0.0 < alpha < 1.0:
@@ -34,6 +36,26 @@ def _check_score(score: float) -> float:
     if not math.isfinite(score):
         raise ValueError(f"scores must be finite; got {score}")
     return score
+
+
+def expert_losses(beta: float, alphas: np.ndarray, alpha: float) -> np.ndarray:
+    """Each ACI expert's pinball loss at level α for its α_k against β_t, the share of past
+    scores at least the new one (Gibbs & Candès 2022): α·(β − α_k) − min(0, β − α_k)."""
+    gap = beta - alphas
+    return alpha * gap - np.minimum(0.0, gap)
+
+
+def fixed_share(weights: np.ndarray, losses: np.ndarray, eta: float, share: float
+                ) -> np.ndarray:
+    """Exponential weights on one round's losses, then a fixed share σ of the weight spread
+    evenly (Herbster & Warmuth 1998), as FACI and DtACI mix their experts.
+
+    >>> fixed_share(np.array([0.5, 0.5]), np.array([0.0, 1.0]), eta=1.0, share=0.1).round(3)
+    array([0.708, 0.292])
+    """
+    weights = weights * np.exp(-eta * (losses - losses.min()))
+    weights *= (1.0 - share) / weights.sum()
+    return weights + share / len(weights)
 
 
 def _ceil(x: float) -> int:

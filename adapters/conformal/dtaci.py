@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from adapters.conformal.base import Calibrator, ScoreWindow, _check_positive, _check_window
+from adapters.conformal.base import (
+    Calibrator,
+    ScoreWindow,
+    _check_positive,
+    _check_window,
+    expert_losses,
+    fixed_share,
+)
 
 
 class DtACI(Calibrator):
@@ -88,14 +95,10 @@ class DtACI(Calibrator):
         n = len(self.scores)
         if n > self.warmup:
             beta = self.scores.count_at_least(score) / n
-            gap = beta - self._alphas
-            losses = self.alpha * gap - np.minimum(0.0, gap)
+            losses = expert_losses(beta, self._alphas, self.alpha)
             if self.eta_lookback:
                 self._losses.append(float(self._weights @ losses))
-            weights = self._weights * np.exp(-self._current_eta() * (losses - losses.min()))
-            weights *= (1.0 - self.sigma) / weights.sum()
-            weights += self.sigma / len(weights)
-            self._weights = weights
+            self._weights = fixed_share(self._weights, losses, self._current_eta(), self.sigma)
             self._alphas += self._gammas * (self.alpha - (self._alphas > beta))
         self.scores.add(score)
 

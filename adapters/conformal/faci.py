@@ -8,7 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from adapters.conformal.base import Calibrator, ScoreWindow, _check_window
+from adapters.conformal.base import (
+    Calibrator,
+    ScoreWindow,
+    _check_window,
+    expert_losses,
+    fixed_share,
+)
 
 
 class FACI(Calibrator):
@@ -62,12 +68,8 @@ class FACI(Calibrator):
         n = len(self.scores)
         if n > self.warmup:
             beta = self.scores.count_at_least(score) / n
-            gap = beta - self._alphas
-            losses = np.maximum(self.alpha * gap, (self.alpha - 1.0) * gap)
-            weights = self._weights * np.exp(-self.eta * (losses - losses.min()))
-            weights *= (1.0 - self.sigma) / weights.sum()
-            weights += self.sigma / len(weights)
-            self._weights = weights
+            losses = expert_losses(beta, self._alphas, self.alpha)
+            self._weights = fixed_share(self._weights, losses, self.eta, self.sigma)
             self._alphas += self._gammas * (self.alpha - (self._alphas > beta))
         self.scores.add(score)
 
