@@ -288,6 +288,10 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("supervised", {"supervised": {"enabled": True}}),
     Config("bn+mem+sup", _BN_MEM_SUP),
     Config("bn+mem+sup-nodrift", _BN_MEM_SUP | _OFF),
+    # its stages as candidates of the online mixture: the source, bn with the supervised step,
+    # and the error memory's compensation of it
+    Config("bn+mem+sup+mix", _BN_MEM_SUP | {"mixture": {"enabled": True}}),
+    Config("mem+sup", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True}}),
     Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
     # with two classes every softmax is within a cosine of 0.71 of the running mean, so EATA's
