@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,21 @@ def start_service(port: int, environment: dict[str, str]) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTD_")} | environment
     return subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@contextmanager
+def running_service(environment: dict[str, str]) -> Iterator[int]:
+    """`adaptd serve` with these ADAPTD_* settings on a free port, ready; stopped after."""
+    from tests.redis_server import free_port
+
+    port = free_port()
+    process = start_service(port, environment)
+    try:
+        wait_ready(port, process)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 60.0) -> None:

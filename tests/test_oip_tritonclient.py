@@ -5,7 +5,6 @@ extension, as docs/http-api.md shows it."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils as utils
 
 from service.demo import digits_split
-from tests.harness import start_service, wait_ready
+from tests.harness import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -25,23 +24,11 @@ DOCS = Path(__file__).parents[1] / "docs" / "http-api.md"
 EXAMPLE_MARK = "<!-- tritonclient example"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
     """`adaptd serve` with a token, as docs/http-api.md starts it, on a free port."""
-    port = _free_port()
-    process = start_service(port, {"ADAPTD_API_TOKEN": "s3cret"})
-    try:
-        wait_ready(port, process)
+    with running_service({"ADAPTD_API_TOKEN": "s3cret"}) as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

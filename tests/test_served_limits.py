@@ -12,8 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import start_service, wait_ready
-from tests.redis_server import free_port
+from tests.harness import running_service
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +28,8 @@ NEVER_S = 2.0
 
 @pytest.fixture(scope="module")
 def port() -> Iterator[int]:
-    port = free_port()
-    process = start_service(port, {"ADAPTD_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)})
-    try:
-        wait_ready(port, process)
+    with running_service({"ADAPTD_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)}) as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_healthz_answers_within_100ms_while_4m_number_bodies_are_refused(port):
