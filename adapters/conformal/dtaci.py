@@ -8,17 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from adapters.conformal.base import (
-    Calibrator,
-    ScoreWindow,
-    _check_positive,
-    _check_window,
-    expert_losses,
-    fixed_share,
-)
+from adapters.conformal.base import _check_positive
+from adapters.conformal.faci import ACIExperts
 
 
-class DtACI(Calibrator):
+class DtACI(ACIExperts):
     """Dynamically tuned ACI (Gibbs & Candès 2022, "Conformal inference for online prediction
     with arbitrary distribution shifts", arXiv 2208.08401, Algorithm 1), as the authors' R code
     (`dtaci`) runs it: k ACI experts with step sizes `gammas`, mixed by exponential weights.
@@ -52,15 +46,10 @@ class DtACI(Calibrator):
     """
 
     name = "dtaci"
-    gammas = tuple(0.001 * 2**k for k in range(8))
-    # set by reset()
-    _alphas: np.ndarray
-    _weights: np.ndarray
-    _losses: deque[float]
+    _losses: deque[float]  # set by reset()
 
     def __init__(self, alpha: float = 0.1, sigma: float = 0.001, eta: float = 2.72,
                  eta_lookback: int = 0, window: int | None = 500) -> None:
-        super().__init__(alpha)
         self.sigma = _check_positive("sigma", sigma)
         if self.sigma >= 1:
             raise ValueError(f"sigma is the share of weight spread evenly, below 1; got {sigma}")
@@ -69,53 +58,26 @@ class DtACI(Calibrator):
             raise ValueError(f"eta_lookback must be a whole number ≥ 0 (0: η fixed); "
                              f"got {eta_lookback}")
         self.eta_lookback = int(eta_lookback)
-        self.warmup = math.floor(1.0 / self.alpha)
-        self.window = _check_window(window, at_least=self.warmup + 1)
-        self.scores = ScoreWindow(self.window)
-        self._gammas = np.asarray(self.gammas)
-        self.reset()
+        super().__init__(alpha, window)
 
-    @property
-    def alpha_t(self) -> float:
-        return float(self._weights @ self._alphas)
-
-    @property
-    def threshold(self) -> float:
-        return self.scores.largest(math.ceil(self.alpha_t * len(self.scores)))
-
-    def _current_eta(self) -> float:
+    def _eta_now(self, losses: np.ndarray) -> float:
+        if not self.eta_lookback:
+            return self.eta
+        self._losses.append(float(self._weights @ losses))
         lookback = self.eta_lookback
-        if lookback and len(self._losses) == lookback:
+        if len(self._losses) == lookback:
             squares = sum(loss * loss for loss in self._losses)
             if squares > 0:
                 return math.sqrt((math.log(2 * len(self.gammas) * lookback) + 1) / squares)
         return self.eta
 
-    def _learn(self, score: float) -> None:
-        n = len(self.scores)
-        if n > self.warmup:
-            beta = self.scores.count_at_least(score) / n
-            losses = expert_losses(beta, self._alphas, self.alpha)
-            if self.eta_lookback:
-                self._losses.append(float(self._weights @ losses))
-            self._weights = fixed_share(self._weights, losses, self._current_eta(), self.sigma)
-            self._alphas += self._gammas * (self.alpha - (self._alphas > beta))
-        self.scores.add(score)
-
     def reset(self) -> None:
-        super().reset()
-        self.scores.clear()
-        self._alphas = np.full(len(self.gammas), self.alpha)
-        self._weights = np.full(len(self.gammas), 1.0 / len(self.gammas))
         self._losses = deque(maxlen=self.eta_lookback or None)
+        super().reset()
 
     def _dynamic_state(self) -> dict[str, Any]:
-        return {"alphas": self._alphas.tolist(), "weights": self._weights.tolist(),
-                "losses": list(self._losses), "scores": self.scores.scores()}
+        return {**super()._dynamic_state(), "losses": list(self._losses)}
 
     def _load_dynamic_state(self, state: dict[str, Any]) -> None:
-        self._alphas = np.asarray(state["alphas"], dtype=np.float64)
-        self._weights = np.asarray(state["weights"], dtype=np.float64)
+        super()._load_dynamic_state(state)
         self._losses.extend(float(v) for v in state["losses"])
-        for score in state["scores"]:
-            self.scores.add(float(score))
