@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,31 @@ async def serving(
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://adaptd") as client:
             yield client, app
+
+
+async def flood_held_engine(app: FastAPI, send: Callable[[int], Awaitable[httpx.Response]],
+                            requests: int, watch: Callable[[], None] | None = None
+                            ) -> list[httpx.Response]:
+    """Send `requests` requests at once (`send(i)`) while the engine thread is held by a job
+    of its own, wait until each was shed for the queue's bound or waits for the model
+    (`watch()` at each look), then free the engine and return the replies in order."""
+    runtime = app.state.runtime
+    engine_free = threading.Event()
+    # the engine thread runs one job at a time: this one holds every batch behind it
+    blocker = asyncio.ensure_future(runtime.engine.run(engine_free.wait, 30))
+    try:
+        replies = [asyncio.ensure_future(send(i)) for i in range(requests)]
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if watch is not None:
+                watch()
+            shed = metric(app, "adaptd_requests_shed_total", reason="queued_samples")
+            if shed + runtime.batcher.inflight_requests == requests:
+                break
+    finally:
+        engine_free.set()
+    await blocker
+    return list(await asyncio.gather(*replies))
 
 
 def metric(app: FastAPI, name: str, **labels: str) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import threading
 import zlib
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.demo import digits_split
-from tests.harness import metric, serving, settings_for
+from tests.harness import flood_held_engine, metric, serving, settings_for
 from tests.redis_server import RedisServer
 
 _, _, X_TEST, Y_TEST = digits_split()
@@ -777,22 +776,9 @@ def test_a_full_batcher_answers_503_with_retry_after_in_the_protocols_shape():
 
     async def scenario():
         async with serving(settings) as (client, app):
-            runtime = app.state.runtime
-            engine_free = threading.Event()
-            # the engine thread runs one job at a time: this one holds every batch behind it
-            blocker = asyncio.ensure_future(runtime.engine.run(engine_free.wait, 30))
-            try:
-                replies = [asyncio.ensure_future(client.post(INFER, json={
-                    "inputs": [tensor(X_TEST[:2])]})) for _ in range(requests)]
-                for _ in range(500):  # until every request was shed or waits for the model
-                    await asyncio.sleep(0.01)
-                    shed = metric(app, "adaptd_requests_shed_total", reason="queued_samples")
-                    if shed + runtime.batcher.inflight_requests == requests:
-                        break
-            finally:
-                engine_free.set()
-            await blocker
-            return await asyncio.gather(*replies), runtime.batcher
+            replies = await flood_held_engine(app, lambda _: client.post(INFER, json={
+                "inputs": [tensor(X_TEST[:2])]}), requests)
+            return replies, app.state.runtime.batcher
 
     replies, batcher = asyncio.run(scenario())
     refused = [r for r in replies if r.status_code == 503]

@@ -7,7 +7,6 @@ number. Run in process; `test_served_limits.py` checks the event loop and slow c
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from service.batcher import MicroBatcher, Overloaded
 from service.demo import digits_split
 from service.metrics import Metrics
 from service.settings import BatcherSettings
-from tests.harness import metric, serving, settings_for
+from tests.harness import flood_held_engine, metric, serving, settings_for
 
 _, _, X_TEST, _ = digits_split()
 GOOD = X_TEST[0].tolist()
@@ -125,23 +124,11 @@ def test_concurrent_predictions_beyond_the_bound_get_503_with_retry_after_and_th
     async def scenario():
         async with serving(settings) as (client, app):
             runtime = app.state.runtime
-            engine_free = threading.Event()
-            # the engine thread runs one job at a time: this one holds every batch behind it
-            blocker = asyncio.ensure_future(runtime.engine.run(engine_free.wait, 30))
-            try:
-                replies = [asyncio.ensure_future(client.post("/v1/predict", headers=JSON, json={
-                    "inputs": [GOOD, GOOD], "ids": [f"r{r}a", f"r{r}b"]})) for r in range(requests)]
-                queued = []
-                for _ in range(500):  # until every request was shed or is waiting for the model
-                    await asyncio.sleep(0.01)
-                    queued.append(runtime.batcher.waiting_samples)
-                    shed = metric(app, "adaptd_requests_shed_total", reason="queued_samples")
-                    if shed + runtime.batcher.inflight_requests == requests:
-                        break
-            finally:
-                engine_free.set()
-            await blocker
-            done = await asyncio.gather(*replies)
+            queued: list[int] = []
+            done = await flood_held_engine(
+                app, lambda r: client.post("/v1/predict", headers=JSON, json={
+                    "inputs": [GOOD, GOOD], "ids": [f"r{r}a", f"r{r}b"]}),
+                requests, watch=lambda: queued.append(runtime.batcher.waiting_samples))
             return done, queued, metric(app, "adaptd_requests_shed_total",
                                         reason="queued_samples"), runtime.batcher
 
