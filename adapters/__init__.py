@@ -22,6 +22,8 @@ from adapters.tta.bn import NormStatistics
 from adapters.tta.eata import EATA, ETA
 from adapters.tta.none import NoAdaptation
 from adapters.tta.psmt import PSMT
+from adapters.tta.rotta import RoTTA
+from adapters.tta.sar import SAR
 from adapters.tta.tent import Tent
 
 ADAPTERS: dict[str, type[Adapter]] = {
@@ -31,6 +33,8 @@ ADAPTERS: dict[str, type[Adapter]] = {
     ETA.name: ETA,
     EATA.name: EATA,
     PSMT.name: PSMT,
+    RoTTA.name: RoTTA,
+    SAR.name: SAR,
 }
 
 
@@ -43,6 +47,8 @@ class AdapterKnobs(Protocol):
     def norm(self) -> str: ...
     @property
     def norm_momentum(self) -> float: ...
+    @property
+    def norm_window(self) -> int: ...
     @property
     def adapt_batch_size(self) -> int: ...
     @property
@@ -79,7 +85,10 @@ def build_adapter(settings: AdapterKnobs | str, model: nn.Module, task: str | Ta
     if not isinstance(settings, str):
         accepted = inspect.signature(adapter_cls.__init__).parameters
         takes_common = issubclass(adapter_cls, GradientAdapter)
-        common = {"norm": settings.norm, "norm_momentum": settings.norm_momentum}
+        common = {"norm": settings.norm, "norm_momentum": settings.norm_momentum,
+                  "norm_window": settings.norm_window}
+        if context.get("num_classes") is not None:
+            common["num_classes"] = context["num_classes"]
         if takes_common:
             common |= {"adapt_batch_size": settings.adapt_batch_size,
                        "max_learning_rate": settings.max_learning_rate}
@@ -97,4 +106,4 @@ def build_adapter(settings: AdapterKnobs | str, model: nn.Module, task: str | Ta
 
 
 __all__ = ["ADAPTERS", "EATA", "ETA", "AdaptOutput", "Adapter", "GradientAdapter", "NoAdaptation",
-           "NormStatistics", "PSMT", "Tent", "build_adapter", "softmax_entropy"]
+           "NormStatistics", "PSMT", "RoTTA", "SAR", "Tent", "build_adapter", "softmax_entropy"]

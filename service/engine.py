@@ -27,9 +27,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import hashlib
 import json
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -182,6 +184,43 @@ def safetensors_metadata(blob: bytes) -> dict[str, str]:
 AnyErrorMemory = ErrorMemory | HashedErrorMemory
 
 
+class RecentInputs:
+    """Digests of the last `capacity` distinct input rows. A row identical to one of them, or to
+    an earlier row of its own batch, is served but learnt from by nothing that learns without
+    labels (the adapter and its statistics, AdaNPC's pseudo-labels): the same request sent a
+    thousand times is one sample, not a run that drags the model. What is served still reaches
+    the collapse guard and the drift detectors, and a label for a repeated request still teaches.
+    Exact repeats only (the float32 values the model sees): a re-encoded image is a new input.
+
+    >>> recent = RecentInputs(capacity=4)
+    >>> rows = np.zeros((3, 2), dtype=np.float32)
+    >>> rows[2] = 1.0
+    >>> recent.new_rows(rows).tolist(), recent.new_rows(rows).tolist()
+    ([True, False, True], [False, False, False])
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self.digests: OrderedDict[bytes, None] = OrderedDict()
+
+    def new_rows(self, inputs: np.ndarray) -> np.ndarray:
+        """Which rows are new: the first of their values in the batch, and not among the recent
+        ones. Every row becomes the most recent."""
+        rows = np.ascontiguousarray(inputs, dtype=np.float32).reshape(len(inputs), -1)
+        new = np.zeros(len(rows), dtype=bool)
+        for index, row in enumerate(rows):
+            digest = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            new[index] = digest not in self.digests
+            self.digests[digest] = None
+            self.digests.move_to_end(digest)
+        while len(self.digests) > self.capacity:
+            self.digests.popitem(last=False)
+        return new
+
+    def clear(self) -> None:
+        self.digests.clear()
+
+
 class Engine:
     def __init__(
         self,
@@ -199,6 +238,7 @@ class Engine:
         source: torch.nn.Module | None = None,
         comparison: SourceComparison | None = None,
         mixture: FixedShareMixture | None = None,
+        recent: RecentInputs | None = None,
     ) -> None:
         self.model = model
         self.task = model.task
@@ -219,6 +259,7 @@ class Engine:
         self.source = source
         self.comparison = comparison if source is not None else None
         self.mixture = mixture
+        self.recent = recent
         self._epoch = secrets.randbelow(2**24)
         # configurations that will do nothing (measured or known at start-up), said at start
         self.warnings: list[str] = []
@@ -292,20 +333,11 @@ class Engine:
         Raises `NonFiniteOutputs` when a row's outputs or features are NaN or infinite."""
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         count = x.shape[0]
+        learn = self.recent.new_rows(x.numpy()) if adapt and self.recent is not None else None
+        if learn is not None and not learn.all():
+            self.metrics.repeated_inputs.inc(int((~learn).sum()))
         version, epoch = self.adapter.version, self._epoch
-        self.tap.arm()
-        if adapt:
-            result = self.adapter.adapt(x)
-            raw = result.outputs
-            if result.stepped:
-                self.metrics.adaptation_steps.inc()
-                self.metrics.adaptation_samples.inc(result.backward_samples)
-                self.metrics.learning_rate.set(self.adapter.learning_rate)
-            if result.skipped:
-                self.metrics.adaptation_skipped.inc()
-        else:
-            raw = self.adapter.infer(x)
-        features = self.tap.take()
+        raw, features = self._run_adapter(x, adapt, learn)
         bad = non_finite_rows(raw.detach(), features)
         if bad:  # before any memory, corrector, guard or detector sees the batch
             raise NonFiniteOutputs(bad)
@@ -323,11 +355,13 @@ class Engine:
         if self.supervised is not None:
             arrays[INPUTS] = x.reshape(count, -1).numpy()
         if self.adanpc is not None and features is not None:
-            # AdaNPC: the memory's vote replaces the model's softmax; confident samples join it
-            outputs = self.adanpc.vote(features)
-            if adapt:
+            # AdaNPC: the model's softmax moved towards the memory's vote by the vote's own
+            # confidence; confident samples join the memory with their served class
+            outputs = self.adanpc.predict(features, outputs)
+            rows = slice(None) if learn is None else torch.from_numpy(learn)
+            if adapt and (learn is None or learn.any()):
                 before = self.adanpc.observed
-                if self.adanpc.observe(features, outputs):
+                if self.adanpc.observe(features[rows], outputs[rows]):
                     self._changed(MemoryRowsAdded(self.adanpc.name, self.adanpc.rows(since=before),
                                                   self.adanpc.capacity))
                 self._report_memories()
@@ -359,6 +393,37 @@ class Engine:
         return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
                            entropy=None if entropy is None else entropy.numpy(),
                            adapter_version=version, arrays=arrays)
+
+    def _run_adapter(self, x: torch.Tensor, adapt: bool, learn: np.ndarray | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The adapter's outputs and the tapped features of every row, in order: the rows to learn
+        from (all, with `adapt` and no `learn` mask) through `adapt`, the others through `infer`."""
+        if not adapt or (learn is not None and not learn.any()):
+            self.tap.arm()
+            raw = self.adapter.infer(x)
+            return raw, self.tap.take()
+        keep = None if learn is None or learn.all() else torch.from_numpy(learn)
+        self.tap.arm()
+        result = self.adapter.adapt(x if keep is None else x[keep])
+        learnt_features = self.tap.take()
+        if result.stepped:
+            self.metrics.adaptation_steps.inc()
+            self.metrics.adaptation_samples.inc(result.backward_samples)
+            self.metrics.learning_rate.set(self.adapter.learning_rate)
+        if result.skipped:
+            self.metrics.adaptation_skipped.inc()
+        if keep is None:
+            return result.outputs, learnt_features
+        self.tap.arm()
+        repeated = self.adapter.infer(x[~keep])
+        repeated_features = self.tap.take()
+        raw = torch.empty((len(x), *result.outputs.shape[1:]), dtype=result.outputs.dtype)
+        raw[keep], raw[~keep] = result.outputs.detach(), repeated.detach()
+        if learnt_features is None or repeated_features is None:
+            return raw, None
+        features = torch.empty((len(x), *learnt_features.shape[1:]), dtype=learnt_features.dtype)
+        features[keep], features[~keep] = learnt_features, repeated_features
+        return raw, features
 
     def _source_outputs(self, x: torch.Tensor, count: int) -> torch.Tensor | None:
         """What the source model serves for these inputs (None without a shadow, or where it is
@@ -428,10 +493,17 @@ class Engine:
 
     def learn(self, batch: LabelledBatch) -> None:
         """Engine thread only. What joined labels teach: rows for the error memory (already in
-        the store), a step of the output corrector, labelled samples for the supervised step,
-        and the labelled drift signal."""
+        the store), true-label rows for AdaNPC, a step of the output corrector, labelled samples
+        for the supervised step, and the labelled drift signal."""
         if self.error_memory is not None and batch.error_memory_rows is not None:
             self.error_memory.add_rows(batch.error_memory_rows)
+        if self.adanpc is not None and batch.features is not None:
+            # AdaNPC: each labelled sample joins the memory with its true label
+            before = self.adanpc.observed
+            if self.adanpc.learn(torch.from_numpy(batch.features),
+                                 torch.from_numpy(batch.labels.astype(np.int64))):
+                self._changed(MemoryRowsAdded(self.adanpc.name, self.adanpc.rows(since=before),
+                                              self.adanpc.capacity))
         if self.output_corrector is not None and batch.before_corrector is not None:
             features = None if batch.features is None else torch.from_numpy(batch.features)
             self.output_corrector.learn(features, torch.from_numpy(batch.before_corrector),
@@ -522,6 +594,8 @@ class Engine:
         self._epoch = (self._epoch + 1 + secrets.randbelow(2**24 - 1)) % 2**24  # never the same
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
+        if self.recent is not None:  # the source model has learnt from none of them
+            self.recent.clear()
         # the memories hold what the old model did: the AdaNPC memory goes back to its seed, the
         # error memory (errors of the old model's outputs) empties
         for memory in self.memories():

@@ -51,6 +51,11 @@ class Metrics:
         self.prediction_failures = Counter(
             "adaptd_prediction_failures", "samples whose forward pass failed", registry=r
         )
+        self.repeated_inputs = Counter(
+            "adaptd_repeated_inputs", "samples served but not learnt from: their batch held only "
+            "inputs identical to recent ones (a repeated request is one sample to what learns)",
+            registry=r,
+        )
         self.non_finite_outputs = Counter(
             "adaptd_non_finite_outputs", "samples refused because the model gave NaN or infinite "
             "outputs for them, run alone (they also count as prediction failures)", registry=r

@@ -28,7 +28,7 @@ from adapters.tta.eata import ETA
 from adapters.tta.norm import normalisation_affines
 from service.batcher import MicroBatcher
 from service.calibration import Conformal
-from service.engine import AnyErrorMemory, Engine
+from service.engine import AnyErrorMemory, Engine, RecentInputs
 from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
@@ -269,7 +269,9 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     error_memory=error_memory, output_corrector=output_corrector,
                     supervised=supervised, supervised_batch=settings.supervised.batch_size,
                     drift=drift, source=source, comparison=_comparison(settings, model, spread),
-                    mixture=_mixture(settings, source is not None, model, spread))
+                    mixture=_mixture(settings, source is not None, model, spread),
+                    recent=RecentInputs(settings.adapter.repeat_memory) if (
+                        learns and settings.adapter.repeat_memory) else None)
     engine.warnings = inert_settings(settings, engine, reference)
     return engine
 
@@ -471,7 +473,7 @@ def _adanpc(settings: Settings, model: LoadedModel, reference: ReferenceData | N
     m = settings.adapter.memory
     memory = AdaNPC(model.num_classes, features.shape[1], k=m.k, temperature=m.temperature,
                     confidence_threshold=m.confidence_threshold, capacity=m.capacity,
-                    policy=m.policy)
+                    policy=m.policy, vote_window=m.vote_window, min_labels=m.min_labels)
     memory.seed(features, labels)
     return memory
 

@@ -207,7 +207,14 @@ class MemorySettings(Section):
     k: PositiveInt = Field(100, description="neighbours that vote")
     temperature: PositiveFloat = Field(0.1, description="τ in softmax(similarity / τ)")
     confidence_threshold: float = Field(
-        0.1, ge=0.0, le=1.0, description="β: a test sample whose vote reaches it joins the memory"
+        0.8, ge=0.0, le=1.0, description="β: a test sample joins the memory with its served class "
+        "when its normalised confidence (C·max p − 1) / (C − 1) reaches it"
+    )
+    vote_window: PositiveInt = Field(
+        200, description="joined labels on which the vote's weight is chosen (the newest)"
+    )
+    min_labels: PositiveInt = Field(
+        20, description="joined labels before the vote may get any weight"
     )
     capacity: PositiveInt = Field(10_000, description="rows added at test time, at most")
     policy: Literal["per_class_fifo", "fifo"] = "per_class_fifo"
@@ -220,22 +227,32 @@ class AdapterSettings(Section):
     name: str = Field(
         "none",
         pattern=r"^[a-z]+(\+[a-z]+)*$",
-        description="none, bn, tent, eta, eata, psmt; add '+adanpc' for AdaNPC's memory votes on "
-        "top (or 'adanpc' alone, on the source model)",
+        description="none, bn, tent, eta, eata, psmt, rotta, sar; add '+adanpc' for AdaNPC's "
+        "memory votes on top (or 'adanpc' alone, on the source model)",
     )
     learning_rate: PositiveFloat | None = None
     max_learning_rate: PositiveFloat = Field(
         0.01, description="no schedule or drift action raises the learning rate above this"
     )
-    norm: Literal["robust", "batch", "source"] = Field(
+    norm: Literal["robust", "balanced", "batch", "source"] = Field(
         "robust",
         description="test-time BatchNorm statistics: robust (source blended with a per-sample "
-        "average of test statistics, fit for single requests), batch (the references' choice) "
-        "or source (the training statistics, unchanged)",
+        "average of test statistics, fit for single requests), balanced (one such average per "
+        "predicted class, mixed by the classes' shares over `norm_window` samples, so a run of "
+        "one class does not drag it), batch (the references' choice) or source (the training "
+        "statistics, unchanged)",
     )
     norm_momentum: float = Field(0.02, gt=0.0, le=1.0, description="robust BN, per sample")
+    norm_window: int = Field(
+        500, ge=2, description="balanced BN: samples over which a class's share of the "
+        "statistics is counted (a run of one class drags them only as far as its share)"
+    )
     adapt_batch_size: PositiveInt = Field(
         64, description="samples per gradient step; smaller batches are buffered until then"
+    )
+    repeat_memory: int = Field(
+        4096, ge=0, description="distinct recent inputs remembered: a batch made only of inputs "
+        "identical to one of them is served but learnt from by nothing (0: learn from repeats)"
     )
     options: dict[str, float | int | bool | str] = Field(
         default_factory=dict, description="method-specific knobs, by constructor argument name"

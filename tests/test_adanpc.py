@@ -1,4 +1,5 @@
-"""AdaNPC: the vote over a hand-made memory, the bound on what the stream adds, and persistence."""
+"""AdaNPC: the vote over a hand-made memory, what is served, what joins the memory (pseudo-labels
+gated by confidence, true labels from joined labels), the bound, and persistence."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.memory.adanpc import AdaNPC
+from adapters.memory.adanpc import VOTE_WEIGHTS, AdaNPC, normalised_confidence
 from store import Store
 
 # four unit rows in 2-D: two of class 0 around the x axis, two of class 1 (the y axis and -x)
@@ -114,6 +115,8 @@ def test_an_empty_memory_refuses_to_vote_and_says_to_seed_it() -> None:
         ({"capacity": 5}, "at least one slot per class"),
         ({"k": 0}, "k must be at least 1"),
         ({"temperature": 0.0}, "temperature must be positive"),
+        ({"confidence_threshold": 1.5}, r"confidence_threshold must lie in \[0, 1\]"),
+        ({"vote_window": 0}, "must be at least 1"),
     ],
 )
 def test_settings_that_cannot_work_are_refused(options: dict, message: str) -> None:
@@ -132,27 +135,61 @@ def test_features_of_the_wrong_width_and_labels_out_of_range_are_refused() -> No
 # --- what joins the memory --------------------------------------------------------------------
 
 
-def test_only_samples_whose_max_score_reaches_beta_join_with_their_predicted_label() -> None:
-    npc = hand_memory(confidence_threshold=0.6)
+def test_the_normalised_confidence_is_the_way_from_uniform_to_certain_for_any_class_count() -> None:
+    two = torch.tensor([[0.5, 0.5], [0.75, 0.25], [0.0, 1.0]])
+    ten = torch.tensor([[0.1] * 10, [0.55] + [0.05] * 9, [0.0] * 9 + [1.0]])
+
+    np.testing.assert_allclose(normalised_confidence(two).numpy(), [0.0, 0.5, 1.0], atol=1e-6)
+    np.testing.assert_allclose(normalised_confidence(ten).numpy(), [0.0, 0.5, 1.0], atol=1e-6)
+
+
+def test_only_samples_whose_normalised_confidence_reaches_beta_join_with_their_class() -> None:
+    npc = hand_memory(confidence_threshold=0.5)
     features = torch.tensor([[3.0, 4.0], [1.0, 1.0], [0.0, 2.0], [4.0, 3.0]])
-    scores = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.2, 0.8], [0.6, 0.4]])
+    # normalised confidences 2 max - 1: 0.8, 0.1, 0.5, 0.2
+    scores = torch.tensor([[0.9, 0.1], [0.55, 0.45], [0.25, 0.75], [0.6, 0.4]])
 
     added = npc.observe(features, scores)
 
-    assert added == 3  # 0.6 reaches 0.6: the reference compares with >=
-    assert len(npc) == 4 + 3
+    assert added == 2  # 0.5 reaches 0.5: >= as in the reference
+    assert len(npc) == 4 + 2
     rows = npc.rows()
-    np.testing.assert_allclose(rows[:, :2], [[0.6, 0.8], [0.0, 1.0], [0.8, 0.6]], atol=1e-6)
-    assert rows[:, 2].tolist() == [0.0, 1.0, 0.0]
+    np.testing.assert_allclose(rows[:, :2], [[0.6, 0.8], [0.0, 1.0]], atol=1e-6)
+    assert rows[:, 2].tolist() == [0.0, 1.0]  # pseudo-labels, packed as themselves
+    assert npc.describe()["labelled_rows"] == 0
+
+
+def test_beta_means_the_same_with_ten_classes_a_max_of_point_one_never_joins() -> None:
+    npc = AdaNPC(num_classes=10, feature_dim=2, confidence_threshold=0.5)
+    npc.seed(torch.eye(2).repeat(5, 1), torch.arange(10))
+    uniform = torch.full((2, 10), 0.1)
+    half = torch.tensor([[0.55] + [0.05] * 9, [0.5] + [0.5 / 9] * 9])  # c = 0.5, then below
+
+    assert npc.observe(torch.ones(2, 2), uniform) == 0  # the reference's beta 0.1 admitted both
+    assert npc.observe(torch.ones(2, 2), half) == 1
 
 
 def test_observing_its_own_vote_adds_the_confident_samples_of_the_batch() -> None:
-    npc = hand_memory(k=3, temperature=0.1, confidence_threshold=0.95)
+    npc = hand_memory(k=3, temperature=0.1, confidence_threshold=0.9)
     features = torch.tensor([[1.0, 0.05], [0.6, 0.8]])
     scores = npc.vote(features)  # the first is near (1,0) and (1,1); the second is 0.87 / 0.13
 
-    assert npc.observe(features, scores) == 1
+    assert npc.observe(features, scores) == 1  # c = 2 max - 1: above 0.99, then 0.74
     assert npc.rows()[:, 2].tolist() == [0.0]
+
+
+def test_joined_labels_join_with_their_true_class_packed_negative() -> None:
+    npc = hand_memory()
+    before = npc.observed
+
+    added = npc.learn(torch.tensor([[3.0, 4.0], [-1.0, 0.2]]), torch.tensor([1, 0]))
+
+    assert added == 2 and npc.observed == before + 2
+    rows = npc.rows(since=before)
+    np.testing.assert_allclose(rows[:, :2], F.normalize(torch.tensor([[3.0, 4.0], [-1.0, 0.2]])),
+                               atol=1e-6)
+    assert rows[:, 2].tolist() == [-2.0, -1.0]  # y packed as -1 - y: true labels 1 and 0
+    assert npc.class_counts() == [3, 3] and npc.describe()["labelled_rows"] == 2
 
 
 def test_per_class_fifo_keeps_the_newest_rows_of_each_class_and_the_seed() -> None:
@@ -195,28 +232,163 @@ def test_a_long_stream_never_grows_the_memory_past_its_bound(policy: str) -> Non
     for _ in range(100):
         features = torch.randn(64, 8, generator=generator)
         npc.observe(features, npc.vote(features))
+    npc.confidence_threshold = 0.0  # every sample joins
+    for _ in range(100):
+        features = torch.randn(64, 8, generator=generator)
+        npc.observe(features, npc.vote(features))
 
-    assert npc.observed == 6400  # beta 0.1 with 10 classes: every sample joins, as in the reference
+    assert npc.observed >= 6400
     assert npc.seed_size == 50
     assert len(npc) - 50 <= 200
     if policy == "per_class_fifo":
         assert all(count - 5 <= 20 for count in npc.class_counts())
 
 
-def test_without_keep_seed_the_stream_replaces_the_seed_oldest_first() -> None:
+def test_without_keep_seed_the_seed_counts_against_the_bound_and_outranks_pseudo_labels() -> None:
     per_class, stream = seeded(capacity=6, keep_seed=False)
     observe_in_batches(per_class, stream, STREAM_LABELS)
-    # classes 0 and 1 saw more stream rows than their 2 slots, so their seed rows went first;
-    # the stream never predicted class 2, so its seed row stays
-    assert per_class.seed_size == 1 and per_class.class_counts() == [2, 2, 1]
+    # 2 slots per class: classes 0 and 1 keep their seed row (a true label) and their newest
+    # pseudo-label row; the stream never predicted class 2, so its seed row stays alone
+    assert per_class.seed_size == 3 and per_class.class_counts() == [2, 2, 1]
+    np.testing.assert_allclose(per_class.rows()[:, :4], F.normalize(stream[[4, 24]]).numpy(),
+                               atol=1e-6)
 
     fifo, stream = seeded(capacity=6, policy="fifo", keep_seed=False)
     observe_in_batches(fifo, stream, STREAM_LABELS)
-    assert fifo.seed_size == 0 and len(fifo) == 6
+    assert fifo.seed_size == 3 and len(fifo) == 6
+    np.testing.assert_allclose(fifo.rows()[:, :4], F.normalize(stream[22:]).numpy(), atol=1e-6)
 
     kept, stream = seeded(capacity=6, policy="fifo", keep_seed=True)
     observe_in_batches(kept, stream, STREAM_LABELS)
     assert kept.seed_size == 3 and len(kept) == 9
+
+
+def test_a_class_over_its_slots_drops_its_pseudo_labels_before_its_true_labels() -> None:
+    npc, stream = seeded(capacity=6)  # 2 slots per class
+    npc.learn(stream[:1], torch.tensor([0]))  # the oldest row of class 0, a true label
+    npc.observe(stream[1:4], one_hot_scores([0, 0, 0], 3))  # three newer pseudo-labels
+
+    rows = npc.rows()
+    assert rows[:, 4].tolist() == [-1.0, 0.0]  # the true label and the newest pseudo-label
+    np.testing.assert_allclose(rows[:, :4], F.normalize(stream[[0, 3]]).numpy(), atol=1e-6)
+
+    npc.learn(stream[4:7], torch.tensor([0, 0, 0]))  # true labels only: the newest two stay
+    np.testing.assert_allclose(npc.rows()[:, :4], F.normalize(stream[5:7]).numpy(), atol=1e-6)
+    assert npc.rows()[:, 4].tolist() == [-1.0, -1.0]
+
+
+def test_fifo_drops_pseudo_labels_of_any_class_before_true_labels() -> None:
+    npc, stream = seeded(capacity=3, policy="fifo")
+    npc.learn(stream[:2], torch.tensor([2, 1]))
+    npc.observe(stream[2:6], one_hot_scores([0, 0, 1, 0], 3))
+
+    assert npc.rows()[:, 4].tolist() == [-3.0, -2.0, 0.0]  # the two true labels, then the newest
+
+
+def test_a_run_of_one_class_fills_only_its_own_slots() -> None:
+    npc = AdaNPC(num_classes=10, feature_dim=8, capacity=100, confidence_threshold=0.8)
+    npc.seed(torch.randn(10, 8), torch.arange(10))
+    generator = torch.Generator().manual_seed(3)
+    others = torch.randn(30, 8, generator=generator)
+    npc.observe(others, one_hot_scores([1, 2, 3] * 10, 10))
+
+    for _ in range(20):  # 1,280 confident samples of class 0 in a row
+        npc.observe(torch.randn(64, 8, generator=generator), one_hot_scores([0] * 64, 10))
+
+    counts = npc.class_counts()
+    assert counts[0] == 1 + 10  # its seed row and its 10 slots, whatever the run's length
+    assert counts[1:4] == [11, 11, 11]  # the other classes' rows are all still there
+
+
+# --- what is served: the model's output, moved towards the vote as joined labels justify ------
+
+
+def vote_right_model_wrong(npc: AdaNPC, count: int, start: int = 0) -> tuple[torch.Tensor, ...]:
+    """`count` samples near class 1's seed rows on which the model says class 0 (wrongly)."""
+    angles = torch.linspace(1.45, 1.57, count + start)[start:]  # votes of 0.89 to 0.95 for 1
+    features = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
+    model = torch.tensor([[0.6, 0.4]]).repeat(count, 1)
+    return features, model, torch.ones(count, dtype=torch.long)
+
+
+def test_without_joined_labels_the_model_is_served_unchanged() -> None:
+    npc = hand_memory(k=3)
+    features, model, _ = vote_right_model_wrong(npc, 8)
+
+    served = npc.predict(features, model)
+
+    assert npc.vote(features).argmax(1).tolist() == [1] * 8  # the vote disagrees with the model
+    torch.testing.assert_close(served, model, rtol=0, atol=0)
+    assert npc.vote_weight == 0.0
+
+
+def test_the_vote_gets_weight_once_labels_show_it_right_significantly_more_often() -> None:
+    npc = hand_memory(k=3, min_labels=4)
+    features, model, labels = vote_right_model_wrong(npc, 6)
+    npc.predict(features, model)
+
+    npc.learn(features[:3], labels[:3])
+    assert npc.vote_weight == 0.0  # 3 labels: fewer than min_labels
+
+    npc.learn(features[3:], labels[3:])
+    # 6 labels where weights 0.5 to 1 are right and 0 wrong: gain 6 >= 2 sqrt(6), and the smallest
+    # of them wins; at 0.25 the first sample stays class 0 (0.4 + 0.25 c(q) (q_1 - 0.4) < 0.5)
+    assert npc.vote_weight == 0.5
+    more, model_more, _ = vote_right_model_wrong(npc, 4, start=6)
+    served = npc.predict(more, model_more)
+    q = npc.vote(more)
+    c = 2 * q.max(1).values[:, None] - 1
+    torch.testing.assert_close(served, (1 - 0.5 * c) * model_more + 0.5 * c * q)
+    assert served.argmax(1).tolist() == [1] * 4
+    torch.testing.assert_close(served.sum(1), torch.ones(4))
+
+
+def test_a_vote_that_labels_show_wrong_never_gets_weight() -> None:
+    npc = hand_memory(k=3, min_labels=4)
+    features, model, _ = vote_right_model_wrong(npc, 40)
+    npc.predict(features, model)
+
+    npc.learn(features, torch.zeros(40, dtype=torch.long))  # the model was right every time
+
+    assert npc.vote_weight == 0.0
+    assert npc.predict(features, model).argmax(1).tolist() == [0] * 40
+
+
+def test_a_gain_within_chance_is_not_taken() -> None:
+    npc = hand_memory(k=3, min_labels=4)
+    right, model, ones = vote_right_model_wrong(npc, 5)
+    npc.predict(right, model)
+    npc.learn(right, ones)  # the vote right 5 times where the model was wrong
+    assert npc.vote_weight == 0.5
+    wrong, model_wrong, _ = vote_right_model_wrong(npc, 3, start=5)
+    npc.predict(wrong, model_wrong)
+
+    npc.learn(wrong, torch.zeros(3, dtype=torch.long))  # and wrong 3 times where it was right
+
+    # gain 5 - 3 = 2 on 8 discordant labels: below 2 sqrt(8), so back to the model alone
+    assert npc.vote_weight == 0.0
+
+
+def test_labels_of_samples_it_did_not_serve_add_rows_but_no_evidence() -> None:
+    npc = hand_memory(k=3, min_labels=1)
+    features, _, labels = vote_right_model_wrong(npc, 10)
+
+    assert npc.learn(features, labels) == 10
+
+    assert npc.vote_weight == 0.0 and npc.describe()["labelled_rows"] == 10
+
+
+def test_a_reset_returns_the_vote_weight_to_zero() -> None:
+    npc = hand_memory(k=3, min_labels=4)
+    features, model, labels = vote_right_model_wrong(npc, 8)
+    npc.predict(features, model)
+    npc.learn(features, labels)
+    assert npc.vote_weight > 0
+
+    npc.reset()
+
+    assert npc.vote_weight == 0.0 and len(npc) == 4
+    assert VOTE_WEIGHTS[0] == 0.0
 
 
 # --- reset, checkpoints and rows --------------------------------------------------------------
@@ -284,6 +456,38 @@ def test_loaded_rows_are_bounded_like_observed_ones() -> None:
     np.testing.assert_array_equal(small.rows(), npc.rows()[[3, 4, 23, 24]])
 
 
+def test_true_and_pseudo_label_rows_survive_packing_and_rows_stored_before_load_as_pseudo() -> None:
+    npc, stream = seeded(capacity=9)
+    npc.learn(stream[:3], torch.tensor([2, 0, 1]))
+    npc.observe(stream[3:6], one_hot_scores([1, 1, 0], 3))
+
+    fresh, _ = seeded(capacity=9)
+    fresh.load_rows(npc.rows())
+    assert fresh.rows()[:, 4].tolist() == [-3.0, -1.0, -2.0, 1.0, 1.0, 0.0]
+    assert fresh.describe()["labelled_rows"] == 3
+    torch.testing.assert_close(fresh.vote(stream), npc.vote(stream), rtol=0, atol=0)
+
+    # rows stored before true labels were kept: labels 0..C-1, all read as pseudo-labels
+    old = np.concatenate([F.normalize(stream[:2]).numpy(), [[2.0], [0.0]]], axis=1)
+    fresh.load_rows(old.astype(np.float32))
+    assert fresh.rows()[:, 4].tolist() == [2.0, 0.0]
+    assert fresh.class_counts() == [2, 1, 2] and fresh.describe()["labelled_rows"] == 0
+
+
+def test_a_state_dict_without_the_labelled_flags_loads_its_added_rows_as_pseudo_labels() -> None:
+    npc, stream = seeded(capacity=6)
+    npc.learn(stream[:2], torch.tensor([0, 1]))
+    state = npc.state_dict()
+    assert state["labelled"].tolist() == [True] * 5
+    del state["labelled"]  # a checkpoint saved before true labels were kept
+
+    restored = AdaNPC(num_classes=3, feature_dim=4, capacity=6)
+    restored.load_state_dict(state)
+
+    assert restored.rows()[:, 4].tolist() == [0.0, 1.0]
+    assert restored.seed_size == 3
+
+
 def test_rows_of_the_wrong_width_or_with_fractional_labels_are_refused() -> None:
     npc, _ = seeded()
     with pytest.raises(ValueError, match=r"expected \(n, 5\)"):
@@ -299,21 +503,24 @@ def test_a_memory_appended_to_a_store_loads_into_a_fresh_replica_with_identical_
     make_store: Callable[..., Store], backend: str
 ) -> None:
     writer_store = make_store()
-    npc, stream = seeded(capacity=8, policy="fifo")
+    npc, stream = seeded(capacity=30, policy="fifo")  # room for every row: none leaves
     for start in range(0, 25, 5):
         before = npc.observed
         npc.observe(stream[start:start + 5], one_hot_scores(STREAM_LABELS[start:start + 5], 3))
+        npc.learn(stream[start:start + 1], torch.tensor([2]))  # a joined label
         writer_store.append_memory(AdaNPC.name, npc.rows(since=before), cap=npc.capacity)
 
     # another replica, seeded from the same training data, then the store: on Redis it has its own
     # connection to the shared namespace; an embedded store is only ever shared within a process
     shared = backend == "redis"
     reader_store = make_store(namespace=writer_store.namespace) if shared else writer_store
-    replica, _ = seeded(capacity=8, policy="fifo")
+    replica, _ = seeded(capacity=30, policy="fifo")
     replica.load_rows(reader_store.load_memory(AdaNPC.name))
 
-    assert len(replica) == len(npc) == 3 + 8
+    assert len(replica) == len(npc) == 3 + 30
     np.testing.assert_array_equal(replica.rows(), npc.rows())
+    assert (replica.rows()[:, 4] == -3.0).sum() == 5  # every joined label, still a true label
+    assert replica.describe()["labelled_rows"] == 5
     torch.testing.assert_close(replica.vote(stream), npc.vote(stream), rtol=0, atol=0)
 
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
-from adapters.tta.norm import configure_norm, frozen_statistics
+from adapters.tta.balanced import BalancedStatistics
+from adapters.tta.norm import STATISTICS_BUFFERS, configure_norm, frozen_statistics
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -51,12 +52,21 @@ class AdaptOutput:
     skipped: bool = False
 
 
+def balanced_statistics(model: nn.Module, norm: str, momentum: float, num_classes: int | None,
+                        window: int) -> BalancedStatistics | None:
+    """The class-balanced statistics that `norm = "balanced"` normalises by."""
+    if norm != "balanced":
+        return None
+    return BalancedStatistics(model, num_classes, momentum, window)
+
+
 class Adapter:
     """Base class: subclasses implement `adapt`, and override the rest when they hold state."""
 
     name: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("classification", "regression")
-    # which normalisation statistics it runs with ("robust", "batch", "source"); "" for none
+    # which normalisation statistics it runs with ("robust", "balanced", "batch", "source"); "" for
+    # none
     norm: str = ""
 
     def __init__(self, model: nn.Module) -> None:
@@ -109,6 +119,7 @@ class CommonKnobs(TypedDict, total=False):
     norm_momentum: float
     adapt_batch_size: int
     max_learning_rate: float
+    norm_window: int
 
 
 class GradientAdapter(Adapter):
@@ -128,12 +139,16 @@ class GradientAdapter(Adapter):
         norm_momentum: float = 0.02,
         adapt_batch_size: int = 64,
         max_learning_rate: float = math.inf,
+        num_classes: int | None = None,
+        norm_window: int = 500,
     ) -> None:
         super().__init__(configure_norm(model, norm, norm_momentum))
         model.requires_grad_(False)
         if adapt_batch_size < 1:
             raise ValueError("adapt_batch_size must be at least 1")
         self.norm = norm
+        self.statistics = balanced_statistics(self.model, norm, norm_momentum, num_classes,
+                                              norm_window)
         self.adapt_batch_size = adapt_batch_size
         self.max_learning_rate = max_learning_rate
         self.buffer: list[torch.Tensor] = []
@@ -183,6 +198,14 @@ class GradientAdapter(Adapter):
         return set_capped_learning_rate(self.optimizer, learning_rate, self.max_learning_rate)
 
     def adapt(self, x: torch.Tensor) -> AdaptOutput:
+        if self.statistics is not None:
+            self.statistics.begin()
+        result = self._adapt(x)
+        if self.statistics is not None:
+            self.statistics.observe(x, result.outputs)
+        return result
+
+    def _adapt(self, x: torch.Tensor) -> AdaptOutput:
         if self.norm == "batch" or (x.shape[0] >= self.adapt_batch_size and not self.buffer):
             return self._account(self.forward_and_adapt(x))
         with torch.no_grad():
@@ -218,6 +241,8 @@ class GradientAdapter(Adapter):
         self.model.load_state_dict(self.source_model_state, strict=True)
         self.optimizer.load_state_dict(copy.deepcopy(self.source_optimizer_state))
         self.buffer, self.buffered = [], 0
+        if self.statistics is not None:
+            self.statistics.reset()
         super().reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -227,7 +252,7 @@ class GradientAdapter(Adapter):
                  for name, p in self.model.named_parameters() if id(p) in trainable}
         state.update({f"buffer.{name}": b.detach().clone()
                       for name, b in self.model.named_buffers()
-                      if name.endswith((".mean", ".square"))})
+                      if name.endswith(STATISTICS_BUFFERS)})
         state.update(optimizer_tensors(self.optimizer))
         state["steps"] = torch.tensor(self.steps)
         return state
@@ -251,5 +276,8 @@ class GradientAdapter(Adapter):
         self.version += 1
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "buffered_samples": self.buffered, "norm": self.norm,
-                "skipped_steps": self.skipped_steps}
+        described = {**super().describe(), "buffered_samples": self.buffered, "norm": self.norm,
+                     "skipped_steps": self.skipped_steps}
+        if self.statistics is not None:
+            described["statistics"] = self.statistics.describe()
+        return described

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from adapters.tta.base import Adapter, AdaptOutput
-from adapters.tta.norm import RobustBatchNorm, configure_norm, frozen_statistics
+from adapters.tta.base import Adapter, AdaptOutput, balanced_statistics
+from adapters.tta.norm import STATISTICS_BUFFERS, RobustBatchNorm, configure_norm, frozen_statistics
 
 
 class NormStatistics(Adapter):
@@ -30,17 +30,29 @@ class NormStatistics(Adapter):
 
     name = "bn"
 
-    def __init__(self, model: nn.Module, norm: str = "robust", norm_momentum: float = 0.02) -> None:
+    def __init__(self, model: nn.Module, norm: str = "robust", norm_momentum: float = 0.02,
+                 num_classes: int | None = None,
+                 norm_window: int = 500) -> None:
         super().__init__(configure_norm(model, norm, norm_momentum))
         model.requires_grad_(False)
         self.norm = norm
+        self.statistics = balanced_statistics(self.model, norm, norm_momentum, num_classes,
+                                              norm_window)
 
     def describe(self) -> dict[str, object]:
-        return {**super().describe(), "norm": self.norm}
+        described = {**super().describe(), "norm": self.norm}
+        if self.statistics is not None:
+            described["statistics"] = self.statistics.describe()
+        return described
 
     def adapt(self, x: torch.Tensor) -> AdaptOutput:
+        if self.statistics is not None:
+            self.statistics.begin()
         with torch.no_grad():
-            return AdaptOutput(outputs=self.model(x))
+            outputs = self.model(x)
+        if self.statistics is not None:
+            self.statistics.observe(x, outputs)
+        return AdaptOutput(outputs=outputs)
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,11 +63,13 @@ class NormStatistics(Adapter):
         for module in self.model.modules():
             if isinstance(module, RobustBatchNorm):
                 module.reset_statistics()
+        if self.statistics is not None:
+            self.statistics.reset()
         super().reset()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.model.state_dict().items()
-                if k.endswith((".mean", ".square"))}
+                if k.endswith(STATISTICS_BUFFERS)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state, strict=False)

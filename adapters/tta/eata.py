@@ -102,7 +102,7 @@ class ETA(GradientAdapter):
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"{self.name} needs num_classes of at least 2, got {num_classes}")
-        super().__init__(model, **common)
+        super().__init__(model, num_classes=num_classes, **common)
         self.params, self.param_names = normalisation_affines(self.model)
         if not self.params:
             raise ValueError(

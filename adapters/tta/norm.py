@@ -37,6 +37,10 @@ class RobustBatchNorm(nn.Module):
     source_square: torch.Tensor
     mean: torch.Tensor
     square: torch.Tensor
+    # registered by `keep_class_statistics` only
+    class_mean: torch.Tensor
+    class_square: torch.Tensor
+    class_weight: torch.Tensor
 
     def __init__(self, bn: _BatchNorm, momentum: float = 0.02) -> None:
         super().__init__()
@@ -48,6 +52,13 @@ class RobustBatchNorm(nn.Module):
         self.weight = bn.weight
         self.bias = bn.bias
         self.commit = True
+        # None: move by `momentum` per sample of the batch; a number: by exactly that much (0 for
+        # a layer whose averages something else moves: `adapters.tta.balanced`, RoTTA's memory)
+        self.fixed_momentum: float | None = None
+        # per-sample statistics of the last committed forward, kept for `BalancedStatistics`
+        # (which turns this on with `keep_class_statistics`) to file under each sample's class
+        self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.classes = 0
         mean = bn.running_mean.detach().clone()
         square = bn.running_var.detach().clone() + mean**2
         self.register_buffer("source_mean", mean.clone())
@@ -55,11 +66,24 @@ class RobustBatchNorm(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("square", square)
 
+    def keep_class_statistics(self, classes: int) -> None:
+        """Hold `classes` class-wise averages, starting at the source's, and their mixing weights
+        as buffers (so checkpoints carry them); `adapters.tta.balanced` moves them."""
+        self.classes = classes
+        self.register_buffer("class_mean", self.source_mean.repeat(classes, 1))
+        self.register_buffer("class_square", self.source_square.repeat(classes, 1))
+        self.register_buffer("class_weight", torch.full((classes,), 1.0 / classes))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.classes and self.commit and self.captured is None:
+            spatial = list(range(2, x.dim()))
+            self.captured = ((x.mean(spatial) if spatial else x).detach(),
+                             ((x * x).mean(spatial) if spatial else x * x).detach())
         dims = [0, *range(2, x.dim())]
         batch_mean = x.mean(dims)
         batch_square = (x * x).mean(dims)
-        m = 1.0 - (1.0 - self.momentum) ** x.shape[0]
+        m = (1.0 - (1.0 - self.momentum) ** x.shape[0] if self.fixed_momentum is None
+             else self.fixed_momentum)
         mean = (1.0 - m) * self.mean + m * batch_mean
         square = (1.0 - m) * self.square + m * batch_square
         # a batch whose statistics are not finite (an overflowing sample) neither moves the
@@ -81,6 +105,11 @@ class RobustBatchNorm(nn.Module):
     def reset_statistics(self) -> None:
         self.mean.copy_(self.source_mean)
         self.square.copy_(self.source_square)
+        self.captured = None
+        if self.classes:
+            self.class_mean.copy_(self.source_mean.expand_as(self.class_mean))
+            self.class_square.copy_(self.source_square.expand_as(self.class_square))
+            self.class_weight.fill_(1.0 / self.classes)
 
 
 def use_robust_statistics(model: nn.Module, momentum: float = 0.02) -> nn.Module:
@@ -104,16 +133,29 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
+NORMS = ("robust", "balanced", "batch", "source")
+# the buffers that hold test-time statistics (what a checkpoint of the statistics carries)
+STATISTICS_BUFFERS = (".mean", ".square", ".class_mean", ".class_square", ".class_weight")
+
+
 def configure_norm(model: nn.Module, norm: str, momentum: float = 0.02) -> nn.Module:
-    """Evaluation mode everywhere (no dropout noise), then the chosen test-time statistics."""
+    """Evaluation mode everywhere (no dropout noise), then the chosen test-time statistics:
+    `balanced` is robust BN whose forward never moves its averages (`adapters.tta.balanced.
+    BalancedStatistics` moves them, class by class, after each prediction)."""
     model.eval()
     if norm == "robust":
         return use_robust_statistics(model, momentum)
+    if norm == "balanced":
+        use_robust_statistics(model, momentum)
+        for layer in model.modules():
+            if isinstance(layer, RobustBatchNorm):
+                layer.fixed_momentum = 0.0  # a commit moves nothing; it keeps per-sample stats
+        return model
     if norm == "batch":
         return use_batch_statistics(model)
     if norm == "source":
         return model
-    raise ValueError(f"unknown norm {norm!r}: choose 'robust', 'batch' or 'source'")
+    raise ValueError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
 
 
 class frozen_statistics:
@@ -121,14 +163,16 @@ class frozen_statistics:
 
     def __init__(self, model: nn.Module) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, RobustBatchNorm)]
+        self.committed: list[bool] = []
 
     def __enter__(self) -> None:
+        self.committed = [layer.commit for layer in self.layers]
         for layer in self.layers:
             layer.commit = False
 
     def __exit__(self, *exc: object) -> None:
-        for layer in self.layers:
-            layer.commit = True
+        for layer, commit in zip(self.layers, self.committed, strict=True):
+            layer.commit = commit
 
 
 NORM_LAYERS = (_BatchNorm, RobustBatchNorm, nn.LayerNorm, nn.GroupNorm)

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from adapters.tta.base import AdaptOutput, CommonKnobs, GradientAdapter
 from adapters.tta.fisher import fisher_information
-from adapters.tta.norm import RobustBatchNorm
+from adapters.tta.norm import STATISTICS_BUFFERS, RobustBatchNorm
 
 
 def symmetric_cross_entropy(
@@ -143,6 +143,7 @@ class PSMT(GradientAdapter):
         reference: torch.Tensor | None = None,
         fisher_samples: int = 2000,
         fisher_batch_size: int = 64,
+        num_classes: int | None = None,
         **common: Unpack[CommonKnobs],
     ) -> None:
         if reference is None:
@@ -154,7 +155,7 @@ class PSMT(GradientAdapter):
             raise ValueError(f"ema_momentum must be within [0, 1], got {ema_momentum}")
         if not 0.0 <= mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be within [0, 1], got {mask_ratio}")
-        super().__init__(model, **common)
+        super().__init__(model, num_classes=num_classes, **common)
         self.ema_momentum = ema_momentum
         self.sce_alpha = sce_alpha
         self.ewc_lambda = ewc_lambda
@@ -168,6 +169,8 @@ class PSMT(GradientAdapter):
         for param in self.params.values():
             param.requires_grad_(True)
         self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        if self.statistics is not None:  # balanced BN: the teacher normalises as the student does
+            self.statistics.mirror(self.teacher)
         teacher_params = dict(self.teacher.named_parameters())
         self.teacher_params = {name: teacher_params[name] for name in self.params}
         self.source_values = {name: p.detach().clone() for name, p in self.params.items()}
@@ -236,7 +239,7 @@ class PSMT(GradientAdapter):
                       for name, p in self.teacher_params.items()})
         state.update({f"teacher.{name}": b.detach().clone()
                       for name, b in self.teacher.named_buffers()
-                      if name.endswith((".mean", ".square"))})
+                      if name.endswith(STATISTICS_BUFFERS)})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

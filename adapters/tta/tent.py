@@ -43,9 +43,10 @@ class Tent(GradientAdapter):
         model: nn.Module,
         learning_rate: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
+        num_classes: int | None = None,
         **common: Unpack[CommonKnobs],
     ) -> None:
-        super().__init__(model, **common)
+        super().__init__(model, num_classes=num_classes, **common)
         self.params, self.param_names = normalisation_affines(self.model)
         if not self.params:
             raise ValueError(
