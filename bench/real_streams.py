@@ -284,6 +284,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("defaults"),
     Config("defaults-nodrift", _OFF),
     Config("bn", {"adapter": {"name": "bn"}}),
+    Config("bn-balanced", {"adapter": {"name": "bn", "norm": "balanced"}}),
     Config("memory", {"error_memory": {"kind": "exact"}}),
     Config("supervised", {"supervised": {"enabled": True}}),
     Config("bn+mem+sup", _BN_MEM_SUP),
