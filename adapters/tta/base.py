@@ -60,6 +60,34 @@ def balanced_statistics(model: nn.Module, norm: str, momentum: float, num_classe
     return BalancedStatistics(model, num_classes, momentum, window)
 
 
+def companion_state(model: nn.Module, params: dict[str, nn.Parameter], prefix: str
+                    ) -> dict[str, torch.Tensor]:
+    """A second model's trained parameters and test-time statistics, each under `prefix.` (a
+    teacher beside a student: PSMT's, RoTTA's), for a checkpoint."""
+    state = {f"{prefix}.{name}": p.detach().clone() for name, p in params.items()}
+    state.update({f"{prefix}.{name}": b.detach().clone() for name, b in model.named_buffers()
+                  if name.endswith(STATISTICS_BUFFERS)})
+    return state
+
+
+def companion_keys(state: dict[str, torch.Tensor], expected: set[str], prefix: str,
+                   method: str) -> None:
+    """Refuse a checkpoint that lacks any of the second model's keys, before anything loads."""
+    missing = expected - state.keys()
+    if missing:
+        raise ValueError(f"{method} checkpoint lacks the {prefix}'s {sorted(missing)[:5]}; was it "
+                         f"made by {method} for this model?")
+
+
+def load_companion_state(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str],
+                         prefix: str) -> None:
+    """Copy what `companion_state` saved back into the second model."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for key in expected:
+            tensors[key.removeprefix(f"{prefix}.")].copy_(state[key])
+
+
 class Adapter:
     """Base class: subclasses implement `adapt`, and override the rest when they hold state."""
 

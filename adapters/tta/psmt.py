@@ -56,9 +56,16 @@ from typing import Unpack
 import torch
 import torch.nn as nn
 
-from adapters.tta.base import AdaptOutput, CommonKnobs, GradientAdapter
+from adapters.tta.base import (
+    AdaptOutput,
+    CommonKnobs,
+    GradientAdapter,
+    companion_keys,
+    companion_state,
+    load_companion_state,
+)
 from adapters.tta.fisher import fisher_information
-from adapters.tta.norm import STATISTICS_BUFFERS, RobustBatchNorm
+from adapters.tta.norm import RobustBatchNorm
 
 
 def symmetric_cross_entropy(
@@ -234,22 +241,10 @@ class PSMT(GradientAdapter):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The base state plus the teacher's trained parameters and statistics ("teacher.")."""
-        state = super().state_dict()
-        state.update({f"teacher.{name}": p.detach().clone()
-                      for name, p in self.teacher_params.items()})
-        state.update({f"teacher.{name}": b.detach().clone()
-                      for name, b in self.teacher.named_buffers()
-                      if name.endswith(STATISTICS_BUFFERS)})
-        return state
+        return super().state_dict() | companion_state(self.teacher, self.teacher_params, "teacher")
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = {k for k in self.state_dict() if k.startswith("teacher.")}
-        missing = expected - state.keys()
-        if missing:
-            raise ValueError(f"psmt checkpoint lacks the teacher's {sorted(missing)[:5]}; was it "
-                             "made by psmt for this model?")
+        companion_keys(state, expected, "teacher", "psmt")
         super().load_state_dict(state)
-        teacher_state = dict(self.teacher.named_parameters()) | dict(self.teacher.named_buffers())
-        with torch.no_grad():
-            for key in expected:
-                teacher_state[key.removeprefix("teacher.")].copy_(state[key])
+        load_companion_state(self.teacher, state, expected, "teacher")

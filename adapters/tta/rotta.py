@@ -67,7 +67,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapters.tta.balanced import BalancedMemory
-from adapters.tta.base import AdaptOutput, GradientAdapter
+from adapters.tta.base import (
+    AdaptOutput,
+    GradientAdapter,
+    companion_keys,
+    companion_state,
+    load_companion_state,
+)
 from adapters.tta.norm import RobustBatchNorm
 
 
@@ -342,23 +348,13 @@ class RoTTA(GradientAdapter):
         state = super().state_dict()
         state.update({f"param.{name}": p.detach().clone()
                       for name, p in self.teacher_params.items()})
-        state.update({f"student.{name}": p.detach().clone() for name, p in self.params.items()})
-        state.update({f"student.{name}": b.detach().clone()
-                      for name, b in self.student.named_buffers()
-                      if name.endswith((".mean", ".square"))})
-        return state
+        return state | companion_state(self.student, self.params, "student")
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = {k for k in self.state_dict() if k.startswith("student.")}
-        missing = expected - state.keys()
-        if missing:
-            raise ValueError(f"rotta checkpoint lacks the student's {sorted(missing)[:5]}; was it "
-                             "made by rotta for this model?")
+        companion_keys(state, expected, "student", "rotta")
         super().load_state_dict(state)
-        student_state = dict(self.student.named_parameters()) | dict(self.student.named_buffers())
-        with torch.no_grad():
-            for key in expected:
-                student_state[key.removeprefix("student.")].copy_(state[key])
+        load_companion_state(self.student, state, expected, "student")
         self.memory.clear()
         self.offered = 0
 
