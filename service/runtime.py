@@ -323,6 +323,17 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
         said.append(f"mixture.enabled has {len(names)} candidate(s) ({', '.join(names) or 'none'})"
                     ": it needs two of the source (shadow.enabled), an adapter other than none or "
                     "the supervised step, and a memory or the output corrector")
+    if settings.adapter.norm == "balanced":
+        statistics = getattr(adapter, "statistics", None)
+        if not engine.task.discrete:
+            said.append("adapter.norm = 'balanced' balances the statistics over predicted "
+                        "classes, and a regressor has none: it runs as 'robust'; set norm 'robust'")
+        elif adapter.name in ("none", "rotta"):
+            said.append(f"adapter.norm = 'balanced' does nothing for adapter {adapter.name!r}, "
+                        "which keeps its own statistics (none: the source's)")
+        elif statistics is not None and not statistics.layers:
+            said.append("adapter.norm = 'balanced' has no BatchNorm layer to balance in this "
+                        "model; set norm 'robust'")
     if adapter.name == "bn" and settings.adapter.norm == "source":
         said.append("adapter bn with adapter.norm = 'source' keeps the training statistics: it "
                     "serves the source model; choose norm 'robust' or adapter 'none'")

@@ -92,3 +92,17 @@ def test_the_start_up_checks_leave_the_served_model_as_it_was():
             return [k for k in before if not torch.equal(before[k], after[k])]
 
     assert asyncio.run(scenario()) == []
+
+
+def test_balanced_statistics_say_where_they_have_nothing_to_balance():
+    def balanced_warnings(**settings):
+        state = asyncio.run(state_of(drift={"enabled": False}, **settings))
+        return [w for w in state["warnings"] if "'balanced'" in w]
+
+    assert balanced_warnings(adapter={"name": "bn", "norm": "balanced"}, model=BINARY) == []
+    (said,) = balanced_warnings(adapter={"name": "none", "norm": "balanced"})
+    assert "does nothing for adapter 'none'" in said
+    regressor = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+                 "input_shape": [3]}
+    (said,) = balanced_warnings(adapter={"name": "bn", "norm": "balanced"}, model=regressor)
+    assert "a regressor has none" in said
