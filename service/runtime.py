@@ -270,8 +270,10 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     supervised=supervised, supervised_batch=settings.supervised.batch_size,
                     drift=drift, source=source, comparison=_comparison(settings, model, spread),
                     mixture=_mixture(settings, source is not None, model, spread),
+                    # only what learns without labels needs to know a repeat (labels teach as ever)
                     recent=RecentInputs(settings.adapter.repeat_memory) if (
-                        learns and settings.adapter.repeat_memory) else None)
+                        settings.adapter.name != "none" and settings.adapter.repeat_memory)
+                    else None)
     engine.warnings = inert_settings(settings, engine, reference)
     return engine
 

@@ -156,11 +156,11 @@ class BalancedStatistics:
     per own sample as far as `robust` moves in 1 / pi_k samples, so every class's average spans
     about the same stretch of the stream (with C equal classes, C samples' worth per sample; a
     class of 80% about `robust`'s own pace). Every class starts at the source's statistics, with
-    weight 1/C. A run of class k
-    moves mu_k to the run, but its weight grows only to its share of the last `window` samples;
-    a shift that sends every prediction to one class still moves the statistics fully within
-    `window` samples. A regressor has one class: this is then `robust` with momentum `momentum`
-    per sample.
+    weight 1/C. A run of class k moves mu_k to the run, but its weight grows only to its share of
+    the last `window` samples; a shift that sends every prediction to one class still moves the
+    statistics fully within `window` samples. A regressor has one class: this is then `robust`'s
+    average, except that a batch is never normalised by its own statistics (they count from the
+    next batch on).
 
     Measured alternatives that did worse on B1 (BENCHMARKS.md): a memory of recent samples
     balanced by RoTTA's rule as the statistics' source (its uncertainty score keeps the previous
