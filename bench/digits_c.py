@@ -63,6 +63,7 @@ import numpy as np
 
 from bench.corruptions import DOMAINS, corrupt
 from service.demo import digits_split
+from service.replay import label_positions  # shared with `adaptd replay`
 
 METHODS = ["none", "bn", "tent", "eta", "eata", "psmt", "adanpc", "eata+adanpc"]
 SEED = 2024
@@ -207,14 +208,6 @@ def mean_run_length(labels: np.ndarray) -> float:
         return 0.0
     runs = 1 + int(np.count_nonzero(labels[1:] != labels[:-1]))
     return len(labels) / runs
-
-
-def label_positions(total: int, fraction: float, seed: int = SEED) -> np.ndarray:
-    """The stream positions whose labels go back: round(fraction × total), seeded, sorted."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"the label fraction is a share from 0 to 1, not {fraction}")
-    rng = np.random.default_rng([seed, 1])
-    return np.sort(rng.choice(total, size=round(fraction * total), replace=False))
 
 
 # --- settings -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 from service.model import ModelLoadError
-from service.routes import admin, events, feedback, inference, oip, status
+from service.routes import admin, events, feedback, inference, oip, page, status
 from service.runtime import Runtime
 from service.schemas import MAX_REPORTED_ERRORS, ErrorResponse, SchemaError
 from service.settings import Settings, load_settings
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(admin.router)
     app.include_router(oip.router)
+    app.include_router(page.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)

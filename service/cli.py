@@ -1,4 +1,5 @@
-"""The `adaptd` command: `adaptd serve` starts the service."""
+"""The `adaptd` command: `adaptd serve` starts the service; `adaptd replay` streams samples
+through running services and reports what they did."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from service.replay import STREAMS_HELP, add_arguments, replay_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,9 +25,17 @@ def main(argv: list[str] | None = None) -> None:
                        help="none, bn, tent, eta, eata, psmt, each optionally with +adanpc")
     serve.add_argument("--model-factory", help="package.module:function returning the nn.Module")
     serve.add_argument("--weights", type=Path, help="safetensors weights for the model")
+    replay = commands.add_parser(
+        "replay", help="stream samples through running services, labels back late, and "
+        "report error, coverage, set size, drift alarms and learning rate",
+        description="Replay a stream through running services and report what they did.",
+        epilog=STREAMS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(replay)
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve_command(args)
+    elif args.command == "replay":
+        replay_command(args)
 
 
 def serve_command(args: argparse.Namespace) -> None:

@@ -23,6 +23,7 @@ from service.engine import (
     LabelledBatch,
 )
 from service.gateway import StoreGateway
+from service.history import History, point_now
 from service.metrics import Metrics
 from service.state_sync import StateSync
 from store import (
@@ -94,7 +95,7 @@ class FeedbackService:
 
     def __init__(self, store: StoreGateway, sync: StateSync, metrics: Metrics,
                  quality: RollingQuality, engine: Engine, persisted: frozenset[str] = frozenset(),
-                 conformal: Conformal | None = None) -> None:
+                 conformal: Conformal | None = None, history: History | None = None) -> None:
         self.store = store
         self.sync = sync
         self.metrics = metrics
@@ -103,6 +104,7 @@ class FeedbackService:
         self.task = engine.task
         self.persisted = persisted
         self.conformal = conformal
+        self.history = history  # the status page's charts: one point per join, at most 1 s apart
 
     async def apply(self, labels: Sequence[tuple[str, LabelValue]]) -> JoinResult:
         """Join validated labels. When the store is down: `StoreUnavailable`, nothing applied; or
@@ -138,11 +140,17 @@ class FeedbackService:
             result = await self.store.join_labels(list(labels), effects, calibrators)
         except PartialJoin as partial:
             await self._absorb(partial.result)  # joined before the failure: apply them, then report
+            self._remember(partial.result)
             raise
         await self._absorb(result)
         if conformal is not None:
             conformal.adopt(written)  # this replica just moved the threshold
+        self._remember(result)
         return result
+
+    def _remember(self, result: JoinResult) -> None:
+        if self.history is not None and result.joined:
+            self.history.record(point_now(self.quality, self.conformal, self.engine))
 
     def refusals(self, records: list[PredictionRecord]) -> dict[str, str]:
         """The records whose label cannot be used, by id, with why: checked one by one, so a bad

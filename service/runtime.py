@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from service.engine import AnyErrorMemory, Engine, RecentInputs
 from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
+from service.history import History
 from service.label_stream import LabelStreamConsumer, default_consumer_name
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
@@ -69,6 +70,7 @@ class Runtime:
     events: EventLog
     stream: LabelStreamConsumer | None = None
     conformal: Conformal | None = None
+    history: History = field(default_factory=History)
     _chores: asyncio.Task[None] | None = None
     _checkpointed: tuple[int, ...] = (0,)
 
@@ -106,7 +108,9 @@ class Runtime:
         )
         batcher.start()
         quality = RollingQuality(settings.feedback.rolling_window)
-        feedback = FeedbackService(store, sync, metrics, quality, engine, persisted, conformal)
+        history = History()
+        feedback = FeedbackService(store, sync, metrics, quality, engine, persisted, conformal,
+                                   history)
         stream = None
         if settings.feedback.stream:
             stream = LabelStreamConsumer(store, feedback, model, settings.feedback, metrics)
@@ -117,7 +121,7 @@ class Runtime:
         for warning in engine.warnings:
             log.warning("inert: %s", warning)
         runtime = cls(settings, metrics, model, adapter, engine, store, sync, batcher, feedback,
-                      quality, events, stream, conformal)
+                      quality, events, stream, conformal, history)
         runtime._checkpointed = await engine.run(engine.learned_version)
         runtime._chores = asyncio.create_task(runtime._keep_state(), name="adaptd-state")
         return runtime

@@ -250,3 +250,32 @@ class EventItem(BaseModel):
 
 class EventsResponse(BaseModel):
     events: list[EventItem]
+
+
+class HistoryPointItem(BaseModel):
+    """The label loop's numbers after the joins of one moment; null where nothing tells yet."""
+
+    time: float = Field(description="seconds since the epoch, of the last join the point holds")
+    labels: int = Field(description="labels this replica has measured an error for so far")
+    samples: int | None = Field(description="the sample clock (samples served, as the drift "
+                                "detectors count them); null when drift detection is off")
+    rolling_error: float | None = Field(description="error rate (classification) or mean absolute "
+                                        "error (regression) over the rolling window")
+    coverage: float | None = Field(description="how often the sets or intervals served held the "
+                                   "label, over the last 100 labels; null when calibration is off")
+    size: float | None = Field(description="mean set size (classification) or interval width "
+                               "(regression) of the last 1,000 predictions")
+    learning_rate: float = Field(description="the adapter's learning rate (0 when it has none)")
+
+
+class HistoryResponse(BaseModel):
+    spacing_s: float = Field(description="the least time between two points now: it doubles "
+                             "each time the history fills and every other point is dropped")
+    capacity: int = Field(description="the most points kept")
+    error_window: int = Field(description="the labels the rolling error is the mean of")
+    coverage_window: int = Field(description="the labels the coverage is measured over")
+    coverage_target: float | None = Field(description="the coverage the sets or intervals aim at "
+                                          "(1 − α); null when calibration is off")
+    size_name: str = Field(description="what `size` is: mean_set_size or mean_width")
+    points: list[HistoryPointItem] = Field(description="oldest first, one per join at most "
+                                           "`spacing_s` apart (the newest holds the last join)")
