@@ -239,7 +239,9 @@ class BodyLimit:
             if too_large:  # by its header: refused before a byte of it is read
                 raise BodyTooLarge(self.max_bytes)
             try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+                # a deadline on this task, not `wait_for`, which would start a task per read
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
             except TimeoutError:
                 raise BodyTimedOut(self.timeout_s) from None
             if message["type"] == "http.request":

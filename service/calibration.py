@@ -67,6 +67,8 @@ class Conformal:
         self.task = model.task
         self.metrics = metrics
         self.store = store
+        # other replicas move the threshold only through a store they share (Redis)
+        self.shared = store.backend != "memory"
         self.method = settings.method
         self.score = settings.score if settings.score != "auto" else self.task.scores_known[0]
         self.alpha = settings.alpha
@@ -151,8 +153,13 @@ class Conformal:
         if adoptions == self._adoptions:  # else this replica adopted a newer one meanwhile
             self.read_summary(summary)
 
-    def refresh_soon(self) -> asyncio.Task[None]:
-        """`refresh` as a task, to overlap the read with a forward pass."""
+    def refresh_soon(self) -> asyncio.Task[None] | None:
+        """`refresh` as a task, to overlap the read with a forward pass; None when the store is
+        this process's own (in-process): its threshold changes only by this replica's joins and
+        resets, which adopt theirs at once, so a read per batch would only hand work to a
+        thread and back."""
+        if not self.shared:
+            return None
         return asyncio.ensure_future(self.refresh())
 
     def read_summary(self, summary: bytes | None) -> None:

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: the runtime and the bearer-token check."""
+"""FastAPI dependencies: the runtime and the bearer-token check.
+
+Both are coroutines, though neither awaits anything: FastAPI runs a plain function dependency
+in its thread pool, a hand-off to another thread and back on every request (about 0.1 ms of CPU
+each here), where a coroutine runs on the event loop at once."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the service is starting")
@@ -21,7 +25,7 @@ def get_runtime(request: Request) -> Runtime:
 bearer = HTTPBearer(auto_error=False, description="ADAPTD_API_TOKEN, when the service has one")
 
 
-def require_token(
+async def require_token(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> None:

@@ -528,6 +528,11 @@ class Settings(BaseSettings):
         "it new requests get 503 from uvicorn (adaptd serve; uvicorn's limit_concurrency)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    torch_threads: PositiveInt | None = Field(
+        None, description="threads torch may use within one forward pass or step (its intra-op "
+        "threads); unset: one fewer than the CPUs this process may run on, at least 1, so that "
+        "reading, parsing and answering requests keep a core while the model computes",
+    )
 
     model: ModelSettings = ModelSettings()
     batcher: BatcherSettings = BatcherSettings()

@@ -160,8 +160,10 @@ def calibrator_on(store: GatedMemoryStore) -> Conformal:
     settings = load_settings(None)
     metrics = Metrics()
     model = load_model(settings.model)
-    return Conformal(ConformalSettings(method="aci", options={"gamma": 0.05}), model, metrics,
-                     StoreGateway(store, metrics), None)
+    conformal = Conformal(ConformalSettings(method="aci", options={"gamma": 0.05}), model,
+                          metrics, StoreGateway(store, metrics), None)
+    conformal.shared = True  # the gated store stands for a store that replicas share
+    return conformal
 
 
 async def join(conformal: Conformal, store: GatedMemoryStore, start: int) -> dict[str, bytes]:

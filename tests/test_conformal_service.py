@@ -65,6 +65,33 @@ def test_every_prediction_carries_a_set_and_the_level_and_labels_move_the_thresh
     assert all(1 <= s <= 10 for s in sizes) and max(sizes) > 1
 
 
+def test_on_the_in_process_store_a_batch_reads_no_threshold_and_serves_the_last_join_s() -> None:
+    """Only this process writes the in-process store's threshold, and its joins serve theirs at
+    once (`adopt`): a batch then hands no read to a thread, and serves what the join wrote."""
+    _, _, x_test, y_test = digits_split()
+
+    async def scenario():
+        async with serving(conformal={"method": "aci", "options": {"gamma": 0.05}}) as (
+                client, app):
+            runtime = app.state.runtime
+            reads = []
+            load = runtime.store.raw.load_calibrator
+            runtime.store.raw.load_calibrator = lambda name: reads.append(name) or load(name)
+            ids = [f"m{i}" for i in range(32)]
+            await client.post("/v1/predict", json={"inputs": x_test[:32].tolist(), "ids": ids})
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:32], strict=True)]})
+            written = json.loads(load("conformal.threshold"))["threshold"]
+            reply = (await client.post("/v1/predict", json={"inputs": x_test[32:40].tolist()}
+                                       )).json()["predictions"]
+            return reads, written, runtime.conformal.threshold, reply
+
+    reads, written, serving_at, reply = asyncio.run(scenario())
+    assert reads == []
+    assert serving_at == written > 0
+    assert len(reply) == 8 and all(p["set"] for p in reply)
+
+
 def test_the_stored_calibrator_is_the_sequence_of_label_scores_each_applied_once() -> None:
     _, _, x_test, y_test = digits_split()
 

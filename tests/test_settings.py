@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 from pathlib import Path
 
 import pytest
+import torch
+from harness import serving
 from pydantic import ValidationError
 
+from service.runtime import torch_threads
 from service.settings import load_settings
 
 
@@ -198,3 +203,23 @@ def test_the_output_corrector_is_for_regression_only():
         load_settings(None, output_corrector={"enabled": True})
     assert load_settings(None, model={"task": "regression", "input_shape": [4]},
                          output_corrector={"enabled": True}).output_corrector.enabled
+
+
+def test_torch_threads_leave_a_core_to_the_requests_unless_set(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+    assert torch_threads(load_settings(None)) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0})
+    assert torch_threads(load_settings(None)) == 1
+    assert torch_threads(load_settings(None, torch_threads=2)) == 2
+    with pytest.raises(ValidationError, match="torch_threads"):
+        load_settings(None, torch_threads=0)
+
+    async def started() -> int:
+        async with serving(torch_threads=1):
+            return torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    try:
+        assert asyncio.run(started()) == 1
+    finally:
+        torch.set_num_threads(before)
