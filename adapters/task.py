@@ -163,8 +163,12 @@ class Classification(Task):
         probs = np.asarray(outputs, dtype=np.float64)
         probs = probs / probs.sum(1, keepdims=True)
         members = lac_set(probs, threshold) if score == "lac" else aps_set(probs, threshold)
-        sets = [np.flatnonzero(row).tolist() for row in members]
-        return sets, None, [float(len(s)) for s in sets]
+        # every row's members in one pass: the classes of all rows in row order, cut by counts
+        classes = np.nonzero(members)[1].tolist()
+        counts = members.sum(1).tolist()
+        ends = np.cumsum(counts).tolist()
+        sets = [classes[end - count:end] for count, end in zip(counts, ends, strict=True)]
+        return sets, None, [float(count) for count in counts]
 
     def label_problem(self, label: LabelValue, width: int) -> str | None:
         if isinstance(label, list):

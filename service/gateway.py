@@ -98,6 +98,12 @@ class StoreGateway:
     # --- the operations ---------------------------------------------------------------------
 
     async def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        # the in-process store takes a batch's records on the event loop when nothing holds it
+        # (a hand-off to a thread cost more than the write), else in a thread as any store
+        try_put = getattr(self.raw, "try_put_predictions", None)
+        if try_put is not None and try_put(records):
+            self._answered("put_predictions")
+            return
         await self._call("put_predictions", self.raw.put_predictions, records)
 
     async def join_labels(self, labels: Sequence[tuple[str, LabelValue]],

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
 import re
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,9 +102,11 @@ def _shape(sample: object) -> list[int] | None:
 
 
 def prediction_ids(ids: Sequence[str] | None, count: int) -> list[str]:
-    """The caller's ids (one per sample, unique), or new random ids."""
+    """The caller's ids (one per sample, unique), or new random ids: 128 random bits each, as
+    32 hex digits (one read of the system's randomness for them all, not one per id)."""
     if ids is None:
-        return [uuid.uuid4().hex for _ in range(count)]
+        digits = os.urandom(16 * count).hex()
+        return [digits[i:i + 32] for i in range(0, 32 * count, 32)]
     if len(ids) != count:
         raise InvalidInput(f"{len(ids)} ids for {count} inputs: send one id per sample, or none")
     if len(set(ids)) != len(ids):

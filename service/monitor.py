@@ -103,11 +103,11 @@ class DriftMonitor:
                       features: np.ndarray | None, count: int) -> list[Action]:
         """Label-free signals of one served batch; the actions its alarms call for."""
         self.samples += count
-        values = {
-            "entropy": None if probabilities is None else entropy(probabilities),
-            "confidence": None if probabilities is None else confidence(probabilities),
-            "feature_mean": None if features is None else feature_mean(features),
-        }
+        watched = {detector.signal.name for detector in self.label_free}
+        signals = {"entropy": (entropy, probabilities), "confidence": (confidence, probabilities),
+                   "feature_mean": (feature_mean, features)}
+        values = {name: None if source is None else compute(source)  # only what is watched
+                  for name, (compute, source) in signals.items() if name in watched}
         return self._update(self.label_free, values)
 
     def observe_labels(self, errors: np.ndarray) -> list[Action]:

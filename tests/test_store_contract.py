@@ -944,3 +944,17 @@ def test_redis_an_unreachable_server_fails_the_readiness_probe_saying_it_does_no
         assert raised.value.refused is False
     finally:
         store.close()
+
+
+def test_the_in_process_store_takes_records_without_waiting_only_when_nothing_holds_it() -> None:
+    """`try_put_predictions`, the event loop's write: never waits behind a join or a write."""
+    store = MemoryStore(f"try-{uuid.uuid4().hex}", record_ttl_s=60.0)
+    held = prediction("held")
+    store._lock.acquire()  # a join holding the store
+    try:
+        assert store.try_put_predictions([held]) is False
+    finally:
+        store._lock.release()
+    assert store.get_prediction("held") is None
+    assert store.try_put_predictions([held]) is True
+    assert_same_prediction(store.get_prediction("held"), held)
