@@ -310,6 +310,13 @@ class Engine:
             return self.source
         return copy.deepcopy(self.model.module).eval()
 
+    @property
+    def learns_from_features(self) -> bool:
+        """Whether joined labels need the features of their predictions (AdaNPC, the error
+        memory, the output corrector learn from them): without these, records keep none."""
+        return any(part is not None
+                   for part in (self.adanpc, self.error_memory, self.output_corrector))
+
     def memories(self) -> list[AdaNPC | AnyErrorMemory]:
         return [m for m in (self.adanpc, self.error_memory) if m is not None]
 

@@ -88,13 +88,16 @@ class Predictor:
                 extra["signal"] = signal
             level = 1 - self.conformal.alpha
         now = time.time()
+        # the features only where a label will learn from them: a demo record is a third of
+        # the size without (the in-process store keeps up to store.max_records of them)
+        features = out.features if self.engine.learns_from_features else None
         records = [
             PredictionRecord(
                 id=sample_id,
                 created_at=now,
                 prediction=float(out.predictions[i]),
                 outputs=out.outputs[i],
-                features=None if out.features is None else out.features[i],
+                features=None if features is None else features[i],
                 model_version=model.version,
                 adapter_version=out.adapter_version,
                 arrays={name: values[i] for name, values in out.arrays.items()},

@@ -106,3 +106,17 @@ def test_the_openapi_schema_describes_every_route():
     assert {"/v1/predict", "/v1/feedback", "/v1/state", "/healthz", "/readyz", "/metrics",
             "/v1/admin/reset", "/v1/admin/checkpoint"} <= set(schema["paths"])
     assert "Tensor" in schema["components"]["schemas"]
+
+
+def test_a_record_keeps_its_features_only_where_a_label_will_learn_from_them() -> None:
+    _, _, x_test, _ = digits_split()
+
+    async def stored(**settings) -> object:
+        async with serving(**settings) as (client, app):
+            await client.post("/v1/predict", json={"inputs": x_test[:2].tolist(),
+                                                   "ids": ["f0", "f1"]})
+            return app.state.runtime.store.raw.get_prediction("f0").features
+
+    assert asyncio.run(stored()) is None  # nothing learns from features: none kept
+    kept = asyncio.run(stored(error_memory={"kind": "exact"}))
+    assert kept is not None and kept.shape == (64,)
