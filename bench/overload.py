@@ -26,7 +26,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -34,64 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.served import HOST, PeakRss, free_port, rss_bytes, wait_ready
 from service.demo import digits_split
 
 ADAPTD = str(Path(sys.executable).with_name("adaptd"))
-HOST = "127.0.0.1"
 RUNS = {
     "bounded": {},
     "unbounded": {"ADAPTD_BATCHER__MAX_QUEUED_SAMPLES": "100000000",
                   "ADAPTD_BATCHER__MAX_INFLIGHT_REQUESTS": "1000000"},
 }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-class PeakRss:
-    """The largest RSS of a process, sampled every 10 ms in a thread while in the `with`."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes(self.pid))
-            self._stop.wait(0.01)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-async def _get(port: int, path: str) -> int:
-    reader, writer = await asyncio.open_connection(HOST, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    status = int((await reader.readline()).split()[1])
-    await reader.read()
-    writer.close()
-    return status
 
 
 async def _post(port: int, request: bytes, timeout: float) -> tuple[int, float, dict[str, str]]:
@@ -129,28 +79,18 @@ def _serve(port: int, environment: dict[str, str]) -> subprocess.Popen:
     env["ADAPTD_LOG_LEVEL"] = "warning"
     process = subprocess.Popen([ADAPTD, "serve", "--host", HOST, "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("adaptd serve exited")
-        try:
-            if asyncio.run(_get(port, "/readyz")) == 200:
-                return process
-        except OSError:
-            pass
-        time.sleep(0.2)
-    process.terminate()
-    raise RuntimeError("adaptd serve was not ready within 120 s")
+    wait_ready(process, port, "/readyz", "adaptd serve")
+    return process
 
 
 def _one_run(environment: dict[str, str], requests: int, request: bytes,
              timeout: float) -> dict[str, object]:
-    port = _free_port()
+    port = free_port()
     process = _serve(port, environment)
     try:
         asyncio.run(_post(port, request, timeout))  # one request first: warm, as in service
         time.sleep(1.0)
-        idle = _rss_bytes(process.pid)
+        idle = rss_bytes(process.pid)
 
         async def load() -> list[tuple[int, float, dict[str, str]]]:
             return await asyncio.gather(*[_post(port, request, timeout)
@@ -161,7 +101,7 @@ def _one_run(environment: dict[str, str], requests: int, request: bytes,
             results = asyncio.run(load())
         elapsed = time.perf_counter() - started
         time.sleep(2.0)
-        after = _rss_bytes(process.pid)
+        after = rss_bytes(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=60)
