@@ -3,9 +3,9 @@
 The demo CNN takes about 1.5M multiply-adds a sample, so serving it measures the server more than
 the model. These are He et al.'s ResNets for CIFAR-10 (a 3x3 stem, three stages of basic blocks
 with 16/32/64 channels, BatchNorm after every convolution, global pooling, one linear layer):
-ResNet-8 (one block a stage, 78k parameters, about 12M multiply-adds a sample, what `bench.serve`
-serves) and ResNet-20 (three a stage, 0.27M parameters, about 41M). A batch of 64 takes a good
-fraction of a second on two CPU cores, so a server's own cost can be read against the model's.
+ResNet-8 here (one block a stage, 78k parameters, about 12M multiply-adds a sample, what
+`bench.serve` serves). A batch of 64 takes a good fraction of a second on two CPU cores, so a
+server's own cost can be read against the model's.
 
 The weights are random, drawn from a fixed seed (the same on every call and in every process, so
 that servers in different processes answer alike): throughput does not depend on them, and the
@@ -75,11 +75,6 @@ def resnet(blocks_per_stage: int) -> nn.Module:
 def resnet8() -> nn.Module:
     """ResNet-8: one basic block a stage (the factory `bench.serve` serves)."""
     return resnet(1)
-
-
-def resnet20() -> nn.Module:
-    """ResNet-20: three basic blocks a stage, as in the paper's CIFAR-10 table."""
-    return resnet(3)
 
 
 def sample_images(count: int, seed: int = 1) -> torch.Tensor:

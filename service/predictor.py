@@ -88,8 +88,8 @@ class Predictor:
                 extra["signal"] = signal
             level = 1 - self.conformal.alpha
         now = time.time()
-        # the features only where a label will learn from them: a demo record is a third of
-        # the size without (the in-process store keeps up to store.max_records of them)
+        # the features only where a label will learn from them: a demo record is about a quarter
+        # smaller without (the in-process store keeps up to store.max_records of them)
         features = out.features if self.engine.learns_from_features else None
         records = [
             PredictionRecord(
