@@ -186,6 +186,37 @@ def test_load_state_refuses_a_state_saved_with_other_options() -> None:
     assert fresh.state() == saved
 
 
+@pytest.mark.parametrize("kind", [ACI, FACI, SplitConformal])
+def test_a_full_window_is_stored_in_4_bytes_a_score_and_old_json_lists_still_load(
+    kind: type[Calibrator],
+) -> None:
+    calibrator = kind(alpha=0.1)
+    assert calibrator.window == (1000 if kind is SplitConformal else 2000)
+    scores = np.random.default_rng(2).exponential(size=calibrator.window + 100)
+    for score in scores:
+        calibrator.update(score)
+    state = calibrator.state()
+    # base64 of float32: 4/3 × 4 bytes a score, and the default windows stay under 20 KB
+    assert len(state["scores"]) == 4 * math.ceil(calibrator.window * 4 / 3)
+    assert len(json.dumps(state, separators=(",", ":"))) < 20_000
+    restored = Calibrator.from_state(json.loads(json.dumps(state)))
+    assert restored.threshold == calibrator.threshold
+    assert restored.state() == state
+    # a state saved before the encoding, its window as a JSON list of floats, loads the same
+    state["scores"] = [float(s) for s in calibrator.scores.scores()]
+    assert Calibrator.from_state(state).state() == calibrator.state()
+    state["scores"] = "not base64!"
+    with pytest.raises(ValueError):
+        Calibrator.from_state(state)
+
+
+def test_scores_beyond_float32_are_kept_at_its_largest_value() -> None:
+    split = SplitConformal(alpha=0.5, window=2)
+    split.update(1e300)
+    split.update(1e300)
+    assert split.threshold == float(np.finfo(np.float32).max)
+
+
 @pytest.mark.parametrize("name", sorted(CALIBRATORS))
 def test_reset_returns_to_the_calibrator_as_built(name: str) -> None:
     calibrator = build_calibrator(name, 0.2, **SMALL_OPTIONS[name])

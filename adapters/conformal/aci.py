@@ -30,7 +30,7 @@ class ACI(Calibrator):
     name = "aci"
 
     def __init__(self, alpha: float = 0.1, gamma: float = 0.005,
-                 window: int | None = 10_000) -> None:
+                 window: int | None = 2_000) -> None:
         super().__init__(alpha)
         self.gamma = _check_positive("gamma", gamma)
         # the reference adapts α_t only once more than ⌊1/α⌋ scores are in
@@ -66,11 +66,10 @@ class ACI(Calibrator):
 
     def _dynamic_state(self) -> dict[str, Any]:
         return {"alpha_t": self._alpha_t, "errors": self.errors, "error_steps": self.error_steps,
-                "scores": self.scores.scores()}
+                "scores": self.scores.encoded()}
 
     def _load_dynamic_state(self, state: dict[str, Any]) -> None:
         self._alpha_t = float(state["alpha_t"])
         self.errors = int(state["errors"])
         self.error_steps = int(state["error_steps"])
-        for score in state["scores"]:
-            self.scores.add(float(score))
+        self.scores.load(state["scores"])

@@ -3,9 +3,11 @@ the bounded window of past scores the quantile-based methods read."""
 
 from __future__ import annotations
 
+import base64
 import bisect
 import inspect
 import math
+import struct
 from collections import deque
 from typing import Any, ClassVar
 
@@ -63,14 +65,24 @@ def _ceil(x: float) -> int:
     return math.ceil(x - 1e-9)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOAT32 = struct.Struct("<f")
+
+
 class ScoreWindow:
     """The last `size` scores, in arrival order and sorted, for O(log n) ranks and counts.
+
+    Scores are kept at float32 precision (a model's outputs have no more), so a window is
+    stored exactly in 4 bytes a score: `encoded()` is their base64 text, about 5.3 KB per
+    1,000 scores where a JSON list of float64 text takes about 19 KB.
 
     >>> window = ScoreWindow(size=3)
     >>> for s in [0.4, 0.1, 0.3, 0.2]:
     ...     window.add(s)
-    >>> window.scores(), window.largest(1), window.count_at_least(0.25)
-    ([0.1, 0.3, 0.2], 0.3, 1)
+    >>> [round(s, 6) for s in window.scores()], round(window.largest(1), 6)
+    ([0.1, 0.3, 0.2], 0.3)
+    >>> window.count_at_least(0.25), ScoreWindow.decoded(window.encoded()) == window.scores()
+    (1, True)
     """
 
     def __init__(self, size: int | None) -> None:
@@ -82,6 +94,9 @@ class ScoreWindow:
         return len(self.arrivals)
 
     def add(self, score: float) -> None:
+        if not -_FLOAT32_MAX <= score <= _FLOAT32_MAX:  # beyond float32's range: its largest
+            score = _FLOAT32_MAX if score > 0 else -_FLOAT32_MAX
+        score = _FLOAT32.unpack(_FLOAT32.pack(score))[0]  # rounded to float32, as stored
         if self.size is not None and len(self.arrivals) == self.size:
             del self.ordered[bisect.bisect_left(self.ordered, self.arrivals[0])]
         self.arrivals.append(score)
@@ -97,6 +112,22 @@ class ScoreWindow:
 
     def scores(self) -> list[float]:
         return list(self.arrivals)
+
+    def encoded(self) -> str:
+        """The scores in arrival order as base64 of little-endian float32: what a state keeps."""
+        return base64.b64encode(np.asarray(self.arrivals, dtype="<f4").tobytes()).decode("ascii")
+
+    @staticmethod
+    def decoded(saved: str | list[float]) -> list[float]:
+        """Scores from `encoded()`, or from the plain JSON list that states saved before."""
+        if isinstance(saved, str):
+            return np.frombuffer(base64.b64decode(saved, validate=True), dtype="<f4").tolist()
+        return [float(score) for score in saved]
+
+    def load(self, saved: str | list[float]) -> None:
+        """Add the scores of a saved window (`encoded()` or a JSON list), oldest first."""
+        for score in self.decoded(saved):
+            self.add(score)
 
     def clear(self) -> None:
         self.arrivals.clear()

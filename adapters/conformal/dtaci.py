@@ -31,9 +31,9 @@ class DtACI(ACIExperts):
 
     It differs from `FACI` (the same experts, the salesforce/online_conformal tuning σ = 1/200,
     η from an interval length of 100) by its faster switching (σ = 1/1000) and its η; α_i are left
-    unclipped, as in `ACI`. The window of past scores defaults to 500 (not ACI's 10,000) so the
-    stored state stays under 20 KB (about 10 KB of JSON); `eta_lookback` adds its losses to it,
-    so keep `window` + `eta_lookback` under about 900 for the same bound.
+    unclipped, as in `ACI`. The window of past scores defaults to 500 (ACI's and FACI's: 2,000),
+    about 3 KB of stored state; `eta_lookback` adds its losses to it as JSON numbers (about 19
+    bytes each), so keep it under about 900 for a state under 20 KB.
 
     Parameters: `alpha` target miscoverage; `sigma`, `eta`, `eta_lookback` as above; `window`
     how many recent scores β_t and q_t are taken over.

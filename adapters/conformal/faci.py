@@ -66,13 +66,12 @@ class ACIExperts(Calibrator):
 
     def _dynamic_state(self) -> dict[str, Any]:
         return {"alphas": self._alphas.tolist(), "weights": self._weights.tolist(),
-                "scores": self.scores.scores()}
+                "scores": self.scores.encoded()}
 
     def _load_dynamic_state(self, state: dict[str, Any]) -> None:
         self._alphas = np.asarray(state["alphas"], dtype=np.float64)
         self._weights = np.asarray(state["weights"], dtype=np.float64)
-        for score in state["scores"]:
-            self.scores.add(float(score))
+        self.scores.load(state["scores"])
 
 
 class FACI(ACIExperts):
@@ -96,7 +95,7 @@ class FACI(ACIExperts):
     name = "faci"
     horizon = 100
 
-    def __init__(self, alpha: float = 0.1, window: int | None = 10_000) -> None:
+    def __init__(self, alpha: float = 0.1, window: int | None = 2_000) -> None:
         super().__init__(alpha, window)
         experts = len(self.gammas)
         a = self.alpha
