@@ -23,6 +23,8 @@ Every calibrator starts cold (no score yet, threshold 0), as the service's would
     python -m bench.conformal                     # every table
     python -m bench.conformal --part synthetic    # or: --part digits, --part regression
     python -m bench.conformal --part regression --delay 100   # labels 100 samples late
+    python -m bench.conformal --part equal-coverage   # the default's set sizes against the
+                                                      # others' at its coverage (by bisection on α)
 
 Prints markdown tables: long-run coverage, the worst coverage over any window of 100 and 500
 steps (labels), mean threshold, set size or interval width, and the median time of one `update`
@@ -236,6 +238,11 @@ class Served:
     errors: np.ndarray
     state_bytes: int
     method: str
+    probabilities: np.ndarray | None = None
+    # the calibrator's options as the service built it, and the reference data's entropy its
+    # label-free signal is measured against (None: no signal)
+    options: dict | None = None
+    reference_entropy: float | None = None
 
 
 def abrupt_digits(domains: int = ABRUPT_DOMAINS, per_domain: int | None = None,
@@ -271,6 +278,7 @@ async def _serve_sets(adapter: str, method: str, options: dict, alpha: float,
     covered = np.zeros(len(labels), dtype=bool)
     sizes = np.zeros(len(labels))
     errors = np.zeros(len(labels), dtype=bool)
+    probabilities = np.zeros((len(labels), int(settings.model.num_classes or 0)))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://adaptd",
@@ -283,6 +291,7 @@ async def _serve_sets(adapter: str, method: str, options: dict, alpha: float,
                     "inputs": inputs[start:end].tolist(), "ids": ids})
                 reply.raise_for_status()
                 for i, row in enumerate(reply.json()["predictions"], start):
+                    probabilities[i] = row["probabilities"]
                     covered[i] = int(labels[i]) in row["set"]
                     sizes[i] = len(row["set"])
                     errors[i] = row["prediction"] != labels[i]
@@ -293,7 +302,10 @@ async def _serve_sets(adapter: str, method: str, options: dict, alpha: float,
                     labelled = due
             state = (await client.get("/v1/state")).json()["calibrator"]
         stored = await app.state.runtime.store.load_calibrator("conformal")
-    return Served(covered, sizes, errors, len(stored or b""), state["method"])
+        conformal = app.state.runtime.conformal
+    return Served(covered, sizes, errors, len(stored or b""), state["method"], probabilities,
+                  dict(conformal.options),
+                  conformal.reference_entropy if conformal.uses_signal else None)
 
 
 def serve_sets(adapter: str, method: str, options: dict, inputs: np.ndarray, labels: np.ndarray,
@@ -327,6 +339,99 @@ def service_table(adapters: list[str], delays: list[int], per_domain: int | None
                          f"{served.sizes.mean():.2f}", f"{served.state_bytes / 1e3:.1f}"]
                 lines.append("| " + " | ".join(cells) + " |")
                 print(lines[-1], f"(error {served.errors.mean():.3f})", flush=True)
+    return "\n".join(lines)
+
+
+# ---- the default's set sizes against the others' at the same coverage ---------------------------
+
+# the calibrators the default's sets are held against (issue 12: ACI, FACI and SAOCP; DtACI too)
+EQUAL_COVERAGE_ROWS: list[tuple[str, str, dict]] = [
+    ("ACI, γ = 0.005", "aci", {}),
+    ("FACI", "faci", {}),
+    ("DtACI", "dtaci", {}),
+    ("SAOCP, lifetime 32", "saocp", {"max_scale": 1.0}),
+]
+
+
+def replay_sets(calibrator: Calibrator, probabilities: np.ndarray, labels: np.ndarray,
+                delay: int, request: int = REQUEST, reference_entropy: float | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The service's schedule offline, on the probabilities it served: LAC sets per request at
+    the calibrator's threshold (for its batch's label-free signal, the mean entropy minus the
+    reference data's over log K, when `reference_entropy` is given), then the labels of samples
+    up to i once sample i + `delay` is served. (covered, set sizes)."""
+    scores = lac_scores(probabilities, labels)
+    safe = np.clip(probabilities, 1e-300, None)
+    entropy = -(probabilities * np.log(safe)).sum(axis=1)
+    scale = math.log(probabilities.shape[1])
+    covered = np.empty(len(labels), dtype=bool)
+    sizes = np.empty(len(labels))
+    signals: list[float | None] = []
+    labelled = 0
+    for start in range(0, len(labels), request):
+        end = min(start + request, len(labels))
+        signal = (None if reference_entropy is None
+                  else (float(np.mean(entropy[start:end])) - reference_entropy) / scale)
+        threshold = calibrator.threshold_for(signal)
+        for i in range(start, end):
+            members = lac_set(probabilities[i], threshold)
+            covered[i], sizes[i] = members[labels[i]], members.sum()
+            signals.append(signal)
+        while labelled < end - delay:
+            calibrator.update(float(scores[labelled]), signals[labelled])
+            labelled += 1
+    return covered, sizes
+
+
+def at_coverage(name: str, options: dict, target: float, probabilities: np.ndarray,
+                labels: np.ndarray, delay: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """The α at which calibrator `name` covers `target` on the replay (bisection to within
+    0.0004, or its closest of 16 tries): (α, covered, sizes)."""
+    low, high = 0.01, 0.25  # a lower α covers more
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for _ in range(16):
+        alpha = (low + high) / 2
+        covered, sizes = replay_sets(build_calibrator(name, alpha, **options), probabilities,
+                                     labels, delay)
+        if best is None or abs(covered.mean() - target) < abs(best[1].mean() - target):
+            best = (alpha, covered, sizes)
+        if abs(covered.mean() - target) < 0.0004:
+            break
+        low, high = (alpha, high) if covered.mean() > target else (low, alpha)
+    assert best is not None
+    return best
+
+
+def equal_coverage_table(delays: list[int], seed: int | None = None,
+                         per_domain: int | None = None) -> str:
+    """The default configuration through the service (adapter `none`, `conformal.method =
+    "auto"`), then each of `EQUAL_COVERAGE_ROWS` replayed offline on the probabilities it served,
+    α moved until it covers what the default covered: set sizes at equal coverage. The default's
+    own replay must give exactly the sets served (it is checked), so the replay is the service."""
+    inputs, labels = abrupt_digits(per_domain=per_domain, seed=seed)
+    header = ["labels late", "method", "α", "coverage", "worst 500", "mean set size",
+              "the default's size against it"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for delay in delays:
+        served = serve_sets("none", "auto", {}, inputs, labels, delay)
+        assert served.probabilities is not None and served.options is not None
+        again, again_sizes = replay_sets(
+            build_calibrator(served.method, ALPHA, **served.options), served.probabilities,
+            labels, delay, reference_entropy=served.reference_entropy)
+        if not (np.array_equal(again, served.covered) and np.array_equal(again_sizes,
+                                                                         served.sizes)):
+            raise RuntimeError("the offline replay of the default differs from what was served")
+        target, size = served.covered.mean(), served.sizes.mean()
+        lines.append(f"| {delay} | the default ({served.method}), served | {ALPHA} | "
+                     f"{target:.4f} | {worst_window(served.covered, 500):.3f} | {size:.3f} | - |")
+        print(lines[-1], flush=True)
+        for label, name, options in EQUAL_COVERAGE_ROWS:
+            alpha, covered, sizes = at_coverage(name, options, target, served.probabilities,
+                                                labels, delay)
+            lines.append(f"| {delay} | {label} | {alpha:.4f} | {covered.mean():.4f} | "
+                         f"{worst_window(covered, 500):.3f} | {sizes.mean():.3f} | "
+                         f"{100 * (size / sizes.mean() - 1):+.1f}% |")
+            print(lines[-1], flush=True)
     return "\n".join(lines)
 
 
@@ -503,7 +608,24 @@ def regression_table(model: FriedmanModel,
                      f"{np.median(np.concatenate([r.update_ns for r in runs])) / 1e3:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
+            if name == "pid":
+                bound = [after_first_label(run, FRIEDMAN_STREAMS[stream][1][0], delay)
+                         for run in runs]
+                cells = [stream, "bound: PID until the drift's first label, then all covered",
+                         *_interval_cells(bound, delay)[:3], "-", "-"]
+                lines.append("| " + " | ".join(cells) + " |")
+                print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+def after_first_label(run: Run, drift: int, delay: int) -> Run:
+    """`run` with every sample covered from the first label of the drifted concept on (sample
+    `drift` + `delay`): the best that any calibrator serving as `run` did until then can reach.
+    Nothing label-free tells a FriedmanDrift drift (its inputs keep their distribution), so no
+    calibrator can do better on the `delay` samples before that label."""
+    covered = run.covered.copy()
+    covered[drift + delay:] = True
+    return Run(covered, run.thresholds, run.update_ns)
 
 
 def max_scale_table(model: FriedmanModel,
@@ -552,17 +674,19 @@ def regression_tables(delay: int, machine: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=["synthetic", "digits", "service", "regression",
-                                           "all"], default="all")
+    parser.add_argument("--part", choices=["synthetic", "digits", "service", "equal-coverage",
+                                           "regression", "all"], default="all")
     parser.add_argument("--delay", type=int, default=None,
                         help="labels come back this many samples late (regression and service "
                         "parts; default: 0 for regression, 0, 32 and 100 through the service)")
     parser.add_argument("--adapters", default="none,eata",
                         help="service part: the adapters to serve the abrupt Digits-C stream with")
     parser.add_argument("--per-domain", type=int, default=None,
-                        help="service part: keep this many samples of each domain (default all)")
+                        help="service and equal-coverage parts: keep this many samples of each "
+                        "domain (default all)")
     parser.add_argument("--seed", type=int, default=None,
-                        help="service part: another draw of the corrupted stream (default B1's)")
+                        help="service and equal-coverage parts: another draw of the corrupted "
+                        "stream (default B1's)")
     parser.add_argument("--methods", default=None,
                         help="service part: only these conformal.method rows, e.g. pid,faci")
     args = parser.parse_args()
@@ -585,6 +709,12 @@ def main() -> None:
                       f"{REQUEST} samples per request, sets as "
                       f"served, target 0.9; {machine}\n\n"
                       f"{table}")
+    if args.part in ("equal-coverage", "all"):
+        delays = list(SERVICE_DELAYS) if args.delay is None else [args.delay]
+        tables.append(f"Digits-C as in the service part (stream seed {args.seed or 'of B1'}), "
+                      f"the default configuration served, the others replayed on its "
+                      f"probabilities at its coverage; {machine}\n\n"
+                      f"{equal_coverage_table(delays, args.seed, args.per_domain)}")
     if args.part in ("regression", "all"):
         tables += regression_tables(args.delay or 0, machine)
     if args.part in ("digits", "all"):

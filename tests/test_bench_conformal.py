@@ -12,8 +12,12 @@ from adapters.conformal import build_calibrator, residual_scores
 from bench.conformal import (
     ABRUPT_DOMAINS,
     FRIEDMAN_STREAMS,
+    Run,
     abrupt_digits,
+    after_first_label,
+    at_coverage,
     friedman_samples,
+    replay_sets,
     run_intervals,
     run_scores,
     serve_sets,
@@ -118,3 +122,29 @@ def test_labels_one_request_late_move_the_sets_served_from_the_second_request_on
     assert served.sizes[64:].mean() < 10 and 0 < served.state_bytes < 20_000
     # a set keeps the predicted class: every right prediction is covered
     assert np.all(served.covered[~served.errors])
+
+
+def test_the_default_replayed_offline_serves_exactly_the_sets_the_service_served():
+    inputs, labels = abrupt_digits(domains=3, per_domain=96)
+    served = serve_sets("none", "auto", {}, inputs, labels, delay=32)
+    assert served.method == "pid" and served.reference_entropy is not None
+    covered, sizes = replay_sets(build_calibrator("pid", 0.1, **served.options),
+                                 served.probabilities, labels, delay=32,
+                                 reference_entropy=served.reference_entropy)
+    assert np.array_equal(covered, served.covered) and np.array_equal(sizes, served.sizes)
+    # the scorecaster reads the signal: without it the same calibrator serves other sets
+    _, plain = replay_sets(build_calibrator("pid", 0.1, **served.options), served.probabilities,
+                           labels, delay=32)
+    assert not np.array_equal(plain, served.sizes)
+    # another calibrator is brought to a coverage by its α alone: here the one it has at α 0.2
+    reached, _ = replay_sets(build_calibrator("faci", 0.2), served.probabilities, labels, 32)
+    alpha, matched, _ = at_coverage("faci", {}, reached.mean(), served.probabilities, labels,
+                                    delay=32)
+    assert abs(matched.mean() - reached.mean()) < 0.0004 and 0.15 < alpha < 0.25
+
+
+def test_the_bound_covers_every_sample_from_the_drifts_first_label_on():
+    covered = np.array([True, False] * 50)
+    bound = after_first_label(Run(covered, np.zeros(100), np.zeros(0, dtype=np.int64)),
+                              drift=40, delay=10)
+    assert np.array_equal(bound.covered[:50], covered[:50]) and bound.covered[50:].all()
