@@ -110,8 +110,9 @@ class Task:
 
     def bounded_losses(self, outputs: np.ndarray, labels: np.ndarray, scale: float
                        ) -> np.ndarray:
-        """Each row's loss in [0, 1] against its label, for weighing candidates: 1 − p_y of
-        the normalised probabilities, or |e| / (|e| + scale) of the mean absolute residual."""
+        """Each row's loss in [0, 1] against its label, for weighing candidates: 1 when the
+        class predicted (the most probable) is not the label, else 0; or |e| / (|e| + scale)
+        of the mean absolute residual."""
         raise NotImplementedError
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
@@ -195,9 +196,10 @@ class Classification(Task):
 
     def bounded_losses(self, outputs: np.ndarray, labels: np.ndarray, scale: float
                        ) -> np.ndarray:
-        probs = np.asarray(outputs, dtype=np.float64)
-        probs = probs / probs.sum(1, keepdims=True)
-        return 1.0 - probs[np.arange(len(probs)), labels.astype(np.int64)]
+        # the error accuracy counts, not 1 − p_y: a candidate whose corrections spread
+        # probability (the error memory's) can be right more often with a larger 1 − p_y
+        predicted = np.asarray(outputs, dtype=np.float64).argmax(axis=1)
+        return (predicted != labels.astype(np.int64)).astype(np.float64)
 
     def scores(self, records: Sequence[PredictionRecord], score: str) -> np.ndarray:
         probs = np.stack([r.outputs for r in records]).astype(np.float64)

@@ -292,7 +292,12 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # its stages as candidates of the online mixture: the source, bn with the supervised step,
     # and the error memory's compensation of it
     Config("bn+mem+sup+mix", _BN_MEM_SUP | {"mixture": {"enabled": True}}),
+    # the mixture's middle candidate alone: bn with the supervised step
+    Config("bn+sup", {"adapter": {"name": "bn"}, "supervised": {"enabled": True}}),
     Config("mem+sup", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True}}),
+    # the source and the error memory's compensation of the supervised model, mixed
+    Config("mem+sup+mix", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True},
+                           "mixture": {"enabled": True}}),
     Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
     # with two classes every softmax is within a cosine of 0.71 of the running mean, so EATA's

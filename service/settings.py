@@ -359,7 +359,7 @@ class MixtureSettings(Section):
     labels, served instead of the last stage alone; needs at least two of them."""
 
     enabled: bool = False
-    eta: PositiveFloat = Field(0.1, description="η, how fast a candidate's weight follows its "
+    eta: PositiveFloat = Field(2.0, description="η, how fast a candidate's weight follows its "
                                "losses (per label)")
     share: float = Field(0.001, ge=0.0, lt=1.0, description="σ, the fixed share every candidate "
                          "keeps, so one that becomes best can take over")

@@ -28,10 +28,13 @@ def test_the_mixture_combines_and_scores_both_tasks():
     combined = mixture.combine({"source": torch.tensor([[1.0, 0.0]]),
                                 "adapted": torch.tensor([[0.0, 1.0]])})
     assert combined.tolist() == [[0.25, 0.75]]
+    # a classifier's loss is the error accuracy counts: the source predicts class 0, wrongly;
+    # the adapted model predicts 1, rightly, however unsure it is
     losses = mixture.losses(task_named("classification"),
-                            {"source": np.array([[0.9, 0.1]]), "adapted": np.array([[0.2, 0.8]])},
-                            np.array([1.0]))
-    assert losses.tolist() == [[pytest.approx(0.9), pytest.approx(0.2)]]
+                            {"source": np.array([[0.9, 0.1], [0.6, 0.4]]),
+                             "adapted": np.array([[0.45, 0.55], [0.2, 0.8]])},
+                            np.array([1.0, 0.0]))
+    assert losses.tolist() == [[1.0, 0.0], [0.0, 1.0]]
     losses = mixture.losses(task_named("regression"),
                             {"source": np.array([[0.0]]), "adapted": np.array([[4.0]])},
                             np.array([[2.0]]))
