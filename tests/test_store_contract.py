@@ -16,11 +16,14 @@ from typing import Protocol
 import numpy as np
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis_server import RedisServer, free_port
 
 from store import JoinResult, MemoryStore, PredictionRecord, Store, StoreUnavailable
 from store.base import LabelEffects
 from store.keys import Keys
+from store.memory import pack_fields, unpack_fields
 from store.redis import RedisStore
 
 
@@ -522,6 +525,28 @@ def test_memory_records_returned_are_copies_the_caller_cannot_change_the_store_t
     assert stored is not None
     np.testing.assert_array_equal(stored.outputs, prediction("req-1").outputs)
     assert stored.extra["set"] == [2, 1]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.text(max_size=40), st.binary(max_size=300), max_size=12))
+def test_memory_record_fields_survive_packing_into_one_bytes_object(
+    fields: dict[str, bytes],
+) -> None:
+    assert unpack_fields(pack_fields(fields)) == fields
+
+
+def test_memory_labelled_markers_still_answer_duplicate_after_their_record_is_gone() -> None:
+    # the marker, negated once labelled, outlives the record by the grace period
+    now = [1000.0]
+    store = MemoryStore("test:grace", record_ttl_s=10.0, expired_grace_s=100.0,
+                        clock=lambda: now[0])
+    store.put_predictions([prediction("req-1"), prediction("req-2")])
+    assert [r.id for r in store.join_labels([("req-1", 1.0)]).joined] == ["req-1"]
+    now[0] += 50.0  # both records expired, both markers live
+    result = store.join_labels([("req-1", 0.0), ("req-2", 0.0)])
+    assert (result.duplicate, result.expired) == (["req-1"], ["req-2"])
+    now[0] += 100.0  # the markers too
+    assert store.join_labels([("req-1", 0.0), ("req-2", 0.0)]).unknown == ["req-1", "req-2"]
 
 
 # --- Memories: capped lists of float32 rows (both backends) -----------------------------------
