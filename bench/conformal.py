@@ -696,6 +696,7 @@ def main() -> None:
                f"{time.strftime('%Y-%m-%d')}")
     started = time.perf_counter()
     tables = []
+    drawn = "of B1" if args.seed is None else args.seed
     if args.part in ("synthetic", "all"):
         tables.append(f"Synthetic |N(0,1)| → |N(0,3)| at step {SHIFT_AT}, target 0.9, mean of "
                       f"{len(SEEDS)} seeds; {machine}\n\n{synthetic_table()}")
@@ -705,13 +706,13 @@ def main() -> None:
         table = service_table(args.adapters.split(","), delays, args.per_domain, args.seed,
                               methods)
         tables.append(f"Digits-C, {ABRUPT_DOMAINS} corrupted domains back to back (abrupt "
-                      f"switches; stream seed {args.seed or 'of B1'}), through the service, "
+                      f"switches; stream seed {drawn}), through the service, "
                       f"{REQUEST} samples per request, sets as "
                       f"served, target 0.9; {machine}\n\n"
                       f"{table}")
     if args.part in ("equal-coverage", "all"):
         delays = list(SERVICE_DELAYS) if args.delay is None else [args.delay]
-        tables.append(f"Digits-C as in the service part (stream seed {args.seed or 'of B1'}), "
+        tables.append(f"Digits-C as in the service part (stream seed {drawn}), "
                       f"the default configuration served, the others replayed on its "
                       f"probabilities at its coverage; {machine}\n\n"
                       f"{equal_coverage_table(delays, args.seed, args.per_domain)}")

@@ -19,6 +19,7 @@ from adapters.conformal import (
     SAOCP,
     SFOGD,
     Calibrator,
+    ScoreWindow,
     SplitConformal,
     aps_scores,
     aps_set,
@@ -208,6 +209,37 @@ def test_a_full_window_is_stored_in_4_bytes_a_score_and_old_json_lists_still_loa
     state["scores"] = "not base64!"
     with pytest.raises(ValueError):
         Calibrator.from_state(state)
+
+
+@pytest.mark.parametrize("kind", [ACI, FACI, SplitConformal])
+def test_a_repeated_score_is_covered_by_the_threshold_it_set(kind: type[Calibrator]) -> None:
+    # 0.7 is not a float32: kept rounded down, the same score again would fall above it
+    calibrator = kind(alpha=0.1, window=200)
+    for _ in range(100):
+        calibrator.update(0.7)
+    assert calibrator.misses <= 1
+    assert calibrator.threshold >= 0.7
+
+
+def test_a_state_saved_with_another_window_carries_on_with_the_newest_scores() -> None:
+    old = FACI(alpha=0.1, window=10_000)  # the default window before it became 2,000
+    scores = np.random.default_rng(4).exponential(size=3000)
+    for score in scores:
+        old.update(score)
+    state = json.loads(json.dumps(old.state()))
+    state["scores"] = [float(s) for s in old.scores.scores()]  # as JSON text, as saved then
+    new = FACI(alpha=0.1)
+    new.load_state(state)
+    assert new.window == 2000 and new.scores.scores() == old.scores.scores()[-2000:]
+    assert new.steps == 3000 and new.state()["window"] == 2000
+    with pytest.raises(ValueError, match="Calibrator.from_state"):
+        FACI(alpha=0.2).load_state(state)  # alpha is not a window: refused
+
+
+@pytest.mark.parametrize("saved", [[0.1, float("nan")], [0.1, float("inf")], {"a": 1}, 3])
+def test_a_saved_window_that_is_not_finite_scores_is_refused(saved: object) -> None:
+    with pytest.raises(ValueError):
+        ScoreWindow.decoded(saved)  # type: ignore[arg-type]
 
 
 def test_scores_beyond_float32_are_kept_at_its_largest_value() -> None:

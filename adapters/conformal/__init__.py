@@ -60,9 +60,11 @@ follows except where a service needs otherwise, on purpose:
   err_t = 1{α_t > β_t} is exactly "s_t fell above the threshold served" whenever 0 < α_t ≤ 1.
 - Past scores live in a bounded window (ACI and FACI: the last 2,000; `window=None` keeps all,
   as the reference does), so memory, update time and the saved state stay bounded. A window
-  keeps its scores at float32 precision and a state stores them as base64 of float32, 4 bytes a
-  score (the reference keeps float64 in memory and saves nothing): ACI's and FACI's full
-  windows are about 11 KB of state.
+  keeps its scores at float32 precision, each rounded up (so a repeated score is covered by the
+  threshold it set, as at full precision), and a state stores them as base64 of float32, 4 bytes
+  a score (the reference keeps float64 in memory and saves nothing): ACI's and FACI's full
+  windows are about 11 KB of state. A state saved with another window loads, keeping the
+  newest scores that fit.
 - Split conformal uses the finite-sample ⌈(n+1)(1−α)⌉ rank (the reference takes the plain 1 − α
   quantile), and while n < (1 − α)/α that rank exceeds n: the threshold is then the largest score
   seen, not +∞.

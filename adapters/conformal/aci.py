@@ -28,6 +28,7 @@ class ACI(Calibrator):
     """
 
     name = "aci"
+    resizable = ("window",)
 
     def __init__(self, alpha: float = 0.1, gamma: float = 0.005,
                  window: int | None = 2_000) -> None:

@@ -67,14 +67,39 @@ def _ceil(x: float) -> int:
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _FLOAT32 = struct.Struct("<f")
+_BITS32 = struct.Struct("<i")
+
+
+def float32_at_least(score: float) -> float:
+    """The smallest float32 ≥ `score` (clipped to float32's range): what a window keeps, so a
+    threshold taken from it is never below the score it came from, and the same score again is
+    covered by it, as it was at full precision.
+
+    >>> float32_at_least(0.7) >= 0.7, float32_at_least(0.5) == 0.5, float32_at_least(-0.7) >= -0.7
+    (True, True, True)
+    """
+    if not -_FLOAT32_MAX <= score <= _FLOAT32_MAX:
+        if score != score:
+            raise ValueError("scores must be finite; got nan")
+        return _FLOAT32_MAX if score > 0 else -_FLOAT32_MAX
+    packed = _FLOAT32.pack(score)  # rounded to the nearest float32
+    rounded = _FLOAT32.unpack(packed)[0]
+    if rounded >= score:
+        return rounded
+    if rounded == 0.0:  # 0 or -0 below a tiny positive score: the smallest positive float32
+        return _FLOAT32.unpack(_BITS32.pack(1))[0]
+    # one step up: a positive float's bit pattern grows with it, a negative one's shrinks
+    bits = _BITS32.unpack(packed)[0]
+    return _FLOAT32.unpack(_BITS32.pack(bits + 1 if rounded > 0 else bits - 1))[0]
 
 
 class ScoreWindow:
     """The last `size` scores, in arrival order and sorted, for O(log n) ranks and counts.
 
-    Scores are kept at float32 precision (a model's outputs have no more), so a window is
-    stored exactly in 4 bytes a score: `encoded()` is their base64 text, about 5.3 KB per
-    1,000 scores where a JSON list of float64 text takes about 19 KB.
+    Scores are kept at float32 precision, each rounded up (`float32_at_least`: a score and
+    the threshold taken from it compare as they did at full precision), so a window is stored
+    exactly in 4 bytes a score: `encoded()` is their base64 text, about 5.3 KB per 1,000
+    scores where a JSON list of float64 text takes about 19 KB.
 
     >>> window = ScoreWindow(size=3)
     >>> for s in [0.4, 0.1, 0.3, 0.2]:
@@ -94,9 +119,7 @@ class ScoreWindow:
         return len(self.arrivals)
 
     def add(self, score: float) -> None:
-        if not -_FLOAT32_MAX <= score <= _FLOAT32_MAX:  # beyond float32's range: its largest
-            score = _FLOAT32_MAX if score > 0 else -_FLOAT32_MAX
-        score = _FLOAT32.unpack(_FLOAT32.pack(score))[0]  # rounded to float32, as stored
+        score = float32_at_least(score)
         if self.size is not None and len(self.arrivals) == self.size:
             del self.ordered[bisect.bisect_left(self.ordered, self.arrivals[0])]
         self.arrivals.append(score)
@@ -119,10 +142,17 @@ class ScoreWindow:
 
     @staticmethod
     def decoded(saved: str | list[float]) -> list[float]:
-        """Scores from `encoded()`, or from the plain JSON list that states saved before."""
+        """Scores from `encoded()`, or from the plain JSON list that states saved before;
+        ValueError for anything else, or for a score that is not finite."""
         if isinstance(saved, str):
-            return np.frombuffer(base64.b64decode(saved, validate=True), dtype="<f4").tolist()
-        return [float(score) for score in saved]
+            scores = np.frombuffer(base64.b64decode(saved, validate=True), dtype="<f4").tolist()
+        elif isinstance(saved, list):
+            scores = [float(score) for score in saved]
+        else:
+            raise ValueError(f"a saved window is base64 text or a list; got {type(saved)}")
+        if not all(math.isfinite(score) for score in scores):
+            raise ValueError("a saved window holds a score that is not finite")
+        return scores
 
     def load(self, saved: str | list[float]) -> None:
         """Add the scores of a saved window (`encoded()` or a JSON list), oldest first."""
@@ -182,6 +212,9 @@ class Calibrator:
 
     name: ClassVar[str] = ""
     uses_signal: ClassVar[bool] = False
+    # options a saved state may differ in and still load: a state saved with another `window`
+    # carries on with the newest scores that fit (a new default, or a replica not yet upgraded)
+    resizable: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, alpha: float) -> None:
         self.alpha = _check_alpha(alpha)
@@ -261,13 +294,15 @@ class Calibrator:
         return calibrator
 
     def load_state(self, state: dict[str, Any]) -> None:
-        """Carry on from `state`, saved by a calibrator of the same kind and options."""
+        """Carry on from `state`, saved by a calibrator of the same kind and options (those
+        in `resizable` may differ)."""
         if state.get("name") != self.name:
             raise ValueError(f"state of calibrator {state.get('name')!r} cannot load into "
                              f"{self.name!r}; use Calibrator.from_state(state)")
         saved = {name: state.get(name) for name in self.option_names()}
-        if saved != self.options():
-            raise ValueError(f"state saved with {saved}, this calibrator has {self.options()}; "
+        mine = self.options()
+        if {name for name in mine if saved[name] != mine[name]} - set(self.resizable):
+            raise ValueError(f"state saved with {saved}, this calibrator has {mine}; "
                              f"use Calibrator.from_state(state) to build one like it")
         self.reset()
         self.steps = int(state["steps"])

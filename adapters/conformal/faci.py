@@ -22,6 +22,7 @@ class ACIExperts(Calibrator):
     pinball losses: what FACI and DtACI share. A subclass sets `eta` and `sigma`; it may
     re-tune η each step (`_eta_now`)."""
 
+    resizable = ("window",)
     gammas: tuple[float, ...] = tuple(0.001 * 2**k for k in range(8))
     eta: float
     sigma: float

@@ -23,6 +23,7 @@ class SplitConformal(Calibrator):
     """
 
     name = "split"
+    resizable = ("window",)
 
     def __init__(self, alpha: float = 0.1, window: int | None = 1000) -> None:
         super().__init__(alpha)
