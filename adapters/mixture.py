@@ -5,7 +5,9 @@ A batch passes through stages, each a candidate prediction for the same sample: 
 (the frozen copy the guards run), the adapted model (after the test-time adapter), and the
 compensated outputs (after AdaNPC's vote, the output corrector and the error memory). Which is
 best depends on the stream, and changes along it: on a stream the adapter cannot follow the source
-is best, after a shift that the labels teach the compensated outputs are. The mixture serves
+is best, after a shift that the labels teach the compensated outputs are. One more candidate is
+no stage: the label that arrived last, served for every sample (`newest_label`), best where
+labels persist, as in classes that come in runs or a level that moves slowly. The mixture serves
 
     p_t = Σ_i w_i,t · p_i,t                                   (probabilities, or values)
 
@@ -31,7 +33,7 @@ mixture kept the source's sharper, less accurate outputs (image segments: 94.0% 
 
 The share σ keeps every weight at least σ/N, so a candidate that was worst for a while can take
 over within about ln(N/σ) / (η · g) labels once it is better by g per label: with η = 2,
-σ = 0.001 and three candidates, about 4 labels at a gap of 1, about 13 at 0.3. η was 0.1 (about
+σ = 0.001 and four candidates, about 4 labels at a gap of 1, about 14 at 0.3. η was 0.1 (about
 270 labels at 0.3) until B6 measured 0.1, 0.5, 1 and 2 on its 14 streams of 800 to 4,800 labels,
 each with labels at once and 100 late: 2 was as good as 0.1 or better on 25 of the 28 runs
 (friedman-lea up to 0.7% more MAE, image segments 0.1 point), and on the time series up to 22%
@@ -56,7 +58,7 @@ class FixedShareMixture:
     """
 
     def __init__(self, names: list[str], eta: float = 2.0, share: float = 0.001,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, start_low: tuple[str, ...] = ()) -> None:
         if len(names) < 2:
             raise ValueError(f"a mixture needs at least two candidates, got {names}")
         if not eta > 0:
@@ -67,7 +69,14 @@ class FixedShareMixture:
         self.eta = float(eta)
         self.share = float(share)
         self.scale = float(scale)  # a regressor's: its losses are |e| / (|e| + scale)
-        self.weights = [1.0 / len(names)] * len(names)
+        # candidates in `start_low` start at the floor σ/N (at least 0.001/N, so they can rise)
+        # and earn their weight on labels; the rest share what is left evenly
+        low = max(self.share, 0.001) / len(names)
+        starting = [name in start_low for name in names]
+        if all(starting):
+            raise ValueError("start_low leaves no candidate to start from")
+        high = (1.0 - low * sum(starting)) / (len(names) - sum(starting))
+        self.weights = [low if s else high for s in starting]
         self.labels = 0
 
     def combine(self, candidates: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -298,6 +298,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # the source and the error memory's compensation of the supervised model, mixed
     Config("mem+sup+mix", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True},
                            "mixture": {"enabled": True}}),
+    # the defaults with the mixture on: the model as served and the label that arrived last
+    Config("mix", {"mixture": {"enabled": True}}),
     Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
     # with two classes every softmax is within a cosine of 0.71 of the running mean, so EATA's

@@ -65,10 +65,15 @@ SOURCE_OUTPUTS = "source_outputs"  # what the source model served for the same i
 # labels of samples served before a reset, by another replica or by an earlier process never
 # count for the comparison with the source (a float32 holds it exactly: below 2**24)
 EPOCH = "epoch"
+# the mixture's candidate that is no stage of the pipeline: the label that arrived last, served for
+# every sample (one-hot for a classifier), for streams whose labels persist (runs of one class, a
+# level that moves slowly)
+NEWEST_LABEL = "newest_label"
 # the mixture's other candidates: after the test-time adapter, and after the memories and the
 # corrector (the source's are SOURCE_OUTPUTS)
 CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
-                    "compensated": "candidate.compensated"}
+                    "compensated": "candidate.compensated",
+                    NEWEST_LABEL: "candidate.newest_label"}
 
 
 class NonFiniteOutputs(ValueError):
@@ -259,6 +264,9 @@ class Engine:
         self.source = source
         self.comparison = comparison if source is not None else None
         self.mixture = mixture
+        # the label that arrived last, as a target row (one-hot, or values): the mixture's
+        # NEWEST_LABEL candidate; None until the first label, and the mixture waits for it
+        self._newest_label: torch.Tensor | None = None
         self.recent = recent
         self._epoch = secrets.randbelow(2**24)
         # configurations that will do nothing (measured or known at start-up), said at start
@@ -355,6 +363,8 @@ class Engine:
         # corrections change by themselves as they fill, which is no drift of the inputs
         model_outputs = outputs.numpy()
         candidates: dict[str, torch.Tensor | None] = {"source": source, "adapted": outputs}
+        if self._newest_label is not None:
+            candidates[NEWEST_LABEL] = self._newest_label.expand(count, -1).clone()
         arrays: dict[str, np.ndarray] = {}
         if source is not None:
             arrays[SOURCE_OUTPUTS] = source.numpy()
@@ -447,7 +457,7 @@ class Engine:
         them missing."""
         if self.mixture is None:
             return None
-        mixed = {name: candidates[name] for name in self.mixture.names}
+        mixed = {name: candidates.get(name) for name in self.mixture.names}
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
 
@@ -524,6 +534,9 @@ class Engine:
         if batch.errors is not None:
             self.observe_errors(batch.errors)
         self._compare(batch)
+        if self.mixture is not None and NEWEST_LABEL in self.mixture.names and len(batch.labels):
+            newest = torch.from_numpy(batch.labels[-1:])
+            self._newest_label = self.task.targets(newest, self.model.width).float()
         if (self.mixture is not None and batch.candidates is not None
                 and batch.candidate_labels is not None):
             self.mixture.learn(self.mixture.losses(self.task, batch.candidates,

@@ -184,8 +184,9 @@ class Metrics:
             "over the comparison's window since the last reset", ["model"], registry=r,
         )
         self.mixture_weight = Gauge(
-            "adaptd_mixture_weight", "the online mixture's weight on each candidate (source, "
-            "adapted, compensated), learnt from joined labels", ["candidate"], registry=r,
+            "adaptd_mixture_weight", "the online mixture's weight on each candidate "
+            "(newest_label, source, adapted, compensated), learnt from joined labels",
+            ["candidate"], registry=r,
         )
         self.store_errors = Counter(
             "adaptd_store_errors", "store operations that failed, by operation",

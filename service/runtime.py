@@ -28,7 +28,7 @@ from adapters.tta.eata import ETA
 from adapters.tta.norm import normalisation_affines
 from service.batcher import MicroBatcher
 from service.calibration import Conformal
-from service.engine import AnyErrorMemory, Engine, RecentInputs
+from service.engine import NEWEST_LABEL, AnyErrorMemory, Engine, RecentInputs
 from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
@@ -294,16 +294,21 @@ def torch_threads(settings: Settings) -> int:
 
 
 def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
-    """The stages of this pipeline that differ: the source (with its copy), the adapted model
-    (when an adapter changes it), the compensated outputs (AdaNPC, the corrector, the error
-    memory)."""
-    names = ["source"] if shadow else []
+    """The newest label (with `mixture.newest_label`), then the stages of this pipeline that
+    differ: the source (with its copy), the adapted model (when an adapter changes it), the
+    compensated outputs (AdaNPC, the corrector, the error memory). The last is what learns."""
+    stages = ["source"] if shadow else []
     if settings.adapter.method != "none" or settings.supervised.enabled:
-        names.append("adapted")
+        stages.append("adapted")
     if (settings.adapter.memories or settings.error_memory.kind != "off"
             or settings.output_corrector.enabled):
-        names.append("compensated")
-    return names
+        stages.append("compensated")
+    if not stages:  # nothing learns and no shadow: the model as served is the one stage
+        stages = ["adapted"]
+    newest = settings.mixture.newest_label
+    if newest == "auto":  # B6: a regressor's level persists, a classifier's classes rarely do
+        newest = "on" if settings.model.task == "regression" else "off"
+    return ([NEWEST_LABEL] if newest == "on" else []) + stages
 
 
 def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.ndarray | None
@@ -313,8 +318,10 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     if not m.enabled or len(names) < 2:
         return None
     scale = _loss_scale(model, spread)
+    # the newest label is no model: it starts at the floor, or while the first labels of mixed
+    # predictions are on their way (labels late) it would have half the say against one stage
     return FixedShareMixture(names, eta=m.eta, share=m.share,
-                             scale=1.0 if scale is None else scale)
+                             scale=1.0 if scale is None else scale, start_low=(NEWEST_LABEL,))
 
 
 def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData | None
@@ -338,8 +345,9 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
     if settings.mixture.enabled and engine.mixture is None:
         names = mixture_candidates(settings, engine.source is not None)
         said.append(f"mixture.enabled has {len(names)} candidate(s) ({', '.join(names) or 'none'})"
-                    ": it needs two of the source (shadow.enabled), an adapter other than none or "
-                    "the supervised step, and a memory or the output corrector")
+                    ": it needs two of the newest label (mixture.newest_label), the source "
+                    "(shadow.enabled), an adapter other than none or the supervised step, and a "
+                    "memory or the output corrector")
     if settings.adapter.norm == "balanced":
         statistics = getattr(adapter, "statistics", None)
         if not engine.task.discrete:

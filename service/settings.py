@@ -363,6 +363,9 @@ class MixtureSettings(Section):
                                "losses (per label)")
     share: float = Field(0.001, ge=0.0, lt=1.0, description="σ, the fixed share every candidate "
                          "keeps, so one that becomes best can take over")
+    newest_label: Literal["auto", "on", "off"] = Field(
+        "auto", description="a candidate that serves the label that arrived last, for streams "
+        "whose labels persist; auto: on for a regressor, off for a classifier")
 
 
 class ErrorMemorySettings(Section):
