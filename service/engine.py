@@ -265,7 +265,8 @@ class Engine:
         self.comparison = comparison if source is not None else None
         self.mixture = mixture
         # the label that arrived last, as a target row (one-hot, or values): the mixture's
-        # NEWEST_LABEL candidate; None until the first label, and the mixture waits for it
+        # NEWEST_LABEL candidate; None until the first label (the candidate is then the last
+        # stage's outputs)
         self._newest_label: torch.Tensor | None = None
         self.recent = recent
         self._epoch = secrets.randbelow(2**24)
@@ -458,6 +459,10 @@ class Engine:
         if self.mixture is None:
             return None
         mixed = {name: candidates.get(name) for name in self.mixture.names}
+        if NEWEST_LABEL in mixed and mixed[NEWEST_LABEL] is None:
+            # no label yet: the candidate repeats the last stage, so it moves no weight, and the
+            # records still keep every candidate for the mixture and the comparison to learn from
+            mixed[NEWEST_LABEL] = candidates.get(self.mixture.names[-1])
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
 

@@ -144,7 +144,9 @@ class MemoryStore:
         # id -> (expires_at, packed fields); insertion order is expiry order (the TTL is fixed)
         self._records: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         # id -> its expiry, a grace period after its record's, negated once labelled (a float
-        # rather than an (expiry, labelled) tuple: 56 bytes less for each of up to 800,000)
+        # rather than an (expiry, labelled) tuple: 56 bytes less for each of up to 800,000). An
+        # expiry is after the clock's reading plus record_ttl_s > 0, so with a clock that reads
+        # 0 or more (time.time, a test's) it is positive and its sign free to say "labelled"
         self._markers: OrderedDict[str, float] = OrderedDict()
         self._adapters: dict[int, bytes] = {}
         self._adapter_version = 0
