@@ -364,8 +364,6 @@ class Engine:
         # corrections change by themselves as they fill, which is no drift of the inputs
         model_outputs = outputs.numpy()
         candidates: dict[str, torch.Tensor | None] = {"source": source, "adapted": outputs}
-        if self._newest_label is not None:
-            candidates[NEWEST_LABEL] = self._newest_label.expand(count, -1).clone()
         arrays: dict[str, np.ndarray] = {}
         if source is not None:
             arrays[SOURCE_OUTPUTS] = source.numpy()
@@ -459,10 +457,12 @@ class Engine:
         if self.mixture is None:
             return None
         mixed = {name: candidates.get(name) for name in self.mixture.names}
-        if NEWEST_LABEL in mixed and mixed[NEWEST_LABEL] is None:
+        if NEWEST_LABEL in mixed:
+            last = candidates.get(self.mixture.names[-1])
             # no label yet: the candidate repeats the last stage, so it moves no weight, and the
             # records still keep every candidate for the mixture and the comparison to learn from
-            mixed[NEWEST_LABEL] = candidates.get(self.mixture.names[-1])
+            mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
+                                   else self._newest_label.expand(len(last), -1).clone())
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
 
