@@ -38,9 +38,10 @@ The traffic axis: `--orders` changes the order of the samples within each corrup
 Prints a markdown table: one row per method, norm, order, request size and labels, with the
 error per domain (%), the mean over the corrupted domains, the clean error after the stream,
 the number of corrupted domains where the method's error exceeds that of adapter `none` on the
-same order and request size (`none` is run for the comparison when --methods lacks it, marked
-"(baseline)"), and backward samples (samples that entered a gradient step). Runs of the `repeat`
-order get a table of their own.
+same order and request size (`none` is run for the comparison when --methods lacks it, or when
+--set or labels would change what it serves: the baseline is the source model as trained, with
+no --set and no labels; marked "(baseline)"), and backward samples (samples that entered a
+gradient step). Runs of the `repeat` order get a table of their own.
 """
 
 from __future__ import annotations
@@ -274,6 +275,16 @@ def method_settings(method: str, norm: str, overrides: dict[str, str] | None = N
     return load_settings(None, **_merged({"adapter": adapter}, sections(overrides or {})))
 
 
+def statistics_label(norm: str, learning: dict[str, Any]) -> str:
+    """The mode column's statistics, from what the engine says it built (`/v1/state`'s
+    `learning`): "robust BN", and ", graded" where the layers' momenta differ, ", runs filter"
+    where the class-run filter serves."""
+    momenta = learning.get("adapter", {}).get("norm_momenta") or []
+    graded = ", graded" if len(set(momenta)) > 1 else ""
+    runs = ", runs filter" if "runs" in learning else ""
+    return f"{norm} BN{graded}{runs}"
+
+
 def effective_norm(norm: str, overrides: dict[str, str] | None) -> str:
     """The BatchNorm mode a run gets: `norm`, unless --set names another."""
     return (overrides or {}).get("ADAPTD_ADAPTER__NORM", norm)
@@ -317,7 +328,8 @@ def run_in_process(method: str, norm: str, domains: list[Domain], batch_size: in
     norm = effective_norm(norm, overrides)
     metrics = Metrics()
     engine = build_engine(method_settings(method, norm, overrides), metrics, EventLog(metrics))
-    result = Result(method, f"in process, batch {batch_size}, {norm} BN", norm=norm,
+    label = statistics_label(norm, engine.describe_learning())
+    result = Result(method, f"in process, batch {batch_size}, {label}", norm=norm,
                     order=order, request_size=batch_size, overrides=dict(overrides or {}))
     started = time.perf_counter()
     try:
@@ -367,7 +379,9 @@ def run_through_service(method: str, domains: list[Domain], concurrency: int = 8
     try:
         _wait_ready(base, server)
         samples = "1 sample" if request_size == 1 else f"{request_size} samples"
-        result = Result(method, f"service, {samples}/request, {concurrency} in flight, {norm} BN",
+        learning = httpx.get(f"{base}/v1/state", timeout=10).json().get("learning", {})
+        label = statistics_label(norm, learning)
+        result = Result(method, f"service, {samples}/request, {concurrency} in flight, {label}",
                         norm=norm, order=order, request_size=request_size, service=True,
                         label_fraction=label_fraction, label_delay=label_delay,
                         overrides=dict(overrides or {}))
@@ -483,14 +497,17 @@ async def _send_stream(base: str, domains: list[Domain], concurrency: int,
 
 # --- the grid -----------------------------------------------------------------------------------
 
-def _pairs(methods: Sequence[str], norms: Sequence[str]) -> list[tuple[str, str, bool]]:
+def _pairs(methods: Sequence[str], norms: Sequence[str], none_is_source: bool = True
+           ) -> list[tuple[str, str, bool]]:
     """(method, norm, baseline) in run order: `none` first (added as the baseline when
-    `methods` lacks it), then by norm and method; methods that use no test-time BatchNorm
-    statistics are not run with `batch`, the robust run has them."""
+    `methods` lacks it, or when `none_is_source` is false: `--set` or labels change what `none`
+    serves, and the baseline is the source model as trained), then by norm and method; methods
+    that use no test-time BatchNorm statistics are not run with `batch`, the robust run has
+    them."""
     pairs = [(m, n, False) for n in norms for m in methods
              if not (n == "batch" and m in NO_BN_STATISTICS)]
     nones = [p for p in pairs if p[0] == "none"]
-    if nones:
+    if nones and none_is_source:
         pairs.remove(nones[0])
         return [nones[0], *pairs]
     norm = next((n for n in norms if n != "batch"), "robust")
@@ -519,17 +536,21 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
         source = source_answer(ordered[0].inputs[0]) if parse_order(order) == REPEAT else None
         for size in request_sizes:
             baseline = None
-            for method, norm, is_baseline in _pairs(methods, norms):
+            plain = not overrides and not label_fraction
+            for method, norm, is_baseline in _pairs(methods, norms, none_is_source=plain):
+                # the baseline is the source model as trained: no --set, no labels
+                sets = None if is_baseline else overrides
+                fraction = 0.0 if is_baseline else label_fraction
                 if service:
                     result = run_through_service(
                         method, ordered, concurrency, norm=norm, request_size=size, order=order,
-                        overrides=overrides, source=source, label_fraction=label_fraction,
-                        label_delay=label_delay, seed=seed)
+                        overrides=sets, source=source, label_fraction=fraction,
+                        label_delay=label_delay if fraction else 0, seed=seed)
                 else:
                     result = run_in_process(method, norm, ordered, size, order=order,
-                                            overrides=overrides, source=source,
-                                            label_fraction=label_fraction,
-                                            label_delay=label_delay)
+                                            overrides=sets, source=source,
+                                            label_fraction=fraction,
+                                            label_delay=label_delay if fraction else 0)
                 result.baseline = is_baseline
                 baseline = baseline or result  # `none` runs first
                 compare(result, baseline)

@@ -283,8 +283,13 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
                       **_OFF}),
     Config("defaults"),
     Config("defaults-nodrift", _OFF),
+    # the default adapter: graded statistics and the class-run filter, for a classifier
     Config("bn", {"adapter": {"name": "bn"}}),
+    # bn as it was until stop 22: every layer at one momentum, no filter
+    Config("bn-plain", {"adapter": {"name": "bn", "norm_layers": "same", "runs": "off"}}),
     Config("bn-balanced", {"adapter": {"name": "bn", "norm": "balanced"}}),
+    # the class-run filter over the source's answers
+    Config("runs", {"adapter": {"name": "none", "runs": "filter"}}, tasks=("classification",)),
     Config("memory", {"error_memory": {"kind": "exact"}}),
     Config("supervised", {"supervised": {"enabled": True}}),
     Config("bn+mem+sup", _BN_MEM_SUP),

@@ -48,6 +48,8 @@ from adapters.learner import Learner
 from adapters.memory.adanpc import AdaNPC
 from adapters.memory.error_memory import ErrorMemory, HashedErrorMemory
 from adapters.mixture import FixedShareMixture
+from adapters.tta.norm import RobustBatchNorm
+from adapters.tta.runs import ClassRunFilter
 from drift import Action
 from service.events import EventLog
 from service.metrics import Metrics
@@ -61,6 +63,9 @@ BEFORE_ERROR_MEMORY = "before_error_memory"  # the outputs the error memory corr
 BEFORE_CORRECTOR = "before_corrector"  # a regressor's values before the output corrector
 INPUTS = "inputs"  # the flattened inputs, for the supervised step
 SOURCE_OUTPUTS = "source_outputs"  # what the source model served for the same input (the shadow)
+# what learns, before the class-run filter (kept with the shadow and no mixture): the comparison
+# with the source judges the learning parts, not the filter's use of the stream's order
+BEFORE_RUNS = "before_runs"
 # which learning the sample was served by: a token drawn anew at start and at every reset, so
 # labels of samples served before a reset, by another replica or by an earlier process never
 # count for the comparison with the source (a float32 holds it exactly: below 2**24)
@@ -244,6 +249,7 @@ class Engine:
         comparison: SourceComparison | None = None,
         mixture: FixedShareMixture | None = None,
         recent: RecentInputs | None = None,
+        runs: ClassRunFilter | None = None,
     ) -> None:
         self.model = model
         self.task = model.task
@@ -269,6 +275,8 @@ class Engine:
         # stage's outputs)
         self._newest_label: torch.Tensor | None = None
         self.recent = recent
+        # the class-run filter: the last stage, over what every other stage served
+        self.runs = runs
         self._epoch = secrets.randbelow(2**24)
         # configurations that will do nothing (measured or known at start-up), said at start
         self.warnings: list[str] = []
@@ -297,6 +305,10 @@ class Engine:
         parts: dict[str, object] = {
             "adapter": {"name": self.adapter.name, "learning_rate": self.adapter.learning_rate,
                         "norm": self.adapter.norm}}
+        momenta = [round(layer.momentum, 5) for layer in self.model.module.modules()
+                   if isinstance(layer, RobustBatchNorm) and layer.fixed_momentum is None]
+        if momenta:  # per layer, where they move per sample: graded ones differ
+            parts["adapter"]["norm_momenta"] = momenta  # type: ignore[index]
         if self.adanpc is not None:
             parts["adanpc"] = self.adanpc.describe()
         if self.error_memory is not None:
@@ -310,6 +322,8 @@ class Engine:
         if self.mixture is not None:
             parts["mixture"] = self.mixture.describe()
         parts["drift"] = self.drift is not None
+        if self.runs is not None:
+            parts["runs"] = self.runs.describe()
         return parts
 
     def source_module(self) -> torch.nn.Module:
@@ -395,6 +409,12 @@ class Engine:
             for name, values in mixed.items():
                 arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
             outputs = self.mixture.combine(mixed)
+        if self.runs is not None:
+            if source is not None and self.mixture is None:
+                arrays[BEFORE_RUNS] = outputs.numpy()
+            # the rows in the order served; a forward with adapt=False (the batcher's retry of
+            # a failed batch, request by request) is filtered without moving the filter
+            outputs = self.runs.filter(outputs, commit=adapt)
         predictions = self.task.predictions(outputs).numpy()
         entropy = self.task.entropy(outputs)
         if entropy is not None:
@@ -621,6 +641,8 @@ class Engine:
         self._supervised_labels.clear()
         if self.recent is not None:  # the source model has learnt from none of them
             self.recent.clear()
+        if self.runs is not None:  # the class mix it divides by was the old model's
+            self.runs.reset()
         # the memories hold what the old model did: the AdaNPC memory goes back to its seed, the
         # error memory (errors of the old model's outputs) empties
         for memory in self.memories():

@@ -15,6 +15,7 @@ from service.calibration import Conformal
 from service.engine import (
     BEFORE_CORRECTOR,
     BEFORE_ERROR_MEMORY,
+    BEFORE_RUNS,
     CANDIDATE_ARRAYS,
     EPOCH,
     INPUTS,
@@ -243,8 +244,10 @@ class FeedbackService:
         if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
             batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
         mixture = self.engine.mixture
-        # what learns: the served outputs, or under a mixture its last stage
-        learnt = None if mixture is None else CANDIDATE_ARRAYS[mixture.names[-1]]
+        # what learns: the served outputs, under a mixture its last stage, and under the
+        # class-run filter the outputs before it
+        learnt = (CANDIDATE_ARRAYS[mixture.names[-1]] if mixture is not None
+                  else BEFORE_RUNS if self.engine.runs is not None else None)
         shadowed = [r for r in records if SOURCE_OUTPUTS in r.arrays and EPOCH in r.arrays
                     and (learnt is None or learnt in r.arrays)]
         if self.engine.comparison is not None and shadowed:

@@ -25,7 +25,13 @@ from adapters.memory.adanpc import AdaNPC
 from adapters.memory.error_memory import build_error_memory
 from adapters.mixture import FixedShareMixture
 from adapters.tta.eata import ETA
-from adapters.tta.norm import normalisation_affines
+from adapters.tta.norm import (
+    RobustBatchNorm,
+    class_run_scales,
+    grade_momenta,
+    normalisation_affines,
+)
+from adapters.tta.runs import ClassRunFilter
 from service.batcher import MicroBatcher
 from service.calibration import Conformal
 from service.engine import NEWEST_LABEL, AnyErrorMemory, Engine, RecentInputs
@@ -256,6 +262,7 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     error_memory = _error_memory(settings, model, reference)
     output_corrector = _output_corrector(settings, model, reference)
     supervised = _supervised(settings, model)  # injects its low-rank layers before the adapter
+    _grade(settings, model, reference)
     try:
         adapter = build_adapter(
             settings.adapter, model.module, model.task, num_classes=model.num_classes,
@@ -279,7 +286,8 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     # only what learns without labels needs to know a repeat (labels teach as ever)
                     recent=RecentInputs(settings.adapter.repeat_memory) if (
                         settings.adapter.name != "none" and settings.adapter.repeat_memory)
-                    else None)
+                    else None,
+                    runs=_runs(settings, model, adapter))
     engine.warnings = inert_settings(settings, engine, reference)
     return engine
 
@@ -309,6 +317,44 @@ def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
     if newest == "auto":  # B6: a regressor's level persists, a classifier's classes rarely do
         newest = "on" if settings.model.task == "regression" else "off"
     return ([NEWEST_LABEL] if newest == "on" else []) + stages
+
+
+def _graded(settings: Settings, model: LoadedModel, reference: ReferenceData | None) -> bool:
+    """Whether robust BN layers move by graded momenta: `adapter.norm_layers` graded (or auto)
+    for a classifier, robust statistics that move per sample (not `none`, whose model keeps its
+    own, nor RoTTA, whose memory moves them) and reference data to measure the grades on."""
+    return (settings.adapter.norm_layers != "same" and settings.adapter.norm == "robust"
+            and settings.adapter.method not in ("none", "rotta")
+            and model.task.discrete and reference is not None)
+
+
+def _grade(settings: Settings, model: LoadedModel, reference: ReferenceData | None) -> None:
+    """Mark the model's BatchNorm layers with their momentum scales (`_graded`), or with none.
+    A model whose layers cannot be measured (a layer that no forward reaches, or one reached
+    twice) keeps the same momentum everywhere, said in the log."""
+    scales = None
+    if _graded(settings, model, reference):
+        assert reference is not None
+        try:
+            scales = class_run_scales(model.module, reference.inputs, reference.labels)
+        except (RuntimeError, ValueError, IndexError) as error:
+            log.warning("adapter.norm_layers: the reference data could not grade this model's "
+                        "BatchNorm layers (%s); every layer moves by norm_momentum", error)
+    grade_momenta(model.module, scales)
+
+
+def _runs(settings: Settings, model: LoadedModel, adapter: Adapter) -> ClassRunFilter | None:
+    """The class-run filter, for a classifier with `adapter.runs = "filter"`, or `auto` and an
+    adapter that changes the model (test-time BatchNorm statistics or a gradient step: over the
+    source model alone the filter lost on B1). A regressor has no classes to run:
+    `inert_settings` says so when the filter was asked for."""
+    classes = model.num_classes or 0
+    adapts = adapter.learning_rate > 0 or any(
+        isinstance(m, RobustBatchNorm) for m in model.module.modules())
+    wanted = settings.adapter.runs == "filter" or (settings.adapter.runs == "auto" and adapts)
+    if not wanted or not model.task.discrete or classes < 2:
+        return None
+    return ClassRunFilter(classes, window=settings.adapter.runs_window)
 
 
 def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.ndarray | None
@@ -359,6 +405,20 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
         elif statistics is not None and not statistics.layers:
             said.append("adapter.norm = 'balanced' has no BatchNorm layer to balance in this "
                         "model; set norm 'robust'")
+    if settings.adapter.norm_layers == "graded" and not _graded(settings, engine.model,
+                                                                reference):
+        said.append("adapter.norm_layers = 'graded' measures how far a run of one class drags "
+                    "each layer, which needs a classifier, adapter.norm = 'robust' and "
+                    "model.reference_data: every layer moves by norm_momentum")
+    if settings.adapter.runs == "filter" and engine.runs is None:
+        said.append("adapter.runs = 'filter' follows runs of classes, and a regressor (or a "
+                    "one-class model) has none: set adapter.runs 'off'")
+    if adapter.name == "bn" and not any(isinstance(m, RobustBatchNorm)
+                                        for m in engine.model.module.modules()) \
+            and settings.adapter.norm in ("robust", "balanced"):
+        said.append("adapter bn finds no BatchNorm layer with running statistics in this model: "
+                    "it serves the model as trained; set adapter none, or choose a method that "
+                    "learns by gradient")
     if adapter.name == "bn" and settings.adapter.norm == "source":
         said.append("adapter bn with adapter.norm = 'source' keeps the training statistics: it "
                     "serves the source model; choose norm 'robust' or adapter 'none'")

@@ -225,7 +225,7 @@ class AdapterSettings(Section):
     """The test-time adaptation method and its knobs (None keeps the method's reference default)."""
 
     name: str = Field(
-        "none",
+        "bn",
         pattern=r"^[a-z]+(\+[a-z]+)*$",
         description="none, bn, tent, eta, eata, psmt, rotta, sar; add '+adanpc' for AdaNPC's "
         "memory votes on top (or 'adanpc' alone, on the source model)",
@@ -243,12 +243,29 @@ class AdapterSettings(Section):
         "statistics, unchanged)",
     )
     norm_momentum: float = Field(0.02, gt=0.0, le=1.0, description="robust BN, per sample")
+    norm_layers: Literal["auto", "same", "graded"] = Field(
+        "auto", description="robust BN: every layer moves by norm_momentum (same), or each by "
+        "its share, measured on the reference data, so that a run of one class drags every "
+        "layer about equally far (graded: the layers whose statistics are mostly the class "
+        "move slowly); auto: graded for a classifier with reference data, else same"
+    )
     norm_window: int = Field(
         500, ge=2, description="balanced BN: samples over which a class's share of the "
         "statistics is counted (a run of one class drags them only as far as its share)"
     )
     adapt_batch_size: PositiveInt = Field(
         64, description="samples per gradient step; smaller batches are buffered until then"
+    )
+    runs: Literal["auto", "filter", "off"] = Field(
+        "auto", description="a classifier's answers filtered over consecutive samples by a "
+        "sticky Markov chain whose stickiness is learnt from the stream (classes that come in "
+        "runs keep their class; shuffled traffic is served as the model answers); off: each "
+        "request alone; auto: filter for a classifier whose adapter changes the model (BatchNorm "
+        "statistics or a gradient step)"
+    )
+    runs_window: int = Field(
+        200, ge=1, description="the class-run filter: samples over which the model's class mix "
+        "is averaged"
     )
     repeat_memory: int = Field(
         4096, ge=0, description="distinct recent inputs remembered: a batch made only of inputs "

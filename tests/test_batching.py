@@ -16,7 +16,9 @@ from tests.models import POISON
 
 
 def test_64_concurrent_single_sample_requests_are_merged_and_each_gets_its_own_prediction():
-    settings = settings_for(batcher={"max_batch_size": 64, "max_wait_ms": 100})
+    # each answer is compared with the source model's: adapter none, which no traffic moves
+    settings = settings_for(batcher={"max_batch_size": 64, "max_wait_ms": 100},
+                            adapter={"name": "none"})
     _, _, x_test, _ = digits_split()
     samples = x_test[:64]
     reference = load_model(settings.model).module
@@ -48,6 +50,7 @@ def test_a_poisoned_request_fails_alone_and_the_rest_of_its_batch_succeeds():
         model={"factory": "tests.models:poisoned", "name": "poisoned", "input_shape": [4],
                "num_classes": 3},
         batcher={"max_batch_size": 64, "max_wait_ms": 100},
+        adapter={"name": "none"},  # the answers are compared with the model's own
     )
     rng = np.random.default_rng(0)
     inputs = rng.normal(size=(8, 4)).astype(np.float32)

@@ -204,3 +204,11 @@ def test_labels_go_back_through_the_service(domains):
     assert 30 <= result.labels_sent <= 40
     assert result.labels_joined == result.labels_sent
     assert result.mode == "service, 8 samples/request, 4 in flight, robust BN"
+
+
+def test_with_settings_changed_the_baseline_is_still_the_source_model(domains):
+    tiny = _cut(domains, [domains[0].name, CLEAN], 32)
+    sets = {"ADAPTD_ADAPTER__RUNS": "filter"}
+    results = run_grid(tiny, ["none"], ["robust"], ["dirichlet:0.1"], [32], overrides=sets)
+    assert [(r.method, r.baseline, r.overrides) for r in results] == \
+        [("none", True, {}), ("none", False, sets)]

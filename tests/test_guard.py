@@ -205,7 +205,7 @@ def test_the_shadow_comparison_resets_what_the_labels_show_worse_than_the_source
 
 def test_nothing_learns_so_no_source_copy_runs():
     async def scenario():
-        async with serving() as (client, app):
+        async with serving(adapter={"name": "none"}) as (client, app):
             runtime = app.state.runtime
             state = (await client.get("/v1/state")).json()
             return runtime.engine.source, state["adapter"]

@@ -27,7 +27,9 @@ def test_labels_pull_a_repeated_input_towards_its_label_and_the_memory_grows_onc
     image = x_test[0].tolist()
 
     async def scenario():
-        async with serving(error_memory={"kind": "exact", "weight": 0.5, "k": 10}) as (client, app):
+        # the source model: only the error memory changes the answer
+        async with serving(error_memory={"kind": "exact", "weight": 0.5, "k": 10},
+                           adapter={"name": "none"}) as (client, app):
             first = (await client.post("/v1/predict", json={
                 "inputs": [image] * 8, "ids": [f"same-{i}" for i in range(8)]})).json()
             probs = first["predictions"][0]["probabilities"]

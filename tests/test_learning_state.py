@@ -36,7 +36,9 @@ def test_state_lists_every_learning_part_with_what_auto_chose():
     state = asyncio.run(state_of(adapter={"name": "tent"}, supervised={"enabled": True},
                                  error_memory={"kind": "hashed"}))
     learning = state["learning"]
-    assert learning["adapter"] == {"name": "tent", "learning_rate": 0.001, "norm": "robust"}
+    assert learning["adapter"] == {"name": "tent", "learning_rate": 0.001, "norm": "robust",
+                                   "norm_momenta": [0.02, 0.00873, 0.002]}  # norm_layers auto
+    assert learning["runs"]["filtered"] == 0  # runs = auto: the filter is there, unused yet
     assert learning["supervised"]["trains"] == "norm"  # train = auto on a model with BatchNorm
     assert learning["error_memory"]["kind"] == "hashed" and learning["error_memory"]["bits"] == 8
     assert "adanpc" not in learning and "output_corrector" not in learning
@@ -46,8 +48,14 @@ def test_state_lists_every_learning_part_with_what_auto_chose():
 def test_the_defaults_say_their_drift_actions_have_nothing_to_act_on(caplog):
     with caplog.at_level(logging.WARNING, logger="adaptd"):
         state = asyncio.run(state_of())
-    assert state["learning"] == {"adapter": {"name": "none", "learning_rate": 0.0, "norm": ""},
-                                 "collapse_guard": False, "shadow": False, "drift": True}
+    learning = state["learning"]
+    adapter = learning.pop("adapter")
+    # bn with graded statistics (each layer's momentum below the one before) and the filter
+    assert (adapter["name"], adapter["learning_rate"], adapter["norm"]) == ("bn", 0.0, "robust")
+    first, second, third = adapter["norm_momenta"]
+    assert first == 0.02 and first > second > third > 0
+    assert learning == {"collapse_guard": True, "shadow": True, "drift": True,
+                        "runs": {"filtered": 0, "stickiness": pytest.approx(0.74, abs=0.01)}}
     assert [w.split(" has ")[0] for w in state["warnings"]] == [
         "drift action boost_lr", "drift action trim_memory"]
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inert: ")]

@@ -96,7 +96,7 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
     # on all but the first request of a run of the other class (about 7 in 8)
     x, _ = binary_stream(2048)
     y = np.repeat(np.random.default_rng(1).integers(0, 2, size=32), 64)
-    settings = {"model": BINARY, "batcher": {"max_wait_ms": 0},
+    settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
                 "mixture": {"enabled": True, "newest_label": "on"}}
 
     async def scenario():
@@ -138,6 +138,6 @@ def test_the_newest_label_is_a_candidate_for_a_regressor_unless_said(task, newes
 
     settings = load_settings(None, model={"task": task, "num_classes": None
                                           if task == "regression" else 10},
-                             error_memory={"kind": "exact"},
+                             error_memory={"kind": "exact"}, adapter={"name": "none"},
                              mixture={"enabled": True, "newest_label": newest})
     assert mixture_candidates(settings, shadow=True) == expected

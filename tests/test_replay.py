@@ -20,9 +20,11 @@ from tests.redis_server import free_port
 
 REPO = str(Path(__file__).resolve().parents[1])
 # the factories below live in tests/, which a served process imports from the repository root
+# the replays are scored against the source model's answers: adapter none, which nothing moves
+SOURCE = {"ADAPTD_ADAPTER__NAME": "none"}
 BINARY = {"PYTHONPATH": REPO, "ADAPTD_MODEL__FACTORY": "tests.models:binary",
           "ADAPTD_MODEL__NAME": "bin", "ADAPTD_MODEL__INPUT_SHAPE": "[4]",
-          "ADAPTD_MODEL__NUM_CLASSES": "2"}
+          "ADAPTD_MODEL__NUM_CLASSES": "2", **SOURCE}
 REGRESSOR = {"PYTHONPATH": REPO, "ADAPTD_MODEL__FACTORY": "tests.models:regressor",
              "ADAPTD_MODEL__NAME": "reg", "ADAPTD_MODEL__TASK": "regression",
              "ADAPTD_MODEL__INPUT_SHAPE": "[3]"}
@@ -58,7 +60,7 @@ def binary_csv(path: Path, rows: int = 200, seed: int = 0) -> tuple[np.ndarray, 
 
 @pytest.fixture(scope="module")
 def demo_port():
-    with running_service({}) as port:
+    with running_service(SOURCE) as port:
         yield port
 
 

@@ -261,7 +261,7 @@ class GradientAdapter(Adapter):
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        with frozen_statistics(self.model):
+        with frozen_statistics(self.model, own_batch=False):
             return self.predict(x)
 
     def reset(self) -> None:

@@ -56,7 +56,7 @@ class NormStatistics(Adapter):
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        with frozen_statistics(self.model):
+        with frozen_statistics(self.model, own_batch=False):
             return self.model(x)
 
     def reset(self) -> None:

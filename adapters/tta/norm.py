@@ -12,9 +12,13 @@ This follows the robust BN of RoTTA (Yuan et al., CVPR 2023), extended to per-sa
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+MOMENTUM_SCALE = "test_momentum_scale"  # the attribute `grade_momenta` sets on a BatchNorm layer
 
 
 class RobustBatchNorm(nn.Module):
@@ -48,7 +52,8 @@ class RobustBatchNorm(nn.Module):
             raise ValueError("robust test-time BN needs the source model's running statistics")
         self.num_features = bn.num_features
         self.eps = bn.eps
-        self.momentum = momentum
+        # `grade_momenta` may have set a layer's share of the momentum (1 when it has not)
+        self.momentum = momentum * float(getattr(bn, MOMENTUM_SCALE, 1.0))
         self.weight = bn.weight
         self.bias = bn.bias
         self.commit = True
@@ -113,13 +118,101 @@ class RobustBatchNorm(nn.Module):
 
 
 def use_robust_statistics(model: nn.Module, momentum: float = 0.02) -> nn.Module:
-    """Replace every BatchNorm layer by a `RobustBatchNorm` that shares its affine parameters."""
+    """Replace every BatchNorm layer that has running statistics by a `RobustBatchNorm` that
+    shares its affine parameters (one without them, `track_running_stats=False`, normalises by
+    its batch as it did in the model, and stays as it is)."""
     for name, child in list(model.named_children()):
-        if isinstance(child, _BatchNorm):
+        if isinstance(child, _BatchNorm) and child.running_mean is not None \
+                and child.running_var is not None:
             setattr(model, name, RobustBatchNorm(child, momentum))
         else:
             use_robust_statistics(child, momentum)
     return model
+
+
+@torch.no_grad()
+def class_run_scales(model: nn.Module, inputs: torch.Tensor, classes: torch.Tensor | None = None,
+                     batch: int = 256) -> list[float]:
+    """Each BatchNorm layer's momentum scale, so that a run of one class drags every layer's
+    test statistics about equally far.
+
+    On in-distribution inputs (the reference data) with their classes (the labels, or the
+    model's own predictions), a layer's class sensitivity is how far the statistics of one
+    class sit from the layer's running statistics, in its own standard deviations:
+
+        s_l = mean over classes k and channels c of (mu_lkc - mu_lc)^2 / var_lc
+
+    (mu_lkc: the mean over class k's samples of their per-channel means). A run of L samples
+    of one class moves an average with momentum m by about (m L)^2 s_l in those units, so with
+
+        m_l = m · sqrt(min_j s_j / s_l)
+
+    every layer drifts as far as the least class-bound one: the first layers, which carry the
+    corruption and little of the class, keep the full momentum; the last, whose statistics
+    are mostly the class, move slowly. On the demo CNN the scales are 1, 0.44 and 0.10.
+    Returns one scale per BatchNorm layer with running statistics, in module order (all 1
+    when fewer than two classes have samples; 1 for a layer that the forward does not reach
+    exactly once per sample, which cannot be measured).
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, _BatchNorm) and m.running_mean is not None
+              and m.running_var is not None]
+    if not layers or len(inputs) == 0:
+        return [1.0] * len(layers)
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+
+    def keep(index: int):  # noqa: ANN202 - a forward pre-hook
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            spatial = list(range(2, x.dim()))
+            captured[index].append((x.mean(spatial) if spatial else x).float())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = torch.cat([model(inputs[i:i + batch]).float().reshape(
+            len(inputs[i:i + batch]), -1) for i in range(0, len(inputs), batch)])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    labels = (outputs.argmax(1) if classes is None else classes.long()).reshape(-1)
+    present = [k for k in labels.unique().tolist() if int((labels == k).sum()) >= 2]
+    if len(present) < 2:
+        return [1.0] * len(layers)
+    sensitivity = []
+    for index, layer in enumerate(layers):
+        rows = sum(len(c) for c in captured[index])
+        if rows != len(labels):  # never reached, or reached twice per sample
+            sensitivity.append(0.0)
+            continue
+        means = torch.cat(captured[index])
+        assert layer.running_mean is not None and layer.running_var is not None
+        var = layer.running_var.float() + layer.eps
+        centre = layer.running_mean.float()
+        per_class = torch.stack([means[labels == k].mean(0) for k in present])
+        sensitivity.append(float(((per_class - centre) ** 2 / var).mean()))
+    floor = min(s for s in sensitivity if s > 0) if any(s > 0 for s in sensitivity) else 0.0
+    return [1.0 if s <= 0 else math.sqrt(floor / s) for s in sensitivity]
+
+
+def grade_momenta(model: nn.Module, scales: list[float] | None) -> None:
+    """Mark each BatchNorm layer with its momentum scale (`class_run_scales`); the robust
+    layers that replace them, and every copy made of them, move by momentum x scale. None
+    takes the marks off (a module built before, by another engine, keeps none)."""
+    layers = [m for m in model.modules()
+              if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    if scales is None:
+        for layer in layers:
+            if hasattr(layer, MOMENTUM_SCALE):
+                delattr(layer, MOMENTUM_SCALE)
+        return
+    if len(layers) != len(scales):
+        raise ValueError(f"{len(scales)} momentum scales for {len(layers)} BatchNorm layers")
+    for layer, scale in zip(layers, scales, strict=True):
+        setattr(layer, MOMENTUM_SCALE, scale)
 
 
 def use_batch_statistics(model: nn.Module) -> nn.Module:
@@ -159,20 +252,27 @@ def configure_norm(model: nn.Module, norm: str, momentum: float = 0.02) -> nn.Mo
 
 
 class frozen_statistics:
-    """Within this block, robust BN layers use but do not update their averages."""
+    """Within this block, robust BN layers use but do not update their averages. With
+    `own_batch=False` they also leave the batch's own statistics out of its normalisation: what
+    an adapter's `infer` serves (rows that teach nothing, such as repeats) is normalised by the
+    averages as the stream left them, so a batch of one image sent 16 times is not normalised
+    by that image."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, own_batch: bool = True) -> None:
         self.layers = [m for m in model.modules() if isinstance(m, RobustBatchNorm)]
-        self.committed: list[bool] = []
+        self.own_batch = own_batch
+        self.kept: list[tuple[bool, float | None]] = []
 
     def __enter__(self) -> None:
-        self.committed = [layer.commit for layer in self.layers]
+        self.kept = [(layer.commit, layer.fixed_momentum) for layer in self.layers]
         for layer in self.layers:
             layer.commit = False
+            if not self.own_batch:
+                layer.fixed_momentum = 0.0
 
     def __exit__(self, *exc: object) -> None:
-        for layer, commit in zip(self.layers, self.committed, strict=True):
-            layer.commit = commit
+        for layer, (commit, fixed) in zip(self.layers, self.kept, strict=True):
+            layer.commit, layer.fixed_momentum = commit, fixed
 
 
 NORM_LAYERS = (_BatchNorm, RobustBatchNorm, nn.LayerNorm, nn.GroupNorm)

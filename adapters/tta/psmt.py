@@ -196,11 +196,12 @@ class PSMT(GradientAdapter):
         ]).sum()
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The teacher's forward; its robust BN commits statistics exactly when the student's do."""
+        """The teacher's forward; its robust BN commits statistics exactly when the student's do,
+        and blends the batch's own statistics in exactly when the student's do (not in `infer`)."""
         student_layers = [m for m in self.model.modules() if isinstance(m, RobustBatchNorm)]
         teacher_layers = [m for m in self.teacher.modules() if isinstance(m, RobustBatchNorm)]
         for s, t in zip(student_layers, teacher_layers, strict=True):
-            t.commit = s.commit
+            t.commit, t.fixed_momentum = s.commit, s.fixed_momentum
         with torch.no_grad():
             return self.teacher(x)
 

@@ -1,0 +1,272 @@
+"""Classes in runs: the class-run filter (`adapter.runs = "filter"`) and robust statistics whose
+layers move by graded momenta (`adapter.norm_layers = "graded"`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from adapters.tta.norm import RobustBatchNorm, class_run_scales, configure_norm, grade_momenta
+from adapters.tta.runs import ClassRunFilter
+from service.demo import digits_split
+from service.events import EventLog
+from service.metrics import Metrics
+from service.runtime import build_engine
+from service.settings import Settings
+
+
+def noisy_votes(labels: np.ndarray, accuracy: float, classes: int, seed: int = 0) -> torch.Tensor:
+    """A model's probabilities: right with `accuracy`, else a random other class, 0.7 on the
+    class voted for and the rest spread."""
+    rng = np.random.default_rng(seed)
+    voted = np.where(rng.random(len(labels)) < accuracy, labels,
+                     (labels + rng.integers(1, classes, len(labels))) % classes)
+    probs = np.full((len(labels), classes), 0.3 / (classes - 1))
+    probs[np.arange(len(labels)), voted] = 0.7
+    return torch.from_numpy(probs).float()
+
+
+def error(probs: torch.Tensor, labels: np.ndarray) -> float:
+    return float((probs.argmax(1).numpy() != labels).mean())
+
+
+def test_shuffled_traffic_is_served_as_the_model_answers() -> None:
+    labels = np.random.default_rng(1).integers(0, 10, 3000)
+    model = noisy_votes(labels, 0.6, 10)
+    runs = ClassRunFilter(10)
+    served = runs.filter(model)
+    assert float((served.argmax(1) == model.argmax(1)).float().mean()) > 0.99
+    assert runs.stickiness() < 0.1
+
+
+def test_classes_in_runs_are_answered_better_than_by_the_model() -> None:
+    labels = np.repeat(np.random.default_rng(2).integers(0, 10, 30), 100)  # runs of 100
+    model = noisy_votes(labels, 0.6, 10)
+    runs = ClassRunFilter(10)
+    served = runs.filter(model)
+    assert error(model, labels) == pytest.approx(0.4, abs=0.03)
+    assert error(served, labels) < 0.5 * error(model, labels)
+    assert runs.stickiness() > 0.9
+
+
+def test_a_new_run_takes_over_within_a_few_samples() -> None:
+    runs = ClassRunFilter(3)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 200))
+    after = runs.filter(torch.tensor([[0.1, 0.8, 0.1]] * 10)).argmax(1).tolist()
+    assert after[-1] == 1 and after.index(1) <= 4
+
+
+def test_a_repeated_request_keeps_the_models_answer() -> None:
+    runs = ClassRunFilter(10)
+    answer = torch.full((1, 10), 0.05)
+    answer[0, 7] = 0.55
+    served = torch.cat([runs.filter(answer) for _ in range(500)])
+    assert (served.argmax(1) == 7).all()
+
+
+def test_a_filter_without_commit_ends_as_it_began() -> None:
+    runs = ClassRunFilter(3)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 50))
+    before = (runs.mix.copy(), runs.posterior.copy(), runs.belief.copy(), runs.filtered)
+    first = runs.filter(torch.tensor([[0.2, 0.7, 0.1]] * 5), commit=False)
+    again = runs.filter(torch.tensor([[0.2, 0.7, 0.1]] * 5), commit=False)
+    assert torch.equal(first, again)
+    after = (runs.mix, runs.posterior, runs.belief, runs.filtered)
+    assert all(np.array_equal(a, b) for a, b in zip(before[:3], after[:3], strict=True))
+    assert before[3] == after[3] == 50
+
+
+def test_reset_forgets_the_runs_and_a_row_without_mass_passes_unchanged() -> None:
+    runs = ClassRunFilter(3)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 100))
+    runs.reset()
+    assert runs.stickiness() == pytest.approx(np.mean([0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99]))
+    assert np.allclose(runs.mix, 1 / 3)
+    zero = torch.zeros(1, 3)
+    assert torch.equal(runs.filter(zero), zero)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"num_classes": 1}, {"num_classes": 3, "stickiness": (0.5, 0.9)},
+    {"num_classes": 3, "stickiness": (0.0, 1.0)}, {"num_classes": 3, "share": 1.0},
+    {"num_classes": 3, "window": 0},
+])
+def test_filter_settings_that_cannot_work_are_refused(kwargs) -> None:
+    with pytest.raises(ValueError):
+        ClassRunFilter(**kwargs)
+
+
+# --- graded momenta ------------------------------------------------------------------------------
+
+def demo_model() -> nn.Module:
+    from safetensors.torch import load_file
+
+    from service.demo import WEIGHTS_PATH, digits_cnn
+
+    model = digits_cnn()
+    model.load_state_dict(load_file(str(WEIGHTS_PATH)))
+    return model.eval()
+
+
+def test_the_layers_whose_statistics_are_mostly_the_class_get_the_smallest_momenta() -> None:
+    x, y, _, _ = digits_split()
+    model = demo_model()
+    by_labels = class_run_scales(model, torch.from_numpy(x), torch.from_numpy(y))
+    by_predictions = class_run_scales(model, torch.from_numpy(x))
+    assert by_labels[0] == 1.0 and by_labels[0] > by_labels[1] > by_labels[2] > 0.05
+    assert by_predictions == pytest.approx(by_labels, abs=0.02)
+    grade_momenta(model, by_labels)
+    robust = configure_norm(model, "robust", 0.02)
+    momenta = [m.momentum for m in robust.modules() if isinstance(m, RobustBatchNorm)]
+    assert momenta == pytest.approx([0.02 * s for s in by_labels])
+
+
+def test_scales_need_two_classes_and_one_per_layer() -> None:
+    model = demo_model()
+    x, y, _, _ = digits_split()
+    one_class = torch.from_numpy(x[y == 3])
+    assert class_run_scales(model, one_class, torch.full((len(one_class),), 3)) == [1.0] * 3
+    with pytest.raises(ValueError, match="3 BatchNorm layers"):
+        grade_momenta(model, [1.0, 0.5])
+
+
+def test_the_engine_serves_through_the_filter_and_says_so() -> None:
+    settings = Settings(adapter={"name": "bn", "runs": "filter", "norm_layers": "graded"},
+                        drift={"enabled": False})
+    metrics = Metrics()
+    engine = build_engine(settings, metrics, EventLog(metrics))
+    try:
+        momenta = [m.momentum for m in engine.model.module.modules()
+                   if isinstance(m, RobustBatchNorm)]
+        assert momenta[0] == pytest.approx(0.02) and momenta[2] < 0.005
+        x, y, _, _ = digits_split()
+        run = x[y == 4][:60]
+        served = engine.forward(run).predictions
+        assert engine.runs is not None and engine.runs.filtered == 60
+        assert engine.describe_learning()["runs"] == engine.runs.describe()
+        assert engine.warnings == []
+        assert float((served == 4).mean()) > 0.9
+        before = engine.runs.belief.copy()
+        engine.forward(x[:5], adapt=False)  # teaches nothing: the filter does not move
+        assert engine.runs.filtered == 60 and np.array_equal(before, engine.runs.belief)
+        engine.reset_adapter()
+        assert np.allclose(engine.runs.mix, 0.1)
+    finally:
+        engine.close()
+
+
+def test_settings_that_do_nothing_are_said() -> None:
+    settings = Settings(adapter={"name": "bn", "norm": "balanced", "norm_layers": "graded"},
+                        drift={"enabled": False})
+    metrics = Metrics()
+    engine = build_engine(settings, metrics, EventLog(metrics))
+    try:
+        assert any("norm_layers = 'graded'" in w for w in engine.warnings)
+        momenta = [m.momentum for m in engine.model.module.modules()
+                   if isinstance(m, RobustBatchNorm)]
+        assert momenta == [0.02] * 3  # balanced moves its own averages: nothing graded
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(("adapter", "filtered"), [
+    ({"name": "bn"}, True), ({"name": "tent+adanpc"}, True), ({"name": "none"}, False),
+    ({"name": "adanpc"}, False), ({"name": "bn", "runs": "off"}, False),
+    ({"name": "none", "runs": "filter"}, True),
+])
+def test_by_default_the_filter_serves_where_an_adapter_runs(adapter, filtered) -> None:
+    metrics = Metrics()
+    engine = build_engine(Settings(adapter=adapter, drift={"enabled": False}), metrics,
+                          EventLog(metrics))
+    try:
+        assert (engine.runs is not None) == filtered
+        assert engine.warnings == []
+    finally:
+        engine.close()
+
+
+def test_a_batch_of_one_image_repeated_is_served_as_the_image_alone() -> None:
+    from adapters.tta.bn import NormStatistics
+
+    adapter = NormStatistics(demo_model(), norm="robust")
+    x, _, _, _ = digits_split()
+    image = torch.from_numpy(x[:1])
+    alone = adapter.infer(image)
+    copies = adapter.infer(image.repeat(16, 1, 1, 1))
+    assert torch.allclose(copies, alone.expand(16, -1), atol=1e-5)
+    layers = [m for m in adapter.model.modules() if isinstance(m, RobustBatchNorm)]
+    assert all(m.fixed_momentum is None and m.commit for m in layers)
+
+
+class TwoHeads(nn.Module):
+    """BatchNorm layers the scales cannot measure: one no forward reaches, one reached twice,
+    and one without running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 8)
+        self.shared = nn.BatchNorm1d(8)
+        self.unused = nn.BatchNorm1d(8)
+        self.batchwise = nn.BatchNorm1d(8, track_running_stats=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.batchwise(self.shared(self.shared(self.first(x)))))
+
+
+def two_heads() -> nn.Module:
+    return TwoHeads().eval()
+
+
+def test_layers_that_cannot_be_measured_keep_the_full_momentum() -> None:
+    x = torch.randn(200, 4)
+    assert class_run_scales(two_heads(), x, torch.arange(200) % 3) == [1.0, 1.0]
+    robust = configure_norm(two_heads(), "robust")  # the batch-wise layer stays as it was
+    assert isinstance(robust.batchwise, nn.BatchNorm1d)
+    assert robust(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_a_model_without_batchnorm_gets_no_filter_by_default_and_is_told(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    reference = tmp_path / "reference.safetensors"
+    save_file({"inputs": torch.randn(64, 4)}, str(reference))
+    model = {"factory": "tests.models:poisoned", "name": "mlp", "input_shape": [4],
+             "num_classes": 3, "reference_data": str(reference)}
+    metrics = Metrics()
+    engine = build_engine(Settings(model=model, drift={"enabled": False}), metrics,
+                          EventLog(metrics))
+    try:
+        assert engine.adapter.name == "bn" and engine.runs is None
+        assert any(w.startswith("adapter bn finds no BatchNorm") for w in engine.warnings)
+    finally:
+        engine.close()
+
+
+def test_the_comparison_with_the_source_judges_what_learns_before_the_filter() -> None:
+    from service.engine import BEFORE_RUNS
+
+    metrics = Metrics()
+    engine = build_engine(Settings(drift={"enabled": False}), metrics, EventLog(metrics))
+    try:
+        x, y, _, _ = digits_split()
+        out = engine.forward(x[y == 2][:40])
+        assert engine.source is not None and engine.runs is not None
+        before = out.arrays[BEFORE_RUNS]
+        assert before.shape == out.outputs.shape and not np.allclose(before, out.outputs)
+    finally:
+        engine.close()
+
+
+def test_psmt_serves_a_batch_of_one_image_repeated_as_the_image_alone() -> None:
+    from adapters.tta.psmt import PSMT
+
+    x, _, _, _ = digits_split()
+    adapter = PSMT(demo_model(), reference=torch.from_numpy(x[:256]))
+    image = torch.from_numpy(x[:1])
+    alone = adapter.infer(image)
+    copies = adapter.infer(image.repeat(16, 1, 1, 1))
+    assert torch.allclose(copies, alone.expand(16, -1), atol=1e-4)
