@@ -408,7 +408,8 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
     if settings.adapter.norm_layers == "graded" and not _graded(settings, engine.model,
                                                                 reference):
         said.append("adapter.norm_layers = 'graded' measures how far a run of one class drags "
-                    "each layer, which needs a classifier, adapter.norm = 'robust' and "
+                    "each layer, which needs a classifier, adapter.norm = 'robust', an adapter "
+                    "whose statistics move per sample (not none or rotta) and "
                     "model.reference_data: every layer moves by norm_momentum")
     if settings.adapter.runs == "filter" and engine.runs is None:
         said.append("adapter.runs = 'filter' follows runs of classes, and a regressor (or a "
