@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from adapters import Adapter, build_adapter
 from adapters.conformal import CALIBRATORS
@@ -349,8 +350,9 @@ def _runs(settings: Settings, model: LoadedModel, adapter: Adapter) -> ClassRunF
     source model alone the filter lost on B1). A regressor has no classes to run:
     `inert_settings` says so when the filter was asked for."""
     classes = model.num_classes or 0
-    adapts = adapter.learning_rate > 0 or any(
-        isinstance(m, RobustBatchNorm) for m in model.module.modules())
+    statistics = settings.adapter.method != "none" and settings.adapter.norm != "source" and any(
+        isinstance(m, (RobustBatchNorm, _BatchNorm)) for m in model.module.modules())
+    adapts = adapter.learning_rate > 0 or statistics
     wanted = settings.adapter.runs == "filter" or (settings.adapter.runs == "auto" and adapts)
     if not wanted or not model.task.discrete or classes < 2:
         return None

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.tta.eata import ETA
+from adapters.tta.runs import STICKINESS
 from tests.harness import serving
 from tests.models import binary
 
@@ -55,7 +56,8 @@ def test_the_defaults_say_their_drift_actions_have_nothing_to_act_on(caplog):
     first, second, third = adapter["norm_momenta"]
     assert first == 0.02 and first > second > third > 0
     assert learning == {"collapse_guard": True, "shadow": True, "drift": True,
-                        "runs": {"filtered": 0, "stickiness": pytest.approx(0.74, abs=0.01)}}
+                        "runs": {"filtered": 0,  # nothing served yet: the grid's mean
+                                 "stickiness": round(float(np.mean(STICKINESS)), 3)}}
     assert [w.split(" has ")[0] for w in state["warnings"]] == [
         "drift action boost_lr", "drift action trim_memory"]
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inert: ")]

@@ -174,7 +174,7 @@ def test_settings_that_do_nothing_are_said() -> None:
 @pytest.mark.parametrize(("adapter", "filtered"), [
     ({"name": "bn"}, True), ({"name": "tent+adanpc"}, True), ({"name": "none"}, False),
     ({"name": "adanpc"}, False), ({"name": "bn", "runs": "off"}, False),
-    ({"name": "none", "runs": "filter"}, True),
+    ({"name": "none", "runs": "filter"}, True), ({"name": "bn", "norm": "batch"}, True),
 ])
 def test_by_default_the_filter_serves_where_an_adapter_runs(adapter, filtered) -> None:
     metrics = Metrics()
@@ -206,7 +206,6 @@ class TwoHeads(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
         self.first = nn.Linear(4, 8)
         self.shared = nn.BatchNorm1d(8)
         self.unused = nn.BatchNorm1d(8)

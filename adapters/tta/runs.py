@@ -91,12 +91,12 @@ class ClassRunFilter:
         self.share = share
         self.rate = 1.0 / window
         self.floor = floor
-        self.filtered = 0
         self.reset()
 
     def reset(self) -> None:
-        """Forget the runs: uniform class mix, every rho equally likely."""
+        """Forget the runs: uniform class mix, every rho equally likely, nothing filtered."""
         grid, classes = len(self.rho), self.num_classes
+        self.filtered = 0
         self.mix = np.full(classes, 1.0 / classes)
         self.posterior = np.full((grid, classes), 1.0 / classes)
         self.belief = np.full(grid, 1.0 / grid)  # the weights w over the grid of rho
