@@ -283,7 +283,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
                       **_OFF}),
     Config("defaults"),
     Config("defaults-nodrift", _OFF),
-    # the default adapter: graded statistics and the class-run filter, for a classifier
+    # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
+    # filter for a classifier (for these MLPs `auto`, the default, is none)
     Config("bn", {"adapter": {"name": "bn"}}),
     # bn as it was until stop 22: every layer at one momentum, no filter
     Config("bn-plain", {"adapter": {"name": "bn", "norm_layers": "same", "runs": "off"}}),
@@ -318,10 +319,15 @@ DRIFT_PAIRS = [("defaults", "defaults-nodrift"), ("bn+mem+sup", "bn+mem+sup-nodr
 
 def service_defaults() -> dict[str, Any]:
     """What the service runs when a configuration leaves a part alone (printed with the tables)."""
+    from adapters.tta.norm import normalises_over_positions
     from service.settings import load_settings
 
     s = load_settings(None)
-    return {"adapter": s.adapter.name, "norm": s.adapter.norm,
+    adapter = s.adapter.name
+    if adapter == "auto":  # what it picks for these MLPs (BatchNorm1d over features)
+        adapter = "auto: " + ("bn" if normalises_over_positions(TabularMLP(2, 2), (2,))
+                              else "none")
+    return {"adapter": adapter, "norm": s.adapter.norm,
             "error_memory": s.error_memory.kind, "supervised": s.supervised.enabled,
             "supervised.train": s.supervised.train, "output_corrector": s.output_corrector.enabled,
             "drift": s.drift.enabled, "shadow": s.shadow.enabled}

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, help="port to bind (default 8000)")
     serve.add_argument("--store", help="'memory' or a redis:// URL")
     serve.add_argument("--adapter",
-                       help="none, bn, tent, eta, eata, psmt, each optionally with +adanpc")
+                       help="auto (the default: bn for a convolutional model, else none), "
+                       "none, bn, tent, eta, eata, psmt, rotta, sar, each optionally with +adanpc")
     serve.add_argument("--model-factory", help="package.module:function returning the nn.Module")
     serve.add_argument("--weights", type=Path, help="safetensors weights for the model")
     replay = commands.add_parser(

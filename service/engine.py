@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -280,6 +280,7 @@ class Engine:
         self._epoch = secrets.randbelow(2**24)
         # configurations that will do nothing (measured or known at start-up), said at start
         self.warnings: list[str] = []
+        self.settings: Any = None  # what `build_engine` built it from (auto made concrete)
         self._changes: list[StateChange] = []
         self._changes_lock = threading.Lock()
         # every learning part's own rate, which a drift boost multiplies

@@ -25,6 +25,7 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -225,10 +226,11 @@ class AdapterSettings(Section):
     """The test-time adaptation method and its knobs (None keeps the method's reference default)."""
 
     name: str = Field(
-        "bn",
+        "auto",
         pattern=r"^[a-z]+(\+[a-z]+)*$",
-        description="none, bn, tent, eta, eata, psmt, rotta, sar; add '+adanpc' for AdaNPC's "
-        "memory votes on top (or 'adanpc' alone, on the source model)",
+        description="auto, none, bn, tent, eta, eata, psmt, rotta, sar; add '+adanpc' for "
+        "AdaNPC's memory votes on top (or 'adanpc' alone, on the source model). auto: bn for a "
+        "model whose BatchNorm normalises over positions (a convolutional network), else none",
     )
     learning_rate: PositiveFloat | None = None
     max_learning_rate: PositiveFloat = Field(
@@ -294,6 +296,15 @@ class AdapterSettings(Section):
         "on stop (0: only when POST /v1/admin/checkpoint asks)",
     )
 
+
+    @field_validator("name")
+    @classmethod
+    def _auto_leads(cls, name: str) -> str:
+        parts = name.split("+")
+        if "auto" in parts and (parts[0] != "auto" or any(p != "adanpc" for p in parts[1:])):
+            raise ValueError(f"adapter.name {name!r}: 'auto' chooses the method (bn or none), so "
+                             f"it comes first and only '+adanpc' may follow it")
+        return name
 
     @property
     def method(self) -> str:

@@ -238,11 +238,80 @@ def test_a_model_without_batchnorm_gets_no_filter_by_default_and_is_told(tmp_pat
     metrics = Metrics()
     engine = build_engine(Settings(model=model, drift={"enabled": False}), metrics,
                           EventLog(metrics))
-    try:
+    try:  # by default: no adapter at all
+        assert engine.settings.adapter.name == engine.adapter.name == "none"
+        assert engine.runs is None and engine.warnings == []
+    finally:
+        engine.close()
+    engine = build_engine(Settings(model=model, adapter={"name": "bn"},
+                                   drift={"enabled": False}), metrics, EventLog(metrics))
+    try:  # asked for: it serves the model as trained, and says so
         assert engine.adapter.name == "bn" and engine.runs is None
         assert any(w.startswith("adapter bn finds no BatchNorm") for w in engine.warnings)
     finally:
         engine.close()
+
+
+BINARY = {"factory": "tests.models:binary", "name": "bin", "task": "classification",
+          "input_shape": [4], "num_classes": 2}
+
+
+@pytest.mark.parametrize(("model", "adapter", "resolved"), [
+    ({}, "auto", "bn"),  # the demo CNN: BatchNorm2d after each convolution
+    (BINARY, "auto", "none"),  # an MLP's BatchNorm1d over features
+    ({}, "auto+adanpc", "bn+adanpc"),
+    (BINARY, "bn", "bn"),  # a name that is not auto is kept
+])
+def test_auto_picks_test_time_batchnorm_where_it_normalises_over_positions(
+        model, adapter, resolved) -> None:
+    settings = Settings(model=model or Settings().model, adapter={"name": adapter},
+                        drift={"enabled": False})
+    metrics = Metrics()
+    engine = build_engine(settings, metrics, EventLog(metrics))
+    try:
+        assert engine.settings.adapter.name == resolved
+        assert engine.adapter.name == resolved.split("+")[0].replace("adanpc", "none")
+        assert (engine.adanpc is not None) == resolved.endswith("adanpc")
+    finally:
+        engine.close()
+
+
+def test_the_service_reports_the_adapter_auto_chose() -> None:
+    import asyncio
+
+    from tests.harness import serving, settings_for
+
+    async def scenario(model: dict) -> tuple[str, dict]:
+        async with serving(settings_for(model=model)) as (client, app):
+            state = (await client.get("/v1/state")).json()
+            name = app.state.settings.model.name
+            metadata = (await client.get(f"/v2/models/{name}")).json()
+            return state["adapter"]["name"], metadata
+
+    for model, chosen in ((BINARY, "none"), ({}, "bn")):
+        adapter, metadata = asyncio.run(scenario(model))
+        assert adapter == metadata["parameters"]["adapter"] == chosen
+
+
+def test_the_probe_counts_positions_and_leaves_the_model_as_it_was() -> None:
+    from adapters.tta.norm import normalises_over_positions
+
+    sequence = nn.Sequential(nn.Conv1d(2, 3, 3), nn.BatchNorm1d(3))  # over time steps
+    pooled = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(3))
+    assert normalises_over_positions(sequence, (2, 8))
+    assert not normalises_over_positions(pooled, (1, 6, 6))  # one value a channel: per feature
+    model = demo_model().train()
+    model[1].eval()  # modes that differ by module come back as they were
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert normalises_over_positions(model, (1, 16, 16))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.training and not model[1].training
+
+
+@pytest.mark.parametrize("name", ["bn+auto", "auto+tent", "auto+auto", "adanpc+auto"])
+def test_auto_comes_first_and_only_adanpc_follows_it(name) -> None:
+    with pytest.raises(ValueError, match="'auto' chooses the method"):
+        Settings(adapter={"name": name})
 
 
 def test_the_comparison_with_the_source_judges_what_learns_before_the_filter() -> None:

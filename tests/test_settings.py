@@ -29,7 +29,7 @@ def test_with_no_configuration_the_demo_model_is_served_on_the_in_process_store(
     settings = load_settings()
     assert settings.model.factory == "service.demo:digits_cnn"
     assert settings.store.url == "memory"
-    assert settings.adapter.name == "bn"
+    assert settings.adapter.name == "auto"  # bn for the demo CNN (tests/test_runs.py)
     assert (settings.adapter.norm, settings.adapter.norm_layers, settings.adapter.runs) == \
         ("robust", "auto", "auto")
     assert settings.namespace == "digits-cnn"

@@ -198,6 +198,47 @@ def class_run_scales(model: nn.Module, inputs: torch.Tensor, classes: torch.Tens
     return [1.0 if s <= 0 else math.sqrt(floor / s) for s in sensitivity]
 
 
+def normalises_over_positions(model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether a BatchNorm layer of `model` (with running statistics) normalises over positions:
+    each sample brings it more than one value per channel (a BatchNorm2d or 3d after a
+    convolution, or a BatchNorm1d over a sequence), so its statistics average every pixel or step
+    of a sample. One forward pass of zeros in eval mode tells (no statistic moves, and every
+    module's mode is put back). Layers already wrapped for test time (`RobustBatchNorm`) are not
+    BatchNorm layers here: ask before wrapping.
+
+    Those statistics describe how inputs look (noise, blur, contrast: the covariate shifts that
+    test-time BatchNorm corrects); a BatchNorm1d over features, as in a tabular MLP, or a
+    BatchNorm2d on a 1x1 map, averages one value per sample and channel, which moves with the
+    class mix and the concept as much as with the inputs' look.
+
+    >>> conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    >>> mlp = nn.Sequential(nn.Linear(4, 2), nn.BatchNorm1d(2))
+    >>> normalises_over_positions(conv, (1, 5, 5)), normalises_over_positions(mlp, (4,))
+    (True, False)
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not layers:
+        return False
+    per_channel: list[int] = []
+
+    def record(_: nn.Module, __: object, output: torch.Tensor) -> None:
+        per_channel.append(output[0, 0].numel() if output.dim() > 2 else 1)
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape))
+    finally:
+        for module, training in modes.items():
+            module.training = training
+        for hook in hooks:
+            hook.remove()
+    return any(count > 1 for count in per_channel)
+
+
 def grade_momenta(model: nn.Module, scales: list[float] | None) -> None:
     """Mark each BatchNorm layer with its momentum scale (`class_run_scales`); the robust
     layers that replace them, and every copy made of them, move by momentum x scale. None
