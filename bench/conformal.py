@@ -403,17 +403,18 @@ def at_coverage(name: str, options: dict, target: float, probabilities: np.ndarr
 
 
 def equal_coverage_table(delays: list[int], seed: int | None = None,
-                         per_domain: int | None = None) -> str:
-    """The default configuration through the service (adapter `none`, `conformal.method =
-    "auto"`), then each of `EQUAL_COVERAGE_ROWS` replayed offline on the probabilities it served,
-    α moved until it covers what the default covered: set sizes at equal coverage. The default's
-    own replay must give exactly the sets served (it is checked), so the replay is the service."""
+                         per_domain: int | None = None, adapter: str = "auto") -> str:
+    """The default configuration through the service (`adapter`: `auto`, which is `bn` for the
+    demo CNN; `conformal.method = "auto"`), then each of `EQUAL_COVERAGE_ROWS` replayed offline
+    on the probabilities it served, α moved until it covers what the default covered: set sizes
+    at equal coverage. The default's own replay must give exactly the sets served (it is
+    checked), so the replay is the service."""
     inputs, labels = abrupt_digits(per_domain=per_domain, seed=seed)
     header = ["labels late", "method", "α", "coverage", "worst 500", "mean set size",
               "the default's size against it"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for delay in delays:
-        served = serve_sets("none", "auto", {}, inputs, labels, delay)
+        served = serve_sets(adapter, "auto", {}, inputs, labels, delay)
         assert served.probabilities is not None and served.options is not None
         again, again_sizes = replay_sets(
             build_calibrator(served.method, ALPHA, **served.options), served.probabilities,
@@ -681,6 +682,9 @@ def main() -> None:
                         "parts; default: 0 for regression, 0, 32 and 100 through the service)")
     parser.add_argument("--adapters", default="none,eata",
                         help="service part: the adapters to serve the abrupt Digits-C stream with")
+    parser.add_argument("--served-adapter", default="auto",
+                        help="equal-coverage part: the adapter the default is served with "
+                        "(default auto, the service's: bn for the demo CNN)")
     parser.add_argument("--per-domain", type=int, default=None,
                         help="service and equal-coverage parts: keep this many samples of each "
                         "domain (default all)")
@@ -712,10 +716,11 @@ def main() -> None:
                       f"{table}")
     if args.part in ("equal-coverage", "all"):
         delays = list(SERVICE_DELAYS) if args.delay is None else [args.delay]
+        adapter = args.served_adapter
         tables.append(f"Digits-C as in the service part (stream seed {drawn}), "
-                      f"the default configuration served, the others replayed on its "
-                      f"probabilities at its coverage; {machine}\n\n"
-                      f"{equal_coverage_table(delays, args.seed, args.per_domain)}")
+                      f"adapter {adapter} with conformal.method auto served, the others "
+                      f"replayed on its probabilities at its coverage; {machine}\n\n"
+                      f"{equal_coverage_table(delays, args.seed, args.per_domain, adapter)}")
     if args.part in ("regression", "all"):
         tables += regression_tables(args.delay or 0, machine)
     if args.part in ("digits", "all"):
