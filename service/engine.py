@@ -29,6 +29,7 @@ import copy
 import functools
 import hashlib
 import json
+import logging
 import secrets
 import threading
 from collections import OrderedDict
@@ -55,6 +56,8 @@ from service.events import EventLog
 from service.metrics import Metrics
 from service.model import FeatureTap, LoadedModel
 from service.monitor import DriftMonitor
+
+log = logging.getLogger("adaptd")
 
 T = TypeVar("T")
 
@@ -157,6 +160,9 @@ class BatchOutput:
     adapter_version: int
     # per-sample vectors the label path needs, (n, ...) each, named by the constants above
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # whether the records keep `features`: decided with the pass (an `auto` error memory that
+    # wakes while the batch is being recorded must not get rows it did not correct)
+    keep_features: bool = False
 
 
 @dataclass
@@ -250,6 +256,7 @@ class Engine:
         mixture: FixedShareMixture | None = None,
         recent: RecentInputs | None = None,
         runs: ClassRunFilter | None = None,
+        memory_wakes_on_labels: bool = False,
     ) -> None:
         self.model = model
         self.task = model.task
@@ -266,8 +273,14 @@ class Engine:
         self._supervised_labels: list[torch.Tensor] = []
         self.drift = drift
         # the shadow: a frozen copy of the source model, run on every batch beside the adapted
-        # one, for the guard and for the comparison on labels
+        # one, for the guard and for the comparison on labels; or the served module itself where
+        # nothing changes the model (what learns acts on its outputs): its outputs before the
+        # memories and the corrector are the source's, and no second forward runs
         self.source = source
+        self.source_is_model = source is not None and source is model.module
+        # `error_memory.kind = "auto"`: the memory sleeps (records keep no features, nothing is
+        # compensated) until the first joined label, or rows it loads
+        self._memory_asleep = error_memory is not None and memory_wakes_on_labels
         self.comparison = comparison if source is not None else None
         self.mixture = mixture
         # the label that arrived last, as a target row (one-hot, or values): the mixture's
@@ -313,7 +326,8 @@ class Engine:
         if self.adanpc is not None:
             parts["adanpc"] = self.adanpc.describe()
         if self.error_memory is not None:
-            parts["error_memory"] = self.error_memory.describe()
+            parts["error_memory"] = {**self.error_memory.describe(),
+                                     "asleep": self._memory_asleep}
         if self.supervised is not None:
             parts["supervised"] = {**self.supervised.describe(), "batch": self.supervised_batch}
         if self.output_corrector is not None:
@@ -329,8 +343,9 @@ class Engine:
 
     def source_module(self) -> torch.nn.Module:
         """The source model to run beside the served one at start-up (reference data through it
-        moves no statistic of the served model): the shadow copy, or a copy made now."""
-        if self.source is not None:
+        moves no statistic of the served model): the shadow copy, or a copy made now (also where
+        the shadow is the served module itself)."""
+        if self.source is not None and not self.source_is_model:
             return self.source
         return copy.deepcopy(self.model.module).eval()
 
@@ -338,8 +353,26 @@ class Engine:
     def learns_from_features(self) -> bool:
         """Whether joined labels need the features of their predictions (AdaNPC, the error
         memory, the output corrector learn from them): without these, records keep none."""
-        return any(part is not None
-                   for part in (self.adanpc, self.error_memory, self.output_corrector))
+        memory = None if self._memory_asleep else self.error_memory
+        return any(part is not None for part in (self.adanpc, memory, self.output_corrector))
+
+    @property
+    def memory_asleep(self) -> bool:
+        """Whether the error memory (`kind = "auto"`) waits for its first label."""
+        return self._memory_asleep
+
+    def wake_memory(self) -> None:
+        """Engine thread only. The error memory learns from now on (a label arrived, or rows were
+        loaded): records keep their features, predictions are compensated."""
+        if self._memory_asleep:
+            self._memory_asleep = False
+            log.info("error memory (auto): labels arrive, it learns from them from now on")
+
+    def _outputs_differ(self) -> bool:
+        """Whether anything can make what is served differ from the source model's outputs
+        (with the shadow being the served module itself)."""
+        memory = self.error_memory is not None and not self._memory_asleep
+        return memory or self.adanpc is not None or self.output_corrector is not None
 
     def memories(self) -> list[AdaNPC | AnyErrorMemory]:
         return [m for m in (self.adanpc, self.error_memory) if m is not None]
@@ -374,7 +407,10 @@ class Engine:
             raise NonFiniteOutputs(bad)
         features_np = None if features is None else features.float().numpy()
         outputs = self.task.served(raw.detach().float().reshape(count, -1))
-        source = self._source_outputs(x, count)
+        if self.source_is_model:  # the model never changes: its own outputs are the source's
+            source = outputs.clone() if self._outputs_differ() else None
+        else:
+            source = self._source_outputs(x, count)
         # the drift detectors watch the model's own distribution: the memories' votes and
         # corrections change by themselves as they fill, which is no drift of the inputs
         model_outputs = outputs.numpy()
@@ -399,7 +435,7 @@ class Engine:
         if self.output_corrector is not None:
             arrays[BEFORE_CORRECTOR] = outputs.numpy()
             outputs = self.output_corrector.correct(features, outputs)
-        if self.error_memory is not None and features is not None:
+        if self.error_memory is not None and features is not None and not self._memory_asleep:
             # ReLoop2: the error memory's correction; what it corrected is kept for the labels
             arrays[BEFORE_ERROR_MEMORY] = outputs.numpy()
             outputs = self.error_memory.compensate(features, outputs)
@@ -429,7 +465,8 @@ class Engine:
             self._watch(model_outputs if self.task.discrete else None, features_np, count)
         return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
                            entropy=None if entropy is None else entropy.numpy(),
-                           adapter_version=version, arrays=arrays)
+                           adapter_version=version, arrays=arrays,
+                           keep_features=self.learns_from_features)
 
     def _run_adapter(self, x: torch.Tensor, adapt: bool, learn: np.ndarray | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -538,6 +575,8 @@ class Engine:
         """Engine thread only. What joined labels teach: rows for the error memory (already in
         the store), true-label rows for AdaNPC, a step of the output corrector, labelled samples
         for the supervised step, and the labelled drift signal."""
+        if self._memory_asleep and len(batch.labels):
+            self.wake_memory()
         if self.error_memory is not None and batch.error_memory_rows is not None:
             self.error_memory.add_rows(batch.error_memory_rows)
         if self.adanpc is not None and batch.features is not None:

@@ -213,8 +213,11 @@ class FeedbackService:
         return [r for r in joined if r.model_version == self.engine.model.version]
 
     def _error_memory_rows(self, records: list[PredictionRecord]) -> np.ndarray | None:
+        """The error memory's rows for the records that kept their features (all but those made
+        before an `auto` memory woke), in order; None when there are none."""
         memory = self.engine.error_memory
-        if memory is None or any(r.features is None for r in records):
+        records = [r for r in records if r.features is not None]
+        if memory is None or not records:
             return None
         features = torch.from_numpy(np.stack([r.features for r in records]))  # type: ignore
         before = torch.from_numpy(np.stack([r.arrays.get(BEFORE_ERROR_MEMORY, r.outputs)
@@ -237,7 +240,7 @@ class FeedbackService:
                               errors=errors)
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])  # type: ignore[misc]
-            batch.error_memory_rows = self._error_memory_rows(records)
+        batch.error_memory_rows = self._error_memory_rows(records)
         if self.engine.output_corrector is not None:
             batch.before_corrector = np.stack([r.arrays.get(BEFORE_CORRECTOR, r.outputs)
                                                for r in records])

@@ -90,7 +90,7 @@ class Predictor:
         now = time.time()
         # the features only where a label will learn from them: a demo record is about a quarter
         # smaller without (the in-process store keeps up to store.max_records of them)
-        features = out.features if self.engine.learns_from_features else None
+        features = out.features if out.keep_features else None
         records = [
             PredictionRecord(
                 id=sample_id,

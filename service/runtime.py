@@ -254,11 +254,16 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     """The model, its reference data, the adapter and the guard, composed as the service runs
     them (the benchmarks build theirs here too, so what they measure is what is served)."""
     model = load_model(settings.model)
-    settings = resolve_adapter(settings, model)
+    settings = resolve_auto(settings, model)
     reference = load_reference_data(settings, model)
-    # the shadow: the source model as loaded, before any part changes it (or hooks into it)
+    # the shadow: the source model as loaded, before any part changes it (or hooks into it);
+    # where nothing changes the model itself (no adapter, no supervised step: what learns acts on
+    # its outputs), the served module is its own source and no copy or second forward is needed
     learns = _learns(settings)
-    source = _source_copy(model) if learns and settings.shadow.enabled else None
+    source = None
+    if learns and settings.shadow.enabled:
+        changes_model = settings.adapter.method != "none" or settings.supervised.enabled
+        source = _source_copy(model) if changes_model else model.module
     spread = _source_spread(model, reference)
     guard = _collapse_guard(settings, model, reference, spread, source is not None) if (
         learns) else None
@@ -291,17 +296,23 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     recent=RecentInputs(settings.adapter.repeat_memory) if (
                         settings.adapter.name != "none" and settings.adapter.repeat_memory)
                     else None,
-                    runs=_runs(settings, model, adapter))
+                    runs=_runs(settings, model, adapter),
+                    memory_wakes_on_labels=settings.error_memory.kind == "auto")
     engine.warnings = inert_settings(settings, engine, reference)
     engine.settings = settings
     return engine
 
 
-def resolve_adapter(settings: Settings, model: LoadedModel) -> Settings:
+def resolve_auto(settings: Settings, model: LoadedModel) -> Settings:
     """`settings` with `adapter.name = "auto"` made concrete for `model`: `bn` where a BatchNorm
     layer normalises over positions (a convolutional network: B1's digits went from 71% to 44%
     wrong), `none` otherwise (a tabular MLP's BatchNorm1d: on 10 of B6's 14 streams test-time
-    statistics served worse than the model as trained). Stacked memories stay ('auto+adanpc')."""
+    statistics served worse than the model as trained). Stacked memories stay ('auto+adanpc').
+    `error_memory.kind = "auto"` stays (an exact memory that waits for its first label) where
+    the model has features to key it by, and becomes "off" where it has no nn.Linear."""
+    if settings.error_memory.kind == "auto" and feature_width(model) is None:
+        settings = settings.model_copy(update={"error_memory": settings.error_memory.model_copy(
+            update={"kind": "off"})})
     first, *rest = settings.adapter.name.split("+")
     if first != "auto":
         return settings
@@ -516,11 +527,12 @@ def _error_memory(settings: Settings, model: LoadedModel, reference: ReferenceDa
     if width is None:
         raise ValueError("the error memory is keyed by the features entering the last "
                          "nn.Linear, and the model has none: set error_memory.kind = 'off'")
+    kind = "exact" if c.kind == "auto" else c.kind
     options: dict[str, object] = {"feature_dim": width, "task": model.task,
                                   "output_dim": model.num_classes or model.num_outputs,
                                   "gamma": c.gamma, "compensation_weight": c.weight,
                                   "capacity": c.capacity}
-    if c.kind == "exact":
+    if kind == "exact":
         options.update(k=c.k, temperature=c.temperature, half_life=c.half_life)
     elif c.half_life is not None:
         raise ValueError("error_memory.half_life weighs the exact memory's rows by age; the "
@@ -533,7 +545,7 @@ def _error_memory(settings: Settings, model: LoadedModel, reference: ReferenceDa
     options.update(c.options)
     if c.center and features is not None:
         options["feature_mean"] = features.mean(0)
-    return build_error_memory(c.kind, **options)
+    return build_error_memory(kind, **options)
 
 
 def _output_corrector(settings: Settings, model: LoadedModel, reference: ReferenceData | None
@@ -708,6 +720,8 @@ async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | A
                 pass  # the next reset clears them; until then new rows are refused and dropped
             return
         log.info("reloaded %d %s memory rows", len(rows), memory.name)
+        if memory is engine.error_memory:
+            await engine.run(engine.wake_memory)
 
 
 async def _restore_drift(engine: Engine, store: StoreGateway) -> None:

@@ -399,8 +399,10 @@ class MixtureSettings(Section):
 class ErrorMemorySettings(Section):
     """ReLoop2's error memory: labelled samples correct the outputs of similar new inputs."""
 
-    kind: Literal["off", "exact", "hashed"] = Field(
-        "off", description="exact top-K retrieval, or the hashed (SimHash sketch) approximation"
+    kind: Literal["off", "auto", "exact", "hashed"] = Field(
+        "off", description="exact top-K retrieval, or the hashed (SimHash sketch) "
+        "approximation; auto: exact, asleep until the first label joins (records keep no "
+        "features and nothing is compensated before), none for a model without nn.Linear"
     )
     k: PositiveInt = Field(100, description="K, the neighbours of the exact memory")
     temperature: PositiveFloat = Field(0.1, description="τ in softmax(similarity / τ)")

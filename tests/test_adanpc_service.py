@@ -19,6 +19,7 @@ def test_eata_with_adanpc_grows_a_memory_from_predictions_and_labels_that_surviv
     settings = settings_for(
         store={"url": redis_server.url, "namespace": namespace},
         adapter={"name": "eata+adanpc", "memory": {"confidence_threshold": 0.5, "capacity": 200}},
+        error_memory={"kind": "off"},  # AdaNPC's memory alone is persisted here
     )
 
     async def first_life():

@@ -44,9 +44,9 @@ async def serve_stream(conformal: dict[str, Any], inputs: np.ndarray, labels: np
     """Every request's labels right after its prediction. Returns the sets served, /v1/state's
     calibrator, the per-class or per-group coverage and threshold gauges, and the stored
     per-key states."""
-    # the source model: the sets differ only by their thresholds
+    # the source model (no adapter, no error memory): the sets differ only by their thresholds
     async with serving(conformal={"method": "saocp", **conformal},
-                       adapter={"name": "none"}) as (client, app):
+                       adapter={"name": "none"}, error_memory={"kind": "off"}) as (client, app):
         sets: list[list[int]] = []
         for start in range(0, len(labels), REQUEST):
             ids = [f"m{i}" for i in range(start, start + REQUEST)]

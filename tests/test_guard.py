@@ -204,14 +204,20 @@ def test_the_shadow_comparison_resets_what_the_labels_show_worse_than_the_source
 
 
 def test_nothing_learns_so_no_source_copy_runs():
-    async def scenario():
-        async with serving(adapter={"name": "none"}) as (client, app):
+    async def scenario(memory: str):
+        async with serving(adapter={"name": "none"}, error_memory={"kind": memory}) as (
+                client, app):
             runtime = app.state.runtime
             state = (await client.get("/v1/state")).json()
-            return runtime.engine.source, state["adapter"]
+            return runtime.engine, state["adapter"]
 
-    source, adapter = asyncio.run(scenario())
-    assert source is None and adapter["guard"] is None and adapter["shadow"] is None
+    engine, adapter = asyncio.run(scenario("off"))
+    assert engine.source is None and adapter["guard"] is None and adapter["shadow"] is None
+    # the error memory acts on the outputs of a model nothing changes: the model is its own
+    # source, guarded and compared without a copy
+    engine, adapter = asyncio.run(scenario("auto"))
+    assert engine.source is engine.model.module and engine.source_is_model
+    assert adapter["guard"] is not None and adapter["shadow"] is not None
 
 
 def test_the_comparison_rarely_resets_without_harm_and_soon_with_it():

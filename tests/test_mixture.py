@@ -60,7 +60,7 @@ def test_served_with_the_mixture_the_labels_outvote_an_adapter_gone_wrong(mixed)
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0},
                 "adapter": {"name": "tent", "learning_rate": 1.0, "max_learning_rate": 1.0,
                             "adapt_batch_size": 32, "collapse_min_ratio": 0},
-                "shadow": {"window": 5000, "min_labels": 5000},
+                "shadow": {"window": 5000, "min_labels": 5000}, "error_memory": {"kind": "off"},
                 "mixture": {"enabled": mixed, "eta": 0.5}}
 
     async def scenario():
@@ -97,6 +97,7 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
     x, _ = binary_stream(2048)
     y = np.repeat(np.random.default_rng(1).integers(0, 2, size=32), 64)
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+                "error_memory": {"kind": "off"},
                 "mixture": {"enabled": True, "newest_label": "on"}}
 
     async def scenario():

@@ -20,8 +20,9 @@ from tests.redis_server import free_port
 
 REPO = str(Path(__file__).resolve().parents[1])
 # the factories below live in tests/, which a served process imports from the repository root
-# the replays are scored against the source model's answers: adapter none, which nothing moves
-SOURCE = {"ADAPTD_ADAPTER__NAME": "none"}
+# the replays are scored against the source model's answers: adapter none and no error memory,
+# so nothing moves them
+SOURCE = {"ADAPTD_ADAPTER__NAME": "none", "ADAPTD_ERROR_MEMORY__KIND": "off"}
 BINARY = {"PYTHONPATH": REPO, "ADAPTD_MODEL__FACTORY": "tests.models:binary",
           "ADAPTD_MODEL__NAME": "bin", "ADAPTD_MODEL__INPUT_SHAPE": "[4]",
           "ADAPTD_MODEL__NUM_CLASSES": "2", **SOURCE}

@@ -36,7 +36,8 @@ def test_memory_rows_wait_for_the_store_a_reset_supersedes_them_and_order_is_kep
     _, _, x_test, _ = digits_split()
     # AdaNPC admits every confident vote into its memory, and its rows live in the store
     settings = settings_for(adapter={"name": "adanpc",
-                                     "memory": {"confidence_threshold": 0.0}})
+                                     "memory": {"confidence_threshold": 0.0}},
+                            error_memory={"kind": "off"})  # AdaNPC's rows alone go to the store
 
     async def scenario():
         async with serving(settings) as (client, app):
