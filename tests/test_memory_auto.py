@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from service.demo import digits_split
@@ -126,3 +127,35 @@ def test_a_replica_that_reloads_stored_rows_starts_awake(redis_server):
 
     assert asyncio.run(life(learn=True)) == (True, 16)
     assert asyncio.run(life(learn=False)) == (False, 16)  # the rows came back, and it is awake
+
+
+def test_where_classes_come_in_runs_the_memorys_correction_is_damped():
+    import numpy as np
+
+    from service.engine import BEFORE_RUNS
+    from service.events import EventLog
+    from service.metrics import Metrics
+    from service.runtime import build_engine
+    from service.settings import Settings
+
+    _, _, x, y = digits_split()
+    metrics = Metrics()
+    engine = build_engine(Settings(error_memory={"kind": "exact"}, drift={"enabled": False}),
+                          metrics, EventLog(metrics))
+    try:
+        out = engine.forward(x[:64])
+        engine.error_memory.add(torch.from_numpy(out.features), torch.from_numpy(y[:64]),
+                                torch.from_numpy(out.arrays["before_error_memory"]))
+
+        def correction(rho: np.ndarray) -> float:
+            engine.runs.belief = rho  # the filter's weights over its grid of stickiness
+            served = engine.forward(x[64:96], adapt=False)
+            return float(np.abs(served.arrays[BEFORE_RUNS]
+                                - served.arrays["before_error_memory"]).sum())
+
+        shuffled, runs = np.zeros(len(engine.runs.rho)), np.zeros(len(engine.runs.rho))
+        shuffled[0], runs[-1] = 1.0, 1.0  # all the weight on rho 0, or on rho 0.99
+        full, damped = correction(shuffled), correction(runs)
+        assert full > 0 and damped == pytest.approx(0.01 * full, rel=0.05)
+    finally:
+        engine.close()

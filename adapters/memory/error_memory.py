@@ -134,8 +134,10 @@ class _ErrorMemory:
         self._write(keys, targets, predicted, sequence)
 
     @torch.no_grad()
-    def compensate(self, features: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
-        """ŷ + lambda y_err, clamped and renormalised for probabilities; ŷ when the memory is empty.
+    def compensate(self, features: torch.Tensor, predictions: torch.Tensor,
+                   scale: float = 1.0) -> torch.Tensor:
+        """ŷ + scale · lambda y_err, clamped and renormalised for probabilities; ŷ when the memory
+        is empty. `scale` (in [0, 1]) damps the correction for this batch alone.
 
         Returns a tensor of the predictions' shape, dtype and device.
         """
@@ -145,7 +147,8 @@ class _ErrorMemory:
             if len(self._checked_features(features)) != len(predicted):
                 raise ValueError(f"{len(features)} feature rows for {len(predicted)} predictions")
             return predictions.clone()
-        corrected = predicted + self.compensation_weight * self._error(features, predicted)
+        weight = self.compensation_weight * scale
+        corrected = predicted + weight * self._error(features, predicted)
         corrected = self.task.settle(corrected)
         return corrected.reshape(predictions.shape).to(predictions.dtype).to(predictions.device)
 
