@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from service.events import EventLog
 from service.metrics import Metrics
 from service.model import FeatureTap, LoadedModel
 from service.monitor import DriftMonitor
+from service.settings import Settings
 
 log = logging.getLogger("adaptd")
 
@@ -293,7 +294,8 @@ class Engine:
         self._epoch = secrets.randbelow(2**24)
         # configurations that will do nothing (measured or known at start-up), said at start
         self.warnings: list[str] = []
-        self.settings: Any = None  # what `build_engine` built it from (auto made concrete)
+        # what `build_engine` built it from, `auto` made concrete (None: built by hand)
+        self.settings: Settings | None = None
         self._changes: list[StateChange] = []
         self._changes_lock = threading.Lock()
         # every learning part's own rate, which a drift boost multiplies

@@ -88,7 +88,7 @@ class Runtime:
                           or default_consumer_name())
         torch.set_num_threads(torch_threads(settings))  # for the process: the engine's and all
         engine = await asyncio.to_thread(build_engine, settings, metrics, events)
-        settings = engine.settings  # adapter.name "auto" made concrete for the model
+        settings = engine.settings or settings  # `auto` made concrete for the model
         model, adapter = engine.model, engine.adapter
         store = StoreGateway(_open_store(settings), metrics)
         await asyncio.to_thread(_load_snapshot, settings, store)

@@ -19,12 +19,27 @@ import httpx
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.engine import Engine
+from service.events import EventLog
+from service.metrics import Metrics
+from service.runtime import build_engine
 from service.settings import load_settings
 
 
 def settings_for(**overrides: Any):
     """Settings from defaults plus `overrides`, ignoring any ADAPTD_* in the test environment."""
     return load_settings(None, **overrides)
+
+
+@contextmanager
+def built_engine(settings: Any) -> Iterator[Engine]:
+    """The engine `settings` build, as the service builds it but without the app; closed after."""
+    metrics = Metrics()
+    engine = build_engine(settings, metrics, EventLog(metrics))
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 @asynccontextmanager

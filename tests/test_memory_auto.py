@@ -11,7 +11,7 @@ import torch
 
 from service.demo import digits_split
 from service.engine import BEFORE_ERROR_MEMORY, SOURCE_OUTPUTS
-from tests.harness import serving, settings_for
+from tests.harness import built_engine, serving, settings_for
 
 BINARY = {"factory": "tests.models:binary", "name": "bin", "task": "classification",
           "input_shape": [4], "num_classes": 2}
@@ -133,16 +133,11 @@ def test_where_classes_come_in_runs_the_memorys_correction_is_damped():
     import numpy as np
 
     from service.engine import BEFORE_RUNS
-    from service.events import EventLog
-    from service.metrics import Metrics
-    from service.runtime import build_engine
     from service.settings import Settings
 
     _, _, x, y = digits_split()
-    metrics = Metrics()
-    engine = build_engine(Settings(error_memory={"kind": "exact"}, drift={"enabled": False}),
-                          metrics, EventLog(metrics))
-    try:
+    settings = Settings(error_memory={"kind": "exact"}, drift={"enabled": False})
+    with built_engine(settings) as engine:
         out = engine.forward(x[:64])
         engine.error_memory.add(torch.from_numpy(out.features), torch.from_numpy(y[:64]),
                                 torch.from_numpy(out.arrays["before_error_memory"]))
@@ -157,5 +152,3 @@ def test_where_classes_come_in_runs_the_memorys_correction_is_damped():
         shuffled[0], runs[-1] = 1.0, 1.0  # all the weight on rho 0, or on rho 0.99
         full, damped = correction(shuffled), correction(runs)
         assert full > 0 and damped == pytest.approx(0.01 * full, rel=0.05)
-    finally:
-        engine.close()

@@ -11,10 +11,8 @@ import torch.nn as nn
 from adapters.tta.norm import RobustBatchNorm, class_run_scales, configure_norm, grade_momenta
 from adapters.tta.runs import ClassRunFilter
 from service.demo import digits_split
-from service.events import EventLog
-from service.metrics import Metrics
-from service.runtime import build_engine
 from service.settings import Settings
+from tests.harness import built_engine
 
 
 def noisy_votes(labels: np.ndarray, accuracy: float, classes: int, seed: int = 0) -> torch.Tensor:
@@ -135,9 +133,7 @@ def test_scales_need_two_classes_and_one_per_layer() -> None:
 def test_the_engine_serves_through_the_filter_and_says_so() -> None:
     settings = Settings(adapter={"name": "bn", "runs": "filter", "norm_layers": "graded"},
                         drift={"enabled": False})
-    metrics = Metrics()
-    engine = build_engine(settings, metrics, EventLog(metrics))
-    try:
+    with built_engine(settings) as engine:
         momenta = [m.momentum for m in engine.model.module.modules()
                    if isinstance(m, RobustBatchNorm)]
         assert momenta[0] == pytest.approx(0.02) and momenta[2] < 0.005
@@ -153,22 +149,16 @@ def test_the_engine_serves_through_the_filter_and_says_so() -> None:
         assert engine.runs.filtered == 60 and np.array_equal(before, engine.runs.belief)
         engine.reset_adapter()
         assert np.allclose(engine.runs.mix, 0.1)
-    finally:
-        engine.close()
 
 
 def test_settings_that_do_nothing_are_said() -> None:
     settings = Settings(adapter={"name": "bn", "norm": "balanced", "norm_layers": "graded"},
                         drift={"enabled": False})
-    metrics = Metrics()
-    engine = build_engine(settings, metrics, EventLog(metrics))
-    try:
+    with built_engine(settings) as engine:
         assert any("norm_layers = 'graded'" in w for w in engine.warnings)
         momenta = [m.momentum for m in engine.model.module.modules()
                    if isinstance(m, RobustBatchNorm)]
         assert momenta == [0.02] * 3  # balanced moves its own averages: nothing graded
-    finally:
-        engine.close()
 
 
 @pytest.mark.parametrize(("adapter", "filtered"), [
@@ -177,14 +167,9 @@ def test_settings_that_do_nothing_are_said() -> None:
     ({"name": "none", "runs": "filter"}, True), ({"name": "bn", "norm": "batch"}, True),
 ])
 def test_by_default_the_filter_serves_where_an_adapter_runs(adapter, filtered) -> None:
-    metrics = Metrics()
-    engine = build_engine(Settings(adapter=adapter, drift={"enabled": False}), metrics,
-                          EventLog(metrics))
-    try:
+    with built_engine(Settings(adapter=adapter, drift={"enabled": False})) as engine:
         assert (engine.runs is not None) == filtered
         assert engine.warnings == []
-    finally:
-        engine.close()
 
 
 def test_a_batch_of_one_image_repeated_is_served_as_the_image_alone() -> None:
@@ -235,21 +220,15 @@ def test_a_model_without_batchnorm_gets_no_filter_by_default_and_is_told(tmp_pat
     save_file({"inputs": torch.randn(64, 4)}, str(reference))
     model = {"factory": "tests.models:poisoned", "name": "mlp", "input_shape": [4],
              "num_classes": 3, "reference_data": str(reference)}
-    metrics = Metrics()
-    engine = build_engine(Settings(model=model, drift={"enabled": False}), metrics,
-                          EventLog(metrics))
-    try:  # by default: no adapter at all
+    # by default: no adapter at all
+    with built_engine(Settings(model=model, drift={"enabled": False})) as engine:
         assert engine.settings.adapter.name == engine.adapter.name == "none"
         assert engine.runs is None and engine.warnings == []
-    finally:
-        engine.close()
-    engine = build_engine(Settings(model=model, adapter={"name": "bn"},
-                                   drift={"enabled": False}), metrics, EventLog(metrics))
-    try:  # asked for: it serves the model as trained, and says so
+    # asked for: it serves the model as trained, and says so
+    asked = Settings(model=model, adapter={"name": "bn"}, drift={"enabled": False})
+    with built_engine(asked) as engine:
         assert engine.adapter.name == "bn" and engine.runs is None
         assert any(w.startswith("adapter bn finds no BatchNorm") for w in engine.warnings)
-    finally:
-        engine.close()
 
 
 BINARY = {"factory": "tests.models:binary", "name": "bin", "task": "classification",
@@ -266,14 +245,10 @@ def test_auto_picks_test_time_batchnorm_where_it_normalises_over_positions(
         model, adapter, resolved) -> None:
     settings = Settings(model=model or Settings().model, adapter={"name": adapter},
                         drift={"enabled": False})
-    metrics = Metrics()
-    engine = build_engine(settings, metrics, EventLog(metrics))
-    try:
+    with built_engine(settings) as engine:
         assert engine.settings.adapter.name == resolved
         assert engine.adapter.name == resolved.split("+")[0].replace("adanpc", "none")
         assert (engine.adanpc is not None) == resolved.endswith("adanpc")
-    finally:
-        engine.close()
 
 
 def test_the_service_reports_the_adapter_auto_chose() -> None:
@@ -317,16 +292,12 @@ def test_auto_comes_first_and_only_adanpc_follows_it(name) -> None:
 def test_the_comparison_with_the_source_judges_what_learns_before_the_filter() -> None:
     from service.engine import BEFORE_RUNS
 
-    metrics = Metrics()
-    engine = build_engine(Settings(drift={"enabled": False}), metrics, EventLog(metrics))
-    try:
+    with built_engine(Settings(drift={"enabled": False})) as engine:
         x, y, _, _ = digits_split()
         out = engine.forward(x[y == 2][:40])
         assert engine.source is not None and engine.runs is not None
         before = out.arrays[BEFORE_RUNS]
         assert before.shape == out.outputs.shape and not np.allclose(before, out.outputs)
-    finally:
-        engine.close()
 
 
 def test_psmt_serves_a_batch_of_one_image_repeated_as_the_image_alone() -> None:
