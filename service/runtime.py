@@ -56,7 +56,7 @@ from service.reference import (
 )
 from service.settings import Settings
 from service.state_sync import StateSync
-from store import Store, StoreUnavailable, open_store
+from store import MemoryStore, Store, StoreUnavailable, open_store
 
 log = logging.getLogger("adaptd")
 
@@ -91,6 +91,11 @@ class Runtime:
         settings = engine.settings or settings  # `auto` made concrete for the model
         model, adapter = engine.model, engine.adapter
         store = StoreGateway(_open_store(settings), metrics)
+        if isinstance(store.raw, MemoryStore):
+            log.info("in-process store: %d MiB reserved for up to %d records of %d MiB "
+                     "(store.max_records, store.max_bytes) and their ids",
+                     store.raw.reserved_bytes >> 20, settings.store.max_records,
+                     settings.store.max_bytes >> 20)
         await asyncio.to_thread(_load_snapshot, settings, store)
         if settings.adapter.restore:
             await _restore_adapter(engine, store)
@@ -788,4 +793,6 @@ def _open_store(settings: Settings) -> Store:
     options: dict[str, object] = {"expired_grace_s": s.expired_grace_s}
     if s.url.startswith("memory"):
         options["max_records"] = s.max_records
+        options["max_bytes"] = s.max_bytes
+        options["reserve"] = True  # memory that does not grow with traffic (docs/operations.md)
     return open_store(s.url, namespace=settings.namespace, record_ttl_s=s.record_ttl_s, **options)

@@ -182,7 +182,12 @@ class StoreSettings(Section):
         86_400.0, ge=0.0,
         description="how long after expiry a late label is reported as expired",
     )
-    max_records: PositiveInt = Field(200_000, description="in-process store only")
+    max_records: int = Field(200_000, ge=1, le=2**29, description="in-process store only")
+    max_bytes: int = Field(
+        128 * 2**20, ge=2**20,
+        description="in-process store only: the bytes prediction records may take, reserved "
+        "at start with the id markers' table, so memory does not grow with traffic",
+    )
     snapshot_path: Path | None = Field(
         None, description="in-process store only: a file its lasting state (adapter "
         "checkpoints, memories, the calibrator, drift state, events) is written to every "

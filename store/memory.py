@@ -12,10 +12,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -32,12 +33,19 @@ from store.base import (
     sort_outcomes,
 )
 from store.keys import Keys
+from store.ring import RecordRing, id_key
 
 SNAPSHOT_FORMAT = "adaptd-memory-store/1"
+
+log = logging.getLogger("adaptd.store")
 
 # Markers outlive their records by the grace period, so there are more of them than records; this
 # many per allowed record bounds them and still keeps every live record's (the newest) marker.
 MARKERS_PER_RECORD = 4
+
+# The bytes records may take by default: 200,000 of the demo model's (about 480 bytes each with
+# the shadow's arrays) fit, with room for their labelled copies to turn over.
+DEFAULT_MAX_BYTES = 128 * 2**20
 
 # A record's fields packed into one bytes object: per field, the name's and the value's lengths
 # (u16, u32), then the name and the value. One object, not a dict of seven or more: with the
@@ -76,8 +84,11 @@ class MemoryStore:
     """Prediction records, label joins, adapter checkpoints and row memories in process memory.
 
     Records are kept in insertion order with their expiry time, so expired ones are purged from the
-    front, lazily, whenever a put or a lookup happens; past `max_records` the oldest are evicted
-    early and then count as expired, as if their TTL had run out. A memory is a deque of packed
+    front, lazily, whenever a put or a lookup happens; past `max_records`, or when their bytes
+    would pass `max_bytes`, the oldest are evicted early and then count as expired, as if their
+    TTL had run out. Records and markers live in arrays sized from those bounds (`RecordRing`),
+    so the memory they take does not grow with traffic; `reserve` maps it all in at once. A
+    memory is a deque of packed
     float32 rows, as a Redis list holds them, trimmed to its cap on every append. One lock guards
     all state, so every method is safe to call from threads and a label joins at most once.
 
@@ -91,6 +102,11 @@ class MemoryStore:
         How long after a record's expiry its id is still reported *expired* (then *unknown*).
     max_records
         The most records kept; the oldest are evicted beyond it.
+    max_bytes
+        The most bytes the packed records may take; the oldest are evicted beyond it.
+    reserve
+        Map in the records' and markers' memory now (`reserved_bytes`; the service does), so
+        resident memory does not grow with traffic; else page by page as it is first used.
     clock
         Seconds since the epoch; a test passes a clock it controls.
     keep_adapters
@@ -124,13 +140,17 @@ class MemoryStore:
         max_records: int = 200_000,
         clock: Callable[[], float] = time.time,
         keep_adapters: int = 5,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        reserve: bool = False,
     ) -> None:
         if record_ttl_s <= 0:
             raise ValueError(f"record_ttl_s must be positive, got {record_ttl_s}")
         if expired_grace_s < 0:
             raise ValueError(f"expired_grace_s must be zero or positive, got {expired_grace_s}")
-        if max_records < 1:
-            raise ValueError(f"max_records must be at least 1, got {max_records}")
+        if not 1 <= max_records <= 2**29:
+            raise ValueError(f"max_records must be from 1 to 2**29, got {max_records}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, got {max_bytes}")
         if keep_adapters < 1:
             raise ValueError(f"keep_adapters must be at least 1, got {keep_adapters}")
         self.namespace = Keys(namespace).namespace
@@ -138,16 +158,16 @@ class MemoryStore:
         self.expired_grace_s = float(expired_grace_s)
         self.max_records = max_records
         self.max_markers = MARKERS_PER_RECORD * max_records
+        self.max_bytes = max_bytes
         self.keep_adapters = keep_adapters
         self._clock = clock
         self._lock = threading.Lock()
-        # id -> (expires_at, packed fields); insertion order is expiry order (the TTL is fixed)
-        self._records: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        # id -> its expiry, a grace period after its record's, negated once labelled (a float
-        # rather than an (expiry, labelled) tuple: 56 bytes less for each of up to 800,000). An
-        # expiry is after the clock's reading plus record_ttl_s > 0, so with a clock that reads
-        # 0 or more (time.time, a test's) it is positive and its sign free to say "labelled"
-        self._markers: OrderedDict[str, float] = OrderedDict()
+        # records (packed fields) and markers: an id's expiry a grace period after its record's,
+        # negated once labelled. An expiry is after the clock's reading plus record_ttl_s > 0, so
+        # with a clock that reads 0 or more (time.time, a test's) it is positive and its sign free
+        # to say "labelled"
+        self._records = RecordRing(max_records, self.max_markers, max_bytes, reserve=reserve)
+        self._warned_too_big = False
         self._adapters: dict[int, bytes] = {}
         self._adapter_version = 0
         # name -> packed float32 rows, oldest first; every row of one memory has the same width
@@ -159,6 +179,11 @@ class MemoryStore:
 
     def ping(self) -> bool:
         return True
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The memory records and markers take at most (all of it from the start if reserved)."""
+        return self._records.nbytes
 
     def check_writable(self) -> None:
         """Always writable: the store is this process's memory."""
@@ -185,23 +210,25 @@ class MemoryStore:
         """Under the lock: the records' fields in, the expired and the oldest beyond the caps
         out."""
         now = self._clock()
-        self._purge_expired(now)
+        self._records.purge(now)
         expires_at = now + self.record_ttl_s
+        marker = expires_at + self.expired_grace_s
         for prediction_id, fields in encoded:
-            # pop first so a replaced id moves to the back, keeping expiry order
-            self._records.pop(prediction_id, None)
-            self._records[prediction_id] = (expires_at, fields)
-            self._markers.pop(prediction_id, None)
-            self._markers[prediction_id] = expires_at + self.expired_grace_s
-        while len(self._records) > self.max_records:
-            self._records.popitem(last=False)
-        while len(self._markers) > self.max_markers:
-            self._markers.popitem(last=False)
+            if len(fields) > self.max_bytes:
+                if not self._warned_too_big:
+                    log.warning("a prediction record of %d bytes is larger than store.max_bytes "
+                                "(%d): records this large are not kept, so their labels will "
+                                "count as unknown; raise store.max_bytes", len(fields),
+                                self.max_bytes)
+                    self._warned_too_big = True
+                continue
+            # a replaced id's record and marker move to the back, keeping expiry order
+            self._records.put(id_key(prediction_id), fields, expires_at, marker)
 
     def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
         with self._lock:
             now = self._clock()
-            self._purge_expired(now)
+            self._records.purge(now)
             fields = self._live_fields(prediction_id, now)
         return None if fields is None else PredictionRecord.from_fields(fields)
 
@@ -219,7 +246,7 @@ class MemoryStore:
         outcomes: list[tuple[str, str]] = []  # (kind, id) in label order, as `sort_outcomes` reads
         with self._lock:
             now = self._clock()
-            self._purge_expired(now)
+            self._records.purge(now)
             for prediction_id, label in labels:
                 fields = self._live_fields(prediction_id, now)
                 if fields is not None:
@@ -237,7 +264,7 @@ class MemoryStore:
                         }
                         outcomes.append(("live", prediction_id))
                     continue
-                marker = self._markers.get(prediction_id)
+                marker = self._records.marker(id_key(prediction_id))
                 if marker is None or abs(marker) <= now:
                     outcomes.append(("unknown", prediction_id))
                 elif marker < 0:  # labelled
@@ -263,11 +290,7 @@ class MemoryStore:
             for prediction_id, fields in labelled.items():
                 if prediction_id in rejected:
                     continue  # left unlabelled: the same label sent again is rejected again
-                expires_at = self._records[prediction_id][0]
-                self._records[prediction_id] = (expires_at, pack_fields(fields))
-                marker_expires_at = abs(self._markers.get(prediction_id,
-                                                          expires_at + self.expired_grace_s))
-                self._markers[prediction_id] = -marker_expires_at  # negated: labelled
+                self._records.label(id_key(prediction_id), pack_fields(fields))
             for name, rows, cap in appends:
                 self._append(name, rows, cap)
             for name, state in changes.calibrators.items():
@@ -422,30 +445,16 @@ class MemoryStore:
             self._calibrators.clear()
             self._events.clear()
             self._states.clear()
-            self._records.clear()
-            self._markers.clear()
+            # new, unreserved arrays, so the memory of a closed store goes back
+            self._records = RecordRing(self.max_records, self.max_markers, self.max_bytes)
             self._adapters.clear()
             self._memories.clear()
 
     def _live_fields(self, prediction_id: str, now: float) -> dict[str, bytes] | None:
         """The fields of an unexpired record; expired ones behind a live front are dropped here."""
-        entry = self._records.get(prediction_id)
-        if entry is None:
+        packed = self._records.get(id_key(prediction_id), now)
+        if packed is None:
             return None
-        if entry[0] <= now:
-            del self._records[prediction_id]
-            return None
-        return unpack_fields(entry[1])
-
-    def _purge_expired(self, now: float) -> None:
-        """Drop expired records and markers from the front; both are kept in expiry order."""
-        while self._records:
-            prediction_id, (expires_at, _) = next(iter(self._records.items()))
-            if expires_at > now:
-                break
-            del self._records[prediction_id]
-        while self._markers:
-            prediction_id, marker = next(iter(self._markers.items()))
-            if abs(marker) > now:
-                break
-            del self._markers[prediction_id]
+        fields = unpack_fields(packed)
+        # two ids with one 64-bit key: the record is another's
+        return fields if fields["id"] == prediction_id.encode() else None
