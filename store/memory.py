@@ -13,6 +13,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -43,8 +44,8 @@ log = logging.getLogger("adaptd.store")
 # many per allowed record bounds them and still keeps every live record's (the newest) marker.
 MARKERS_PER_RECORD = 4
 
-# The bytes records may take by default: 200,000 of the demo model's (about 480 bytes each with
-# the shadow's arrays) fit, with room for their labelled copies to turn over.
+# The bytes records may take by default: 200,000 of the demo model's fit (about 480 bytes each
+# with the shadow's arrays); with the error memory's features (740 bytes) about 180,000 do.
 DEFAULT_MAX_BYTES = 128 * 2**20
 
 # A record's fields packed into one bytes object: per field, the name's and the value's lengths
@@ -88,9 +89,9 @@ class MemoryStore:
     would pass `max_bytes`, the oldest are evicted early and then count as expired, as if their
     TTL had run out. Records and markers live in arrays sized from those bounds (`RecordRing`),
     so the memory they take does not grow with traffic; `reserve` maps it all in at once. A
-    memory is a deque of packed
-    float32 rows, as a Redis list holds them, trimmed to its cap on every append. One lock guards
-    all state, so every method is safe to call from threads and a label joins at most once.
+    memory is a deque of packed float32 rows, as a Redis list holds them, trimmed to its cap on
+    every append. One lock guards all state, so every method is safe to call from threads and a
+    label joins at most once.
 
     Parameters
     ----------
@@ -243,6 +244,7 @@ class MemoryStore:
         result = JoinResult()
         # id -> fields with the label, written only once the effects are known
         labelled: dict[str, dict[str, bytes]] = {}
+        values: dict[str, LabelValue] = {}
         outcomes: list[tuple[str, str]] = []  # (kind, id) in label order, as `sort_outcomes` reads
         with self._lock:
             now = self._clock()
@@ -262,6 +264,7 @@ class MemoryStore:
                             "label": encode_label(label),
                             "labelled_at": repr(float(now)).encode(),
                         }
+                        values[prediction_id] = label
                         outcomes.append(("live", prediction_id))
                     continue
                 marker = self._records.marker(id_key(prediction_id))
@@ -290,7 +293,11 @@ class MemoryStore:
             for prediction_id, fields in labelled.items():
                 if prediction_id in rejected:
                     continue  # left unlabelled: the same label sent again is rejected again
-                self._records.label(id_key(prediction_id), pack_fields(fields))
+                key, label = id_key(prediction_id), values[prediction_id]
+                if isinstance(label, list | tuple | np.ndarray):  # no slot holds it
+                    self._records.relabel(key, pack_fields(fields))
+                else:  # kept in the record's slot, which keeps its place
+                    self._records.label(key, float(label), now)
             for name, rows, cap in appends:
                 self._append(name, rows, cap)
             for name, state in changes.calibrators.items():
@@ -452,9 +459,14 @@ class MemoryStore:
 
     def _live_fields(self, prediction_id: str, now: float) -> dict[str, bytes] | None:
         """The fields of an unexpired record; expired ones behind a live front are dropped here."""
-        packed = self._records.get(id_key(prediction_id), now)
-        if packed is None:
+        held = self._records.get(id_key(prediction_id), now)
+        if held is None:
             return None
+        packed, label, labelled_at = held
         fields = unpack_fields(packed)
-        # two ids with one 64-bit key: the record is another's
-        return fields if fields["id"] == prediction_id.encode() else None
+        if fields["id"] != prediction_id.encode():  # two ids with one 64-bit key
+            return None
+        if not math.isnan(labelled_at):  # a number label, kept beside the record
+            fields["label"] = encode_label(label)
+            fields["labelled_at"] = repr(labelled_at).encode()
+        return fields

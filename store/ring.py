@@ -13,20 +13,28 @@ predictions (BENCHMARKS.md B4). Here everything lives in fixed arrays sized from
   its marker, its record's slot and its place in the marker ring; at most 80% full, so a lookup
   reads a few entries;
 * a ring of marker places, oldest first, for eviction past `max_markers` and for expiry;
-* a ring of record slots (expiry, key, where its bytes are), oldest first, and one arena of
-  `max_bytes` the packed records are written to in the same order, wrapping round; writing a
-  record evicts the oldest ones its bytes or its slot would overwrite. A labelled record is written
-  again at the head (its slot at the tail dies), so the ring holds twice `max_records` slots.
+* a ring of record slots (expiry, key, where its bytes are, and a number label with the time it
+  came), oldest first, and one arena of `max_bytes` the packed records are written to in the
+  same order, wrapping round; writing a record evicts the oldest ones its bytes or its slot would
+  overwrite.
+
+A record keeps its place when a number label joins it (the slot holds the label), so a store full
+of labelled records still holds `max_records` of them, as the ordered dict did. Two things take a
+new slot and a new marker place, leaving the old ones dead until the rings' tails pass them: an
+id put again (it moves to the back, with a new expiry, as Redis's SET with EX would), and a label
+of several values, whose record is written again at the head. The record ring has twice
+`max_records` slots for those; where they are frequent, the oldest records go early.
 
 All of it is one anonymous memory mapping, mapped in at once when `reserve` is asked for (the
 service does), else page by page as it is first written (tests, which make hundreds of stores).
 
-Two ids with the same 64-bit key (about one chance in 10^7 among a million live ids) would share
+Two ids with the same 64-bit key (about one chance in 10^8 among a million live ids) would share
 a marker; a record's own id is checked when it is read (`MemoryStore._live_fields`).
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import numpy as np
@@ -58,12 +66,13 @@ class RecordRing:
     Not thread-safe: `MemoryStore` holds its lock around every call.
 
     >>> ring = RecordRing(max_records=2, max_markers=4, max_bytes=1024)
-    >>> ring.nbytes
-    1376
     >>> for i in range(3):
     ...     ring.put(id_key(f"req-{i}"), f"record {i}".encode(), expires_at=10.0, marker=20.0)
     >>> ring.get(id_key("req-0"), now=0.0), ring.get(id_key("req-2"), now=0.0)
-    (None, b'record 2')
+    (None, (b'record 2', nan, nan))
+    >>> ring.label(id_key("req-2"), 1.0, at=5.0)
+    >>> ring.get(id_key("req-2"), now=0.0), ring.marker(id_key("req-2"))
+    ((b'record 2', 1.0, 5.0), -20.0)
     >>> ring.marker(id_key("req-0")), ring.marker(id_key("req-9"))
     (20.0, None)
     """
@@ -76,6 +85,8 @@ class RecordRing:
     _expiries: memoryview[float]
     _starts: memoryview
     _lengths: memoryview
+    _labels: memoryview[float]
+    _labelled_at: memoryview[float]
     _slots: memoryview
     _places: memoryview
     _arena: memoryview
@@ -84,8 +95,9 @@ class RecordRing:
                  reserve: bool = False) -> None:
         if min(max_records, max_markers, max_bytes) < 1:
             raise ValueError("max_records, max_markers and max_bytes must be at least 1")
-        if max_records > 2**29:
-            raise ValueError(f"max_records must be at most 2**29, got {max_records}")
+        if max_records > 2**29 or max_markers > 2**31 - 1:  # int32 slots and places
+            raise ValueError(f"max_records must be at most 2**29 and max_markers below 2**31, "
+                             f"got {max_records} and {max_markers}")
         self.max_records = max_records
         self.max_markers = max_markers
         self.max_bytes = max_bytes
@@ -104,6 +116,9 @@ class RecordRing:
             ("_slot_keys", np.uint64, self._slot_count),
             ("_expiries", np.float64, self._slot_count),
             ("_starts", np.int64, self._slot_count), ("_lengths", np.int64, self._slot_count),
+            # a number label and when it came (NaN: no label)
+            ("_labels", np.float64, self._slot_count),
+            ("_labelled_at", np.float64, self._slot_count),
             ("_slots", np.int32, size), ("_places", np.int32, size),
             ("_arena", np.uint8, max_bytes),
         ]
@@ -153,16 +168,21 @@ class RecordRing:
         self._places[entry] = place
         self._slots[entry] = self._write(key, record, expires_at, start) + 1
 
-    def label(self, key: int, record: bytes) -> None:
-        """Store the labelled version of a record, with the same expiry, at the head, and negate
-        its marker in place: labelled. A record evicted meanwhile (by an earlier `label` in the
-        same join, whose bytes took its place) only has its marker negated. KeyError when `key`
-        has no marker."""
-        self._check_size(record)
-        entry = self._find(key)
-        if entry < 0:
-            raise KeyError(key)
-        self._marks[entry] = -abs(self._marks[entry])
+    def label(self, key: int, value: float, at: float) -> None:
+        """Join a number label to a record in its slot, and negate its marker: labelled. A record
+        gone only has its marker negated. KeyError when `key` has no marker."""
+        entry = self._labelled_entry(key)
+        if self._slots[entry]:
+            slot = self._slots[entry] - 1
+            self._labels[slot] = value
+            self._labelled_at[slot] = at
+
+    def relabel(self, key: int, record: bytes) -> None:
+        """Store a record again, labelled (a label of several values, which no slot holds), at
+        the head with the same expiry, and negate its marker. A record gone meanwhile (evicted by
+        an earlier `relabel` in the same join, whose bytes took its place), or one too large now
+        for the arena, only has its marker negated. KeyError when `key` has no marker."""
+        entry = self._labelled_entry(key)
         if not self._slots[entry]:
             return
         old = self._slots[entry] - 1
@@ -170,11 +190,13 @@ class RecordRing:
         self._lengths[old] = -1  # dead, as `_kill` would make it, without searching for the entry
         self._live -= 1
         self._slots[entry] = 0
-        start = self._make_room(len(record))
-        self._slots[entry] = self._write(key, record, expires_at, start) + 1
+        if len(record) <= self.max_bytes:
+            start = self._make_room(len(record))
+            self._slots[entry] = self._write(key, record, expires_at, start) + 1
 
-    def get(self, key: int, now: float) -> bytes | None:
-        """A copy of the record's bytes if it is held and unexpired (an expired one is dropped)."""
+    def get(self, key: int, now: float) -> tuple[bytes, float, float] | None:
+        """A copy of the record's bytes, its number label and when that came (NaN and NaN:
+        none), if it is held and unexpired (an expired one is dropped)."""
         entry = self._find(key)
         if entry < 0 or not self._slots[entry]:
             return None
@@ -183,7 +205,8 @@ class RecordRing:
             self._kill(slot)
             return None
         first = self._starts[slot] % self.max_bytes
-        return bytes(self._arena[first:first + self._lengths[slot]])
+        return (bytes(self._arena[first:first + self._lengths[slot]]), self._labels[slot],
+                self._labelled_at[slot])
 
     def marker(self, key: int) -> float | None:
         entry = self._find(key)
@@ -204,14 +227,14 @@ class RecordRing:
                 break
             self._drop_oldest_marker()
 
-    def clear(self) -> None:
-        np.asarray(self._keys).fill(0)  # the rest is read only where a key leads
-        self._marker_head = self._marker_tail = 0
-        self._record_head = self._record_tail = 0
-        self._live = 0
-        self._written = 0
-
     # --- inside ----------------------------------------------------------------------------
+
+    def _labelled_entry(self, key: int) -> int:
+        entry = self._find(key)
+        if entry < 0:
+            raise KeyError(key)
+        self._marks[entry] = -abs(self._marks[entry])
+        return entry
 
     def _check_size(self, record: bytes) -> None:
         if len(record) > self.max_bytes:
@@ -241,6 +264,7 @@ class RecordRing:
         self._expiries[slot] = expires_at
         self._starts[slot] = start
         self._lengths[slot] = len(record)
+        self._labels[slot] = self._labelled_at[slot] = math.nan
         self._record_head += 1
         self._live += 1
         self._written = start + len(record)
