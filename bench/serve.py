@@ -35,6 +35,10 @@ Also measured (`--parts`):
   forward + step with the project's Tent and EATA (`adapters/tta/`), and `engine.forward`, what
   `adaptd serve` runs per batch (the shadow source model, the guards and the monitors included);
   then each server's 64-image column as a fraction of it;
+- `parse`: the model's forward pass at batch 64 in this process alone, then while another
+  thread, then another process (`Runtime.parse_process`'s), parses 64-image `/v1/predict` bodies
+  back to back with the service's own parser: what a parse costs a forward pass that shares the
+  GIL with it;
 - `memory`: `adaptd serve` (demo model, `none`) resident memory after 10,000, 100,000, 200,000
   (the in-process store's `max_records`), 500,000 and `--memory-predictions` (1,000,000)
   predictions, in requests of 256 samples, 4 in flight, and how long they took;
@@ -70,13 +74,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from bench.served import HOST, free_port, rss_bytes, tree_rss_bytes, wait_ready
+from bench.served import HOST, free_port, tree_rss_bytes, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTD = str(Path(sys.executable).with_name("adaptd"))
@@ -135,11 +140,21 @@ ROWS = {r.key: r for r in (
     Row("adaptd-tent", "adaptd `tent`", "adaptd-tent", "v1", "tent"),
     Row("adaptd-none-v2", "adaptd `none` defaults, via /v2 (OIP JSON)", "adaptd-none", "v2",
         "forward"),
+    # the parse process's effect, side by side (not in the default run)
+    Row("adaptd-none-noparser", "adaptd `none`, no parse process", "adaptd-none-noparser", "v1",
+        "forward"),
+    Row("adaptd-eata-noparser", "adaptd `eata`, no parse process", "adaptd-eata-noparser", "v1",
+        "eata"),
 )}
+DEFAULT_ROWS = [key for key in ROWS if not key.endswith("-noparser")]
+# a threshold no body reaches: every body parsed in the server's own process
+NO_PARSER = {"ADAPTD_BATCHER__PARSE_PROCESS_BYTES": str(2**40)}
 ADAPTD_SERVERS = {"adaptd-none": ("none", {}),
                   "adaptd-none-wait0": ("none", {"ADAPTD_BATCHER__MAX_WAIT_MS": "0"}),
-                  "adaptd-eata": ("eata", {}), "adaptd-tent": ("tent", {})}
-PARTS = ("table", "inprocess", "memory", "labels")
+                  "adaptd-eata": ("eata", {}), "adaptd-tent": ("tent", {}),
+                  "adaptd-none-noparser": ("none", NO_PARSER),
+                  "adaptd-eata-noparser": ("eata", NO_PARSER)}
+PARTS = ("table", "inprocess", "parse", "memory", "labels")
 
 
 # --- hey ----------------------------------------------------------------------------------------
@@ -511,10 +526,12 @@ def _rate(step, seconds: float, batch: int) -> float:
 
 
 def run_in_process(model: str, seconds: float, workdir: Path, threads: int | None,
-                   batch: int = 64) -> dict[str, float]:
+                   batch: int = 64, rounds: int = 5) -> dict[str, float]:
     """Samples per second at batch `batch`: forward, Tent and EATA forward + step, and
     `engine.forward` as the service runs it for `none`, `tent` and `eata`; with `threads` torch
-    threads, as the servers get them."""
+    threads, as the servers get them. Each is measured in `rounds` turns of `seconds / rounds`,
+    taking turns with the others, and the median kept: one measurement after the other had the
+    same forward pass at 1,575 and at 2,406 samples/s in one run."""
     import torch
 
     if threads is not None:
@@ -525,16 +542,15 @@ def run_in_process(model: str, seconds: float, workdir: Path, threads: int | Non
     from bench.peers.models import MODELS, load_model
 
     x = torch.from_numpy(model_inputs(model, batch))
-    rates: dict[str, float] = {}
     source = load_model(model)
 
     def forward() -> None:
         with torch.inference_mode():
             source(x)
 
-    rates["forward"] = _rate(forward, seconds, batch)
+    steps: dict[str, Callable[[], object]] = {"forward": forward}
     tent = Tent(load_model(model), num_classes=10)
-    rates["tent"] = _rate(lambda: tent.adapt(x), seconds, batch)
+    steps["tent"] = lambda: tent.adapt(x)
     if model == "demo":
         from service.demo import digits_split
 
@@ -544,7 +560,7 @@ def run_in_process(model: str, seconds: float, workdir: Path, threads: int | Non
 
         reference = load_file(str(resnet_reference(workdir)))["inputs"]
     eata = EATA(load_model(model), num_classes=10, reference=reference)
-    rates["eata"] = _rate(lambda: eata.adapt(x), seconds, batch)
+    steps["eata"] = lambda: eata.adapt(x)
 
     from service.events import EventLog
     from service.metrics import Metrics
@@ -557,16 +573,72 @@ def run_in_process(model: str, seconds: float, workdir: Path, threads: int | Non
         model_settings = {"factory": factory, "name": name, "input_shape": list(shape),
                           "reference_data": resnet_reference(workdir)}
     inputs = x.numpy()
-    for adapter in ("none", "tent", "eata"):
-        settings = load_settings(None, adapter={"name": adapter},
-                                 **({"model": model_settings} if model_settings else {}))
-        metrics = Metrics()
-        engine = build_engine(settings, metrics, EventLog(metrics))
-        try:
-            rates[f"engine-{adapter}"] = _rate(lambda e=engine: e.forward(inputs, adapt=True),
-                                               seconds, batch)
-        finally:
+    engines = []
+    try:
+        for adapter in ("none", "tent", "eata"):
+            settings = load_settings(None, adapter={"name": adapter},
+                                     **({"model": model_settings} if model_settings else {}))
+            metrics = Metrics()
+            engines.append(build_engine(settings, metrics, EventLog(metrics)))
+            steps[f"engine-{adapter}"] = (
+                lambda e=engines[-1]: e.forward(inputs, adapt=True))
+        measured: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                measured[name].append(_rate(step, seconds / rounds, batch))
+    finally:
+        for engine in engines:
             engine.close()
+    return {name: float(np.median(values)) for name, values in measured.items()}
+
+
+# --- parse ---------------------------------------------------------------------------------------
+
+def _parse_loop(body: bytes, shape: tuple[int, ...], seconds: float) -> int:
+    """Parse `body` as /v1/predict does, back to back for `seconds`; how many times."""
+    from service.predict_body import parse_predict
+
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        parse_predict(body, "application/json", shape, 256)
+        count += 1
+    return count
+
+
+def run_parse(model: str, seconds: float, threads: int | None) -> dict[str, float]:
+    """Forward passes per second at batch 64 alone, beside a thread parsing 64-image bodies,
+    and beside a process doing so; and the parses per second each managed."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    from bench.peers.models import MODELS, load_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    x = torch.from_numpy(model_inputs(model, 64))
+    body, shape = v1_body(model_inputs(model, 64)), tuple(MODELS[model][2])
+    network = load_model(model)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            network(x)
+
+    rates = {"alone": _rate(forward, seconds, 64)}
+    parsed: list[int] = []
+    beside = threading.Thread(target=lambda: parsed.append(_parse_loop(body, shape, seconds)))
+    beside.start()
+    rates["thread"] = _rate(forward, seconds * 0.9, 64)
+    beside.join()
+    rates["thread parses"] = parsed[0] / seconds
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(int).result()  # started and imported before the clock runs
+        elsewhere = pool.submit(_parse_loop, body, shape, seconds)
+        rates["process"] = _rate(forward, seconds * 0.9, 64)
+        rates["process parses"] = elsewhere.result() / seconds
+    rates["body_mb"] = len(body) / 1e6
     return rates
 
 
@@ -588,8 +660,9 @@ def memory_checkpoints(total: int) -> list[int]:
 
 
 def run_memory(predictions: int, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
-    """RSS of `adaptd serve` (demo, `none`) after 10,000, ... and `predictions` predictions,
-    sent as requests of 256 samples, 4 in flight."""
+    """RSS of `adaptd serve` (demo, `none`) and its children (the parse process, which its
+    bodies of 256 samples start) after 10,000, ... and `predictions` predictions, sent as
+    requests of 256 samples, 4 in flight."""
     per_request = 256
     body_file = workdir / "body-memory.json"
     body_file.write_bytes(v1_body(model_inputs("demo", per_request)))
@@ -599,7 +672,7 @@ def run_memory(predictions: int, args: argparse.Namespace, workdir: Path) -> dic
     failures, sent = 0, 0
     try:
         url = server.url("v1")
-        result["rss_start_mib"] = rss_bytes(server.process.pid) / 2**20
+        result["rss_start_mib"] = tree_rss_bytes(server.process.pid) / 2**20
         started = time.perf_counter()
         for checkpoint in memory_checkpoints(predictions):
             done = run_hey(url, body_file, 4, requests=-(-(checkpoint - sent) // per_request),
@@ -607,7 +680,7 @@ def run_memory(predictions: int, args: argparse.Namespace, workdir: Path) -> dic
             sent += done.statuses.get(200, 0) * per_request
             failures += done.failures
             time.sleep(1.0)
-            rss[sent] = rss_bytes(server.process.pid) / 2**20
+            rss[sent] = tree_rss_bytes(server.process.pid) / 2**20
             print(f"  {sent:,} predictions: RSS {rss[sent]:.0f} MiB", flush=True)
         result["seconds"] = time.perf_counter() - started
     finally:
@@ -856,10 +929,19 @@ def report(args: argparse.Namespace, results: dict, command: str) -> str:
         if model in results.get("table", {}):
             out += [f"## {model}: served (64-image requests, 4 in flight) / in process", "",
                     ratio_table(results["table"][model], rates, args.servers), ""]
+    if "parse" in results:
+        out += ["## A forward pass at batch 64 while 64-image bodies are parsed, samples/s", "",
+                "| model | body | alone | beside a parsing thread | its parses/s | beside a "
+                "parsing process | its parses/s |", "|---|---|---|---|---|---|---|"]
+        out += [f"| {model} | {r['body_mb']:.2f} MB | {r['alone']:,.0f} | {r['thread']:,.0f} | "
+                f"{r['thread parses']:.1f} | {r['process']:,.0f} | {r['process parses']:.1f} |"
+                for model, r in results["parse"].items()]
+        out.append("")
     if "memory" in results:
         m = results["memory"]
         counts = sorted(m["rss_mib"], key=int)
-        out += ["## Resident memory of `adaptd serve` (demo, `none`), MiB", "",
+        out += ["## Resident memory of `adaptd serve` (demo, `none`) and its parse process, MiB",
+                "",
                 "| at start | " + " | ".join(f"after {int(n):,}" for n in counts) +
                 f" | growth {int(m['first']):,} to {int(m['total']):,} | time |",
                 "|---|" + "---|" * (len(counts) + 2),
@@ -891,13 +973,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--models", nargs="+", choices=["demo", "resnet"],
                         default=["demo", "resnet"])
-    parser.add_argument("--servers", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--servers", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS)
     parser.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=list(COLUMNS))
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured a cell")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before")
     parser.add_argument("--threads", type=int,
                         help="torch threads for every server (OMP_NUM_THREADS) and in process")
-    parser.add_argument("--inprocess-seconds", type=float, default=5.0)
+    parser.add_argument("--inprocess-seconds", type=float, default=10.0,
+                        help="seconds of each in-process figure, in five turns")
     parser.add_argument("--memory-predictions", type=int, default=1_000_000)
     parser.add_argument("--labels", type=int, default=20_000, help="labels per path")
     parser.add_argument("--labels-per-request", type=int, default=500)
@@ -922,6 +1005,10 @@ def main(argv: list[str] | None = None) -> None:
             results["inprocess"] = {m: run_in_process(m, args.inprocess_seconds, workdir,
                                                         args.threads)
                                     for m in args.models}
+        if "parse" in args.parts:
+            print("parse", flush=True)
+            results["parse"] = {m: run_parse(m, args.inprocess_seconds, args.threads)
+                                for m in args.models}
         if "memory" in args.parts:
             print("memory", flush=True)
             results["memory"] = run_memory(args.memory_predictions, args, workdir)

@@ -6,12 +6,15 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.model import LoadedModel
 from service.schemas import PREDICTION_ID_PATTERN
 from store import LabelValue
+
+if TYPE_CHECKING:  # not at run time: a parse process imports this module without torch
+    from service.model import LoadedModel
 
 
 class InvalidInput(ValueError):

@@ -7,9 +7,11 @@ import contextlib
 import copy
 import json
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,27 @@ class Runtime:
     history: History = field(default_factory=History)
     _chores: asyncio.Task[None] | None = None
     _checkpointed: tuple[int, ...] = (0,)
+    _parsers: ProcessPoolExecutor | None = None
+
+    def parse_process(self, body_bytes: int) -> ProcessPoolExecutor | None:
+        """The process a body of this size is parsed in (started at the first such body), or
+        None: parse it here. A parse holds this process's GIL for its whole length (25 ms for a
+        64-image ResNet body of 4 MB), and the engine thread needs the GIL between the model's
+        operations: a forward pass ran at 113 samples/s instead of 1,440 while another thread
+        parsed such bodies, and at full speed while another process did (BENCHMARKS.md B4)."""
+        threshold = self.settings.batcher.parse_process_bytes
+        if threshold is None or body_bytes <= threshold or len(os.sched_getaffinity(0)) < 2:
+            return None
+        if self._parsers is None:
+            # spawn, not fork: this process runs threads (the engine's, torch's)
+            self._parsers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        return self._parsers
+
+    def parse_process_failed(self) -> None:
+        """The parse process died (the OS killed it): a new one starts at the next large body."""
+        if self._parsers is not None:
+            self._parsers.shutdown(wait=False, cancel_futures=True)
+            self._parsers = None
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -231,6 +254,7 @@ class Runtime:
             ("write the store snapshot", self.write_snapshot),
             ("close the engine", self._close_engine),
             ("close the store", self._close_store),
+            ("stop the parse process", self._stop_parsers),
         ]
         for what, step in steps:
             try:
@@ -253,6 +277,11 @@ class Runtime:
 
     async def _close_store(self) -> None:
         self.store.close()
+
+    async def _stop_parsers(self) -> None:
+        if self._parsers is not None:
+            parsers, self._parsers = self._parsers, None
+            await asyncio.to_thread(parsers.shutdown, wait=True, cancel_futures=True)
 
 
 def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engine:

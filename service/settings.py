@@ -149,6 +149,12 @@ class BatcherSettings(Section):
         512, description="prediction requests queued or running at once, at most; beyond it a "
         "request is refused at once with 503 and Retry-After",
     )
+    parse_process_bytes: int | None = Field(
+        64 * 1024, ge=0,
+        description="a /v1/predict body larger than this is parsed in a process of its own "
+        "(started at the first), where its parse does not hold up the model's forward pass; "
+        "unset: every body is parsed in this process. Off on a machine with one CPU",
+    )
 
     @property
     def queued_samples_limit(self) -> int:

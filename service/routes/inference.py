@@ -2,8 +2,9 @@
 
 The body is read raw and parsed in a worker thread (`service.predict_body`), so a large or
 malformed body never holds the event loop (a small one, up to `INLINE_PARSE_BYTES`, is parsed
-on the loop: the hand-off would cost more than the parse); `PredictRequest` documents it in the
-OpenAPI schema.
+on the loop: the hand-off would cost more than the parse; one above
+`batcher.parse_process_bytes` in a process of its own, `Runtime.parse_process`);
+`PredictRequest` documents it in the OpenAPI schema.
 `run_admitted` is the path every predicting route takes into the micro-batcher (the Open
 Inference Protocol's infer too, `service.routes.oip`).
 """
@@ -11,7 +12,10 @@ Inference Protocol's infer too, `service.routes.oip`).
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -35,6 +39,8 @@ SCHEMA_REF = "#/components/schemas/{model}"
 # demo model's few images) costs less than handing it to a worker thread and back; a larger one
 # is parsed in a thread, so no body holds the loop for long
 INLINE_PARSE_BYTES = 16 * 1024
+
+log = logging.getLogger("adaptd")
 T = TypeVar("T")
 
 
@@ -72,12 +78,14 @@ async def predict(
     model = runtime.model
     limit = runtime.settings.batcher.max_request_samples
 
-    def parse(body: bytes) -> tuple[np.ndarray, list[str], str | None]:
-        return parse_predict(body, content_type, model.input_shape, limit, model.max_abs_input)
-
+    # a function of module level with its arguments, so a large body can be parsed in the
+    # runtime's parse process (`Runtime.parse_process`)
+    parse = functools.partial(parse_predict, content_type=content_type,
+                              input_shape=tuple(model.input_shape), limit=limit,
+                              max_abs=model.max_abs_input)
     try:
         _, rows = await run_admitted(request, runtime, "sample_estimate", parse,
-                                     group_of=lambda group: group)
+                                     group_of=lambda group: group, picklable=True)
     except SchemaErrors as exc:
         raise RequestValidationError(exc.errors) from None
     except (InvalidInput, PredictionFailed) as exc:
@@ -96,6 +104,7 @@ async def run_admitted(
     request: Request, runtime: Runtime, estimate_name: str,
     parse: Callable[[bytes], tuple[np.ndarray, list[str], T]],
     group_of: Callable[[T], str | None] = lambda _: None,
+    picklable: bool = False,
 ) -> tuple[T, list[PredictionRow]]:
     """The admission path of every route that predicts (POST /v1/predict, the Open Inference
     Protocol's infer): let the request in before its body is read, parse the body in a worker
@@ -104,7 +113,8 @@ async def run_admitted(
     `PredictionFailed` or `BatcherStopped`; the route turns them into its own answers.
     `estimate_name` keeps this route's estimate of samples per body byte apart from the others'
     (a raw tensor takes fewer bytes per number than JSON); `group_of` picks the group the request
-    names (conformal.mondrian = "group") out of what `parse` gave."""
+    names (conformal.mondrian = "group") out of what `parse` gave. A `picklable` parse of a large
+    body runs in the runtime's parse process (`Runtime.parse_process`)."""
     estimate = _sample_estimate(request, runtime, estimate_name)
     try:
         # in flight from now, before the body is read, holding the room its samples likely need
@@ -118,13 +128,27 @@ async def run_admitted(
         raise
     with admission:
         body = await request.body()
-        if len(body) <= INLINE_PARSE_BYTES:
-            batch, ids, parsed = parse(body)
-        else:
-            batch, ids, parsed = await asyncio.to_thread(parse, body)
+        batch, ids, parsed = await _parsed(runtime, parse, body, picklable)
         estimate.learn(len(body), len(ids))
         rows = await runtime.batcher.submit(batch, ids, admission, group_of(parsed))
     return parsed, rows
+
+
+async def _parsed(runtime: Runtime, parse: Callable[[bytes], tuple[np.ndarray, list[str], T]],
+                  body: bytes, picklable: bool) -> tuple[np.ndarray, list[str], T]:
+    """`parse(body)` on the event loop (a small body), in the parse process (a large one, where
+    the parse can go there) or in a worker thread."""
+    if len(body) <= INLINE_PARSE_BYTES:
+        return parse(body)
+    parsers = runtime.parse_process(len(body)) if picklable else None
+    if parsers is not None:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(parsers, parse, body)
+        except BrokenProcessPool:
+            log.warning("the parse process died; parsing here, and in a new one from the next "
+                        "large body")
+            runtime.parse_process_failed()
+    return await asyncio.to_thread(parse, body)
 
 
 def _sample_estimate(request: Request, runtime: Runtime, name: str) -> SampleEstimate:
