@@ -292,31 +292,28 @@ class RecordRing:
             self._delete(entry)
         self._marker_tail += 1
 
-    def _find(self, key: int) -> int:
-        """The table entry of `key`, or -1."""
+    def _probe(self, key: int) -> int:
+        """The table entry holding `key`, or the free one it would take."""
         keys, mask = self._keys, self._mask
         entry = key & mask
         while True:
             found = keys[entry]
-            if found == key:
+            if found == key or not found:
                 return entry
-            if not found:
-                return -1
             entry = (entry + 1) & mask
+
+    def _find(self, key: int) -> int:
+        """The table entry of `key`, or -1."""
+        entry = self._probe(key)
+        return entry if self._keys[entry] == key else -1
 
     def _insert(self, key: int) -> int:
         """The table entry of `key`, taken (with no record) if it had none."""
-        keys, mask = self._keys, self._mask
-        entry = key & mask
-        while True:
-            found = keys[entry]
-            if found == key:
-                return entry
-            if not found:
-                keys[entry] = key
-                self._slots[entry] = 0
-                return entry
-            entry = (entry + 1) & mask
+        entry = self._probe(key)
+        if self._keys[entry] != key:
+            self._keys[entry] = key
+            self._slots[entry] = 0
+        return entry
 
     def _delete(self, entry: int) -> None:
         """Free an entry, moving back the ones after it that probed past it (no tombstones)."""
