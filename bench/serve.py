@@ -605,9 +605,11 @@ def _parse_loop(body: bytes, shape: tuple[int, ...], seconds: float) -> int:
     return count
 
 
-def run_parse(model: str, seconds: float, threads: int | None) -> dict[str, float]:
+def run_parse(model: str, seconds: float, threads: int | None, rounds: int = 3
+              ) -> dict[str, float]:
     """Forward passes per second at batch 64 alone, beside a thread parsing 64-image bodies,
-    and beside a process doing so; and the parses per second each managed."""
+    and beside a process doing so (started and warm before the clock runs), in `rounds` turns
+    taking turns with each other, medians kept; and the parses per second each managed."""
     import multiprocessing
     import threading
     from concurrent.futures import ProcessPoolExecutor
@@ -621,25 +623,32 @@ def run_parse(model: str, seconds: float, threads: int | None) -> dict[str, floa
     x = torch.from_numpy(model_inputs(model, 64))
     body, shape = v1_body(model_inputs(model, 64)), tuple(MODELS[model][2])
     network = load_model(model)
+    turn = seconds / rounds
 
     def forward() -> None:
         with torch.inference_mode():
             network(x)
 
-    rates = {"alone": _rate(forward, seconds, 64)}
-    parsed: list[int] = []
-    beside = threading.Thread(target=lambda: parsed.append(_parse_loop(body, shape, seconds)))
-    beside.start()
-    rates["thread"] = _rate(forward, seconds * 0.9, 64)
-    beside.join()
-    rates["thread parses"] = parsed[0] / seconds
+    measured: dict[str, list[float]] = {name: [] for name in (
+        "alone", "thread", "thread parses", "process", "process parses")}
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pool.submit(int).result()  # started and imported before the clock runs
-        elsewhere = pool.submit(_parse_loop, body, shape, seconds)
-        rates["process"] = _rate(forward, seconds * 0.9, 64)
-        rates["process parses"] = elsewhere.result() / seconds
-    rates["body_mb"] = len(body) / 1e6
-    return rates
+        pool.submit(_parse_loop, body, shape, 0.1).result()  # started, its parser imported
+        for _ in range(rounds):
+            measured["alone"].append(_rate(forward, turn, 64))
+            parsed: list[int] = []
+            beside = threading.Thread(
+                target=lambda done=parsed: done.append(_parse_loop(body, shape, turn + 0.5)))
+            beside.start()
+            time.sleep(0.2)
+            measured["thread"].append(_rate(forward, turn, 64))
+            beside.join()
+            measured["thread parses"].append(parsed[0] / (turn + 0.5))
+            elsewhere = pool.submit(_parse_loop, body, shape, turn + 0.5)
+            time.sleep(0.2)
+            measured["process"].append(_rate(forward, turn, 64))
+            measured["process parses"].append(elsewhere.result() / (turn + 0.5))
+    return {name: float(np.median(values)) for name, values in measured.items()} | {
+        "body_mb": len(body) / 1e6}
 
 
 # --- memory -------------------------------------------------------------------------------------

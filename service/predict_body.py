@@ -12,8 +12,13 @@ parse.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 import re
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +27,8 @@ import orjson
 
 from service.inputs import ID_PATTERN, InvalidInput, checked_values, prediction_ids
 from service.schemas import GROUP_PATTERN, MAX_GROUP_LENGTH, PREDICTION_ID_PATTERN
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 # orjson refuses arrays and objects nested deeper than this
 JSON_DEPTH_LIMIT = 1024
@@ -72,6 +79,27 @@ class SchemaErrors(ValueError):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__(errors)
         self.errors = errors
+
+
+def parse_worker_started() -> None:
+    """The parse process's start (`Runtime.parse_process`): it ends with the server, even one
+    killed with SIGKILL (Linux's parent-death signal; elsewhere a thread that watches the parent),
+    and leaves Ctrl-C to the server, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0 and os.getppid() == parent:
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="adaptd-parse-parent", daemon=True).start()
 
 
 def parse_predict(

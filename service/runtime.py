@@ -47,6 +47,7 @@ from service.label_stream import LabelStreamConsumer, default_consumer_name
 from service.metrics import Metrics
 from service.model import LoadedModel, load_model
 from service.monitor import DriftMonitor
+from service.predict_body import parse_worker_started
 from service.predictor import PredictionRow, Predictor
 from service.reference import (
     ReferenceData,
@@ -63,6 +64,7 @@ from store import MemoryStore, Store, StoreUnavailable, open_store
 log = logging.getLogger("adaptd")
 
 DRIFT_STATE = "drift"
+PARSE_PROCESS_TRIES = 3  # parse processes started and failed before large bodies stay here
 
 
 @dataclass
@@ -84,26 +86,43 @@ class Runtime:
     _chores: asyncio.Task[None] | None = None
     _checkpointed: tuple[int, ...] = (0,)
     _parsers: ProcessPoolExecutor | None = None
+    _parser_failures: int = 0
+    _stopping: bool = False
 
     def parse_process(self, body_bytes: int) -> ProcessPoolExecutor | None:
         """The process a body of this size is parsed in (started at the first such body), or
         None: parse it here. A parse holds this process's GIL for its whole length (25 ms for a
         64-image ResNet body of 4 MB), and the engine thread needs the GIL between the model's
-        operations: a forward pass ran at 113 samples/s instead of 1,440 while another thread
-        parsed such bodies, and at full speed while another process did (BENCHMARKS.md B4)."""
+        operations: a forward pass ran at 211 samples/s instead of 1,873 while another thread
+        parsed such bodies, and at 1,988 while another process did (BENCHMARKS.md B4). Event
+        loop only."""
         threshold = self.settings.batcher.parse_process_bytes
-        if threshold is None or body_bytes <= threshold or len(os.sched_getaffinity(0)) < 2:
+        if (threshold is None or body_bytes <= threshold or self._stopping
+                or self._parser_failures >= PARSE_PROCESS_TRIES
+                or len(os.sched_getaffinity(0)) < 2):
             return None
         if self._parsers is None:
             # spawn, not fork: this process runs threads (the engine's, torch's)
-            self._parsers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self._parsers = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=parse_worker_started)
         return self._parsers
 
-    def parse_process_failed(self) -> None:
-        """The parse process died (the OS killed it): a new one starts at the next large body."""
-        if self._parsers is not None:
-            self._parsers.shutdown(wait=False, cancel_futures=True)
-            self._parsers = None
+    def parse_process_failed(self, parsers: ProcessPoolExecutor, error: BaseException) -> None:
+        """`parsers` could not start or died (the OS killed it): a new one starts at the next
+        large body, up to PARSE_PROCESS_TRIES in all; then every body is parsed here. A report
+        about a pool already replaced changes nothing."""
+        if parsers is not self._parsers:
+            return
+        self._parsers = None
+        parsers.shutdown(wait=False, cancel_futures=True)
+        self._parser_failures += 1
+        if self._parser_failures >= PARSE_PROCESS_TRIES:
+            log.error("the parse process failed %d times (last: %r); large bodies are parsed in "
+                      "this process from now on", self._parser_failures, error)
+        else:
+            log.warning("the parse process failed (%r); a new one starts at the next large "
+                        "body", error)
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -244,6 +263,7 @@ class Runtime:
         """Take the parts apart and save what must outlive the process. Every step runs even
         when one before it failed (a failure is logged with its traceback), so a crashed label
         consumer or a full store never costs the checkpoint or the snapshot."""
+        self._stopping = True  # a body that arrives from now on starts no parse process
         steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
             ("stop the label stream consumer", self._stop_stream),
             ("stop the state chores", self._stop_chores),
@@ -281,7 +301,11 @@ class Runtime:
     async def _stop_parsers(self) -> None:
         if self._parsers is not None:
             parsers, self._parsers = self._parsers, None
-            await asyncio.to_thread(parsers.shutdown, wait=True, cancel_futures=True)
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(parsers.shutdown, wait=True, cancel_futures=True), 10.0)
+            except TimeoutError:
+                log.error("the parse process did not stop within 10 s; leaving it")
 
 
 def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engine:

@@ -153,7 +153,8 @@ class BatcherSettings(Section):
         64 * 1024, ge=0,
         description="a /v1/predict body larger than this is parsed in a process of its own "
         "(started at the first), where its parse does not hold up the model's forward pass; "
-        "unset: every body is parsed in this process. Off on a machine with one CPU",
+        "above max_body_bytes, or on a machine with one CPU: every body is parsed in this "
+        "process",
     )
 
     @property

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Annotated, Any, TypeVar
@@ -40,7 +39,6 @@ SCHEMA_REF = "#/components/schemas/{model}"
 # is parsed in a thread, so no body holds the loop for long
 INLINE_PARSE_BYTES = 16 * 1024
 
-log = logging.getLogger("adaptd")
 T = TypeVar("T")
 
 
@@ -142,12 +140,15 @@ async def _parsed(runtime: Runtime, parse: Callable[[bytes], tuple[np.ndarray, l
         return parse(body)
     parsers = runtime.parse_process(len(body)) if picklable else None
     if parsers is not None:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(parsers, parse, body)
-        except BrokenProcessPool:
-            log.warning("the parse process died; parsing here, and in a new one from the next "
-                        "large body")
-            runtime.parse_process_failed()
+        try:  # the submit starts the process at the first large body
+            pending = asyncio.get_running_loop().run_in_executor(parsers, parse, body)
+        except (OSError, RuntimeError) as exc:  # it could not start (no memory, no pids left)
+            runtime.parse_process_failed(parsers, exc)
+        else:
+            try:
+                return await pending
+            except BrokenProcessPool as exc:  # it died
+                runtime.parse_process_failed(parsers, exc)
     return await asyncio.to_thread(parse, body)
 
 
