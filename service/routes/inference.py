@@ -36,7 +36,8 @@ router = APIRouter(tags=["inference"])
 SCHEMA_REF = "#/components/schemas/{model}"
 # a body up to this size is parsed on the event loop: its parse (tens of microseconds for the
 # demo model's few images) costs less than handing it to a worker thread and back; a larger one
-# is parsed in a thread, so no body holds the loop for long
+# is parsed in a thread (or, over batcher.parse_process_bytes, in the parse process), so no body
+# holds the loop for long
 INLINE_PARSE_BYTES = 16 * 1024
 
 T = TypeVar("T")
@@ -134,8 +135,8 @@ async def run_admitted(
 
 async def _parsed(runtime: Runtime, parse: Callable[[bytes], tuple[np.ndarray, list[str], T]],
                   body: bytes, picklable: bool) -> tuple[np.ndarray, list[str], T]:
-    """`parse(body)` on the event loop (a small body), in the parse process (a large one, where
-    the parse can go there) or in a worker thread."""
+    """`parse(body)` on the event loop (a small body), in the runtime's parse process (a large
+    one, when `parse` can be pickled and the process is on) or in a worker thread."""
     if len(body) <= INLINE_PARSE_BYTES:
         return parse(body)
     parsers = runtime.parse_process(len(body)) if picklable else None
