@@ -4,6 +4,7 @@ through running services and reports what they did."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -67,14 +68,41 @@ def serve_command(args: argparse.Namespace) -> None:
         sys.exit(f"adaptd: invalid configuration:\n{exc}")
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        http, loop = server_parts(settings.http, settings.loop)
+    except ImportError as exc:
+        sys.exit(f"adaptd: invalid configuration:\n{exc}")
+    logging.getLogger("adaptd").info("HTTP parser %s, event loop %s", http, loop)
     # a model or adapter that cannot start is reported by the app's lifespan, and uvicorn exits 3.
     # Idle keep-alive connections close after keep_alive_s; beyond max_connections open
     # connections (or requests being handled) uvicorn answers new requests 503 at once; a body
     # that is late is the app's (body_timeout_s, 408)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=10,
+                http=http, loop=loop, log_level=settings.log_level, timeout_graceful_shutdown=10,
                 timeout_keep_alive=settings.keep_alive_s,
                 limit_concurrency=settings.max_connections)
+
+
+def server_parts(http: str, loop: str) -> tuple[str, str]:
+    """The HTTP parser and event loop uvicorn is to run, `auto` resolved as uvicorn resolves it
+    (the C one where it imports); raises ImportError, saying which setting, where one named
+    does not import."""
+    chosen = []
+    for key, value, fast, fallback in (("http", http, "httptools", "h11"),
+                                       ("loop", loop, "uvloop", "asyncio")):
+        if value in ("auto", fast):
+            try:
+                importlib.import_module(fast)
+            except ImportError:
+                if value == fast:
+                    raise ImportError(f"{key} = {fast!r}, but {fast} does not import here; "
+                                      f"install it, or set {key} = 'auto' or {fallback!r}"
+                                      ) from None
+                value = fallback
+            else:
+                value = fast
+        chosen.append(value)
+    return chosen[0], chosen[1]
 
 
 if __name__ == "__main__":

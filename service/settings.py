@@ -572,6 +572,14 @@ class Settings(BaseSettings):
         512, description="open connections or requests being handled at once, at most; beyond "
         "it new requests get 503 from uvicorn (adaptd serve; uvicorn's limit_concurrency)",
     )
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="adaptd serve: uvicorn's HTTP parser; auto: httptools (C, installed "
+        "with adaptd) where it imports, else h11 (pure Python)",
+    )
+    loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="adaptd serve: the event loop; auto: uvloop (libuv, installed with "
+        "adaptd on Linux and macOS) where it imports, else asyncio's own",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     torch_threads: PositiveInt | None = Field(
         None, description="threads torch may use within one forward pass or step (its intra-op "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from service.cli import server_parts
 from service.demo import digits_split
 from tests.redis_server import free_port
 
@@ -35,9 +36,11 @@ def _get(url: str) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
-def test_adaptd_serve_with_no_configuration_is_ready_within_60_seconds_and_predicts():
+def _serve_and_predict(environment: dict[str, str]) -> str:
+    """Start `adaptd serve`, wait for ready (60 s at most), predict 8 digits, stop it with
+    SIGTERM; the process's output."""
     port = free_port()
-    process = subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=_environment(),
+    process = subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -67,6 +70,43 @@ def test_adaptd_serve_with_no_configuration_is_ready_within_60_seconds_and_predi
     # uvicorn shuts down gracefully, then re-raises the signal it caught, as a process should
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
+    return output
+
+
+def test_adaptd_serve_with_no_configuration_is_ready_within_60_seconds_and_predicts():
+    output = _serve_and_predict(_environment())
+    # httptools and uvloop are installed with adaptd, and `auto` takes them
+    assert "HTTP parser httptools, event loop uvloop" in output
+
+
+def test_adaptd_serve_runs_on_h11_and_asyncio_when_told_to():
+    output = _serve_and_predict(_environment() | {"ADAPTD_HTTP": "h11", "ADAPTD_LOOP": "asyncio"})
+    assert "HTTP parser h11, event loop asyncio" in output
+
+
+def test_auto_takes_the_pure_python_parts_where_the_c_ones_do_not_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "httptools", None)  # `import httptools` raises ImportError
+    assert server_parts("auto", "auto") == ("h11", "uvloop")
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert server_parts("auto", "auto") == ("h11", "asyncio")
+    assert server_parts("h11", "asyncio") == ("h11", "asyncio")
+    with pytest.raises(ImportError, match="http = 'httptools', but httptools does not import"):
+        server_parts("httptools", "auto")
+    with pytest.raises(ImportError, match="loop = 'uvloop', but uvloop does not import"):
+        server_parts("auto", "uvloop")
+
+
+def test_adaptd_serve_refuses_a_parser_that_does_not_import(tmp_path):
+    # first on the path, a `httptools` package that raises as it is imported
+    (tmp_path / "httptools").mkdir()
+    (tmp_path / "httptools" / "__init__.py").write_text("raise ImportError('not here')\n")
+    result = subprocess.run(
+        [ADAPTD, "serve", "--port", str(free_port())],
+        env=_environment() | {"ADAPTD_HTTP": "httptools", "PYTHONPATH": str(tmp_path)},
+        capture_output=True, timeout=60)
+    assert result.returncode != 0
+    assert b"invalid configuration" in result.stderr
+    assert b"http = 'httptools', but httptools does not import here" in result.stderr
 
 
 def test_adaptd_serve_refuses_a_bad_configuration_with_a_message():
