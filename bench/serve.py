@@ -26,6 +26,14 @@ can be far slower than one (each parallel region waits for both cores). Rows (`-
 
 and beyond the issue's table, `adaptd-tent` (`--adapter tent`) and `adaptd-none-v2` (the
 `adaptd-none` server through its Open Inference Protocol route, the same V2 body as MLServer).
+Named only with `--servers`: `adaptd-none-noparser` and `adaptd-eata-noparser` (every body parsed
+in the server's process), `adaptd-none-h11` and `adaptd-eata-h11` (uvicorn's pure-Python parser
+and asyncio's loop, `ADAPTD_HTTP=h11 ADAPTD_LOOP=asyncio`, instead of httptools and uvloop),
+`adaptd-eata-noshadow` (`ADAPTD_SHADOW__ENABLED=false`: no source model's forward pass beside
+EATA's, and so no collapse guard and no comparison on labels), and `adaptd-none-v2bin`,
+`adaptd-tent-v2bin`, `adaptd-eata-v2bin` (those servers through `/v2` with the inputs as raw
+float32 after a JSON header, the protocol's binary tensor data extension: no JSON of numbers to
+parse).
 Before its load, every server's answer to one 64-image request is checked against the model run
 in this process: the predicted classes must agree.
 
@@ -120,7 +128,8 @@ COLUMNS = {c.key: c for c in (
 @dataclass(frozen=True)
 class Row:
     """One line of the table: a server and the protocol its requests use (`v1`: adaptd's
-    `{"inputs": [...]}` body, `v2`: the Open Inference Protocol's JSON)."""
+    `{"inputs": [...]}` body, `v2`: the Open Inference Protocol's JSON, `v2bin`: the same
+    protocol with the tensor raw after a JSON header, its binary tensor data extension)."""
 
     key: str
     title: str
@@ -140,20 +149,40 @@ ROWS = {r.key: r for r in (
     Row("adaptd-tent", "adaptd `tent`", "adaptd-tent", "v1", "tent"),
     Row("adaptd-none-v2", "adaptd `none` defaults, via /v2 (OIP JSON)", "adaptd-none", "v2",
         "forward"),
+    # the same servers with the inputs as raw float32 (not in the default run)
+    Row("adaptd-none-v2bin", "adaptd `none` defaults, via /v2, raw tensors", "adaptd-none",
+        "v2bin", "forward"),
+    Row("adaptd-tent-v2bin", "adaptd `tent`, via /v2, raw tensors", "adaptd-tent", "v2bin",
+        "tent"),
+    Row("adaptd-eata-v2bin", "adaptd `eata`, via /v2, raw tensors", "adaptd-eata", "v2bin",
+        "eata"),
     # the parse process's effect, side by side (not in the default run)
     Row("adaptd-none-noparser", "adaptd `none`, no parse process", "adaptd-none-noparser", "v1",
         "forward"),
     Row("adaptd-eata-noparser", "adaptd `eata`, no parse process", "adaptd-eata-noparser", "v1",
         "eata"),
+    # the pure-Python HTTP parser and event loop, as before httptools and uvloop were installed
+    # (not in the default run either)
+    Row("adaptd-none-h11", "adaptd `none`, h11 and asyncio", "adaptd-none-h11", "v1", "forward"),
+    Row("adaptd-eata-h11", "adaptd `eata`, h11 and asyncio", "adaptd-eata-h11", "v1", "eata"),
+    # EATA without the shadow's second forward pass (and so without the collapse guard's and the
+    # labels' comparison with the source model): what the shadow costs
+    Row("adaptd-eata-noshadow", "adaptd `eata`, shadow off", "adaptd-eata-noshadow", "v1",
+        "eata"),
 )}
-DEFAULT_ROWS = [key for key in ROWS if not key.endswith("-noparser")]
+DEFAULT_ROWS = [key for key in ROWS
+                if not key.endswith(("-noparser", "-h11", "-noshadow", "-v2bin"))]
 # a threshold no body reaches: every body parsed in the server's own process
 NO_PARSER = {"ADAPTD_BATCHER__PARSE_PROCESS_BYTES": str(2**40)}
+PURE_PYTHON_SERVER = {"ADAPTD_HTTP": "h11", "ADAPTD_LOOP": "asyncio"}
 ADAPTD_SERVERS = {"adaptd-none": ("none", {}),
                   "adaptd-none-wait0": ("none", {"ADAPTD_BATCHER__MAX_WAIT_MS": "0"}),
                   "adaptd-eata": ("eata", {}), "adaptd-tent": ("tent", {}),
                   "adaptd-none-noparser": ("none", NO_PARSER),
-                  "adaptd-eata-noparser": ("eata", NO_PARSER)}
+                  "adaptd-eata-noparser": ("eata", NO_PARSER),
+                  "adaptd-none-h11": ("none", PURE_PYTHON_SERVER),
+                  "adaptd-eata-h11": ("eata", PURE_PYTHON_SERVER),
+                  "adaptd-eata-noshadow": ("eata", {"ADAPTD_SHADOW__ENABLED": "false"})}
 PARTS = ("table", "inprocess", "parse", "memory", "labels")
 
 
@@ -223,12 +252,18 @@ def require_hey() -> str:
 
 
 def run_hey(url: str, body_file: Path, in_flight: int, *, seconds: float | None = None,
-            requests: int | None = None, timeout_s: int = 60) -> HeyResult:
-    """POST `body_file` to `url` with `in_flight` workers for `seconds` (or `requests` in all)."""
+            requests: int | None = None, timeout_s: int = 60,
+            headers: dict[str, str] | None = None) -> HeyResult:
+    """POST `body_file` to `url` with `in_flight` workers for `seconds` (or `requests` in all),
+    with `headers` (JSON where they name no Content-Type)."""
+    headers = dict(headers or {})
+    content_type = headers.pop("Content-Type", "application/json")
     # no Accept-Encoding: gzip (Go's client asks for it by default, and MLServer would compress
     # its answers where the others do not)
-    command = [require_hey(), "-c", str(in_flight), "-m", "POST", "-T", "application/json",
+    command = [require_hey(), "-c", str(in_flight), "-m", "POST", "-T", content_type,
                "-D", str(body_file), "-t", str(timeout_s), "-disable-compression"]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
     if seconds is not None:
         command += ["-z", f"{seconds}s"]
     else:
@@ -255,6 +290,26 @@ def v2_body(inputs: np.ndarray, input_name: str = "input") -> bytes:
     return json.dumps({"inputs": [{"name": input_name, "shape": list(inputs.shape),
                                    "datatype": "FP32",
                                    "data": inputs.reshape(-1).tolist()}]}).encode()
+
+
+def v2_binary_body(inputs: np.ndarray, input_name: str = "input"
+                   ) -> tuple[bytes, dict[str, str]]:
+    """An Open Inference Protocol body with the FP32 input raw after its JSON header (the binary
+    tensor data extension; the answer's outputs stay JSON), and the headers it needs."""
+    raw = np.ascontiguousarray(inputs, dtype="<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": input_name, "shape": list(inputs.shape),
+                                     "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {"Content-Type": "application/octet-stream",
+                          "Inference-Header-Content-Length": str(len(header))}
+
+
+def request_body(protocol: str, inputs: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The body of a request of `inputs` in `protocol`, and its headers."""
+    if protocol == "v2bin":
+        return v2_binary_body(inputs)
+    body = (v2_body if protocol == "v2" else v1_body)(inputs)
+    return body, {"Content-Type": "application/json"}
 
 
 def predicted_classes(protocol: str, answer: dict) -> list[int]:
@@ -395,6 +450,7 @@ def start_server(name: str, model: str, workdir: Path, threads: int | None,
     port = free_port()
     env = _environment(threads)
     paths = {"v1": "/v1/predict", "v2": f"/v2/models/{served_name}/infer"}
+    paths["v2bin"] = paths["v2"]
     if name in ADAPTD_SERVERS:
         adapter, extra = ADAPTD_SERVERS[name]
         env |= adaptd_model_environment(model, workdir) | extra | (settings or {})
@@ -429,12 +485,13 @@ def start_server(name: str, model: str, workdir: Path, threads: int | None,
     return server
 
 
-def post_json(port: int, path: str, body: bytes, content_type: str = "application/json"
-              ) -> tuple[int, dict]:
+def post_json(port: int, path: str, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> tuple[int, dict]:
     """(status, parsed answer) of one POST on a connection of its own."""
     connection = http.client.HTTPConnection(HOST, port, timeout=600)
     try:
-        connection.request("POST", path, body=body, headers={"Content-Type": content_type})
+        connection.request("POST", path, body=body,
+                           headers={"Content-Type": content_type} | (headers or {}))
         reply = connection.getresponse()
         data = reply.read()
     finally:
@@ -467,8 +524,9 @@ def measure_server(server_name: str, rows: list[Row], model: str, columns: list[
         check_inputs = model_inputs(model, 64)
         expected = in_process_classes(model, check_inputs)
         for row in rows:
-            body = (v2_body if row.protocol == "v2" else v1_body)(check_inputs)
-            status, answer = post_json(server.port, server.paths[row.protocol], body)
+            body, headers = request_body(row.protocol, check_inputs)
+            status, answer = post_json(server.port, server.paths[row.protocol], body,
+                                       headers=headers)
             got = predicted_classes(row.protocol, answer) if status == 200 else []
             agree = sum(a == b for a, b in zip(got, expected, strict=False))
             results[row.key]["check"] = {"status": status, "agree": agree, "of": len(expected),
@@ -477,12 +535,15 @@ def measure_server(server_name: str, rows: list[Row], model: str, columns: list[
                   f"in process, ready in {startup_s:.0f} s", flush=True)
             for column in columns:
                 inputs = model_inputs(model, column.samples)
-                body_file = workdir / f"body-{model}-{row.protocol}-{column.samples}.json"
-                body_file.write_bytes((v2_body if row.protocol == "v2" else v1_body)(inputs))
+                body, headers = request_body(row.protocol, inputs)
+                body_file = workdir / f"body-{model}-{row.protocol}-{column.samples}"
+                body_file.write_bytes(body)
                 url = server.url(row.protocol)
                 if args.warmup > 0:
-                    run_hey(url, body_file, column.in_flight, seconds=args.warmup)
-                hey = run_hey(url, body_file, column.in_flight, seconds=args.duration)
+                    run_hey(url, body_file, column.in_flight, seconds=args.warmup,
+                            headers=headers)
+                hey = run_hey(url, body_file, column.in_flight, seconds=args.duration,
+                              headers=headers)
                 cell = asdict(hey) | {"samples_per_s": hey.ok_per_s * column.samples,
                                       "failures": hey.failures}
                 results[row.key][column.key] = cell

@@ -113,6 +113,21 @@ def test_v2_body_is_one_fp32_input_with_flat_data_of_the_batch_shape():
     np.testing.assert_allclose(data.reshape(2, *INPUT_SHAPE), inputs)
 
 
+def test_v2_binary_body_is_read_back_by_the_service_as_the_same_float32_batch():
+    from service.oip import TensorSpec, read_request
+
+    inputs = serve.model_inputs("resnet", 3)
+    body, headers = serve.request_body("v2bin", inputs)
+    assert headers["Content-Type"] == "application/octet-stream"
+    spec = TensorSpec("input", [-1, *INPUT_SHAPE], max_batch=64)
+    parsed = read_request(body, headers["Inference-Header-Content-Length"], [spec],
+                          ["prediction"], max_elements=10**7)
+    assert parsed.inputs["input"].datatype == "FP32"
+    np.testing.assert_array_equal(parsed.inputs["input"].values, inputs)
+    assert len(body) == int(headers["Inference-Header-Content-Length"]) + inputs.nbytes
+    assert serve.request_body("v1", inputs)[1] == {"Content-Type": "application/json"}
+
+
 def test_both_protocols_answers_give_the_predicted_classes():
     assert serve.predicted_classes("v1", {"predictions": [{"prediction": 7}]}) == [7]
     v2 = {"outputs": [{"name": "probabilities", "data": [0.1, 0.9]},
@@ -124,6 +139,24 @@ def test_every_column_of_the_issue_is_there_with_its_load():
     assert [(c.title, c.samples, c.in_flight) for c in serve.COLUMNS.values()] == [
         ("1 in flight", 1, 1), ("8", 1, 8), ("64", 1, 64),
         ("64-image requests, 4 in flight", 64, 4)]
+
+
+def test_every_adaptd_row_is_a_server_whose_settings_load_and_differ_from_the_default(
+        monkeypatch):
+    from service.settings import load_settings
+
+    for row in serve.ROWS.values():
+        assert row.server in serve.ADAPTD_SERVERS or not row.server.startswith("adaptd")
+    default = load_settings(None)
+    for name, (adapter, environment) in serve.ADAPTD_SERVERS.items():
+        with monkeypatch.context() as patch:
+            for variable, value in environment.items():
+                patch.setenv(variable, value)
+            settings = load_settings(None, adapter={"name": adapter})
+        assert (settings.model_dump(exclude={"adapter"}) != default.model_dump(exclude={"adapter"})
+                ) == bool(environment), name
+    # the issue's table is the default run; the side-by-side rows are named on purpose
+    assert {"adaptd-none-h11", "adaptd-eata-noshadow"}.isdisjoint(serve.DEFAULT_ROWS)
 
 
 def test_samples_table_has_a_row_per_server_and_marks_cells_with_failures():
