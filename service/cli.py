@@ -8,6 +8,7 @@ import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -77,8 +78,18 @@ def serve_command(args: argparse.Namespace) -> None:
     # Idle keep-alive connections close after keep_alive_s; beyond max_connections open
     # connections (or requests being handled) uvicorn answers new requests 503 at once; a body
     # that is late is the app's (body_timeout_s, 408)
+    # a request line and headers over MAX_HEAD_BYTES are refused by either parser (h11: 400,
+    # httptools: 431); uvicorn bounds only h11's by itself
+    from service.http_head import MAX_HEAD_BYTES
+
+    protocol: Any = http
+    if http == "httptools":
+        from service.http_head import bounded_head
+
+        protocol = bounded_head()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                http=http, loop=loop, log_level=settings.log_level, timeout_graceful_shutdown=10,
+                http=protocol, loop=loop, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                log_level=settings.log_level, timeout_graceful_shutdown=10,
                 timeout_keep_alive=settings.keep_alive_s,
                 limit_concurrency=settings.max_connections)
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,9 +39,10 @@ def _get(url: str) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
-def _serve_and_predict(environment: dict[str, str]) -> str:
-    """Start `adaptd serve`, wait for ready (60 s at most), predict 8 digits, stop it with
-    SIGTERM; the process's output."""
+def _serve_and_predict(environment: dict[str, str],
+                       probe: Callable[[int], None] | None = None) -> str:
+    """Start `adaptd serve`, wait for ready (60 s at most), predict 8 digits, run `probe` on its
+    port, stop it with SIGTERM; the process's output."""
     port = free_port()
     process = subprocess.Popen([ADAPTD, "serve", "--port", str(port)], env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -64,6 +68,8 @@ def _serve_and_predict(environment: dict[str, str]) -> str:
         with urllib.request.urlopen(request, timeout=10) as reply:
             predictions = json.load(reply)["predictions"]
         assert [p["prediction"] for p in predictions] == y_test[:8].tolist()
+        if probe is not None:
+            probe(port)
     finally:
         process.send_signal(signal.SIGTERM)
         output = process.communicate(timeout=30)[0].decode()
@@ -73,14 +79,74 @@ def _serve_and_predict(environment: dict[str, str]) -> str:
     return output
 
 
+def _exchange(port: int, data: bytes, pieces: int = 1) -> bytes:
+    """Send `data` on a connection of its own (in `pieces` sends 50 ms apart, so that the server
+    reads them one by one), and read until the server closes it or goes quiet for 5 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        step = -(-len(data) // pieces)
+        try:
+            for start in range(0, len(data), step):
+                if start:
+                    time.sleep(0.05)
+                connection.sendall(data[start:start + step])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before all of it was sent: the answer is still there to read
+        answer = b""
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return answer
+
+
+def _statuses(answer: bytes) -> list[int]:
+    """The status of each answer in `answer` (an answer's body need not end in a newline)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def _heads_probe(parser: str) -> Callable[[int], None]:
+    """What each parser does with a request's head: a HTTP/1.1 request without Host (h11
+    refuses it, httptools takes it: which one serves), a head of 20 KiB sent in 2 KiB pieces
+    (both refuse it once 16 KiB of it wait: 400 from h11, 431 from httptools), one of 12 KiB
+    (both take it), and two
+    requests with 40 KiB bodies sent back to back on one connection (neither counts a body
+    as a head)."""
+    def probe(port: int) -> None:
+        no_host = _exchange(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert _statuses(no_host) == ([200] if parser == "httptools" else [400]), no_host[:200]
+        padding = b"x-padding: " + b"a" * 20_480 + b"\r\n"
+        too_large = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + padding
+                              + b"Connection: close\r\n\r\n", pieces=10)
+        if parser == "httptools":
+            assert _statuses(too_large) == [431], too_large[:300]
+            assert b"longer than 16384 bytes" in too_large
+        else:
+            assert _statuses(too_large) == [400], too_large[:300]
+        padding = b"x-padding: " + b"a" * 12_288 + b"\r\n"
+        fits = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + padding
+                         + b"Connection: close\r\n\r\n", pieces=6)
+        assert _statuses(fits) == [200], fits[:300]
+        body = b'{"labels": "' + b"a" * 40_960 + b'"}'
+        request = (b"POST /v1/feedback HTTP/1.1\r\nHost: a\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n")
+        both = _exchange(port, request + b"\r\n" + body + request + b"Connection: close\r\n\r\n"
+                         + body)
+        assert _statuses(both) == [422, 422], both[:300]
+    return probe
+
+
 def test_adaptd_serve_with_no_configuration_is_ready_within_60_seconds_and_predicts():
-    output = _serve_and_predict(_environment())
+    output = _serve_and_predict(_environment(), probe=_heads_probe("httptools"))
     # httptools and uvloop are installed with adaptd, and `auto` takes them
     assert "HTTP parser httptools, event loop uvloop" in output
+    assert "Request line and headers longer than 16384 bytes refused." in output
 
 
 def test_adaptd_serve_runs_on_h11_and_asyncio_when_told_to():
-    output = _serve_and_predict(_environment() | {"ADAPTD_HTTP": "h11", "ADAPTD_LOOP": "asyncio"})
+    output = _serve_and_predict(_environment() | {"ADAPTD_HTTP": "h11", "ADAPTD_LOOP": "asyncio"},
+                                probe=_heads_probe("h11"))
     assert "HTTP parser h11, event loop asyncio" in output
 
 
