@@ -4,11 +4,11 @@ through running services and reports what they did."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -82,7 +82,7 @@ def serve_command(args: argparse.Namespace) -> None:
     # httptools: 431); uvicorn bounds only h11's by itself
     from service.http_head import MAX_HEAD_BYTES
 
-    protocol: Any = http
+    protocol: type[asyncio.Protocol] | str = http
     if http == "httptools":
         from service.http_head import bounded_head
 
