@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.utils import is_body_allowed_for_status_code
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -27,6 +28,8 @@ from service.settings import Settings, load_settings
 # the methods `adaptd_http_requests_total` names; any other is counted as "other", so a client
 # cannot add series by making methods up
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+# what a request whose client left before its body arrived counts as (nginx's code for it)
+CLIENT_CLOSED_REQUEST = 499
 
 log = logging.getLogger("adaptd")
 
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(page.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_left)
     app.add_exception_handler(Exception, _internal_error)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        timeout_s=settings.body_timeout_s)
@@ -167,6 +171,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     `ErrorResponse`. FastAPI's 400 for a JSON body Python cannot read (nested too deeply, an
     integer literal too long) is a body that does not fit, a 422 like any other that does not."""
     assert isinstance(exc, HTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body cut short
+        return await _client_left(request, exc.__cause__)
     path = request.url.path
     if exc.status_code == 400 and not speaks_oip(path):  # the protocol's own 400s stay 400
         return error_response(422, "the body is JSON this service cannot read: nested too "
@@ -180,6 +186,14 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         detail = "this route does not take this method" + (f"; it takes {allowed}"
                                                             if allowed else "")
     return error_response(exc.status_code, str(detail), headers=exc.headers, path=path)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    """The client closed its connection before its body had arrived: no one to answer, and no
+    bug. Counted as 499 (nginx's "client closed request", a 4xx in `adaptd_http_requests_total`),
+    not as a 500 with a traceback; what the request held (its place in the queue) is let go on
+    the way out."""
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

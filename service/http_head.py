@@ -10,8 +10,8 @@ Too Large` and is closed.
 
 - The count is of whole reads: a read that finishes a head or a request, or brings body bytes,
   starts it again, so what a head can hold before it is refused is `MAX_HEAD_BYTES` plus the one
-  read that began it (one read of the socket: tens to hundreds of KiB), and a pipelined request's body never counts
-  against the next head.
+  read that began it (one read of the socket: tens to hundreds of KiB), and a pipelined
+  request's body never counts against the next head.
 - Answers come in order: where the connection still owes answers to requests before the head
   refused, reading stops and the 431 goes after the last of them. Trailers too long refuse
   their own request at once (its connection closed without a 431 if its answer has begun).

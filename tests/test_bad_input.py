@@ -248,3 +248,42 @@ def test_a_bug_answers_500_in_the_same_shape():
     assert reply.status_code == 500
     assert reply.json() == {"detail": "the service failed on this request: a bug, its log has "
                                       "the traceback"}
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/feedback", "/v2/models/digits-cnn/infer"])
+def test_a_client_that_leaves_before_its_body_arrives_is_a_499_not_a_500(path, caplog):
+    messages = iter([{"type": "http.request", "body": b'{"inputs": [[', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "server": ("adaptd", 80),
+             "client": ("127.0.0.1", 5000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"999")]}
+
+    async def scenario():
+        async with serving() as (client, app):
+            with caplog.at_level("ERROR"):
+                await app(scope, receive, send)  # raises nothing: the disconnect is handled
+            # nothing is held: the batcher let the request go, and the service still predicts
+            inflight = app.state.runtime.batcher.inflight_requests
+            reply = await client.post("/v1/predict", json={"inputs": [GOOD]})
+            return app, inflight, reply
+
+    app, inflight, reply = asyncio.run(scenario())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    template = path if path.startswith("/v1") else "/v2/models/{model_name}/infer"
+    assert metric(app, "adaptd_http_requests_total", route=template, method="POST",
+                  status="4xx") == 1
+    assert metric(app, "adaptd_http_requests_total", route=template, method="POST",
+                  status="5xx") == 0
+    assert inflight == 0 and reply.status_code == 200
