@@ -80,13 +80,9 @@ def serve_command(args: argparse.Namespace) -> None:
     # that is late is the app's (body_timeout_s, 408)
     # a request line and headers over MAX_HEAD_BYTES are refused by either parser (h11: 400,
     # httptools: 431); uvicorn bounds only h11's by itself
-    from service.http_head import MAX_HEAD_BYTES
+    from service.http_head import MAX_HEAD_BYTES, bounded_head
 
-    protocol: type[asyncio.Protocol] | str = http
-    if http == "httptools":
-        from service.http_head import bounded_head
-
-        protocol = bounded_head()
+    protocol: type[asyncio.Protocol] | str = bounded_head() if http == "httptools" else http
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 http=protocol, loop=loop, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                 log_level=settings.log_level, timeout_graceful_shutdown=10,

@@ -1,10 +1,12 @@
 """Run the real app in process (its lifespan, an HTTP client on it, metric readings), or as
-`adaptd serve` in a process of its own."""
+`adaptd serve` in a process of its own; talk raw HTTP/1.1 to a server on a socket."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
+import socket
 import subprocess
 import sys
 import threading
@@ -125,3 +127,41 @@ def wait_ready(port: int, process: subprocess.Popen, timeout_s: float = 60.0) ->
             pass
         time.sleep(0.2)
     raise AssertionError(f"adaptd serve was not ready within {timeout_s:.0f} s")
+
+
+# --- raw HTTP/1.1 on a socket --------------------------------------------------------------------
+
+def exchange(port: int, *parts: bytes, pause_s: float = 0.03) -> tuple[bytes, bool]:
+    """Send `parts` on a connection of its own, one by one, `pause_s` apart (so that the server
+    reads them one at a time), then read until the server closes the connection (True) or is
+    quiet for 2 s (False)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for index, part in enumerate(parts):
+                if index:
+                    time.sleep(pause_s)
+                connection.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before all of it was sent: the answer is still there to read
+        answer, closed = b"", False
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+            closed = True
+        except ConnectionResetError:
+            closed = True
+        except TimeoutError:
+            pass
+    return answer, closed
+
+
+def statuses(answer: bytes) -> list[int]:
+    """The status of each answer in `answer` (an answer's body need not end in a newline)."""
+    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
+
+
+def pieces(data: bytes, size: int = 2048) -> list[bytes]:
+    """`data` cut into parts of `size` bytes, for `exchange`."""
+    return [data[i:i + size] for i in range(0, len(data), size)]
+

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 import uvicorn
 
 from service.http_head import MAX_HEAD_BYTES, bounded_head
+from tests.harness import exchange, pieces, statuses
 from tests.redis_server import free_port
 
 SLOW_S = 0.5
@@ -51,38 +51,6 @@ def port(request) -> Iterator[int]:
     yield port
     server.should_exit = True
     thread.join(10)
-
-
-def exchange(port: int, *parts: bytes, pause_s: float = 0.03) -> tuple[bytes, bool]:
-    """Send `parts` one by one, `pause_s` apart (so the server reads them one at a time), then
-    read until the server closes the connection (True) or is quiet for 2 s (False)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            for index, part in enumerate(parts):
-                if index:
-                    time.sleep(pause_s)
-                connection.sendall(part)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        answer, closed = b"", False
-        try:
-            while chunk := connection.recv(65536):
-                answer += chunk
-            closed = True
-        except ConnectionResetError:
-            closed = True
-        except TimeoutError:
-            pass
-    return answer, closed
-
-
-def statuses(answer: bytes) -> list[int]:
-    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
-
-
-def pieces(data: bytes, size: int = 2048) -> list[bytes]:
-    return [data[i:i + size] for i in range(0, len(data), size)]
 
 
 def header_lines(total: int) -> bytes:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import pytest
 
 from service.cli import server_parts
 from service.demo import digits_split
+from tests.harness import exchange, pieces, statuses
 from tests.redis_server import free_port
 
 # every test here starts `adaptd serve` in a process of its own, several seconds each
@@ -79,61 +78,33 @@ def _serve_and_predict(environment: dict[str, str],
     return output
 
 
-def _exchange(port: int, data: bytes, pieces: int = 1) -> bytes:
-    """Send `data` on a connection of its own (in `pieces` sends 50 ms apart, so that the server
-    reads them one by one), and read until the server closes it or goes quiet for 5 s."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        step = -(-len(data) // pieces)
-        try:
-            for start in range(0, len(data), step):
-                if start:
-                    time.sleep(0.05)
-                connection.sendall(data[start:start + step])
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # refused before all of it was sent: the answer is still there to read
-        answer = b""
-        try:
-            while chunk := connection.recv(65536):
-                answer += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return answer
-
-
-def _statuses(answer: bytes) -> list[int]:
-    """The status of each answer in `answer` (an answer's body need not end in a newline)."""
-    return [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)]
-
-
 def _heads_probe(parser: str) -> Callable[[int], None]:
     """What each parser does with a request's head: a HTTP/1.1 request without Host (h11
     refuses it, httptools takes it: which one serves), a head of 20 KiB sent in 2 KiB pieces
     (both refuse it once 16 KiB of it wait: 400 from h11, 431 from httptools), one of 12 KiB
-    (both take it), and two
-    requests with 40 KiB bodies sent back to back on one connection (neither counts a body
-    as a head)."""
+    (both take it), and two requests with 40 KiB bodies sent back to back on one connection
+    (neither counts a body as a head)."""
     def probe(port: int) -> None:
-        no_host = _exchange(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
-        assert _statuses(no_host) == ([200] if parser == "httptools" else [400]), no_host[:200]
+        no_host, _ = exchange(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert statuses(no_host) == ([200] if parser == "httptools" else [400]), no_host[:200]
         padding = b"x-padding: " + b"a" * 20_480 + b"\r\n"
-        too_large = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + padding
-                              + b"Connection: close\r\n\r\n", pieces=10)
+        too_large, _ = exchange(port, *pieces(b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + padding
+                                              + b"Connection: close\r\n\r\n"))
         if parser == "httptools":
-            assert _statuses(too_large) == [431], too_large[:300]
+            assert statuses(too_large) == [431], too_large[:300]
             assert b"longer than 16384 bytes" in too_large
         else:
-            assert _statuses(too_large) == [400], too_large[:300]
+            assert statuses(too_large) == [400], too_large[:300]
         padding = b"x-padding: " + b"a" * 12_288 + b"\r\n"
-        fits = _exchange(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + padding
-                         + b"Connection: close\r\n\r\n", pieces=6)
-        assert _statuses(fits) == [200], fits[:300]
+        fits, _ = exchange(port, *pieces(b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + padding
+                                         + b"Connection: close\r\n\r\n"))
+        assert statuses(fits) == [200], fits[:300]
         body = b'{"labels": "' + b"a" * 40_960 + b'"}'
         request = (b"POST /v1/feedback HTTP/1.1\r\nHost: a\r\nContent-Type: application/json"
                    b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n")
-        both = _exchange(port, request + b"\r\n" + body + request + b"Connection: close\r\n\r\n"
-                         + body)
-        assert _statuses(both) == [422, 422], both[:300]
+        both, _ = exchange(port, request + b"\r\n" + body + request
+                           + b"Connection: close\r\n\r\n" + body)
+        assert statuses(both) == [422, 422], both[:300]
     return probe
 
 
