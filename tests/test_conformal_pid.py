@@ -121,10 +121,55 @@ def test_methods_without_a_signal_ignore_it() -> None:
     with_signal, without = ACI(), ACI()
     for step, score in enumerate(scores):
         assert with_signal.threshold_for(float(step)) == without.threshold
-        with_signal.update(score, float(step))
+        with_signal.update(score, float(step), covered=bool(step % 2))  # the verdict too
         without.update(score)
     assert with_signal.state() == without.state()
     assert with_signal.signal_table() is None
+
+
+def served_coverage(coverage_lr: float, seed: int) -> tuple[float, float]:
+    """Batches of 32 whose signal switches between two levels every 10 batches while their
+    scores stay the same, labels 32 late: each switch widens sets that did not need it. The
+    sets served cover (after the first 3,200 labels) what, and α*_t at the end."""
+    rng = np.random.default_rng(seed)
+    pid = PID(alpha=0.1, coverage_lr=coverage_lr)
+    pending: list[tuple[float, float, bool]] = []
+    covered: list[bool] = []
+    for batch in range(400):
+        signal = 0.5 * ((batch // 10) % 2) + float(rng.normal(0, 0.01))
+        threshold = pid.threshold_for(signal)
+        for score in rng.uniform(0, 1, 32):
+            covered.append(bool(score <= threshold))
+            pending.append((float(score), signal, covered[-1]))
+        while len(pending) > 32:
+            score, served_signal, held = pending.pop(0)
+            pid.update(score, served_signal, covered=held)
+    return float(np.mean(covered[3200:])), pid.alpha_t
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_served_coverage_loop_brings_what_is_served_back_to_the_target(seed: int) -> None:
+    # without the loop PID counts misses against the threshold each sample would get now, not
+    # the one it was served, so the widened sets' coverage is never taken back (0.918 here)
+    without, _ = served_coverage(0.0, seed)
+    with_loop, target = served_coverage(0.001, seed)
+    assert without > 0.912
+    assert with_loop == pytest.approx(0.9, abs=0.004)
+    assert target > 0.11  # it aims P and I at more misses than α to undo the widening's cover
+
+
+def test_a_pid_state_saved_before_the_served_coverage_loop_loads_and_carries_on() -> None:
+    pid = PID(alpha=0.1, transform="log")
+    for step, score in enumerate(np.random.default_rng(5).uniform(0, 1, 300).tolist()):
+        pid.update(score, 0.01 * (step % 5), covered=score < 0.85)
+    old = pid.state()
+    for key in ("coverage_lr", "target"):
+        del old[key]
+    for restored in (Calibrator.from_state(old), PID(alpha=0.1, transform="log")):
+        if restored.steps == 0:
+            restored.load_state(old)
+        assert restored.alpha_t == 0.1 and restored.steps == 300
+        assert restored.options()["coverage_lr"] == 0.001
 
 
 def test_the_log_scale_keeps_the_sets_and_refuses_scores_above_1() -> None:

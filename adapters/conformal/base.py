@@ -246,10 +246,14 @@ class Calibrator:
         for methods that read no signal (then `threshold` is all there is)."""
         return None
 
-    def update(self, score: float, signal: float | None = None) -> None:
+    def update(self, score: float, signal: float | None = None,
+               covered: bool | None = None) -> None:
         """Learn from the score of a label that has arrived, scored against the prediction the
         current threshold was served for; `signal` is the label-free signal that prediction was
-        served with (ignored by methods that read none)."""
+        served with (ignored by methods that read none); `covered`, where the caller knows it,
+        whether the label was in the set (or interval) actually served, which may differ from
+        the current threshold's verdict when the label comes late (`PID` steers its target by
+        it; the others ignore it)."""
         score = _check_score(score)
         self.steps += 1
         self.misses += score > self.threshold_for(signal)
@@ -289,7 +293,9 @@ class Calibrator:
         if kind is None:
             raise ValueError(f"state names no known calibrator ({state.get('name')!r}); "
                              f"known: {', '.join(CALIBRATORS)}")
-        calibrator = kind(**{name: state[name] for name in kind.option_names()})
+        # an option in `resizable` that an older state lacks takes its default
+        calibrator = kind(**{name: state[name] for name in kind.option_names()
+                             if name in state or name not in kind.resizable})
         calibrator.load_state(state)
         return calibrator
 

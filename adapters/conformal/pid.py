@@ -66,6 +66,16 @@ class PID(Calibrator):
       otherwise). After an abrupt shift the threshold moves at the first batch served, before
       any label of it is back; `scorecast_lr` = 0 turns the scorecaster off (the reference's
       `scorecast=False`).
+    - The served-coverage loop. P and I aim at a target α*_t, not at α: where the caller says
+      whether the label was in the set or interval it was served (the service knows: the record
+      keeps it), α*_{t+1} = clip(α*_t + `coverage_lr` · (α − miss_t), 0, 1), ACI's step (Gibbs
+      & Candès 2021) on the served misses. A served set that over-covers raises α*, one that
+      misses lowers it, so what is served settles near 1 − α whatever the scorecaster adds. No
+      bound is proven here (α* moves the threshold through P and I, not directly as ACI's α_t
+      does); B3 measures it. β is still learnt against α itself: against α*, which rises where
+      the served sets over-cover, every covered batch far from the labelled past would push β
+      down until the scorecaster is off when the next switch comes. `coverage_lr` = 0 turns
+      the loop off.
 
     Deviations from the reference, on purpose:
     - Cold start: before the first label p is the top of the scale (K_I, or −log of 1e-12 on the
@@ -75,13 +85,20 @@ class PID(Calibrator):
       from there.
     - With labels late, err_t is judged against the threshold the sample's signal gets *now*
       (as every calibrator here judges a late score against its current threshold), so late
-      misses that a step already answered do not push again.
+      misses that a step already answered do not push again, and P learns the level of a new
+      regime while the scorecaster still widens its batches. It also counts misses that the
+      sets served did not make (by the time a batch's labels are judged, the labels before
+      them have moved m_t toward its signal and shrunk its widening), which is what the
+      served-coverage loop (above, not in the reference) takes back: without it the sets
+      served covered 91.4 to 92.2% with labels 32 late where PID counted 90.0% (BENCHMARKS.md
+      B3, `bn` on Digits-C, four draws of the stream).
     - `transform="log"` (for LAC and APS scores in [0, 1]) runs the controller on −log(1 − s):
       the same sets, but a fixed step moves the set size evenly, where on the raw scale a
       confidently wrong model's scores crowd just below 1.
 
     The state is a few floats and the last `range_window` scores: about 2.5 KB of JSON with the
-    defaults; an update costs a few µs.
+    defaults; an update costs a few µs. A state saved before the served-coverage loop existed
+    (no `coverage_lr`) loads, and carries on with α* = α.
 
     >>> pid = PID(alpha=0.1)
     >>> for step in range(400):
@@ -92,8 +109,11 @@ class PID(Calibrator):
 
     name = "pid"
     uses_signal = True
+    # a rate, safe to change mid-stream; a state from before the loop has none and loads
+    resizable = ("coverage_lr",)
     # set by reset()
     _tracker: float
+    _target: float
     _error_sum: float
     _slope: float
     _center: float
@@ -104,7 +124,7 @@ class PID(Calibrator):
     def __init__(self, alpha: float = 0.1, lr: float = 0.1, range_window: int = 100,
                  max_scale: float = 1.0, c_sat: float = C_SAT, transform: str = "none",
                  scorecast_lr: float = 1.0, signal_band: float = 3.5, signal_memory: int = 64,
-                 slope_start: float = 5.0) -> None:
+                 slope_start: float = 5.0, coverage_lr: float = 0.001) -> None:
         super().__init__(alpha)
         self.lr = _check_positive("lr", lr)
         if int(range_window) != range_window or range_window < 2:
@@ -118,12 +138,13 @@ class PID(Calibrator):
                              f"got {transform!r}")
         self.transform = transform
         for name, value in (("scorecast_lr", scorecast_lr), ("signal_band", signal_band),
-                            ("slope_start", slope_start)):
+                            ("slope_start", slope_start), ("coverage_lr", coverage_lr)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be ≥ 0 and finite; got {value}")
         self.scorecast_lr = float(scorecast_lr)
         self.signal_band = float(signal_band)
         self.slope_start = float(slope_start)
+        self.coverage_lr = float(coverage_lr)
         if int(signal_memory) != signal_memory or signal_memory < 1:
             raise ValueError(f"signal_memory must be a whole number ≥ 1 (labels); "
                              f"got {signal_memory}")
@@ -132,6 +153,11 @@ class PID(Calibrator):
         self.reset()
 
     # --- the three terms, on the controller's scale -------------------------------------------
+
+    @property
+    def alpha_t(self) -> float:
+        """α*_t, the miscoverage P and I aim at: α moved by the served-coverage loop."""
+        return self._target
 
     @property
     def integrator(self) -> float:
@@ -173,7 +199,8 @@ class PID(Calibrator):
 
     # --- learning -----------------------------------------------------------------------------
 
-    def update(self, score: float, signal: float | None = None) -> None:
+    def update(self, score: float, signal: float | None = None,
+               covered: bool | None = None) -> None:
         score = _check_score(score)
         if self.transform == "log":
             if not 0.0 <= score <= 1.0 + 1e-9:
@@ -185,7 +212,6 @@ class PID(Calibrator):
         self.misses += error
         recent = self._recent
         step = self.lr * (max(recent) - min(recent)) if recent else self.lr
-        push = step * (error - self.alpha)
         recent.append(score)
         if self.steps <= self.range_window:
             # burn-in: the split-conformal quantile of the scores so far, the tracker's start
@@ -193,10 +219,15 @@ class PID(Calibrator):
             n = len(ordered)
             self._tracker = ordered[min(math.ceil((n + 1) * (1 - self.alpha) - 1e-9), n) - 1]
         else:
-            self._tracker += push
+            self._tracker += step * (error - self._target)
         if distance is not None:
-            self._slope = max(0.0, self._slope + self.scorecast_lr * push * distance)
-        self._error_sum += error - self.alpha
+            # against α itself, not α* (the class docstring says why)
+            self._slope = max(0.0, self._slope
+                              + self.scorecast_lr * step * (error - self.alpha) * distance)
+        self._error_sum += error - self._target
+        if covered is not None and self.coverage_lr:
+            self._target = min(max(self._target + self.coverage_lr
+                                   * (self.alpha - (not covered)), 0.0), 1.0)
         if signal is not None and math.isfinite(signal):
             # the signal of the labelled past, which the tracker's level was learnt on
             if self._signals_seen:
@@ -211,6 +242,7 @@ class PID(Calibrator):
     def reset(self) -> None:
         super().reset()
         self._tracker = self._top
+        self._target = self.alpha
         self._error_sum = 0.0
         self._slope = self.slope_start
         self._center = 0.0
@@ -219,13 +251,15 @@ class PID(Calibrator):
         self._recent = deque(maxlen=self.range_window)
 
     def _dynamic_state(self) -> dict[str, Any]:
-        return {"tracker": self._tracker, "error_sum": self._error_sum, "slope": self._slope,
+        return {"tracker": self._tracker, "target": self._target,
+                "error_sum": self._error_sum, "slope": self._slope,
                 "center": self._center, "spread": self._spread,
                 "signals_seen": self._signals_seen,
                 "recent": list(self._recent)}
 
     def _load_dynamic_state(self, state: dict[str, Any]) -> None:
         self._tracker = float(state["tracker"])
+        self._target = float(state.get("target", self.alpha))
         self._error_sum = float(state["error_sum"])
         self._slope = float(state["slope"])
         self._center = float(state["center"])
