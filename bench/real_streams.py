@@ -306,6 +306,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
                            "mixture": {"enabled": True}}),
     # the defaults with the mixture on: the model as served and the label that arrived last
     Config("mix", {"mixture": {"enabled": True}}),
+    # the same with River's online learner as one more candidate (on the model's inputs)
+    Config("mix+hat", {"mixture": {"enabled": True, "learner": "hat"}}),
+    Config("mix+arf", {"mixture": {"enabled": True, "learner": "arf"}}),
     Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
     # with two classes every softmax is within a cosine of 0.71 of the running mean, so EATA's

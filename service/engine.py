@@ -44,6 +44,7 @@ import torch
 from adapters import Adapter
 from adapters.guard import CollapseGuard, SourceComparison
 from adapters.labels.lowrank import SupervisedStep
+from adapters.labels.online_learner import OnlineLearner
 from adapters.labels.output_corrector import OutputCorrector
 from adapters.learner import Learner
 from adapters.memory.adanpc import AdaNPC
@@ -78,11 +79,13 @@ EPOCH = "epoch"
 # every sample (one-hot for a classifier), for streams whose labels persist (runs of one class, a
 # level that moves slowly)
 NEWEST_LABEL = "newest_label"
+# the mixture's candidate that River's online learner makes from the inputs (`mixture.learner`)
+LEARNER = "learner"
 # the mixture's other candidates: after the test-time adapter, and after the memories and the
 # corrector (the source's are SOURCE_OUTPUTS)
 CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
                     "compensated": "candidate.compensated",
-                    NEWEST_LABEL: "candidate.newest_label"}
+                    NEWEST_LABEL: "candidate.newest_label", LEARNER: "candidate.learner"}
 
 
 class NonFiniteOutputs(ValueError):
@@ -258,6 +261,7 @@ class Engine:
         recent: RecentInputs | None = None,
         runs: ClassRunFilter | None = None,
         memory_wakes_on_labels: bool = False,
+        online: OnlineLearner | None = None,
     ) -> None:
         self.model = model
         self.task = model.task
@@ -288,6 +292,9 @@ class Engine:
         # NEWEST_LABEL candidate; None until the first label (the candidate is then the last
         # stage's outputs)
         self._newest_label: torch.Tensor | None = None
+        # River's learner, the mixture's LEARNER candidate: trained on the joined labels' inputs,
+        # kept through resets (the mixture's weights judge it, not the guards)
+        self.online = online if mixture is not None and LEARNER in mixture.names else None
         self.recent = recent
         # the class-run filter: the last stage, over what every other stage served
         self.runs = runs
@@ -338,6 +345,8 @@ class Engine:
         parts["shadow"] = self.source is not None
         if self.mixture is not None:
             parts["mixture"] = self.mixture.describe()
+        if self.online is not None:
+            parts["learner"] = self.online.describe()
         parts["drift"] = self.drift is not None
         if self.runs is not None:
             parts["runs"] = self.runs.describe()
@@ -429,8 +438,10 @@ class Engine:
         if source is not None:
             arrays[SOURCE_OUTPUTS] = source.numpy()
             arrays[EPOCH] = np.full(count, epoch, dtype=np.float32)
-        if self.supervised is not None:
+        if self.supervised is not None or self.online is not None:
             arrays[INPUTS] = x.reshape(count, -1).numpy()
+        if self.online is not None:
+            candidates[LEARNER] = self.online.predict(arrays[INPUTS])
         if self.adanpc is not None and features is not None:
             # AdaNPC: the model's softmax moved towards the memory's vote by the vote's own
             # confidence; confident samples join the memory with their served class
@@ -525,12 +536,14 @@ class Engine:
         if self.mixture is None:
             return None
         mixed = {name: candidates.get(name) for name in self.mixture.names}
+        last = candidates.get(self.mixture.names[-1])
         if NEWEST_LABEL in mixed:
-            last = candidates.get(self.mixture.names[-1])
             # no label yet: the candidate repeats the last stage, so it moves no weight, and the
             # records still keep every candidate for the mixture and the comparison to learn from
             mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
                                    else self._newest_label.expand(len(last), -1).clone())
+        if LEARNER in mixed and mixed[LEARNER] is None:  # the learner has learnt nothing yet
+            mixed[LEARNER] = last
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
 
@@ -601,6 +614,8 @@ class Engine:
             self.output_corrector.learn(features, torch.from_numpy(batch.before_corrector),
                                         torch.from_numpy(batch.labels.astype(np.float32)))
             self.metrics.correction_steps.inc()
+        if self.online is not None and batch.inputs is not None:
+            self.online.learn(batch.inputs, batch.labels)
         if self.supervised is not None and batch.inputs is not None:
             self._supervised_inputs.append(torch.from_numpy(batch.inputs))
             self._supervised_labels.append(torch.from_numpy(batch.labels))

@@ -244,7 +244,8 @@ class FeedbackService:
         if self.engine.output_corrector is not None:
             batch.before_corrector = np.stack([r.arrays.get(BEFORE_CORRECTOR, r.outputs)
                                                for r in records])
-        if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
+        if ((self.engine.supervised is not None or self.engine.online is not None)
+                and all(INPUTS in r.arrays for r in records)):
             batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
         mixture = self.engine.mixture
         # what learns: the served outputs, under a mixture its last stage, and under the

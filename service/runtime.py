@@ -23,6 +23,7 @@ from adapters import Adapter, build_adapter
 from adapters.conformal import CALIBRATORS
 from adapters.guard import CollapseGuard, SourceComparison, effective_classes
 from adapters.labels.lowrank import SupervisedStep, inject_lowrank
+from adapters.labels.online_learner import OnlineLearner
 from adapters.labels.output_corrector import OutputCorrector
 from adapters.memory.adanpc import AdaNPC
 from adapters.memory.error_memory import build_error_memory
@@ -38,7 +39,7 @@ from adapters.tta.norm import (
 from adapters.tta.runs import ClassRunFilter
 from service.batcher import MicroBatcher
 from service.calibration import Conformal
-from service.engine import NEWEST_LABEL, AnyErrorMemory, Engine, RecentInputs
+from service.engine import LEARNER, NEWEST_LABEL, AnyErrorMemory, Engine, RecentInputs
 from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
@@ -350,6 +351,7 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     supervised=supervised, supervised_batch=settings.supervised.batch_size,
                     drift=drift, source=source, comparison=_comparison(settings, model, spread),
                     mixture=_mixture(settings, source is not None, model, spread),
+                    online=_online_learner(settings, model, reference),
                     # only what learns without labels needs to know a repeat (labels teach as ever)
                     recent=RecentInputs(settings.adapter.repeat_memory) if (
                         settings.adapter.name != "none" and settings.adapter.repeat_memory)
@@ -392,7 +394,8 @@ def torch_threads(settings: Settings) -> int:
 
 
 def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
-    """The newest label (with `mixture.newest_label`), then the stages of this pipeline that
+    """The newest label (with `mixture.newest_label`), River's online learner (with
+    `mixture.learner`), then the stages of this pipeline that
     differ: the source (with its copy), the adapted model (when an adapter changes it), the
     compensated outputs (AdaNPC, the corrector, the error memory). The last is what learns."""
     stages = ["source"] if shadow else []
@@ -406,7 +409,8 @@ def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
     newest = settings.mixture.newest_label
     if newest == "auto":  # B6: a regressor's level persists, a classifier's classes rarely do
         newest = "on" if settings.model.task == "regression" else "off"
-    return ([NEWEST_LABEL] if newest == "on" else []) + stages
+    learner = [LEARNER] if settings.mixture.learner != "off" else []
+    return ([NEWEST_LABEL] if newest == "on" else []) + learner + stages
 
 
 def _graded(settings: Settings, model: LoadedModel, reference: ReferenceData | None) -> bool:
@@ -457,8 +461,27 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     scale = _loss_scale(model, spread)
     # the newest label is no model: it starts at the floor, or while the first labels of mixed
     # predictions are on their way (labels late) it would have half the say against one stage
+    # so does the online learner, which starts from nothing
     return FixedShareMixture(names, eta=m.eta, share=m.share,
-                             scale=1.0 if scale is None else scale, start_low=(NEWEST_LABEL,))
+                             scale=1.0 if scale is None else scale,
+                             start_low=(NEWEST_LABEL, LEARNER))
+
+
+def _online_learner(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                    ) -> OnlineLearner | None:
+    """River's learner, a candidate of the mixture (`mixture.learner`), where the mixture is
+    on (a fixed seed, 42, for its random parts); it first learns the reference data where that
+    has labels, as the model did, so it does not start from nothing."""
+    if settings.mixture.learner == "off" or not settings.mixture.enabled:
+        return None
+    regression = not model.task.discrete
+    learner = OnlineLearner(settings.mixture.learner, regression,
+                            model.width if regression else int(model.num_classes or 0))
+    if reference is not None and reference.labels is not None:
+        learner.learn(reference.inputs.numpy(), reference.labels.numpy())
+        log.info("mixture.learner %s: learnt %d labelled reference rows", learner.kind,
+                 learner.learnt)
+    return learner
 
 
 def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData | None
@@ -479,6 +502,9 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
                 f"(d_margin {adapter.d_margin} with {adapter.num_classes} classes): it will "
                 "rarely step and serves like bn; set adapter.options.d_margin higher (1.0 turns "
                 "the redundancy filter off) or choose bn")
+    if settings.mixture.learner != "off" and engine.online is None:
+        said.append(f"mixture.learner = {settings.mixture.learner!r} is a candidate of the "
+                    "mixture, which is off: set mixture.enabled = true")
     if settings.mixture.enabled and engine.mixture is None:
         names = mixture_candidates(settings, engine.source is not None)
         said.append(f"mixture.enabled has {len(names)} candidate(s) ({', '.join(names) or 'none'})"

@@ -406,6 +406,11 @@ class MixtureSettings(Section):
     newest_label: Literal["auto", "on", "off"] = Field(
         "auto", description="a candidate that serves the label that arrived last, for streams "
         "whose labels persist; auto: on for a regressor, off for a classifier")
+    learner: Literal["off", "ht", "hat", "arf"] = Field(
+        "off", description="a candidate that one of River's learners makes, trained online on "
+        "the joined labels and the inputs they were predicted from: ht (HoeffdingTree), hat "
+        "(HoeffdingAdaptiveTree), arf (adaptive random forest); for tabular models whose concept "
+        "moves")
 
 
 class ErrorMemorySettings(Section):

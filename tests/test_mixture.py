@@ -10,7 +10,7 @@ import torch
 
 from adapters.mixture import FixedShareMixture
 from adapters.task import task_named
-from tests.harness import metric, serving
+from tests.harness import built_engine, metric, serving
 from tests.test_guard import BINARY, binary_stream
 
 
@@ -142,3 +142,96 @@ def test_the_newest_label_is_a_candidate_for_a_regressor_unless_said(task, newes
                              error_memory={"kind": "exact"}, adapter={"name": "none"},
                              mixture={"enabled": True, "newest_label": newest})
     assert mixture_candidates(settings, shadow=True) == expected
+
+
+def concept_flip_scenario(settings: dict, x: np.ndarray, y: np.ndarray):
+    """Requests of 16, each one's labels back before the next: (served, state, learner weight in
+    /metrics)."""
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            served = []
+            for start in range(0, len(x), 16):
+                reply = await client.post("/v1/predict",
+                                          json={"inputs": x[start:start + 16].tolist()})
+                rows = reply.json()["predictions"]
+                served += [row["prediction"] for row in rows]
+                answer = await client.post("/v1/feedback", json={"labels": [
+                    {"id": row["id"], "label": t if isinstance(t, float) else int(t)}
+                    for row, t in zip(rows, y[start:start + 16].tolist(), strict=True)]})
+                assert answer.status_code == 200
+            state = (await client.get("/v1/state")).json()
+            return np.array(served), state, metric(app, "adaptd_mixture_weight",
+                                                   candidate="learner")
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["ht", "arf"])
+def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_learnt(kind):
+    # the truth is the sign of the first feature, which the binary model's own rule (the sum of
+    # all four) gets right on about two samples in three; a tree learns it from the labels
+    x, _ = binary_stream(1024)
+    y = (x[:, 0] > 0).astype(int)
+    settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+                "error_memory": {"kind": "off"},
+                "mixture": {"enabled": True, "learner": kind}}
+    served, state, weight = concept_flip_scenario(settings, x, y)
+    half = len(y) // 2
+    model = (x.sum(1) <= 0).astype(int)
+    assert (model[half:] != y[half:]).mean() > 0.25
+    assert (served[half:] != y[half:]).mean() < 0.1
+    learning = state["learning"]
+    assert learning["learner"] == {"kind": kind, "learnt": len(y)}
+    assert set(learning["mixture"]["weights"]) == {"learner", "adapted"}
+    assert learning["mixture"]["weights"]["learner"] > 0.9
+    assert weight == pytest.approx(learning["mixture"]["weights"]["learner"])
+
+
+def test_a_river_regressor_learns_the_values_the_model_misses():
+    from tests.test_guard import REGRESSOR
+
+    x = np.random.default_rng(2).normal(size=(1024, 3)).astype(np.float32)
+    y = 3.0 * x[:, 0] + 1.0  # nothing the regressor's random weights know
+    settings = {"model": REGRESSOR, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+                "error_memory": {"kind": "off"},
+                "mixture": {"enabled": True, "learner": "ht", "newest_label": "off"}}
+    served, state, _ = concept_flip_scenario(settings, x, y)
+    half = len(y) // 2
+    assert np.abs(served[half:] - y[half:]).mean() < 0.5 * np.abs(y[half:] - y.mean()).mean()
+    assert state["learning"]["mixture"]["weights"]["learner"] > 0.9
+
+
+def test_the_learner_is_refused_for_several_values_and_said_idle_without_the_mixture():
+    from service.runtime import mixture_candidates
+    from service.settings import load_settings
+
+    forecaster = {"factory": "tests.models:forecaster", "name": "fc", "task": "regression",
+                  "input_shape": [3]}
+    with pytest.raises(ValueError, match="predict one value"), built_engine(load_settings(
+            None, model=forecaster, mixture={"enabled": True, "learner": "hat"})):
+        pass
+    with built_engine(load_settings(None, model=BINARY, mixture={"learner": "hat"})) as engine:
+        assert engine.online is None
+        assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
+    settings = load_settings(None, model=BINARY, adapter={"name": "none"},
+                             mixture={"enabled": True, "learner": "arf"})
+    assert mixture_candidates(settings, shadow=False) == ["learner", "adapted"]
+
+
+def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
+    from safetensors.torch import save_file
+
+    from service.settings import load_settings
+
+    inputs = np.random.default_rng(3).normal(size=(400, 4)).astype(np.float32)
+    path = tmp_path / "reference.safetensors"
+    save_file({"inputs": torch.from_numpy(inputs),
+               "labels": torch.from_numpy((inputs[:, 0] > 0).astype(np.int64))}, str(path))
+    settings = load_settings(None, model={**BINARY, "reference_data": str(path)},
+                             adapter={"name": "none"},
+                             mixture={"enabled": True, "learner": "ht"})
+    with built_engine(settings) as engine:
+        assert engine.online is not None and engine.online.learnt == 400
+        probe = np.random.default_rng(4).normal(size=(200, 4)).astype(np.float32)
+        guessed = engine.online.predict(probe)
+        assert guessed is not None
+        assert (guessed.argmax(1).numpy() == (probe[:, 0] > 0)).mean() > 0.9

@@ -1,0 +1,113 @@
+"""A River learner trained online on the joined labels: one more candidate of the mixture.
+
+The model served was trained once; where the concept it learnt moves (B2's streams, B6's
+tabular data), an online learner that starts from nothing and follows the labels can overtake
+it, and on B6 River's learners beat every configuration of adaptd on some streams (ARF on
+phishing and sine). This wraps one of River's incremental learners as a candidate of
+`adapters.mixture.FixedShareMixture`: it predicts every sample from the model's inputs (the
+rows as served, flattened: a tree splits on the raw values, which a per-feature scaling does
+not change), learns each joined label's inputs, and the mixture weighs it against the model on
+the same labels, so what is served follows whichever is better lately and is never much worse
+than the model (the mixture's tracking bound).
+
+Kinds (River's defaults, seeded): `ht` is `tree.HoeffdingTreeClassifier` or `...Regressor`
+(Domingos & Hulten 2000: a split once the Hoeffding bound says the best attribute is best),
+`hat` its adaptive form (Bifet & Gavaldà 2009: ADWIN in each node replaces a subtree whose
+error rises), `arf` `forest.ARFClassifier` or `...Regressor` (Gomes et al. 2017: ten Hoeffding
+trees on random feature subsets with online bagging, each replaced when its drift detector
+fires). Measured offline on B6's streams (from nothing, labels at once, the mixture with the
+source model): `arf` was best on three of four, `hat` on hyperplane; BENCHMARKS.md B6 has the
+service's figures.
+
+What it is not: a model of images (a tree on 256 pixels learns little; the mixture then keeps
+its weight at the floor), or a multi-output regressor (River's are single-target: refused at
+start). Its state is River's Python objects, not tensors: checkpoints carry no River model (they
+are safetensors, never pickles), so after a restart it learns again from the next labels, and
+each replica learns from the labels it joins. Before its first label it predicts nothing and the
+engine serves the last stage in its place, so its weight does not move.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+KINDS = ("ht", "hat", "arf")
+
+
+def _river_model(kind: str, regression: bool, seed: int) -> Any:
+    from river import forest, tree
+
+    if kind == "ht":
+        return tree.HoeffdingTreeRegressor() if regression else tree.HoeffdingTreeClassifier()
+    if kind == "hat":
+        return (tree.HoeffdingAdaptiveTreeRegressor(seed=seed) if regression
+                else tree.HoeffdingAdaptiveTreeClassifier(seed=seed))
+    if kind == "arf":
+        return forest.ARFRegressor(seed=seed) if regression else forest.ARFClassifier(seed=seed)
+    raise ValueError(f"mixture.learner is one of {', '.join(KINDS)} or off; got {kind!r}")
+
+
+class OnlineLearner:
+    """One of River's incremental learners over flattened inputs.
+
+    `outputs`: the classes of a classifier, or 1 for a regressor (River's regressors are
+    single-target). `predict` gives class probabilities (a class never seen gets 0) or values,
+    as a float32 tensor of shape (n, outputs), or None before the first label.
+
+    >>> learner = OnlineLearner("ht", regression=False, outputs=2)
+    >>> learner.predict(np.zeros((1, 3))) is None
+    True
+    >>> learner.learn(np.array([[0.0, 1.0, 2.0]] * 5), np.array([1] * 5))
+    >>> learner.predict(np.zeros((2, 3))).argmax(1).tolist()
+    [1, 1]
+    """
+
+    def __init__(self, kind: str, regression: bool, outputs: int, seed: int = 42) -> None:
+        if regression and outputs != 1:
+            raise ValueError(f"mixture.learner: River's regressors predict one value, this model "
+                             f"predicts {outputs}; set mixture.learner = 'off'")
+        if not regression and outputs < 2:
+            raise ValueError("mixture.learner: a classifier needs two or more classes")
+        self.kind = kind
+        self.regression = regression
+        self.outputs = outputs
+        self.seed = seed
+        self.model = _river_model(kind, regression, seed)
+        self.learnt = 0
+
+    @staticmethod
+    def _rows(inputs: np.ndarray) -> list[dict[int, float]]:
+        flat = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
+        return [dict(enumerate(row)) for row in flat.tolist()]
+
+    def predict(self, inputs: np.ndarray) -> torch.Tensor | None:
+        """Each row's prediction, or None before the first label."""
+        if not self.learnt:
+            return None
+        out = np.zeros((len(inputs), self.outputs), dtype=np.float32)
+        for i, row in enumerate(self._rows(inputs)):
+            if self.regression:
+                value = self.model.predict_one(row)
+                out[i, 0] = 0.0 if value is None or not np.isfinite(value) else value
+                continue
+            for label, probability in self.model.predict_proba_one(row).items():
+                if 0 <= int(label) < self.outputs and np.isfinite(probability):
+                    out[i, int(label)] = probability
+            total = out[i].sum()
+            out[i] = out[i] / total if total > 0 else 1.0 / self.outputs
+        return torch.from_numpy(out)
+
+    def learn(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+        """Learn the joined labels (class indices, or values) of these inputs, in order."""
+        targets = np.asarray(labels).reshape(len(labels), -1)[:, 0]
+        for row, target in zip(self._rows(inputs), targets.tolist(), strict=True):
+            if not np.isfinite(target):
+                continue
+            self.model.learn_one(row, float(target) if self.regression else int(target))
+            self.learnt += 1
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "learnt": self.learnt}
