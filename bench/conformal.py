@@ -119,7 +119,7 @@ def run_scores(calibrator: Calibrator, scores: np.ndarray) -> Run:
         thresholds[step] = threshold
         covered[step] = score <= threshold
         started = clock()
-        calibrator.update(score, covered=bool(covered[step]))
+        calibrator.update(score, served=threshold)
         update_ns[step] = clock() - started
     return Run(covered, thresholds, update_ns)
 
@@ -186,7 +186,7 @@ def run_sets(calibrator: Calibrator, probs: np.ndarray, labels: np.ndarray, scor
             members = aps_set(probs[i], threshold, u=uniforms[i])
         covered[i] = members[labels[i]]
         sizes[i] = members.sum()
-        calibrator.update(float(scores[i]), covered=bool(covered[i]))
+        calibrator.update(float(scores[i]), served=threshold)
     return covered, sizes
 
 
@@ -359,7 +359,7 @@ def replay_sets(calibrator: Calibrator, probabilities: np.ndarray, labels: np.nd
     """The service's schedule offline, on the probabilities it served: LAC sets per request at
     the calibrator's threshold (for its batch's label-free signal, the mean entropy minus the
     reference data's over log K, when `reference_entropy` is given), then the labels of samples
-    up to i once sample i + `delay` is served, each with whether its set covered it, as the
+    up to i once sample i + `delay` is served, each with the threshold it was served, as the
     service tells its calibrator. (covered, set sizes)."""
     scores = lac_scores(probabilities, labels)
     safe = np.clip(probabilities, 1e-300, None)
@@ -368,6 +368,7 @@ def replay_sets(calibrator: Calibrator, probabilities: np.ndarray, labels: np.nd
     covered = np.empty(len(labels), dtype=bool)
     sizes = np.empty(len(labels))
     signals: list[float | None] = []
+    served: list[float] = []
     labelled = 0
     for start in range(0, len(labels), request):
         end = min(start + request, len(labels))
@@ -378,9 +379,10 @@ def replay_sets(calibrator: Calibrator, probabilities: np.ndarray, labels: np.nd
             members = lac_set(probabilities[i], threshold)
             covered[i], sizes[i] = members[labels[i]], members.sum()
             signals.append(signal)
+            served.append(threshold)
         while labelled < end - delay:
             calibrator.update(float(scores[labelled]), signals[labelled],
-                              covered=bool(covered[labelled]))
+                              served=served[labelled])
             labelled += 1
     return covered, sizes
 
@@ -556,7 +558,7 @@ def run_intervals(calibrator: Calibrator, predictions: np.ndarray, targets: np.n
     covered = np.empty(len(targets), dtype=bool)
     half_widths = np.empty(len(targets))
     update_ns = []
-    pending: deque[tuple[float, bool]] = deque()  # a score, and whether its interval held it
+    pending: deque[tuple[float, float]] = deque()  # a score, and the half-width it was served
     clock = time.perf_counter_ns
     for i, (prediction, target, score) in enumerate(
             zip(predictions.tolist(), targets.tolist(), scores.tolist(), strict=True)):
@@ -564,11 +566,11 @@ def run_intervals(calibrator: Calibrator, predictions: np.ndarray, targets: np.n
         lower, upper = interval(np.float64(prediction), threshold)
         covered[i] = lower <= target <= upper
         half_widths[i] = threshold
-        pending.append((score, bool(covered[i])))
+        pending.append((score, threshold))
         if len(pending) > delay:
-            late, held = pending.popleft()
+            late, served = pending.popleft()
             started = clock()
-            calibrator.update(late, covered=held)
+            calibrator.update(late, served=served)
             update_ns.append(clock() - started)
     return Run(covered, half_widths, np.asarray(update_ns, dtype=np.int64))
 

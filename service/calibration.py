@@ -258,10 +258,15 @@ class Conformal:
                     # made by another method or options (a redeploy): start again rather than
                     # fail every label
                     calibrator = self.fresh()
+        # the threshold each label's prediction was served with, for `pid`'s served-coverage
+        # loop; not under Mondrian, where a row's threshold may have been its class's or group's
+        shared = self.mondrian == "none"
         for record, score in zip(records, scores, strict=True):
-            signal = record.extra.get("signal")
+            signal, served = record.extra.get("signal"), record.extra.get("q")
+            if not shared or not isinstance(served, (int, float)):  # a foreign record's: none
+                served = None
             calibrator.update(float(score), None if signal is None else float(signal),
-                              covered=served_covered(record, float(score)))
+                              served=None if served is None else float(served))
         state = json.dumps(calibrator.state(), separators=(",", ":")).encode()
         with self._lock:
             # the object now holds exactly `state`: if this write loses a race, the next try

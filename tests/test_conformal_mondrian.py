@@ -215,3 +215,16 @@ def test_the_thresholds_per_class_are_shared_through_redis(
     assert served[RARE] == groups["9"]["threshold"] and served[DOMINANT] == groups["5"]["threshold"]
     assert served[0] == taught["threshold"]  # a class with no labels: the shared threshold
     assert other["per_group"]["groups"]["9"]["updates"] == groups["9"]["updates"]
+
+
+def test_under_mondrian_pid_gets_no_served_verdicts_and_aims_at_alpha() -> None:
+    # a row may have been served its class's threshold, not the shared one, so the shared PID's
+    # served-coverage loop must not learn from those sets (nor the classes' own, which may have
+    # been served the shared one): both aim at α; without Mondrian the loop moves the level
+    inputs, labels = dominated_stream()
+    n = 600
+    _, mondrian, _, _ = asyncio.run(serve_stream({"method": "pid", "mondrian": "class"},
+                                                 inputs[:n], labels[:n]))
+    _, shared, _, _ = asyncio.run(serve_stream({"method": "pid"}, inputs[:n], labels[:n]))
+    assert mondrian["alpha_t"] == 0.1
+    assert shared["alpha_t"] != 0.1

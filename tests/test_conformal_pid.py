@@ -19,6 +19,8 @@ from adapters.conformal import (
     DtACI,
     build_calibrator,
     from_log_scale,
+    lac_scores,
+    lac_set,
     served_threshold,
     to_log_scale,
 )
@@ -58,12 +60,12 @@ def test_a_restored_state_carries_on_with_identical_thresholds(name: str, option
     signals = np.repeat(rng.normal(0, 0.05, 100), 30)
     original = build_calibrator(name, 0.1, **options)
     for score, signal in zip(scores[:2000], signals[:2000], strict=True):
-        original.update(float(score), float(signal))
+        original.update(float(score), float(signal), served=0.8)  # PID's target moves
     restored = Calibrator.from_state(json.loads(json.dumps(original.state())))
     for score, signal in zip(scores[2000:], signals[2000:], strict=True):
         assert restored.threshold_for(float(signal)) == original.threshold_for(float(signal))
-        original.update(float(score), float(signal))
-        restored.update(float(score), float(signal))
+        original.update(float(score), float(signal), served=0.8)
+        restored.update(float(score), float(signal), served=0.8)
     assert restored.state() == original.state()
 
 
@@ -121,7 +123,7 @@ def test_methods_without_a_signal_ignore_it() -> None:
     with_signal, without = ACI(), ACI()
     for step, score in enumerate(scores):
         assert with_signal.threshold_for(float(step)) == without.threshold
-        with_signal.update(score, float(step), covered=bool(step % 2))  # the verdict too
+        with_signal.update(score, float(step), served=0.5)  # and the threshold served
         without.update(score)
     assert with_signal.state() == without.state()
     assert with_signal.signal_table() is None
@@ -133,17 +135,17 @@ def served_coverage(coverage_lr: float, seed: int) -> tuple[float, float]:
     sets served cover (after the first 3,200 labels) what, and α*_t at the end."""
     rng = np.random.default_rng(seed)
     pid = PID(alpha=0.1, coverage_lr=coverage_lr)
-    pending: list[tuple[float, float, bool]] = []
+    pending: list[tuple[float, float, float]] = []
     covered: list[bool] = []
     for batch in range(400):
         signal = 0.5 * ((batch // 10) % 2) + float(rng.normal(0, 0.01))
         threshold = pid.threshold_for(signal)
         for score in rng.uniform(0, 1, 32):
             covered.append(bool(score <= threshold))
-            pending.append((float(score), signal, covered[-1]))
+            pending.append((float(score), signal, threshold))
         while len(pending) > 32:
-            score, served_signal, held = pending.pop(0)
-            pid.update(score, served_signal, covered=held)
+            score, served_signal, served = pending.pop(0)
+            pid.update(score, served_signal, served=served)
     return float(np.mean(covered[3200:])), pid.alpha_t
 
 
@@ -161,7 +163,8 @@ def test_the_served_coverage_loop_brings_what_is_served_back_to_the_target(seed:
 def test_a_pid_state_saved_before_the_served_coverage_loop_loads_and_carries_on() -> None:
     pid = PID(alpha=0.1, transform="log")
     for step, score in enumerate(np.random.default_rng(5).uniform(0, 1, 300).tolist()):
-        pid.update(score, 0.01 * (step % 5), covered=score < 0.85)
+        pid.update(score, 0.01 * (step % 5), served=0.85)
+    assert pid.alpha_t != 0.1
     old = pid.state()
     for key in ("coverage_lr", "target"):
         del old[key]
@@ -170,6 +173,52 @@ def test_a_pid_state_saved_before_the_served_coverage_loop_loads_and_carries_on(
             restored.load_state(old)
         assert restored.alpha_t == 0.1 and restored.steps == 300
         assert restored.options()["coverage_lr"] == 0.001
+    # a state that moved its target, loaded with the loop off: the target is α again
+    off = PID(alpha=0.1, transform="log", coverage_lr=0.0)
+    off.load_state(pid.state())
+    assert off.alpha_t == 0.1
+    off.update(0.5, 0.0, served=0.9)
+    assert off.alpha_t == 0.1
+
+
+def lac_stream(pid: PID, probabilities: np.ndarray, labels: np.ndarray, delay: int = 32
+               ) -> np.ndarray:
+    """Sets served as the service serves them (the predicted class always in), 16 a batch,
+    labels `delay` samples late with the threshold each was served: covered, per sample."""
+    scores = lac_scores(probabilities, labels)
+    covered = np.zeros(len(labels), dtype=bool)
+    served: list[float] = []
+    for start in range(0, len(labels), 16):
+        threshold = pid.threshold_for(None)
+        for i in range(start, min(start + 16, len(labels))):
+            covered[i] = lac_set(probabilities[i], threshold)[labels[i]]
+            served.append(threshold)
+        for i in range(max(0, start - delay), max(0, start + 16 - delay)):
+            pid.update(float(scores[i]), None, served=served[i])
+    return covered
+
+
+def test_an_accurate_model_does_not_wind_the_loop_up_before_a_shift() -> None:
+    # 97% right for 16,000 samples: the predicted class alone covers more than 90%, at any
+    # threshold; then 55% right. Judged by set membership the target would climb to 1 and the
+    # threshold to 0 before the shift, and cover about half of what follows
+    rng = np.random.default_rng(6)
+    classes, calm, shifted = 10, 16_000, 2_000
+    labels = rng.integers(0, classes, calm + shifted)
+    right = np.concatenate([rng.random(calm) < 0.97, rng.random(shifted) < 0.55])
+    predicted = np.where(right, labels, (labels + rng.integers(1, classes, len(labels)))
+                         % classes)
+    logits = rng.normal(0, 1, (len(labels), classes))
+    logits[np.arange(len(labels)), predicted] += np.where(np.arange(len(labels)) < calm, 4, 1.5)
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    after = {}
+    for rate in (0.0, 0.001):
+        pid = PID(alpha=0.1, transform="log", coverage_lr=rate)
+        covered = lac_stream(pid, probabilities, labels)
+        after[rate] = covered[calm:].mean()
+        if rate:
+            assert 0.05 < pid.alpha_t < 0.2
+    assert after[0.001] > 0.85 and after[0.001] > after[0.0] - 0.02
 
 
 def test_the_log_scale_keeps_the_sets_and_refuses_scores_above_1() -> None:

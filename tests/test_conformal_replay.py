@@ -118,7 +118,7 @@ def test_a_replayed_stream_is_served_with_the_offline_calibrators_thresholds_and
         if k >= 1:
             for i in replay.sent[k - 1]:
                 calibrator.update(float(scores[i]), replay.signals[k - 1],
-                                  covered=covered_offline[i])
+                                  served=offline[k - 1])
 
     state = replay.state
     assert state["updates"] == (REQUESTS - 1) * REQUEST

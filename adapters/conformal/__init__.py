@@ -6,7 +6,7 @@ A score s measures how badly a label fits a prediction: LAC's 1 − p_y, APS's r
 mass up to y, a regression residual |y − ŷ| (optionally divided by a scale). The set served for a
 sample is every candidate whose score is at most the current threshold q_t; once the label
 arrives, `update(s_t)` moves q_t. Every calibrator here speaks the same small vocabulary:
-`threshold`, `update(score, signal=None)`, `threshold_for(signal)`, `alpha`, `alpha_t`,
+`threshold`, `update(score, signal=None, served=None)`, `threshold_for(signal)`, `alpha`, `alpha_t`,
 `state()` / `from_state()` / `load_state()`, `reset()`. Counters `steps` and `misses` count the
 labels seen and those that fell above the threshold served for them.
 

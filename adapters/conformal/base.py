@@ -247,13 +247,13 @@ class Calibrator:
         return None
 
     def update(self, score: float, signal: float | None = None,
-               covered: bool | None = None) -> None:
+               served: float | None = None) -> None:
         """Learn from the score of a label that has arrived, scored against the prediction the
         current threshold was served for; `signal` is the label-free signal that prediction was
-        served with (ignored by methods that read none); `covered`, where the caller knows it,
-        whether the label was in the set (or interval) actually served, which may differ from
-        the current threshold's verdict when the label comes late (`PID` steers its target by
-        it; the others ignore it)."""
+        served with (ignored by methods that read none); `served`, where the caller knows it,
+        the threshold that prediction was served with, which differs from the current one when
+        the label comes late (`PID` steers its target by whether the score was within it; the
+        others ignore it)."""
         score = _check_score(score)
         self.steps += 1
         self.misses += score > self.threshold_for(signal)

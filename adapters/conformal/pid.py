@@ -42,10 +42,10 @@ class PID(Calibrator):
 
     and q_t(x) = τ_t(x), or 1 − exp(−τ_t(x)) on the log scale.
 
-    - P, quantile tracking: p_{t+1} = p_t + η_t (err_t − α), err_t = 1{u_t > τ_t(x_t)}, with the
+    - P, quantile tracking: p_{t+1} = p_t + η_t (err_t − α*_t), err_t = 1{u_t > τ_t(x_t)}, with the
       proportional step η_t = `lr` · (max − min of the last `range_window` scores u), as the
       reference's `proportional_lr` (its T_burnin window); `lr` at the first label.
-    - I, the saturating error integrator: E_t = Σ_{i≤t} (err_i − α) and
+    - I, the saturating error integrator: E_t = Σ_{i≤t} (err_i − α*_i) and
       r_t(E) = K_I · tan(E · log(t + 1) / (C_sat · (t + 1))), K_I = `max_scale`, C_sat = `c_sat`
       (default 2/π · (⌈log T · 0.01⌉ − 1/log T) at T = 10,000, the R package conformalForecast's
       formula; its K_I default is the largest |score|). The tan saturates at an argument of ±1.56
@@ -66,16 +66,19 @@ class PID(Calibrator):
       otherwise). After an abrupt shift the threshold moves at the first batch served, before
       any label of it is back; `scorecast_lr` = 0 turns the scorecaster off (the reference's
       `scorecast=False`).
-    - The served-coverage loop. P and I aim at a target α*_t, not at α: where the caller says
-      whether the label was in the set or interval it was served (the service knows: the record
-      keeps it), α*_{t+1} = clip(α*_t + `coverage_lr` · (α − miss_t), 0, 1), ACI's step (Gibbs
-      & Candès 2021) on the served misses. A served set that over-covers raises α*, one that
-      misses lowers it, so what is served settles near 1 − α whatever the scorecaster adds. No
-      bound is proven here (α* moves the threshold through P and I, not directly as ACI's α_t
-      does); B3 measures it. β is still learnt against α itself: against α*, which rises where
-      the served sets over-cover, every covered batch far from the labelled past would push β
-      down until the scorecaster is off when the next switch comes. `coverage_lr` = 0 turns
-      the loop off.
+    - The served-coverage loop. P and I aim at a target α*_t (α*_1 = α), not at α itself: where
+      the caller passes the threshold q̂ a label's prediction was served with (the service does:
+      the record keeps it), α*_{t+1} = clip(α*_t + `coverage_lr` · (α − 1{s_t > q̂}), 0, 1), ACI's
+      step (Gibbs & Candès 2021) on the served verdicts. Scores that were within the threshold
+      served raise α*, scores above it lower it, so the thresholds served hold 1 − α of the
+      scores whatever the scorecaster added. The verdict is the threshold's, not the set's: a
+      set always keeps the predicted class, so an accurate model's sets cover more than 1 − α at
+      any threshold, and judged by set membership α* would climb to 1 and the threshold to 0,
+      leaving nothing to widen from after a shift. No bound is proven here (α* moves the
+      threshold through P and I, not directly as ACI's α_t does); B3 measures it. β is still
+      learnt against α itself: against α*, which rises where the served sets over-cover, every
+      covered batch far from the labelled past would push β down until the scorecaster is off
+      when the next switch comes. `coverage_lr` = 0 turns the loop off, and α* is α again.
 
     Deviations from the reference, on purpose:
     - Cold start: before the first label p is the top of the scale (K_I, or −log of 1e-12 on the
@@ -200,8 +203,10 @@ class PID(Calibrator):
     # --- learning -----------------------------------------------------------------------------
 
     def update(self, score: float, signal: float | None = None,
-               covered: bool | None = None) -> None:
+               served: float | None = None) -> None:
         score = _check_score(score)
+        # the served verdict, on the caller's scale (where the threshold served was)
+        within = None if served is None or not math.isfinite(served) else score <= served + 1e-9
         if self.transform == "log":
             if not 0.0 <= score <= 1.0 + 1e-9:
                 raise ValueError(f"transform 'log' takes scores in [0, 1] (LAC, APS); got {score}")
@@ -225,9 +230,9 @@ class PID(Calibrator):
             self._slope = max(0.0, self._slope
                               + self.scorecast_lr * step * (error - self.alpha) * distance)
         self._error_sum += error - self._target
-        if covered is not None and self.coverage_lr:
+        if within is not None and self.coverage_lr:
             self._target = min(max(self._target + self.coverage_lr
-                                   * (self.alpha - (not covered)), 0.0), 1.0)
+                                   * (self.alpha - (not within)), 0.0), 1.0)
         if signal is not None and math.isfinite(signal):
             # the signal of the labelled past, which the tracker's level was learnt on
             if self._signals_seen:
@@ -259,7 +264,8 @@ class PID(Calibrator):
 
     def _load_dynamic_state(self, state: dict[str, Any]) -> None:
         self._tracker = float(state["tracker"])
-        self._target = float(state.get("target", self.alpha))
+        # the loop off (coverage_lr 0, a resizable option): the target is α, whatever was saved
+        self._target = float(state.get("target", self.alpha)) if self.coverage_lr else self.alpha
         self._error_sum = float(state["error_sum"])
         self._slope = float(state["slope"])
         self._center = float(state["center"])
