@@ -295,6 +295,7 @@ class Engine:
         # River's learner, the mixture's LEARNER candidate: trained on the joined labels' inputs,
         # kept through resets (the mixture's weights judge it, not the guards)
         self.online = online if mixture is not None and LEARNER in mixture.names else None
+        self.online_failures = 0
         self.recent = recent
         # the class-run filter: the last stage, over what every other stage served
         self.runs = runs
@@ -346,7 +347,7 @@ class Engine:
         if self.mixture is not None:
             parts["mixture"] = self.mixture.describe()
         if self.online is not None:
-            parts["learner"] = self.online.describe()
+            parts["learner"] = {**self.online.describe(), "failures": self.online_failures}
         parts["drift"] = self.drift is not None
         if self.runs is not None:
             parts["runs"] = self.runs.describe()
@@ -441,7 +442,7 @@ class Engine:
         if self.supervised is not None or self.online is not None:
             arrays[INPUTS] = x.reshape(count, -1).numpy()
         if self.online is not None:
-            candidates[LEARNER] = self.online.predict(arrays[INPUTS])
+            candidates[LEARNER] = self._online_predict(arrays[INPUTS])
         if self.adanpc is not None and features is not None:
             # AdaNPC: the model's softmax moved towards the memory's vote by the vote's own
             # confidence; confident samples join the memory with their served class
@@ -614,8 +615,6 @@ class Engine:
             self.output_corrector.learn(features, torch.from_numpy(batch.before_corrector),
                                         torch.from_numpy(batch.labels.astype(np.float32)))
             self.metrics.correction_steps.inc()
-        if self.online is not None and batch.inputs is not None:
-            self.online.learn(batch.inputs, batch.labels)
         if self.supervised is not None and batch.inputs is not None:
             self._supervised_inputs.append(torch.from_numpy(batch.inputs))
             self._supervised_labels.append(torch.from_numpy(batch.labels))
@@ -633,6 +632,33 @@ class Engine:
                                                    batch.candidate_labels))
             for name, weight in zip(self.mixture.names, self.mixture.weights, strict=True):
                 self.metrics.mixture_weight.labels(name).set(weight)
+
+    def _online_predict(self, inputs: np.ndarray) -> torch.Tensor | None:
+        """River's learner's predictions, or None (the mixture then repeats the last stage) before
+        its first label or when River raises: it is a candidate, never a reason to fail a batch."""
+        assert self.online is not None
+        try:
+            return self.online.predict(inputs)
+        except Exception as error:  # any: River's code, on inputs the model took
+            self._online_failed("predict", error)
+            return None
+
+    def learn_online(self, inputs: np.ndarray, labels: np.ndarray) -> None:
+        """Engine thread only. River's learner learns these joined labels (a slice of them:
+        `FeedbackService` submits them in slices so predictions run between)."""
+        if self.online is None:
+            return
+        try:
+            self.online.learn(inputs, labels)
+        except Exception as error:  # any: the labels are joined and taught to everything else
+            self._online_failed("learn", error)
+
+    def _online_failed(self, what: str, error: Exception) -> None:
+        self.online_failures += 1
+        if self.online_failures == 1 or self.online_failures % 1000 == 0:
+            log.warning("mixture.learner: River's %s failed (%s: %s; %d failures so far); the "
+                        "mixture serves the other candidates meanwhile", what,
+                        type(error).__name__, error, self.online_failures)
 
     def _compare(self, batch: LabelledBatch) -> None:
         """The shadow comparison: reset every learning part when the labels say that what is

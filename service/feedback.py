@@ -39,6 +39,8 @@ log = logging.getLogger("adaptd.feedback")
 
 # how many rejected ids (with their reasons) one log line names
 LOGGED_REJECTIONS = 5
+# labels River's learner takes in one engine job (`FeedbackService._learn_online`)
+ONLINE_SLICE = 256
 
 
 class RollingQuality:
@@ -244,8 +246,7 @@ class FeedbackService:
         if self.engine.output_corrector is not None:
             batch.before_corrector = np.stack([r.arrays.get(BEFORE_CORRECTOR, r.outputs)
                                                for r in records])
-        if ((self.engine.supervised is not None or self.engine.online is not None)
-                and all(INPUTS in r.arrays for r in records)):
+        if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
             batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
         mixture = self.engine.mixture
         # what learns: the served outputs, under a mixture its last stage, and under the
@@ -270,6 +271,21 @@ class FeedbackService:
                                     for name, a in arrays.items()}
                 batch.candidate_labels = self.task.record_labels(mixed)
         await self.sync.run(self.engine.learn, batch)
+        await self._learn_online(records)
+
+    async def _learn_online(self, records: list[PredictionRecord]) -> None:
+        """River's learner (`mixture.learner`) learns the labels of the records that kept their
+        inputs (not those predicted before it was on, or by a replica without it), in slices of
+        `ONLINE_SLICE` so that predictions submitted meanwhile run between them: its learning is
+        Python, about a millisecond a label for ARF."""
+        if self.engine.online is None:
+            return
+        rows = [r for r in records if INPUTS in r.arrays]
+        for start in range(0, len(rows), ONLINE_SLICE):
+            part = rows[start:start + ONLINE_SLICE]
+            await self.engine.run(self.engine.learn_online,
+                                  np.stack([r.arrays[INPUTS] for r in part]),
+                                  self.task.record_labels(part))
 
     def _record(self, result: JoinResult, errors: np.ndarray | None) -> None:
         m = self.metrics.labels

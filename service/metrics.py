@@ -185,7 +185,7 @@ class Metrics:
         )
         self.mixture_weight = Gauge(
             "adaptd_mixture_weight", "the online mixture's weight on each candidate "
-            "(newest_label, source, adapted, compensated), learnt from joined labels",
+            "(newest_label, learner, source, adapted, compensated), learnt from joined labels",
             ["candidate"], registry=r,
         )
         self.store_errors = Counter(

@@ -180,7 +180,7 @@ def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_lea
     assert (model[half:] != y[half:]).mean() > 0.25
     assert (served[half:] != y[half:]).mean() < 0.1
     learning = state["learning"]
-    assert learning["learner"] == {"kind": kind, "learnt": len(y)}
+    assert learning["learner"] == {"kind": kind, "learnt": len(y), "failures": 0}
     assert set(learning["mixture"]["weights"]) == {"learner", "adapted"}
     assert learning["mixture"]["weights"]["learner"] > 0.9
     assert weight == pytest.approx(learning["mixture"]["weights"]["learner"])
@@ -235,3 +235,56 @@ def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
         guessed = engine.online.predict(probe)
         assert guessed is not None
         assert (guessed.argmax(1).numpy() == (probe[:, 0] > 0)).mean() > 0.9
+
+
+def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goes_wrong():
+    from dataclasses import replace
+
+    from service.engine import INPUTS
+
+    x, _ = binary_stream(64)
+    y = (x[:, 0] > 0).astype(int)
+    on = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+          "error_memory": {"kind": "off"}, "mixture": {"enabled": True, "learner": "ht"}}
+
+    async def scenario():
+        async with serving(**{**on, "mixture": {"enabled": False}}) as (client, _):
+            alone = (await client.post("/v1/predict", json={"inputs": x[:16].tolist()})).json()
+        async with serving(**on) as (client, app):
+            engine = app.state.runtime.engine
+            first = (await client.post("/v1/predict", json={
+                "inputs": x[:16].tolist(), "ids": [f"a{i}" for i in range(16)]})).json()
+            # a record kept without its inputs (predicted by a replica without the learner)
+            raw = app.state.runtime.store.raw
+            kept = raw.get_prediction("a0")
+            arrays = {k: v for k, v in kept.arrays.items() if k != INPUTS}
+            raw.put_predictions([replace(kept, id="bare", arrays=arrays)])
+            answer = await client.post("/v1/feedback", json={"labels": [
+                {"id": "bare", "label": int(y[0])},
+                *({"id": f"a{i}", "label": int(y[i])} for i in range(16))]})
+            learnt = engine.online.learnt
+            # River raising is the learner's failure, not the request's
+            def broken(*_):
+                raise RuntimeError("river broke")
+            engine.online.predict = broken
+            engine.online.learn = broken
+            second = await client.post("/v1/predict", json={
+                "inputs": x[16:32].tolist(), "ids": [f"b{i}" for i in range(16)]})
+            taught = await client.post("/v1/feedback", json={"labels": [
+                {"id": f"b{i}", "label": int(y[16 + i])} for i in range(16)]})
+            reset = await client.post("/v1/admin/reset")
+            state = (await client.get("/v1/state")).json()
+            return alone, first, answer.json(), learnt, second, taught.json(), reset, state
+
+    alone, first, answer, learnt, second, taught, reset, state = asyncio.run(scenario())
+    # before its first label the learner repeats the model: the answers are the model's own
+    np.testing.assert_allclose([p["probabilities"] for p in first["predictions"]],
+                               [p["probabilities"] for p in alone["predictions"]], rtol=1e-6)
+    assert answer["joined"] == 17 and learnt == 16  # the bare record's label taught it nothing
+    assert second.status_code == 200 and taught["joined"] == 16
+    assert reset.status_code == 200
+    learner = state["learning"]["learner"]
+    assert learner["learnt"] == 16 and learner["failures"] == 2  # kept through the reset
+    # the records still kept every candidate (the learner's place taken by the model's), so
+    # the mixture learnt from all 33 labels
+    assert state["learning"]["mixture"]["labels"] == 33
