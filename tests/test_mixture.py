@@ -90,6 +90,27 @@ def test_served_with_the_mixture_the_labels_outvote_an_adapter_gone_wrong(mixed)
     assert weight == pytest.approx(weights["source"])
 
 
+def labels_back_after_each_request(settings: dict, x: np.ndarray, y: np.ndarray):
+    """Requests of 16, each one's labels back before the next: (the classes or values served,
+    /v1/state, the learner's weight in /metrics)."""
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            served = []
+            for start in range(0, len(x), 16):
+                reply = await client.post("/v1/predict",
+                                          json={"inputs": x[start:start + 16].tolist()})
+                rows = reply.json()["predictions"]
+                served += [row["prediction"] for row in rows]
+                answer = await client.post("/v1/feedback", json={"labels": [
+                    {"id": row["id"], "label": t if isinstance(t, float) else int(t)}
+                    for row, t in zip(rows, y[start:start + 16].tolist(), strict=True)]})
+                assert answer.status_code == 200
+            state = (await client.get("/v1/state")).json()
+            return np.array(served), state, metric(app, "adaptd_mixture_weight",
+                                                   candidate="learner")
+    return asyncio.run(scenario())
+
+
 def test_the_newest_label_takes_over_where_labels_come_in_runs():
     # labels that persist, whatever the inputs say (runs of 64 of one class, labels back after
     # each request of 16): the source model is right on about half, the label that arrived last
@@ -100,21 +121,7 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
                 "error_memory": {"kind": "off"},
                 "mixture": {"enabled": True, "newest_label": "on"}}
 
-    async def scenario():
-        async with serving(**settings) as (client, _):
-            served = []
-            for start in range(0, len(x), 16):
-                reply = await client.post("/v1/predict",
-                                          json={"inputs": x[start:start + 16].tolist()})
-                rows = reply.json()["predictions"]
-                served += [row["prediction"] for row in rows]
-                await client.post("/v1/feedback", json={"labels": [
-                    {"id": row["id"], "label": int(t)}
-                    for row, t in zip(rows, y[start:start + 16], strict=True)]})
-            state = (await client.get("/v1/state")).json()
-            return np.array(served), state
-
-    served, state = asyncio.run(scenario())
+    served, state, _ = labels_back_after_each_request(settings, x, y)
     weights = state["learning"]["mixture"]["weights"]
     assert set(weights) == {"newest_label", "adapted"}  # nothing learns: the model as served
     half = len(y) // 2
@@ -144,27 +151,6 @@ def test_the_newest_label_is_a_candidate_for_a_regressor_unless_said(task, newes
     assert mixture_candidates(settings, shadow=True) == expected
 
 
-def concept_flip_scenario(settings: dict, x: np.ndarray, y: np.ndarray):
-    """Requests of 16, each one's labels back before the next: (served, state, learner weight in
-    /metrics)."""
-    async def scenario():
-        async with serving(**settings) as (client, app):
-            served = []
-            for start in range(0, len(x), 16):
-                reply = await client.post("/v1/predict",
-                                          json={"inputs": x[start:start + 16].tolist()})
-                rows = reply.json()["predictions"]
-                served += [row["prediction"] for row in rows]
-                answer = await client.post("/v1/feedback", json={"labels": [
-                    {"id": row["id"], "label": t if isinstance(t, float) else int(t)}
-                    for row, t in zip(rows, y[start:start + 16].tolist(), strict=True)]})
-                assert answer.status_code == 200
-            state = (await client.get("/v1/state")).json()
-            return np.array(served), state, metric(app, "adaptd_mixture_weight",
-                                                   candidate="learner")
-    return asyncio.run(scenario())
-
-
 @pytest.mark.parametrize("kind", ["ht", "arf"])
 def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_learnt(kind):
     # the truth is the sign of the first feature, which the binary model's own rule (the sum of
@@ -174,7 +160,7 @@ def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_lea
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
                 "error_memory": {"kind": "off"},
                 "mixture": {"enabled": True, "learner": kind}}
-    served, state, weight = concept_flip_scenario(settings, x, y)
+    served, state, weight = labels_back_after_each_request(settings, x, y)
     half = len(y) // 2
     model = (x.sum(1) <= 0).astype(int)
     assert (model[half:] != y[half:]).mean() > 0.25
@@ -194,7 +180,7 @@ def test_a_river_regressor_learns_the_values_the_model_misses():
     settings = {"model": REGRESSOR, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
                 "error_memory": {"kind": "off"},
                 "mixture": {"enabled": True, "learner": "ht", "newest_label": "off"}}
-    served, state, _ = concept_flip_scenario(settings, x, y)
+    served, state, _ = labels_back_after_each_request(settings, x, y)
     half = len(y) // 2
     assert np.abs(served[half:] - y[half:]).mean() < 0.5 * np.abs(y[half:] - y.mean()).mean()
     assert state["learning"]["mixture"]["weights"]["learner"] > 0.9
