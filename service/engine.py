@@ -296,9 +296,6 @@ class Engine:
         # kept through resets (the mixture's weights judge it, not the guards)
         self.online = online if mixture is not None and LEARNER in mixture.names else None
         self.online_failures = 0
-        # asleep (predicts nothing, costs nothing) until this replica joins its first label: its
-        # weight could not move before, and a deployment whose labels never come pays nothing
-        self._online_awake = False
         self.recent = recent
         # the class-run filter: the last stage, over what every other stage served
         self.runs = runs
@@ -350,8 +347,7 @@ class Engine:
         if self.mixture is not None:
             parts["mixture"] = self.mixture.describe()
         if self.online is not None:
-            parts["learner"] = {**self.online.describe(), "failures": self.online_failures,
-                                "asleep": not self._online_awake}
+            parts["learner"] = {**self.online.describe(), "failures": self.online_failures}
         parts["drift"] = self.drift is not None
         if self.runs is not None:
             parts["runs"] = self.runs.describe()
@@ -547,7 +543,7 @@ class Engine:
             # records still keep every candidate for the mixture and the comparison to learn from
             mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
                                    else self._newest_label.expand(len(last), -1).clone())
-        if LEARNER in mixed and mixed[LEARNER] is None:  # the learner has learnt nothing yet
+        if LEARNER in mixed and mixed[LEARNER] is None:  # nothing learnt yet, or River failed
             mixed[LEARNER] = last
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
@@ -639,11 +635,8 @@ class Engine:
 
     def _online_predict(self, inputs: np.ndarray) -> torch.Tensor | None:
         """River's learner's predictions, or None (the mixture then repeats the last stage) before
-        this replica's first joined label or when River raises: it is a candidate, never a reason
-        to fail a batch."""
+        its first label or when River raises: it is a candidate, never a reason to fail a batch."""
         assert self.online is not None
-        if not self._online_awake:
-            return None
         try:
             return self.online.predict(inputs)
         except Exception as error:  # any: River's code, on inputs the model took
@@ -655,7 +648,6 @@ class Engine:
         `FeedbackService` submits them in slices so predictions run between)."""
         if self.online is None:
             return
-        self._online_awake = self._online_awake or len(labels) > 0
         try:
             self.online.learn(inputs, labels)
         except Exception as error:  # any: the labels are joined and taught to everything else

@@ -166,8 +166,7 @@ def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_lea
     assert (model[half:] != y[half:]).mean() > 0.25
     assert (served[half:] != y[half:]).mean() < 0.1
     learning = state["learning"]
-    assert learning["learner"] == {"kind": kind, "learnt": len(y), "failures": 0,
-                                   "asleep": False}
+    assert learning["learner"] == {"kind": kind, "learnt": len(y), "failures": 0}
     assert set(learning["mixture"]["weights"]) == {"learner", "adapted"}
     assert learning["mixture"]["weights"]["learner"] > 0.9
     assert weight == pytest.approx(learning["mixture"]["weights"]["learner"])
@@ -222,17 +221,6 @@ def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
         guessed = engine.online.predict(probe)
         assert guessed is not None
         assert (guessed.argmax(1).numpy() == (probe[:, 0] > 0)).mean() > 0.9
-        # but the engine asks it nothing until this replica joins a label
-        assert engine.describe_learning()["learner"]["asleep"] is True
-        batch = engine.forward(probe[:8], adapt=False)
-        assert "candidate.learner" in batch.arrays
-        np.testing.assert_array_equal(batch.arrays["candidate.learner"],
-                                      batch.arrays["candidate.adapted"])
-        engine.learn_online(probe[:1], np.array([1.0]))
-        assert engine.describe_learning()["learner"]["asleep"] is False
-        batch = engine.forward(probe[:8], adapt=False)
-        assert not np.array_equal(batch.arrays["candidate.learner"],
-                                  batch.arrays["candidate.adapted"])
 
 
 def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goes_wrong():
