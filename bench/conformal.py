@@ -246,13 +246,15 @@ class Served:
 
 
 def abrupt_digits(domains: int = ABRUPT_DOMAINS, per_domain: int | None = None,
-                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int | None = None, order: str = "iid") -> tuple[np.ndarray, np.ndarray]:
     """B1's corrupted domains back to back (no clean stretch between them), each switch abrupt;
-    `per_domain` keeps the first samples of each (None: all 899); `seed` draws other corruption
-    noise and orders (None: B1's)."""
-    from bench.digits_c import SEED, stream
+    `order` is B1's traffic order within each domain (`iid`, or `dirichlet:A` for classes in
+    runs); `per_domain` keeps the first samples of each, in that order (None: all 899); `seed`
+    draws other corruption noise and orders (None: B1's)."""
+    from bench.digits_c import SEED, order_stream, stream
 
-    chosen = [d for d in stream(SEED if seed is None else seed)
+    drawn = SEED if seed is None else seed
+    chosen = [d for d in order_stream(stream(drawn), order, drawn)
               if d.name != "clean_after"][:domains]
     inputs = np.concatenate([d.inputs[:per_domain] for d in chosen])
     labels = np.concatenate([d.labels[:per_domain] for d in chosen])
@@ -317,10 +319,11 @@ def serve_sets(adapter: str, method: str, options: dict, inputs: np.ndarray, lab
 
 
 def service_table(adapters: list[str], delays: list[int], per_domain: int | None = None,
-                  seed: int | None = None, methods: list[str] | None = None) -> str:
+                  seed: int | None = None, methods: list[str] | None = None,
+                  order: str = "iid") -> str:
     """One row per adapter, delay and `SERVICE_ROWS` entry (those whose method is in `methods`,
     when given)."""
-    inputs, labels = abrupt_digits(per_domain=per_domain, seed=seed)
+    inputs, labels = abrupt_digits(per_domain=per_domain, seed=seed, order=order)
     header = ["adapter", "labels late", "method", "coverage", "worst 500", "worst 100",
               "mean set size", "state KB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -698,6 +701,9 @@ def main() -> None:
                         "stream (default B1's)")
     parser.add_argument("--methods", default=None,
                         help="service part: only these conformal.method rows, e.g. pid,faci")
+    parser.add_argument("--order", default="iid",
+                        help="service part: the order within each domain, iid or dirichlet:A "
+                        "(B1's classes in runs)")
     args = parser.parse_args()
     if args.delay is not None and args.delay < 0:
         parser.error("--delay counts samples: 0 or more")
@@ -713,9 +719,9 @@ def main() -> None:
         delays = list(SERVICE_DELAYS) if args.delay is None else [args.delay]
         methods = None if args.methods is None else args.methods.split(",")
         table = service_table(args.adapters.split(","), delays, args.per_domain, args.seed,
-                              methods)
+                              methods, args.order)
         tables.append(f"Digits-C, {ABRUPT_DOMAINS} corrupted domains back to back (abrupt "
-                      f"switches; stream seed {drawn}), through the service, "
+                      f"switches; stream seed {drawn}, order {args.order}), through the service, "
                       f"{REQUEST} samples per request, sets as "
                       f"served, target 0.9; {machine}\n\n"
                       f"{table}")

@@ -105,6 +105,19 @@ def test_the_abrupt_digits_stream_is_eight_corrupted_domains_back_to_back():
     assert not np.array_equal(other, inputs)
 
 
+def test_classes_in_runs_reorder_each_domain_and_keep_its_samples():
+    shuffled_x, shuffled_y = abrupt_digits()
+    runs_x, runs_y = abrupt_digits(order="dirichlet:0.1")
+    size = len(shuffled_y) // ABRUPT_DOMAINS  # whole domains: `per_domain` cuts after the order
+    for domain in range(ABRUPT_DOMAINS):
+        part = slice(domain * size, (domain + 1) * size)
+        assert sorted(runs_y[part]) == sorted(shuffled_y[part])  # the same samples, reordered
+        assert np.allclose(np.sort(runs_x[part].sum(axis=(1, 2, 3))),
+                           np.sort(shuffled_x[part].sum(axis=(1, 2, 3))))
+    # runs: a sample's neighbour has its class far more often than in the shuffled order
+    assert np.mean(runs_y[1:] == runs_y[:-1]) > 2 * np.mean(shuffled_y[1:] == shuffled_y[:-1])
+
+
 def test_labels_later_than_the_stream_leave_every_calibrator_where_it_starts():
     inputs, labels = abrupt_digits(domains=2, per_domain=64)
     never = len(labels)  # no label comes back before the end
