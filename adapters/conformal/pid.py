@@ -68,17 +68,17 @@ class PID(Calibrator):
       `scorecast=False`).
     - The served-coverage loop. P and I aim at a target α*_t (α*_1 = α), not at α itself: where
       the caller passes the threshold q̂ a label's prediction was served with (the service does:
-      the record keeps it), α*_{t+1} = clip(α*_t + `coverage_lr` · (α − 1{s_t > q̂}), 0, 1), ACI's
-      step (Gibbs & Candès 2021) on the served verdicts. Scores that were within the threshold
-      served raise α*, scores above it lower it, so the thresholds served hold 1 − α of the
-      scores whatever the scorecaster added. The verdict is the threshold's, not the set's: a
-      set always keeps the predicted class, so an accurate model's sets cover more than 1 − α at
-      any threshold, and judged by set membership α* would climb to 1 and the threshold to 0,
-      leaving nothing to widen from after a shift. No bound is proven here (α* moves the
-      threshold through P and I, not directly as ACI's α_t does); B3 measures it. β is still
-      learnt against α itself: against α*, which rises where the served sets over-cover, every
-      covered batch far from the labelled past would push β down until the scorecaster is off
-      when the next switch comes. `coverage_lr` = 0 turns the loop off, and α* is α again.
+      the record keeps it), α*_{t+1} = clip(α*_t + `coverage_lr` · (α − 1{s_t > q̂}), 0, 1),
+      ACI's step (Gibbs & Candès 2021) on the served verdicts. Scores that were within the
+      threshold served raise α*, scores above it lower it, so the thresholds served come to hold
+      about 1 − α of the scores whatever the scorecaster added. The verdict is the threshold's,
+      not the set's: a set always keeps the predicted class, so an accurate model's sets cover
+      more than 1 − α at any threshold, and judged by set membership α* would climb to 1 and the
+      threshold to 0, leaving nothing to widen from after a shift. No bound is proven here (α*
+      moves the threshold through P and I, not directly as ACI's α_t does); B3 measures it. β is
+      still learnt against α itself: against α*, which rises where the served sets over-cover,
+      every covered batch far from the labelled past would push β down until the scorecaster is
+      off when the next switch comes. `coverage_lr` = 0 turns the loop off, and α* is α again.
 
     Deviations from the reference, on purpose:
     - Cold start: before the first label p is the top of the scale (K_I, or −log of 1e-12 on the
@@ -90,7 +90,7 @@ class PID(Calibrator):
       (as every calibrator here judges a late score against its current threshold), so late
       misses that a step already answered do not push again, and P learns the level of a new
       regime while the scorecaster still widens its batches. It also counts misses that the
-      sets served did not make (by the time a batch's labels are judged, the labels before
+      thresholds served did not make (by the time a batch's labels are judged, the labels before
       them have moved m_t toward its signal and shrunk its widening), which is what the
       served-coverage loop (above, not in the reference) takes back: without it the sets
       served covered 91.4 to 92.2% with labels 32 late where PID counted 90.0% (BENCHMARKS.md
