@@ -404,15 +404,13 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
 
 
 def _river_learners(task: str) -> dict[str, Callable[[], Any]]:
-    from river import forest, tree
+    """River's three learners, as the service's `mixture.learner` builds them (River's defaults,
+    seeded)."""
+    from adapters.labels.online_learner import river_model
 
-    if task == "classification":
-        return {"HT": tree.HoeffdingTreeClassifier,
-                "HAT": partial(tree.HoeffdingAdaptiveTreeClassifier, seed=SEED),
-                "ARF": partial(forest.ARFClassifier, seed=SEED)}
-    return {"HT": tree.HoeffdingTreeRegressor,
-            "HAT": partial(tree.HoeffdingAdaptiveTreeRegressor, seed=SEED),
-            "ARF": partial(forest.ARFRegressor, seed=SEED)}
+    regression = task != "classification"
+    return {name: partial(river_model, name.lower(), regression, SEED)
+            for name in ("HT", "HAT", "ARF")}
 
 
 RIVER_LEARNERS = ("HT", "HAT", "ARF")

@@ -52,19 +52,6 @@ WINDOWS = (100, 1000)
 MAX_NUMBERED = 64
 
 
-def served_covered(record: PredictionRecord, score: float) -> bool | None:
-    """Whether a joined record's label was in the set (or interval) it was served: the label
-    in the set kept with it (which holds the predicted class even when no class's score is
-    within the threshold), or its score within the threshold kept; None for a record served
-    without one (conformal off when it was served)."""
-    served = record.extra.get("q")
-    if served is None:
-        return None
-    if "set" in record.extra:
-        return int(record.label) in record.extra["set"]  # type: ignore[arg-type]
-    return bool(score <= float(served) + 1e-9)
-
-
 class Conformal:
     """The calibrator of one deployment: its threshold for serving, the sets or intervals it
     shapes, the state a join writes with its labels, the coverage it achieves here, and its reset.
@@ -343,15 +330,21 @@ class Conformal:
         self.read_summary(summary)
 
     def observe(self, records: Sequence[PredictionRecord]) -> None:
-        """Coverage of the sets and intervals these records were served with (`served_covered`)."""
+        """Coverage of the sets and intervals these records were served with: the label in the
+        set served (which holds the predicted class even when no class's score is within the
+        threshold), or the value within the interval."""
         if not records:
             return
         scores = self.task.scores(records, self.score)
         with self._lock:
             for record, score in zip(records, scores, strict=True):
-                covered = served_covered(record, float(score))
-                if covered is None:
+                served = record.extra.get("q")
+                if served is None:
                     continue
+                if "set" in record.extra:
+                    covered = int(record.label) in record.extra["set"]  # type: ignore[arg-type]
+                else:
+                    covered = bool(score <= served + 1e-9)
                 for window in self._covered.values():
                     window.append(covered)
                 key = None if self.coverage_by is None else self.group_key(record)

@@ -86,8 +86,9 @@ async def replay_through_service(conformal: dict, store: dict, inputs: np.ndarra
 
 
 # SAOCP(max_scale=1, lifetime=32) is the calibrator of the report (issue 12); the default method
-# is replayed against the calibrator the service built, whatever it is
-CASES = [("saocp", "memory"), ("saocp", "redis"), ("auto", "memory")]
+# is replayed against the calibrator the service built, whatever it is (PID, whose served-
+# coverage loop reads the threshold each record kept, from the Redis records too)
+CASES = [("saocp", "memory"), ("saocp", "redis"), ("auto", "memory"), ("auto", "redis")]
 
 
 @pytest.mark.parametrize(("method", "backend"), CASES)

@@ -19,12 +19,14 @@ fires). Measured offline on B6's streams (from nothing, labels at once, the mixt
 source model): `arf` was best on three of four, `hat` on hyperplane; BENCHMARKS.md B6 has the
 service's figures.
 
-What it is not: a model of images (a tree on 256 pixels learns little; the mixture then keeps
-its weight at the floor), or a multi-output regressor (River's are single-target: refused at
+What it is not: a model of images (trained on the demo's 898 reference digits HT is right on
+87% of the clean test digits and ARF on 84%, where the CNN is on 97%, and it costs about a
+millisecond a sample), or a multi-output regressor (River's are single-target: refused at
 start). Its state is River's Python objects, not tensors: checkpoints carry no River model (they
-are safetensors, never pickles), so after a restart it learns again from the next labels, and
-each replica learns from the labels it joins. Before its first label it predicts nothing and the
-engine serves the last stage in its place, so its weight does not move.
+are safetensors, never pickles), so after a restart it learns again from the labelled reference
+data and the next labels, and each replica learns from the labels it joins. Until it has learnt
+a label it predicts nothing and the engine serves the last stage in its place, so its weight
+does not move.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import torch
 KINDS = ("ht", "hat", "arf")
 
 
-def _river_model(kind: str, regression: bool, seed: int) -> Any:
+def river_model(kind: str, regression: bool, seed: int) -> Any:
+    """A fresh River learner of `kind` (`KINDS`) for a regressor or a classifier."""
     from river import forest, tree
 
     if kind == "ht":
@@ -75,7 +78,7 @@ class OnlineLearner:
         self.regression = regression
         self.outputs = outputs
         self.seed = seed
-        self.model = _river_model(kind, regression, seed)
+        self.model = river_model(kind, regression, seed)
         self.learnt = 0
 
     @staticmethod
