@@ -51,9 +51,10 @@ Configurations (service settings; each sets only what its name says and leaves e
 at the service's defaults, which are printed with the tables; conformal calibration is off in
 every one, as in B2: it changes no prediction):
 
-    source              adapter none, error memory off, supervised step off, drift off: the
-                        trained model as it is
-    defaults            nothing set
+    source              adapter none, error memory off, supervised step off, mixture off,
+                        drift off: the trained model as it is
+    defaults            nothing set (since stop 27, for these tabular models: the model in an
+                        online mixture with River's Hoeffding adaptive tree, `mixture.learner`)
     defaults-nodrift    drift monitoring off
     bn                  adapter `bn` (test-time BatchNorm statistics)
     memory              the error memory, exact (`error_memory.kind = "exact"`, other knobs at
@@ -280,7 +281,7 @@ _OFF = {"drift": {"enabled": False}}
 CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("source", {"adapter": {"name": "none"}, "error_memory": {"kind": "off"},
                       "supervised": {"enabled": False}, "output_corrector": {"enabled": False},
-                      **_OFF}),
+                      "mixture": {"enabled": False}, **_OFF}),
     Config("defaults"),
     Config("defaults-nodrift", _OFF),
     # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
@@ -297,15 +298,15 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("bn+mem+sup-nodrift", _BN_MEM_SUP | _OFF),
     # its stages as candidates of the online mixture: the source, bn with the supervised step,
     # and the error memory's compensation of it
-    Config("bn+mem+sup+mix", _BN_MEM_SUP | {"mixture": {"enabled": True}}),
+    Config("bn+mem+sup+mix", _BN_MEM_SUP | {"mixture": {"enabled": True, "learner": "off"}}),
     # the mixture's middle candidate alone: bn with the supervised step
     Config("bn+sup", {"adapter": {"name": "bn"}, "supervised": {"enabled": True}}),
     Config("mem+sup", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True}}),
     # the source and the error memory's compensation of the supervised model, mixed
     Config("mem+sup+mix", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True},
-                           "mixture": {"enabled": True}}),
-    # the defaults with the mixture on: the model as served and the label that arrived last
-    Config("mix", {"mixture": {"enabled": True}}),
+                           "mixture": {"enabled": True, "learner": "off"}}),
+    # the mixture of the model as served and (a regressor's) the label that arrived last
+    Config("mix", {"mixture": {"enabled": True, "learner": "off"}}),
     # the same with River's online learner as one more candidate (on the model's inputs)
     Config("mix+hat", {"mixture": {"enabled": True, "learner": "hat"}}),
     Config("mix+arf", {"mixture": {"enabled": True, "learner": "arf"}}),
@@ -333,7 +334,9 @@ def service_defaults() -> dict[str, Any]:
     return {"adapter": adapter, "norm": s.adapter.norm,
             "error_memory": s.error_memory.kind, "supervised": s.supervised.enabled,
             "supervised.train": s.supervised.train, "output_corrector": s.output_corrector.enabled,
-            "drift": s.drift.enabled, "shadow": s.shadow.enabled}
+            "drift": s.drift.enabled, "shadow": s.shadow.enabled,
+            # auto: on, with River's Hoeffding adaptive tree, for these tabular models
+            "mixture": s.mixture.enabled, "mixture.learner": s.mixture.learner}
 
 
 # --- runs ---------------------------------------------------------------------------------------

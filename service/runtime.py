@@ -58,7 +58,7 @@ from service.reference import (
     source_features,
     source_predictions,
 )
-from service.settings import Settings
+from service.settings import TABULAR_FEATURES, Settings
 from service.state_sync import StateSync
 from store import MemoryStore, Store, StoreUnavailable, open_store
 
@@ -369,10 +369,12 @@ def resolve_auto(settings: Settings, model: LoadedModel) -> Settings:
     wrong), `none` otherwise (a tabular MLP's BatchNorm1d: on 10 of B6's 14 streams test-time
     statistics served worse than the model as trained). Stacked memories stay ('auto+adanpc').
     `error_memory.kind = "auto"` stays (an exact memory that waits for its first label) where
-    the model has features to key it by, and becomes "off" where it has no nn.Linear."""
+    the model has features to key it by, and becomes "off" where it has no nn.Linear. The
+    mixture's `auto` settings are made concrete by `_resolve_mixture`."""
     if settings.error_memory.kind == "auto" and feature_width(model) is None:
         settings = settings.model_copy(update={"error_memory": settings.error_memory.model_copy(
             update={"kind": "off"})})
+    settings = _resolve_mixture(settings, model)
     first, *rest = settings.adapter.name.split("+")
     if first != "auto":
         return settings
@@ -382,6 +384,32 @@ def resolve_auto(settings: Settings, model: LoadedModel) -> Settings:
              if spatial else "no BatchNorm layer normalises over positions")
     return settings.model_copy(update={"adapter": settings.adapter.model_copy(
         update={"name": name})})
+
+
+def tabular(model: LoadedModel) -> bool:
+    """Whether each sample is one vector of at most `TABULAR_FEATURES` numbers."""
+    return len(model.input_shape) == 1 and model.input_shape[0] <= TABULAR_FEATURES
+
+
+def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
+    """`mixture.learner = "auto"`: River's Hoeffding adaptive tree for a tabular model it can
+    learn (a classifier, or a regressor of one value), else off; `mixture.enabled = "auto"`:
+    on where that learner is a candidate. B6 measured the pair ahead of River's Hoeffding tree
+    on 13 of 14 streams with labels at once and ahead or level on 12 of 14 with labels 100 late
+    (BENCHMARKS.md), where the model alone was behind it on 8 of 14; ARF was further ahead on
+    most streams and costs three times as much a sample, so it is the recipe, not the default."""
+    m = settings.mixture
+    learner = m.learner
+    if learner == "auto":  # a candidate of the mixture: off where the mixture is said off
+        learnable = (model.num_classes or 0) >= 2 if model.task.discrete else model.width == 1
+        learner = "hat" if tabular(model) and learnable and m.enabled is not False else "off"
+    enabled = m.enabled if m.enabled != "auto" else learner != "off"
+    if (learner, enabled) != (m.learner, m.enabled):
+        log.info("mixture: %s, learner %s (%s)", "on" if enabled else "off", learner,
+                 f"a tabular model: one vector of {model.input_shape[0]} numbers a sample"
+                 if tabular(model) else "not a tabular model")
+    return settings.model_copy(update={"mixture": m.model_copy(
+        update={"learner": learner, "enabled": enabled})})
 
 
 def torch_threads(settings: Settings) -> int:

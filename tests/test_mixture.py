@@ -61,7 +61,7 @@ def test_served_with_the_mixture_the_labels_outvote_an_adapter_gone_wrong(mixed)
                 "adapter": {"name": "tent", "learning_rate": 1.0, "max_learning_rate": 1.0,
                             "adapt_batch_size": 32, "collapse_min_ratio": 0},
                 "shadow": {"window": 5000, "min_labels": 5000}, "error_memory": {"kind": "off"},
-                "mixture": {"enabled": mixed, "eta": 0.5}}
+                "mixture": {"enabled": mixed, "eta": 0.5, "learner": "off"}}
 
     async def scenario():
         async with serving(**settings) as (client, app):
@@ -119,7 +119,7 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
     y = np.repeat(np.random.default_rng(1).integers(0, 2, size=32), 64)
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
                 "error_memory": {"kind": "off"},
-                "mixture": {"enabled": True, "newest_label": "on"}}
+                "mixture": {"enabled": True, "newest_label": "on", "learner": "off"}}
 
     served, state, _ = labels_back_after_each_request(settings, x, y)
     weights = state["learning"]["mixture"]["weights"]
@@ -147,7 +147,7 @@ def test_the_newest_label_is_a_candidate_for_a_regressor_unless_said(task, newes
     settings = load_settings(None, model={"task": task, "num_classes": None
                                           if task == "regression" else 10},
                              error_memory={"kind": "exact"}, adapter={"name": "none"},
-                             mixture={"enabled": True, "newest_label": newest})
+                             mixture={"enabled": True, "newest_label": newest, "learner": "off"})
     assert mixture_candidates(settings, shadow=True) == expected
 
 
@@ -195,12 +195,59 @@ def test_the_learner_is_refused_for_several_values_and_said_idle_without_the_mix
     with pytest.raises(ValueError, match="predict one value"), built_engine(load_settings(
             None, model=forecaster, mixture={"enabled": True, "learner": "hat"})):
         pass
-    with built_engine(load_settings(None, model=BINARY, mixture={"learner": "hat"})) as engine:
+    with built_engine(load_settings(None, model=BINARY,
+                                    mixture={"enabled": False, "learner": "hat"})) as engine:
         assert engine.online is None
         assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
     settings = load_settings(None, model=BINARY, adapter={"name": "none"},
                              mixture={"enabled": True, "learner": "arf"})
     assert mixture_candidates(settings, shadow=False) == ["learner", "adapted"]
+
+
+@pytest.mark.parametrize(("model", "learner"), [
+    (BINARY, "hat"),  # a tabular classifier
+    ({"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+      "input_shape": [3]}, "hat"),  # a tabular regressor of one value
+    ({"factory": "tests.models:forecaster", "name": "fc", "task": "regression",
+      "input_shape": [3]}, "off"),  # River's regressors are single-target
+    ({}, "off"),  # the demo: images, not rows
+])
+def test_auto_serves_a_tabular_model_with_a_hoeffding_adaptive_tree_in_the_mixture(model,
+                                                                                   learner):
+    from service.settings import load_settings
+
+    with built_engine(load_settings(None, model=model)) as engine:
+        learning = engine.describe_learning()
+        assert engine.settings.mixture.learner == learner
+        assert engine.settings.mixture.enabled is (learner != "off")
+        assert (engine.online is not None) is (learner != "off")
+        assert ("mixture" in learning) is (learner != "off")
+        if learner != "off":
+            assert learning["learner"]["kind"] == "hat"
+            assert "learner" in learning["mixture"]["weights"]
+        assert not any("mixture" in w for w in engine.warnings)
+    # an explicit choice stands, and the mixture said off takes its learner with it, unsaid
+    with built_engine(load_settings(None, model=BINARY, mixture={"learner": "arf"})) as engine:
+        assert engine.online is not None and engine.online.kind == "arf"
+    with built_engine(load_settings(None, model=BINARY, mixture={"enabled": False})) as engine:
+        assert engine.mixture is None and engine.online is None
+        assert not any("mixture" in w for w in engine.warnings)
+
+
+def test_auto_leaves_rows_of_more_than_tabular_features_to_the_model():
+    from service.runtime import resolve_auto
+    from service.settings import TABULAR_FEATURES, load_settings
+
+    class Rows:
+        def __init__(self, width: int) -> None:
+            self.input_shape, self.task = (width,), task_named("classification")
+            self.num_classes, self.num_outputs, self.width = 2, 2, 2
+            self.module = torch.nn.Linear(width, 2)
+
+    for width, on in [(TABULAR_FEATURES, True), (TABULAR_FEATURES + 1, False)]:
+        resolved = resolve_auto(load_settings(None, model=BINARY), Rows(width))
+        assert resolved.mixture.enabled is on
+        assert resolved.mixture.learner == ("hat" if on else "off")
 
 
 def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
