@@ -399,15 +399,20 @@ def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
     (BENCHMARKS.md), where the model alone was behind it on 8 of 14; ARF was further ahead on
     most streams and costs three times as much a sample, so it is the recipe, not the default."""
     m = settings.mixture
+    rows = tabular(model)
+    learnable = (model.num_classes or 0) >= 2 if model.task.discrete else model.width == 1
     learner = m.learner
     if learner == "auto":  # a candidate of the mixture: off where the mixture is said off
-        learnable = (model.num_classes or 0) >= 2 if model.task.discrete else model.width == 1
-        learner = "hat" if tabular(model) and learnable and m.enabled is not False else "off"
-    enabled = m.enabled if m.enabled != "auto" else learner != "off"
+        learner = "hat" if rows and learnable and m.enabled is not False else "off"
+    # auto never turns the mixture on for images: a learner named there is said inert
+    enabled = m.enabled if m.enabled != "auto" else rows and learner != "off"
     if (learner, enabled) != (m.learner, m.enabled):
-        log.info("mixture: %s, learner %s (%s)", "on" if enabled else "off", learner,
-                 f"a tabular model: one vector of {model.input_shape[0]} numbers a sample"
-                 if tabular(model) else "not a tabular model")
+        why = (f"not a tabular model (input_shape {list(model.input_shape)}, at most "
+               f"{TABULAR_FEATURES} numbers in one dimension)" if not rows else
+               f"a tabular model of {model.input_shape[0]} features" if learnable else
+               f"a tabular model, but River's regressors predict one value and it predicts "
+               f"{model.width}")
+        log.info("mixture: %s, learner %s (%s)", "on" if enabled else "off", learner, why)
     return settings.model_copy(update={"mixture": m.model_copy(
         update={"learner": learner, "enabled": enabled})})
 
@@ -536,7 +541,8 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
     if settings.mixture.enabled and engine.mixture is None:
         names = mixture_candidates(settings, engine.source is not None)
         said.append(f"mixture.enabled has {len(names)} candidate(s) ({', '.join(names) or 'none'})"
-                    ": it needs two of the newest label (mixture.newest_label), the source "
+                    ": it needs two of the newest label (mixture.newest_label), River's "
+                    "learner (mixture.learner, for a tabular model), the source "
                     "(shadow.enabled), an adapter other than none or the supervised step, and a "
                     "memory or the output corrector")
     if settings.adapter.norm == "balanced":

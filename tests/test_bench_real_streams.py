@@ -19,6 +19,28 @@ def test_the_no_change_baseline_predicts_the_newest_label_back_when_the_request_
     assert no_change(y_train, y, delay=10, request=1).tolist() == [9] * 10
 
 
+def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_learner():
+    from bench.real_streams import TabularMLP, factory_name
+    from service.model import load_model
+    from service.runtime import resolve_auto
+    from service.settings import load_settings
+
+    data = load_stream("phishing", max_rows=100, train_share=0.2)
+    model = {"factory": factory_name(data.x.shape[1], data.outputs), "task": data.task,
+             "input_shape": [data.x.shape[1]], "name": "phishing-mlp", "num_classes": 2}
+    loaded = load_model(load_settings(None, model=model).model)
+    assert isinstance(loaded.module, TabularMLP)
+    learners = {}
+    for name, config in CONFIGS.items():
+        settings = resolve_auto(load_settings(None, model=model, **config.settings(data)), loaded)
+        learners[name] = (settings.mixture.enabled, settings.mixture.learner)
+    assert learners.pop("defaults") == learners.pop("defaults-nodrift") == (True, "hat")
+    assert learners.pop("mix+hat") == (True, "hat") and learners.pop("mix+arf") == (True, "arf")
+    for name in ("mix", "mem+sup+mix", "bn+mem+sup+mix"):
+        assert learners.pop(name) == (True, "off")
+    assert set(learners.values()) == {(False, "off")}  # every other column measures its parts
+
+
 def test_a_real_stream_keeps_its_order_and_trains_on_its_first_slice():
     data = load_stream("phishing", max_rows=400, train_share=0.2)
     assert (len(data.x_train), len(data.x), data.classes) == (80, 320, 2)

@@ -232,6 +232,10 @@ def test_auto_serves_a_tabular_model_with_a_hoeffding_adaptive_tree_in_the_mixtu
     with built_engine(load_settings(None, model=BINARY, mixture={"enabled": False})) as engine:
         assert engine.mixture is None and engine.online is None
         assert not any("mixture" in w for w in engine.warnings)
+    # a learner named for images: auto leaves the mixture off and says the learner is idle
+    with built_engine(load_settings(None, mixture={"learner": "hat"})) as engine:
+        assert engine.mixture is None and engine.online is None
+        assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
 
 
 def test_auto_leaves_rows_of_more_than_tabular_features_to_the_model():
