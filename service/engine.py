@@ -86,6 +86,9 @@ LEARNER = "learner"
 CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
                     "compensated": "candidate.compensated",
                     NEWEST_LABEL: "candidate.newest_label", LEARNER: "candidate.learner"}
+# kept instead of the learner's candidate while it slept (one 1 a row): the join makes the
+# guess it would have made (`Engine.guess_asleep`)
+LEARNER_ASLEEP = "learner_asleep"
 
 
 class NonFiniteOutputs(ValueError):
@@ -185,7 +188,8 @@ class LabelledBatch:
     source_errors: np.ndarray | None = None
     epochs: np.ndarray | None = None
     # the mixture's candidates' outputs, by candidate name, and their labels (the records that
-    # kept every candidate)
+    # kept every candidate; River's learner's guesses for records served while it slept made
+    # at the join, `Engine.guess_asleep`)
     candidates: dict[str, np.ndarray] | None = None
     candidate_labels: np.ndarray | None = None
 
@@ -296,6 +300,12 @@ class Engine:
         # kept through resets (the mixture's weights judge it, not the guards)
         self.online = online if mixture is not None and LEARNER in mixture.names else None
         self.online_failures = 0
+        # asleep (no guesses: a deployment whose labels never come pays nothing for it) until
+        # this replica joins its first label; it then keeps a copy of itself as it was, which
+        # makes, for records served meanwhile, exactly the guesses it would have made (it
+        # learnt nothing while asleep), so the mixture judges it on every label
+        self._online_asleep = self.online is not None
+        self._online_dream: OnlineLearner | None = None
         self.recent = recent
         # the class-run filter: the last stage, over what every other stage served
         self.runs = runs
@@ -347,7 +357,8 @@ class Engine:
         if self.mixture is not None:
             parts["mixture"] = self.mixture.describe()
         if self.online is not None:
-            parts["learner"] = {**self.online.describe(), "failures": self.online_failures}
+            parts["learner"] = {**self.online.describe(), "failures": self.online_failures,
+                                "asleep": self._online_asleep}
         parts["drift"] = self.drift is not None
         if self.runs is not None:
             parts["runs"] = self.runs.describe()
@@ -441,7 +452,7 @@ class Engine:
             arrays[EPOCH] = np.full(count, epoch, dtype=np.float32)
         if self.supervised is not None or self.online is not None:
             arrays[INPUTS] = x.reshape(count, -1).numpy()
-        if self.online is not None:
+        if self.online is not None and not self._online_asleep:
             candidates[LEARNER] = self._online_predict(arrays[INPUTS])
         if self.adanpc is not None and features is not None:
             # AdaNPC: the model's softmax moved towards the memory's vote by the vote's own
@@ -466,7 +477,10 @@ class Engine:
         mixed = self._mixed(candidates)
         if self.mixture is not None and mixed is not None:  # the source's may not be finite
             for name, values in mixed.items():
-                arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
+                if name == LEARNER and self._online_asleep:  # its guess is made at the join
+                    arrays[LEARNER_ASLEEP] = np.ones((count, 1), dtype=np.float32)
+                else:
+                    arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
             outputs = self.mixture.combine(mixed)
         if self.runs is not None:
             if source is not None and self.mixture is None:
@@ -626,12 +640,44 @@ class Engine:
         if self.mixture is not None and NEWEST_LABEL in self.mixture.names and len(batch.labels):
             newest = torch.from_numpy(batch.labels[-1:])
             self._newest_label = self.task.targets(newest, self.model.width).float()
+        if len(batch.labels):
+            self._wake_online()
         if (self.mixture is not None and batch.candidates is not None
                 and batch.candidate_labels is not None):
-            self.mixture.learn(self.mixture.losses(self.task, batch.candidates,
-                                                   batch.candidate_labels))
+            # a candidate row that is not finite (a guess never made) would make every weight
+            # NaN, or (argmax) a classifier's guess of class 0: such rows teach nothing
+            finite = np.all([np.isfinite(v.reshape(len(v), -1)).all(axis=1)
+                             for v in batch.candidates.values()], axis=0)
+            labels = batch.candidate_labels
+            self.mixture.learn(self.mixture.losses(
+                self.task, {n: v[finite] for n, v in batch.candidates.items()}, labels[finite]))
             for name, weight in zip(self.mixture.names, self.mixture.weights, strict=True):
                 self.metrics.mixture_weight.labels(name).set(weight)
+
+    def _wake_online(self) -> None:
+        """River's learner wakes at this replica's first joined label, before it learns any, and
+        keeps a copy of itself as it slept (`_online_dream`)."""
+        if self.online is not None and self._online_asleep:
+            self._online_dream = copy.deepcopy(self.online)
+            self._online_asleep = False
+
+    def guess_asleep(self, inputs: np.ndarray) -> np.ndarray | None:
+        """Engine thread only. The learner's guesses for records served while it slept (on this
+        replica or another with it), made by its copy as it slept: what it would have guessed
+        then (it learnt nothing meanwhile). None where that copy guesses nothing (nothing learnt,
+        or River failed): the row then repeats the last stage, as a batch served without a
+        guess does, and moves no weight. Wakes it first, before it learns any label:
+        `FeedbackService` asks before the labels are learnt, in slices, so predictions run
+        between."""
+        self._wake_online()
+        if self._online_dream is None:
+            return None
+        try:
+            guesses = self._online_dream.predict(inputs)
+        except Exception as error:  # any: River's code; the labels still teach the rest
+            self._online_failed("predict", error)
+            return None
+        return None if guesses is None else guesses.numpy()
 
     def _online_predict(self, inputs: np.ndarray) -> torch.Tensor | None:
         """River's learner's predictions, or None (the mixture then repeats the last stage) before
@@ -648,6 +694,8 @@ class Engine:
         `FeedbackService` submits them in slices so predictions run between)."""
         if self.online is None:
             return
+        if len(labels):
+            self._wake_online()
         try:
             self.online.learn(inputs, labels)
         except Exception as error:  # any: the labels are joined and taught to everything else

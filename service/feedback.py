@@ -19,6 +19,8 @@ from service.engine import (
     CANDIDATE_ARRAYS,
     EPOCH,
     INPUTS,
+    LEARNER,
+    LEARNER_ASLEEP,
     SOURCE_OUTPUTS,
     Engine,
     LabelledBatch,
@@ -263,19 +265,43 @@ class FeedbackService:
             batch.source_errors = self.task.output_errors(
                 np.stack([r.arrays[SOURCE_OUTPUTS] for r in shadowed]), labels)
             batch.epochs = np.array([r.arrays[EPOCH][0] for r in shadowed])
-        if mixture is not None:  # learnt from the records that kept every candidate
-            arrays = {name: CANDIDATE_ARRAYS[name] for name in mixture.names}
-            mixed = [r for r in records if all(a in r.arrays for a in arrays.values())]
-            if mixed:
-                batch.candidates = {name: np.stack([r.arrays[a] for r in mixed])
-                                    for name, a in arrays.items()}
-                batch.candidate_labels = self.task.record_labels(mixed)
+        if mixture is not None:
+            await self._candidates(batch, records, mixture.names)
         await self.sync.run(self.engine.learn, batch)
         await self._learn_online(records)
 
+    async def _candidates(self, batch: LabelledBatch, records: list[PredictionRecord],
+                          names: list[str]) -> None:
+        """What the mixture learns from: the records that kept every candidate. River's
+        learner's guesses for the records served while it slept (`LEARNER_ASLEEP`, with their
+        inputs) are made now by the engine, before the labels are learnt (`Engine.guess_asleep`),
+        in slices of `ONLINE_SLICE` so predictions run between."""
+        arrays = {name: CANDIDATE_ARRAYS[name] for name in names}
+        learner = arrays.get(LEARNER)
+        others = [a for a in arrays.values() if a != learner]
+        mixed = [r for r in records if all(a in r.arrays for a in others) and (
+            learner is None or learner in r.arrays
+            or (LEARNER_ASLEEP in r.arrays and INPUTS in r.arrays))]
+        if not mixed:
+            return
+        missing = np.full(self.engine.model.width, np.nan, dtype=np.float32)  # a guess not made
+        candidates = {name: [r.arrays.get(a, missing) for r in mixed]
+                      for name, a in arrays.items()}
+        if learner is not None:
+            asleep = [i for i, r in enumerate(mixed) if learner not in r.arrays]
+            last = candidates[names[-1]]
+            for start in range(0, len(asleep), ONLINE_SLICE):
+                part = asleep[start:start + ONLINE_SLICE]
+                guesses = await self.engine.run(self.engine.guess_asleep,
+                                                np.stack([mixed[i].arrays[INPUTS] for i in part]))
+                for row, i in enumerate(part):  # none made: the last stage's, as when served
+                    candidates[LEARNER][i] = last[i] if guesses is None else guesses[row]
+        batch.candidates = {name: np.stack(rows) for name, rows in candidates.items()}
+        batch.candidate_labels = self.task.record_labels(mixed)
+
     async def _learn_online(self, records: list[PredictionRecord]) -> None:
         """River's learner (`mixture.learner`) learns the labels of the records that kept their
-        inputs (not those predicted before it was on, or by a replica without it), in slices of
+        inputs (for it or for the supervised step, on any replica), in slices of
         `ONLINE_SLICE` so that predictions submitted meanwhile run between them: its learning is
         Python, about a millisecond a label for ARF."""
         if self.engine.online is None:

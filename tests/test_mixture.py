@@ -166,7 +166,8 @@ def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_lea
     assert (model[half:] != y[half:]).mean() > 0.25
     assert (served[half:] != y[half:]).mean() < 0.1
     learning = state["learning"]
-    assert learning["learner"] == {"kind": kind, "learnt": len(y), "failures": 0}
+    assert learning["learner"] == {"kind": kind, "learnt": len(y), "failures": 0,
+                                   "asleep": False}
     assert set(learning["mixture"]["weights"]) == {"learner", "adapted"}
     assert learning["mixture"]["weights"]["learner"] > 0.9
     assert weight == pytest.approx(learning["mixture"]["weights"]["learner"])
@@ -274,6 +275,69 @@ def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
         assert (guessed.argmax(1).numpy() == (probe[:, 0] > 0)).mean() > 0.9
 
 
+def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_would_have_guessed(
+        tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from adapters.labels.online_learner import OnlineLearner
+    from service.engine import CANDIDATE_ARRAYS, LEARNER, LEARNER_ASLEEP
+
+    # the reference data's labels follow the first feature, the stream's the second: what the
+    # learner guesses changes as it learns the stream
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(300, 4)).astype(np.float32)
+    path = tmp_path / "reference.safetensors"
+    save_file({"inputs": torch.from_numpy(reference),
+               "labels": torch.from_numpy((reference[:, 0] > 0).astype(np.int64))}, str(path))
+    x = rng.normal(size=(528, 4)).astype(np.float32)
+    y = (x[:, 1] > 0).astype(int)
+    settings = {"model": {**BINARY, "reference_data": str(path)}, "batcher": {"max_wait_ms": 0},
+                "adapter": {"name": "none"}, "error_memory": {"kind": "off"},
+                "mixture": {"enabled": True, "learner": "ht"}}
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            engine = app.state.runtime.engine
+            slept = engine.online.predict(x[:512]).numpy()  # its guesses as it sleeps
+            asleep = engine.describe_learning()["learner"]["asleep"]
+            guessed = []  # (by the learner itself, rows), for every guess
+            original = OnlineLearner.predict
+
+            def counted(learner, inputs):
+                guessed.append((learner is engine.online, len(inputs)))
+                return original(learner, inputs)
+            monkeypatch.setattr(OnlineLearner, "predict", counted)
+            for start in range(0, 512, 16):  # served asleep: no guess made, none kept
+                await client.post("/v1/predict", json={
+                    "inputs": x[start:start + 16].tolist(),
+                    "ids": [f"s{i}" for i in range(start, start + 16)]})
+            before = list(guessed)
+            kept = app.state.runtime.store.raw.get_prediction("s0").arrays
+            seen = []
+            learn = engine.mixture.learn
+            engine.mixture.learn = lambda losses: (seen.append(losses), learn(losses))
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": f"s{i}", "label": int(y[i])} for i in range(448)]})
+            awake = original(engine.online, x[448:512]).numpy()  # after 448 stream labels
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": f"s{i}", "label": int(y[i])} for i in range(448, 512)]})
+            after = engine.describe_learning()
+            await client.post("/v1/predict", json={"inputs": x[512:].tolist()})
+            return slept, asleep, before, kept, seen, awake, after, guessed
+
+    slept, asleep, before, kept, seen, awake, after, guessed = asyncio.run(scenario())
+    assert asleep is True and before == []  # no guesses and no cost before any label
+    assert CANDIDATE_ARRAYS[LEARNER] not in kept and LEARNER_ASLEEP in kept and "inputs" in kept
+    # each record served asleep is judged on the guess it would have had, also after the
+    # learner learnt: by then it guesses otherwise on some of them
+    assert (awake.argmax(1) != slept[448:].argmax(1)).any()
+    wrong = (slept.argmax(1) != y[:512]).astype(float)
+    np.testing.assert_array_equal(np.concatenate(seen)[:, 0], wrong)  # the learner is first
+    assert after["learner"]["asleep"] is False and after["mixture"]["labels"] == 512
+    # the copy as it slept guessed at the joins, in slices; awake, it guesses every batch
+    assert guessed == [(False, 256), (False, 192), (False, 64), (True, 16)]
+
+
 def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goes_wrong():
     from dataclasses import replace
 
@@ -322,6 +386,6 @@ def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goe
     assert reset.status_code == 200
     learner = state["learning"]["learner"]
     assert learner["learnt"] == 16 and learner["failures"] == 2  # kept through the reset
-    # the records still kept every candidate (the learner's place taken by the model's), so
-    # the mixture learnt from all 33 labels
-    assert state["learning"]["mixture"]["labels"] == 33
+    # every record kept its inputs but the bare one, which kept no guess of the learner's either
+    # (served while it slept): the mixture learnt from the other 32 labels
+    assert state["learning"]["mixture"]["labels"] == 32

@@ -4,9 +4,10 @@ The model served was trained once; where the concept it learnt moves (B2's strea
 tabular data), an online learner that starts from nothing and follows the labels can overtake
 it, and on B6 River's learners beat every configuration of adaptd on some streams (ARF on
 phishing and sine). This wraps one of River's incremental learners as a candidate of
-`adapters.mixture.FixedShareMixture`: it predicts every sample from the model's inputs (the
-rows as served, flattened: a tree splits on the raw values, which a per-feature scaling does
-not change), learns each joined label's inputs, and the mixture weighs it against the model on
+`adapters.mixture.FixedShareMixture`: once the engine has woken it (at the first label, see
+below) it predicts every sample from the model's inputs (the rows as served, flattened: a tree
+splits on the raw values, which a per-feature scaling does not change), learns each joined
+label's inputs, and the mixture weighs it against the model on
 the same labels, so what is served follows whichever is better lately and is never much worse
 than the model (the mixture's tracking bound).
 
@@ -26,7 +27,9 @@ start). Its state is River's Python objects, not tensors: checkpoints carry no R
 are safetensors, never pickles), so after a restart it learns again from the labelled reference
 data and the next labels, and each replica learns from the labels it joins. Until it has learnt
 a label it predicts nothing and the engine serves the last stage in its place, so its weight
-does not move.
+does not move. The engine also keeps it asleep, asking it nothing, until the replica joins its
+first label, and then judges the records served meanwhile by the guesses of a copy kept as it
+slept (`Engine._guess_asleep`): exactly those it would have made.
 """
 
 from __future__ import annotations
