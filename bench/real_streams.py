@@ -416,7 +416,8 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
 
 def _river_learners(task: str) -> dict[str, Callable[[], Any]]:
     """River's three learners, as the service's `mixture.learner` builds them (River's defaults,
-    seeded)."""
+    seeded, and the service's memory bound, which no B6 stream is long enough to reach: it is
+    checked every 10,000 labels)."""
     from adapters.labels.online_learner import river_model
 
     regression = task != "classification"
@@ -664,6 +665,45 @@ def report(results: list[Result]) -> str:
     return "\n\n".join(parts)
 
 
+def learner_growth(stream: str, kind: str, samples: int, chunk: int = 10_000) -> list[dict]:
+    """River's learner as `mixture.learner` builds it, fed one of B2's streams `samples` long (the
+    drift halfway): after each `chunk` of labels, its size and what a label and a guess cost, so
+    an operator can see what a replica holds after a long run."""
+    from adapters.labels.online_learner import OnlineLearner
+
+    half = samples // 2
+    data = load_stream(stream, synthetic={"train": chunk, "before": half, "after": samples - half})
+    regression = data.task != "classification"
+    learner = OnlineLearner(kind, regression, 1 if regression else int(data.classes or 2))
+    rows = []
+    for start in range(0, len(data.x), chunk):
+        x, y = data.x[start:start + chunk], data.y[start:start + chunk]
+        began = time.perf_counter()
+        learner.learn(x, y)
+        learn = (time.perf_counter() - began) / len(x)
+        began = time.perf_counter()
+        learner.predict(x[:1000])
+        guess = (time.perf_counter() - began) / len(x[:1000])
+        model = learner.model
+        rows.append({"stream": stream, "kind": kind, "labels": learner.learnt,
+                     "nodes": getattr(model, "n_nodes", None),
+                     "megabytes": model._raw_memory_usage / 1e6
+                     if hasattr(model, "_raw_memory_usage") else None,
+                     "learn_ms": 1000 * learn, "guess_ms": 1000 * guess})
+    return rows
+
+
+def growth_table(rows: list[dict]) -> str:
+    lines = ["| stream | learner | labels learnt | nodes | memory, MB (River's estimate) | "
+             "ms a label | ms a guess |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        nodes = "" if r["nodes"] is None else f"{r['nodes']:,}"
+        memory = "" if r["megabytes"] is None else f"{r['megabytes']:.1f}"
+        lines.append(f"| {r['stream']} | {r['kind']} | {r['labels']:,} | {nodes} | {memory} | "
+                     f"{r['learn_ms']:.3f} | {r['guess_ms']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", default=",".join(STREAM_NAMES))
@@ -682,7 +722,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--report", type=Path, nargs="+",
                         help="print the tables of --json files together; no run")
+    parser.add_argument("--growth", type=int, metavar="SAMPLES",
+                        help="instead: River's learner alone (--growth-learners) on --streams "
+                             "(B2's) this long, its size and cost every 10,000 labels")
+    parser.add_argument("--growth-learners", default="hat",
+                        help="kinds of mixture.learner for --growth: ht, hat, arf")
     args = parser.parse_args()
+    if args.growth:
+        rows = [row for stream in args.streams.split(",")
+                for kind in args.growth_learners.split(",")
+                for row in learner_growth(stream, kind, args.growth)]
+        print(growth_table(rows))
+        return
     if args.report:
         saved = [json.loads(path.read_text()) for path in args.report]
         print("\n\n".join(part["header"] for part in saved) + "\n")

@@ -95,3 +95,12 @@ def test_the_report_prints_each_learners_accuracy_in_percent(tiny_phishing):
     assert "| stream | source | memory | HT | no-change |" in table
     source = results[0]
     assert f"| phishing | {100 * source.score:.1f} ({100 * source.last_half:.1f}) |" in table
+
+
+def test_the_growth_table_follows_the_learner_label_by_label():
+    from bench.real_streams import growth_table, learner_growth
+
+    rows = learner_growth("sea", "ht", 2_000, chunk=1_000)
+    assert [r["labels"] for r in rows] == [1_000, 2_000]
+    assert all(r["nodes"] >= 1 and r["megabytes"] > 0 and r["learn_ms"] > 0 for r in rows)
+    assert growth_table(rows).count("| sea | ht |") == 2

@@ -389,3 +389,17 @@ def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goe
     # every record kept its inputs but the bare one, which kept no guess of the learner's either
     # (served while it slept): the mixture learnt from the other 32 labels
     assert state["learning"]["mixture"]["labels"] == 32
+
+
+@pytest.mark.parametrize("kind", ["ht", "hat", "arf"])
+@pytest.mark.parametrize("regression", [False, True])
+def test_every_river_learner_is_built_with_the_memory_bound(kind, regression):
+    # River's own defaults let ARF's regressor grow without bound in a long run (B6's
+    # `--growth`: 365 MB and 9.5 ms a label after 100,000 labels); the bound is checked every
+    # MEMORY_CHECK_LABELS labels, beyond any test's stream, so its parameters are what is checked
+    from adapters.labels.online_learner import MEMORY_CHECK_LABELS, MEMORY_MIB, river_model
+
+    model = river_model(kind, regression, seed=42)
+    trees = model.n_models if kind == "arf" else 1
+    assert model.max_size * trees == pytest.approx(MEMORY_MIB)
+    assert model.memory_estimate_period == MEMORY_CHECK_LABELS

@@ -40,19 +40,39 @@ import numpy as np
 import torch
 
 KINDS = ("ht", "hat", "arf")
+# what a learner's trees may hold together, in MiB (River's estimate), checked every
+# MEMORY_CHECK_LABELS labels: beyond it a tree stops growing its least promising leaves. River's
+# defaults (100 or 500 MiB a tree, checked every 1 or 2 million labels) let ARF's regressor grow
+# without bound in a long run: 365 MB and 9.5 ms a label after 100,000 labels of B2's
+# friedman-gra (BENCHMARKS.md B6, "The learner over a long run"); bounded, 64 to 76 MB (its
+# background trees and detectors on top of the trees) and under 1 ms
+MEMORY_MIB = 50.0
+MEMORY_CHECK_LABELS = 10_000
 
 
 def river_model(kind: str, regression: bool, seed: int) -> Any:
-    """A fresh River learner of `kind` (`KINDS`) for a regressor or a classifier."""
+    """A fresh River learner of `kind` (`KINDS`) for a regressor or a classifier, River's defaults
+    but its memory bound (`MEMORY_MIB`, shared by ARF's trees)."""
     from river import forest, tree
 
+    size, period = MEMORY_MIB, MEMORY_CHECK_LABELS
     if kind == "ht":
-        return tree.HoeffdingTreeRegressor() if regression else tree.HoeffdingTreeClassifier()
+        return (tree.HoeffdingTreeRegressor(max_size=size, memory_estimate_period=period)
+                if regression else
+                tree.HoeffdingTreeClassifier(max_size=size, memory_estimate_period=period))
     if kind == "hat":
-        return (tree.HoeffdingAdaptiveTreeRegressor(seed=seed) if regression
-                else tree.HoeffdingAdaptiveTreeClassifier(seed=seed))
+        return (tree.HoeffdingAdaptiveTreeRegressor(seed=seed, max_size=size,
+                                                    memory_estimate_period=period)
+                if regression else
+                tree.HoeffdingAdaptiveTreeClassifier(seed=seed, max_size=size,
+                                                     memory_estimate_period=period))
     if kind == "arf":
-        return forest.ARFRegressor(seed=seed) if regression else forest.ARFClassifier(seed=seed)
+        models = 10  # River's default; the trees share the bound
+        return (forest.ARFRegressor(n_models=models, seed=seed, max_size=size / models,
+                                    memory_estimate_period=period)
+                if regression else
+                forest.ARFClassifier(n_models=models, seed=seed, max_size=size / models,
+                                     memory_estimate_period=period))
     raise ValueError(f"mixture.learner is one of {', '.join(KINDS)} or off; got {kind!r}")
 
 
