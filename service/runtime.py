@@ -407,8 +407,8 @@ def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
     # auto never turns the mixture on for images: a learner named there is said inert
     enabled = m.enabled if m.enabled != "auto" else rows and learner != "off"
     if (learner, enabled) != (m.learner, m.enabled):
-        why = (f"not a tabular model (input_shape {list(model.input_shape)}, at most "
-               f"{TABULAR_FEATURES} numbers in one dimension)" if not rows else
+        why = (f"not a tabular model: input_shape {list(model.input_shape)}, where a tabular "
+               f"one is one dimension of at most {TABULAR_FEATURES}" if not rows else
                f"a tabular model of {model.input_shape[0]} features" if learnable else
                f"a tabular model, but River's regressors predict one value and it predicts "
                f"{model.width}")
