@@ -275,8 +275,11 @@ def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
         assert (guessed.argmax(1).numpy() == (probe[:, 0] > 0)).mean() > 0.9
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_would_have_guessed(
-        tmp_path, monkeypatch):
+        backend, tmp_path, monkeypatch, request):
+    import uuid
+
     from safetensors.torch import save_file
 
     from adapters.labels.online_learner import OnlineLearner
@@ -291,8 +294,12 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
                "labels": torch.from_numpy((reference[:, 0] > 0).astype(np.int64))}, str(path))
     x = rng.normal(size=(528, 4)).astype(np.float32)
     y = (x[:, 1] > 0).astype(int)
+    store = {"url": "memory"}
+    if backend == "redis":  # the marker and the inputs go through Redis's records as well
+        store = {"url": request.getfixturevalue("redis_server").url,
+                 "namespace": f"sleep-{uuid.uuid4().hex}"}
     settings = {"model": {**BINARY, "reference_data": str(path)}, "batcher": {"max_wait_ms": 0},
-                "adapter": {"name": "none"}, "error_memory": {"kind": "off"},
+                "adapter": {"name": "none"}, "error_memory": {"kind": "off"}, "store": store,
                 "mixture": {"enabled": True, "learner": "ht"}}
 
     async def scenario():
