@@ -39,7 +39,7 @@ from pydantic_settings import (
 from adapters.task import task_named
 
 DEMO_FACTORY = "service.demo:digits_cnn"
-# a tabular model's most features, for `mixture.enabled` and `mixture.learner` = auto: a
+# a tabular model's most features, for `mixture.enabled = "auto"` and `mixture.learner`: a
 # Hoeffding adaptive tree costs about 0.35 ms a sample at 100 (learnt and predicted), 0.05 at 6
 TABULAR_FEATURES = 100
 
@@ -402,9 +402,10 @@ class MixtureSettings(Section):
     labels, served instead of the last stage alone; needs at least two of them."""
 
     enabled: bool | Literal["auto"] = Field(
-        "auto", description="auto: on for a tabular model (each sample one vector of at most "
+        False, description="auto: on for a tabular model (each sample one vector of at most "
         f"{TABULAR_FEATURES} numbers) where River's learner is a candidate (mixture.learner), "
-        "off otherwise")
+        "off otherwise; off by default: with classes in runs and labels 100 late it served "
+        "bananas 7.7 points worse than the model alone (BENCHMARKS.md B6)")
     eta: PositiveFloat = Field(2.0, description="η, how fast a candidate's weight follows its "
                                "losses (per label)")
     share: float = Field(0.001, ge=0.0, lt=1.0, description="σ, the fixed share every candidate "
@@ -416,7 +417,8 @@ class MixtureSettings(Section):
         "auto", description="a candidate that one of River's learners makes, trained online on "
         "the joined labels and the inputs they were predicted from: ht (HoeffdingTree), hat "
         "(HoeffdingAdaptiveTree), arf (adaptive random forest); for tabular models whose concept "
-        "moves; auto: hat for a tabular model with one output or two or more classes, else off")
+        "moves; auto: hat for a tabular model with one output or two or more classes where the "
+        "mixture is on, else off")
 
 
 class ErrorMemorySettings(Section):
