@@ -393,8 +393,9 @@ def tabular(model: LoadedModel) -> bool:
 
 def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
     """`mixture.learner = "auto"` (the default): River's Hoeffding adaptive tree for a tabular
-    model it can learn (a classifier, or a regressor of one value) where the mixture is not off,
-    else off; `mixture.enabled = "auto"`: on where that learner is a candidate. B6 measured the
+    model it can learn (a classifier, or a regressor of one value) under `mixture.enabled =
+    "auto"`, else off (`enabled = true` mixes the stages alone, as before `auto`);
+    `mixture.enabled = "auto"`: on where that learner is a candidate. B6 measured the
     pair ahead of River's Hoeffding tree on 13 of 14 streams with labels at once and ahead or
     level on 12 of 14 with labels 100 late (BENCHMARKS.md), where the model alone was behind it
     on 8 of 14; but with classes in runs and labels 100 late it served bananas 7.7 points worse
@@ -403,8 +404,8 @@ def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
     rows = tabular(model)
     learnable = (model.num_classes or 0) >= 2 if model.task.discrete else model.width == 1
     learner = m.learner
-    if learner == "auto":  # a candidate of the mixture: off where the mixture is said off
-        learner = "hat" if rows and learnable and m.enabled is not False else "off"
+    if learner == "auto":  # only with the mixture's own auto: `true` keeps its stages alone
+        learner = "hat" if rows and learnable and m.enabled == "auto" else "off"
     # auto never turns the mixture on for images: a learner named there is said inert
     enabled = m.enabled if m.enabled != "auto" else rows and learner != "off"
     if (learner, enabled) != (m.learner, m.enabled):

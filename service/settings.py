@@ -417,8 +417,8 @@ class MixtureSettings(Section):
         "auto", description="a candidate that one of River's learners makes, trained online on "
         "the joined labels and the inputs they were predicted from: ht (HoeffdingTree), hat "
         "(HoeffdingAdaptiveTree), arf (adaptive random forest); for tabular models whose concept "
-        "moves; auto: hat for a tabular model with one output or two or more classes where the "
-        "mixture is on, else off")
+        "moves; auto: hat for a tabular model with one output or two or more classes under "
+        "mixture.enabled = auto, else off")
 
 
 class ErrorMemorySettings(Section):

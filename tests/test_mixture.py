@@ -233,12 +233,14 @@ def test_auto_serves_a_tabular_model_with_a_hoeffding_adaptive_tree_in_the_mixtu
             assert learning["learner"]["kind"] == "hat"
             assert "learner" in learning["mixture"]["weights"]
         assert not any("mixture" in w for w in engine.warnings)
-    # an explicit choice stands: the mixture on picks River's tree for a tabular model by itself
+    # an explicit choice stands; `enabled = true` mixes the stages alone, as before `auto`
     with built_engine(load_settings(None, model=BINARY,
                                     mixture={"enabled": "auto", "learner": "arf"})) as engine:
         assert engine.online is not None and engine.online.kind == "arf"
-    with built_engine(load_settings(None, model=BINARY, mixture={"enabled": True})) as engine:
-        assert engine.online is not None and engine.online.kind == "hat"
+    with built_engine(load_settings(None, model=BINARY, mixture={"enabled": True},
+                                    shadow={"enabled": True}, adapter={"name": "bn"})) as engine:
+        assert engine.online is None and engine.mixture is not None
+        assert "learner" not in engine.mixture.names
     # a learner named for images: auto leaves the mixture off and says the learner is idle
     with built_engine(load_settings(None, mixture={"enabled": "auto",
                                                    "learner": "hat"})) as engine:
