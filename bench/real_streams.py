@@ -80,6 +80,12 @@ guards reset what learned (`collapse` and `shadow` events).
     python -m bench.real_streams --streams phishing,sea --configs source,bn --learners HT \\
         --delays 0 100 --json b6.json
     python -m bench.real_streams --report real.json b2.json        # the tables of saved runs
+    python -m bench.real_streams --runs 400 ...                    # classes in runs (below)
+
+`--runs BLOCK` serves each stream with its classes in runs: every block of BLOCK served rows
+sorted by label (a regressor's by value, so its target climbs through each block), the traffic
+where a candidate that learns each run from late labels looks best just as the run ends; the
+stream's own drift stays where it was, give or take a block. The streams are named NAME-runs.
 """
 
 from __future__ import annotations
@@ -98,7 +104,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -247,6 +253,15 @@ def load_stream(name: str, max_rows: int = MAX_ROWS, train_share: float = TRAIN_
     train = round(train_share * len(rows))
     return StreamData(name, real.task, inputs[:train], values[:train], inputs[train:],
                       values[train:], classes)
+
+
+def in_runs(data: StreamData, block: int) -> StreamData:
+    """The served rows in runs: each block of `block` rows sorted by label (a regressor's by
+    value), so that each class comes in one run of about `block` × its share a block, and the
+    stream's own drift stays where it was, give or take a block."""
+    blocks = np.array_split(np.arange(len(data.y)), max(1, len(data.y) // block))
+    order = np.concatenate([b[np.argsort(data.y[b], kind="stable")] for b in blocks])
+    return replace(data, name=f"{data.name}-runs", x=data.x[order], y=data.y[order])
 
 
 def train_model(data: StreamData, seed: int = SEED) -> TabularMLP:
@@ -708,6 +723,9 @@ def main() -> None:
     parser.add_argument("--train-share", type=float, default=TRAIN_SHARE)
     parser.add_argument("--synthetic", type=int, nargs=3, metavar=("TRAIN", "BEFORE", "AFTER"),
                         default=[SYNTHETIC[k] for k in ("train", "before", "after")])
+    parser.add_argument("--runs", type=int, metavar="BLOCK",
+                        help="classes in runs: each block of BLOCK served rows sorted by label "
+                             "(streams named NAME-runs)")
     parser.add_argument("--quick", action="store_true",
                         help="600 rows of a real dataset, B2's streams 500 + 500 + 500")
     parser.add_argument("--json", type=Path, help="write the results here too")
@@ -748,6 +766,8 @@ def main() -> None:
     results, sizes = [], []
     for name in args.streams.split(","):
         data = load_stream(name, args.max_rows, args.train_share, synthetic)
+        if args.runs:
+            data = in_runs(data, args.runs)
         sizes.append(f"{name} {len(data.x_train):,} + {len(data.x):,}")
         results += run_stream(data, configs, learners, args.delays, args.request, progress)
     wall = time.perf_counter() - started

@@ -86,6 +86,9 @@ LEARNER = "learner"
 CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
                     "compensated": "candidate.compensated",
                     NEWEST_LABEL: "candidate.newest_label", LEARNER: "candidate.learner"}
+# what each of the mixture's rates served (with several `mixture.eta`), (rates × width) a row:
+# the rates are weighed on what they served, the label delay included
+MIXTURE_RATES = "mixture.rates"
 # kept instead of the learner's candidate while it slept (one 1 a row): the join makes the
 # guess it would have made (`Engine.guess_asleep`)
 LEARNER_ASLEEP = "learner_asleep"
@@ -192,6 +195,9 @@ class LabelledBatch:
     # at the join, `Engine.guess_asleep`)
     candidates: dict[str, np.ndarray] | None = None
     candidate_labels: np.ndarray | None = None
+    # what each of the mixture's rates served (n, rates, width), and those records' labels
+    rates_served: np.ndarray | None = None
+    rates_labels: np.ndarray | None = None
 
 
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
@@ -481,7 +487,10 @@ class Engine:
                     arrays[LEARNER_ASLEEP] = np.ones((count, 1), dtype=np.float32)
                 else:
                     arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
-            outputs = self.mixture.combine(mixed)
+            rates = self.mixture.outputs(mixed)
+            if len(rates) > 1:  # what each rate served, judged when the labels come
+                arrays[MIXTURE_RATES] = rates.permute(1, 0, 2).reshape(count, -1).numpy()
+            outputs = self.mixture.serve(rates)
         if self.runs is not None:
             if source is not None and self.mixture is None:
                 arrays[BEFORE_RUNS] = outputs.numpy()
@@ -651,6 +660,11 @@ class Engine:
             labels = batch.candidate_labels
             self.mixture.learn(self.mixture.losses(
                 self.task, {n: v[finite] for n, v in batch.candidates.items()}, labels[finite]))
+        if (self.mixture is not None and batch.rates_served is not None
+                and batch.rates_labels is not None):
+            self.mixture.learn_served(self.mixture.served_losses(
+                self.task, batch.rates_served, batch.rates_labels))
+        if self.mixture is not None:
             for name, weight in zip(self.mixture.names, self.mixture.weights, strict=True):
                 self.metrics.mixture_weight.labels(name).set(weight)
 

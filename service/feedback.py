@@ -21,6 +21,7 @@ from service.engine import (
     INPUTS,
     LEARNER,
     LEARNER_ASLEEP,
+    MIXTURE_RATES,
     SOURCE_OUTPUTS,
     Engine,
     LabelledBatch,
@@ -298,6 +299,16 @@ class FeedbackService:
                     candidates[LEARNER][i] = last[i] if guesses is None else guesses[row]
         batch.candidates = {name: np.stack(rows) for name, rows in candidates.items()}
         batch.candidate_labels = self.task.record_labels(mixed)
+        # what each rate served: records kept by this configuration's rates only (a replica or
+        # a process with other rates keeps another count)
+        mixture = self.engine.mixture
+        assert mixture is not None
+        size = len(mixture.etas) * self.engine.model.width
+        served = [r for r in records if len(r.arrays.get(MIXTURE_RATES, ())) == size]
+        if len(mixture.etas) > 1 and served:
+            batch.rates_served = np.stack([r.arrays[MIXTURE_RATES] for r in served]).reshape(
+                len(served), len(mixture.etas), -1)
+            batch.rates_labels = self.task.record_labels(served)
 
     async def _learn_online(self, records: list[PredictionRecord]) -> None:
         """River's learner (`mixture.learner`) learns the labels of the records that kept their

@@ -15,7 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -406,8 +406,10 @@ class MixtureSettings(Section):
         f"{TABULAR_FEATURES} numbers) where River's learner is a candidate (mixture.learner), "
         "off otherwise; off by default: with classes in runs and labels 100 late it served "
         "bananas 7.7 points worse than the model alone (BENCHMARKS.md B6)")
-    eta: PositiveFloat = Field(2.0, description="η, how fast a candidate's weight follows its "
-                               "losses (per label)")
+    eta: PositiveFloat | Annotated[list[PositiveFloat], Field(min_length=1, max_length=8)] = Field(
+        [2.0, 0.1], description="η, how fast a candidate's weight follows its losses (per "
+        "label); several rates keep weights each, and are served in the shares that what each "
+        "served earns on its labels, the label delay included (the first starts with 0.9)")
     share: float = Field(0.001, ge=0.0, lt=1.0, description="σ, the fixed share every candidate "
                          "keeps, so one that becomes best can take over")
     newest_label: Literal["auto", "on", "off"] = Field(

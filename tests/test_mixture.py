@@ -420,3 +420,107 @@ def test_every_river_learner_is_built_with_the_memory_bound(kind, regression):
     trees = model.n_models if kind == "arf" else 1
     assert model.max_size * trees == pytest.approx(MEMORY_MIB)
     assert model.memory_estimate_period == MEMORY_CHECK_LABELS
+
+
+def serve_with_labels_late(mixture: FixedShareMixture, right: dict[str, np.ndarray],
+                           y: np.ndarray, delay: int) -> float:
+    """Two classes, candidates that serve the class in `right` (one per sample), each label
+    learnt `delay` samples after its sample was served, as the service does: the candidates'
+    losses and what each rate served then. The share of samples served right."""
+    task, eye = task_named("classification"), torch.eye(2)
+    kept, served = [], []
+    for t in range(len(y)):
+        rates = mixture.outputs({name: eye[guess[t:t + 1]] for name, guess in right.items()})
+        served.append(int(mixture.serve(rates).argmax()))
+        kept.append(rates[:, 0].numpy())
+        if t >= delay:
+            s = t - delay
+            mixture.learn(mixture.losses(
+                task, {name: eye[guess[s:s + 1]].numpy() for name, guess in right.items()},
+                y[s:s + 1]))
+            mixture.learn_served(mixture.served_losses(task, kept[s][None], y[s:s + 1]))
+    return float((np.array(served) == y).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_with_labels_late_and_classes_in_runs_the_slow_rate_is_served(seed):
+    # runs of 400 of each class, labels 100 late: `steady` is right on 90% of samples anywhere,
+    # `chaser` guesses the class of the label that arrived last, wrong on the first 100 of each
+    # run. The labels show `chaser` right while a run lasts, so a fast rate moves to it just
+    # before the next run starts, where it is wrong
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(12) % 2, 400)
+    right = {"steady": np.where(rng.random(len(y)) < 0.9, y, 1 - y),
+             "chaser": np.concatenate([np.full(100, y[0]), y[:-100]])}
+    fast = serve_with_labels_late(FixedShareMixture(list(right), eta=2.0), right, y, 100)
+    slow = serve_with_labels_late(FixedShareMixture(list(right), eta=0.1), right, y, 100)
+    rates = FixedShareMixture(list(right), eta=[2.0, 0.1])
+    both = serve_with_labels_late(rates, right, y, 100)
+    assert fast < 0.76 < 0.82 < slow  # worse than either candidate alone (0.90, 0.77)
+    assert both > slow - 0.03 and rates.rate_share[1] > 0.99
+
+
+def test_where_the_best_candidate_switches_and_labels_come_at_once_the_fast_rate_is_served():
+    # `a` and `b` take turns at being right (90% against 30%) every 300 samples, labels at once
+    # (one sample late): the fast rate follows each turn within a few labels, the slow one
+    # within about a hundred
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, size=3600)
+    a_turn = (np.arange(len(y)) // 300) % 2 == 0
+    good, bad = rng.random(len(y)) < 0.9, rng.random(len(y)) < 0.3
+    right = {"a": np.where(np.where(a_turn, good, bad), y, 1 - y),
+             "b": np.where(np.where(a_turn, bad, good), y, 1 - y)}
+    fast = serve_with_labels_late(FixedShareMixture(list(right), eta=2.0), right, y, 1)
+    slow = serve_with_labels_late(FixedShareMixture(list(right), eta=0.1), right, y, 1)
+    rates = FixedShareMixture(list(right), eta=[2.0, 0.1])
+    both = serve_with_labels_late(rates, right, y, 1)
+    assert slow < fast - 0.03 and both > fast - 0.01 and rates.rate_share[0] > 0.99
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_each_record_keeps_what_every_rate_served_and_the_shares_learn_from_it(backend, request):
+    import uuid
+
+    from service.engine import MIXTURE_RATES
+
+    # runs of 64 of one class, whatever the inputs say: the newest label is right on most
+    # samples, the model on about half; the records go through the store (Redis's too)
+    x, _ = binary_stream(512)
+    y = np.repeat(np.random.default_rng(1).integers(0, 2, size=8), 64)
+    store = {"url": "memory"}
+    if backend == "redis":
+        store = {"url": request.getfixturevalue("redis_server").url,
+                 "namespace": f"rates-{uuid.uuid4().hex}"}
+    settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+                "error_memory": {"kind": "off"}, "store": store,
+                "mixture": {"enabled": True, "newest_label": "on", "learner": "off",
+                            "eta": [2.0, 0.1]}}
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            reply = await client.post("/v1/predict", json={"inputs": x[:16].tolist(),
+                                                           "ids": [f"r{i}" for i in range(16)]})
+            kept = app.state.runtime.store.raw.get_prediction("r0").arrays[MIXTURE_RATES]
+            served = reply.json()["predictions"][0]["probabilities"]
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": f"r{i}", "label": int(y[i])} for i in range(16)]})
+            first = (await client.get("/v1/state")).json()
+            for start in range(16, len(x), 16):  # each request's labels back before the next
+                rows = (await client.post("/v1/predict", json={
+                    "inputs": x[start:start + 16].tolist()})).json()["predictions"]
+                await client.post("/v1/feedback", json={"labels": [
+                    {"id": row["id"], "label": int(t)}
+                    for row, t in zip(rows, y[start:start + 16], strict=True)]})
+            return kept, served, first, (await client.get("/v1/state")).json()
+
+    kept, served, first, state = asyncio.run(scenario())
+    # two rates of two classes; before any label both serve the model (the newest label
+    # repeats the last stage), so each rate's outputs are what was served
+    assert kept.shape == (4,)
+    np.testing.assert_allclose(kept.reshape(2, 2), [served, served], atol=1e-6)
+    assert first["learning"]["mixture"]["served_labels"] == 16
+    mixture = state["learning"]["mixture"]
+    assert mixture["eta"] == [2.0, 0.1] and mixture["served_labels"] == 512
+    shares = [rate["served"] for rate in mixture["rates"]]
+    assert sum(shares) == pytest.approx(1.0) and shares[0] != pytest.approx(0.9)
+    assert mixture["weights"]["newest_label"] > 0.5
