@@ -132,15 +132,17 @@ class FixedShareMixture:
         self.rate_weights = np.tile(np.asarray(weights, dtype=np.float64), (len(self.etas), 1))
 
     def outputs(self, candidates: dict[str, torch.Tensor]) -> torch.Tensor:
-        """What each rate's weights make of the candidates' outputs, (rates, n, width)."""
-        stacked = torch.stack([candidates[name] for name in self.names])  # (candidates, n, w)
-        weights = torch.as_tensor(self.rate_weights, dtype=stacked.dtype)
+        """What each rate's weights make of the candidates' outputs, (rates, n, width), float64."""
+        # in float64: candidates that agree (before any label, all serve the model) give back
+        # exactly their value, not one rounded by float32 sums of weights
+        stacked = torch.stack([candidates[name] for name in self.names]).double()
+        weights = torch.as_tensor(self.rate_weights, dtype=torch.float64)
         return torch.einsum("rc,cnw->rnw", weights, stacked)
 
     def serve(self, outputs: torch.Tensor) -> torch.Tensor:
-        """The rates' outputs (rates, n, width) averaged by how much each is served."""
-        share = torch.as_tensor(self.rate_share, dtype=outputs.dtype)
-        return torch.einsum("r,rnw->nw", share, outputs)
+        """The rates' outputs (rates, n, width) averaged by how much each is served, float32."""
+        share = torch.as_tensor(self.rate_share, dtype=torch.float64)
+        return torch.einsum("r,rnw->nw", share, outputs.double()).float()
 
     def combine(self, candidates: dict[str, torch.Tensor]) -> torch.Tensor:
         """What is served for the candidates' outputs, (n, width) each."""

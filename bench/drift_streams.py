@@ -43,8 +43,9 @@ Streams (first concept -> second):
     friedman-lea FriedmanDrift 'lea' at its widest: the target changes in two regions, x1, x2
                  < 0.3 and > 0.7, 18% of the space (local abrupt); Gaussian noise sd 1
 
-Configurations (service settings); a configuration whose settings this checkout does not have yet
-is skipped with a note:
+Configurations (service settings; in every one the online mixture is off, on by default for these
+tabular models since stop 28 and measured by B6); a configuration whose settings this checkout
+does not have yet is skipped with a note:
 
     static            adapter none, nothing learns from labels, drift monitoring off
     compensation      ReLoop2 error memory, exact top-K (`error_memory.kind = "exact"`), policy off
@@ -316,6 +317,9 @@ class Config:
         # at every label join makes the run twice as slow
         sections["conformal"] = {"method": "off"}
         sections["shadow"] = {"enabled": self.shadow}
+        # each row measures its parts alone: the online mixture with River's learner, on by
+        # default for these tabular models, is B6's to measure
+        sections["mixture"] = {"enabled": False}
         return sections
 
 

@@ -48,12 +48,15 @@ standardised with the training slice's statistics, the MLP's own (trees do not c
 models in a regression tree's leaves do).
 
 Configurations (service settings; each sets only what its name says and leaves everything else
-at the service's defaults, which are printed with the tables; conformal calibration is off in
-every one, as in B2: it changes no prediction):
+at the service's defaults, which are printed with the tables, except the online mixture: on by
+default for these tabular models since stop 28, it is off in every column but `defaults`,
+`defaults-nodrift` and those that set it; conformal calibration is off in every one, as in B2:
+it changes no prediction):
 
-    source              adapter none, error memory off, supervised step off, drift off: the
-                        trained model as it is
-    defaults            nothing set
+    source              adapter none, error memory off, supervised step off, mixture off,
+                        drift off: the trained model as it is
+    defaults            nothing set (since stop 28, for these tabular models: the model in an
+                        online mixture with River's Hoeffding adaptive tree, `mixture.learner`)
     defaults-nodrift    drift monitoring off
     bn                  adapter `bn` (test-time BatchNorm statistics)
     memory              the error memory, exact (`error_memory.kind = "exact"`, other knobs at
@@ -281,11 +284,17 @@ class Config:
     sections: dict[str, Any] = field(default_factory=dict)
     tasks: tuple[str, ...] = ("classification", "regression")
     two_class_options: dict[str, Any] = field(default_factory=dict)  # adapter options for two
+    # the service's own mixture (on, with River's learner, for these tabular models since stop
+    # 27): kept by the `defaults` columns; every other column measures its parts without it,
+    # as before, unless it sets the mixture itself
+    default_mixture: bool = False
 
     def settings(self, data: StreamData) -> dict[str, Any]:
         sections = copy.deepcopy(self.sections)
         if self.two_class_options and data.classes == 2:
             sections["adapter"]["options"] = dict(self.two_class_options)
+        if not self.default_mixture:
+            sections.setdefault("mixture", {"enabled": False})
         return sections | {"conformal": {"method": "off"}}
 
 
@@ -295,9 +304,9 @@ _OFF = {"drift": {"enabled": False}}
 CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("source", {"adapter": {"name": "none"}, "error_memory": {"kind": "off"},
                       "supervised": {"enabled": False}, "output_corrector": {"enabled": False},
-                      **_OFF}),
-    Config("defaults"),
-    Config("defaults-nodrift", _OFF),
+                      "mixture": {"enabled": False}, **_OFF}),
+    Config("defaults", default_mixture=True),
+    Config("defaults-nodrift", _OFF, default_mixture=True),
     # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
     # filter for a classifier (for these MLPs `auto`, the default, is none)
     Config("bn", {"adapter": {"name": "bn"}}),
@@ -349,7 +358,7 @@ def service_defaults() -> dict[str, Any]:
             "error_memory": s.error_memory.kind, "supervised": s.supervised.enabled,
             "supervised.train": s.supervised.train, "output_corrector": s.output_corrector.enabled,
             "drift": s.drift.enabled, "shadow": s.shadow.enabled,
-            # learner auto: hat where the mixture is on for these tabular models
+            # auto: on, with River's Hoeffding adaptive tree, for these tabular models
             "mixture": s.mixture.enabled, "mixture.learner": s.mixture.learner}
 
 

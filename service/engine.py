@@ -489,7 +489,7 @@ class Engine:
                     arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
             rates = self.mixture.outputs(mixed)
             if len(rates) > 1:  # what each rate served, judged when the labels come
-                arrays[MIXTURE_RATES] = rates.permute(1, 0, 2).reshape(count, -1).numpy()
+                arrays[MIXTURE_RATES] = rates.permute(1, 0, 2).reshape(count, -1).float().numpy()
             outputs = self.mixture.serve(rates)
         if self.runs is not None:
             if source is not None and self.mixture is None:

@@ -39,7 +39,7 @@ from pydantic_settings import (
 from adapters.task import task_named
 
 DEMO_FACTORY = "service.demo:digits_cnn"
-# a tabular model's most features, for `mixture.enabled = "auto"` and `mixture.learner`: a
+# a tabular model's most features, for `mixture.enabled` and `mixture.learner` = auto: a
 # Hoeffding adaptive tree costs about 0.35 ms a sample at 100 (learnt and predicted), 0.05 at 6
 TABULAR_FEATURES = 100
 
@@ -402,10 +402,9 @@ class MixtureSettings(Section):
     labels, served instead of the last stage alone; needs at least two of them."""
 
     enabled: bool | Literal["auto"] = Field(
-        False, description="auto: on for a tabular model (each sample one vector of at most "
+        "auto", description="auto: on for a tabular model (each sample one vector of at most "
         f"{TABULAR_FEATURES} numbers) where River's learner is a candidate (mixture.learner), "
-        "off otherwise; off by default: with classes in runs and labels 100 late it served "
-        "bananas 7.7 points worse than the model alone (BENCHMARKS.md B6)")
+        "off otherwise (BENCHMARKS.md B6)")
     eta: PositiveFloat | Annotated[list[PositiveFloat], Field(min_length=1, max_length=8)] = Field(
         [2.0, 0.1], description="η, how fast a candidate's weight follows its losses (per "
         "label); several rates keep weights each, and are served in the shares that what each "

@@ -19,7 +19,7 @@ def test_the_no_change_baseline_predicts_the_newest_label_back_when_the_request_
     assert no_change(y_train, y, delay=10, request=1).tolist() == [9] * 10
 
 
-def test_only_the_mixture_columns_serve_the_mixture_and_only_the_learner_ones_a_learner():
+def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_learner():
     from bench.real_streams import TabularMLP, factory_name
     from service.model import load_model
     from service.runtime import resolve_auto
@@ -34,6 +34,7 @@ def test_only_the_mixture_columns_serve_the_mixture_and_only_the_learner_ones_a_
     for name, config in CONFIGS.items():
         settings = resolve_auto(load_settings(None, model=model, **config.settings(data)), loaded)
         learners[name] = (settings.mixture.enabled, settings.mixture.learner)
+    assert learners.pop("defaults") == learners.pop("defaults-nodrift") == (True, "hat")
     assert learners.pop("mix+hat") == (True, "hat") and learners.pop("mix+arf") == (True, "arf")
     for name in ("mix", "mem+sup+mix", "bn+mem+sup+mix"):
         assert learners.pop(name) == (True, "off")

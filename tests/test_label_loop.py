@@ -59,7 +59,8 @@ def test_a_regressor_is_compensated_halfway_towards_what_its_neighbours_turned_o
 
     async def scenario():
         async with serving(model=REGRESSOR, error_memory={"kind": "exact", "weight": 0.5},
-                           adapter={"name": "none"}) as (client, _):
+                           adapter={"name": "none"}, mixture={"enabled": False}
+                           ) as (client, _):
             await client.post("/v1/predict", json={"inputs": inputs.tolist(),
                                                    "ids": ["r0", "r1", "r2", "r3"]})
             await client.post("/v1/feedback", json={"labels": [
@@ -107,7 +108,8 @@ def test_a_model_without_normalisation_adapts_to_labels_through_a_low_rank_adapt
     async def scenario():
         async with serving(model=REGRESSOR, adapter={"name": "none"},
                            supervised={"enabled": True, "learning_rate": 0.01,
-                                       "batch_size": 32}) as (client, app):
+                                       "batch_size": 32},
+                           mixture={"enabled": False}) as (client, app):
             engine = app.state.runtime.engine
             assert engine.supervised.param_names[-1].endswith("lora_B")
             for _ in range(12):

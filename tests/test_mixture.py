@@ -217,13 +217,7 @@ def test_auto_serves_a_tabular_model_with_a_hoeffding_adaptive_tree_in_the_mixtu
                                                                                    learner):
     from service.settings import load_settings
 
-    # by default the mixture is off (B6: classes in runs with late labels cost bananas 7.7
-    # points), and the learner with it, unsaid
     with built_engine(load_settings(None, model=model)) as engine:
-        assert engine.mixture is None and engine.online is None
-        assert engine.settings.mixture.learner == "off"
-        assert not any("mixture" in w for w in engine.warnings)
-    with built_engine(load_settings(None, model=model, mixture={"enabled": "auto"})) as engine:
         learning = engine.describe_learning()
         assert engine.settings.mixture.learner == learner
         assert engine.settings.mixture.enabled is (learner != "off")
@@ -241,9 +235,12 @@ def test_auto_serves_a_tabular_model_with_a_hoeffding_adaptive_tree_in_the_mixtu
                                     shadow={"enabled": True}, adapter={"name": "bn"})) as engine:
         assert engine.online is None and engine.mixture is not None
         assert "learner" not in engine.mixture.names
+    # the mixture said off takes its learner with it, unsaid
+    with built_engine(load_settings(None, model=BINARY, mixture={"enabled": False})) as engine:
+        assert engine.mixture is None and engine.online is None
+        assert not any("mixture" in w for w in engine.warnings)
     # a learner named for images: auto leaves the mixture off and says the learner is idle
-    with built_engine(load_settings(None, mixture={"enabled": "auto",
-                                                   "learner": "hat"})) as engine:
+    with built_engine(load_settings(None, mixture={"learner": "hat"})) as engine:
         assert engine.mixture is None and engine.online is None
         assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
 
@@ -259,8 +256,7 @@ def test_auto_leaves_rows_of_more_than_tabular_features_to_the_model():
             self.module = torch.nn.Linear(width, 2)
 
     for width, on in [(TABULAR_FEATURES, True), (TABULAR_FEATURES + 1, False)]:
-        resolved = resolve_auto(load_settings(None, model=BINARY, mixture={"enabled": "auto"}),
-                                Rows(width))
+        resolved = resolve_auto(load_settings(None, model=BINARY), Rows(width))
         assert resolved.mixture.enabled is on
         assert resolved.mixture.learner == ("hat" if on else "off")
 

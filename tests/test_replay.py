@@ -22,13 +22,16 @@ REPO = str(Path(__file__).resolve().parents[1])
 # the factories below live in tests/, which a served process imports from the repository root
 # the replays are scored against the source model's answers: adapter none and no error memory,
 # so nothing moves them
-SOURCE = {"ADAPTD_ADAPTER__NAME": "none", "ADAPTD_ERROR_MEMORY__KIND": "off"}
+# the model as trained (for these tabular models the mixture with River's learner is on by
+# default): the replay's scores are checked against its answers
+SOURCE = {"ADAPTD_ADAPTER__NAME": "none", "ADAPTD_ERROR_MEMORY__KIND": "off",
+          "ADAPTD_MIXTURE__ENABLED": "false"}
 BINARY = {"PYTHONPATH": REPO, "ADAPTD_MODEL__FACTORY": "tests.models:binary",
           "ADAPTD_MODEL__NAME": "bin", "ADAPTD_MODEL__INPUT_SHAPE": "[4]",
           "ADAPTD_MODEL__NUM_CLASSES": "2", **SOURCE}
 REGRESSOR = {"PYTHONPATH": REPO, "ADAPTD_MODEL__FACTORY": "tests.models:regressor",
              "ADAPTD_MODEL__NAME": "reg", "ADAPTD_MODEL__TASK": "regression",
-             "ADAPTD_MODEL__INPUT_SHAPE": "[3]"}
+             "ADAPTD_MODEL__INPUT_SHAPE": "[3]", **SOURCE}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
