@@ -225,3 +225,11 @@ def test_torch_threads_leave_a_core_to_the_requests_unless_set(monkeypatch):
         assert asyncio.run(started()) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_complete_toml_file_in_the_docs_loads_as_the_defaults(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    start = text.index("```toml", text.index("## A complete TOML file")) + len("```toml")
+    config = tmp_path / "adaptd.toml"
+    config.write_text(text[start:text.index("```", start)])
+    assert load_settings(config).model_dump() == load_settings(None).model_dump()
