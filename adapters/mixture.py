@@ -90,11 +90,15 @@ class FixedShareMixture:
                  meta_eta: float | None = None, first_share: float | None = None) -> None:
         if len(names) < 2:
             raise ValueError(f"a mixture needs at least two candidates, got {names}")
-        etas = [float(eta)] if isinstance(eta, int | float) else [float(e) for e in eta]
-        if not etas or not all(e > 0 for e in etas):
-            raise ValueError(f"eta must be positive (one rate or several), got {eta}")
+        if np.ndim(eta) > 1:
+            raise ValueError(f"eta must be one rate or a list of them, got {eta}")
+        etas = [float(e) for e in np.atleast_1d(np.asarray(eta, dtype=np.float64))]
+        if not etas or not all(0 < e < np.inf for e in etas):
+            raise ValueError(f"eta must be positive and finite (one rate or several), got {eta}")
         meta_eta = META_ETA if meta_eta is None else meta_eta
         first_share = FIRST_SHARE if first_share is None else first_share
+        if not 0 < first_share <= 1:
+            raise ValueError(f"first_share must lie in (0, 1], got {first_share}")
         if not meta_eta > 0:
             raise ValueError(f"meta_eta must be positive, got {meta_eta}")
         if not 0 <= share < 1:
@@ -197,6 +201,8 @@ def _fixed_share(weights: np.ndarray, losses: np.ndarray, eta: np.ndarray, share
     weights = np.asarray(weights, dtype=np.float64)
     count = weights.shape[1]
     for row in np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0):
-        weights = weights * np.exp(-eta * row)
+        # relative to the smallest loss: the same weights once normalised, and at least one
+        # factor is 1, so no η makes them all underflow to 0 (and 0 / 0)
+        weights = weights * np.exp(-eta * (row - row.min()))
         weights = (1 - share) * weights / weights.sum(axis=1, keepdims=True) + share / count
     return weights

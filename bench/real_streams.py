@@ -85,10 +85,11 @@ guards reset what learned (`collapse` and `shadow` events).
     python -m bench.real_streams --report real.json b2.json        # the tables of saved runs
     python -m bench.real_streams --runs 400 ...                    # classes in runs (below)
 
-`--runs BLOCK` serves each stream with its classes in runs: every block of BLOCK served rows
-sorted by label (a regressor's by value, so its target climbs through each block), the traffic
-where a candidate that learns each run from late labels looks best just as the run ends; the
-stream's own drift stays where it was, give or take a block. The streams are named NAME-runs.
+`--runs BLOCK` serves each stream with its classes in runs: the served rows cut into
+len // BLOCK equal blocks (BLOCK to 2 × BLOCK − 1 rows each), each sorted by label (a
+regressor's by value, so its target climbs through each block), the traffic where a candidate
+that learns each run from late labels looks best just as the run ends; the stream's own drift
+stays where it was, give or take a block. The streams are named NAME-runs.
 """
 
 from __future__ import annotations
@@ -259,9 +260,12 @@ def load_stream(name: str, max_rows: int = MAX_ROWS, train_share: float = TRAIN_
 
 
 def in_runs(data: StreamData, block: int) -> StreamData:
-    """The served rows in runs: each block of `block` rows sorted by label (a regressor's by
-    value), so that each class comes in one run of about `block` × its share a block, and the
+    """The served rows in runs: each of len // block equal blocks sorted by label (a regressor's
+    by value), so that each class comes in one run of about `block` × its share a block, and the
     stream's own drift stays where it was, give or take a block."""
+    if block < 1:
+        raise ValueError(f"a block holds at least one row, got {block}")
+    # len // block blocks of block to 2·block − 1 rows each
     blocks = np.array_split(np.arange(len(data.y)), max(1, len(data.y) // block))
     order = np.concatenate([b[np.argsort(data.y[b], kind="stable")] for b in blocks])
     return replace(data, name=f"{data.name}-runs", x=data.x[order], y=data.y[order])
@@ -733,8 +737,8 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, nargs=3, metavar=("TRAIN", "BEFORE", "AFTER"),
                         default=[SYNTHETIC[k] for k in ("train", "before", "after")])
     parser.add_argument("--runs", type=int, metavar="BLOCK",
-                        help="classes in runs: each block of BLOCK served rows sorted by label "
-                             "(streams named NAME-runs)")
+                        help="classes in runs: len // BLOCK equal blocks of the served rows, "
+                             "each sorted by label (streams named NAME-runs)")
     parser.add_argument("--quick", action="store_true",
                         help="600 rows of a real dataset, B2's streams 500 + 500 + 500")
     parser.add_argument("--json", type=Path, help="write the results here too")
@@ -757,6 +761,8 @@ def main() -> None:
         print("\n\n".join(part["header"] for part in saved) + "\n")
         print(report([Result(**r) for part in saved for r in part["results"]]))
         return
+    if args.runs is not None and args.runs < 1:
+        parser.error(f"--runs: a block holds at least one row, got {args.runs}")
     if args.quick:
         args.max_rows, args.synthetic = 600, [500, 500, 500]
     configs = [CONFIGS[name] for name in args.configs.split(",") if name]
@@ -775,7 +781,7 @@ def main() -> None:
     results, sizes = [], []
     for name in args.streams.split(","):
         data = load_stream(name, args.max_rows, args.train_share, synthetic)
-        if args.runs:
+        if args.runs is not None:
             data = in_runs(data, args.runs)
         sizes.append(f"{name} {len(data.x_train):,} + {len(data.x):,}")
         results += run_stream(data, configs, learners, args.delays, args.request, progress)

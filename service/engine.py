@@ -662,8 +662,10 @@ class Engine:
                 self.task, {n: v[finite] for n, v in batch.candidates.items()}, labels[finite]))
         if (self.mixture is not None and batch.rates_served is not None
                 and batch.rates_labels is not None):
+            # a row not finite (no stored record has one: such labels are refused) teaches none
+            finite = np.isfinite(batch.rates_served.reshape(len(batch.rates_served), -1)).all(1)
             self.mixture.learn_served(self.mixture.served_losses(
-                self.task, batch.rates_served, batch.rates_labels))
+                self.task, batch.rates_served[finite], batch.rates_labels[finite]))
         if self.mixture is not None:
             for name, weight in zip(self.mixture.names, self.mixture.weights, strict=True):
                 self.metrics.mixture_weight.labels(name).set(weight)

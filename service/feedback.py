@@ -300,7 +300,8 @@ class FeedbackService:
         batch.candidates = {name: np.stack(rows) for name, rows in candidates.items()}
         batch.candidate_labels = self.task.record_labels(mixed)
         # what each rate served: records kept by this configuration's rates only (a replica or
-        # a process with other rates keeps another count)
+        # a process with another count of rates is told apart by the length; one with the same
+        # count in another order is not: every replica runs one `mixture.eta`)
         mixture = self.engine.mixture
         assert mixture is not None
         size = len(mixture.etas) * self.engine.model.width

@@ -498,11 +498,12 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
         return None
     scale = _loss_scale(model, spread)
     # the newest label is no model: it starts at the floor, or while the first labels of mixed
-    # predictions are on their way (labels late) it would have half the say against one stage
-    # so does the online learner, which starts from nothing
+    # predictions are on their way (labels late) it would have half the say against one stage;
+    # so does the online learner, which starts from nothing, and the source: until labels say
+    # otherwise what is served is what this configuration makes (with an adapter, its answers)
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
-                             start_low=(NEWEST_LABEL, LEARNER))
+                             start_low=(NEWEST_LABEL, LEARNER, "source"))
 
 
 def _online_learner(settings: Settings, model: LoadedModel, reference: ReferenceData | None

@@ -42,6 +42,10 @@ DEMO_FACTORY = "service.demo:digits_cnn"
 # a tabular model's most features, for `mixture.enabled` and `mixture.learner` = auto: a
 # Hoeffding adaptive tree costs about 0.35 ms a sample at 100 (learnt and predicted), 0.05 at 6
 TABULAR_FEATURES = 100
+# `mixture.eta`: at most this many rates, each at most this (at 100 one label moves a weight by
+# e^100 already)
+MAX_RATES = 8
+MAX_ETA = 100.0
 
 # Keys renamed in this version, by their old path: what to say when one still arrives, from the
 # file, an ADAPTD_* variable or a flag. Each is refused rather than mapped, so one name stays.
@@ -405,7 +409,7 @@ class MixtureSettings(Section):
         "auto", description="auto: on for a tabular model (each sample one vector of at most "
         f"{TABULAR_FEATURES} numbers) where River's learner is a candidate (mixture.learner), "
         "off otherwise (BENCHMARKS.md B6)")
-    eta: PositiveFloat | Annotated[list[PositiveFloat], Field(min_length=1, max_length=8)] = Field(
+    eta: PositiveFloat | Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
         [2.0, 0.1], description="η, how fast a candidate's weight follows its losses (per "
         "label); several rates keep weights each, and are served in the shares that what each "
         "served earns on its labels, the label delay included (the first starts with 0.9)")
@@ -420,6 +424,24 @@ class MixtureSettings(Section):
         "(HoeffdingAdaptiveTree), arf (adaptive random forest); for tabular models whose concept "
         "moves; auto: hat for a tabular model with one output or two or more classes under "
         "mixture.enabled = auto, else off")
+
+    @field_validator("eta", mode="before")
+    @classmethod
+    def _rates(cls, eta: Any) -> Any:
+        """One message for any bad η: a number, or a list of 1 to 8, each in (0, 100]."""
+        rates = eta if isinstance(eta, list | tuple) else [eta]
+        if not 1 <= len(rates) <= MAX_RATES:
+            raise ValueError(f"mixture.eta: one rate or a list of 1 to {MAX_RATES}, got {eta!r}")
+        for rate in rates:
+            if isinstance(rate, bool) or not isinstance(rate, int | float | str):
+                raise ValueError(f"mixture.eta: each rate is a number, got {rate!r}")
+            try:
+                value = float(rate)
+            except ValueError:
+                raise ValueError(f"mixture.eta: each rate is a number, got {rate!r}") from None
+            if not 0 < value <= MAX_ETA:
+                raise ValueError(f"mixture.eta: each rate lies in (0, {MAX_ETA:g}], got {rate!r}")
+        return eta
 
 
 class ErrorMemorySettings(Section):

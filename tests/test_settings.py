@@ -233,3 +233,22 @@ def test_the_complete_toml_file_in_the_docs_loads_as_the_defaults(tmp_path):
     config = tmp_path / "adaptd.toml"
     config.write_text(text[start:text.index("```", start)])
     assert load_settings(config).model_dump() == load_settings(None).model_dump()
+
+
+@pytest.mark.parametrize(("eta", "message"), [
+    ([], "one rate or a list of 1 to 8"), ([1.0] * 9, "one rate or a list of 1 to 8"),
+    ([0], r"each rate lies in \(0, 100\]"), (-1, r"each rate lies in \(0, 100\]"),
+    (float("inf"), r"each rate lies in \(0, 100\]"), ([2, 101], r"each rate lies in \(0, 100\]"),
+    (True, "each rate is a number"), ([2, True], "each rate is a number"),
+    (["a"], "each rate is a number"), ([[1]], "each rate is a number"),
+])
+def test_a_bad_mixture_eta_is_refused_at_start_with_one_message(eta, message):
+    with pytest.raises(ValidationError, match=message):
+        load_settings(None, mixture={"eta": eta})
+
+
+@pytest.mark.parametrize(("value", "expected"), [("[2.0, 0.1]", [2.0, 0.1]), ("0.5", 0.5)])
+def test_mixture_eta_comes_from_the_environment_as_a_number_or_a_json_list(monkeypatch, value,
+                                                                            expected):
+    monkeypatch.setenv("ADAPTD_MIXTURE__ETA", value)
+    assert load_settings(None).mixture.eta == expected
