@@ -669,6 +669,9 @@ class Engine:
         if self.mixture is not None:
             for name, weight in zip(self.mixture.names, self.mixture.weights, strict=True):
                 self.metrics.mixture_weight.labels(name).set(weight)
+            if len(self.mixture.etas) > 1:
+                for eta, share in zip(self.mixture.etas, self.mixture.rate_share, strict=True):
+                    self.metrics.mixture_rate_share.labels(f"{eta:g}").set(float(share))
 
     def _wake_online(self) -> None:
         """River's learner wakes at this replica's first joined label, before it learns any, and

@@ -188,6 +188,11 @@ class Metrics:
             "(newest_label, learner, source, adapted, compensated), learnt from joined labels",
             ["candidate"], registry=r,
         )
+        self.mixture_rate_share = Gauge(
+            "adaptd_mixture_rate_share", "with several mixture.eta, the share of what is served "
+            "that each rate has, learnt from what each rate served for joined labels",
+            ["eta"], registry=r,
+        )
         self.store_errors = Counter(
             "adaptd_store_errors", "store operations that failed, by operation",
             ["op"], registry=r,
