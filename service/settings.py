@@ -441,6 +441,9 @@ class MixtureSettings(Section):
                 raise ValueError(f"mixture.eta: each rate is a number, got {rate!r}") from None
             if not 0 < value <= MAX_ETA:
                 raise ValueError(f"mixture.eta: each rate lies in (0, {MAX_ETA:g}], got {rate!r}")
+        named = [f"{float(rate):g}" for rate in rates]  # as /metrics names them
+        if len(set(named)) < len(named):
+            raise ValueError(f"mixture.eta: each rate once, got {eta!r}")
         return eta
 
 

@@ -241,6 +241,7 @@ def test_the_complete_toml_file_in_the_docs_loads_as_the_defaults(tmp_path):
     (float("inf"), r"each rate lies in \(0, 100\]"), ([2, 101], r"each rate lies in \(0, 100\]"),
     (True, "each rate is a number"), ([2, True], "each rate is a number"),
     (["a"], "each rate is a number"), ([[1]], "each rate is a number"),
+    ([2, 2.0], "each rate once"), ([0.1, 0.1000001], "each rate once"),
 ])
 def test_a_bad_mixture_eta_is_refused_at_start_with_one_message(eta, message):
     with pytest.raises(ValidationError, match=message):
