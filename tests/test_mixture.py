@@ -525,7 +525,7 @@ def test_each_record_keeps_what_every_rate_served_and_the_shares_learn_from_it(b
     assert mixture["weights"]["newest_label"] > 0.5
 
 
-def test_the_shares_follow_what_each_rate_served_and_skip_rows_not_finite():
+def test_the_shares_follow_what_each_rate_served_and_no_eta_makes_a_weight_nan():
     mixture = FixedShareMixture(["a", "b"], eta=[2.0, 0.1])
     assert mixture.rate_share.tolist() == pytest.approx([0.9, 0.1])
     task = task_named("classification")
