@@ -50,15 +50,30 @@ weights w_r at several rates η_r (`eta`, 2 and 0.1 by default) and serves
 
     p_t = Σ_r u_r,t · Σ_i w_r,i,t · p_i,t
 
-where u_r, rate r's share, is learnt by exponential weights (η_u = `META_ETA`, share
-`META_SHARE`) on the loss of what r served, as it was served: each record keeps what every rate
-served for it, so the loss judges the weights it was served with, the delay included. The shares
-move slowly and keep almost no floor, since their losses come one delay late too: a share that
-tracked as fast as the rates chased in the same way (`tests/test_mixture.py`: with runs of 400
-and labels 100 late, 0.76 to 0.79 served with a floor of 0.001, 0.83 to 0.85 with 1e-5, the
-slow rate alone 0.85 to 0.86, the fast alone 0.74). The first rate starts with `FIRST_SHARE` of the
-say: B6 measured η = 2 best on 25 of its 28 runs in their own order, so the slow rate earns its
-share. With one rate (`eta` a number) this is the mixture above.
+where u_r, rate r's share, is learnt by exponential weights (share `META_SHARE`) on the loss of
+what r served, as it was served: each record keeps what every rate served for it, so the loss
+judges the weights it was served with, the delay included. The shares keep almost no floor, since
+their losses come one delay late too: a share that tracked as fast as the rates chased in the same
+way (`tests/test_mixture.py`: with runs of 400 and labels 100 late, 0.76 to 0.79 served with a
+floor of 0.001, 0.83 to 0.85 with 1e-5, the slow rate alone 0.85 to 0.86, the fast alone 0.74).
+The first rate starts with `FIRST_SHARE` of the say: B6 measured η = 2 best on 25 of its 28 runs
+in their own order, so the slow rate earns its share.
+
+How fast the shares move is set by how the rates' losses spread, not by one number: per label
+
+    η_u,t = `META_SCALE` / sqrt(1 + V_t),
+    V_t = (1 − 1/`META_HORIZON`) · V_t−1 + (1/R) Σ_r (ℓ_r,t − ℓ̄_t)²
+
+the second-order tuning of exponential weights (Cesa-Bianchi, Mansour & Stoltz, 2007), over about
+the last `META_HORIZON` labels so that it can speed up again. The same evidence then moves the
+shares by the same amount at any loss scale: a regressor's rates differ by a little on almost
+every label, and at a fixed η_u of 0.1 their shares took longer than a stream lasts to follow it
+(SP500 served with its target in runs, labels 100 late: MAE 0.761 against the model's 0.710, the
+slow rate's share 0.83 after 906 labels), while a classifier's differ by a whole 0/1 loss on a
+few labels, which swing the other way within each run where classes come in runs. There the
+spread keeps η_u near 0.1 to 0.2, here it lets it rise to about 0.5 (0.695; BENCHMARKS.md B6,
+"The shares' rate from the spread of the rates' losses"). With one rate (`eta` a number) this is
+the mixture above.
 """
 
 from __future__ import annotations
@@ -70,9 +85,11 @@ import torch
 
 from adapters.task import Task
 
-# the rates' shares: how fast each follows what its rate served (slowly: what it judges comes one
-# label delay late), the floor each keeps, and the first rate's share at the start
-META_ETA = 0.1
+# the rates' shares: the scale of their rate, η_u = META_SCALE / sqrt(1 + V), V the spread of the
+# rates' losses over about the last META_HORIZON labels; the floor each keeps, and the first rate's
+# share at the start
+META_SCALE = 1.0
+META_HORIZON = 1000
 META_SHARE = 1e-5
 FIRST_SHARE = 0.9
 
@@ -88,7 +105,7 @@ class FixedShareMixture:
 
     def __init__(self, names: list[str], eta: float | Sequence[float] = 2.0,
                  share: float = 0.001, scale: float = 1.0, start_low: tuple[str, ...] = (),
-                 meta_eta: float | None = None, first_share: float | None = None) -> None:
+                 meta_scale: float | None = None, first_share: float | None = None) -> None:
         if len(names) < 2:
             raise ValueError(f"a mixture needs at least two candidates, got {names}")
         if np.ndim(eta) > 1:
@@ -96,19 +113,19 @@ class FixedShareMixture:
         etas = [float(e) for e in np.atleast_1d(np.asarray(eta, dtype=np.float64))]
         if not etas or not all(0 < e < np.inf for e in etas):
             raise ValueError(f"eta must be positive and finite (one rate or several), got {eta}")
-        meta_eta = META_ETA if meta_eta is None else meta_eta
+        meta_scale = META_SCALE if meta_scale is None else meta_scale
         first_share = FIRST_SHARE if first_share is None else first_share
         if not 0 < first_share <= 1:
             raise ValueError(f"first_share must lie in (0, 1], got {first_share}")
-        if not meta_eta > 0:
-            raise ValueError(f"meta_eta must be positive, got {meta_eta}")
+        if not 0 < meta_scale < np.inf:
+            raise ValueError(f"meta_scale must be positive and finite, got {meta_scale}")
         if not 0 <= share < 1:
             raise ValueError(f"share must lie in [0, 1), got {share}")
         self.names = list(names)
         self.etas = etas
         self.share = float(share)
         self.scale = float(scale)  # a regressor's: its losses are |e| / (|e| + scale)
-        self.meta_eta = float(meta_eta)
+        self.meta_scale = float(meta_scale)
         # candidates in `start_low` start at the floor σ/N (at least 0.001/N, so they can rise)
         # and earn their weight on labels; the rest share what is left evenly
         low = max(self.share, 0.001) / len(names)
@@ -124,6 +141,9 @@ class FixedShareMixture:
             [first_share] + [(1 - first_share) / (len(etas) - 1)] * (len(etas) - 1)))
         self.labels = 0
         self.served_labels = 0
+        # V: the rates' losses' spread about each label's mean, summed over about the last
+        # META_HORIZON labels; the shares' rate is META_SCALE / sqrt(1 + V)
+        self.loss_spread = 0.0
 
     @property
     def weights(self) -> list[float]:
@@ -173,12 +193,22 @@ class FixedShareMixture:
 
     def learn_served(self, losses: np.ndarray) -> None:
         """The losses (n, rates) of what each rate served for joined labels, as it was served:
-        the rates are weighed, slowly (`meta_eta`), on what they served, the label delay
-        included."""
+        the rates are weighed on what they served, the label delay included, at a rate set by
+        how their losses spread (the module's docstring)."""
         if len(self.etas) > 1:
-            self.rate_share = _fixed_share(self.rate_share[None], losses[:, None],
-                                           np.array([[self.meta_eta]]), META_SHARE)[0]
+            keep = 1.0 - 1.0 / META_HORIZON
+            for row in np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0):
+                if not np.isfinite(row).all():  # the engine filters these; a NaN V stays NaN
+                    continue
+                self.loss_spread = keep * self.loss_spread + float(np.var(row))
+                self.rate_share = _fixed_share(self.rate_share[None], row[None, None],
+                                               np.array([[self.share_eta]]), META_SHARE)[0]
         self.served_labels += len(losses)
+
+    @property
+    def share_eta(self) -> float:
+        """η_u, the rate the shares learn at now: `meta_scale` / sqrt(1 + V)."""
+        return self.meta_scale / float(np.sqrt(1.0 + self.loss_spread))
 
     def describe(self) -> dict[str, object]:
         described: dict[str, object] = {
@@ -187,6 +217,7 @@ class FixedShareMixture:
             "weights": dict(zip(self.names, self.weights, strict=True))}
         if len(self.etas) > 1:
             described["served_labels"] = self.served_labels
+            described["share_eta"] = self.share_eta
             described["rates"] = [
                 {"eta": eta, "served": float(served),
                  "weights": dict(zip(self.names, weights.tolist(), strict=True))}
