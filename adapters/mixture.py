@@ -64,16 +64,20 @@ How fast the shares move is set by how the rates' losses spread, not by one numb
     η_u,t = `META_SCALE` / sqrt(1 + V_t),
     V_t = (1 − 1/`META_HORIZON`) · V_t−1 + (1/R) Σ_r (ℓ_r,t − ℓ̄_t)²
 
-the second-order tuning of exponential weights (Cesa-Bianchi, Mansour & Stoltz, 2007), over about
-the last `META_HORIZON` labels so that it can speed up again. The same evidence then moves the
-shares by the same amount at any loss scale: a regressor's rates differ by a little on almost
-every label, and at a fixed η_u of 0.1 their shares took longer than a stream lasts to follow it
-(SP500 served with its target in runs, labels 100 late: MAE 0.761 against the model's 0.710, the
-slow rate's share 0.83 after 906 labels), while a classifier's differ by a whole 0/1 loss on a
-few labels, which swing the other way within each run where classes come in runs. There the
-spread keeps η_u near 0.1 to 0.2, here it lets it rise to about 0.5 (0.695; BENCHMARKS.md B6,
-"The shares' rate from the spread of the rates' losses"). With one rate (`eta` a number) this is
-the mixture above.
+after the second-order tunings of exponential weights (Cesa-Bianchi, Mansour & Stoltz, 2007,
+whose variance is weighted by the current weights and scaled by sqrt(ln N / V); here the spread
+is unweighted, so shares that have settled on one rate still slow down when the rates disagree),
+over about the last `META_HORIZON` labels so that it can speed up again. η_u starts at
+`META_SCALE` (1) and falls as the losses spread, never below 1 / sqrt(251) ≈ 0.063 (a label
+adds at most 0.25). Steady small differences move the shares far, swinging large ones little:
+a regressor's rates differ by a little on almost every label, and at a fixed η_u of 0.1 their
+shares took longer than a stream lasts to follow it (SP500 served with its target in runs,
+labels 100 late: MAE 0.761 against the model's 0.710, the slow rate's share 0.83 after 906
+labels), while a classifier's differ by a whole 0/1 loss on a few labels, which swing the other
+way within each run where classes come in runs. There η_u falls to about 0.2 to 0.3 within a
+few hundred labels (bananas in runs: 0.23 at the end; `tests/test_mixture.py`'s simulation
+0.14), here it stays at 0.49 or more (MAE 0.695; BENCHMARKS.md B6, "The shares' rate from the
+spread of the rates' losses"). With one rate (`eta` a number) this is the mixture above.
 """
 
 from __future__ import annotations
@@ -195,19 +199,28 @@ class FixedShareMixture:
         """The losses (n, rates) of what each rate served for joined labels, as it was served:
         the rates are weighed on what they served, the label delay included, at a rate set by
         how their losses spread (the module's docstring)."""
-        if len(self.etas) > 1:
-            keep = 1.0 - 1.0 / META_HORIZON
-            for row in np.clip(np.asarray(losses, dtype=np.float64), 0.0, 1.0):
-                if not np.isfinite(row).all():  # the engine filters these; a NaN V stays NaN
-                    continue
-                self.loss_spread = keep * self.loss_spread + float(np.var(row))
-                self.rate_share = _fixed_share(self.rate_share[None], row[None, None],
-                                               np.array([[self.share_eta]]), META_SHARE)[0]
-        self.served_labels += len(losses)
+        rows = np.asarray(losses, dtype=np.float64).reshape(len(losses), -1)
+        # the engine filters rows that are not finite; one here would make V NaN for good
+        rows = np.clip(rows[np.isfinite(rows).all(axis=1)], 0.0, 1.0)
+        if len(self.etas) > 1 and len(rows):
+            keep, spread, etas = 1.0 - 1.0 / META_HORIZON, self.loss_spread, []
+            for label_spread in rows.var(axis=1).tolist():
+                spread = keep * spread + label_spread
+                etas.append(self.meta_scale / np.sqrt(1.0 + spread))
+            self.loss_spread = spread
+            shares, floor = self.rate_share, META_SHARE / len(self.etas)
+            for row, eta in zip(rows, etas, strict=True):
+                # relative to the smallest loss, as in _fixed_share: never all 0
+                shares = shares * np.exp(-eta * (row - row.min()))
+                shares = (1 - META_SHARE) * shares / shares.sum() + floor
+            self.rate_share = shares
+        self.served_labels += len(rows)
 
     @property
     def share_eta(self) -> float:
-        """η_u, the rate the shares learn at now: `meta_scale` / sqrt(1 + V)."""
+        """η_u, the rate the shares learn at now: `meta_scale` / sqrt(1 + V); it starts at
+        `meta_scale` and falls as the rates' losses spread (to 1 / sqrt(251) at the most spread:
+        each label adds at most 0.25 to V, and V keeps about the last `META_HORIZON`)."""
         return self.meta_scale / float(np.sqrt(1.0 + self.loss_spread))
 
     def describe(self) -> dict[str, object]:
