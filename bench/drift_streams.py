@@ -452,10 +452,29 @@ class ServedRun:
     seconds: float  # the stream alone: requests and labels, not the start or the read-outs
 
 
-async def serve_prequential(settings, x: np.ndarray, y: np.ndarray, delay: int, request: int
-                            ) -> ServedRun:
+def label_batches(samples: int, request: int, due: np.ndarray) -> list[np.ndarray]:
+    """The samples whose labels go back after each request of `request` samples: label i once
+    the samples served pass due[i] (i + its delay; inf: never), in the order of i within a
+    request. With due = i + delay, the label of sample i goes back once i + delay is served.
+
+    >>> [batch.tolist() for batch in label_batches(5, 2, np.arange(5) + 1.0)]
+    [[0], [1, 2], [3]]
+    >>> [batch.tolist() for batch in label_batches(6, 2, np.array([0, np.inf, 5, 3, 4, 5]))]
+    [[0], [3], [2, 4, 5]]
+    """
+    ends = np.minimum(np.arange(1, -(-samples // request) + 1) * request, samples)
+    due = np.maximum(due, np.arange(samples))  # never before its sample is served
+    after = np.searchsorted(ends, due, side="right")  # the first request whose end passes due
+    order = np.argsort(after, kind="stable")
+    counts = np.bincount(after, minlength=len(ends) + 1)[:len(ends)]
+    return np.split(order[:counts.sum()], np.cumsum(counts)[:-1])
+
+
+async def serve_prequential(settings, x: np.ndarray, y: np.ndarray, delay: int, request: int,
+                            due: np.ndarray | None = None) -> ServedRun:
     """Predictions for every sample, in order, `request` samples per request, with the label of
-    sample i returned once sample i + `delay` has been predicted, by a fresh app in process."""
+    sample i returned once sample i + `delay` has been predicted (or once due[i] has: see
+    `label_batches`), by a fresh app in process."""
     import httpx
 
     from service.app import create_app
@@ -467,22 +486,21 @@ async def serve_prequential(settings, x: np.ndarray, y: np.ndarray, delay: int, 
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://adaptd",
                                      timeout=60) as client:
-            labelled = 0  # samples whose label went back
+            batches = label_batches(len(x), request,
+                                    np.arange(len(x)) + float(delay) if due is None else due)
             started = time.perf_counter()
-            for start in range(0, len(x), request):
+            for start, batch in zip(range(0, len(x), request), batches, strict=True):
                 end = min(start + request, len(x))
                 ids = [f"s{i}" for i in range(start, end)]
                 reply = await client.post("/v1/predict",
                                           json={"inputs": x[start:end].tolist(), "ids": ids})
                 reply.raise_for_status()
                 predictions[start:end] = [p["prediction"] for p in reply.json()["predictions"]]
-                due = end - delay  # the label of sample i returns once i + delay is predicted
-                if due > labelled:
-                    labels = [{"id": f"s{i}", "label": float(y[i])} for i in range(labelled, due)]
+                if len(batch):
+                    labels = [{"id": f"s{i}", "label": float(y[i])} for i in batch.tolist()]
                     reply = await client.post("/v1/feedback", json={"labels": labels})
                     reply.raise_for_status()
                     unjoined += len(labels) - reply.json()["joined"]
-                    labelled = due
             seconds = time.perf_counter() - started
             events = await _events(client)
             state = (await client.get("/v1/state")).json()

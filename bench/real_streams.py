@@ -43,7 +43,11 @@ through ``POST /v1/feedback`` once sample i + `delay` has been predicted, so wit
 is back before the next request. River's learners get exactly the same schedule: they learn the
 training slice first (as the MLP did), then for each block of `request` rows predict every row,
 then learn the labels that are due. The no-change baseline predicts the newest label available
-when the request is made (the last training label until then). River sees the features
+when the request is made (the last training label until then). `--label-fraction F` sends back
+the labels of a share F of the samples only (drawn with the bench's seed), and `--delay-spread
+exponential` draws each label's delay from an exponential distribution whose mean is the
+`--delays` value, so labels also come back out of order; the service, River and the baseline
+get the same labels at the same points. River sees the features
 standardised with the training slice's statistics, the MLP's own (trees do not care; the linear
 models in a regression tree's leaves do).
 
@@ -84,6 +88,7 @@ guards reset what learned (`collapse` and `shadow` events).
         --delays 0 100 --json b6.json
     python -m bench.real_streams --report real.json b2.json        # the tables of saved runs
     python -m bench.real_streams --runs 400 ...                    # classes in runs (below)
+    python -m bench.real_streams --label-fraction 0.1 --delays 100 --delay-spread exponential
 
 `--runs BLOCK` serves each stream with its classes in runs: the served rows cut into
 len // BLOCK equal blocks (BLOCK to 2 × BLOCK − 1 rows each), each sorted by label (a
@@ -120,6 +125,7 @@ import torch.nn as nn
 from bench.drift_streams import (
     HIDDEN,
     StreamMLP,
+    label_batches,
     saved_model,
     serve_prequential,
     stream_data,
@@ -398,13 +404,51 @@ def _scores(predictions: np.ndarray, y: np.ndarray, task: str) -> tuple[float, f
     return float(per_sample.mean()), float(per_sample[len(per_sample) // 2:].mean())
 
 
+@dataclass(frozen=True)
+class Labels:
+    """Which labels come back and when: a share `fraction` of the samples (drawn with the
+    bench's seed) get theirs back, each `delay` samples after it was served, or, with `spread`
+    "exponential", after a delay drawn from an exponential distribution of mean `delay`
+    (rounded to whole samples); the same draws for the service, River and the baseline."""
+
+    fraction: float = 1.0
+    spread: str = "fixed"
+
+    def due(self, samples: int, delay: int) -> np.ndarray:
+        """due[i]: once this many samples are served, the label of sample i goes back (inf:
+        never).
+
+        >>> Labels().due(3, 2).tolist()
+        [2.0, 3.0, 4.0]
+        >>> Labels(fraction=0.5, spread="exponential").due(4, 10).tolist()
+        [inf, 2.0, 4.0, 16.0]
+        """
+        rng = np.random.default_rng(SEED)
+        delays = (rng.exponential(delay, samples).round() if self.spread == "exponential"
+                  else np.full(samples, float(delay)))
+        due = np.arange(samples) + delays
+        if self.fraction < 1:
+            due[rng.random(samples) >= self.fraction] = np.inf
+        return due
+
+    def describe(self) -> str:
+        if self.fraction == 1 and self.spread == "fixed":
+            return "every label back, each after the delay"
+        return (f"labels back for {self.fraction:.0%} of the samples, each after "
+                + ("a delay drawn from an exponential distribution of that mean"
+                   if self.spread == "exponential" else "the delay"))
+
+
+EVERY_LABEL = Labels()
+
+
 def _alarm_position(event: dict) -> int:
     # the policy's served-sample clock, else the detector's own count
     return int(event["detail"].get("at", event["detail"].get("sample", -1)))
 
 
 def run_service(data: StreamData, config: Config, weights: Path, reference: Path, delay: int,
-                request: int = REQUEST) -> Result:
+                request: int = REQUEST, labels: Labels = EVERY_LABEL) -> Result:
     """The stream through a fresh app with `config`, scored prequentially."""
     from service.settings import load_settings
 
@@ -414,7 +458,8 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
     # log_level error: the start-up's `inert:` warnings come back in /v1/state, reported once
     settings = load_settings(None, model=model, batcher={"max_wait_ms": 0}, log_level="error",
                              **config.settings(data))
-    run = asyncio.run(serve_prequential(settings, data.x, data.y, delay, request))
+    run = asyncio.run(serve_prequential(settings, data.x, data.y, delay, request,
+                                        labels.due(len(data.x), delay)))
     score, last_half = _scores(run.predictions, data.y, data.task)
     alarms = [e for e in run.events if e["kind"] == "drift_alarm"]
     label_free = [_alarm_position(e) for e in alarms
@@ -463,7 +508,8 @@ def _label(value: Any, task: str) -> int | float:
     return int(value) if task == "classification" else float(value)
 
 
-def run_river(data: StreamData, learner: str, delay: int, request: int = REQUEST) -> Result:
+def run_river(data: StreamData, learner: str, delay: int, request: int = REQUEST,
+              labels: Labels = EVERY_LABEL) -> Result:
     """River's `learner` on the training slice, then on the stream with the service's schedule:
     each block of `request` rows predicted, then the labels due learnt."""
     model = _river_learners(data.task)[learner]()
@@ -471,41 +517,46 @@ def run_river(data: StreamData, learner: str, delay: int, request: int = REQUEST
     for x, y in zip(train_rows, data.y_train, strict=True):
         model.learn_one(x, _label(y, data.task))
     predictions = np.full(len(rows), np.nan)
-    labelled = 0
+    batches = label_batches(len(rows), request, labels.due(len(rows), delay))
     started = time.perf_counter()
-    for start in range(0, len(rows), request):
+    for start, batch in zip(range(0, len(rows), request), batches, strict=True):
         end = min(start + request, len(rows))
         for i in range(start, end):
             guess = model.predict_one(rows[i])
             predictions[i] = np.nan if guess is None else guess
-        for i in range(labelled, max(labelled, end - delay)):
+        for i in batch.tolist():
             model.learn_one(rows[i], _label(data.y[i], data.task))
-        labelled = max(labelled, end - delay)
     seconds = time.perf_counter() - started
     score, last_half = _scores(predictions, data.y, data.task)
     return Result(data.name, learner, "river", data.task, delay, len(rows), score, last_half,
                   1000 * seconds / len(rows))
 
 
-def no_change(y_train: np.ndarray, y: np.ndarray, delay: int, request: int = REQUEST
-              ) -> np.ndarray:
-    """The no-change baseline: every sample of a request gets the newest label back when the
-    request is made (the last training label before any is).
+def no_change(y_train: np.ndarray, y: np.ndarray, delay: int, request: int = REQUEST,
+              labels: Labels = EVERY_LABEL) -> np.ndarray:
+    """The no-change baseline: every sample of a request gets back the label that arrived last
+    before the request is made (the last training label before any has; within the labels
+    that go back together, the last sample's, as the service's newest label).
 
     >>> no_change(np.array([7]), np.array([1, 2, 3, 4, 5]), delay=0, request=1).tolist()
     [7, 1, 2, 3, 4]
     >>> no_change(np.array([7]), np.array([1, 2, 3, 4, 5]), delay=1, request=2).tolist()
     [7, 7, 1, 1, 3]
     """
-    starts = np.arange(len(y)) // request * request
-    newest = starts - delay - 1  # labels of samples before `start - delay` are back
-    history = np.concatenate([y_train[-1:], y])
-    return history[np.maximum(newest, -1) + 1]
+    predictions = np.empty(len(y), dtype=np.asarray(y).dtype)
+    newest = y_train[-1]
+    batches = label_batches(len(y), request, labels.due(len(y), delay))
+    for start, batch in zip(range(0, len(y), request), batches, strict=True):
+        predictions[start:start + request] = newest
+        if len(batch):
+            newest = y[batch[-1]]
+    return predictions
 
 
-def run_no_change(data: StreamData, delay: int, request: int = REQUEST) -> Result:
+def run_no_change(data: StreamData, delay: int, request: int = REQUEST,
+                  labels: Labels = EVERY_LABEL) -> Result:
     started = time.perf_counter()
-    predictions = no_change(data.y_train, data.y, delay, request)
+    predictions = no_change(data.y_train, data.y, delay, request, labels)
     seconds = time.perf_counter() - started
     score, last_half = _scores(predictions, data.y, data.task)
     return Result(data.name, "no-change", "baseline", data.task, delay, len(data.y), score,
@@ -521,16 +572,18 @@ def trained(data: StreamData, seed: int = SEED) -> Iterator[tuple[Path, Path]]:
 
 def run_stream(data: StreamData, configs: list[Config], learners: Iterable[str],
                delays: Iterable[int], request: int = REQUEST,
-               progress: Callable[[Result], None] | None = None) -> list[Result]:
+               progress: Callable[[Result], None] | None = None,
+               labels: Labels = EVERY_LABEL) -> list[Result]:
     """Every configuration, River learner and the no-change baseline on one stream, per delay."""
     results = []
     with trained(data) as (weights, reference):
         for delay in delays:
             runs: list[Callable[[], Result]] = [
-                partial(run_service, data, config, weights, reference, delay, request)
+                partial(run_service, data, config, weights, reference, delay, request, labels)
                 for config in configs if data.task in config.tasks]
-            runs += [partial(run_river, data, learner, delay, request) for learner in learners]
-            runs.append(partial(run_no_change, data, delay, request))
+            runs += [partial(run_river, data, learner, delay, request, labels)
+                     for learner in learners]
+            runs.append(partial(run_no_change, data, delay, request, labels))
             for run in runs:
                 results.append(run())
                 if progress is not None:
@@ -739,6 +792,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, metavar="BLOCK",
                         help="classes in runs: len // BLOCK equal blocks of the served rows, "
                              "each sorted by label (streams named NAME-runs)")
+    parser.add_argument("--label-fraction", type=float, default=1.0, metavar="F",
+                        help="labels come back for this share of the samples (drawn with the "
+                             "bench's seed), the rest never")
+    parser.add_argument("--delay-spread", choices=("fixed", "exponential"), default="fixed",
+                        help="exponential: each label's delay drawn from an exponential "
+                             "distribution whose mean is the --delays value")
     parser.add_argument("--quick", action="store_true",
                         help="600 rows of a real dataset, B2's streams 500 + 500 + 500")
     parser.add_argument("--json", type=Path, help="write the results here too")
@@ -763,6 +822,9 @@ def main() -> None:
         return
     if args.runs is not None and args.runs < 1:
         parser.error(f"--runs: a block holds at least one row, got {args.runs}")
+    if not 0 < args.label_fraction <= 1:
+        parser.error(f"--label-fraction: a share in (0, 1], got {args.label_fraction}")
+    labels = Labels(args.label_fraction, args.delay_spread)
     if args.quick:
         args.max_rows, args.synthetic = 600, [500, 500, 500]
     configs = [CONFIGS[name] for name in args.configs.split(",") if name]
@@ -784,13 +846,15 @@ def main() -> None:
         if args.runs is not None:
             data = in_runs(data, args.runs)
         sizes.append(f"{name} {len(data.x_train):,} + {len(data.x):,}")
-        results += run_stream(data, configs, learners, args.delays, args.request, progress)
+        results += run_stream(data, configs, learners, args.delays, args.request, progress,
+                              labels)
     wall = time.perf_counter() - started
 
     command = "python -m bench.real_streams " + " ".join(sys.argv[1:])
     machine = platform.processor() or platform.machine()
     header = (f"B6 real streams: rows trained on + streamed: {'; '.join(sizes)}. {args.request} "
-              f"samples per request; service defaults {service_defaults()}; {machine}, "
+              f"samples per request; {labels.describe()}; service defaults "
+              f"{service_defaults()}; {machine}, "
               f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M %Z')}, wall {wall:.0f} s"
               f"\n`{command.strip()}`")
     print(f"\n{header}\n")

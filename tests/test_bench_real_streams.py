@@ -104,3 +104,57 @@ def test_the_growth_table_follows_the_learner_label_by_label():
     assert [r["labels"] for r in rows] == [1_000, 2_000]
     assert all(r["nodes"] >= 1 and r["megabytes"] > 0 and r["learn_ms"] > 0 for r in rows)
     assert growth_table(rows).count("| sea | ht |") == 2
+
+
+@pytest.mark.slow
+def test_half_the_labels_at_random_delays_reach_the_service_river_and_the_baseline_alike(
+        monkeypatch):
+    from bench import real_streams
+    from bench.drift_streams import label_batches
+    from bench.real_streams import Labels, _river_rows, run_river, run_service, trained
+
+    data = load_stream("phishing", max_rows=400, train_share=0.2)
+    labels = Labels(fraction=0.5, spread="exponential")
+    due = labels.due(len(data.x), 20)
+    batches = label_batches(len(data.x), 16, due)
+    sent = np.concatenate(batches).astype(int)
+    # about half the labels, each once, never before its sample was served
+    assert 120 < len(sent) < 200 and len(set(sent.tolist())) == len(sent)
+    assert all(i < 16 * (k + 1) for k, batch in enumerate(batches) for i in batch)
+    assert np.isfinite(due).sum() > len(sent)  # some are due after the stream ends
+
+    # River learns those labels after its training slice, in that order
+    learnt = []
+
+    class Recorder:
+        def learn_one(self, x, y):
+            learnt.append((x, y))
+
+        def predict_one(self, x):
+            return 0
+
+    monkeypatch.setattr(real_streams, "_river_learners", lambda task: {"HT": Recorder})
+    run_river(data, "HT", 20, labels=labels)
+    _, rows = _river_rows(data)
+    assert learnt[len(data.x_train):] == [(rows[i], int(data.y[i])) for i in sent]
+
+    # the service joins exactly as many
+    served = []
+    serve = real_streams.serve_prequential
+
+    async def recording(*args, **kwargs):
+        served.append(await serve(*args, **kwargs))
+        return served[-1]
+
+    monkeypatch.setattr(real_streams, "serve_prequential", recording)
+    with trained(data) as (weights, reference):
+        result = run_service(data, CONFIGS["source"], weights, reference, 20, labels=labels)
+    assert result.unjoined_labels == 0
+    assert served[0].metrics['adaptd_labels_total{outcome="joined"}'] == len(sent)
+
+    # the baseline repeats the last label of the previous batch that brought any
+    baseline = no_change(data.y_train, data.y, 20, labels=labels)
+    newest = data.y_train[-1]
+    for k, batch in enumerate(batches):
+        assert (baseline[16 * k:16 * (k + 1)] == newest).all()
+        newest = data.y[batch[-1]] if len(batch) else newest
