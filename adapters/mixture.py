@@ -96,6 +96,8 @@ META_SCALE = 1.0
 META_HORIZON = 1000
 META_SHARE = 1e-5
 FIRST_SHARE = 0.9
+# the starting weight of a candidate that serves nothing before the first label (`start_untried`)
+UNTRIED = 0.05
 
 
 class FixedShareMixture:
@@ -109,6 +111,7 @@ class FixedShareMixture:
 
     def __init__(self, names: list[str], eta: float | Sequence[float] = 2.0,
                  share: float = 0.001, scale: float = 1.0, start_low: tuple[str, ...] = (),
+                 start_untried: tuple[str, ...] = (),
                  meta_scale: float | None = None, first_share: float | None = None) -> None:
         if len(names) < 2:
             raise ValueError(f"a mixture needs at least two candidates, got {names}")
@@ -131,13 +134,19 @@ class FixedShareMixture:
         self.scale = float(scale)  # a regressor's: its losses are |e| / (|e| + scale)
         self.meta_scale = float(meta_scale)
         # candidates in `start_low` start at the floor σ/N (at least 0.001/N, so they can rise)
-        # and earn their weight on labels; the rest share what is left evenly
+        # and earn their weight on labels; those in `start_untried`, which serve nothing until
+        # the first label (the newest label, River's learner), at UNTRIED each: a prior, not a
+        # floor, so that a few dozen labels, not hundreds, show them better where labels are
+        # few; the rest share what is left evenly
         low = max(self.share, 0.001) / len(names)
-        starting = [name in start_low for name in names]
-        if all(starting):
-            raise ValueError("start_low leaves no candidate to start from")
-        high = (1.0 - low * sum(starting)) / (len(names) - sum(starting))
-        start = np.array([low if s else high for s in starting])
+        starts = {name: low for name in start_low} | {name: UNTRIED for name in start_untried}
+        if all(name in starts for name in names):
+            raise ValueError("start_low and start_untried leave no candidate to start from")
+        given = sum(starts.get(name, 0.0) for name in names)
+        if given >= 1:
+            raise ValueError(f"start_untried leaves nothing for the others ({given:g})")
+        high = (1.0 - given) / sum(name not in starts for name in names)
+        start = np.array([starts.get(name, high) for name in names])
         self.rate_weights = np.tile(start, (len(etas), 1))  # (rates, candidates)
         # how much each rate is served: the first starts with `first_share`, the others share
         # the rest

@@ -497,13 +497,15 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     if not m.enabled or len(names) < 2:
         return None
     scale = _loss_scale(model, spread)
-    # the newest label is no model: it starts at the floor, or while the first labels of mixed
-    # predictions are on their way (labels late) it would have half the say against one stage;
-    # so does the online learner, which starts from nothing, and the source: until labels say
-    # otherwise what is served is what this configuration makes (with an adapter, its answers)
+    # the source starts at the floor: until labels say otherwise what is served is what this
+    # configuration makes (with an adapter, its answers). The newest label and the online
+    # learner serve nothing before the first label; then they start at a prior of 0.05 each
+    # (adapters.mixture.UNTRIED), neither half the say against one stage while the first labels
+    # of mixed predictions are on their way (labels late) nor the floor, from which a regressor
+    # needed hundreds of labels to raise them (BENCHMARKS.md B6, stop 29)
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
-                             start_low=(NEWEST_LABEL, LEARNER, "source"))
+                             start_low=("source",), start_untried=(NEWEST_LABEL, LEARNER))
 
 
 def _online_learner(settings: Settings, model: LoadedModel, reference: ReferenceData | None
