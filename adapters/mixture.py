@@ -137,14 +137,20 @@ class FixedShareMixture:
         # and earn their weight on labels; those in `start_untried`, which serve nothing until
         # the first label (the newest label, River's learner), at UNTRIED each: a prior, not a
         # floor, so that a few dozen labels, not hundreds, show them better where labels are
-        # few; the rest share what is left evenly
+        # few (never below the floor); the rest share what is left evenly. Names that are not
+        # candidates here (the newest label of a classifier) are left out
         low = max(self.share, 0.001) / len(names)
-        starts = {name: low for name in start_low} | {name: UNTRIED for name in start_untried}
+        both = set(start_low) & set(start_untried)
+        if both:
+            raise ValueError(f"a candidate starts low or untried, not both: {sorted(both)}")
+        starts = ({name: low for name in start_low}
+                  | {name: max(UNTRIED, low) for name in start_untried})
         if all(name in starts for name in names):
             raise ValueError("start_low and start_untried leave no candidate to start from")
         given = sum(starts.get(name, 0.0) for name in names)
         if given >= 1:
-            raise ValueError(f"start_untried leaves nothing for the others ({given:g})")
+            raise ValueError(f"start_low and start_untried leave nothing for the others "
+                             f"({given:g})")
         high = (1.0 - given) / sum(name not in starts for name in names)
         start = np.array([starts.get(name, high) for name in names])
         self.rate_weights = np.tile(start, (len(etas), 1))  # (rates, candidates)

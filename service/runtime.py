@@ -502,7 +502,9 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     # learner serve nothing before the first label; then they start at a prior of 0.05 each
     # (adapters.mixture.UNTRIED), neither half the say against one stage while the first labels
     # of mixed predictions are on their way (labels late) nor the floor, from which a regressor
-    # needed hundreds of labels to raise them (BENCHMARKS.md B6, stop 29)
+    # needed hundreds of labels to raise them (BENCHMARKS.md B6, stop 29). Until then each
+    # repeats the last stage (engine._mixed), so what is served without labels is unchanged
+    # where the stages agree before labels, as they do: nothing but labels separates them
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
                              start_low=("source",), start_untried=(NEWEST_LABEL, LEARNER))

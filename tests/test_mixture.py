@@ -52,6 +52,28 @@ def test_a_candidate_untried_until_the_first_label_starts_at_a_prior_that_few_la
     with pytest.raises(ValueError, match="nothing for the others"):
         FixedShareMixture(["a"] + [f"u{i}" for i in range(20)], start_untried=tuple(
             f"u{i}" for i in range(20)))
+    with pytest.raises(ValueError, match="not both"):
+        FixedShareMixture(["a", "b"], start_low=("a",), start_untried=("a",))
+    # never below the floor, whatever the share
+    wide = FixedShareMixture(["a", "b", "c"], share=0.3, start_untried=("a",))
+    assert wide.weights[0] == pytest.approx(0.1)
+
+
+def test_the_default_regressor_starts_its_untried_candidates_at_005_and_serves_the_model():
+    from service.engine import CANDIDATE_ARRAYS
+    from service.settings import load_settings
+
+    model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+             "input_shape": [3]}
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32) * 100
+    with built_engine(load_settings(None, model=model)) as engine:
+        assert engine.mixture is not None
+        weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
+        assert weights == pytest.approx({"newest_label": 0.05, "learner": 0.05, "adapted": 0.9})
+        for rows in np.split(x, 4):
+            out = engine.forward(rows)
+            # no label yet: both repeat the model's answer, and the mixture gives it back exactly
+            assert np.array_equal(out.outputs, out.arrays[CANDIDATE_ARRAYS["adapted"]])
 
 
 def test_the_mixture_combines_and_scores_both_tasks():
