@@ -76,8 +76,9 @@ labels 100 late: MAE 0.761 against the model's 0.710, the slow rate's share 0.83
 labels), while a classifier's differ by a whole 0/1 loss on a few labels, which swing the other
 way within each run where classes come in runs. There η_u falls to about 0.2 to 0.3 within a
 few hundred labels (bananas in runs: 0.23 at the end; `tests/test_mixture.py`'s simulation
-0.14), here it stays at 0.49 or more (MAE 0.695; BENCHMARKS.md B6, "The shares' rate from the
-spread of the rates' losses"). With one rate (`eta` a number) this is the mixture above.
+0.14), here it stays at 0.49 or more (MAE 0.695, 0.687 with the untried candidates' start of
+0.05; BENCHMARKS.md B6, "The shares' rate from the spread of the rates' losses"). With one
+rate (`eta` a number) this is the mixture above.
 """
 
 from __future__ import annotations
