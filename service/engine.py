@@ -764,11 +764,12 @@ class Engine:
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
         armed, self.tap.armed = self.tap.armed, False  # the step's forward keeps no features
+        before = self.supervised.steps
         try:
-            self.supervised.step(inputs, labels)
+            self.supervised.learn(inputs, labels)
         finally:
             self.tap.armed = armed
-        self.metrics.supervised_steps.inc()
+            self.metrics.supervised_steps.inc(max(0, self.supervised.steps - before))
 
     def _report_memories(self) -> None:
         for memory in self.memories():

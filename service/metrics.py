@@ -100,7 +100,8 @@ class Metrics:
             registry=r,
         )
         self.supervised_steps = Counter(
-            "adaptd_supervised_steps", "supervised optimizer steps on labelled feedback",
+            "adaptd_supervised_steps",
+            "supervised optimizer steps on labelled feedback, replays included",
             registry=r,
         )
         self.stream_entries = Counter(

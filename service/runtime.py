@@ -329,7 +329,8 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
     adanpc = _adanpc(settings, model, reference)  # seeded by the source model, before adaptation
     error_memory = _error_memory(settings, model, reference)
     output_corrector = _output_corrector(settings, model, reference)
-    supervised = _supervised(settings, model)  # injects its low-rank layers before the adapter
+    # injects its low-rank layers before the adapter
+    supervised = _supervised(settings, model, reference)
     _grade(settings, model, reference)
     try:
         adapter = build_adapter(
@@ -545,6 +546,14 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
                 f"(d_margin {adapter.d_margin} with {adapter.num_classes} classes): it will "
                 "rarely step and serves like bn; set adapter.options.d_margin higher (1.0 turns "
                 "the redundancy filter off) or choose bn")
+    s = settings.supervised
+    if not s.enabled and (s.replay or s.reference_batch or s.train == "all"):
+        said.append("supervised.train, replay and reference_batch shape the supervised step, "
+                    "which is off: set supervised.enabled = true")
+    if s.enabled and s.reference_batch and settings.adapter.norm == "batch":
+        said.append("supervised.reference_batch normalises the reference samples by the "
+                    "source's statistics, which adapter.norm = 'batch' does not keep: each "
+                    "reference batch is normalised by itself")
     if settings.mixture.learner != "off" and engine.online is None:
         said.append(f"mixture.learner = {settings.mixture.learner!r} is a candidate of the "
                     "mixture, which is off: set mixture.enabled = true")
@@ -695,9 +704,11 @@ def _output_corrector(settings: Settings, model: LoadedModel, reference: Referen
                            max_learning_rate=settings.adapter.max_learning_rate)
 
 
-def _supervised(settings: Settings, model: LoadedModel) -> SupervisedStep | None:
-    """The supervised step on labels: normalisation affines where the model has them (auto), or a
-    low-rank adapter injected beside its last linear layers."""
+def _supervised(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                ) -> SupervisedStep | None:
+    """The supervised step on labels: normalisation affines where the model has them (auto), a
+    low-rank adapter injected beside its last linear layers, or every parameter; with replay and
+    the reference data's labelled samples where configured."""
     s = settings.supervised
     if not s.enabled:
         return None
@@ -706,10 +717,20 @@ def _supervised(settings: Settings, model: LoadedModel) -> SupervisedStep | None
     if train == "norm" and not has_norm:
         raise ValueError("supervised.train = 'norm', but the model has no normalisation "
                          "layer: use 'lowrank' (or 'auto')")
+    rehearsed = None
+    if s.reference_batch:
+        if reference is None or reference.labels is None:
+            raise ValueError("supervised.reference_batch needs labelled reference data: set "
+                             "model.reference_data to a safetensors file with `inputs` and "
+                             "`labels`, or supervised.reference_batch = 0")
+        rehearsed = (reference.inputs, model.task.label_tensor(reference.labels,
+                                                               len(reference.inputs)))
     if train == "lowrank":
         inject_lowrank(model.module, rank=s.rank, layers=s.layers)
     return SupervisedStep(model.module, model.task, learning_rate=s.learning_rate, prefer=train,
-                          max_learning_rate=settings.adapter.max_learning_rate)
+                          max_learning_rate=settings.adapter.max_learning_rate,
+                          replay=s.replay, replay_steps=s.replay_steps, reference=rehearsed,
+                          reference_batch=s.reference_batch, input_shape=model.input_shape)
 
 
 def _adanpc(settings: Settings, model: LoadedModel, reference: ReferenceData | None

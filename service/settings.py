@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     SecretStr,
@@ -341,15 +342,36 @@ class SupervisedSettings(Section):
     """A supervised step on labelled feedback, through the engine like every model change."""
 
     enabled: bool = False
-    train: Literal["auto", "norm", "lowrank"] = Field(
+    train: Literal["auto", "norm", "lowrank", "all"] = Field(
         "auto",
         description="what trains: the normalisation affines where the model has them (auto), "
-        "or a low-rank adapter beside the last linear layers (models without normalisation)",
+        "a low-rank adapter beside the last linear layers (models without normalisation), or "
+        "every parameter (all)",
     )
     rank: PositiveInt = Field(4, description="the low-rank adapter's rank")
     layers: PositiveInt = Field(1, description="how many of the last linear layers get one")
     learning_rate: PositiveFloat = 1e-3
     batch_size: PositiveInt = Field(32, description="labelled samples per step")
+    replay: NonNegativeInt = Field(
+        0, le=1_000_000, description="the last labelled samples kept in memory to rehearse "
+        "(0: none); each costs its input's size")
+    replay_steps: NonNegativeInt = Field(
+        0, le=100, description="steps on batches drawn from the kept samples after each "
+        "step on new labels (needs replay)")
+    reference_batch: NonNegativeInt = Field(
+        0, le=4096, description="labelled reference samples added to every step, normalised "
+        "by the source's statistics, so the training distribution is not forgotten (needs "
+        "reference data with labels)")
+
+    @model_validator(mode="after")
+    def _replay_with_its_steps(self) -> SupervisedSettings:
+        if self.replay_steps and not self.replay:
+            raise ValueError("supervised.replay_steps needs samples to replay: set "
+                             "supervised.replay above 0")
+        if self.replay and not self.replay_steps:
+            raise ValueError("supervised.replay keeps samples that only supervised.replay_steps "
+                             "rehearses: set it above 0 (or replay = 0)")
+        return self
 
 
 class FeedbackSettings(Section):

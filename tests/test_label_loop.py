@@ -135,6 +135,49 @@ def test_a_model_without_normalisation_adapts_to_labels_through_a_low_rank_adapt
                                atol=1e-5)
 
 
+def test_labels_train_every_parameter_with_replay_and_reference_rehearsal() -> None:
+    _, _, x_test, y_test = digits_split()
+
+    async def scenario():
+        async with serving(supervised={"enabled": True, "train": "all", "batch_size": 16,
+                                       "replay": 40, "replay_steps": 2,
+                                       "reference_batch": 8}) as (client, app):
+            engine = app.state.runtime.engine
+            before = [p.detach().clone() for p in engine.supervised.params]
+            for start in range(0, 64, 16):
+                ids = [f"r{start + i}" for i in range(16)]
+                await client.post("/v1/predict", json={
+                    "inputs": x_test[start:start + 16].tolist(), "ids": ids})
+                await client.post("/v1/feedback", json={"labels": [
+                    {"id": i, "label": int(y)}
+                    for i, y in zip(ids, y_test[start:start + 16], strict=True)]})
+            learnt = (await client.get("/v1/state")).json()["learning"]["supervised"]
+            moved = [not torch.equal(p, b) for p, b in zip(engine.supervised.params, before,
+                                                          strict=True)]
+            await client.post("/v1/admin/reset")
+            reset = (await client.get("/v1/state")).json()["learning"]["supervised"]
+            return learnt, moved, reset, metric(app, "adaptd_supervised_steps_total")
+
+    learnt, moved, reset, steps = asyncio.run(scenario())
+    assert (learnt["trains"], learnt["replay"], learnt["replay_steps"],
+            learnt["reference_batch"]) == ("all", 40, 2, 8)
+    assert learnt["kept"] == 40  # 64 labelled samples, the ring holds the last 40
+    assert learnt["steps"] == steps == 4 * (1 + 2)  # each labelled batch, then two replays
+    assert all(moved)  # the convolutions too, not only the affines
+    assert (reset["kept"], reset["steps"]) == (0, 0)
+
+
+def test_reference_rehearsal_without_labelled_reference_data_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="labelled reference data"):
+        asyncio.run(_start(model=REGRESSOR, adapter={"name": "none"},
+                           supervised={"enabled": True, "reference_batch": 8}))
+
+
+async def _start(**overrides) -> None:
+    async with serving(**overrides):
+        pass
+
+
 def test_an_operator_reset_empties_the_error_memory_and_its_stored_rows() -> None:
     _, _, x_test, y_test = digits_split()
 

@@ -116,3 +116,17 @@ def test_balanced_statistics_say_where_they_have_nothing_to_balance():
                  "input_shape": [3]}
     (said,) = balanced_warnings(adapter={"name": "bn", "norm": "balanced"}, model=regressor)
     assert "a regressor has none" in said
+
+
+def test_the_supervised_step_says_when_its_replay_or_reference_settings_cannot_act():
+    def supervised_warnings(**settings):
+        state = asyncio.run(state_of(drift={"enabled": False}, **settings))
+        return [w for w in state["warnings"] if w.startswith("supervised.")]
+
+    (said,) = supervised_warnings(supervised={"train": "all", "replay": 100, "replay_steps": 2})
+    assert "which is off: set supervised.enabled = true" in said
+    assert supervised_warnings(supervised={"enabled": True, "train": "all", "replay": 100,
+                                           "replay_steps": 2, "reference_batch": 8}) == []
+    (said,) = supervised_warnings(adapter={"name": "bn", "norm": "batch"},
+                                  supervised={"enabled": True, "reference_batch": 8})
+    assert "each reference batch is normalised by itself" in said

@@ -310,3 +310,173 @@ def test_a_loss_that_does_not_fit_the_task_is_refused() -> None:
 
     with pytest.raises(ValueError, match="mse, huber"):
         SupervisedStep(model, task="regression", loss="cross_entropy")
+
+
+# --- every parameter, replay and reference rehearsal -------------------------------------------
+
+
+def test_every_parameter_can_train_and_reset_restores_them_all() -> None:
+    model = mlp()
+    x = inputs(256)
+    with torch.no_grad():
+        source = model(x)
+    step = SupervisedStep(model, task="regression", prefer="all", learning_rate=1e-2)
+
+    assert step.trains == "all"
+    assert step.param_names == [name for name, _ in model.named_parameters()]
+    losses = [step.step(x, source + 0.5) for _ in range(100)]
+    assert losses[-1] < 0.1 * losses[0]
+    assert all(not torch.equal(p, s) for p, s in zip(step.params, step._source_params,
+                                                      strict=True))
+    step.reset()
+    assert torch.equal(model(x), source)
+
+
+def test_replay_keeps_the_last_samples_and_rehearses_them_after_each_batch() -> None:
+    model = mlp()
+    step = SupervisedStep(model, task="regression", prefer="all", replay=100, replay_steps=3)
+    x = inputs(160)
+    y = torch.arange(160, dtype=torch.float32).reshape(-1, 1)
+
+    for start in range(0, 160, 40):
+        step.learn(x[start:start + 40], y[start:start + 40])
+
+    assert step.steps == 4 * (1 + 3)
+    assert step.kept == 100
+    assert step._kept_labels is not None
+    # the ring holds samples 60 to 159, the oldest overwritten first
+    assert sorted(step._kept_labels.reshape(-1).tolist()) == list(range(60, 160))
+    assert step.describe()["kept"] == 100
+    step.reset()
+    assert step.kept == 0
+    step.learn(x[:10], y[:10])  # a batch after the reset starts the ring again
+    assert step.kept == 10 and step.steps == 4
+    assert sorted(step._kept_labels[:10].reshape(-1).tolist()) == list(range(10))
+
+
+def test_a_batch_longer_than_the_ring_keeps_its_last_samples() -> None:
+    step = SupervisedStep(mlp(), task="regression", prefer="all", replay=8, replay_steps=1)
+    y = torch.arange(20, dtype=torch.float32).reshape(-1, 1)
+
+    step.learn(inputs(20), y)
+
+    assert step._kept_labels is not None
+    assert sorted(step._kept_labels.reshape(-1).tolist()) == list(range(12, 20))
+
+
+def test_replay_makes_few_labels_teach_more() -> None:
+    x = inputs(64)
+    results = []
+    for replay, steps in ((0, 0), (64, 8)):
+        model = mlp()
+        with torch.no_grad():
+            target = model(x) + 1.0
+        step = SupervisedStep(model, task="regression", prefer="all", learning_rate=1e-3,
+                              replay=replay, replay_steps=steps)
+        for start in range(0, 64, 16):
+            step.learn(x[start:start + 16], target[start:start + 16])
+        with torch.no_grad():
+            results.append(float(((model(x) - target) ** 2).mean()))
+    assert results[1] < 0.5 * results[0]
+
+
+def robust_classifier(seed: int = 0) -> nn.Module:
+    from adapters.tta.norm import configure_norm
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    model.eval()
+    with torch.no_grad():  # source statistics that are not the identity
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return configure_norm(model, "robust", momentum=0.1)
+
+
+def test_reference_rehearsal_keeps_what_the_model_knew_and_moves_no_statistic() -> None:
+    from adapters.tta.norm import RobustBatchNorm
+
+    # the reference: the source model's own answers on its inputs; the stream: inputs shifted
+    # by 3, labelled with a class the source gives them rarely
+    reference_x = inputs(256, seed=1)
+    stream_x = inputs(256, seed=2) + 3.0
+    agreement = []
+    for reference_batch in (0, 64):
+        model = robust_classifier()
+        layer = next(m for m in model.modules() if isinstance(m, RobustBatchNorm))
+        with torch.no_grad():
+            model(stream_x)  # the stream has moved the test-time averages
+            reference_y = robust_source_answers(model, reference_x)
+        averages = (layer.mean.clone(), layer.square.clone())
+        step = SupervisedStep(model, task="classification", prefer="all", learning_rate=1e-2,
+                              reference=(reference_x, reference_y),
+                              reference_batch=reference_batch)
+        for start in range(0, 256, 32):
+            for _ in range(5):
+                step.learn(stream_x[start:start + 32], torch.full((32,), 2))
+        assert torch.equal(layer.mean, averages[0]) and torch.equal(layer.square, averages[1])
+        agreement.append(float((robust_source_answers(model, reference_x)
+                                == reference_y).float().mean()))
+    # without rehearsal the stream's class takes over the reference inputs too (0.18 agree)
+    assert agreement[0] < 0.5 < 0.8 < agreement[1]
+
+
+def robust_source_answers(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from adapters.tta.norm import frozen_statistics, source_statistics
+
+    with torch.no_grad(), frozen_statistics(model), source_statistics(model):
+        return model(x).argmax(1)
+
+
+def test_replay_and_reference_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="set both above 0"):
+        SupervisedStep(mlp(), task="regression", prefer="all", replay_steps=2)
+    with pytest.raises(ValueError, match="set both above 0"):
+        SupervisedStep(mlp(), task="regression", prefer="all", replay=10)
+    with pytest.raises(ValueError, match="labelled reference"):
+        SupervisedStep(mlp(), task="regression", prefer="all", reference_batch=8)
+    with pytest.raises(ValueError, match="negative"):
+        SupervisedStep(mlp(), task="regression", prefer="all", replay=-1)
+
+
+def test_the_ring_is_allocated_at_start_when_the_input_shape_is_known() -> None:
+    step = SupervisedStep(mlp(), task="regression", prefer="all", replay=50, replay_steps=1,
+                          input_shape=(5,))
+    assert step._kept_inputs is not None and step._kept_inputs.shape == (50, 5)
+
+
+def test_a_checkpoint_of_every_parameter_restores_and_one_of_another_train_is_refused() -> None:
+    x = inputs()
+    trained = mlp()
+    step = SupervisedStep(trained, task="regression", prefer="all", learning_rate=1e-2)
+    for _ in range(5):
+        step.step(x, torch.ones(len(x), 1))
+    state = step.state_dict()
+
+    restored_model = mlp()
+    restored = SupervisedStep(restored_model, task="regression", prefer="all",
+                              learning_rate=1e-2)
+    restored.load_state_dict(state)
+    assert torch.equal(restored_model(x), trained(x))
+    assert restored.step(x, torch.ones(len(x), 1)) == step.step(x, torch.ones(len(x), 1))
+
+    # the affines of a LayerNorm model are a subset of its parameters: a checkpoint of every
+    # parameter must not load into a step that trains the affines alone, nor the other way
+    norm_model = LayerNormRegressor()
+    everything = SupervisedStep(norm_model, task="regression", prefer="all")
+    everything.step(x, torch.zeros(len(x), 2))
+    affines = SupervisedStep(LayerNormRegressor(), task="regression", prefer="norm")
+    with pytest.raises(ValueError, match="another supervised.train"):
+        affines.load_state_dict(everything.state_dict())
+    affines.step(x, torch.zeros(len(x), 2))
+    with pytest.raises(ValueError, match="lacks"):
+        SupervisedStep(LayerNormRegressor(), task="regression",
+                       prefer="all").load_state_dict(affines.state_dict())
+
+
+def test_source_statistics_are_left_whatever_happens_inside() -> None:
+    from adapters.tta.norm import RobustBatchNorm, source_statistics
+
+    model = robust_classifier()
+    with pytest.raises(RuntimeError), source_statistics(model):
+        raise RuntimeError("a forward that fails")
+    assert not any(m.source_only for m in model.modules() if isinstance(m, RobustBatchNorm))

@@ -69,6 +69,9 @@ def test_the_config_file_can_be_named_by_adaptd_config(tmp_path, monkeypatch):
         ("[batcher]\nmax_batch_size = 0\n", "greater than 0"),
         ("[model]\nclass_names = [\"a\", \"b\"]\n", "2 names for 10 classes"),
         ("[model]\ntask = \"ranking\"\n", "'classification' or 'regression'"),
+        ("[supervised]\nreplay = 100\n", "only supervised.replay_steps rehearses"),
+        ("[supervised]\nreplay_steps = 3\n", "needs samples to replay"),
+        ("[supervised]\ntrain = \"everything\"\n", "'auto', 'norm', 'lowrank' or 'all'"),
     ],
 )
 def test_a_mistake_in_the_config_file_is_an_error_that_names_it(tmp_path, toml, message):

@@ -60,6 +60,8 @@ class RobustBatchNorm(nn.Module):
         # None: move by `momentum` per sample of the batch; a number: by exactly that much (0 for
         # a layer whose averages something else moves: `adapters.tta.balanced`, RoTTA's memory)
         self.fixed_momentum: float | None = None
+        # True within `source_statistics`: normalise by the source's statistics alone
+        self.source_only = False
         # per-sample statistics of the last committed forward, kept for `BalancedStatistics`
         # (which turns this on with `keep_class_statistics`) to file under each sample's class
         self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -80,6 +82,8 @@ class RobustBatchNorm(nn.Module):
         self.register_buffer("class_weight", torch.full((classes,), 1.0 / classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.source_only:
+            return self._normalise(x, self.source_mean, self.source_square)
         if self.classes and self.commit and self.captured is None:
             spatial = list(range(2, x.dim()))
             self.captured = ((x.mean(spatial) if spatial else x).detach(),
@@ -100,6 +104,10 @@ class RobustBatchNorm(nn.Module):
         if self.commit:
             self.mean.copy_(mean.detach())
             self.square.copy_(square.detach())
+        return self._normalise(x, mean, square)
+
+    def _normalise(self, x: torch.Tensor, mean: torch.Tensor, square: torch.Tensor
+                   ) -> torch.Tensor:
         var = (square - mean * mean).clamp_min(0.0)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
@@ -314,6 +322,32 @@ class frozen_statistics:
     def __exit__(self, *exc: object) -> None:
         for layer, (commit, fixed) in zip(self.layers, self.kept, strict=True):
             layer.commit, layer.fixed_momentum = commit, fixed
+
+
+class source_statistics:
+    """Within this block, robust BN layers normalise by the source model's statistics alone and
+    move nothing: samples from the training distribution (the reference data) are normalised as
+    the source model normalised them, whatever the stream has moved the averages to. Other layers
+    are left as they are: a plain BatchNorm in eval mode already uses the source's, one in train
+    mode (`use_batch_statistics`, adapter.norm = "batch") normalises each batch by itself.
+
+    >>> robust = RobustBatchNorm(nn.BatchNorm1d(2).eval(), momentum=0.5)
+    >>> _ = robust(torch.tensor([[4.0, -4.0]]))  # the average moves to [2, -2]
+    >>> with source_statistics(robust):
+    ...     robust(torch.tensor([[0.0, 0.0]])).tolist(), robust.mean.tolist()
+    ([[0.0, 0.0]], [2.0, -2.0])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, RobustBatchNorm)]
+
+    def __enter__(self) -> None:
+        for layer in self.layers:
+            layer.source_only = True
+
+    def __exit__(self, *exc: object) -> None:
+        for layer in self.layers:
+            layer.source_only = False
 
 
 NORM_LAYERS = (_BatchNorm, RobustBatchNorm, nn.LayerNorm, nn.GroupNorm)
