@@ -134,6 +134,8 @@ from bench.drift_streams import (
 from bench.drift_streams import STREAMS as DRIFT_STREAMS
 from bench.drift_streams import SUPERVISED as LOWRANK_16
 
+SUPERVISED_ALL = {"train": "all", "replay": 2000, "replay_steps": 10, "reference_batch": 256}
+
 SEED = 2024
 TRAIN_SHARE = 0.2  # of a real stream's rows, to train on
 MAX_ROWS = 6_000  # rows read from a real dataset (Shuttle has 49,097)
@@ -344,6 +346,14 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("mix+hat", {"mixture": {"enabled": True, "learner": "hat"}}),
     Config("mix+arf", {"mixture": {"enabled": True, "learner": "arf"}}),
     Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
+    # the supervised recipe B1 measured for an image model with few labels: every parameter,
+    # the last 2,000 labels rehearsed 10 steps a batch, 256 reference samples in every step
+    Config("sup-all", {"supervised": {"enabled": True, **SUPERVISED_ALL}}),
+    # the same under the service's mixture (the source, River's learner, the newest label)
+    Config("defaults+sup-all", {"supervised": {"enabled": True, **SUPERVISED_ALL}},
+           default_mixture=True),
+    Config("mix+arf+sup-all", {"supervised": {"enabled": True, **SUPERVISED_ALL},
+                               "mixture": {"enabled": True, "learner": "arf"}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
     # with two classes every softmax is within a cosine of 0.71 of the running mean, so EATA's
     # redundancy filter at 0.4 selects nothing (docs/adaptation.md)
