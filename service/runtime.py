@@ -498,9 +498,14 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     if not m.enabled or len(names) < 2:
         return None
     scale = _loss_scale(model, spread)
-    # the source starts at the floor: until labels say otherwise what is served is what this
-    # configuration makes (with an adapter, its answers). The newest label and the online
-    # learner serve nothing before the first label; then they start at a prior of 0.05 each
+    # with an adapter the source starts at the floor: until labels say otherwise what is served
+    # is what this configuration makes, the adapter's answers. Where only labels change the
+    # model (the supervised step, adapter none) the source and the adapted model agree until the
+    # first label, and the source starts level with it, so that the mixture can return to the
+    # model as trained as soon as labels show what was learnt worse (SP500 with its target in
+    # runs, labels 100 late: 0.810 from the floor, 0.700 level; BENCHMARKS.md B6, stop 30).
+    # The newest label and the online learner serve nothing before the first label; then they
+    # start at a prior of 0.05 each
     # (adapters.mixture.UNTRIED), neither half the say against one stage while the first labels
     # of mixed predictions are on their way (labels late) nor the floor, from which a regressor
     # needed hundreds of labels to raise them (BENCHMARKS.md B6, stop 29). Until then each
@@ -508,7 +513,8 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     # where the stages agree before labels, as they do: nothing but labels separates them
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
-                             start_low=("source",), start_untried=(NEWEST_LABEL, LEARNER))
+                             start_low=("source",) if settings.adapter.method != "none" else (),
+                             start_untried=(NEWEST_LABEL, LEARNER))
 
 
 def _online_learner(settings: Settings, model: LoadedModel, reference: ReferenceData | None

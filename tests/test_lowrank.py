@@ -245,14 +245,19 @@ def test_layernorm_model_adapts_and_resets() -> None:
     assert torch.equal(model(x), source)
 
 
-def test_norm_affines_can_be_trained_instead() -> None:
-    model = LayerNormRegressor()
+def shifted_steps(model: nn.Module, prefer: str
+                  ) -> tuple[SupervisedStep, torch.Tensor, torch.Tensor, list[float]]:
+    """100 steps of `prefer`'s parameters toward the source's outputs + 0.5."""
     x = inputs(256)
     with torch.no_grad():
         source = model(x)
-    step = SupervisedStep(model, task="regression", prefer="norm", learning_rate=1e-2)
+    step = SupervisedStep(model, task="regression", prefer=prefer, learning_rate=1e-2)
+    return step, x, source, [step.step(x, source + 0.5) for _ in range(100)]
 
-    losses = [step.step(x, source + 0.5) for _ in range(100)]
+
+def test_norm_affines_can_be_trained_instead() -> None:
+    model = LayerNormRegressor()
+    step, x, source, losses = shifted_steps(model, "norm")
     assert losses[-1] < 0.2 * losses[0]
 
     step.reset()
@@ -317,14 +322,10 @@ def test_a_loss_that_does_not_fit_the_task_is_refused() -> None:
 
 def test_every_parameter_can_train_and_reset_restores_them_all() -> None:
     model = mlp()
-    x = inputs(256)
-    with torch.no_grad():
-        source = model(x)
-    step = SupervisedStep(model, task="regression", prefer="all", learning_rate=1e-2)
+    step, x, source, losses = shifted_steps(model, "all")
 
     assert step.trains == "all"
     assert step.param_names == [name for name, _ in model.named_parameters()]
-    losses = [step.step(x, source + 0.5) for _ in range(100)]
     assert losses[-1] < 0.1 * losses[0]
     assert all(not torch.equal(p, s) for p, s in zip(step.params, step._source_params,
                                                       strict=True))

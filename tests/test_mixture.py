@@ -76,6 +76,28 @@ def test_the_default_regressor_starts_its_untried_candidates_at_005_and_serves_t
             assert np.array_equal(out.outputs, out.arrays[CANDIDATE_ARRAYS["adapted"]])
 
 
+def test_the_source_starts_level_where_only_labels_change_the_model_and_low_beside_an_adapter():
+    from service.settings import load_settings
+
+    model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+             "input_shape": [3]}
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    supervised = {"enabled": True, "train": "all"}
+    with built_engine(load_settings(None, model=model, supervised=supervised)) as engine:
+        weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
+        # the supervised step changes nothing before the first label: the source is the
+        # adapted model's equal until labels tell them apart
+        assert weights == pytest.approx({"newest_label": 0.05, "learner": 0.05, "source": 0.45,
+                                         "adapted": 0.45})
+        out = engine.forward(x)
+        assert np.allclose(out.outputs, engine.forward(x, adapt=False).outputs, atol=1e-6)
+    with built_engine(load_settings(None, model=model, adapter={"name": "bn"},
+                                    mixture={"enabled": True})) as engine:
+        weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
+        assert weights["source"] == pytest.approx(0.001 / len(weights))  # the floor
+        assert weights["adapted"] > 0.85
+
+
 def test_the_mixture_combines_and_scores_both_tasks():
     mixture = FixedShareMixture(["source", "adapted"], scale=2.0)
     mixture.weights = [0.25, 0.75]
