@@ -140,7 +140,7 @@ class FixedShareMixture:
         # floor, so that a few dozen labels, not hundreds, show them better where labels are
         # few (never below the floor); the rest share what is left evenly. Names that are not
         # candidates here (the newest label of a classifier) are left out
-        low = max(self.share, 0.001) / len(names)
+        low = self.floor = max(self.share, 0.001) / len(names)
         both = set(start_low) & set(start_untried)
         if both:
             raise ValueError(f"a candidate starts low or untried, not both: {sorted(both)}")
@@ -175,6 +175,21 @@ class FixedShareMixture:
     def weights(self, weights: Sequence[float]) -> None:
         """Every rate's weights set to these."""
         self.rate_weights = np.tile(np.asarray(weights, dtype=np.float64), (len(self.etas), 1))
+
+    def lower(self, name: str) -> bool:
+        """Before the first label: `name` down to the floor weight at every rate, what it gives
+        up shared by the others in proportion (a source that started level with stages that now
+        differ from it before any label: a checkpoint restored, memory rows reloaded). After a
+        label the weights are the labels' to move: nothing changes, and False."""
+        if self.labels or self.served_labels or name not in self.names:
+            return False
+        at = self.names.index(name)
+        for weights in self.rate_weights:
+            others = weights.sum() - weights[at]
+            if weights[at] > self.floor and others > 0:
+                weights *= (1.0 - self.floor) / others
+                weights[at] = self.floor
+        return True
 
     def outputs(self, candidates: dict[str, torch.Tensor]) -> torch.Tensor:
         """What each rate's weights make of the candidates' outputs, (rates, n, width), float64."""

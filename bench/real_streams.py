@@ -352,6 +352,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # the same under the service's mixture (the source, River's learner, the newest label)
     Config("defaults+sup-all", {"supervised": {"enabled": True, **SUPERVISED_ALL}},
            default_mixture=True),
+    Config("defaults+sup-all-nodrift", {"supervised": {"enabled": True, **SUPERVISED_ALL}}
+           | _OFF, default_mixture=True),
     Config("mix+arf+sup-all", {"supervised": {"enabled": True, **SUPERVISED_ALL},
                                "mixture": {"enabled": True, "learner": "arf"}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
@@ -361,7 +363,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
            two_class_options={"d_margin": 1.0}),
 ]}
 # the pairs whose only difference is drift monitoring: (on at the default, off)
-DRIFT_PAIRS = [("defaults", "defaults-nodrift"), ("bn+mem+sup", "bn+mem+sup-nodrift")]
+DRIFT_PAIRS = [("defaults", "defaults-nodrift"), ("bn+mem+sup", "bn+mem+sup-nodrift"),
+               ("defaults+sup-all", "defaults+sup-all-nodrift")]
 
 
 def service_defaults() -> dict[str, Any]:

@@ -140,14 +140,20 @@ class Runtime:
                      store.raw.reserved_bytes >> 20, settings.store.max_records,
                      settings.store.max_bytes >> 20)
         await asyncio.to_thread(_load_snapshot, settings, store)
-        if settings.adapter.restore:
-            await _restore_adapter(engine, store)
+        learnt = settings.adapter.restore and await _restore_adapter(engine, store)
         if engine.drift is not None:
             await _restore_drift(engine, store)
         persisted = persisted_memories(settings, engine)
         for memory in engine.memories():
             if memory.name in persisted:
-                await _reload_memory(engine, store, memory)
+                reloaded = await _reload_memory(engine, store, memory)
+                # AdaNPC's vote counts from 0 again whatever its rows: only the error memory's
+                # rows change what it serves before a label
+                learnt = learnt or (reloaded and memory is engine.error_memory)
+        if learnt and engine.mixture is not None:
+            # what was learnt before this start makes the stages differ from the source before
+            # any label: the source goes to the floor, as beside an adapter (_mixture)
+            await engine.run(engine.mixture.lower, "source")
         conformal = _conformal(settings, engine, store, reference_max_scale(settings, engine))
         if conformal is not None:
             await conformal.refresh()
@@ -510,7 +516,9 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     # of mixed predictions are on their way (labels late) nor the floor, from which a regressor
     # needed hundreds of labels to raise them (BENCHMARKS.md B6, stop 29). Until then each
     # repeats the last stage (engine._mixed), so what is served without labels is unchanged
-    # where the stages agree before labels, as they do: nothing but labels separates them
+    # where the stages agree before labels, as they do on a fresh start: nothing but labels
+    # separates them (a checkpoint restored or the error memory's rows reloaded at start do:
+    # `Runtime.start` then lowers the source to the floor)
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
                              start_low=("source",) if settings.adapter.method != "none" else (),
@@ -856,27 +864,30 @@ def persisted_memories(settings: Settings, engine: Engine) -> frozenset[str]:
 
 
 async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | AnyErrorMemory
-                         ) -> None:
-    """Rows this deployment's replicas added to the memory before, from the store."""
+                         ) -> bool:
+    """Rows this deployment's replicas added to the memory before, from the store; whether
+    any were loaded."""
     try:
         rows = await store.load_memory(memory.name)
     except StoreUnavailable:
         log.warning("the store is unreachable: the %s memory starts from its seed", memory.name)
-        return
-    if rows.size:
+        return False
+    if not rows.size:
+        return False
+    try:
+        await engine.run(memory.load_rows, rows)
+    except ValueError as error:  # rows of another model (a new feature width): start afresh
+        log.warning("the stored %s memory does not fit this model (%s); it starts empty, and "
+                    "the stored rows are cleared", memory.name, error)
         try:
-            await engine.run(memory.load_rows, rows)
-        except ValueError as error:  # rows of another model (a new feature width): start afresh
-            log.warning("the stored %s memory does not fit this model (%s); it starts empty, "
-                        "and the stored rows are cleared", memory.name, error)
-            try:
-                await store.clear_memory(memory.name)
-            except StoreUnavailable:
-                pass  # the next reset clears them; until then new rows are refused and dropped
-            return
-        log.info("reloaded %d %s memory rows", len(rows), memory.name)
-        if memory is engine.error_memory:
-            await engine.run(engine.wake_memory)
+            await store.clear_memory(memory.name)
+        except StoreUnavailable:
+            pass  # the next reset clears them; until then new rows are refused and dropped
+        return False
+    log.info("reloaded %d %s memory rows", len(rows), memory.name)
+    if memory is engine.error_memory:
+        await engine.run(engine.wake_memory)
+    return True
 
 
 async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
@@ -899,22 +910,24 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
     log.info("resumed drift detectors%s", f" (not: {', '.join(skipped)})" if skipped else "")
 
 
-async def _restore_adapter(engine: Engine, store: StoreGateway) -> None:
-    """Resume from the latest checkpoint in the store, if it was made for this model and method."""
+async def _restore_adapter(engine: Engine, store: StoreGateway) -> bool:
+    """Resume from the latest checkpoint in the store, if it was made for this model and method;
+    whether one was restored."""
     try:
         latest = await store.load_adapter()
     except StoreUnavailable:
         log.warning("the store is unreachable: the adapter starts from the source weights")
-        return
+        return False
     if latest is None:
-        return
+        return False
     version, blob = latest
     if await engine.run(engine.restore, blob):
         log.info("restored adapter checkpoint %d", version)
-    else:
-        log.info("adapter checkpoint %d was made for another model version, method, norm or "
-                 "composition (supervised step, output corrector), or does not fit this model; "
-                 "not restored", version)
+        return True
+    log.info("adapter checkpoint %d was made for another model version, method, norm or "
+             "composition (supervised step, output corrector), or does not fit this model; "
+             "not restored", version)
+    return False
 
 
 def _load_snapshot(settings: Settings, store: StoreGateway) -> None:

@@ -35,7 +35,8 @@ def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_lear
         settings = resolve_auto(load_settings(None, model=model, **config.settings(data)), loaded)
         learners[name] = (settings.mixture.enabled, settings.mixture.learner)
     assert learners.pop("defaults") == learners.pop("defaults-nodrift") == (True, "hat")
-    assert learners.pop("defaults+sup-all") == (True, "hat")
+    assert learners.pop("defaults+sup-all") == learners.pop("defaults+sup-all-nodrift") == (
+        True, "hat")
     assert learners.pop("mix+hat") == (True, "hat") and learners.pop("mix+arf") == (True, "arf")
     assert learners.pop("mix+arf+sup-all") == (True, "arf")
     for name in ("mix", "mem+sup+mix", "bn+mem+sup+mix"):

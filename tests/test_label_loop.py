@@ -167,6 +167,38 @@ def test_labels_train_every_parameter_with_replay_and_reference_rehearsal() -> N
     assert (reset["kept"], reset["steps"]) == (0, 0)
 
 
+def test_a_restored_supervised_step_starts_the_mixture_from_its_answers(
+        redis_server: RedisServer) -> None:
+    # with adapter none the source starts level with the supervised model, which it equals
+    # until the first label; a checkpoint restored at start makes them differ before any
+    # label, and the source goes to the floor, as beside an adapter
+    settings = settings_for(model=REGRESSOR, adapter={"name": "none"},
+                            supervised={"enabled": True, "train": "all", "learning_rate": 0.01,
+                                        "batch_size": 32},
+                            mixture={"enabled": True, "learner": "off", "newest_label": "off"},
+                            store={"url": redis_server.url, "namespace": uuid.uuid4().hex})
+    inputs = np.random.default_rng(3).normal(size=(32, 3)).astype(np.float32)
+
+    async def life(train: bool):
+        async with serving(settings) as (client, app):
+            mixture = app.state.runtime.engine.mixture
+            start = dict(zip(mixture.names, mixture.weights, strict=True))
+            if train:
+                for _ in range(4):
+                    ids = [f"s{uuid.uuid4().hex}" for _ in range(32)]
+                    await client.post("/v1/predict", json={"inputs": inputs.tolist(), "ids": ids})
+                    await client.post("/v1/feedback", json={"labels": [
+                        {"id": i, "label": 5.0} for i in ids]})
+                await client.post("/v1/admin/checkpoint")
+            return start
+
+    first = asyncio.run(life(train=True))
+    second = asyncio.run(life(train=False))
+    assert first == pytest.approx({"source": 0.5, "adapted": 0.5})
+    assert second["source"] == pytest.approx(0.001 / 2)
+    assert second["adapted"] == pytest.approx(1 - 0.001 / 2)
+
+
 def test_reference_rehearsal_without_labelled_reference_data_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="labelled reference data"):
         asyncio.run(_start(model=REGRESSOR, adapter={"name": "none"},

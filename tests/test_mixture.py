@@ -77,6 +77,7 @@ def test_the_default_regressor_starts_its_untried_candidates_at_005_and_serves_t
 
 
 def test_the_source_starts_level_where_only_labels_change_the_model_and_low_beside_an_adapter():
+    from service.engine import CANDIDATE_ARRAYS
     from service.settings import load_settings
 
     model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
@@ -90,12 +91,30 @@ def test_the_source_starts_level_where_only_labels_change_the_model_and_low_besi
         assert weights == pytest.approx({"newest_label": 0.05, "learner": 0.05, "source": 0.45,
                                          "adapted": 0.45})
         out = engine.forward(x)
-        assert np.allclose(out.outputs, engine.forward(x, adapt=False).outputs, atol=1e-6)
+        assert np.array_equal(out.arrays[CANDIDATE_ARRAYS["source"]],
+                              out.arrays[CANDIDATE_ARRAYS["adapted"]])
+        assert np.array_equal(out.outputs, out.arrays[CANDIDATE_ARRAYS["adapted"]])
     with built_engine(load_settings(None, model=model, adapter={"name": "bn"},
                                     mixture={"enabled": True})) as engine:
         weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
         assert weights["source"] == pytest.approx(0.001 / len(weights))  # the floor
         assert weights["adapted"] > 0.85
+
+
+def test_lowering_a_candidate_before_labels_moves_its_weight_to_the_others():
+    mixture = FixedShareMixture(["newest_label", "source", "adapted"], eta=[2.0, 0.1],
+                                start_untried=("newest_label",))
+    assert mixture.weights == pytest.approx([0.05, 0.475, 0.475])
+    assert mixture.lower("source")
+    floor = 0.001 / 3
+    assert mixture.weights == pytest.approx([0.05 * (1 - floor) / 0.525, floor,
+                                             0.475 * (1 - floor) / 0.525])
+    assert sum(mixture.weights) == pytest.approx(1.0)
+    assert not mixture.lower("missing")
+    mixture.learn(np.array([[0.0, 1.0, 1.0]]))
+    before = list(mixture.weights)
+    assert not mixture.lower("adapted")  # after a label the labels move the weights
+    assert mixture.weights == before
 
 
 def test_the_mixture_combines_and_scores_both_tasks():
