@@ -744,7 +744,8 @@ def _supervised(settings: Settings, model: LoadedModel, reference: ReferenceData
     return SupervisedStep(model.module, model.task, learning_rate=s.learning_rate, prefer=train,
                           max_learning_rate=settings.adapter.max_learning_rate,
                           replay=s.replay, replay_steps=s.replay_steps, reference=rehearsed,
-                          reference_batch=s.reference_batch, input_shape=model.input_shape)
+                          reference_batch=s.reference_batch, input_shape=model.input_shape,
+                          replay_batch=s.batch_size)
 
 
 def _adanpc(settings: Settings, model: LoadedModel, reference: ReferenceData | None

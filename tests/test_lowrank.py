@@ -481,3 +481,29 @@ def test_source_statistics_are_left_whatever_happens_inside() -> None:
     with pytest.raises(RuntimeError), source_statistics(model):
         raise RuntimeError("a forward that fails")
     assert not any(m.source_only for m in model.modules() if isinstance(m, RobustBatchNorm))
+
+
+def test_a_loss_that_is_not_finite_takes_no_step() -> None:
+    model = mlp()
+    step = SupervisedStep(model, task="regression", prefer="all", learning_rate=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    step.step(inputs(8), torch.full((8, 1), float("inf")))
+
+    assert (step.steps, step.skipped) == (0, 1)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert not step.optimizer.state  # Adam's moments untouched
+    step.step(inputs(8), torch.zeros(8, 1))
+    assert (step.steps, step.skipped) == (1, 1)
+
+
+def test_replay_steps_draw_their_own_batch_size_whatever_the_new_batch() -> None:
+    step = SupervisedStep(mlp(), task="regression", prefer="all", replay=500, replay_steps=2,
+                          replay_batch=16)
+    sizes = []
+    original = step.step
+    step.step = lambda x, y: sizes.append(len(x)) or original(x, y)  # type: ignore[method-assign]
+
+    step.learn(inputs(200), torch.zeros(200, 1))  # a burst of labels learnt at once
+
+    assert sizes == [200, 16, 16]

@@ -37,8 +37,8 @@ every step also takes the loss on that many labelled reference samples (the trai
 distribution), normalised by the source model's statistics (`source_statistics`), so the weights
 stay good for both. On B1's digits stream through the service (BENCHMARKS.md), 10% of the labels
 100 samples late: every parameter trained with 10 replay steps over the last 2,000 labels and 256
-reference samples a step serves 30.5 to 33.4% error over six runs on two draws (43.3% and 42.7%
-with no labels; the affines alone at lr 0.01, 42.1%), and the clean digits after the stream 2.9
+reference samples a step serves 30.3 to 33.4% error over ten runs on two draws (43.3% and 42.7%
+with no labels; the affines alone at lr 0.01, 42.1%), and the clean digits after the stream 2.8
 to 4.1% (the source 3.1; in process without the reference samples, 5.1 to 8.1%).
 """
 
@@ -224,6 +224,10 @@ class SupervisedStep:
     input_shape
         One sample's input shape: with it the ring of kept inputs is allocated now (a ring too
         large for memory fails at start), else at the first batch.
+    replay_batch
+        Samples in each replay step (None: as many as the new batch). The engine passes its
+        batch size, so that a burst of labels learnt at once costs one large step, not
+        `replay_steps` of them.
 
     Examples
     --------
@@ -257,6 +261,7 @@ class SupervisedStep:
         reference_batch: int = 0,
         seed: int = 0,
         input_shape: tuple[int, ...] | None = None,
+        replay_batch: int | None = None,
     ) -> None:
         self.task = task_named(task)
         if replay < 0 or replay_steps < 0 or reference_batch < 0:
@@ -288,8 +293,10 @@ class SupervisedStep:
         self._source_params = [p.detach().clone() for p in self.params]
         self._source_optimizer = copy.deepcopy(self.optimizer.state_dict())
         self.steps = 0
+        self.skipped = 0  # steps not taken: a loss or gradient not finite
         self.replay = replay
         self.replay_steps = replay_steps
+        self.replay_batch = replay_batch
         self.reference = reference if reference_batch else None
         self.reference_batch = reference_batch
         self._generator = torch.Generator().manual_seed(seed)
@@ -310,13 +317,14 @@ class SupervisedStep:
 
     def learn(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
         """A step on a new labelled batch, then (with `replay`) `replay_steps` steps on batches
-        of as many samples drawn from the last `replay` labelled ones, this batch's included.
-        Returns the new batch's loss before its step."""
+        of `replay_batch` samples (or as many as the new batch) drawn from the last `replay`
+        labelled ones, this batch's included. Returns the new batch's loss before its step."""
         loss = self.step(inputs, labels)
         if self.replay:
             self._keep(inputs.detach(), torch.as_tensor(labels).detach())
+            draw = self.replay_batch or len(inputs)
             for _ in range(self.replay_steps):
-                rows = torch.randperm(self._kept, generator=self._generator)[:len(inputs)]
+                rows = torch.randperm(self._kept, generator=self._generator)[:draw]
                 assert self._kept_inputs is not None and self._kept_labels is not None
                 self.step(self._kept_inputs[rows], self._kept_labels[rows])
         return loss
@@ -343,9 +351,17 @@ class SupervisedStep:
                 total = total + self._loss(reference_outputs, reference_labels[rows])
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
-            self.optimizer.step()
+            # a loss or gradient that is not finite (a label far out of range) teaches nothing:
+            # no step, so the weights and Adam's moments stay as they were
+            finite = bool(torch.isfinite(total)) and all(
+                p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
+        if finite:
+            self.steps += 1
+        else:
+            self.skipped += 1
         return loss.item()
 
     def _keep(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
@@ -418,7 +434,7 @@ class SupervisedStep:
         return {"name": self.name, "trains": self.trains, "parameters": len(self.params),
                 "loss": self.loss, "learning_rate": self.learning_rate, "steps": self.steps,
                 "replay": self.replay, "replay_steps": self.replay_steps, "kept": self._kept,
-                "reference_batch": self.reference_batch}
+                "reference_batch": self.reference_batch, "skipped": self.skipped}
 
     def _loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels).to(outputs.device)
