@@ -4,8 +4,9 @@ checkpoint carries, a reset back to the source, and a description for `/v1/state
 The test-time adapters (`adapters.tta`), the supervised step (`adapters.labels.lowrank`) and the
 output corrector (`adapters.labels.output_corrector`) all implement `Learner`, so the engine boosts,
 resets and checkpoints them through one interface. The optimizer helpers below are the machinery
-they share: a rate cap that keeps every parameter group's ratio, and an optimizer's moments as
-plain named tensors so a checkpoint is safetensors, never a pickle.
+they share: a rate cap that keeps every parameter group's ratio, a step that is not taken when
+a loss or gradient is not finite, and an optimizer's moments as plain named tensors so a
+checkpoint is safetensors, never a pickle.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ def set_capped_learning_rate(
     for group in groups:
         group["lr"] = group["initial_lr"] * scale
     return float(groups[0]["lr"])
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> bool:
+    """The optimizer step on the gradients `loss.backward()` left, unless the loss or any
+    gradient is NaN or infinite: then no parameter (nor the optimizer's moments) changes. The
+    gradients are cleared either way. True if it stepped."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    finite = torch.isfinite(loss.detach()).all()
+    if grads:
+        finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    stepped = bool(finite)
+    if stepped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

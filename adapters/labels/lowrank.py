@@ -54,7 +54,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
+from adapters.learner import (
+    load_optimizer_tensors,
+    optimizer_tensors,
+    set_capped_learning_rate,
+    step_if_finite,
+)
 from adapters.task import Task, task_named
 from adapters.tta.norm import frozen_statistics, normalisation_affines, source_statistics
 
@@ -300,7 +305,8 @@ class SupervisedStep:
         self.reference = reference if reference_batch else None
         self.reference_batch = reference_batch
         self._generator = torch.Generator().manual_seed(seed)
-        # the kept labelled samples: a ring of `replay` rows, allocated at the first batch
+        # the kept labelled samples: a ring of `replay` rows, the inputs' allocated now where
+        # `input_shape` is given, the rest at the first batch
         self._kept_inputs: torch.Tensor | None = None
         self._kept_labels: torch.Tensor | None = None
         self._kept = 0  # rows filled
@@ -353,12 +359,8 @@ class SupervisedStep:
             total.backward()
             # a loss or gradient that is not finite (a label far out of range) teaches nothing:
             # no step, so the weights and Adam's moments stay as they were
-            finite = bool(torch.isfinite(total)) and all(
-                p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
-            if finite:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if finite:
+            stepped = step_if_finite(self.optimizer, total)
+        if stepped:
             self.steps += 1
         else:
             self.skipped += 1
@@ -370,11 +372,12 @@ class SupervisedStep:
             self._kept_inputs = inputs.new_empty((self.replay, *inputs.shape[1:]))
         if self._kept_labels is None:
             self._kept_labels = labels.new_empty((self.replay, *labels.shape[1:]))
-        for row in range(max(0, len(inputs) - self.replay), len(inputs)):
-            self._kept_inputs[self._next] = inputs[row]
-            self._kept_labels[self._next] = labels[row]
-            self._next = (self._next + 1) % self.replay
-            self._kept = min(self._kept + 1, self.replay)
+        inputs, labels = inputs[-self.replay:], labels[-self.replay:]  # a batch longer than it
+        rows = (self._next + torch.arange(len(inputs))) % self.replay
+        self._kept_inputs[rows] = inputs.to(self._kept_inputs.dtype)
+        self._kept_labels[rows] = labels
+        self._next = int(rows[-1] + 1) % self.replay if len(rows) else self._next
+        self._kept = min(self._kept + len(rows), self.replay)
 
     @property
     def kept(self) -> int:

@@ -30,7 +30,12 @@ from typing import ClassVar, TypedDict
 import torch
 import torch.nn as nn
 
-from adapters.learner import load_optimizer_tensors, optimizer_tensors, set_capped_learning_rate
+from adapters.learner import (
+    load_optimizer_tensors,
+    optimizer_tensors,
+    set_capped_learning_rate,
+    step_if_finite,
+)
 from adapters.tta.balanced import BalancedStatistics
 from adapters.tta.norm import STATISTICS_BUFFERS, configure_norm, frozen_statistics
 
@@ -204,17 +209,9 @@ class GradientAdapter(Adapter):
 
         Every method steps through here, never through `self.optimizer.step()` directly.
         """
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
-        finite = torch.isfinite(loss.detach()).all()
-        if grads:
-            finite = finite & torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        stepped = bool(finite)
-        if stepped:
-            self.optimizer.step()
-        else:
+        stepped = step_if_finite(self.optimizer, loss)
+        if not stepped:
             self.skipped_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
         return stepped
 
     @property
