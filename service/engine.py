@@ -293,6 +293,10 @@ class Engine:
         # memories and the corrector are the source's, and no second forward runs
         self.source = source
         self.source_is_model = source is not None and source is model.module
+        # the shadow copy's own features, for the label-free drift detectors (below)
+        self.source_tap = (FeatureTap(source) if source is not None and not self.source_is_model
+                           else None)
+        self._source_features: np.ndarray | None = None
         # `error_memory.kind = "auto"`: the memory sleeps (records keep no features, nothing is
         # compensated) until the first joined label, or rows it loads
         self._memory_asleep = error_memory is not None and memory_wakes_on_labels
@@ -448,9 +452,19 @@ class Engine:
             source = outputs.clone() if self._outputs_differ() else None
         else:
             source = self._source_outputs(x, count)
-        # the drift detectors watch the model's own distribution: the memories' votes and
-        # corrections change by themselves as they fill, which is no drift of the inputs
+        # the label-free drift detectors watch what the inputs do to a model that does not
+        # learn: the shadow's outputs and features where it runs a copy of the source, else the
+        # model's own before the memories and the corrector. What learns (the adapter, the
+        # supervised step, the memories' votes) changes these by itself, which is no drift of
+        # the inputs, and its alarms would boost the very learning that raised them
         model_outputs = outputs.numpy()
+        watched: tuple[np.ndarray | None, np.ndarray | None]
+        if self.source_tap is None:
+            watched = (model_outputs, features_np)
+        elif source is None:  # the source's outputs were not finite: the batch adds nothing
+            watched = (None, None)
+        else:
+            watched = (source.numpy(), self._source_features)
         candidates: dict[str, torch.Tensor | None] = {"source": source, "adapted": outputs}
         arrays: dict[str, np.ndarray] = {}
         if source is not None:
@@ -507,7 +521,7 @@ class Engine:
                     self.guard.clear()  # the labels outrank it: what is served beats the source
                 else:
                     self._reset_after_collapse()
-            self._watch(model_outputs if self.task.discrete else None, features_np, count)
+            self._watch(watched[0] if self.task.discrete else None, watched[1], count)
         return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
                            entropy=None if entropy is None else entropy.numpy(),
                            adapter_version=version, arrays=arrays,
@@ -549,8 +563,13 @@ class Engine:
         not finite: the guard and the comparison then skip the batch)."""
         if self.source is None:
             return None
-        with torch.inference_mode():  # the copy was made before the feature tap: no hooks
+        if self.source_tap is not None:
+            self.source_tap.arm()
+        with torch.inference_mode():  # the copy was made before the served model's feature tap
             served = self.task.served(self.source(x).float().reshape(count, -1))
+        features = None if self.source_tap is None else self.source_tap.take()
+        self._source_features = (features.float().numpy() if features is not None
+                                 and bool(torch.isfinite(features).all()) else None)
         return served if bool(torch.isfinite(served).all()) else None
 
     def _mixed(self, candidates: dict[str, torch.Tensor | None]

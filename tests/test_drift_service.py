@@ -10,7 +10,8 @@ import uuid
 
 import numpy as np
 import pytest
-from harness import metric, serving, settings_for
+import torch
+from harness import built_engine, metric, serving, settings_for
 from redis_server import RedisServer
 
 from service.demo import digits_split
@@ -157,3 +158,50 @@ def test_drift_can_be_switched_off_and_bad_detector_settings_are_refused() -> No
         settings_for(drift={"label_free": [{"detector": "adwin", "signal": "error"}]})
     with pytest.raises(ValidationError):
         settings_for(drift={"labelled": [{"detector": "adwin", "signal": "nope"}]})
+
+
+def test_the_label_free_detectors_watch_the_source_copy_not_the_model_that_learns() -> None:
+    """What learns changes the model's outputs by itself, which is no drift of the inputs: with a
+    shadow copy of the source, the label-free detectors are fed its outputs and features (a
+    feedback loop otherwise: the alarms the learning raises boost the learning)."""
+    from service.engine import SOURCE_OUTPUTS
+    from service.model import FeatureTap
+
+    inputs, _ = _stream()
+    settings = settings_for(adapter={"name": "tent", "learning_rate": 0.01})
+    with built_engine(settings) as engine:
+        assert engine.source is not None and not engine.source_is_model
+        fed: list[tuple[np.ndarray | None, np.ndarray | None]] = []
+        observe = engine.drift.observe_batch
+
+        def recording(probabilities, features, count):
+            fed.append((probabilities, features))
+            return observe(probabilities, features, count)
+
+        engine.drift.observe_batch = recording
+        served = [engine.forward(inputs[start:start + 32]) for start in range(0, 320, 32)]
+        reference = FeatureTap(engine.source)  # the source's features, taken here independently
+        engine.source(torch.from_numpy(inputs[288:320]))
+        source_features = reference.take().numpy()
+        reference.remove()
+    last = served[-1]
+    assert not np.allclose(last.outputs, last.arrays[SOURCE_OUTPUTS], atol=1e-3)  # Tent moved it
+    for batch, (probabilities, features) in zip(served, fed, strict=True):
+        np.testing.assert_array_equal(probabilities, batch.arrays[SOURCE_OUTPUTS])
+        assert features is not None and features.shape == batch.features.shape
+    np.testing.assert_allclose(fed[-1][1], source_features, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fed[-1][1], last.features, atol=1e-3)
+
+
+def test_without_a_shadow_copy_the_detectors_watch_the_model_itself() -> None:
+    inputs, _ = _stream()
+    settings = settings_for(adapter={"name": "tent", "learning_rate": 0.01, "runs": "off"},
+                            shadow={"enabled": False})  # served = the model's own outputs
+    with built_engine(settings) as engine:
+        assert engine.source is None
+        fed = []
+        observe = engine.drift.observe_batch
+        engine.drift.observe_batch = lambda p, f, n: fed.append((p, f)) or observe(p, f, n)
+        batch = engine.forward(inputs[:32])
+    np.testing.assert_allclose(fed[0][0], batch.outputs, rtol=1e-6)
+    np.testing.assert_array_equal(fed[0][1], batch.features)
