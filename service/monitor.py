@@ -83,6 +83,10 @@ class DriftMonitor:
         )
         self.act_on = settings.act_on
         self.samples = 0
+        # which model's outputs and features the label-free detectors are fed: the engine sets
+        # "source copy" where the shadow runs one (`Engine.forward`); a saved state of the other
+        # kind holds statistics of other values, and its label-free detectors start afresh
+        self.watches = "model"
         # every series a dashboard's increase() needs exists from the start, at 0
         for detector in (*self.label_free, *self.labelled):
             source = (detector.name, detector.signal.name)
@@ -163,7 +167,7 @@ class DriftMonitor:
     # --- state ------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "samples": self.samples,
+        return {"version": STATE_VERSION, "samples": self.samples, "watches": self.watches,
                 "label_free": [d.state() for d in self.label_free],
                 "labelled": [d.state() for d in self.labelled],
                 "policy": self.policy.state()}
@@ -173,7 +177,12 @@ class DriftMonitor:
         skipped: list[str] = []
         if state.get("version") != STATE_VERSION:
             return ["the whole state (another format)"]
-        for path in ("label_free", "labelled"):
+        paths = ["label_free", "labelled"]
+        watched = state.get("watches", "model")  # states saved before the copy was watched
+        if watched != self.watches:
+            paths.remove("label_free")
+            skipped.append(f"label_free (saved watching the {watched}, now the {self.watches})")
+        for path in paths:
             detectors = getattr(self, path)
             saved = state.get(path) or []
             for detector, kept in zip(detectors, saved, strict=False):
@@ -197,5 +206,5 @@ class DriftMonitor:
 
     def describe_policy(self) -> dict[str, Any]:
         return json_safe({**self.policy.describe(), "samples": self.samples,
-                        "learning_rate_factor": self.factor()})
+                          "learning_rate_factor": self.factor(), "watches": self.watches})
 

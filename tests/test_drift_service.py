@@ -15,6 +15,7 @@ from harness import built_engine, metric, serving, settings_for
 from redis_server import RedisServer
 
 from service.demo import digits_split
+from service.engine import SOURCE_OUTPUTS
 
 BASE = 1e-3
 CHANGE_AT = 640
@@ -164,7 +165,6 @@ def test_the_label_free_detectors_watch_the_source_copy_not_the_model_that_learn
     """What learns changes the model's outputs by itself, which is no drift of the inputs: with a
     shadow copy of the source, the label-free detectors are fed its outputs and features (a
     feedback loop otherwise: the alarms the learning raises boost the learning)."""
-    from service.engine import SOURCE_OUTPUTS
     from service.model import FeatureTap
 
     inputs, _ = _stream()
@@ -185,7 +185,8 @@ def test_the_label_free_detectors_watch_the_source_copy_not_the_model_that_learn
         source_features = reference.take().numpy()
         reference.remove()
     last = served[-1]
-    assert not np.allclose(last.outputs, last.arrays[SOURCE_OUTPUTS], atol=1e-3)  # Tent moved it
+    # the adapted model (test-time statistics, Tent's steps) serves other outputs than the copy
+    assert not np.allclose(last.outputs, last.arrays[SOURCE_OUTPUTS], atol=1e-3)
     for batch, (probabilities, features) in zip(served, fed, strict=True):
         np.testing.assert_array_equal(probabilities, batch.arrays[SOURCE_OUTPUTS])
         assert features is not None and features.shape == batch.features.shape
@@ -205,3 +206,44 @@ def test_without_a_shadow_copy_the_detectors_watch_the_model_itself() -> None:
         batch = engine.forward(inputs[:32])
     np.testing.assert_allclose(fed[0][0], batch.outputs, rtol=1e-6)
     np.testing.assert_array_equal(fed[0][1], batch.features)
+
+
+def test_a_batch_the_source_copy_cannot_judge_feeds_no_detector_and_the_clock_advances() -> None:
+    inputs, _ = _stream()
+    with built_engine(settings_for(adapter={"name": "tent", "learning_rate": 0.01})) as engine:
+        fed = []
+        observe = engine.drift.observe_batch
+        engine.drift.observe_batch = lambda p, f, n: fed.append((p, f)) or observe(p, f, n)
+        handle = engine.source.register_forward_hook(lambda m, i, o: torch.full_like(o, np.nan))
+        batch = engine.forward(inputs[:32])
+        handle.remove()
+        assert engine.drift.samples == 32
+    assert fed == [(None, None)]
+    assert np.isfinite(batch.outputs).all() and SOURCE_OUTPUTS not in batch.arrays
+
+
+def test_a_saved_drift_state_of_the_other_model_resumes_without_its_label_free_detectors() -> None:
+    """The detectors' warm-up statistics and windows hold the values of the model they watched:
+    a state saved watching the learning model (before this replica watched the source's copy,
+    or with the shadow off) must not be mixed with the copy's values."""
+    inputs, _ = _stream()
+    with built_engine(settings_for()) as engine:
+        assert engine.drift.watches == "source copy"
+        for start in range(0, 320, 32):
+            engine.forward(inputs[start:start + 32])
+        engine.drift.observe_labels(np.zeros(40))
+        saved = engine.drift.state()
+    updates = {d["signal"]: d["updates"] for d in
+               [*[x.describe() for x in engine.drift.label_free],
+                *[x.describe() for x in engine.drift.labelled]]}
+    assert updates["entropy"] > 0 and updates["error"] > 0
+    with built_engine(settings_for()) as same:
+        assert same.drift.load_state(saved) == []
+        assert {d["signal"]: d["updates"] for d in same.drift.describe()} == updates
+    with built_engine(settings_for()) as other:
+        skipped = other.drift.load_state({**saved, "watches": "model"})
+        resumed = {d["signal"]: d["updates"] for d in other.drift.describe()}
+        samples = other.drift.samples
+    assert skipped == ["label_free (saved watching the model, now the source copy)"]
+    assert resumed == {"entropy": 0, "feature_mean": 0, "error": updates["error"]}
+    assert samples == 320
