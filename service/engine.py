@@ -333,7 +333,7 @@ class Engine:
         # every learning part's own rate, which a drift boost multiplies
         self._base_rates: dict[Learner, float] = {
             part: part.learning_rate for part in self.learners() if part.learning_rate > 0}
-        self._factor = 1.0
+        self._factors = (1.0, 1.0)  # the drift boost, and the class-run damping of the adapter
         self._resets = 0
         self.tap = FeatureTap(model.module)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptd-engine")
@@ -413,6 +413,20 @@ class Engine:
         the memory served 36.8% wrong undamped, 25.1% damped, 25.6% without the memory)."""
         return 1.0 if self.runs is None else max(0.0, 1.0 - self.runs.stickiness())
 
+    def _runs_scale(self) -> float:
+        """What the test-time adapter's learning rate is multiplied by: 1 − the class-run
+        filter's stickiness (1 without the filter; 0.99 to 1 on shuffled traffic). A batch within
+        a run is mostly one class, and a label-free step on it (entropy, pseudo-labels) pulls the
+        shared parameters towards that class, which the next run then pays for: Tent on B1 with
+        classes in runs (Dirichlet(0.1), 16 a request) served 33.9% wrong and the clean digits
+        after the stream 8.1%, damped 28.3% and 3.0% (the source's 3.1). The statistics have
+        their own protection (graded momenta, `adapter.norm_layers`); the supervised step and the
+        corrector learn from labels and are not damped, nor is an adapter whose steps are taken
+        on a class-balanced memory (RoTTA's) rather than on the batch."""
+        if self.runs is None or self.adapter.balanced_steps:
+            return 1.0
+        return max(0.0, 1.0 - self.runs.stickiness())
+
     def _outputs_differ(self) -> bool:
         """Whether anything can make what is served differ from the source model's outputs
         (with the shadow being the served module itself)."""
@@ -446,6 +460,8 @@ class Engine:
         if learn is not None and not learn.all():
             self.metrics.repeated_inputs.inc(int((~learn).sum()))
         version, epoch = self.adapter.version, self._epoch
+        if adapt and self.runs is not None and self.adapter in self._base_rates:
+            self._apply_rates()  # the stickiness the rows before left: this batch's damping
         raw, features = self._run_adapter(x, adapt, learn)
         bad = non_finite_rows(raw.detach(), features)
         if bad:  # before any memory, corrector, guard or detector sees the batch
@@ -632,13 +648,15 @@ class Engine:
         self._apply_rates(force=True)
 
     def _apply_rates(self, force: bool = False) -> None:
-        """Every learning part at its base rate times the drift boost (capped by its setter)."""
-        factor = 1.0 if self.drift is None else self.drift.factor()
-        if factor == self._factor and not force:
+        """Every learning part at its base rate times the drift boost, the test-time adapter's
+        also times the class-run damping (`_runs_scale`); each capped by its setter."""
+        factors = (1.0 if self.drift is None else self.drift.factor(), self._runs_scale())
+        if factors == self._factors and not force:
             return
-        self._factor = factor
+        self._factors = factors
+        boost, runs = factors
         for part, base in self._base_rates.items():
-            part.set_learning_rate(base * factor)
+            part.set_learning_rate(base * boost * (runs if part is self.adapter else 1.0))
         self.metrics.learning_rate.set(self.adapter.learning_rate)
 
     def learn(self, batch: LabelledBatch) -> None:

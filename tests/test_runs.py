@@ -309,3 +309,47 @@ def test_psmt_serves_a_batch_of_one_image_repeated_as_the_image_alone() -> None:
     alone = adapter.infer(image)
     copies = adapter.infer(image.repeat(16, 1, 1, 1))
     assert torch.allclose(copies, alone.expand(16, -1), atol=1e-4)
+
+
+def test_a_gradient_adapter_learns_slower_within_a_run_than_on_shuffled_traffic() -> None:
+    """A batch within a run is mostly one class: the test-time adapter's rate is damped by
+    1 − the filter's stickiness; a drift boost multiplies on top; the supervised step, which
+    learns from true labels, keeps its own rate."""
+    settings = Settings(adapter={"name": "tent", "learning_rate": 1e-3, "runs": "filter"},
+                        supervised={"enabled": True, "learning_rate": 2e-3},
+                        drift={"enabled": False})
+    x, y, x_test, _ = digits_split()
+    with built_engine(settings) as engine:
+        assert engine.supervised is not None
+        for start in range(0, 64, 16):  # shuffled: the rate stays about the base
+            engine.forward(x_test[start:start + 16])
+        shuffled = engine.adapter.learning_rate
+        for k in (4, 7, 1):
+            run = x[y == k][:48]
+            for start in range(0, len(run), 16):
+                engine.forward(run[start:start + 16])
+        stickiness = engine.runs.stickiness()  # what the next batch's rate is damped by
+        engine.forward(x[y == 1][48:64])
+        damped = engine.adapter.learning_rate
+        engine.forward(x[:8], adapt=False)  # a retry teaches nothing and moves no rate
+        unchanged = engine.adapter.learning_rate
+        supervised = engine.supervised.learning_rate
+    assert shuffled == pytest.approx(1e-3, rel=0.01)  # a stickiness of about 0 there
+    assert stickiness > 0.5 and damped < 0.5e-3
+    assert damped == pytest.approx(1e-3 * (1 - stickiness), rel=1e-6)
+    assert unchanged == damped and supervised == 2e-3
+
+
+def test_an_adapter_that_steps_on_a_class_balanced_memory_keeps_its_rate_in_runs() -> None:
+    settings = Settings(adapter={"name": "rotta", "learning_rate": 1e-3, "runs": "filter"},
+                        drift={"enabled": False})
+    x, y, _, _ = digits_split()
+    with built_engine(settings) as engine:
+        assert engine.adapter.balanced_steps
+        for k in (4, 7):
+            run = x[y == k][:48]
+            for start in range(0, len(run), 16):
+                engine.forward(run[start:start + 16])
+        assert engine.runs is not None and engine.runs.stickiness() > 0.5
+        assert engine.adapter.learning_rate == 1e-3
+

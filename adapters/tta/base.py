@@ -101,6 +101,9 @@ class Adapter:
     # which normalisation statistics it runs with ("robust", "balanced", "batch", "source"); "" for
     # none
     norm: str = ""
+    # whether its steps are taken on a class-balanced memory rather than on the batch served: the
+    # engine then leaves its rate alone where classes come in runs (`Engine._runs_scale`)
+    balanced_steps: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -193,6 +193,7 @@ class RoTTA(GradientAdapter):
 
     name = "rotta"
     tasks = ("classification",)
+    balanced_steps = True  # the student learns from the category-balanced memory alone
 
     def __init__(
         self,
