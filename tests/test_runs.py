@@ -353,3 +353,28 @@ def test_an_adapter_that_steps_on_a_class_balanced_memory_keeps_its_rate_in_runs
         assert engine.runs is not None and engine.runs.stickiness() > 0.5
         assert engine.adapter.learning_rate == 1e-3
 
+
+
+def test_the_damping_multiplies_a_drift_boost_and_a_reset_brings_the_base_rate_back() -> None:
+    from drift.detectors import Alarm
+
+    settings = Settings(adapter={"name": "tent", "learning_rate": 1e-3, "runs": "filter"},
+                        drift={"policy": {"boost": 4.0, "half_life": 1e9}})
+    x, y, _, _ = digits_split()
+    with built_engine(settings) as engine:
+        assert engine.drift is not None and engine.runs is not None
+        for k in (4, 7):
+            run = x[y == k][:48]
+            for start in range(0, len(run), 16):
+                engine.forward(run[start:start + 16])
+        error = Alarm("adwin", "error", True, sample=96, update=96, time=0.0, statistic=None,
+                      estimate=0.5)
+        engine._act(engine.drift.policy.on_alarm(error, now=engine.drift.samples))
+        engine.forward(x[y == 7][48:64])
+        boosted = engine.adapter.learning_rate
+        stickiness = engine.runs.stickiness()  # the drift monitor re-applies the rates after it
+        engine.reset_adapter()  # the filter forgets the runs: no evidence, no damping
+        after_reset = engine.adapter.learning_rate
+    assert stickiness > 0.5
+    assert boosted == pytest.approx(4e-3 * (1 - stickiness), rel=1e-3)
+    assert after_reset == pytest.approx(4e-3)  # the boost in force stays, undamped
