@@ -287,8 +287,6 @@ class Engine:
         self._supervised_inputs: list[torch.Tensor] = []
         self._supervised_labels: list[torch.Tensor] = []
         self.drift = drift
-        if drift is not None and source is not None and source is not model.module:
-            drift.watches = "source copy"
         # the shadow: a frozen copy of the source model, run on every batch beside the adapted
         # one, for the guard and for the comparison on labels; or the served module itself where
         # nothing changes the model (what learns acts on its outputs): its outputs before the
@@ -300,6 +298,8 @@ class Engine:
                            else None)
         if self.source_tap is not None:
             self.source_tap.armed = False  # `_source_outputs` arms it; start-up passes keep nothing
+            if drift is not None:
+                drift.watches = "source copy"
         self._source_features: np.ndarray | None = None
         # `error_memory.kind = "auto"`: the memory sleeps (records keep no features, nothing is
         # compensated) until the first joined label, or rows it loads
