@@ -9,7 +9,7 @@ Two ways through the stream:
   service runs (`service.runtime.build_engine`), one `engine.forward` per chunk in stream order,
   for each method and each test-time normalisation (`batch`: the references' batch statistics;
   `robust`: the service default; `balanced`: robust statistics fed by a class-balanced memory);
-- through the running service (`adaptd serve` on loopback, a fresh one per run), that many
+- through the running service (`adaptd serve` on loopback, `--port`, a fresh one per run), that many
   samples per `POST /v1/predict` (one by default), `--concurrency` requests in flight, so the
   micro-batcher and the adaptation buffer do what they do in production. Only here can labels
   go back (`--label-fraction`, `--label-delay`, through `POST /v1/feedback`).
@@ -525,8 +525,8 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
              orders: Sequence[str] = ("iid",), request_sizes: Sequence[int] = (64,), *,
              service: bool = False, concurrency: int = 8, seed: int = SEED,
              overrides: dict[str, str] | None = None, label_fraction: float = 0.0,
-             label_delay: int = 0, progress: Callable[[Result], None] | None = None
-             ) -> list[Result]:
+             label_delay: int = 0, progress: Callable[[Result], None] | None = None,
+             port: int = 18765) -> list[Result]:
     """Every method × norm on every order and request size, in process or through the service,
     each compared with adapter `none` on the same order and request size (run once per order
     and size, first; marked `baseline` when `methods` lacks it)."""
@@ -543,7 +543,8 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
                 fraction = 0.0 if is_baseline else label_fraction
                 if service:
                     result = run_through_service(
-                        method, ordered, concurrency, norm=norm, request_size=size, order=order,
+                        method, ordered, concurrency, port, norm=norm, request_size=size,
+                        order=order,
                         overrides=sets, source=source, label_fraction=fraction,
                         label_delay=label_delay if fraction else 0, seed=seed)
                 else:
@@ -638,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--service-only", action="store_true",
                         help="through the service only, no in-process runs")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+    parser.add_argument("--port", type=int, default=18765,
+                        help="the port of the `adaptd serve` the service runs start (another "
+                        "lets two service runs go side by side)")
     parser.add_argument("--label-fraction", type=float, default=0.0,
                         help="service only: this seeded share of the samples get their true "
                         "label back through POST /v1/feedback (default 0: no labels); needs "
@@ -695,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                             args.request_sizes or [1], service=True,
                             concurrency=args.concurrency, seed=args.seed, overrides=overrides,
                             label_fraction=args.label_fraction, label_delay=args.label_delay,
-                            progress=progress)
+                            progress=progress, port=args.port)
     wall = time.perf_counter() - started
 
     command = " ".join(["python -m bench.digits_c", *(argv if argv is not None else sys.argv[1:])])
