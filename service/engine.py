@@ -293,9 +293,10 @@ class Engine:
         # memories and the corrector are the source's, and no second forward runs
         self.source = source
         self.source_is_model = source is not None and source is model.module
-        # the shadow copy's own features, for the label-free drift detectors (below)
-        self.source_tap = (FeatureTap(source) if source is not None and not self.source_is_model
-                           else None)
+        # the shadow copy's own features, for the label-free drift detectors (below; none
+        # without drift monitoring, where nothing would read them)
+        self.source_tap = (FeatureTap(source) if drift is not None and source is not None
+                           and not self.source_is_model else None)
         if self.source_tap is not None:
             self.source_tap.armed = False  # `_source_outputs` arms it; start-up passes keep nothing
             if drift is not None:
