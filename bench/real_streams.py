@@ -408,6 +408,10 @@ class Result:
     shadow_resets: int = 0
     unjoined_labels: int = 0
     warnings: list[str] = field(default_factory=list)
+    # the drift policy's actions taken and held back, and its judge's verdicts at the end
+    drift_actions: int = 0
+    held_actions: int = 0
+    verdicts: dict[str, str] = field(default_factory=dict)
 
 
 def _scores(predictions: np.ndarray, y: np.ndarray, task: str) -> tuple[float, float]:
@@ -479,6 +483,11 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
                   if e["source"].split("/")[-1] in LABEL_FREE_SIGNALS]
     drift_monitored = bool(run.state.get("detectors"))
     span = data.drift_at or len(data.x)  # before the drift, or the whole stream
+    judge = (run.state.get("drift_policy") or {}).get("judge") or {}
+    verdicts = {name: (f"{a['verdict']} ({a['acted']['outcomes']} acted, "
+                       f"{a['held']['outcomes']} held)")
+                for name, a in (judge.get("actions") or {}).items()
+                if a["acted"]["outcomes"] or a["held"]["outcomes"]}
     return Result(
         data.name, config.name, "adaptd", data.task, delay, len(data.x), score, last_half,
         1000 * run.seconds / len(data.x),
@@ -488,7 +497,9 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
         labelled_alarms=len(alarms) - len(label_free),
         collapse_resets=sum(e["kind"] == "collapse" for e in run.events),
         shadow_resets=sum(e["kind"] == "shadow" for e in run.events),
-        unjoined_labels=run.unjoined, warnings=list(run.state.get("warnings") or []))
+        unjoined_labels=run.unjoined, warnings=list(run.state.get("warnings") or []),
+        drift_actions=sum(e["kind"] == "drift_action" for e in run.events),
+        held_actions=sum(len(e["detail"].get("held", ())) for e in alarms), verdicts=verdicts)
 
 
 def _river_learners(task: str) -> dict[str, Callable[[], Any]]:
@@ -705,7 +716,8 @@ def events_table(results: list[Result], delay: int) -> str:
                 continue
             alarms = ("off" if r.label_free_per_10k is None
                       else f"{r.label_free_per_10k:.1f} / {r.labelled_alarms}")
-            cells.append(f"{alarms} · {r.collapse_resets} / {r.shadow_resets}")
+            cells.append(f"{alarms} · {r.collapse_resets} / {r.shadow_resets} · "
+                         f"{r.drift_actions} / {r.held_actions}")
         lines.append(f"| {stream} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -736,10 +748,14 @@ def report(results: list[Result]) -> str:
     for delay in sorted({r.delay for r in results if r.kind == "adaptd"}):
         parts.append(f"Service events, labels {delay} late: label-free drift alarms per 10,000 "
                      f"samples (before the drift on B2's streams) / labelled alarms · collapse "
-                     f"/ shadow resets\n\n{events_table(results, delay)}")
+                     f"/ shadow resets · drift actions taken / held back by the judge\n\n"
+                     f"{events_table(results, delay)}")
     parts.append("Milliseconds per sample, median over streams\n\n" + time_table(results))
     notes = [f"{r.stream}/{r.learner}/{r.delay}: {r.unjoined_labels} labels not joined"
              for r in results if r.unjoined_labels]
+    notes += [f"{r.stream}/{r.learner}/{r.delay}: the judge's verdicts: "
+              + ", ".join(f"{name} {v}" for name, v in r.verdicts.items())
+              for r in results if r.verdicts]
     warned: dict[str, dict[str, None]] = {}  # the service's start-up warnings, by configuration
     for r in results:
         for warning in r.warnings:

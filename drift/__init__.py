@@ -5,7 +5,8 @@
 public state API, so `drift.persistence` reads and writes the River detectors' internals for that
 state. `Alarm.to_json` is an alarm's one JSON shape, saved and served. `drift.policy`
 turns alarms into actions (a learning-rate boost that decays back, an adapter reset, a memory trim,
-a calibrator reset) with a cool-down and a confirmation rule, and says what it did as event dicts.
+a calibrator reset) with a cool-down and a confirmation rule, and says what it did as event dicts;
+`drift.judge` holds back a share of those actions and judges each kind against them by the labels.
 Neither imports the service or the adapters: the engine feeds signals in and applies actions.
 """
 
@@ -24,6 +25,7 @@ from drift.detectors import (
     entropy,
     feature_mean,
 )
+from drift.judge import ActionJudge
 from drift.policy import ACTIONS, Action, DriftPolicy
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "DETECTORS",
     "SIGNALS",
     "Action",
+    "ActionJudge",
     "Alarm",
     "DriftPolicy",
     "SignalDetector",

@@ -41,9 +41,15 @@ are reliable but wait for labels. ``confirmation`` says how they combine:
   alarm's time as the drift's onset; unconfirmed, it expires as an ``unconfirmed`` event. Labelled
   alarms never wait.
 
+Actions that hurt. With a `drift.judge.ActionJudge`, the policy holds back a share of the actions
+it would take (``held`` in the alarm's event; a held action starts its cool-down as a taken one
+does), and the judge compares the labelled loss after acted and held alarms; an action kind whose
+verdict is ``hurts`` is then held at most alarms (see `drift.judge`).
+
 Every alarm gives one event (``kind: drift_alarm``, ``action: None``, ``detail.outcome``: acted,
-cooldown, pending, no_actions) and every action one more (``kind: drift_action``); an expired
-label-free alarm gives ``kind: drift_unconfirmed``. `take_events` hands over the new ones.
+held, cooldown, pending, no_actions) and every action one more (``kind: drift_action``); an
+expired label-free alarm gives ``kind: drift_unconfirmed``, and each judged alarm, once its labels
+are in, ``kind: drift_judged``. `take_events` hands over the new ones.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from drift.detectors import Alarm
+from drift.judge import ActionJudge
 
 ACTIONS = ("boost_lr", "reset_adapter", "trim_memory", "reset_calibrator")
 SETTLED = 1e-3  # the boost's excess below which the rate is exactly base again
@@ -101,6 +108,9 @@ class DriftPolicy:
         Rows a memory keeps at ``trim_memory``.
     clock
         Wall-clock time for events.
+    judge
+        Holds back a share of the actions and judges each kind against them (None: every action
+        is taken).
 
     Examples
     --------
@@ -134,6 +144,7 @@ class DriftPolicy:
         trim_keep: int = 64,
         clock: Callable[[], float] = time.time,
         max_events: int = 1000,
+        judge: ActionJudge | None = None,
     ) -> None:
         if base_learning_rate <= 0:
             raise ValueError(f"base_learning_rate must be > 0, got {base_learning_rate}")
@@ -159,6 +170,7 @@ class DriftPolicy:
         self.confirm_window = int(confirm_window)
         self.trim_keep = int(trim_keep)
         self.clock = clock
+        self.judge = judge
         self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._new: list[dict[str, Any]] = []
         self._boost_at: int | None = None
@@ -204,18 +216,30 @@ class DriftPolicy:
             self._record(_alarm_event(alarm, "drift_alarm", self.clock(), now, None,
                                       {"outcome": "no_actions"}))
             return []
-        taken = [name for name in wanted if self._cooled(name, now)]
-        cooling = [name for name in wanted if name not in taken]
+        cooled = [name for name in wanted if self._cooled(name, now)]
+        cooling = [name for name in wanted if name not in cooled]
+        held = [] if self.judge is None else [
+            name for name in cooled
+            if not self.judge.choose(name, now, alarm.detector, alarm.signal)]
+        for name in held:  # a control of this drift: its cool-down starts as a taken one's would
+            self._last_taken[name] = now
+        taken = [name for name in cooled if name not in held]
         extra: dict[str, Any] = {"suppressed": cooling} if cooling else {}
+        if held:
+            extra["held"] = held
         if confirms:
             extra["confirms"] = confirms
+        outcome = "acted" if taken else "held" if held else "cooldown"
         self._record(_alarm_event(alarm, "drift_alarm", self.clock(), now, None,
-                                  {"outcome": "acted" if taken else "cooldown",
-                                   "actions": taken, **extra}))
+                                  {"outcome": outcome, "actions": taken, **extra}))
         return [self._take(name, alarm, now, onset) for name in taken]
 
     def advance(self, now: int) -> None:
-        """Expire label-free alarms that waited longer than ``confirm_window`` by ``now``."""
+        """Expire label-free alarms that waited longer than ``confirm_window`` by ``now``, and
+        record the judge's outcomes of the alarms whose labels are in."""
+        if self.judge is not None:
+            for result in self.judge.advance(now):
+                self._record(_judged_event(result, self.clock()))
         kept = []
         for pending in self._pending:
             if now - pending.at > self.confirm_window:
@@ -268,8 +292,12 @@ class DriftPolicy:
 
     def state(self) -> dict[str, Any]:
         """A JSON-safe dict of what must outlive a restart: boost, cool-downs, pending alarms."""
-        return {"boost_at": self._boost_at, "last_taken": dict(self._last_taken),
-                "pending": [{"at": p.at, "alarm": _saved_alarm(p.alarm)} for p in self._pending]}
+        state: dict[str, Any] = {
+            "boost_at": self._boost_at, "last_taken": dict(self._last_taken),
+            "pending": [{"at": p.at, "alarm": _saved_alarm(p.alarm)} for p in self._pending]}
+        if self.judge is not None:
+            state["judge"] = self.judge.state()
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Restore `state()`'s dict; ValueError, and nothing changed, if it does not hold."""
@@ -283,6 +311,8 @@ class DriftPolicy:
         unknown = set(last_taken) - set(ACTIONS)
         if unknown:
             raise ValueError(f"drift policy state names unknown actions {sorted(unknown)}")
+        if self.judge is not None and "judge" in state:  # states saved before the judge lack it
+            self.judge.load_state(state["judge"])
         self._boost_at, self._last_taken, self._pending = boost_at, last_taken, pending
 
     def describe(self) -> dict[str, Any]:
@@ -291,7 +321,8 @@ class DriftPolicy:
                 "confirmation": self.confirmation, "confirm_window": self.confirm_window,
                 "label_free_actions": list(self.label_free_actions),
                 "labelled_actions": list(self.labelled_actions), "trim_keep": self.trim_keep,
-                "boost_at": self._boost_at, "pending": len(self._pending)}
+                "boost_at": self._boost_at, "pending": len(self._pending),
+                "judge": None if self.judge is None else self.judge.describe()}
 
 
 def _ordered(actions: Sequence[str]) -> tuple[str, ...]:
@@ -308,6 +339,15 @@ def _saved_alarm(alarm: Alarm) -> dict[str, Any]:
 
 # the alarm's fields an event carries, as /v1/events has always served them (no ``update``)
 _EVENT_FIELDS = ("detector", "signal", "labelled", "statistic", "estimate", "sample")
+
+
+def _judged_event(result: dict[str, Any], wall: float) -> dict[str, Any]:
+    """An alarm's outcome, once its labels are in (`ActionJudge.advance`), as an event."""
+    detail = {k: v for k, v in result.items() if k not in ("action", "at", "detector", "signal")}
+    return {"time": wall, "kind": "drift_judged", "detector": result["detector"],
+            "signal": result["signal"], "labelled": None, "statistic": None, "estimate": None,
+            "sample": result["at"], "at": result["at"], "action": result["action"],
+            "detail": detail}
 
 
 def _alarm_event(alarm: Alarm, kind: str, wall: float, at: int, action: str | None,

@@ -32,6 +32,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -173,6 +174,9 @@ class BatchOutput:
     # whether the records keep `features`: decided with the pass (an `auto` error memory that
     # wakes while the batch is being recorded must not get rows it did not correct)
     keep_features: bool = False
+    # when the batch was served (wall time): its records' `created_at`, and the drift monitor's
+    # tick of its sample clock, so a label's sample is placed on that clock by its record
+    served_at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -185,6 +189,7 @@ class LabelledBatch:
     before_corrector: np.ndarray | None = None
     inputs: np.ndarray | None = None
     errors: np.ndarray | None = None  # the labelled drift signal of every joined label
+    served: np.ndarray | None = None  # when each of those labels' samples was served (wall time)
     # the shadow comparison: errors of what learns (the last stage before any mixture) and of
     # the source's outputs, and the epoch each record was served in (see EPOCH)
     adapted_errors: np.ndarray | None = None
@@ -544,17 +549,19 @@ class Engine:
         entropy = self.task.entropy(outputs)
         if entropy is not None:
             self.metrics.mean_entropy.set(float(entropy.mean()))
+        served_at = time.time()
         if adapt:
             if self.guard is not None and self._collapsed(learnt, source):
                 if self.comparison is not None and self.comparison.better():
                     self.guard.clear()  # the labels outrank it: what is served beats the source
                 else:
                     self._reset_after_collapse()
-            self._watch(watched[0] if self.task.discrete else None, watched[1], count)
+            self._watch(watched[0] if self.task.discrete else None, watched[1], count,
+                        served_at)
         return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
                            entropy=None if entropy is None else entropy.numpy(),
                            adapter_version=version, arrays=arrays,
-                           keep_features=self.learns_from_features)
+                           keep_features=self.learns_from_features, served_at=served_at)
 
     def _run_adapter(self, x: torch.Tensor, adapt: bool, learn: np.ndarray | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -633,9 +640,9 @@ class Engine:
     # --- drift ------------------------------------------------------------------------------
 
     def _watch(self, probabilities: np.ndarray | None, features: np.ndarray | None,
-               count: int) -> None:
+               count: int, served_at: float) -> None:
         if self.drift is not None:
-            self._act(self.drift.observe_batch(probabilities, features, count))
+            self._act(self.drift.observe_batch(probabilities, features, count, served_at))
 
     def _act(self, actions: list[Action]) -> None:
         """Apply the drift policy's actions, then the learning rates it wants now."""
@@ -694,7 +701,7 @@ class Engine:
             self._supervised_step()
         self._report_memories()
         if batch.errors is not None:
-            self.observe_errors(batch.errors)
+            self.observe_errors(batch.errors, batch.served)
         self._compare(batch)
         if self.mixture is not None and NEWEST_LABEL in self.mixture.names and len(batch.labels):
             newest = torch.from_numpy(batch.labels[-1:])
@@ -798,11 +805,12 @@ class Engine:
                                source_error=detail["source_error"], labels=detail["labels"],
                                evidence=detail["worse_evidence"])
 
-    def observe_errors(self, errors: np.ndarray) -> None:
+    def observe_errors(self, errors: np.ndarray, served: np.ndarray | None = None) -> None:
         """Engine thread only. The labelled drift signal of joined labels (also of those this
-        model cannot learn from, an older model's records: the detectors still see them)."""
+        model cannot learn from, an older model's records: the detectors still see them), and
+        when their samples were served, for the drift policy's judge."""
         if self.drift is not None and len(errors):
-            self._act(self.drift.observe_labels(errors))
+            self._act(self.drift.observe_labels(errors, served))
 
     def _supervised_step(self) -> None:
         assert self.supervised is not None

@@ -233,16 +233,17 @@ class FeedbackService:
     async def _absorb(self, result: JoinResult) -> None:
         scorable = self._scorable(result.joined)
         errors = self.task.errors(scorable) if scorable else None
+        served = np.array([r.created_at for r in scorable], dtype=np.float64)
         self._record(result, errors)
         if self.conformal is not None:
             self.conformal.observe(scorable)
         records = self._usable(result.joined)
         if not records:
             if errors is not None:
-                await self.sync.run(self.engine.observe_errors, errors)
+                await self.sync.run(self.engine.observe_errors, errors, served)
             return
         batch = LabelledBatch(labels=self.task.record_labels(records),
-                              errors=errors)
+                              errors=errors, served=served)
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])  # type: ignore[misc]
         batch.error_memory_rows = self._error_memory_rows(records)

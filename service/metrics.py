@@ -160,6 +160,19 @@ class Metrics:
             "adaptd_drift_actions", "actions the drift policy took, by action and the alarm's "
             "detector and signal", ["action", "detector", "signal"], registry=r,
         )
+        self.drift_held = Counter(
+            "adaptd_drift_actions_held", "actions the drift policy held back as controls (or "
+            "because the judge found them hurting), by action", ["action"], registry=r,
+        )
+        self.drift_effect = Gauge(
+            "adaptd_drift_action_effect", "the mean change of the labelled loss from before an "
+            "alarm to after it, over the judged alarms where the action was acted or held",
+            ["action", "arm"], registry=r,
+        )
+        self.drift_verdict = Gauge(
+            "adaptd_drift_action_verdict", "the judge's verdict on an action kind: 1 hurts, 0 "
+            "unclear, -1 helps", ["action"], registry=r,
+        )
         self.drift_boost = Gauge(
             "adaptd_drift_learning_rate_factor", "the drift policy's learning-rate multiplier "
             "now (1 outside a boost)", registry=r,

@@ -22,6 +22,7 @@ from adapters.task import Task
 from drift import (
     DEFAULT_DETECTORS,
     Action,
+    ActionJudge,
     Alarm,
     DriftPolicy,
     SignalDetector,
@@ -30,6 +31,7 @@ from drift import (
     entropy,
     feature_mean,
 )
+from drift.judge import JUDGED
 from service.events import EventLog
 from service.metrics import Metrics
 from service.settings import DetectorSettings, DriftSettings
@@ -40,6 +42,7 @@ DEFAULT_LABEL_FREE = {True: ("entropy", "feature_mean"), False: ("feature_mean",
 # the signals that need class probabilities
 PROBABILITY_SIGNALS = ("entropy", "confidence", "error")
 STATE_VERSION = 1
+VERDICT_VALUE = {"hurts": 1, "unclear": 0, "helps": -1}
 # the way a signal moves when the model gets worse; feature_mean has no good or bad way
 HARMFUL = {"entropy": "up", "error": "up", "residual": "up", "confidence": "down"}
 
@@ -75,11 +78,14 @@ class DriftMonitor:
         self.label_free = _detectors(settings.label_free, task, labelled=False)
         self.labelled = _detectors(settings.labelled, task, labelled=True)
         p = settings.policy
+        j = p.judge
+        self.judge = ActionJudge(holdout=j.holdout, horizon=j.horizon, min_trials=j.min_trials,
+                                 z=j.z, kept=j.kept, min_labels=j.min_labels)
         self.policy = DriftPolicy(
             base_learning_rate=1.0, boost=p.boost, half_life=p.half_life, cooldown=p.cooldown,
             label_free_actions=p.label_free_actions, labelled_actions=p.labelled_actions,
             confirmation=p.confirmation, confirm_window=p.confirm_window,
-            trim_keep=p.trim_keep,
+            trim_keep=p.trim_keep, judge=self.judge if self.judge.enabled else None,
         )
         self.act_on = settings.act_on
         self.samples = 0
@@ -99,14 +105,20 @@ class DriftMonitor:
             for action in actions:
                 metrics.drift_actions.labels(action, *source)
                 metrics.events.labels("drift_action", "/".join(source), action)
+        if self.judge.enabled:
+            for judged in JUDGED:
+                metrics.drift_held.labels(judged)
+                metrics.drift_verdict.labels(judged)
         metrics.drift_boost.set(self.factor())
 
     # --- the two paths ----------------------------------------------------------------------
 
-    def observe_batch(self, probabilities: np.ndarray | None,
-                      features: np.ndarray | None, count: int) -> list[Action]:
-        """Label-free signals of one served batch; the actions its alarms call for."""
+    def observe_batch(self, probabilities: np.ndarray | None, features: np.ndarray | None,
+                      count: int, served_at: float | None = None) -> list[Action]:
+        """Label-free signals of one served batch (served at wall time ``served_at``, its
+        records' `created_at`); the actions its alarms call for."""
         self.samples += count
+        self.judge.tick(self.samples, served_at)
         watched = {detector.signal.name for detector in self.label_free}
         signals = {"entropy": (entropy, probabilities), "confidence": (confidence, probabilities),
                    "feature_mean": (feature_mean, features)}
@@ -114,10 +126,14 @@ class DriftMonitor:
                   for name, (compute, source) in signals.items() if name in watched}
         return self._update(self.label_free, values)
 
-    def observe_labels(self, errors: np.ndarray) -> list[Action]:
-        """The labelled signal (0/1 errors or absolute residuals) of joined labels, in order."""
-        signal = self.task.signal
-        return self._update(self.labelled, {signal: np.asarray(errors, dtype=np.float64)})
+    def observe_labels(self, errors: np.ndarray, served: np.ndarray | None = None
+                       ) -> list[Action]:
+        """The labelled signal (0/1 errors or absolute residuals) of joined labels, in order,
+        and when each one's sample was served (wall time), for the judge of the actions."""
+        errors = np.asarray(errors, dtype=np.float64)
+        if served is not None and len(served) == len(errors):
+            self.judge.observe(served, errors)
+        return self._update(self.labelled, {self.task.signal: errors})
 
     def factor(self) -> float:
         """The learning-rate multiplier now: 1, or a boost decaying back to 1."""
@@ -162,7 +178,19 @@ class DriftMonitor:
             detail.update(event.get("detail") or {})
             self.events.record(event["kind"], f"{event['detector']}/{event['signal']}",
                                event.get("action"), **detail)
+            if event["kind"] == "drift_alarm":
+                for held in detail.get("held", ()):
+                    self.metrics.drift_held.labels(held).inc()
+            elif event["kind"] == "drift_judged":
+                self._publish_verdict(event["action"])
         self.metrics.drift_boost.set(self.factor())
+
+    def _publish_verdict(self, action: str) -> None:
+        judged = self.judge.describe()["actions"][action]
+        self.metrics.drift_verdict.labels(action).set(VERDICT_VALUE[judged["verdict"]])
+        for arm in ("acted", "held"):
+            if judged[arm]["mean"] is not None:
+                self.metrics.drift_effect.labels(action, arm).set(judged[arm]["mean"])
 
     # --- state ------------------------------------------------------------------------------
 
@@ -196,6 +224,9 @@ class DriftMonitor:
             self.policy.load_state(state["policy"])
         except (ValueError, KeyError):
             skipped.append("policy")
+        if self.judge.enabled:
+            for action in JUDGED:
+                self._publish_verdict(action)
         self.samples = max(self.samples, int(state.get("samples", 0)))
         self.metrics.drift_boost.set(self.factor())
         return skipped

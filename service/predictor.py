@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -87,14 +86,13 @@ class Predictor:
             if signal is not None:
                 extra["signal"] = signal
             level = 1 - self.conformal.alpha
-        now = time.time()
         # the features only where a label will learn from them: a demo record is about a quarter
         # smaller without (the in-process store keeps up to store.max_records of them)
         features = out.features if out.keep_features else None
         records = [
             PredictionRecord(
                 id=sample_id,
-                created_at=now,
+                created_at=out.served_at,
                 prediction=float(out.predictions[i]),
                 outputs=out.outputs[i],
                 features=None if features is None else features[i],

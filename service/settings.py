@@ -557,6 +557,31 @@ class DetectorSettings(Section):
     warmup: int | None = Field(None, ge=0, description="updates that fix the z-score scale")
 
 
+class JudgeSettings(Section):
+    """Actions held back as controls, and each action kind judged against them by the labels."""
+
+    holdout: int = Field(
+        4, ge=0, description="every holdout-th eligible alarm of an action kind holds the action "
+        "back (takes it, once the verdict is hurts); 0 turns the judge off", )
+    horizon: PositiveInt = Field(
+        1000, description="samples before and after an alarm whose labels make its outcome")
+    min_trials: int = Field(4, ge=2, description="outcomes each arm needs before a verdict")
+    z: PositiveFloat = Field(2.5, description="Welch's statistic of acted against held "
+                             "outcomes at which an action kind hurts (or, negated, helps)")
+    kept: PositiveInt = Field(20, description="outcomes kept per arm")
+    min_labels: PositiveInt = Field(
+        20, description="labels each window needs for an alarm's outcome to count")
+
+    @model_validator(mode="after")
+    def _fits(self) -> JudgeSettings:
+        if self.holdout == 1:
+            raise ValueError("drift.policy.judge.holdout: 0 (off) or at least 2 (1 would hold "
+                             "back every action)")
+        if self.kept < self.min_trials:
+            raise ValueError("drift.policy.judge: kept must be at least min_trials")
+        return self
+
+
 class PolicySettings(Section):
     """What an alarm does (see docs/adaptation.md): actions, boost, cool-down, confirmation."""
 
@@ -573,6 +598,7 @@ class PolicySettings(Section):
     )
     confirm_window: int = Field(2000, ge=0)
     trim_keep: int = Field(64, ge=0, description="rows a memory keeps at trim_memory")
+    judge: JudgeSettings = JudgeSettings()
 
 
 class DriftSettings(Section):

@@ -256,7 +256,9 @@ def test_the_dashboard_queries_every_signal_operators_watch():
                  "adaptd_store_up", "adaptd_store_errors_total",
                  "adaptd_conformal_coverage", "adaptd_conformal_target", "adaptd_conformal_size",
                  "adaptd_drift_alarms_total", "adaptd_drift_actions_total",
-                 "adaptd_drift_learning_rate_factor", "adaptd_label_stream_backlog",
+                 "adaptd_drift_learning_rate_factor", "adaptd_drift_action_effect",
+                 "adaptd_drift_action_verdict", "adaptd_drift_actions_held_total",
+                 "adaptd_label_stream_backlog",
                  "adaptd_label_stream_entries_total"):
         assert name in exprs, name
     assert "histogram_quantile(0.99" in exprs and "histogram_quantile(0.5" in exprs

@@ -119,6 +119,52 @@ def test_a_labelled_alarm_trims_the_error_memory_here_and_in_the_store() -> None
     assert stored == sizes[-1]
 
 
+def test_the_judge_scores_an_alarm_by_the_labels_of_the_samples_served_around_it() -> None:
+    inputs, labels = _stream()
+    inputs = np.concatenate([inputs, inputs[-256:]])  # the clock runs on past the last window
+    labels = np.concatenate([labels, labels[-256:]])
+    settings = {"drift": {"label_free": [], "policy": {"judge": {
+                    "holdout": 2, "horizon": 64, "min_trials": 2, "kept": 4, "min_labels": 8}}},
+                "batcher": {"max_wait_ms": 0}}
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            served, waiting = [], None
+            for start in range(0, len(inputs), 32):
+                ids = [f"j{i}" for i in range(start, start + 32)]
+                reply = await client.post("/v1/predict", json={
+                    "inputs": inputs[start:start + 32].tolist(), "ids": ids})
+                served.append([row["prediction"] for row in reply.json()["predictions"]])
+                if waiting is not None:  # every label one request late
+                    await client.post("/v1/feedback", json={"labels": waiting})
+                waiting = [{"id": i, "label": int(y)}
+                           for i, y in zip(ids, labels[start:start + 32], strict=True)]
+            alarms = (await client.get("/v1/events", params={"kind": "drift_alarm"})).json()
+            judged = (await client.get("/v1/events", params={"kind": "drift_judged"})).json()
+            state = (await client.get("/v1/state")).json()
+            counted = {"held": metric(app, "adaptd_drift_actions_held_total",
+                                      action="trim_memory"),
+                       "effect": metric(app, "adaptd_drift_action_effect", action="boost_lr",
+                                        arm="acted")}
+            return served, alarms["events"], judged["events"], state, counted
+
+    served, alarms, judged, state, counted = asyncio.run(scenario())
+    first = alarms[-1]  # newest first
+    assert first["detail"]["actions"] == ["boost_lr"] and first["detail"]["held"] == ["trim_memory"]
+    assert counted["held"] >= 1
+    boost = next(e for e in reversed(judged) if e["action"] == "boost_lr")
+    at = boost["detail"]["at"]
+    assert at == first["detail"]["at"] and at % 32 == 0
+    # the two requests served up to the alarm, against the two after it, by when they were served
+    errors = (np.array(served).ravel() != labels[:len(np.array(served).ravel())]).astype(float)
+    before, after = errors[at - 64:at], errors[at:at + 64]
+    assert boost["detail"]["labels_before"] == 64 == boost["detail"]["labels_after"]
+    assert boost["detail"]["outcome"] == pytest.approx(after.mean() - before.mean())
+    assert counted["effect"] == pytest.approx(
+        state["drift_policy"]["judge"]["actions"]["boost_lr"]["acted"]["mean"])
+    assert state["drift_policy"]["judge"]["holdout"] == 2
+
+
 @pytest.mark.slow
 def test_detectors_and_the_policy_resume_after_a_restart(redis_server: RedisServer) -> None:
     inputs, _ = _stream()
@@ -175,9 +221,9 @@ def test_the_label_free_detectors_watch_the_source_copy_not_the_model_that_learn
         fed: list[tuple[np.ndarray | None, np.ndarray | None]] = []
         observe = engine.drift.observe_batch
 
-        def recording(probabilities, features, count):
+        def recording(probabilities, features, count, served_at=None):
             fed.append((probabilities, features))
-            return observe(probabilities, features, count)
+            return observe(probabilities, features, count, served_at)
 
         engine.drift.observe_batch = recording
         served = [engine.forward(inputs[start:start + 32]) for start in range(0, 320, 32)]
@@ -203,7 +249,7 @@ def test_without_a_shadow_copy_the_detectors_watch_the_model_itself() -> None:
         assert engine.source is None
         fed = []
         observe = engine.drift.observe_batch
-        engine.drift.observe_batch = lambda p, f, n: fed.append((p, f)) or observe(p, f, n)
+        engine.drift.observe_batch = lambda p, f, n, t: fed.append((p, f)) or observe(p, f, n, t)
         batch = engine.forward(inputs[:32])
     np.testing.assert_allclose(fed[0][0], batch.outputs, rtol=1e-6)
     np.testing.assert_array_equal(fed[0][1], batch.features)
@@ -214,7 +260,7 @@ def test_a_batch_the_source_copy_cannot_judge_feeds_no_detector_and_the_clock_ad
     with built_engine(settings_for(adapter={"name": "tent", "learning_rate": 0.01})) as engine:
         fed = []
         observe = engine.drift.observe_batch
-        engine.drift.observe_batch = lambda p, f, n: fed.append((p, f)) or observe(p, f, n)
+        engine.drift.observe_batch = lambda p, f, n, t: fed.append((p, f)) or observe(p, f, n, t)
         handle = engine.source.register_forward_hook(lambda m, i, o: torch.full_like(o, np.nan))
         batch = engine.forward(inputs[:32])
         handle.remove()
