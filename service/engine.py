@@ -32,7 +32,6 @@ import json
 import logging
 import secrets
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -174,9 +173,10 @@ class BatchOutput:
     # whether the records keep `features`: decided with the pass (an `auto` error memory that
     # wakes while the batch is being recorded must not get rows it did not correct)
     keep_features: bool = False
-    # when the batch was served (wall time): its records' `created_at`, and the drift monitor's
-    # tick of its sample clock, so a label's sample is placed on that clock by its record
-    served_at: float = field(default_factory=time.time)
+    # where the drift policy's judge runs: the token of the process that served the batch and
+    # its sample clock after the batch, kept in each record (`extra["served"]`), so a label
+    # counts for when its sample was served, and only in the process that served it
+    served: tuple[int, int] | None = None
 
 
 @dataclass
@@ -189,7 +189,7 @@ class LabelledBatch:
     before_corrector: np.ndarray | None = None
     inputs: np.ndarray | None = None
     errors: np.ndarray | None = None  # the labelled drift signal of every joined label
-    served: np.ndarray | None = None  # when each of those labels' samples was served (wall time)
+    served: np.ndarray | None = None  # (n, 2): where each of those labels' samples was served
     # the shadow comparison: errors of what learns (the last stage before any mixture) and of
     # the source's outputs, and the epoch each record was served in (see EPOCH)
     adapted_errors: np.ndarray | None = None
@@ -549,19 +549,18 @@ class Engine:
         entropy = self.task.entropy(outputs)
         if entropy is not None:
             self.metrics.mean_entropy.set(float(entropy.mean()))
-        served_at = time.time()
         if adapt:
             if self.guard is not None and self._collapsed(learnt, source):
                 if self.comparison is not None and self.comparison.better():
                     self.guard.clear()  # the labels outrank it: what is served beats the source
                 else:
                     self._reset_after_collapse()
-            self._watch(watched[0] if self.task.discrete else None, watched[1], count,
-                        served_at)
+            self._watch(watched[0] if self.task.discrete else None, watched[1], count)
         return BatchOutput(predictions=predictions, outputs=outputs.numpy(), features=features_np,
                            entropy=None if entropy is None else entropy.numpy(),
                            adapter_version=version, arrays=arrays,
-                           keep_features=self.learns_from_features, served_at=served_at)
+                           keep_features=self.learns_from_features,
+                           served=None if self.drift is None else self.drift.served())
 
     def _run_adapter(self, x: torch.Tensor, adapt: bool, learn: np.ndarray | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -640,9 +639,9 @@ class Engine:
     # --- drift ------------------------------------------------------------------------------
 
     def _watch(self, probabilities: np.ndarray | None, features: np.ndarray | None,
-               count: int, served_at: float) -> None:
+               count: int) -> None:
         if self.drift is not None:
-            self._act(self.drift.observe_batch(probabilities, features, count, served_at))
+            self._act(self.drift.observe_batch(probabilities, features, count))
 
     def _act(self, actions: list[Action]) -> None:
         """Apply the drift policy's actions, then the learning rates it wants now."""
@@ -808,7 +807,8 @@ class Engine:
     def observe_errors(self, errors: np.ndarray, served: np.ndarray | None = None) -> None:
         """Engine thread only. The labelled drift signal of joined labels (also of those this
         model cannot learn from, an older model's records: the detectors still see them), and
-        when their samples were served, for the drift policy's judge."""
+        by which process and when their samples were served (`BatchOutput.served`; NaN where a
+        record does not say), for the drift policy's judge."""
         if self.drift is not None and len(errors):
             self._act(self.drift.observe_labels(errors, served))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -44,6 +45,11 @@ log = logging.getLogger("adaptd.feedback")
 LOGGED_REJECTIONS = 5
 # labels River's learner takes in one engine job (`FeedbackService._learn_online`)
 ONLINE_SLICE = 256
+
+
+# a record that does not say which process served it at what sample clock (the drift policy's
+# judge off when it was served, or a record from before the judge existed)
+NOT_SERVED_HERE = (math.nan, math.nan)
 
 
 class RollingQuality:
@@ -233,7 +239,8 @@ class FeedbackService:
     async def _absorb(self, result: JoinResult) -> None:
         scorable = self._scorable(result.joined)
         errors = self.task.errors(scorable) if scorable else None
-        served = np.array([r.created_at for r in scorable], dtype=np.float64)
+        served = np.array([r.extra.get("served", NOT_SERVED_HERE) for r in scorable],
+                          dtype=np.float64).reshape(len(scorable), 2)
         self._record(result, errors)
         if self.conformal is not None:
             self.conformal.observe(scorable)

@@ -13,6 +13,7 @@ step's, the output corrector's) by it, through their capped setters.
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
@@ -80,7 +81,7 @@ class DriftMonitor:
         p = settings.policy
         j = p.judge
         self.judge = ActionJudge(holdout=j.holdout, horizon=j.horizon, min_trials=j.min_trials,
-                                 z=j.z, kept=j.kept, min_labels=j.min_labels)
+                                 z=j.z, kept=j.kept, min_labels=j.min_labels, seed=j.seed)
         self.policy = DriftPolicy(
             base_learning_rate=1.0, boost=p.boost, half_life=p.half_life, cooldown=p.cooldown,
             label_free_actions=p.label_free_actions, labelled_actions=p.labelled_actions,
@@ -89,6 +90,10 @@ class DriftMonitor:
         )
         self.act_on = settings.act_on
         self.samples = 0
+        # tells this process's records from another replica's or an earlier process's (their
+        # samples were served by models this process's actions never touched); below 2**31, and
+        # exact in the float64 the label path reads it back as
+        self.token = secrets.randbelow(2**31)
         # which model's outputs and features the label-free detectors are fed: the engine sets
         # "source copy" where the shadow runs one (`Engine.forward`); a saved state of the other
         # kind holds statistics of other values, and its label-free detectors start afresh
@@ -113,12 +118,10 @@ class DriftMonitor:
 
     # --- the two paths ----------------------------------------------------------------------
 
-    def observe_batch(self, probabilities: np.ndarray | None, features: np.ndarray | None,
-                      count: int, served_at: float | None = None) -> list[Action]:
-        """Label-free signals of one served batch (served at wall time ``served_at``, its
-        records' `created_at`); the actions its alarms call for."""
+    def observe_batch(self, probabilities: np.ndarray | None,
+                      features: np.ndarray | None, count: int) -> list[Action]:
+        """Label-free signals of one served batch; the actions its alarms call for."""
         self.samples += count
-        self.judge.tick(self.samples, served_at)
         watched = {detector.signal.name for detector in self.label_free}
         signals = {"entropy": (entropy, probabilities), "confidence": (confidence, probabilities),
                    "feature_mean": (feature_mean, features)}
@@ -129,11 +132,19 @@ class DriftMonitor:
     def observe_labels(self, errors: np.ndarray, served: np.ndarray | None = None
                        ) -> list[Action]:
         """The labelled signal (0/1 errors or absolute residuals) of joined labels, in order,
-        and when each one's sample was served (wall time), for the judge of the actions."""
+        and where each one's sample was served, (process token, sample clock) rows as
+        `served()` gave them: the judge counts those this process served."""
         errors = np.asarray(errors, dtype=np.float64)
         if served is not None and len(served) == len(errors):
-            self.judge.observe(served, errors)
+            here = np.asarray(served, dtype=np.float64).reshape(len(errors), 2)
+            mine = here[:, 0] == self.token
+            self.judge.observe(here[mine, 1], errors[mine])
         return self._update(self.labelled, {self.task.signal: errors})
+
+    def served(self) -> tuple[int, int] | None:
+        """What a record keeps of where its batch was served, for the judge: this process's
+        token and the sample clock after the batch; None with the judge off."""
+        return (self.token, self.samples) if self.judge.enabled else None
 
     def factor(self) -> float:
         """The learning-rate multiplier now: 1, or a boost decaying back to 1."""

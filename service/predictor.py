@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,13 +87,16 @@ class Predictor:
             if signal is not None:
                 extra["signal"] = signal
             level = 1 - self.conformal.alpha
+        now = time.time()
+        if out.served is not None:
+            extra["served"] = list(out.served)
         # the features only where a label will learn from them: a demo record is about a quarter
         # smaller without (the in-process store keeps up to store.max_records of them)
         features = out.features if out.keep_features else None
         records = [
             PredictionRecord(
                 id=sample_id,
-                created_at=out.served_at,
+                created_at=now,
                 prediction=float(out.predictions[i]),
                 outputs=out.outputs[i],
                 features=None if features is None else features[i],

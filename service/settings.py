@@ -561,16 +561,17 @@ class JudgeSettings(Section):
     """Actions held back as controls, and each action kind judged against them by the labels."""
 
     holdout: int = Field(
-        4, ge=0, description="every holdout-th eligible alarm of an action kind holds the action "
-        "back (takes it, once the verdict is hurts); 0 turns the judge off", )
+        4, ge=0, description="an eligible alarm holds an action back with chance 1 / holdout "
+        "(takes it with that chance, once the verdict is hurts); 0 turns the judge off")
     horizon: PositiveInt = Field(
         1000, description="samples before and after an alarm whose labels make its outcome")
     min_trials: int = Field(4, ge=2, description="outcomes each arm needs before a verdict")
-    z: PositiveFloat = Field(2.5, description="Welch's statistic of acted against held "
+    z: PositiveFloat = Field(3.0, description="Welch's statistic of acted against held "
                              "outcomes at which an action kind hurts (or, negated, helps)")
     kept: PositiveInt = Field(20, description="outcomes kept per arm")
     min_labels: PositiveInt = Field(
         20, description="labels each window needs for an alarm's outcome to count")
+    seed: int = Field(0, ge=0, description="seeds the draws of which alarms hold an action back")
 
     @model_validator(mode="after")
     def _fits(self) -> JudgeSettings:

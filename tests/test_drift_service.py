@@ -123,22 +123,27 @@ def test_the_judge_scores_an_alarm_by_the_labels_of_the_samples_served_around_it
     inputs, labels = _stream()
     inputs = np.concatenate([inputs, inputs[-256:]])  # the clock runs on past the last window
     labels = np.concatenate([labels, labels[-256:]])
-    settings = {"drift": {"label_free": [], "policy": {"judge": {
-                    "holdout": 2, "horizon": 64, "min_trials": 2, "kept": 4, "min_labels": 8}}},
+    # seed 1 draws the first boost acted and the first trim held (tests/test_drift_judge.py)
+    settings = {"error_memory": {"kind": "exact"},
+                "drift": {"label_free": [], "policy": {"judge": {
+                    "holdout": 2, "horizon": 96, "min_trials": 2, "kept": 4, "min_labels": 8,
+                    "seed": 1}}},
                 "batcher": {"max_wait_ms": 0}}
 
     async def scenario():
         async with serving(**settings) as (client, app):
-            served, waiting = [], None
+            engine = app.state.runtime.engine
+            served, waiting, sizes = [], [], []
             for start in range(0, len(inputs), 32):
                 ids = [f"j{i}" for i in range(start, start + 32)]
                 reply = await client.post("/v1/predict", json={
                     "inputs": inputs[start:start + 32].tolist(), "ids": ids})
                 served.append([row["prediction"] for row in reply.json()["predictions"]])
-                if waiting is not None:  # every label one request late
-                    await client.post("/v1/feedback", json={"labels": waiting})
-                waiting = [{"id": i, "label": int(y)}
-                           for i, y in zip(ids, labels[start:start + 32], strict=True)]
+                waiting.append([{"id": i, "label": int(y)}
+                                for i, y in zip(ids, labels[start:start + 32], strict=True)])
+                if len(waiting) > 2:  # every label two requests (64 samples) late
+                    await client.post("/v1/feedback", json={"labels": waiting.pop(0)})
+                sizes.append(len(engine.error_memory))
             alarms = (await client.get("/v1/events", params={"kind": "drift_alarm"})).json()
             judged = (await client.get("/v1/events", params={"kind": "drift_judged"})).json()
             state = (await client.get("/v1/state")).json()
@@ -146,23 +151,48 @@ def test_the_judge_scores_an_alarm_by_the_labels_of_the_samples_served_around_it
                                       action="trim_memory"),
                        "effect": metric(app, "adaptd_drift_action_effect", action="boost_lr",
                                         arm="acted")}
-            return served, alarms["events"], judged["events"], state, counted
+            return served, sizes, alarms["events"], judged["events"], state, counted
 
-    served, alarms, judged, state, counted = asyncio.run(scenario())
+    served, sizes, alarms, judged, state, counted = asyncio.run(scenario())
     first = alarms[-1]  # newest first
     assert first["detail"]["actions"] == ["boost_lr"] and first["detail"]["held"] == ["trim_memory"]
     assert counted["held"] >= 1
+    # the held trim left the error memory growing through the alarm
+    assert all(later >= earlier for earlier, later in zip(sizes, sizes[1:], strict=False))
     boost = next(e for e in reversed(judged) if e["action"] == "boost_lr")
     at = boost["detail"]["at"]
     assert at == first["detail"]["at"] and at % 32 == 0
-    # the two requests served up to the alarm, against the two after it, by when they were served
-    errors = (np.array(served).ravel() != labels[:len(np.array(served).ravel())]).astype(float)
-    before, after = errors[at - 64:at], errors[at:at + 64]
-    assert boost["detail"]["labels_before"] == 64 == boost["detail"]["labels_after"]
+    # the three requests served up to the alarm, against the three after it, by the sample
+    # clock they were served at, though each label came two requests later
+    errors = (np.ravel(served) != labels).astype(float)
+    before, after = errors[at - 96:at], errors[at:at + 96]
+    assert boost["detail"]["labels_before"] == 96 == boost["detail"]["labels_after"]
     assert boost["detail"]["outcome"] == pytest.approx(after.mean() - before.mean())
-    assert counted["effect"] == pytest.approx(
-        state["drift_policy"]["judge"]["actions"]["boost_lr"]["acted"]["mean"])
+    trim = next(e for e in reversed(judged) if e["action"] == "trim_memory")
+    assert trim["detail"]["arm"] == "held" and trim["detail"]["outcome"] == pytest.approx(
+        boost["detail"]["outcome"])
+    if len([e for e in judged if e["action"] == "boost_lr"]) == 1:
+        assert counted["effect"] == pytest.approx(boost["detail"]["outcome"])
     assert state["drift_policy"]["judge"]["holdout"] == 2
+
+
+def test_the_judge_counts_only_labels_of_samples_this_process_served() -> None:
+    inputs, _ = _stream()
+    with built_engine(settings_for(batcher={"max_wait_ms": 0})) as engine:
+        out = engine.forward(torch.from_numpy(inputs[:32]))
+        assert engine.drift is not None and out.served == (engine.drift.token, 32)
+        judge = engine.drift.judge
+        elsewhere = np.array([[engine.drift.token + 1, 32.0]] * 32)  # another replica's records
+        engine.observe_errors(np.ones(32), elsewhere)
+        unsaid = np.full((32, 2), np.nan)  # records from before the judge, or with it off
+        engine.observe_errors(np.ones(32), unsaid)
+        assert not judge._recent
+        engine.observe_errors(np.ones(32), np.array([out.served] * 32, dtype=np.float64))
+        assert sum(len(v) for _, v in judge._recent) == 32
+    off = settings_for(drift={"policy": {"judge": {"holdout": 0}}})
+    with built_engine(off) as engine:
+        assert engine.forward(torch.from_numpy(inputs[:32])).served is None
+        assert engine.drift is not None and engine.drift.policy.describe()["judge"] is None
 
 
 @pytest.mark.slow
@@ -221,9 +251,9 @@ def test_the_label_free_detectors_watch_the_source_copy_not_the_model_that_learn
         fed: list[tuple[np.ndarray | None, np.ndarray | None]] = []
         observe = engine.drift.observe_batch
 
-        def recording(probabilities, features, count, served_at=None):
+        def recording(probabilities, features, count):
             fed.append((probabilities, features))
-            return observe(probabilities, features, count, served_at)
+            return observe(probabilities, features, count)
 
         engine.drift.observe_batch = recording
         served = [engine.forward(inputs[start:start + 32]) for start in range(0, 320, 32)]
@@ -249,7 +279,7 @@ def test_without_a_shadow_copy_the_detectors_watch_the_model_itself() -> None:
         assert engine.source is None
         fed = []
         observe = engine.drift.observe_batch
-        engine.drift.observe_batch = lambda p, f, n, t: fed.append((p, f)) or observe(p, f, n, t)
+        engine.drift.observe_batch = lambda p, f, n: fed.append((p, f)) or observe(p, f, n)
         batch = engine.forward(inputs[:32])
     np.testing.assert_allclose(fed[0][0], batch.outputs, rtol=1e-6)
     np.testing.assert_array_equal(fed[0][1], batch.features)
@@ -260,7 +290,7 @@ def test_a_batch_the_source_copy_cannot_judge_feeds_no_detector_and_the_clock_ad
     with built_engine(settings_for(adapter={"name": "tent", "learning_rate": 0.01})) as engine:
         fed = []
         observe = engine.drift.observe_batch
-        engine.drift.observe_batch = lambda p, f, n, t: fed.append((p, f)) or observe(p, f, n, t)
+        engine.drift.observe_batch = lambda p, f, n: fed.append((p, f)) or observe(p, f, n)
         handle = engine.source.register_forward_hook(lambda m, i, o: torch.full_like(o, np.nan))
         batch = engine.forward(inputs[:32])
         handle.remove()
