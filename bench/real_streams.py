@@ -313,6 +313,7 @@ class Config:
 _BN_MEM_SUP = {"adapter": {"name": "bn"}, "error_memory": {"kind": "exact"},
                "supervised": {"enabled": True}}
 _OFF = {"drift": {"enabled": False}}
+_RESET_POLICY = {"label_free_actions": ["boost_lr", "reset_adapter"]}
 CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("source", {"adapter": {"name": "none"}, "error_memory": {"kind": "off"},
                       "supervised": {"enabled": False}, "output_corrector": {"enabled": False},
@@ -354,6 +355,14 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
            default_mixture=True),
     Config("defaults+sup-all-nodrift", {"supervised": {"enabled": True, **SUPERVISED_ALL}}
            | _OFF, default_mixture=True),
+    # the supervised recipe without the mixture, under a drift policy that also resets what
+    # learnt at every label-free alarm (a setting a user may choose; the defaults do not), with
+    # the policy's judge (its default) and without it: whether the judge finds the reset hurting
+    Config("sup-all+reset", {"supervised": {"enabled": True, **SUPERVISED_ALL},
+                             "drift": {"policy": _RESET_POLICY}}),
+    Config("sup-all+reset-nojudge", {
+        "supervised": {"enabled": True, **SUPERVISED_ALL},
+        "drift": {"policy": _RESET_POLICY | {"judge": {"holdout": 0}}}}),
     Config("mix+arf+sup-all", {"supervised": {"enabled": True, **SUPERVISED_ALL},
                                "mixture": {"enabled": True, "learner": "arf"}}),
     Config("tent", {"adapter": {"name": "tent"}}, tasks=("classification",)),
