@@ -126,9 +126,10 @@ class ActionJudge:
         if holdout < 0 or holdout == 1:
             raise ValueError(f"holdout: an action is held back at one alarm in holdout, so 0 "
                              f"(off) or at least 2, got {holdout}")
-        if horizon <= 0 or min_trials < 2 or kept < min_trials or min_labels < 1 or z <= 0:
+        if (horizon <= 0 or min_trials < 2 or kept < min_trials or min_labels < 1 or z <= 0
+                or seed < 0):
             raise ValueError("judge: horizon > 0, min_trials >= 2, kept >= min_trials, "
-                             "min_labels >= 1 and z > 0")
+                             "min_labels >= 1, z > 0 and seed >= 0")
         self.holdout = int(holdout)
         self.horizon = int(horizon)
         self.min_trials = int(min_trials)
@@ -278,6 +279,8 @@ class ActionJudge:
                         for name, arms in state["outcomes"].items()}
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(f"not a drift judge state: {error!r}") from error
+        if any(count < 0 for count in eligible.values()):
+            raise ValueError("drift judge state holds a negative count of alarms")
         if set(eligible) - set(JUDGED) or set(outcomes) - set(JUDGED) or any(
                 set(arms) - {"acted", "held"} for arms in outcomes.values()):
             raise ValueError("drift judge state names unknown actions or arms")

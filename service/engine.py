@@ -560,7 +560,9 @@ class Engine:
                            entropy=None if entropy is None else entropy.numpy(),
                            adapter_version=version, arrays=arrays,
                            keep_features=self.learns_from_features,
-                           served=None if self.drift is None else self.drift.served())
+                           # a retry (adapt=False) moves no clock: its samples are not placed
+                           served=None if self.drift is None or not adapt
+                           else self.drift.served())
 
     def _run_adapter(self, x: torch.Tensor, adapt: bool, learn: np.ndarray | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -239,7 +239,8 @@ class CheckpointResponse(BaseModel):
 class EventItem(BaseModel):
     seq: int = Field(description="increasing sequence number; page back with ?before=seq")
     time: float = Field(description="seconds since the epoch")
-    kind: str = Field(description="drift_alarm, drift_action, drift_unconfirmed, collapse, reset")
+    kind: str = Field(description="drift_alarm, drift_action, drift_change, drift_unconfirmed, "
+                      "drift_judged, collapse, shadow, reset")
     source: str = Field(description="who raised it: detector/signal (adwin/error), guard, "
                         "operator")
     action: str | None = Field(description="what the service did: boost_lr, trim_memory, "

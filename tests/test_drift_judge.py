@@ -170,6 +170,7 @@ def test_the_counts_and_outcomes_survive_a_restart_and_a_bad_state_changes_nothi
     assert restored.choose("boost_lr", 10**6) == judge.choose("boost_lr", 10**6)  # same draw
     before = restored.state()
     for bad in ({"eligible": {"boost_lr": "x"}, "outcomes": {}},
+                {"eligible": {"boost_lr": -1}, "outcomes": {}},
                 {"eligible": {}, "outcomes": {"explode": {"acted": [0.1]}}},
                 {"eligible": {}, "outcomes": {"boost_lr": {"acted": [float("nan")]}}},
                 {"outcomes": {}}):

@@ -181,6 +181,9 @@ def test_the_judge_counts_only_labels_of_samples_this_process_served() -> None:
     with built_engine(settings_for(batcher={"max_wait_ms": 0})) as engine:
         out = engine.forward(torch.from_numpy(inputs[:32]))
         assert engine.drift is not None and out.served == (engine.drift.token, 32)
+        # a retry of a failed batch moves no clock: its records are placed nowhere
+        assert engine.forward(torch.from_numpy(inputs[:32]), adapt=False).served is None
+        assert engine.drift.samples == 32
         judge = engine.drift.judge
         elsewhere = np.array([[engine.drift.token + 1, 32.0]] * 32)  # another replica's records
         engine.observe_errors(np.ones(32), elsewhere)

@@ -186,6 +186,8 @@
     let marks = 0;
     for (const event of events) {
       if (event.time < span.first || event.time > span.last) continue;
+      // a judged alarm is an outcome about an alarm some 2,000 samples before, not a moment
+      if (event.kind === "drift_judged") continue;
       const mark = svgChild(svg, "line", { x1: x(event.time), x2: x(event.time), y1: PAD.top,
                                            y2: bottom, class: `mark ${event.kind}` });
       const what = [event.kind, event.action, event.source].filter(Boolean).join(" · ");
