@@ -13,6 +13,12 @@ change of the mean labelled loss of what was served,
 
     y = mean(loss of samples served in (t, t + horizon]) − mean(loss of those in (t − horizon, t]),
 
+where the service scores a label's loss as the error of what was served less the source model's
+error on the same sample wherever the record kept the source's outputs (the shadow's copy): what
+made a sample hard for both models is no action's doing, and taking it out narrows the outcomes
+(a regressor's residuals whose level moves with its target's runs were too spread to judge a
+harmful reset without it, BENCHMARKS.md B6, stop 32).
+
 a difference in differences once the two arms are compared: what the drift does to the loss is in
 both arms; what the action does is in one. A label counts for the sample clock its sample was
 served at (the record keeps it, with a token of the process that served it), not for when it
@@ -177,8 +183,8 @@ class ActionJudge:
 
     def observe(self, served: np.ndarray, losses: np.ndarray) -> None:
         """Joined labels of samples this process served: the sample clock each one's sample was
-        served at (after its batch) and its loss (what the labelled drift signal scores: a 0/1
-        error or an absolute residual)."""
+        served at (after its batch) and its loss (a 0/1 error or an absolute residual, the
+        source's on the same sample taken off where the caller has it)."""
         if not self.enabled or not len(losses):
             return
         served = np.asarray(served, dtype=np.float64)

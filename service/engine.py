@@ -190,6 +190,7 @@ class LabelledBatch:
     inputs: np.ndarray | None = None
     errors: np.ndarray | None = None  # the labelled drift signal of every joined label
     served: np.ndarray | None = None  # (n, 2): where each of those labels' samples was served
+    judged: np.ndarray | None = None  # what the drift policy's judge scores each label by
     # the shadow comparison: errors of what learns (the last stage before any mixture) and of
     # the source's outputs, and the epoch each record was served in (see EPOCH)
     adapted_errors: np.ndarray | None = None
@@ -702,7 +703,7 @@ class Engine:
             self._supervised_step()
         self._report_memories()
         if batch.errors is not None:
-            self.observe_errors(batch.errors, batch.served)
+            self.observe_errors(batch.errors, batch.served, batch.judged)
         self._compare(batch)
         if self.mixture is not None and NEWEST_LABEL in self.mixture.names and len(batch.labels):
             newest = torch.from_numpy(batch.labels[-1:])
@@ -806,13 +807,14 @@ class Engine:
                                source_error=detail["source_error"], labels=detail["labels"],
                                evidence=detail["worse_evidence"])
 
-    def observe_errors(self, errors: np.ndarray, served: np.ndarray | None = None) -> None:
+    def observe_errors(self, errors: np.ndarray, served: np.ndarray | None = None,
+                       judged: np.ndarray | None = None) -> None:
         """Engine thread only. The labelled drift signal of joined labels (also of those this
         model cannot learn from, an older model's records: the detectors still see them), and
         by which process and when their samples were served (`BatchOutput.served`; NaN where a
         record does not say), for the drift policy's judge."""
         if self.drift is not None and len(errors):
-            self._act(self.drift.observe_labels(errors, served))
+            self._act(self.drift.observe_labels(errors, served, judged))
 
     def _supervised_step(self) -> None:
         assert self.supervised is not None

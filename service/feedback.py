@@ -219,6 +219,20 @@ class FeedbackService:
         width = self.engine.model.num_classes or self.engine.model.num_outputs
         return [r for r in joined if r.outputs.size == width]
 
+    def _paired(self, records: list[PredictionRecord], errors: np.ndarray) -> np.ndarray:
+        """What the drift policy's judge scores each label by: the error of what was served less
+        the source model's on the same sample, where the record kept the source's outputs (the
+        shadow's copy); the difference takes out what made the sample hard for both, which is
+        no action's doing. Elsewhere the error alone."""
+        paired = np.array(errors, dtype=np.float64)
+        rows = [i for i, r in enumerate(records) if SOURCE_OUTPUTS in r.arrays]
+        if rows:
+            shadowed = [records[i] for i in rows]
+            paired[rows] -= self.task.output_errors(
+                np.stack([r.arrays[SOURCE_OUTPUTS] for r in shadowed]),
+                self.task.record_labels(shadowed))
+        return paired
+
     def _usable(self, joined: list[PredictionRecord]) -> list[PredictionRecord]:
         """The records this model made: those the label path can learn from."""
         return [r for r in joined if r.model_version == self.engine.model.version]
@@ -241,16 +255,17 @@ class FeedbackService:
         errors = self.task.errors(scorable) if scorable else None
         served = np.array([r.extra.get("served", NOT_SERVED_HERE) for r in scorable],
                           dtype=np.float64).reshape(len(scorable), 2)
+        judged = None if errors is None else self._paired(scorable, errors)
         self._record(result, errors)
         if self.conformal is not None:
             self.conformal.observe(scorable)
         records = self._usable(result.joined)
         if not records:
             if errors is not None:
-                await self.sync.run(self.engine.observe_errors, errors, served)
+                await self.sync.run(self.engine.observe_errors, errors, served, judged)
             return
         batch = LabelledBatch(labels=self.task.record_labels(records),
-                              errors=errors, served=served)
+                              errors=errors, served=served, judged=judged)
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])  # type: ignore[misc]
         batch.error_memory_rows = self._error_memory_rows(records)

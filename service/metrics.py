@@ -165,7 +165,8 @@ class Metrics:
             "because the judge found them hurting), by action", ["action"], registry=r,
         )
         self.drift_effect = Gauge(
-            "adaptd_drift_action_effect", "the mean change of the labelled loss from before an "
+            "adaptd_drift_action_effect", "the mean change of the labelled loss (less the "
+            "source's on the same samples, where the shadow's copy serves) from before an "
             "alarm to after it, over the judged alarms where the action was acted or held",
             ["action", "arm"], registry=r,
         )

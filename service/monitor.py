@@ -129,8 +129,8 @@ class DriftMonitor:
                   for name, (compute, source) in signals.items() if name in watched}
         return self._update(self.label_free, values)
 
-    def observe_labels(self, errors: np.ndarray, served: np.ndarray | None = None
-                       ) -> list[Action]:
+    def observe_labels(self, errors: np.ndarray, served: np.ndarray | None = None,
+                       judged: np.ndarray | None = None) -> list[Action]:
         """The labelled signal (0/1 errors or absolute residuals) of joined labels, in order,
         and where each one's sample was served, (process token, sample clock) rows as
         `served()` gave them: the judge counts those this process served."""
@@ -138,7 +138,8 @@ class DriftMonitor:
         if served is not None and len(served) == len(errors):
             here = np.asarray(served, dtype=np.float64).reshape(len(errors), 2)
             mine = here[:, 0] == self.token
-            self.judge.observe(here[mine, 1], errors[mine])
+            losses = errors if judged is None else np.asarray(judged, dtype=np.float64)
+            self.judge.observe(here[mine, 1], losses[mine])
         return self._update(self.labelled, {self.task.signal: errors})
 
     def served(self) -> tuple[int, int] | None:

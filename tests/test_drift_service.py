@@ -151,9 +151,11 @@ def test_the_judge_scores_an_alarm_by_the_labels_of_the_samples_served_around_it
                                       action="trim_memory"),
                        "effect": metric(app, "adaptd_drift_action_effect", action="boost_lr",
                                         arm="acted")}
-            return served, sizes, alarms["events"], judged["events"], state, counted
+            with torch.inference_mode():  # the shadow's frozen copy, as it served each sample
+                source = engine.source(torch.from_numpy(inputs)).argmax(1).numpy()
+            return served, source, sizes, alarms["events"], judged["events"], state, counted
 
-    served, sizes, alarms, judged, state, counted = asyncio.run(scenario())
+    served, source, sizes, alarms, judged, state, counted = asyncio.run(scenario())
     first = alarms[-1]  # newest first
     assert first["detail"]["actions"] == ["boost_lr"] and first["detail"]["held"] == ["trim_memory"]
     assert counted["held"] >= 1
@@ -163,8 +165,9 @@ def test_the_judge_scores_an_alarm_by_the_labels_of_the_samples_served_around_it
     at = boost["detail"]["at"]
     assert at == first["detail"]["at"] and at % 32 == 0
     # the three requests served up to the alarm, against the three after it, by the sample
-    # clock they were served at, though each label came two requests later
-    errors = (np.ravel(served) != labels).astype(float)
+    # clock they were served at, though each label came two requests later; each label's loss
+    # is the error of what was served less the source's on the same sample
+    errors = (np.ravel(served) != labels).astype(float) - (source != labels).astype(float)
     before, after = errors[at - 96:at], errors[at:at + 96]
     assert boost["detail"]["labels_before"] == 96 == boost["detail"]["labels_after"]
     assert boost["detail"]["outcome"] == pytest.approx(after.mean() - before.mean())
