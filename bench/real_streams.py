@@ -320,6 +320,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
                       "mixture": {"enabled": False}, **_OFF}),
     Config("defaults", default_mixture=True),
     Config("defaults-nodrift", _OFF, default_mixture=True),
+    # the defaults with River's Hoeffding tree as the mixture's learner instead of the adaptive one
+    Config("defaults+ht", {"mixture": {"learner": "ht"}}, default_mixture=True),
     # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
     # filter for a classifier (for these MLPs `auto`, the default, is none)
     Config("bn", {"adapter": {"name": "bn"}}),

@@ -37,6 +37,7 @@ def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_lear
     assert learners.pop("defaults") == learners.pop("defaults-nodrift") == (True, "hat")
     assert learners.pop("defaults+sup-all") == learners.pop("defaults+sup-all-nodrift") == (
         True, "hat")
+    assert learners.pop("defaults+ht") == (True, "ht")
     assert learners.pop("mix+hat") == (True, "hat") and learners.pop("mix+arf") == (True, "arf")
     assert learners.pop("mix+arf+sup-all") == (True, "arf")
     for name in ("mix", "mem+sup+mix", "bn+mem+sup+mix"):
