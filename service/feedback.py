@@ -253,9 +253,14 @@ class FeedbackService:
     async def _absorb(self, result: JoinResult) -> None:
         scorable = self._scorable(result.joined)
         errors = self.task.errors(scorable) if scorable else None
-        served = np.array([r.extra.get("served", NOT_SERVED_HERE) for r in scorable],
-                          dtype=np.float64).reshape(len(scorable), 2)
-        judged = None if errors is None else self._paired(scorable, errors)
+        # for the drift policy's judge, where it runs: where each label's sample was served, and
+        # the loss the judge scores the label by
+        served = judged = None
+        drift = self.engine.drift
+        if errors is not None and drift is not None and drift.judge.enabled:
+            served = np.array([r.extra.get("served", NOT_SERVED_HERE) for r in scorable],
+                              dtype=np.float64).reshape(len(scorable), 2)
+            judged = self._paired(scorable, errors)
         self._record(result, errors)
         if self.conformal is not None:
             self.conformal.observe(scorable)
