@@ -66,7 +66,6 @@ import numpy as np
 
 JUDGED = ("boost_lr", "trim_memory", "reset_adapter")
 SPREAD_FLOOR = 1e-9
-VERDICTS = ("helps", "unclear", "hurts")
 
 
 @dataclass(eq=False)  # trials are told apart by identity: two may hold the same fields
@@ -103,6 +102,9 @@ class ActionJudge:
     seed
         Seeds the draws of the arms (each a function of the seed, the action and its count of
         eligible alarms, so a restart that resumes the counts resumes the draws).
+    history
+        Joined labels kept at most for the before windows of alarms to come (those served
+        ``horizon`` or more samples before the clock go first).
 
     Examples
     --------
