@@ -60,7 +60,8 @@ it changes no prediction):
     source              adapter none, error memory off, supervised step off, mixture off,
                         drift off: the trained model as it is
     defaults            nothing set (since stop 28, for these tabular models: the model in an
-                        online mixture with River's Hoeffding adaptive tree, `mixture.learner`)
+                        online mixture with River's adaptive Hoeffding tree, and since stop 33
+                        its Hoeffding tree too, `mixture.learner`)
     defaults-nodrift    drift monitoring off
     bn                  adapter `bn` (test-time BatchNorm statistics)
     memory              the error memory, exact (`error_memory.kind = "exact"`, other knobs at
@@ -296,7 +297,7 @@ class Config:
     sections: dict[str, Any] = field(default_factory=dict)
     tasks: tuple[str, ...] = ("classification", "regression")
     two_class_options: dict[str, Any] = field(default_factory=dict)  # adapter options for two
-    # the service's own mixture (on, with River's learner, for these tabular models since stop
+    # the service's own mixture (on, with River's learners, for these tabular models since stop
     # 27): kept by the `defaults` columns; every other column measures its parts without it,
     # as before, unless it sets the mixture itself
     default_mixture: bool = False
@@ -320,7 +321,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
                       "mixture": {"enabled": False}, **_OFF}),
     Config("defaults", default_mixture=True),
     Config("defaults-nodrift", _OFF, default_mixture=True),
-    # the defaults with River's Hoeffding tree as the mixture's learner instead of the adaptive one
+    # the defaults with River's Hoeffding tree as the mixture's one learner (until stop 33 the
+    # default was the adaptive tree alone: `mix+hat`)
     Config("defaults+ht", {"mixture": {"learner": "ht"}}, default_mixture=True),
     # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
     # filter for a classifier (for these MLPs `auto`, the default, is none)
@@ -392,7 +394,7 @@ def service_defaults() -> dict[str, Any]:
             "error_memory": s.error_memory.kind, "supervised": s.supervised.enabled,
             "supervised.train": s.supervised.train, "output_corrector": s.output_corrector.enabled,
             "drift": s.drift.enabled, "shadow": s.shadow.enabled,
-            # auto: on, with River's Hoeffding adaptive tree, for these tabular models
+            # auto: on, with River's two Hoeffding trees, for these tabular models
             "mixture": s.mixture.enabled, "mixture.learner": s.mixture.learner}
 
 

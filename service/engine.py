@@ -33,7 +33,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -79,19 +79,36 @@ EPOCH = "epoch"
 # every sample (one-hot for a classifier), for streams whose labels persist (runs of one class, a
 # level that moves slowly)
 NEWEST_LABEL = "newest_label"
-# the mixture's candidate that River's online learner makes from the inputs (`mixture.learner`)
+# the mixture's candidates that River's online learners make from the inputs
+# (`mixture.learner`), each named by its kind, `learner.<kind>` (`learner_names`): a record of a
+# process with another learner is never scored as this one's
 LEARNER = "learner"
 # the mixture's other candidates: after the test-time adapter, and after the memories and the
 # corrector (the source's are SOURCE_OUTPUTS)
 CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
                     "compensated": "candidate.compensated",
-                    NEWEST_LABEL: "candidate.newest_label", LEARNER: "candidate.learner"}
+                    NEWEST_LABEL: "candidate.newest_label"}
 # what each of the mixture's rates served (with several `mixture.eta`), (rates × width) a row:
 # the rates are weighed on what they served, the label delay included
 MIXTURE_RATES = "mixture.rates"
 # kept instead of the learner's candidate while it slept (one 1 a row): the join makes the
 # guess it would have made (`Engine.guess_asleep`)
 LEARNER_ASLEEP = "learner_asleep"
+
+
+def learner_names(kinds: Sequence[str]) -> list[str]:
+    """The mixture's candidate names of River's learners of these kinds.
+
+    >>> learner_names(["hat", "ht"])
+    ['learner.hat', 'learner.ht']
+    """
+    return [f"{LEARNER}.{kind}" for kind in kinds]
+
+
+def candidate_array(name: str) -> str:
+    """The array a record keeps a candidate's outputs in (`CANDIDATE_ARRAYS`; a learner's,
+    `candidate.learner.<kind>`)."""
+    return CANDIDATE_ARRAYS.get(name, f"candidate.{name}")
 
 
 class NonFiniteOutputs(ValueError):
@@ -277,7 +294,7 @@ class Engine:
         recent: RecentInputs | None = None,
         runs: ClassRunFilter | None = None,
         memory_wakes_on_labels: bool = False,
-        online: OnlineLearner | None = None,
+        online: dict[str, OnlineLearner] | None = None,
     ) -> None:
         self.model = model
         self.task = model.task
@@ -317,16 +334,18 @@ class Engine:
         # NEWEST_LABEL candidate; None until the first label (the candidate is then the last
         # stage's outputs)
         self._newest_label: torch.Tensor | None = None
-        # River's learner, the mixture's LEARNER candidate: trained on the joined labels' inputs,
-        # kept through resets (the mixture's weights judge it, not the guards)
-        self.online = online if mixture is not None and LEARNER in mixture.names else None
-        self.online_failures = 0
-        # asleep (no guesses: a deployment whose labels never come pays nothing for it) until
-        # this replica joins its first label; it then keeps a copy of itself as it was, which
-        # makes, for records served meanwhile, exactly the guesses it would have made (it
-        # learnt nothing while asleep), so the mixture judges it on every label
-        self._online_asleep = self.online is not None
-        self._online_dream: OnlineLearner | None = None
+        # River's learners, each a candidate of the mixture by its name (`learner_names`):
+        # trained on the joined labels' inputs, kept through resets (the mixture's weights judge
+        # them, not the guards)
+        self.online = {name: learner for name, learner in (online or {}).items()
+                       if mixture is not None and name in mixture.names}
+        self.online_failures = dict.fromkeys(self.online, 0)
+        # asleep (no guesses: a deployment whose labels never come pays nothing for them) until
+        # this replica joins its first label; they then keep a copy of themselves as they were,
+        # which makes, for records served meanwhile, exactly the guesses they would have made
+        # (they learnt nothing while asleep), so the mixture judges them on every label
+        self._online_asleep = bool(self.online)
+        self._online_dream: dict[str, OnlineLearner] | None = None
         self.recent = recent
         # the class-run filter: the last stage, over what every other stage served
         self.runs = runs
@@ -377,9 +396,11 @@ class Engine:
         parts["shadow"] = self.source is not None
         if self.mixture is not None:
             parts["mixture"] = self.mixture.describe()
-        if self.online is not None:
-            parts["learner"] = {**self.online.describe(), "failures": self.online_failures,
-                                "asleep": self._online_asleep}
+        if self.online:
+            parts["learners"] = {
+                name: {**learner.describe(), "failures": self.online_failures[name],
+                       "asleep": self._online_asleep}
+                for name, learner in self.online.items()}
         parts["drift"] = self.drift is not None
         if self.runs is not None:
             parts["runs"] = self.runs.describe()
@@ -505,10 +526,10 @@ class Engine:
         if source is not None:
             arrays[SOURCE_OUTPUTS] = source.numpy()
             arrays[EPOCH] = np.full(count, epoch, dtype=np.float32)
-        if self.supervised is not None or self.online is not None:
+        if self.supervised is not None or self.online:
             arrays[INPUTS] = x.reshape(count, -1).numpy()
-        if self.online is not None and not self._online_asleep:
-            candidates[LEARNER] = self._online_predict(arrays[INPUTS])
+        if self.online and not self._online_asleep:
+            candidates.update(self._online_predict(arrays[INPUTS]))
         if self.adanpc is not None and features is not None:
             # AdaNPC: the model's softmax moved towards the memory's vote by the vote's own
             # confidence; confident samples join the memory with their served class
@@ -532,10 +553,10 @@ class Engine:
         mixed = self._mixed(candidates)
         if self.mixture is not None and mixed is not None:  # the source's may not be finite
             for name, values in mixed.items():
-                if name == LEARNER and self._online_asleep:  # its guess is made at the join
+                if name in self.online and self._online_asleep:  # their guesses: at the join
                     arrays[LEARNER_ASLEEP] = np.ones((count, 1), dtype=np.float32)
                 else:
-                    arrays[CANDIDATE_ARRAYS[name]] = values.numpy()
+                    arrays[candidate_array(name)] = values.numpy()
             rates = self.mixture.outputs(mixed)
             if len(rates) > 1:  # what each rate served, judged when the labels come
                 arrays[MIXTURE_RATES] = rates.permute(1, 0, 2).reshape(count, -1).float().numpy()
@@ -623,8 +644,9 @@ class Engine:
             # records still keep every candidate for the mixture and the comparison to learn from
             mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
                                    else self._newest_label.expand(len(last), -1).clone())
-        if LEARNER in mixed and mixed[LEARNER] is None:  # nothing learnt yet, or River failed
-            mixed[LEARNER] = last
+        for name in self.online:
+            if name in mixed and mixed[name] is None:  # nothing learnt yet, or River failed
+                mixed[name] = last
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
 
@@ -733,58 +755,63 @@ class Engine:
                     self.metrics.mixture_rate_share.labels(f"{eta:g}").set(float(share))
 
     def _wake_online(self) -> None:
-        """River's learner wakes at this replica's first joined label, before it learns any, and
-        keeps a copy of itself as it slept (`_online_dream`)."""
-        if self.online is not None and self._online_asleep:
+        """River's learners wake at this replica's first joined label, before they learn any,
+        and keep a copy of themselves as they slept (`_online_dream`)."""
+        if self.online and self._online_asleep:
             self._online_dream = copy.deepcopy(self.online)
             self._online_asleep = False
 
-    def guess_asleep(self, inputs: np.ndarray) -> np.ndarray | None:
-        """Engine thread only. The learner's guesses for records served while it slept (on this
-        replica or another with it), made by its copy as it slept: what it would have guessed
-        then (it learnt nothing meanwhile). None where that copy guesses nothing (nothing learnt,
-        or River failed): the row then repeats the last stage, as a batch served without a
-        guess does, and moves no weight. Wakes it first, before it learns any label:
-        `FeedbackService` asks before the labels are learnt, in slices, so predictions run
-        between."""
+    def guess_asleep(self, name: str, inputs: np.ndarray) -> np.ndarray | None:
+        """Engine thread only. The guesses of learner `name` for records served while it slept
+        (on this replica or another with it), made by its copy as it slept: what it would have
+        guessed then (it learnt nothing meanwhile). None where that copy guesses nothing
+        (nothing learnt, or River failed): the rows then repeat the last stage, as a batch
+        served without a guess does, and move no weight. Wakes the learners first, before they
+        learn any label: `FeedbackService` asks before the labels are learnt, one learner and
+        one slice a job, so predictions run between."""
         self._wake_online()
-        if self._online_dream is None:
+        dream = (self._online_dream or {}).get(name)
+        if dream is None:
             return None
-        try:
-            guesses = self._online_dream.predict(inputs)
-        except Exception as error:  # any: River's code; the labels still teach the rest
-            self._online_failed("predict", error)
-            return None
+        guesses = self._predict_each({name: dream}, inputs)[name]
         return None if guesses is None else guesses.numpy()
 
-    def _online_predict(self, inputs: np.ndarray) -> torch.Tensor | None:
-        """River's learner's predictions, or None (the mixture then repeats the last stage) before
-        its first label or when River raises: it is a candidate, never a reason to fail a batch."""
-        assert self.online is not None
-        try:
-            return self.online.predict(inputs)
-        except Exception as error:  # any: River's code, on inputs the model took
-            self._online_failed("predict", error)
-            return None
+    def _online_predict(self, inputs: np.ndarray) -> dict[str, torch.Tensor | None]:
+        """River's learners' predictions, each None (the mixture then repeats the last stage in
+        its place) before its first label or when River raises: a candidate is never a reason to
+        fail a batch."""
+        return self._predict_each(self.online, inputs)
 
-    def learn_online(self, inputs: np.ndarray, labels: np.ndarray) -> None:
-        """Engine thread only. River's learner learns these joined labels (a slice of them:
-        `FeedbackService` submits them in slices so predictions run between)."""
-        if self.online is None:
-            return
+    def _predict_each(self, learners: dict[str, OnlineLearner], inputs: np.ndarray
+                      ) -> dict[str, torch.Tensor | None]:
+        guesses: dict[str, torch.Tensor | None] = {}
+        for name, learner in learners.items():
+            try:
+                guesses[name] = learner.predict(inputs)
+            except Exception as error:  # any: River's code, on inputs the model took
+                self._online_failed(name, "predict", error)
+                guesses[name] = None
+        return guesses
+
+    def learn_online(self, name: str, inputs: np.ndarray, labels: np.ndarray) -> None:
+        """Engine thread only. River's learner `name` learns these joined labels (a slice of
+        them: `FeedbackService` submits one learner and one slice a job, so predictions run
+        between)."""
         if len(labels):
             self._wake_online()
         try:
-            self.online.learn(inputs, labels)
-        except Exception as error:  # any: the labels are joined and taught to everything else
-            self._online_failed("learn", error)
+            self.online[name].learn(inputs, labels)
+        except Exception as error:  # any: the labels are joined and taught to the rest
+            self._online_failed(name, "learn", error)
 
-    def _online_failed(self, what: str, error: Exception) -> None:
-        self.online_failures += 1
-        if self.online_failures == 1 or self.online_failures % 1000 == 0:
-            log.warning("mixture.learner: River's %s failed (%s: %s; %d failures so far); the "
-                        "mixture serves the other candidates meanwhile", what,
-                        type(error).__name__, error, self.online_failures)
+    def _online_failed(self, name: str, what: str, error: Exception) -> None:
+        self.online_failures[name] += 1
+        failures = self.online_failures[name]
+        if failures == 1 or failures % 1000 == 0:
+            log.warning("mixture.learner: River's %s (%s) failed to %s (%s: %s; %d failures so "
+                        "far); the mixture serves the other candidates meanwhile",
+                        self.online[name].kind, name, what, type(error).__name__, error,
+                        failures)
 
     def _compare(self, batch: LabelledBatch) -> None:
         """The shadow comparison: reset every learning part when the labels say that what is

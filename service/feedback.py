@@ -17,15 +17,14 @@ from service.engine import (
     BEFORE_CORRECTOR,
     BEFORE_ERROR_MEMORY,
     BEFORE_RUNS,
-    CANDIDATE_ARRAYS,
     EPOCH,
     INPUTS,
-    LEARNER,
     LEARNER_ASLEEP,
     MIXTURE_RATES,
     SOURCE_OUTPUTS,
     Engine,
     LabelledBatch,
+    candidate_array,
 )
 from service.gateway import StoreGateway
 from service.history import History, point_now
@@ -43,7 +42,7 @@ log = logging.getLogger("adaptd.feedback")
 
 # how many rejected ids (with their reasons) one log line names
 LOGGED_REJECTIONS = 5
-# labels River's learner takes in one engine job (`FeedbackService._learn_online`)
+# labels one of River's learners takes in one engine job (`FeedbackService._learn_online`)
 ONLINE_SLICE = 256
 
 
@@ -282,7 +281,7 @@ class FeedbackService:
         mixture = self.engine.mixture
         # what learns: the served outputs, under a mixture its last stage, and under the
         # class-run filter the outputs before it
-        learnt = (CANDIDATE_ARRAYS[mixture.names[-1]] if mixture is not None
+        learnt = (candidate_array(mixture.names[-1]) if mixture is not None
                   else BEFORE_RUNS if self.engine.runs is not None else None)
         shadowed = [r for r in records if SOURCE_OUTPUTS in r.arrays and EPOCH in r.arrays
                     and (learnt is None or learnt in r.arrays)]
@@ -302,29 +301,30 @@ class FeedbackService:
     async def _candidates(self, batch: LabelledBatch, records: list[PredictionRecord],
                           names: list[str]) -> None:
         """What the mixture learns from: the records that kept every candidate. River's
-        learner's guesses for the records served while it slept (`LEARNER_ASLEEP`, with their
+        learners' guesses for the records served while they slept (`LEARNER_ASLEEP`, with their
         inputs) are made now by the engine, before the labels are learnt (`Engine.guess_asleep`),
         in slices of `ONLINE_SLICE` so predictions run between."""
-        arrays = {name: CANDIDATE_ARRAYS[name] for name in names}
-        learner = arrays.get(LEARNER)
-        others = [a for a in arrays.values() if a != learner]
+        arrays = {name: candidate_array(name) for name in names}
+        learners = [arrays[name] for name in self.engine.online if name in arrays]
+        others = [a for a in arrays.values() if a not in learners]
         mixed = [r for r in records if all(a in r.arrays for a in others) and (
-            learner is None or learner in r.arrays
+            all(a in r.arrays for a in learners)
             or (LEARNER_ASLEEP in r.arrays and INPUTS in r.arrays))]
         if not mixed:
             return
         missing = np.full(self.engine.model.width, np.nan, dtype=np.float32)  # a guess not made
         candidates = {name: [r.arrays.get(a, missing) for r in mixed]
                       for name, a in arrays.items()}
-        if learner is not None:
-            asleep = [i for i, r in enumerate(mixed) if learner not in r.arrays]
+        if learners:
+            asleep = [i for i, r in enumerate(mixed) if not all(a in r.arrays for a in learners)]
             last = candidates[names[-1]]
             for start in range(0, len(asleep), ONLINE_SLICE):
                 part = asleep[start:start + ONLINE_SLICE]
-                guesses = await self.engine.run(self.engine.guess_asleep,
-                                                np.stack([mixed[i].arrays[INPUTS] for i in part]))
-                for row, i in enumerate(part):  # none made: the last stage's, as when served
-                    candidates[LEARNER][i] = last[i] if guesses is None else guesses[row]
+                inputs = np.stack([mixed[i].arrays[INPUTS] for i in part])
+                for name in self.engine.online:  # one learner a job: predictions run between
+                    guesses = await self.engine.run(self.engine.guess_asleep, name, inputs)
+                    for row, i in enumerate(part):  # none made: the last stage's, as when served
+                        candidates[name][i] = last[i] if guesses is None else guesses[row]
         batch.candidates = {name: np.stack(rows) for name, rows in candidates.items()}
         batch.candidate_labels = self.task.record_labels(mixed)
         # what each rate served: records kept by this configuration's rates only (a replica or
@@ -340,18 +340,19 @@ class FeedbackService:
             batch.rates_labels = self.task.record_labels(served)
 
     async def _learn_online(self, records: list[PredictionRecord]) -> None:
-        """River's learner (`mixture.learner`) learns the labels of the records that kept their
-        inputs (for it or for the supervised step, on any replica), in slices of
-        `ONLINE_SLICE` so that predictions submitted meanwhile run between them: its learning is
-        Python, about a millisecond a label for ARF."""
-        if self.engine.online is None:
+        """River's learners (`mixture.learner`) learn the labels of the records that kept their
+        inputs (for them or for the supervised step, on any replica), one learner and a slice of
+        `ONLINE_SLICE` a job, so that predictions submitted meanwhile run between them: their
+        learning is Python, about a millisecond a label for ARF."""
+        if not self.engine.online:
             return
         rows = [r for r in records if INPUTS in r.arrays]
         for start in range(0, len(rows), ONLINE_SLICE):
             part = rows[start:start + ONLINE_SLICE]
-            await self.engine.run(self.engine.learn_online,
-                                  np.stack([r.arrays[INPUTS] for r in part]),
-                                  self.task.record_labels(part))
+            inputs = np.stack([r.arrays[INPUTS] for r in part])
+            labels = self.task.record_labels(part)
+            for name in self.engine.online:  # one learner a job: predictions run between
+                await self.engine.run(self.engine.learn_online, name, inputs, labels)
 
     def _record(self, result: JoinResult, errors: np.ndarray | None) -> None:
         m = self.metrics.labels

@@ -200,7 +200,8 @@ class Metrics:
         )
         self.mixture_weight = Gauge(
             "adaptd_mixture_weight", "the online mixture's weight on each candidate "
-            "(newest_label, learner, source, adapted, compensated), learnt from joined labels",
+            "(newest_label, learner.<kind> for each of River's learners, source, adapted, "
+            "compensated), learnt from joined labels",
             ["candidate"], registry=r,
         )
         self.mixture_rate_share = Gauge(

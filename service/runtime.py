@@ -23,6 +23,7 @@ from adapters import Adapter, build_adapter
 from adapters.conformal import CALIBRATORS
 from adapters.guard import CollapseGuard, SourceComparison, effective_classes
 from adapters.labels.lowrank import SupervisedStep, inject_lowrank
+from adapters.labels.online_learner import AUTO as AUTO_LEARNERS
 from adapters.labels.online_learner import OnlineLearner
 from adapters.labels.output_corrector import OutputCorrector
 from adapters.memory.adanpc import AdaNPC
@@ -39,7 +40,13 @@ from adapters.tta.norm import (
 from adapters.tta.runs import ClassRunFilter
 from service.batcher import MicroBatcher
 from service.calibration import Conformal
-from service.engine import LEARNER, NEWEST_LABEL, AnyErrorMemory, Engine, RecentInputs
+from service.engine import (
+    NEWEST_LABEL,
+    AnyErrorMemory,
+    Engine,
+    RecentInputs,
+    learner_names,
+)
 from service.events import EventLog, json_safe
 from service.feedback import FeedbackService, RollingQuality
 from service.gateway import StoreGateway
@@ -358,7 +365,7 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     supervised=supervised, supervised_batch=settings.supervised.batch_size,
                     drift=drift, source=source, comparison=_comparison(settings, model, spread),
                     mixture=_mixture(settings, source is not None, model, spread),
-                    online=_online_learner(settings, model, reference),
+                    online=_online_learners(settings, model, reference),
                     # only what learns without labels needs to know a repeat (labels teach as ever)
                     recent=RecentInputs(settings.adapter.repeat_memory) if (
                         settings.adapter.name != "none" and settings.adapter.repeat_memory)
@@ -399,13 +406,15 @@ def tabular(model: LoadedModel) -> bool:
 
 
 def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
-    """`mixture.enabled = "auto"` (the default): on for a tabular model where River's learner is
-    a candidate; `mixture.learner = "auto"` (the default): River's Hoeffding adaptive tree for a
-    tabular model it can learn (a classifier, or a regressor of one value) under `mixture.enabled
-    = "auto"`, else off (`enabled = true` mixes the stages alone, as before `auto`). B6 measured
-    the pair ahead of River's Hoeffding tree on 13 of 14 streams with labels at once and on 11
-    of 14 with labels 100 late (BENCHMARKS.md), where the model alone was behind it on 8 of 14.
-    With classes in runs and labels 100 late one rate (η = 2) served bananas 7.7 points worse
+    """`mixture.enabled = "auto"` (the default): on for a tabular model where River's learners
+    are candidates; `mixture.learner = "auto"` (the default): River's Hoeffding adaptive tree
+    and Hoeffding tree, each a candidate, for a tabular model they can learn (a classifier, or
+    a regressor of one value) under `mixture.enabled = "auto"`, else off (`enabled = true` mixes
+    the stages alone, as before `auto`). B6 measured the model and HAT ahead of River's
+    Hoeffding tree on 13 of 14 streams with labels at once and on 11 of 14 with labels 100 late
+    (BENCHMARKS.md), where the model alone was behind it on 8 of 14; with HT as a candidate too
+    the mixture was ahead of that pair on 31 of B6's 56 runs and behind on 13 (stop 33). With
+    classes in runs and labels 100 late one rate (η = 2) served bananas 7.7 points worse
     than the model alone; the two rates judged on what they served (`mixture.eta`) hold that to
     1.3 (0.3 over the last half). ARF was further ahead on most streams and costs
     three times as much a sample, and fell behind the model with classes in runs and labels
@@ -415,7 +424,7 @@ def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
     learnable = (model.num_classes or 0) >= 2 if model.task.discrete else model.width == 1
     learner = m.learner
     if learner == "auto":  # only with the mixture's own auto: `true` keeps its stages alone
-        learner = "hat" if rows and learnable and m.enabled == "auto" else "off"
+        learner = list(AUTO_LEARNERS) if rows and learnable and m.enabled == "auto" else "off"
     # auto never turns the mixture on for images: a learner named there is said inert
     enabled = m.enabled if m.enabled != "auto" else rows and learner != "off"
     if (learner, enabled) != (m.learner, m.enabled):
@@ -454,8 +463,8 @@ def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
     newest = settings.mixture.newest_label
     if newest == "auto":  # B6: a regressor's level persists, a classifier's classes rarely do
         newest = "on" if settings.model.task == "regression" else "off"
-    learner = [LEARNER] if settings.mixture.learner != "off" else []
-    return ([NEWEST_LABEL] if newest == "on" else []) + learner + stages
+    learners = learner_names(settings.mixture.learners)
+    return ([NEWEST_LABEL] if newest == "on" else []) + learners + stages
 
 
 def _graded(settings: Settings, model: LoadedModel, reference: ReferenceData | None) -> bool:
@@ -522,24 +531,30 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
                              start_low=("source",) if settings.adapter.method != "none" else (),
-                             start_untried=(NEWEST_LABEL, LEARNER))
+                             start_untried=(NEWEST_LABEL,
+                                            *learner_names(settings.mixture.learners)))
 
 
-def _online_learner(settings: Settings, model: LoadedModel, reference: ReferenceData | None
-                    ) -> OnlineLearner | None:
-    """River's learner, a candidate of the mixture (`mixture.learner`), where the mixture is
-    on (a fixed seed, 42, for its random parts); it first learns the reference data where that
-    has labels, as the model did, so it does not start from nothing."""
-    if settings.mixture.learner == "off" or not settings.mixture.enabled:
-        return None
+def _online_learners(settings: Settings, model: LoadedModel, reference: ReferenceData | None
+                     ) -> dict[str, OnlineLearner]:
+    """River's learners, each a candidate of the mixture (`mixture.learner`) by its name, where
+    the mixture is on (a fixed seed, 42, for their random parts); each first learns the
+    reference data where that has labels, as the model did, so it does not start from
+    nothing."""
+    kinds = settings.mixture.learners
+    if not kinds or not settings.mixture.enabled:
+        return {}
     regression = not model.task.discrete
-    learner = OnlineLearner(settings.mixture.learner, regression,
-                            model.width if regression else int(model.num_classes or 0))
-    if reference is not None and reference.labels is not None:
-        learner.learn(reference.inputs.numpy(), reference.labels.numpy())
-        log.info("mixture.learner %s: learnt %d labelled reference rows", learner.kind,
-                 learner.learnt)
-    return learner
+    learners = {}
+    for name, kind in zip(learner_names(kinds), kinds, strict=True):
+        learner = OnlineLearner(kind, regression,
+                                model.width if regression else int(model.num_classes or 0))
+        if reference is not None and reference.labels is not None:
+            learner.learn(reference.inputs.numpy(), reference.labels.numpy())
+            log.info("mixture.learner %s: learnt %d labelled reference rows", learner.kind,
+                     learner.learnt)
+        learners[name] = learner
+    return learners
 
 
 def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData | None
@@ -568,8 +583,8 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
         said.append("supervised.reference_batch normalises the reference samples by the "
                     "source's statistics, which adapter.norm = 'batch' does not keep: each "
                     "reference batch is normalised by itself")
-    if settings.mixture.learner != "off" and engine.online is None:
-        said.append(f"mixture.learner = {settings.mixture.learner!r} is a candidate of the "
+    if settings.mixture.learners and not engine.online:
+        said.append(f"mixture.learner = {settings.mixture.learner!r} names candidates of the "
                     "mixture, which is off: set mixture.enabled = true")
     if settings.mixture.enabled and engine.mixture is None:
         names = mixture_candidates(settings, engine.source is not None)

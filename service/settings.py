@@ -429,7 +429,7 @@ class MixtureSettings(Section):
 
     enabled: bool | Literal["auto"] = Field(
         "auto", description="auto: on for a tabular model (each sample one vector of at most "
-        f"{TABULAR_FEATURES} numbers) where River's learner is a candidate (mixture.learner), "
+        f"{TABULAR_FEATURES} numbers) where River's learners are candidates (mixture.learner), "
         "off otherwise (BENCHMARKS.md B6)")
     eta: PositiveFloat | Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
         [2.0, 0.1], description="η, how fast a candidate's weight follows its losses (per "
@@ -440,12 +440,38 @@ class MixtureSettings(Section):
     newest_label: Literal["auto", "on", "off"] = Field(
         "auto", description="a candidate that serves the label that arrived last, for streams "
         "whose labels persist; auto: on for a regressor, off for a classifier")
-    learner: Literal["auto", "off", "ht", "hat", "arf"] = Field(
-        "auto", description="a candidate that one of River's learners makes, trained online on "
-        "the joined labels and the inputs they were predicted from: ht (HoeffdingTree), hat "
-        "(HoeffdingAdaptiveTree), arf (adaptive random forest); for tabular models whose concept "
-        "moves; auto: hat for a tabular model with one output or two or more classes under "
-        "mixture.enabled = auto, else off")
+    learner: Literal["auto", "off", "ht", "hat", "arf"] | Annotated[
+        list[Literal["ht", "hat", "arf"]], Field(min_length=1, max_length=3)] = Field(
+        "auto", description="candidates that River's learners make, trained online on the "
+        "joined labels and the inputs they were predicted from: ht (HoeffdingTree), hat "
+        "(HoeffdingAdaptiveTree), arf (adaptive random forest), or a list of them, each a "
+        "candidate of its own; for tabular models whose concept moves; auto: [hat, ht] for a "
+        "tabular model with one output or two or more classes under mixture.enabled = auto, "
+        "else off")
+
+    @field_validator("learner", mode="before")
+    @classmethod
+    def _learners(cls, learner: Any) -> Any:
+        """One message for any bad list: one to three of ht, hat, arf, each once."""
+        if not isinstance(learner, list | tuple):
+            return learner
+        kinds = ("ht", "hat", "arf")
+        if not learner or any(kind not in kinds for kind in learner):
+            raise ValueError(f"mixture.learner: auto, off, one of {', '.join(kinds)}, or a "
+                             f"list of them; got {list(learner)!r}")
+        if len(set(learner)) < len(learner):
+            raise ValueError(f"mixture.learner: each learner once, got {list(learner)!r}")
+        return list(learner)
+
+    @property
+    def learners(self) -> tuple[str, ...]:
+        """River's learners named (`learner` made a tuple: none for off); `auto` is made
+        concrete at start-up, where the model is known, and raises here before."""
+        if isinstance(self.learner, list):
+            return tuple(self.learner)
+        if self.learner == "auto":
+            raise ValueError("mixture.learner = 'auto' is resolved at start-up, with the model")
+        return () if self.learner == "off" else (self.learner,)
 
     @field_validator("eta", mode="before")
     @classmethod

@@ -97,7 +97,8 @@ def test_the_start_up_checks_leave_the_served_model_as_it_was():
             engine = app.state.runtime.engine
             before = {k: v.clone() for k, v in engine.adapter.state_dict().items()}
             from service.reference import load_reference_data
-            inert_settings(settings, engine, load_reference_data(settings, engine.model))
+            resolved = engine.settings  # what start-up checks: `auto` made concrete
+            inert_settings(resolved, engine, load_reference_data(resolved, engine.model))
             after = engine.adapter.state_dict()
             return [k for k in before if not torch.equal(before[k], after[k])]
 

@@ -69,7 +69,9 @@ def test_the_default_regressor_starts_its_untried_candidates_at_005_and_serves_t
     with built_engine(load_settings(None, model=model)) as engine:
         assert engine.mixture is not None
         weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
-        assert weights == pytest.approx({"newest_label": 0.05, "learner": 0.05, "adapted": 0.9})
+        # both of River's trees (`mixture.learner = "auto"`), each a candidate at 0.05
+        assert weights == pytest.approx({"newest_label": 0.05, "learner.hat": 0.05,
+                                         "learner.ht": 0.05, "adapted": 0.85})
         for rows in np.split(x, 4):
             out = engine.forward(rows)
             # no label yet: both repeat the model's answer, and the mixture gives it back exactly
@@ -88,8 +90,8 @@ def test_the_source_starts_level_where_only_labels_change_the_model_and_low_besi
         weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
         # the supervised step changes nothing before the first label: the source is the
         # adapted model's equal until labels tell them apart
-        assert weights == pytest.approx({"newest_label": 0.05, "learner": 0.05, "source": 0.45,
-                                         "adapted": 0.45})
+        assert weights == pytest.approx({"newest_label": 0.05, "learner.hat": 0.05,
+                                         "learner.ht": 0.05, "source": 0.425, "adapted": 0.425})
         out = engine.forward(x)
         assert np.array_equal(out.arrays[CANDIDATE_ARRAYS["source"]],
                               out.arrays[CANDIDATE_ARRAYS["adapted"]])
@@ -174,9 +176,10 @@ def test_served_with_the_mixture_the_labels_outvote_an_adapter_gone_wrong(mixed)
     assert weight == pytest.approx(weights["source"])
 
 
-def labels_back_after_each_request(settings: dict, x: np.ndarray, y: np.ndarray):
+def labels_back_after_each_request(settings: dict, x: np.ndarray, y: np.ndarray,
+                                   learner: str = "learner.ht"):
     """Requests of 16, each one's labels back before the next: (the classes or values served,
-    /v1/state, the learner's weight in /metrics)."""
+    /v1/state, the weight of River's `learner` in /metrics)."""
     async def scenario():
         async with serving(**settings) as (client, app):
             served = []
@@ -191,7 +194,7 @@ def labels_back_after_each_request(settings: dict, x: np.ndarray, y: np.ndarray)
                 assert answer.status_code == 200
             state = (await client.get("/v1/state")).json()
             return np.array(served), state, metric(app, "adaptd_mixture_weight",
-                                                   candidate="learner")
+                                                   candidate=learner)
     return asyncio.run(scenario())
 
 
@@ -244,17 +247,18 @@ def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_lea
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
                 "error_memory": {"kind": "off"},
                 "mixture": {"enabled": True, "learner": kind}}
-    served, state, weight = labels_back_after_each_request(settings, x, y)
+    served, state, weight = labels_back_after_each_request(settings, x, y, f"learner.{kind}")
     half = len(y) // 2
     model = (x.sum(1) <= 0).astype(int)
     assert (model[half:] != y[half:]).mean() > 0.25
     assert (served[half:] != y[half:]).mean() < 0.1
     learning = state["learning"]
-    assert learning["learner"] == {"kind": kind, "learnt": len(y), "failures": 0,
-                                   "asleep": False}
-    assert set(learning["mixture"]["weights"]) == {"learner", "adapted"}
-    assert learning["mixture"]["weights"]["learner"] > 0.9
-    assert weight == pytest.approx(learning["mixture"]["weights"]["learner"])
+    name = f"learner.{kind}"
+    assert learning["learners"] == {name: {"kind": kind, "learnt": len(y), "failures": 0,
+                                           "asleep": False}}
+    assert set(learning["mixture"]["weights"]) == {name, "adapted"}
+    assert learning["mixture"]["weights"][name] > 0.9
+    assert weight == pytest.approx(learning["mixture"]["weights"][name])
 
 
 def test_a_river_regressor_learns_the_values_the_model_misses():
@@ -268,7 +272,7 @@ def test_a_river_regressor_learns_the_values_the_model_misses():
     served, state, _ = labels_back_after_each_request(settings, x, y)
     half = len(y) // 2
     assert np.abs(served[half:] - y[half:]).mean() < 0.5 * np.abs(y[half:] - y.mean()).mean()
-    assert state["learning"]["mixture"]["weights"]["learner"] > 0.9
+    assert state["learning"]["mixture"]["weights"]["learner.ht"] > 0.9
 
 
 def test_the_learner_is_refused_for_several_values_and_said_idle_without_the_mixture():
@@ -282,50 +286,58 @@ def test_the_learner_is_refused_for_several_values_and_said_idle_without_the_mix
         pass
     with built_engine(load_settings(None, model=BINARY,
                                     mixture={"enabled": False, "learner": "hat"})) as engine:
-        assert engine.online is None
+        assert engine.online == {}
         assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
     settings = load_settings(None, model=BINARY, adapter={"name": "none"},
                              mixture={"enabled": True, "learner": "arf"})
-    assert mixture_candidates(settings, shadow=False) == ["learner", "adapted"]
+    assert mixture_candidates(settings, shadow=False) == ["learner.arf", "adapted"]
+    settings = load_settings(None, model=BINARY, adapter={"name": "none"},
+                             mixture={"enabled": True, "learner": ["arf", "ht"]})
+    assert mixture_candidates(settings, shadow=False) == ["learner.arf", "learner.ht", "adapted"]
+    with pytest.raises(ValueError, match="each learner once"):
+        load_settings(None, mixture={"learner": ["ht", "ht"]})
+    for bad in ([], ["off"], ["auto", "ht"], ["forest"]):
+        with pytest.raises(ValueError, match="a list of them; got"):
+            load_settings(None, mixture={"learner": bad})
 
 
 @pytest.mark.parametrize(("model", "learner"), [
-    (BINARY, "hat"),  # a tabular classifier
+    (BINARY, ["hat", "ht"]),  # a tabular classifier
     ({"factory": "tests.models:regressor", "name": "reg", "task": "regression",
-      "input_shape": [3]}, "hat"),  # a tabular regressor of one value
+      "input_shape": [3]}, ["hat", "ht"]),  # a tabular regressor of one value
     ({"factory": "tests.models:forecaster", "name": "fc", "task": "regression",
       "input_shape": [3]}, "off"),  # River's regressors are single-target
     ({}, "off"),  # the demo: images, not rows
 ])
-def test_auto_serves_a_tabular_model_with_a_hoeffding_adaptive_tree_in_the_mixture(model,
-                                                                                   learner):
+def test_auto_serves_a_tabular_model_with_both_hoeffding_trees_in_the_mixture(model, learner):
     from service.settings import load_settings
 
     with built_engine(load_settings(None, model=model)) as engine:
         learning = engine.describe_learning()
         assert engine.settings.mixture.learner == learner
         assert engine.settings.mixture.enabled is (learner != "off")
-        assert (engine.online is not None) is (learner != "off")
+        assert bool(engine.online) is (learner != "off")
         assert ("mixture" in learning) is (learner != "off")
         if learner != "off":
-            assert learning["learner"]["kind"] == "hat"
-            assert "learner" in learning["mixture"]["weights"]
+            assert {name: part["kind"] for name, part in learning["learners"].items()} == {
+                "learner.hat": "hat", "learner.ht": "ht"}
+            assert {"learner.hat", "learner.ht"} <= set(learning["mixture"]["weights"])
         assert not any("mixture" in w for w in engine.warnings)
     # an explicit choice stands; `enabled = true` mixes the stages alone, as before `auto`
     with built_engine(load_settings(None, model=BINARY,
                                     mixture={"enabled": "auto", "learner": "arf"})) as engine:
-        assert engine.online is not None and engine.online.kind == "arf"
+        assert [learner.kind for learner in engine.online.values()] == ["arf"]
     with built_engine(load_settings(None, model=BINARY, mixture={"enabled": True},
                                     shadow={"enabled": True}, adapter={"name": "bn"})) as engine:
-        assert engine.online is None and engine.mixture is not None
-        assert "learner" not in engine.mixture.names
+        assert engine.online == {} and engine.mixture is not None
+        assert not any(name.startswith("learner") for name in engine.mixture.names)
     # the mixture said off takes its learner with it, unsaid
     with built_engine(load_settings(None, model=BINARY, mixture={"enabled": False})) as engine:
-        assert engine.mixture is None and engine.online is None
+        assert engine.mixture is None and engine.online == {}
         assert not any("mixture" in w for w in engine.warnings)
     # a learner named for images: auto leaves the mixture off and says the learner is idle
     with built_engine(load_settings(None, mixture={"learner": "hat"})) as engine:
-        assert engine.mixture is None and engine.online is None
+        assert engine.mixture is None and engine.online == {}
         assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
 
 
@@ -342,7 +354,7 @@ def test_auto_leaves_rows_of_more_than_tabular_features_to_the_model():
     for width, on in [(TABULAR_FEATURES, True), (TABULAR_FEATURES + 1, False)]:
         resolved = resolve_auto(load_settings(None, model=BINARY), Rows(width))
         assert resolved.mixture.enabled is on
-        assert resolved.mixture.learner == ("hat" if on else "off")
+        assert resolved.mixture.learner == (["hat", "ht"] if on else "off")
 
 
 def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
@@ -358,9 +370,9 @@ def test_the_learner_first_learns_the_labelled_reference_data(tmp_path):
                              adapter={"name": "none"},
                              mixture={"enabled": True, "learner": "ht"})
     with built_engine(settings) as engine:
-        assert engine.online is not None and engine.online.learnt == 400
+        assert engine.online["learner.ht"].learnt == 400
         probe = np.random.default_rng(4).normal(size=(200, 4)).astype(np.float32)
-        guessed = engine.online.predict(probe)
+        guessed = engine.online["learner.ht"].predict(probe)
         assert guessed is not None
         assert (guessed.argmax(1).numpy() == (probe[:, 0] > 0)).mean() > 0.9
 
@@ -373,7 +385,7 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
     from safetensors.torch import save_file
 
     from adapters.labels.online_learner import OnlineLearner
-    from service.engine import CANDIDATE_ARRAYS, LEARNER, LEARNER_ASLEEP
+    from service.engine import LEARNER_ASLEEP, candidate_array
 
     # the reference data's labels follow the first feature, the stream's the second: what the
     # learner guesses changes as it learns the stream
@@ -395,14 +407,15 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
     async def scenario():
         async with serving(**settings) as (client, app):
             engine = app.state.runtime.engine
-            slept = engine.online.predict(x[:512]).numpy()  # its guesses as it sleeps
-            asleep = engine.describe_learning()["learner"]["asleep"]
+            learner = engine.online["learner.ht"]
+            slept = learner.predict(x[:512]).numpy()  # its guesses as it sleeps
+            asleep = engine.describe_learning()["learners"]["learner.ht"]["asleep"]
             guessed = []  # (by the learner itself, rows), for every guess
             original = OnlineLearner.predict
 
-            def counted(learner, inputs):
-                guessed.append((learner is engine.online, len(inputs)))
-                return original(learner, inputs)
+            def counted(itself, inputs):
+                guessed.append((itself is learner, len(inputs)))
+                return original(itself, inputs)
             monkeypatch.setattr(OnlineLearner, "predict", counted)
             for start in range(0, 512, 16):  # served asleep: no guess made, none kept
                 await client.post("/v1/predict", json={
@@ -415,7 +428,7 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
             engine.mixture.learn = lambda losses: (seen.append(losses), learn(losses))
             await client.post("/v1/feedback", json={"labels": [
                 {"id": f"s{i}", "label": int(y[i])} for i in range(448)]})
-            awake = original(engine.online, x[448:512]).numpy()  # after 448 stream labels
+            awake = original(learner, x[448:512]).numpy()  # after 448 stream labels
             await client.post("/v1/feedback", json={"labels": [
                 {"id": f"s{i}", "label": int(y[i])} for i in range(448, 512)]})
             after = engine.describe_learning()
@@ -424,18 +437,80 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
 
     slept, asleep, before, kept, seen, awake, after, guessed = asyncio.run(scenario())
     assert asleep is True and before == []  # no guesses and no cost before any label
-    assert CANDIDATE_ARRAYS[LEARNER] not in kept and LEARNER_ASLEEP in kept and "inputs" in kept
+    assert candidate_array("learner.ht") not in kept and LEARNER_ASLEEP in kept
+    assert "inputs" in kept
     # each record served asleep is judged on the guess it would have had, also after the
     # learner learnt: by then it guesses otherwise on some of them
     assert (awake.argmax(1) != slept[448:].argmax(1)).any()
     wrong = (slept.argmax(1) != y[:512]).astype(float)
     np.testing.assert_array_equal(np.concatenate(seen)[:, 0], wrong)  # the learner is first
-    assert after["learner"]["asleep"] is False and after["mixture"]["labels"] == 512
+    assert after["learners"]["learner.ht"]["asleep"] is False
+    assert after["mixture"]["labels"] == 512
     # the copy as it slept guessed at the joins, in slices; awake, it guesses every batch
     assert guessed == [(False, 256), (False, 192), (False, 64), (True, 16)]
 
 
-def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goes_wrong():
+def test_records_of_other_learners_teach_the_mixture_nothing_and_a_failed_guess_only_its_own():
+    from dataclasses import replace
+
+    from adapters.labels.online_learner import OnlineLearner
+    from service.engine import candidate_array
+
+    x, _ = binary_stream(48)
+    y = (x[:, 0] > 0).astype(int)
+    settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+                "error_memory": {"kind": "off"},
+                "mixture": {"enabled": True, "learner": ["hat", "ht"]}}
+    original = OnlineLearner.predict
+
+    def ht_broken(learner, inputs):  # the Hoeffding tree raises, awake or as it slept
+        if learner.kind == "ht":
+            raise RuntimeError("river broke")
+        return original(learner, inputs)
+
+    async def scenario(monkeypatch):
+        async with serving(**settings) as (client, app):
+            engine, raw = app.state.runtime.engine, app.state.runtime.store.raw
+            await client.post("/v1/predict", json={  # served asleep
+                "inputs": x[:16].tolist(), "ids": [f"a{i}" for i in range(16)]})
+            monkeypatch.setattr(OnlineLearner, "predict", ht_broken)
+            first = await client.post("/v1/feedback", json={"labels": [
+                {"id": f"a{i}", "label": int(y[i])} for i in range(16)]})
+            monkeypatch.setattr(OnlineLearner, "predict", original)
+            slept = engine.describe_learning()
+            await client.post("/v1/predict", json={
+                "inputs": x[16:32].tolist(), "ids": [f"b{i}" for i in range(16)]})
+            kept = raw.get_prediction("b0")
+            hat, ht = candidate_array("learner.hat"), candidate_array("learner.ht")
+            assert hat in kept.arrays and ht in kept.arrays
+            # a record of an older process (one learner, `candidate.learner`), and one of a
+            # replica whose learners are HAT and ARF
+            older = {k: v for k, v in kept.arrays.items() if k not in (hat, ht)}
+            other = {k: v for k, v in kept.arrays.items() if k != ht}
+            older["candidate.learner"] = kept.arrays[hat]
+            other["candidate.learner.arf"] = kept.arrays[ht]
+            raw.put_predictions([replace(kept, id="older", arrays=older),
+                                 replace(kept, id="other", arrays=other)])
+            second = await client.post("/v1/feedback", json={"labels": [
+                {"id": "older", "label": int(y[16])}, {"id": "other", "label": int(y[16])},
+                *({"id": f"b{i}", "label": int(y[16 + i])} for i in range(16))]})
+            return first.json(), slept, second.json(), engine.describe_learning()
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        first, slept, second, after = asyncio.run(scenario(monkeypatch))
+    # the broken tree's guesses for the records served asleep repeated the model's, counted as
+    # its failures; the other tree guessed and learnt as usual, and the mixture learnt them all
+    assert first["joined"] == 16 and slept["mixture"]["labels"] == 16
+    assert slept["learners"]["learner.ht"]["failures"] == 1
+    assert slept["learners"]["learner.hat"]["failures"] == 0
+    assert slept["learners"]["learner.ht"]["learnt"] == slept["learners"]["learner.hat"]["learnt"]
+    # both foreign records were joined and learnt by the trees, never scored as their candidates
+    assert second["joined"] == 18 and after["mixture"]["labels"] == 32
+    assert after["learners"]["learner.hat"]["learnt"] == slept["learners"]["learner.hat"][
+        "learnt"] + 18
+
+
+def test_the_learners_serve_nothing_before_their_first_label_and_survive_what_goes_wrong():
     from dataclasses import replace
 
     from service.engine import INPUTS
@@ -443,7 +518,8 @@ def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goe
     x, _ = binary_stream(64)
     y = (x[:, 0] > 0).astype(int)
     on = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
-          "error_memory": {"kind": "off"}, "mixture": {"enabled": True, "learner": "ht"}}
+          "error_memory": {"kind": "off"},
+          "mixture": {"enabled": True, "learner": ["ht", "hat"]}}
 
     async def scenario():
         async with serving(**{**on, "mixture": {"enabled": False}}) as (client, _):
@@ -460,12 +536,12 @@ def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goe
             answer = await client.post("/v1/feedback", json={"labels": [
                 {"id": "bare", "label": int(y[0])},
                 *({"id": f"a{i}", "label": int(y[i])} for i in range(16))]})
-            learnt = engine.online.learnt
-            # River raising is the learner's failure, not the request's
+            learnt = engine.online["learner.ht"].learnt
+            # River raising is that learner's failure, not the request's nor the other's
             def broken(*_):
                 raise RuntimeError("river broke")
-            engine.online.predict = broken
-            engine.online.learn = broken
+            engine.online["learner.ht"].predict = broken
+            engine.online["learner.ht"].learn = broken
             second = await client.post("/v1/predict", json={
                 "inputs": x[16:32].tolist(), "ids": [f"b{i}" for i in range(16)]})
             taught = await client.post("/v1/feedback", json={"labels": [
@@ -481,8 +557,10 @@ def test_the_learner_serves_nothing_before_its_first_label_and_survives_what_goe
     assert answer["joined"] == 17 and learnt == 16  # the bare record's label taught it nothing
     assert second.status_code == 200 and taught["joined"] == 16
     assert reset.status_code == 200
-    learner = state["learning"]["learner"]
-    assert learner["learnt"] == 16 and learner["failures"] == 2  # kept through the reset
+    learners = state["learning"]["learners"]
+    assert learners["learner.ht"]["learnt"] == 16 and learners["learner.ht"]["failures"] == 2
+    assert learners["learner.hat"]["learnt"] == 32 and learners["learner.hat"]["failures"] == 0
+    # the broken learner's guesses repeated the last stage; both are kept through the reset
     # every record kept its inputs but the bare one, which kept no guess of the learner's either
     # (served while it slept): the mixture learnt from the other 32 labels
     assert state["learning"]["mixture"]["labels"] == 32

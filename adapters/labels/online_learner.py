@@ -20,6 +20,13 @@ fires). Measured offline on B6's streams (from nothing, labels at once, the mixt
 source model): `arf` was best on three of four, `hat` on hyperplane; BENCHMARKS.md B6 has the
 service's figures.
 
+Several learners may be candidates at once (`mixture.learner` a list), each weighed on its own
+labels; the default for a tabular model is both trees. Neither serves every stream better: HT,
+which never forgets a split, is ahead where the concept holds still, HAT where it drifts, and
+HAT's leaves weigh each label by a Poisson(1) draw (River's `bootstrap_sampling`), so one seed
+of it serves sine 86.9% and another 92.9% (BENCHMARKS.md B6, "Both Hoeffding trees as
+candidates"): which will suit a stream is not known before its labels, which the mixture reads.
+
 What it is not: a model of images (trained on the demo's 898 reference digits HT is right on
 87% of the clean test digits and ARF on 84%, where the CNN is on 97%, and it costs about a
 millisecond a sample), or a multi-output regressor (River's are single-target: refused at
@@ -34,12 +41,17 @@ slept (`Engine._guess_asleep`): exactly those it would have made.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 KINDS = ("ht", "hat", "arf")
+# `mixture.learner = "auto"` for a tabular model: both trees, each a candidate of the mixture.
+# Neither serves every stream better: HT, which never forgets, where the concept holds still;
+# HAT, whose nodes' ADWIN replaces a subtree whose error rises, where it drifts (BENCHMARKS.md
+# B6, "Both Hoeffding trees as candidates")
+AUTO: tuple[Literal["ht", "hat", "arf"], ...] = ("hat", "ht")
 # what a learner's trees may hold together, in MiB (River's estimate), checked every
 # MEMORY_CHECK_LABELS labels: beyond it a tree stops growing its least promising leaves. River's
 # defaults (100 or 500 MiB a tree, checked every 1 or 2 million labels) let ARF's regressor grow

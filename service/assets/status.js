@@ -78,7 +78,10 @@
     ]);
     const learning = byId("learning");
     learning.replaceChildren();
-    for (const [part, settings] of Object.entries(state.learning || {})) {
+    // River's learners (`learners`, by candidate name) one line each, as the other parts
+    const parts = Object.entries(state.learning || {}).flatMap(([part, settings]) =>
+      part === "learners" && settings ? Object.entries(settings) : [[part, settings]]);
+    for (const [part, settings] of parts) {
       if (settings === false || settings === null) continue;  // parts that are off
       const item = element("li");
       item.dataset.part = part;
