@@ -80,8 +80,8 @@ EPOCH = "epoch"
 # level that moves slowly)
 NEWEST_LABEL = "newest_label"
 # the mixture's candidates that River's online learners make from the inputs
-# (`mixture.learner`), each named by its kind, `learner.<kind>` (`learner_names`): a record of a
-# process with another learner is never scored as this one's
+# (`mixture.learner`), each named by its kind, `learner.<kind>` (`learner_names`): what another
+# process's learner guessed for a record is never scored as this one's
 LEARNER = "learner"
 # the mixture's other candidates: after the test-time adapter, and after the memories and the
 # corrector (the source's are SOURCE_OUTPUTS)
@@ -214,7 +214,7 @@ class LabelledBatch:
     source_errors: np.ndarray | None = None
     epochs: np.ndarray | None = None
     # the mixture's candidates' outputs, by candidate name, and their labels (the records that
-    # kept every candidate; River's learner's guesses for records served while it slept made
+    # kept every candidate; River's learners' guesses for records served while they slept made
     # at the join, `Engine.guess_asleep`)
     candidates: dict[str, np.ndarray] | None = None
     candidate_labels: np.ndarray | None = None

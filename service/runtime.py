@@ -448,7 +448,7 @@ def torch_threads(settings: Settings) -> int:
 
 
 def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
-    """The newest label (with `mixture.newest_label`), River's online learner (with
+    """The newest label (with `mixture.newest_label`), River's online learners (with
     `mixture.learner`), then the stages of this pipeline that
     differ: the source (with its copy), the adapted model (when an adapter changes it), the
     compensated outputs (AdaNPC, the corrector, the error memory). The last is what learns."""
@@ -590,7 +590,7 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
         names = mixture_candidates(settings, engine.source is not None)
         said.append(f"mixture.enabled has {len(names)} candidate(s) ({', '.join(names) or 'none'})"
                     ": it needs two of the newest label (mixture.newest_label), River's "
-                    "learner (mixture.learner, for a tabular model), the source "
+                    "learners (mixture.learner, for a tabular model), the source "
                     "(shadow.enabled), an adapter other than none or the supervised step, and a "
                     "memory or the output corrector")
     if settings.adapter.norm == "balanced":

@@ -22,10 +22,11 @@ service's figures.
 
 Several learners may be candidates at once (`mixture.learner` a list), each weighed on its own
 labels; the default for a tabular model is both trees. Neither serves every stream better: HT,
-which never forgets a split, is ahead where the concept holds still, HAT where it drifts, and
-HAT's leaves weigh each label by a Poisson(1) draw (River's `bootstrap_sampling`), so one seed
-of it serves sine 86.9% and another 92.9% (BENCHMARKS.md B6, "Both Hoeffding trees as
-candidates"): which will suit a stream is not known before its labels, which the mixture reads.
+which never forgets a split, is ahead where the concept holds still; HAT can follow a concept
+that changes, as far as its leaves' Poisson(1) weights on each label (River's
+`bootstrap_sampling`) let it: one seed of it serves sine 86.9% and another 92.9% (BENCHMARKS.md
+B6, "Both Hoeffding trees as candidates"). Which will suit a stream is not known before its
+labels, which the mixture reads.
 
 What it is not: a model of images (trained on the demo's 898 reference digits HT is right on
 87% of the clean test digits and ARF on 84%, where the CNN is on 97%, and it costs about a
@@ -36,7 +37,7 @@ data and the next labels, and each replica learns from the labels it joins. Unti
 a label it predicts nothing and the engine serves the last stage in its place, so its weight
 does not move. The engine also keeps it asleep, asking it nothing, until the replica joins its
 first label, and then judges the records served meanwhile by the guesses of a copy kept as it
-slept (`Engine._guess_asleep`): exactly those it would have made.
+slept (`Engine.guess_asleep`): exactly those it would have made.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ import torch
 KINDS = ("ht", "hat", "arf")
 # `mixture.learner = "auto"` for a tabular model: both trees, each a candidate of the mixture.
 # Neither serves every stream better: HT, which never forgets, where the concept holds still;
-# HAT, whose nodes' ADWIN replaces a subtree whose error rises, where it drifts (BENCHMARKS.md
-# B6, "Both Hoeffding trees as candidates")
+# HAT, whose nodes' ADWIN replaces a subtree whose error rises, where the concept changes and
+# its random draws let it follow (BENCHMARKS.md B6, "Both Hoeffding trees as candidates")
 AUTO: tuple[Literal["ht", "hat", "arf"], ...] = ("hat", "ht")
 # what a learner's trees may hold together, in MiB (River's estimate), checked every
 # MEMORY_CHECK_LABELS labels: beyond it a tree stops growing its least promising leaves. River's
