@@ -324,6 +324,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # the defaults with River's Hoeffding tree as the mixture's one learner (until stop 33 the
     # default was the adaptive tree alone: `mix+hat`)
     Config("defaults+ht", {"mixture": {"learner": "ht"}}, default_mixture=True),
+    # the defaults with the newest label a candidate for a classifier too (a regressor's default)
+    Config("defaults+newest", {"mixture": {"newest_label": "on"}}, default_mixture=True),
     # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
     # filter for a classifier (for these MLPs `auto`, the default, is none)
     Config("bn", {"adapter": {"name": "bn"}}),
