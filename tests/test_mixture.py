@@ -450,7 +450,10 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
     assert guessed == [(False, 256), (False, 192), (False, 64), (True, 16)]
 
 
-def test_records_of_other_learners_teach_the_mixture_nothing_and_a_failed_guess_only_its_own():
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_records_of_other_learners_teach_the_mixture_nothing_and_a_failed_guess_only_its_own(
+        backend, request):
+    import uuid
     from dataclasses import replace
 
     from adapters.labels.online_learner import OnlineLearner
@@ -458,8 +461,12 @@ def test_records_of_other_learners_teach_the_mixture_nothing_and_a_failed_guess_
 
     x, _ = binary_stream(48)
     y = (x[:, 0] > 0).astype(int)
+    store = {"url": "memory"}
+    if backend == "redis":  # each learner's outputs kept under its own name in Redis's records
+        store = {"url": request.getfixturevalue("redis_server").url,
+                 "namespace": f"learners-{uuid.uuid4().hex}"}
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
-                "error_memory": {"kind": "off"},
+                "error_memory": {"kind": "off"}, "store": store,
                 "mixture": {"enabled": True, "learner": ["hat", "ht"]}}
     original = OnlineLearner.predict
 
