@@ -352,6 +352,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # the same with River's online learner as one more candidate (on the model's inputs)
     Config("mix+hat", {"mixture": {"enabled": True, "learner": "hat"}}),
     Config("mix+arf", {"mixture": {"enabled": True, "learner": "arf"}}),
+    # the defaults' two trees and ARF, each a candidate
+    Config("defaults+arf", {"mixture": {"learner": ["hat", "ht", "arf"]}}, default_mixture=True),
     Config("lowrank16", {"supervised": {"enabled": True, **LOWRANK_16}}),
     # the supervised recipe B1 measured for an image model with few labels: every parameter,
     # the last 2,000 labels rehearsed 10 steps a batch, 256 reference samples in every step

@@ -38,6 +38,7 @@ def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_lear
     assert learners.pop("defaults") == learners.pop("defaults-nodrift") == both
     assert learners.pop("defaults+sup-all") == learners.pop("defaults+sup-all-nodrift") == both
     assert learners.pop("defaults+newest") == both
+    assert learners.pop("defaults+arf") == (True, ("hat", "ht", "arf"))
     assert learners.pop("defaults+ht") == (True, ("ht",))
     assert learners.pop("mix+hat") == (True, ("hat",))
     assert learners.pop("mix+arf") == learners.pop("mix+arf+sup-all") == (True, ("arf",))
