@@ -37,6 +37,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from adapters.labels.online_learner import KINDS
 from adapters.task import task_named
 
 DEMO_FACTORY = "service.demo:digits_cnn"
@@ -455,9 +456,8 @@ class MixtureSettings(Section):
         """One message for any bad list: one to three of ht, hat, arf, each once."""
         if not isinstance(learner, list | tuple):
             return learner
-        kinds = ("ht", "hat", "arf")
-        if not learner or any(kind not in kinds for kind in learner):
-            raise ValueError(f"mixture.learner: auto, off, one of {', '.join(kinds)}, or a "
+        if not learner or any(kind not in KINDS for kind in learner):
+            raise ValueError(f"mixture.learner: auto, off, one of {', '.join(KINDS)}, or a "
                              f"list of them; got {list(learner)!r}")
         if len(set(learner)) < len(learner):
             raise ValueError(f"mixture.learner: each learner once, got {list(learner)!r}")
