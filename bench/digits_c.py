@@ -9,10 +9,11 @@ Two ways through the stream:
   service runs (`service.runtime.build_engine`), one `engine.forward` per chunk in stream order,
   for each method and each test-time normalisation (`batch`: the references' batch statistics;
   `robust`: the service default; `balanced`: robust statistics fed by a class-balanced memory);
-- through the running service (`adaptd serve` on loopback, `--port`, a fresh one per run), that many
-  samples per `POST /v1/predict` (one by default), `--concurrency` requests in flight, so the
-  micro-batcher and the adaptation buffer do what they do in production. Only here can labels
-  go back (`--label-fraction`, `--label-delay`, through `POST /v1/feedback`).
+- through the running service (a fresh `adaptd serve` per run, on a free loopback port or
+  `--port`), that many samples per `POST /v1/predict` (one by default), `--concurrency`
+  requests in flight, so the micro-batcher and the adaptation buffer do what they do in
+  production. Only here can labels go back (`--label-fraction`, `--label-delay`, through
+  `POST /v1/feedback`).
 
 The traffic axis: `--orders` changes the order of the samples within each corrupted domain:
 
@@ -63,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from bench.corruptions import DOMAINS, corrupt
+from bench.served import free_port
 from service.demo import digits_split
 from service.replay import label_positions  # shared with `adaptd replay`
 
@@ -357,7 +359,7 @@ class Served:
 
 
 def run_through_service(method: str, domains: list[Domain], concurrency: int = 8,
-                        port: int = 18765, *, norm: str = "robust", request_size: int = 1,
+                        port: int | None = None, *, norm: str = "robust", request_size: int = 1,
                         order: str = "iid", overrides: dict[str, str] | None = None,
                         source: int | None = None, label_fraction: float = 0.0,
                         label_delay: int = 0, seed: int = SEED) -> Result:
@@ -372,6 +374,9 @@ def run_through_service(method: str, domains: list[Domain], concurrency: int = 8
             "ADAPTD_ADAPTER__RESTORE": "false", "ADAPTD_LOG_LEVEL": "warning"}
     env |= overrides or {}
     adaptd = str(Path(sys.executable).with_name("adaptd"))
+    # a port nothing listens on unless one was given: with a fixed one, a second run started
+    # beside the first failed to bind and measured the first run's service instead
+    port = free_port() if port is None else port
     server = subprocess.Popen([adaptd, "serve", "--port", str(port)], env=env)
     base = f"http://127.0.0.1:{port}"
     total = sum(len(d.labels) for d in domains)
@@ -526,7 +531,7 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
              service: bool = False, concurrency: int = 8, seed: int = SEED,
              overrides: dict[str, str] | None = None, label_fraction: float = 0.0,
              label_delay: int = 0, progress: Callable[[Result], None] | None = None,
-             port: int = 18765) -> list[Result]:
+             port: int | None = None) -> list[Result]:
     """Every method × norm on every order and request size, in process or through the service,
     each compared with adapter `none` on the same order and request size (run once per order
     and size, first; marked `baseline` when `methods` lacks it)."""
@@ -639,9 +644,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--service-only", action="store_true",
                         help="through the service only, no in-process runs")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    parser.add_argument("--port", type=int, default=18765,
-                        help="the port of the `adaptd serve` the service runs start (another "
-                        "lets two service runs go side by side)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="the port of the `adaptd serve` the service runs start (default: "
+                        "a free one for each run)")
     parser.add_argument("--label-fraction", type=float, default=0.0,
                         help="service only: this seeded share of the samples get their true "
                         "label back through POST /v1/feedback (default 0: no labels); needs "

@@ -198,7 +198,7 @@ def test_labels_go_back_through_the_service(domains):
     from bench.digits_c import run_through_service
 
     tiny = _cut(domains, [domains[0].name, CLEAN], 40)
-    result = run_through_service("none", tiny, concurrency=4, port=18767, request_size=8,
+    result = run_through_service("none", tiny, concurrency=4, request_size=8,
                                  label_fraction=0.5, label_delay=10)
     # 80 samples, 40 labelled; those of the last 10 positions never come due
     assert 30 <= result.labels_sent <= 40
