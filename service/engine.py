@@ -71,6 +71,10 @@ SOURCE_OUTPUTS = "source_outputs"  # what the source model served for the same i
 # what learns, before the class-run filter (kept with the shadow and no mixture): the comparison
 # with the source judges the learning parts, not the filter's use of the stream's order
 BEFORE_RUNS = "before_runs"
+# where the class-run filter placed the sample in its sequence (its token and the row's
+# position, `ClassRunFilter.placed`): the sample's label, when it comes, tells the filter whether
+# the classes themselves come in runs
+RUNS_PLACE = "runs_place"
 # which learning the sample was served by: a token drawn anew at start and at every reset, so
 # labels of samples served before a reset, by another replica or by an earlier process never
 # count for the comparison with the source (a float32 holds it exactly: below 2**24)
@@ -221,6 +225,9 @@ class LabelledBatch:
     # what each of the mixture's rates served (n, rates, width), and those records' labels
     rates_served: np.ndarray | None = None
     rates_labels: np.ndarray | None = None
+    # where the class-run filter placed the records that say (n, 2), and their labels
+    runs_places: np.ndarray | None = None
+    runs_labels: np.ndarray | None = None
 
 
 def safetensors_metadata(blob: bytes) -> dict[str, str]:
@@ -565,7 +572,10 @@ class Engine:
             if source is not None and self.mixture is None:
                 arrays[BEFORE_RUNS] = outputs.numpy()
             # the rows in the order served; a forward with adapt=False (the batcher's retry of
-            # a failed batch, request by request) is filtered without moving the filter
+            # a failed batch, request by request) is filtered without moving the filter, and its
+            # rows are placed nowhere
+            if adapt:
+                arrays[RUNS_PLACE] = self.runs.placed(count)
             outputs = self.runs.filter(outputs, commit=adapt)
         predictions = self.task.predictions(outputs).numpy()
         entropy = self.task.entropy(outputs)
@@ -724,6 +734,9 @@ class Engine:
             self._supervised_labels.append(torch.from_numpy(batch.labels))
             self._supervised_step()
         self._report_memories()
+        if (self.runs is not None and batch.runs_places is not None
+                and batch.runs_labels is not None):
+            self.runs.learn_labels(batch.runs_places, batch.runs_labels)
         if batch.errors is not None:
             self.observe_errors(batch.errors, batch.served, batch.judged)
         self._compare(batch)

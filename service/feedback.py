@@ -21,6 +21,7 @@ from service.engine import (
     INPUTS,
     LEARNER_ASLEEP,
     MIXTURE_RATES,
+    RUNS_PLACE,
     SOURCE_OUTPUTS,
     Engine,
     LabelledBatch,
@@ -278,6 +279,10 @@ class FeedbackService:
                                                for r in records])
         if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
             batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
+        placed = [r for r in records if RUNS_PLACE in r.arrays]
+        if self.engine.runs is not None and placed:
+            batch.runs_places = np.stack([r.arrays[RUNS_PLACE] for r in placed]).reshape(-1, 2)
+            batch.runs_labels = self.task.record_labels(placed)
         mixture = self.engine.mixture
         # what learns: the served outputs, under a mixture its last stage, and under the
         # class-run filter the outputs before it

@@ -96,6 +96,147 @@ def test_filter_settings_that_cannot_work_are_refused(kwargs) -> None:
         ClassRunFilter(**kwargs)
 
 
+def served_with_labels(runs: ClassRunFilter, model: torch.Tensor, labels: np.ndarray,
+                       labelled: np.ndarray, delay: int = 100, request: int = 16) -> torch.Tensor:
+    """The filter over `model`'s rows, `request` at a time, learning the labels of the rows in
+    `labelled` `delay` rows after they were served, as the label path gives them."""
+    served, places = [], []
+    for start in range(0, len(model), request):
+        places.append(runs.placed(min(request, len(model) - start)))
+        served.append(runs.filter(model[start:start + request]))
+        back = np.arange(start - delay, start - delay + request)
+        back = back[(back >= 0) & labelled[np.clip(back, 0, None)]]
+        if len(back):
+            runs.learn_labels(np.concatenate(places)[back], labels[back])
+    return torch.cat(served)
+
+
+def test_labels_that_show_shuffled_classes_keep_a_shift_of_the_models_mix_from_looking_like_a_run(
+        ) -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 10, 3000)
+    model = noisy_votes(labels, 0.75, 10, seed=3)
+    shifted = slice(1500, 2000)  # the model now answers class 0 for half the rows, as after a
+    favoured = rng.random(500) < 0.5  # new corruption: no run of the classes, a change of its mix
+    model[shifted][favoured] = torch.tensor([0.7] + [0.3 / 9] * 9)
+    alone = ClassRunFilter(10).filter(model)
+    labelled = rng.random(3000) < 0.1
+    runs = ClassRunFilter(10)
+    taught = served_with_labels(runs, model, labels, labelled)
+    rows = labels[shifted]
+    assert error(alone[shifted], rows) > error(model[shifted], rows) + 0.03  # taken for a run
+    assert error(taught[shifted], rows) <= error(model[shifted], rows) + 0.005
+    assert runs.pairs > 200 and runs.describe()["labelled_stickiness"] < 0.05
+
+
+def test_labels_in_runs_serve_the_runs_as_the_filter_does_without_them() -> None:
+    labels = np.repeat(np.random.default_rng(2).integers(0, 10, 30), 100)
+    model = noisy_votes(labels, 0.6, 10)
+    alone = ClassRunFilter(10).filter(model)
+    runs = ClassRunFilter(10)
+    taught = served_with_labels(runs, model, labels, np.random.default_rng(4).random(3000) < 0.1)
+    assert runs.pairs > 200 and runs.describe()["labelled_stickiness"] > 0.9
+    assert torch.equal(taught.argmax(1), alone.argmax(1))  # labels veto no run the model shows
+
+
+def test_what_labels_said_fades_once_they_stop_coming() -> None:
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 10, 1000)
+    shuffled = noisy_votes(labels, 0.75, 10, seed=5)
+    runs, unlabelled = ClassRunFilter(10), ClassRunFilter(10)
+    served_with_labels(runs, shuffled, labels, rng.random(1000) < 0.2)
+    unlabelled.filter(shuffled)
+    assert runs.describe()["labelled_stickiness"] < 0.05
+    in_runs = np.repeat(rng.integers(0, 10, 20), 100)  # then classes in runs, and no labels
+    model = noisy_votes(in_runs, 0.6, 10, seed=6)
+    served, without = runs.filter(model), unlabelled.filter(model)
+    assert runs.describe()["labelled_stickiness"] == pytest.approx(np.mean(runs.rho), abs=0.01)
+    # vetoed for `window` rows after the last label, then faded: from row 500 on as without
+    late = slice(500, None)
+    assert error(served[late], in_runs[late]) <= error(without[late], in_runs[late]) + 0.01
+    assert error(without[late], in_runs[late]) < error(model[late], in_runs[late]) - 0.2
+
+
+def test_labels_of_rows_the_filter_did_not_place_teach_it_nothing() -> None:
+    runs = ClassRunFilter(3)
+    first = runs.placed(4)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4))
+    other = first.copy()
+    other[:, 0] = (other[:, 0] + 1) % 2**24  # another process's sequence
+    unfiltered = runs.placed(2)  # not filtered yet
+    bad = first.copy()
+    bad[0, 1] = np.nan
+    assert runs.learn_labels(other, np.array([0, 1, 2, 0])) == 0
+    assert runs.learn_labels(unfiltered, np.array([0, 1])) == 0
+    assert runs.learn_labels(first, np.array([0.5, -1, 3, np.nan])) == 0  # not classes
+    assert runs.learn_labels(bad[:2], np.array([0, 1])) == 0  # row 0 unplaced: no pair for row 1
+    # a label pairs with the nearest labelled row before it: row 0 has none, row 2 has row 1
+    assert runs.learn_labels(first[[0, 2]], np.array([0, 2])) == 1
+    assert runs.learn_labels(first[[2, 3]], np.array([2, 1])) == 1  # row 2's label again: none
+    assert runs.pairs == 2
+    runs.reset()  # a new sequence: the places before it are another's
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4))
+    assert runs.learn_labels(first, np.array([0, 1, 2, 0])) == 0 and runs.pairs == 0
+
+
+def test_placed_rows_carry_the_token_of_their_stretch_of_positions() -> None:
+    from adapters.tta.runs import PLACES
+
+    runs = ClassRunFilter(3)
+    runs.filtered = PLACES - 1
+    places = runs.placed(2)
+    assert places[0].tolist() == [runs.token, PLACES - 1]
+    assert places[1].tolist() == [(runs.token + 1) % PLACES, 0]
+    assert places.dtype == np.float32
+
+
+def test_labels_sent_back_teach_the_services_filter_whether_classes_run(backend, request) -> None:
+    import asyncio
+    import uuid
+
+    from tests.harness import serving, settings_for
+
+    store = {"url": request.getfixturevalue("redis_server").url,
+             "namespace": f"runs-{uuid.uuid4().hex[:8]}"} if backend == "redis" else {}
+    x, y, _, _ = digits_split()
+    order = np.random.default_rng(7).permutation(len(x))[:320]  # shuffled classes
+
+    async def serve() -> tuple[dict, int, list[int]]:
+        async with serving(settings_for(store=store, drift={"enabled": False})) as (client, app):
+            joined = []
+            for start in range(0, len(order), 16):
+                rows = order[start:start + 16]
+                ids = [f"r{i}" for i in rows]
+                reply = await client.post("/v1/predict", json={"inputs": x[rows].tolist(),
+                                                               "ids": ids})
+                assert reply.status_code == 200
+                if start >= 32:  # every label back two requests late
+                    back = order[start - 32:start - 16]
+                    join = await client.post("/v1/feedback", json={"labels": [
+                        {"id": f"r{i}", "label": int(y[i])} for i in back]})
+                    joined.append(join.json()["joined"])
+            state = (await client.get("/v1/state")).json()["learning"]["runs"]
+            return state, app.state.runtime.engine.runs.pairs, joined
+
+    state, pairs, joined = asyncio.run(serve())
+    assert sum(joined) == 288
+    assert pairs == 287 and state["labelled_pairs"] == pairs  # every label after the first
+    assert state["labelled_stickiness"] < 0.1
+
+
+def test_a_retried_row_is_placed_nowhere() -> None:
+    from service.engine import RUNS_PLACE
+
+    with built_engine(Settings(drift={"enabled": False})) as engine:
+        x, _, _, _ = digits_split()
+        assert engine.runs is not None
+        served = engine.forward(x[:8])
+        places = served.arrays[RUNS_PLACE]
+        assert places.shape == (8, 2) and places[:, 1].tolist() == list(range(8))
+        assert RUNS_PLACE not in engine.forward(x[8:12], adapt=False).arrays
+        assert engine.forward(x[12:14]).arrays[RUNS_PLACE][:, 1].tolist() == [8, 9]
+
+
 # --- graded momenta ------------------------------------------------------------------------------
 
 def demo_model() -> nn.Module:
