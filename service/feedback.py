@@ -279,7 +279,7 @@ class FeedbackService:
                                                for r in records])
         if self.engine.supervised is not None and all(INPUTS in r.arrays for r in records):
             batch.inputs = np.stack([r.arrays[INPUTS] for r in records])
-        placed = [r for r in records if RUNS_PLACE in r.arrays]
+        placed = [r for r in records if RUNS_PLACE in r.arrays and r.arrays[RUNS_PLACE].size == 2]
         if self.engine.runs is not None and placed:
             batch.runs_places = np.stack([r.arrays[RUNS_PLACE] for r in placed]).reshape(-1, 2)
             batch.runs_labels = self.task.record_labels(placed)

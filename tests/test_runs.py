@@ -190,6 +190,37 @@ def test_placed_rows_carry_the_token_of_their_stretch_of_positions() -> None:
     assert places.dtype == np.float32
 
 
+def test_labels_keep_teaching_across_the_boundary_of_two_stretches_of_positions() -> None:
+    from adapters.tta.runs import PLACES
+
+    runs = ClassRunFilter(3, remembered=8)
+    runs.filtered = PLACES - 20
+    labels = np.zeros(40, dtype=np.int64)
+    places = []
+    for start in range(0, 40, 4):  # 40 rows across the boundary, each labelled 8 rows later
+        places.append(runs.placed(4))
+        runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4))
+        if start >= 8:
+            back = slice(start - 8, start - 4)
+            learnt = runs.learn_labels(np.concatenate(places)[back], labels[back])
+            assert learnt == (3 if start == 8 else 4)  # the first label pairs with none
+    assert runs.pairs == 31 and len(runs._labelled) == 8
+
+
+def test_a_filter_without_commit_keeps_what_labels_said() -> None:
+    runs = ClassRunFilter(3, window=10)
+    shuffled = np.random.default_rng(8).integers(0, 3, 40)
+    places = runs.placed(40)
+    runs.filter(noisy_votes(shuffled, 0.8, 3, seed=8))
+    runs.learn_labels(places, shuffled)
+    runs.filter(noisy_votes(shuffled[:20], 0.8, 3, seed=9))  # past the window: fading
+    before = runs.label_belief.copy()
+    runs.filter(noisy_votes(shuffled[:5], 0.8, 3, seed=10), commit=False)
+    assert np.array_equal(before, runs.label_belief)
+    runs.filter(noisy_votes(shuffled[:5], 0.8, 3, seed=10))
+    assert not np.array_equal(before, runs.label_belief)  # committed, it fades
+
+
 def test_labels_sent_back_teach_the_services_filter_whether_classes_run(backend, request) -> None:
     import asyncio
     import uuid

@@ -60,15 +60,23 @@ before, and under each rho the chain gives the pair's likelihood
 with q the labels' own class mix (averaged over `window` labels, floored as m is). These weigh
 a second set of weights v over the same grid, from labels alone, with their own fixed share
 `label_share`. Labels only veto: what serves is w with each rho's weight multiplied by
-min(1, v_rho / v_0), normalised, so labels that show shuffled classes take away the sticky
-rhos the model's answers raised (the lag of m after an abrupt change of the model's class mix,
-the cost above), and labels in runs leave w as it is (the model's answers find runs without
+
+    min(1, [v(≥ rho) / v(< rho)] / [n(≥ rho) / n(< rho)])
+
+(normalised), the labels' Bayes factor for a stickiness of at least rho against one below it,
+v(≥ rho) the weight of v on the grid's values of at least rho and n(≥ rho) their count (the
+uniform prior's odds); 1 for the grid's smallest rho, and for every rho until labels have
+moved v. So labels that show shuffled classes take away the sticky rhos the model's answers
+raised (the lag of m after an abrupt change of the model's class mix, the cost above), and
+labels in runs leave w as it is (the model's answers find runs without
 help, and a verdict of runs must not outlast them: after a stream in runs, shuffled traffic
 without labels would stay sticky). v's share is small, 1e-5 against w's 2e-3, so that the veto
-outweighs w's evidence when they disagree; once no label has come for `window` rows, v fades
+outweighs w's evidence when they disagree; once no label has taught for `window` rows, v fades
 towards uniform by `label_forget` a row (v ← v^(1 − label_forget)), so that a label stream that
 stops does not veto runs that start later. Until the first pair, w serves alone, exactly as
-without labels.
+without labels. Only the last `remembered` labelled rows are kept to pair with (a label of a
+row served before all of them pairs with none), and a label pairs with the one before it only,
+not also with the one after it when it arrives out of order.
 
 Measured on B1 with 10% of the labels back 100 samples late (BENCHMARKS.md, "Labels tell the
 class-run filter whether classes run"): the rows a change of corruption made the model favour
@@ -186,13 +194,21 @@ class ClassRunFilter:
         class is not one, teach nothing. Returns the pairs learnt."""
         placed = np.asarray(placed, dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-        era = self.filtered // PLACES
         ok = np.isfinite(placed).all(1) & np.isfinite(labels)
         ok &= (labels >= 0) & (labels < self.num_classes) & (labels == np.round(labels))
-        ok &= placed[:, 0] == (self.token + era) % PLACES
+        rows = placed[:, 1]
+        ok &= (rows >= 0) & (rows < PLACES) & (rows == np.round(rows))
+        # the stretch of 2**24 rows a token names: this one or the one before (labels of rows
+        # placed just before the boundary arrive after it), else another sequence's
+        era = self.filtered // PLACES
+        stretch = np.where(ok, placed[:, 0] - self.token, 0.0) % PLACES
+        current, previous = stretch == era % PLACES, (stretch == (era - 1) % PLACES) & (era > 0)
+        ok &= current | previous
+        # positions from the sequence's start, among the rows filtered so far
+        at = np.where(current, era, era - 1) * PLACES + np.where(ok, placed[:, 1], 0.0)
+        ok &= at < self.filtered
         learnt = 0
-        ok &= (placed[:, 1] >= 0) & (placed[:, 1] < self.filtered - era * PLACES)  # filtered
-        for position, label in sorted(zip(placed[ok, 1].astype(np.int64).tolist(),
+        for position, label in sorted(zip(at[ok].astype(np.int64).tolist(),
                                            labels[ok].astype(np.int64).tolist(), strict=True)):
             learnt += self._learn_label(position, label)
         self.pairs += learnt
@@ -219,7 +235,7 @@ class ClassRunFilter:
         self.label_mix[label] += self.rate
         self._labelled.insert(at, (position, label))
         if len(self._labelled) > self.remembered:
-            del self._labelled[0]  # the oldest place: labels come about in the order served
+            del self._labelled[0]  # the earliest served: labels come about in the order served
         return learnt
 
     def filter(self, probabilities: torch.Tensor, commit: bool = True) -> torch.Tensor:
