@@ -324,8 +324,12 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # the defaults with River's Hoeffding tree as the mixture's one learner (until stop 33 the
     # default was the adaptive tree alone: `mix+hat`)
     Config("defaults+ht", {"mixture": {"learner": "ht"}}, default_mixture=True),
-    # the defaults with the newest label a candidate for a classifier too (a regressor's default)
+    # the defaults with the newest label a candidate for a classifier too, served by every
+    # rate as it weighs it (a regressor's default); and without it (a classifier's default
+    # until stop 34, which put it on probation: served by the fast rate no more than the slow
+    # rate weighs it)
     Config("defaults+newest", {"mixture": {"newest_label": "on"}}, default_mixture=True),
+    Config("defaults-newest", {"mixture": {"newest_label": "off"}}, default_mixture=True),
     # bn as `auto` picks it for a convolutional model: graded statistics and the class-run
     # filter for a classifier (for these MLPs `auto`, the default, is none)
     Config("bn", {"adapter": {"name": "bn"}}),

@@ -460,11 +460,18 @@ def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
         stages.append("compensated")
     if not stages:  # nothing learns and no shadow: the model as served is the one stage
         stages = ["adapted"]
-    newest = settings.mixture.newest_label
-    if newest == "auto":  # B6: a regressor's level persists, a classifier's classes rarely do
-        newest = "on" if settings.model.task == "regression" else "off"
     learners = learner_names(settings.mixture.learners)
-    return ([NEWEST_LABEL] if newest == "on" else []) + learners + stages
+    return ([NEWEST_LABEL] if newest_label(settings) != "off" else []) + learners + stages
+
+
+def newest_label(settings: Settings) -> str:
+    """`mixture.newest_label` as built: `auto` is on for a regressor, whose level persists, and
+    on probation for a classifier, whose classes persist only where they come in runs, and
+    whose newest label is then wrong for as long as the label delay after each change (B6)."""
+    newest = settings.mixture.newest_label
+    if newest == "auto":
+        return "on" if settings.model.task == "regression" else "probation"
+    return newest
 
 
 def _graded(settings: Settings, model: LoadedModel, reference: ReferenceData | None) -> bool:
@@ -532,7 +539,9 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
                              scale=1.0 if scale is None else scale,
                              start_low=("source",) if settings.adapter.method != "none" else (),
                              start_untried=(NEWEST_LABEL,
-                                            *learner_names(settings.mixture.learners)))
+                                            *learner_names(settings.mixture.learners)),
+                             probation=(NEWEST_LABEL,) if NEWEST_LABEL in names
+                             and newest_label(settings) == "probation" else ())
 
 
 def _online_learners(settings: Settings, model: LoadedModel, reference: ReferenceData | None

@@ -438,9 +438,10 @@ class MixtureSettings(Section):
         "served earns on its labels, the label delay included (the first starts with 0.9)")
     share: float = Field(0.001, ge=0.0, lt=1.0, description="σ, the fixed share every candidate "
                          "keeps, so one that becomes best can take over")
-    newest_label: Literal["auto", "on", "off"] = Field(
+    newest_label: Literal["auto", "on", "probation", "off"] = Field(
         "auto", description="a candidate that serves the label that arrived last, for streams "
-        "whose labels persist; auto: on for a regressor, off for a classifier")
+        "whose labels persist; probation: a faster rate serves it no more than the slowest "
+        "rate weighs it; auto: on for a regressor, probation for a classifier")
     learner: Literal["auto", "off", "ht", "hat", "arf"] | Annotated[
         list[Literal["ht", "hat", "arf"]], Field(min_length=1, max_length=3)] = Field(
         "auto", description="candidates that River's learners make, trained online on the "

@@ -147,7 +147,8 @@ def test_served_with_the_mixture_the_labels_outvote_an_adapter_gone_wrong(mixed)
                 "adapter": {"name": "tent", "learning_rate": 1.0, "max_learning_rate": 1.0,
                             "adapt_batch_size": 32, "collapse_min_ratio": 0},
                 "shadow": {"window": 5000, "min_labels": 5000}, "error_memory": {"kind": "off"},
-                "mixture": {"enabled": mixed, "eta": 0.5, "learner": "off"}}
+                "mixture": {"enabled": mixed, "eta": 0.5, "learner": "off",
+                            "newest_label": "off"}}
 
     async def scenario():
         async with serving(**settings) as (client, app):
@@ -221,14 +222,16 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
     assert weights["newest_label"] > 0.9
 
 
-@pytest.mark.parametrize(("task", "newest", "expected"), [
-    ("regression", "auto", ["newest_label", "source", "compensated"]),
-    ("classification", "auto", ["source", "compensated"]),
-    ("classification", "on", ["newest_label", "source", "compensated"]),
-    ("regression", "off", ["source", "compensated"]),
+@pytest.mark.parametrize(("task", "newest", "expected", "built"), [
+    ("regression", "auto", ["newest_label", "source", "compensated"], "on"),
+    ("classification", "auto", ["newest_label", "source", "compensated"], "probation"),
+    ("classification", "on", ["newest_label", "source", "compensated"], "on"),
+    ("regression", "probation", ["newest_label", "source", "compensated"], "probation"),
+    ("regression", "off", ["source", "compensated"], "off"),
 ])
-def test_the_newest_label_is_a_candidate_for_a_regressor_unless_said(task, newest, expected):
-    from service.runtime import mixture_candidates
+def test_the_newest_label_is_a_candidate_on_probation_for_a_classifier_unless_said(
+        task, newest, expected, built):
+    from service.runtime import mixture_candidates, newest_label
     from service.settings import load_settings
 
     settings = load_settings(None, model={"task": task, "num_classes": None
@@ -236,6 +239,7 @@ def test_the_newest_label_is_a_candidate_for_a_regressor_unless_said(task, newes
                              error_memory={"kind": "exact"}, adapter={"name": "none"},
                              mixture={"enabled": True, "newest_label": newest, "learner": "off"})
     assert mixture_candidates(settings, shadow=True) == expected
+    assert newest_label(settings) == built
 
 
 @pytest.mark.parametrize("kind", ["ht", "arf"])
@@ -246,7 +250,7 @@ def test_a_river_learner_takes_over_where_the_concept_is_one_the_model_never_lea
     y = (x[:, 0] > 0).astype(int)
     settings = {"model": BINARY, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
                 "error_memory": {"kind": "off"},
-                "mixture": {"enabled": True, "learner": kind}}
+                "mixture": {"enabled": True, "learner": kind, "newest_label": "off"}}
     served, state, weight = labels_back_after_each_request(settings, x, y, f"learner.{kind}")
     half = len(y) // 2
     model = (x.sum(1) <= 0).astype(int)
@@ -289,10 +293,11 @@ def test_the_learner_is_refused_for_several_values_and_said_idle_without_the_mix
         assert engine.online == {}
         assert any("mixture.learner = 'hat'" in w for w in engine.warnings)
     settings = load_settings(None, model=BINARY, adapter={"name": "none"},
-                             mixture={"enabled": True, "learner": "arf"})
+                             mixture={"enabled": True, "learner": "arf", "newest_label": "off"})
     assert mixture_candidates(settings, shadow=False) == ["learner.arf", "adapted"]
     settings = load_settings(None, model=BINARY, adapter={"name": "none"},
-                             mixture={"enabled": True, "learner": ["arf", "ht"]})
+                             mixture={"enabled": True, "learner": ["arf", "ht"],
+                                      "newest_label": "off"})
     assert mixture_candidates(settings, shadow=False) == ["learner.arf", "learner.ht", "adapted"]
     with pytest.raises(ValueError, match="each learner once"):
         load_settings(None, mixture={"learner": ["ht", "ht"]})
@@ -402,7 +407,7 @@ def test_the_learner_sleeps_until_the_first_label_and_is_then_judged_on_what_it_
                  "namespace": f"sleep-{uuid.uuid4().hex}"}
     settings = {"model": {**BINARY, "reference_data": str(path)}, "batcher": {"max_wait_ms": 0},
                 "adapter": {"name": "none"}, "error_memory": {"kind": "off"}, "store": store,
-                "mixture": {"enabled": True, "learner": "ht"}}
+                "mixture": {"enabled": True, "learner": "ht", "newest_label": "off"}}
 
     async def scenario():
         async with serving(**settings) as (client, app):
@@ -626,6 +631,47 @@ def test_with_labels_late_and_classes_in_runs_the_slow_rate_is_served(seed):
     # the rates' losses differ by a whole label on some samples and swing within each run, so
     # the shares learn slowly (0.14 here)
     assert rates.share_eta < 0.2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_candidate_on_probation_costs_less_at_a_change_of_class_and_keeps_its_runs(seed):
+    # three runs of 400: the fast rate takes `chaser` up within the first run and serves it
+    # through the first 100 samples of the second, until the shares have learnt; on probation
+    # the fast rate serves it no more than the slow rate weighs it. With labels back at once
+    # `chaser` is right on all but one sample a run, and both serve it
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3) % 2, 400)
+    steady = np.where(rng.random(len(y)) < 0.9, y, 1 - y)
+    for delay, at_least in ((100, 0.03), (1, 0.0)):
+        right = {"steady": steady, "chaser": np.concatenate([np.full(delay, y[0]), y[:-delay]])}
+        plain = serve_with_labels_late(FixedShareMixture(list(right), eta=[2.0, 0.1]),
+                                       right, y, delay)
+        kept = serve_with_labels_late(FixedShareMixture(list(right), eta=[2.0, 0.1],
+                                                        probation=("chaser",)), right, y, delay)
+        assert kept >= plain + at_least
+        if delay == 1:
+            assert kept > 0.99
+
+
+def test_probation_caps_each_rate_at_the_slowest_rates_weight_and_says_so():
+    mixture = FixedShareMixture(["newest_label", "a", "b"], eta=[2.0, 0.1],
+                                probation=("newest_label",))
+    mixture.rate_weights = np.array([[0.9, 0.05, 0.05], [0.1, 0.6, 0.3]])
+    served = mixture.served_weights()
+    np.testing.assert_allclose(served, [[0.1, 0.45, 0.45], [0.1, 0.6, 0.3]])
+    assert mixture.weights == pytest.approx(mixture.rate_share @ served)
+    described = mixture.describe()
+    assert described["probation"] == ["newest_label"]
+    assert described["rates"][0]["weights"]["newest_label"] == pytest.approx(0.1)
+    mixture.rate_weights = np.array([[0.05, 0.9, 0.05], [0.1, 0.6, 0.3]])  # below the cap
+    np.testing.assert_array_equal(mixture.served_weights(), mixture.rate_weights)
+    one = FixedShareMixture(["newest_label", "a"], eta=2.0, probation=("newest_label",))
+    one.weights = [0.9, 0.1]  # one rate: it is the slowest, nothing to cap
+    assert one.weights == pytest.approx([0.9, 0.1])
+    with pytest.raises(ValueError, match="not a candidate"):
+        FixedShareMixture(["a", "b"], probation=("c",))
+    with pytest.raises(ValueError, match="no candidate"):
+        FixedShareMixture(["a", "b"], probation=("a", "b"))
 
 
 @pytest.mark.parametrize("gap", [0.5, 0.02])
