@@ -199,7 +199,8 @@ class FixedShareMixture:
 
     @weights.setter
     def weights(self, weights: Sequence[float]) -> None:
-        """Every rate's weights set to these."""
+        """Every rate's learnt weights set to these (what is served then caps a candidate on
+        probation, `served_weights`)."""
         self.rate_weights = np.tile(np.asarray(weights, dtype=np.float64), (len(self.etas), 1))
 
     def served_weights(self) -> np.ndarray:
@@ -217,7 +218,11 @@ class FixedShareMixture:
         capped = np.minimum(weights, np.where(self._on_probation, slowest, np.inf))
         freed = (weights - capped).sum(axis=1, keepdims=True)
         others = np.where(self._on_probation, 0.0, capped)
-        return capped + freed * others / others.sum(axis=1, keepdims=True)
+        total = others.sum(axis=1, keepdims=True)
+        # a rate whose other candidates all weigh nothing (no fixed share, σ = 0) has nowhere to
+        # put what it frees: it serves its own weights, uncapped
+        spread = np.divide(others, total, out=np.zeros_like(others), where=total > 0)
+        return np.where(total > 0, capped + freed * spread, weights)
 
     def lower(self, name: str) -> bool:
         """Before the first label: `name` down to the floor weight at every rate, what it gives
@@ -302,7 +307,7 @@ class FixedShareMixture:
             "eta": self.etas if len(self.etas) > 1 else self.etas[0], "share": self.share,
             "labels": self.labels,
             "weights": dict(zip(self.names, self.weights, strict=True))}
-        if self.probation:
+        if self.probation and len(self.etas) > 1:  # with one rate it changes nothing
             described["probation"] = list(self.probation)
         if len(self.etas) > 1:
             described["served_labels"] = self.served_labels

@@ -351,7 +351,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     # the source and the error memory's compensation of the supervised model, mixed
     Config("mem+sup+mix", {"error_memory": {"kind": "exact"}, "supervised": {"enabled": True},
                            "mixture": {"enabled": True, "learner": "off"}}),
-    # the mixture of the model as served and (a regressor's) the label that arrived last
+    # the mixture of the model as served and the label that arrived last (a classifier's on
+    # probation since stop 34: these `mix` columns measured before it had none)
     Config("mix", {"mixture": {"enabled": True, "learner": "off"}}),
     # the same with River's online learner as one more candidate (on the model's inputs)
     Config("mix+hat", {"mixture": {"enabled": True, "learner": "hat"}}),

@@ -441,7 +441,8 @@ class MixtureSettings(Section):
     newest_label: Literal["auto", "on", "probation", "off"] = Field(
         "auto", description="a candidate that serves the label that arrived last, for streams "
         "whose labels persist; probation: a faster rate serves it no more than the slowest "
-        "rate weighs it; auto: on for a regressor, probation for a classifier")
+        "rate weighs it; auto: on for a regressor, probation for a tabular classifier, off for "
+        "another classifier")
     learner: Literal["auto", "off", "ht", "hat", "arf"] | Annotated[
         list[Literal["ht", "hat", "arf"]], Field(min_length=1, max_length=3)] = Field(
         "auto", description="candidates that River's learners make, trained online on the "

@@ -327,6 +327,12 @@ def test_auto_serves_a_tabular_model_with_both_hoeffding_trees_in_the_mixture(mo
             assert {name: part["kind"] for name, part in learning["learners"].items()} == {
                 "learner.hat": "hat", "learner.ht": "ht"}
             assert {"learner.hat", "learner.ht"} <= set(learning["mixture"]["weights"])
+            # the newest label: on probation for a classifier, on for a regressor
+            assert "newest_label" in learning["mixture"]["weights"]
+            classifier = model is BINARY
+            assert learning["mixture"].get("probation") == (
+                ["newest_label"] if classifier else None)
+            assert engine.settings.mixture.newest_label == ("probation" if classifier else "on")
         assert not any("mixture" in w for w in engine.warnings)
     # an explicit choice stands; `enabled = true` mixes the stages alone, as before `auto`
     with built_engine(load_settings(None, model=BINARY,
@@ -336,6 +342,11 @@ def test_auto_serves_a_tabular_model_with_both_hoeffding_trees_in_the_mixture(mo
                                     shadow={"enabled": True}, adapter={"name": "bn"})) as engine:
         assert engine.online == {} and engine.mixture is not None
         assert not any(name.startswith("learner") for name in engine.mixture.names)
+    # an image classifier's mixture, on by hand, keeps to its stages: no newest label
+    with built_engine(load_settings(None, mixture={"enabled": True},
+                                    adapter={"name": "bn"})) as engine:
+        assert engine.mixture is not None and "newest_label" not in engine.mixture.names
+        assert engine.settings.mixture.newest_label == "off"
     # the mixture said off takes its learner with it, unsaid
     with built_engine(load_settings(None, model=BINARY, mixture={"enabled": False})) as engine:
         assert engine.mixture is None and engine.online == {}
@@ -667,7 +678,11 @@ def test_probation_caps_each_rate_at_the_slowest_rates_weight_and_says_so():
     np.testing.assert_array_equal(mixture.served_weights(), mixture.rate_weights)
     one = FixedShareMixture(["newest_label", "a"], eta=2.0, probation=("newest_label",))
     one.weights = [0.9, 0.1]  # one rate: it is the slowest, nothing to cap
-    assert one.weights == pytest.approx([0.9, 0.1])
+    assert one.weights == pytest.approx([0.9, 0.1]) and "probation" not in one.describe()
+    alone = FixedShareMixture(["newest_label", "a"], eta=[2.0, 0.1], share=0.0,
+                              probation=("newest_label",))
+    alone.rate_weights = np.array([[1.0, 0.0], [0.5, 0.5]])  # σ = 0: the rest underflowed
+    np.testing.assert_array_equal(alone.served_weights(), alone.rate_weights)  # not NaN
     with pytest.raises(ValueError, match="not a candidate"):
         FixedShareMixture(["a", "b"], probation=("c",))
     with pytest.raises(ValueError, match="no candidate"):
