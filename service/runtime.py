@@ -434,13 +434,8 @@ def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
                f"a tabular model, but River's regressors predict one value and it predicts "
                f"{model.width}")
         log.info("mixture: %s, learner %s (%s)", "on" if enabled else "off", learner, why)
-    # a classifier's newest label on probation where it was measured, on tabular models (B6);
-    # an image classifier's mixture, set on by hand, keeps to its stages
-    newest = m.newest_label
-    if newest == "auto":
-        newest = ("probation" if rows else "off") if model.task.discrete else "on"
     return settings.model_copy(update={"mixture": m.model_copy(
-        update={"learner": learner, "enabled": enabled, "newest_label": newest})})
+        update={"learner": learner, "enabled": enabled, "newest_label": newest_label(settings)})})
 
 
 def torch_threads(settings: Settings) -> int:
@@ -470,14 +465,19 @@ def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
 
 
 def newest_label(settings: Settings) -> str:
-    """`mixture.newest_label` as built: `auto` (made concrete at start-up by `_resolve_mixture`,
-    which knows whether the model is tabular) is on for a regressor, whose level persists, and
-    on probation for a classifier, whose classes persist only where they come in runs, and
-    whose newest label is then wrong for as long as the label delay after each change (B6)."""
+    """`mixture.newest_label` as built (`_resolve_mixture` makes it concrete at start-up):
+    `auto` is on for a regressor, whose level persists, and on probation for a tabular
+    classifier, whose classes persist only where they come in runs, and whose newest label is
+    then wrong for as long as the label delay after each change (B6, where it was measured);
+    off for any other classifier (an image model's mixture, set on by hand, keeps to its
+    stages)."""
     newest = settings.mixture.newest_label
-    if newest == "auto":
-        return "on" if settings.model.task == "regression" else "probation"
-    return newest
+    if newest != "auto":
+        return newest
+    if settings.model.task == "regression":
+        return "on"
+    shape = settings.model.input_shape
+    return "probation" if len(shape) == 1 and shape[0] <= TABULAR_FEATURES else "off"
 
 
 def _graded(settings: Settings, model: LoadedModel, reference: ReferenceData | None) -> bool:

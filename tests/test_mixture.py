@@ -222,19 +222,20 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
     assert weights["newest_label"] > 0.9
 
 
-@pytest.mark.parametrize(("task", "newest", "expected", "built"), [
-    ("regression", "auto", ["newest_label", "source", "compensated"], "on"),
-    ("classification", "auto", ["newest_label", "source", "compensated"], "probation"),
-    ("classification", "on", ["newest_label", "source", "compensated"], "on"),
-    ("regression", "probation", ["newest_label", "source", "compensated"], "probation"),
-    ("regression", "off", ["source", "compensated"], "off"),
+@pytest.mark.parametrize(("task", "shape", "newest", "expected", "built"), [
+    ("regression", [3], "auto", ["newest_label", "source", "compensated"], "on"),
+    ("classification", [3], "auto", ["newest_label", "source", "compensated"], "probation"),
+    ("classification", [1, 16, 16], "auto", ["source", "compensated"], "off"),  # images
+    ("classification", [1, 16, 16], "on", ["newest_label", "source", "compensated"], "on"),
+    ("regression", [3], "probation", ["newest_label", "source", "compensated"], "probation"),
+    ("regression", [3], "off", ["source", "compensated"], "off"),
 ])
-def test_the_newest_label_is_a_candidate_on_probation_for_a_classifier_unless_said(
-        task, newest, expected, built):
+def test_the_newest_label_is_a_candidate_on_probation_for_a_tabular_classifier_unless_said(
+        task, shape, newest, expected, built):
     from service.runtime import mixture_candidates, newest_label
     from service.settings import load_settings
 
-    settings = load_settings(None, model={"task": task, "num_classes": None
+    settings = load_settings(None, model={"task": task, "input_shape": shape, "num_classes": None
                                           if task == "regression" else 10},
                              error_memory={"kind": "exact"}, adapter={"name": "none"},
                              mixture={"enabled": True, "newest_label": newest, "learner": "off"})
