@@ -72,8 +72,8 @@ SOURCE_OUTPUTS = "source_outputs"  # what the source model served for the same i
 # with the source judges the learning parts, not the filter's use of the stream's order
 BEFORE_RUNS = "before_runs"
 # where the class-run filter placed the sample in its sequence (its token and the row's
-# position, `ClassRunFilter.placed`): the sample's label, when it comes, tells the filter whether
-# the classes themselves come in runs
+# position, `ClassRunFilter.placed`; -1 for a repeated input, which moved no sequence): the
+# sample's label, when it comes, tells the filter whether the classes themselves come in runs
 RUNS_PLACE = "runs_place"
 # which learning the sample was served by: a token drawn anew at start and at every reset, so
 # labels of samples served before a reset, by another replica or by an earlier process never
@@ -494,9 +494,12 @@ class Engine:
         with self._changes_lock:
             self._changes.append(change)
 
-    def forward(self, inputs: np.ndarray, adapt: bool = True) -> BatchOutput:
+    def forward(self, inputs: np.ndarray, adapt: bool = True,
+                groups: Sequence[str | None] | None = None) -> BatchOutput:
         """Engine thread only. Predict a batch; with `adapt`, let the adapter take its step.
-        Raises `NonFiniteOutputs` when a row's outputs or features are NaN or infinite."""
+        `groups`: the group each row's request named, if any (the class-run filter follows each
+        group's rows as a sequence of their own). Raises `NonFiniteOutputs` when a row's
+        outputs or features are NaN or infinite."""
         x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
         count = x.shape[0]
         learn = self.recent.new_rows(x.numpy()) if adapt and self.recent is not None else None
@@ -574,9 +577,12 @@ class Engine:
             # the rows in the order served; a forward with adapt=False (the batcher's retry of
             # a failed batch, request by request) is filtered without moving the filter, and its
             # rows are placed nowhere
+            # rows the engine has seen lately (`learn` False) are served by the filter as it
+            # stands and move it not: the same request a thousand times is not a run
             if adapt:
-                arrays[RUNS_PLACE] = self.runs.placed(count)
-            outputs = self.runs.filter(outputs, commit=adapt)
+                outputs, arrays[RUNS_PLACE] = self.runs.filter_and_place(outputs, groups, learn)
+            else:
+                outputs = self.runs.filter(outputs, commit=False, groups=groups, learn=learn)
         predictions = self.task.predictions(outputs).numpy()
         entropy = self.task.entropy(outputs)
         if entropy is not None:

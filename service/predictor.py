@@ -58,7 +58,7 @@ class Predictor:
         # the shared threshold is read while the model runs
         refresh = None if self.conformal is None else self.conformal.refresh_soon()
         try:
-            out = await self.sync.run(self.engine.forward, inputs, adapt)
+            out = await self.sync.run(self.engine.forward, inputs, adapt, groups)
         except BaseException:
             if refresh is not None:
                 refresh.cancel()

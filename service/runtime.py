@@ -516,7 +516,8 @@ def _runs(settings: Settings, model: LoadedModel, adapter: Adapter) -> ClassRunF
     wanted = settings.adapter.runs == "filter" or (settings.adapter.runs == "auto" and adapts)
     if not wanted or not model.task.discrete or classes < 2:
         return None
-    return ClassRunFilter(classes, window=settings.adapter.runs_window)
+    return ClassRunFilter(classes, window=settings.adapter.runs_window,
+                          groups=settings.adapter.runs_groups)
 
 
 def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.ndarray | None

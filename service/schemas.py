@@ -16,7 +16,8 @@ Tensor = TypeAliasType(  # type: ignore[misc]
 )
 # printable ASCII without spaces; the label stream checks its entries' ids by the same rule
 PREDICTION_ID_PATTERN = r"^[\x21-\x7e]{1,128}$"
-# a group named in a predict request (conformal.mondrian = "group"): like an id, shorter
+# a group named in a predict request (the class-run filter, conformal.mondrian = "group"):
+# like an id, shorter
 MAX_GROUP_LENGTH = 64
 GROUP_PATTERN = r"^[\x21-\x7e]{1,64}$"
 PredictionId = Annotated[
@@ -77,9 +78,10 @@ class PredictRequest(Body):
         None, description="one id per sample, unique; new ids are made where omitted"
     )
     group: Annotated[str, StringConstraints(pattern=GROUP_PATTERN)] | None = Field(
-        None, description="the group these samples belong to (a region, a customer, a "
-        "device...): with conformal.mondrian = 'group' each group's sets or intervals get a "
-        "threshold of their own; kept in each prediction's record",
+        None, description="the group these samples belong to (a camera, a device, a customer, "
+        "a region...): the class-run filter follows each group's samples as a sequence of their "
+        "own; with conformal.mondrian = 'group' each group's sets or intervals get a threshold of "
+        "their own; kept in each prediction's record",
     )
 
 

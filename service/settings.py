@@ -290,6 +290,11 @@ class AdapterSettings(Section):
         200, ge=1, description="the class-run filter: samples over which the model's class mix "
         "is averaged"
     )
+    runs_groups: int = Field(
+        1024, ge=1, description="the class-run filter: the groups (the `group` a predict request "
+        "names) whose rows it follows as sequences of their own; beyond, the group served least "
+        "recently is forgotten"
+    )
     repeat_memory: int = Field(
         4096, ge=0, description="distinct recent inputs remembered: a batch made only of inputs "
         "identical to one of them is served but learnt from by nothing (0: learn from repeats)"

@@ -67,11 +67,12 @@ def test_a_repeated_request_keeps_the_models_answer() -> None:
 def test_a_filter_without_commit_ends_as_it_began() -> None:
     runs = ClassRunFilter(3)
     runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 50))
-    before = (runs.mix.copy(), runs.posterior.copy(), runs.belief.copy(), runs.filtered)
+    before = (runs.mix.copy(), runs.sequence().posterior.copy(), runs.belief.copy(),
+              runs.filtered)
     first = runs.filter(torch.tensor([[0.2, 0.7, 0.1]] * 5), commit=False)
     again = runs.filter(torch.tensor([[0.2, 0.7, 0.1]] * 5), commit=False)
     assert torch.equal(first, again)
-    after = (runs.mix, runs.posterior, runs.belief, runs.filtered)
+    after = (runs.mix, runs.sequence().posterior, runs.belief, runs.filtered)
     assert all(np.array_equal(a, b) for a, b in zip(before[:3], after[:3], strict=True))
     assert before[3] == after[3] == 50
 
@@ -183,10 +184,11 @@ def test_placed_rows_carry_the_token_of_their_stretch_of_positions() -> None:
     from adapters.tta.runs import PLACES
 
     runs = ClassRunFilter(3)
-    runs.filtered = PLACES - 1
+    sequence = runs.sequence()
+    sequence.filtered = PLACES - 1
     places = runs.placed(2)
-    assert places[0].tolist() == [runs.token, PLACES - 1]
-    assert places[1].tolist() == [(runs.token + 1) % PLACES, 0]
+    assert places[0].tolist() == [sequence.token, PLACES - 1]
+    assert places[1].tolist() == [(sequence.token + 1) % PLACES, 0]
     assert places.dtype == np.float32
 
 
@@ -194,7 +196,7 @@ def test_labels_keep_teaching_across_the_boundary_of_two_stretches_of_positions(
     from adapters.tta.runs import PLACES
 
     runs = ClassRunFilter(3, remembered=8)
-    runs.filtered = PLACES - 20
+    runs.sequence().filtered = PLACES - 20
     labels = np.zeros(40, dtype=np.int64)
     places = []
     for start in range(0, 40, 4):  # 40 rows across the boundary, each labelled 8 rows later
@@ -204,7 +206,7 @@ def test_labels_keep_teaching_across_the_boundary_of_two_stretches_of_positions(
             back = slice(start - 8, start - 4)
             learnt = runs.learn_labels(np.concatenate(places)[back], labels[back])
             assert learnt == (3 if start == 8 else 4)  # the first label pairs with none
-    assert runs.pairs == 31 and len(runs._labelled) == 8
+    assert runs.pairs == 31 and len(runs.sequence().labelled) == 8
 
 
 def test_a_filter_without_commit_keeps_what_labels_said() -> None:
@@ -266,6 +268,109 @@ def test_a_retried_row_is_placed_nowhere() -> None:
         assert places.shape == (8, 2) and places[:, 1].tolist() == list(range(8))
         assert RUNS_PLACE not in engine.forward(x[8:12], adapt=False).arrays
         assert engine.forward(x[12:14]).arrays[RUNS_PLACE][:, 1].tolist() == [8, 9]
+
+
+def interleaved(runs_of: list[np.ndarray], seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """The rows of several callers' streams, each in order, dealt at random: (labels, groups)."""
+    rng = np.random.default_rng(seed)
+    left = [list(labels) for labels in runs_of]
+    labels, groups = [], []
+    while any(left):
+        caller = int(rng.choice([c for c, rows in enumerate(left) if rows]))
+        labels.append(left[caller].pop(0))
+        groups.append(f"camera-{caller}")
+    return np.array(labels), groups
+
+
+def test_each_group_is_followed_as_a_sequence_of_its_own() -> None:
+    rng = np.random.default_rng(11)
+    cameras = [np.repeat(rng.integers(0, 10, 10), 100) for _ in range(8)]  # each in runs
+    labels, groups = interleaved(cameras)
+    model = noisy_votes(labels, 0.6, 10, seed=11)
+    apart, together = ClassRunFilter(10), ClassRunFilter(10)
+    by_group, mixed = apart.filter(model, groups=groups), together.filter(model)
+    # interleaved, the runs are not runs: the filter without groups serves the model's answers
+    assert error(mixed, labels) > error(model, labels) - 0.02
+    assert error(by_group, labels) < 0.5 * error(model, labels)
+    assert apart.describe()["groups"] == 8 and "groups" not in together.describe()
+    assert apart.filtered == len(labels) and apart.sequence("camera-3").filtered == 1000
+
+
+def test_rows_of_no_group_are_filtered_as_they_were() -> None:
+    labels = np.repeat(np.random.default_rng(3).integers(0, 10, 20), 50)
+    model = noisy_votes(labels, 0.6, 10, seed=3)
+    assert torch.equal(ClassRunFilter(10).filter(model),
+                       ClassRunFilter(10).filter(model, groups=[None] * len(labels)))
+
+
+def test_labels_pair_within_their_groups_sequence() -> None:
+    rng = np.random.default_rng(12)
+    cameras = [np.repeat(rng.integers(0, 10, 4), 100) for _ in range(6)]
+    labels, groups = interleaved(cameras, seed=12)
+    model = noisy_votes(labels, 0.6, 10, seed=12)
+    runs = ClassRunFilter(10)
+    places = runs.placed(len(labels), groups)
+    runs.filter(model, groups=groups)
+    assert runs.learn_labels(places, labels) == len(labels) - 6  # each camera's first: no pair
+    assert runs.describe()["labelled_stickiness"] > 0.9  # globally they alternate; apart, runs
+
+
+def test_a_group_beyond_the_last_kept_is_forgotten_and_its_labels_teach_nothing() -> None:
+    runs = ClassRunFilter(3, groups=2)
+    first = runs.placed(4, ["a", "b", "a", "b"])
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4), groups=["a", "b", "a", "b"])
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 2), groups=["b", "c"])  # "a" served least lately
+    assert runs.describe()["groups"] == 2
+    assert runs.learn_labels(first[[0, 2]], np.array([0, 0])) == 0  # a's rows: forgotten
+    assert runs.learn_labels(first[[1, 3]], np.array([0, 0])) == 1  # b's still pair
+    assert runs.sequence("a").filtered == 0  # a new sequence if it comes back
+
+
+def test_a_group_seen_first_in_a_batch_not_committed_is_not_kept() -> None:
+    runs = ClassRunFilter(3)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 3), commit=False, groups=["x"] * 3)
+    assert "groups" not in runs.describe() and runs.filtered == 0
+    with pytest.raises(ValueError, match="2 groups for 3 rows"):
+        runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 3), groups=["x", "y"])
+
+
+def test_rows_that_teach_nothing_are_served_by_the_filter_as_it_stands() -> None:
+    runs = ClassRunFilter(3)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 30))
+    before = (runs.mix.copy(), runs.belief.copy(), runs.sequence().posterior.copy())
+    again = torch.tensor([[0.6, 0.3, 0.1]] * 1000)  # one request sent again and again
+    learn = np.zeros(1000, dtype=bool)
+    places = runs.placed(1000, learn=learn)
+    served = runs.filter(again, learn=learn)
+    assert (places == -1).all() and runs.filtered == 30
+    assert runs.learn_labels(places[:2], np.array([0, 0])) == 0
+    assert np.array_equal(before[0], runs.mix) and np.array_equal(before[1], runs.belief)
+    assert np.array_equal(before[2], runs.sequence().posterior)
+    assert torch.allclose(served, served[:1].expand_as(served))  # every copy served alike
+
+
+def test_the_service_follows_the_groups_its_callers_name() -> None:
+    import asyncio
+
+    from tests.harness import serving, settings_for
+
+    x, y, _, _ = digits_split()
+    fours, sevens = x[y == 4][:32], x[y == 7][:32]
+
+    async def serve() -> tuple[dict, list[int]]:
+        async with serving(settings_for(drift={"enabled": False})) as (client, _):
+            answers = []
+            for start in range(0, 32, 4):  # two cameras, one request each in turn
+                for group, rows in (("gate-4", fours), ("gate-7", sevens)):
+                    reply = await client.post("/v1/predict", json={
+                        "inputs": rows[start:start + 4].tolist(), "group": group})
+                    assert reply.status_code == 200
+                    answers += [p["prediction"] for p in reply.json()["predictions"]]
+            return (await client.get("/v1/state")).json()["learning"]["runs"], answers
+
+    state, answers = asyncio.run(serve())
+    assert state["groups"] == 2 and state["filtered"] == 64
+    assert answers.count(4) + answers.count(7) >= 60
 
 
 # --- graded momenta ------------------------------------------------------------------------------
@@ -550,3 +655,73 @@ def test_the_damping_multiplies_a_drift_boost_and_a_reset_brings_the_base_rate_b
     assert stickiness > 0.5
     assert boosted == pytest.approx(4e-3 * (1 - stickiness), rel=1e-3)
     assert after_reset == pytest.approx(4e-3)  # the boost in force stays, undamped
+
+
+def test_a_repeated_requests_label_still_joins_and_teaches_the_filter_nothing() -> None:
+    import asyncio
+
+    from tests.harness import serving, settings_for
+
+    x, _, _, _ = digits_split()
+
+    async def serve() -> tuple[dict, dict]:
+        async with serving(settings_for(drift={"enabled": False})) as (client, app):
+            for i, rows in enumerate((x[:2], x[:2], x[2:4])):  # the second request repeats
+                reply = await client.post("/v1/predict", json={
+                    "inputs": rows.tolist(), "ids": [f"r{i}a", f"r{i}b"]})
+                assert reply.status_code == 200
+            join = await client.post("/v1/feedback", json={"labels": [
+                {"id": f"r{i}{s}", "label": 1} for i in range(3) for s in "ab"]})
+            return join.json(), (await client.get("/v1/state")).json()["learning"]["runs"]
+
+    join, runs = asyncio.run(serve())
+    assert join["joined"] == 6 and join["rejected"] == []
+    assert runs["filtered"] == 4  # the repeated request moved nothing
+    assert runs["labelled_pairs"] == 3  # the four rows placed: each label after the first
+
+
+def test_a_batch_of_more_groups_than_are_kept_places_rows_in_the_sequences_it_keeps() -> None:
+    runs = ClassRunFilter(3, groups=1)
+    _, places = runs.filter_and_place(torch.tensor([[0.8, 0.1, 0.1]] * 4),
+                                      groups=["a", "b", "a", "b"])
+    assert runs.describe()["groups"] == 1  # "a", served least lately, forgotten after the batch
+    assert runs.learn_labels(places[[1, 3]], np.array([0, 0])) == 1  # b's rows pair
+    assert runs.learn_labels(places[[0, 2]], np.array([0, 0])) == 0  # a's: forgotten
+    assert places[[1, 3], 1].tolist() == [0, 1]
+
+
+def test_a_batch_not_committed_changes_which_group_is_forgotten_next_not() -> None:
+    runs = ClassRunFilter(3, groups=2)
+    one = torch.tensor([[0.8, 0.1, 0.1]])
+    _, a = runs.filter_and_place(one, groups=["a"])
+    _, b = runs.filter_and_place(one, groups=["b"])
+    runs.filter(one, commit=False, groups=["a"])  # a retry: "a" stays the least recently served
+    runs.filter(one, groups=["c"])
+    assert runs.learn_labels(np.concatenate([a, a]), np.array([0, 0])) == 0
+    assert set(runs._groups) == {"b", "c"}
+
+
+def test_a_batch_that_raises_keeps_no_group_it_made(monkeypatch) -> None:
+    runs = ClassRunFilter(3, groups=1)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]]), groups=["a"])
+    step = runs._step
+
+    def fail_on_the_second(sequence, p, row):  # noqa: ANN001, ANN202
+        if row == 2:
+            raise RuntimeError("a row that fails")
+        return step(sequence, p, row)
+
+    monkeypatch.setattr(runs, "_step", fail_on_the_second)
+    with pytest.raises(RuntimeError):
+        runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 2), groups=["b", "b"])
+    assert list(runs._groups) == ["a"] and runs.filtered == 1
+
+
+def test_groups_unseen_in_a_batch_not_committed_are_followed_apart() -> None:
+    runs = ClassRunFilter(3)
+    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 50))  # the stickiness is learnt: runs
+    rows = torch.tensor([[0.8, 0.1, 0.1]] * 20 + [[0.1, 0.8, 0.1]])
+    together = runs.filter(rows, commit=False, groups=["g1"] * 20 + ["g2"])
+    alone = runs.filter(rows[20:], commit=False, groups=["g2"])
+    # g2's row is not held to g1's run (the shared mix and weights moved a little over g1's)
+    assert int(together[20].argmax()) == 1 and torch.allclose(together[20], alone[0], atol=0.02)

@@ -81,12 +81,31 @@ not also with the one after it when it arrives out of order.
 Measured on B1 with 10% of the labels back 100 samples late (BENCHMARKS.md, "Labels tell the
 class-run filter whether classes run"): the rows a change of corruption made the model favour
 are no longer served as a run.
+
+Runs belong to a source (a camera, a device, a user), and a service with many sources sees their
+requests interleaved: in the order served, one camera's run is broken by the others' rows, and a
+sticky rho carries one camera's class into the next camera's request. Rows whose request named a
+`group` are therefore followed as a sequence of their own (`sequence`): each sequence keeps its
+own posterior a_rho, its own positions and the labelled rows its labels pair with; the class mix
+m and the weights w and v are every sequence's (m is the model's, and how sticky classes are is
+learnt from all the sources at once, so a new group starts from what the others taught). Rows of
+no group are one sequence, as before; beyond `groups` sequences the one served least recently
+is forgotten, and labels of its rows teach nothing. On B1's stream dealt to 8 callers, one
+sample a request, classes in runs (BENCHMARKS.md, "Callers that name their group"): 46.0% error
+without groups, 20.2% with them; a per-sequence mix m instead of the shared one gave 25.3%,
+since each sequence's own m soon follows its own run and cancels it.
+
+A row the engine has seen lately (the same request again: `learn` False) is served by the filter
+as it stands and moves nothing: the same request a thousand times is one sample, not a run.
 """
 
 from __future__ import annotations
 
 import bisect
 import secrets
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -95,6 +114,27 @@ STICKINESS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 # a row's place: the sequence's token and the row's position, both below 2**24 so that a float32
 # array in the prediction record holds them exactly; the token moves on every 2**24 rows
 PLACES = 2**24
+NOWHERE = -1.0  # the place of a row that moved no sequence (its label teaches nothing)
+
+
+@dataclass
+class _Sequence:
+    """One sequence of rows the filter follows: the rows of one group (or of none), in the
+    order served: its own filtered posterior; the class mix and the weights over rho are
+    every sequence's."""
+
+    token: int
+    posterior: np.ndarray
+    remembered: int  # its labelled rows kept for pairing
+    filtered: int = 0  # its rows filtered: the next row's position
+    labelled: list[tuple[int, int]] = field(default_factory=list)  # (position, class), ordered
+    live: bool = True  # False once forgotten: its rows' labels teach nothing
+
+    def tokens(self) -> tuple[int, ...]:
+        """The tokens its rows carry now: this stretch's and the one before."""
+        era = self.filtered // PLACES
+        return tuple((self.token + stretch) % PLACES for stretch in range(max(0, era - 1), era + 1))
+
 
 
 class ClassRunFilter:
@@ -105,7 +145,9 @@ class ClassRunFilter:
     `share`, the fixed share that keeps every rho within reach; `window`, the samples over which
     the model's class mix m is averaged (and the labels over which theirs is); `floor`, the
     share of the uniform mix blended into m; `label_share`, the fixed share of the weights that
-    labels learn (`learn_labels`); `remembered`, the labelled positions kept for pairing.
+    labels learn (`learn_labels`); `remembered`, the labelled positions kept for pairing (a
+    group's sequence keeps a sixteenth as many); `groups`, the groups' sequences followed apart
+    (`sequence`).
 
     >>> runs = ClassRunFilter(num_classes=3)
     >>> _ = runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 30))  # a run of class 0
@@ -118,16 +160,16 @@ class ClassRunFilter:
     def __init__(self, num_classes: int, stickiness: tuple[float, ...] = STICKINESS,
                  forget: float = 0.0, share: float = 0.002, window: int = 200,
                  floor: float = 0.2, label_share: float = 1e-5, label_forget: float = 0.02,
-                 remembered: int = 1024) -> None:
+                 remembered: int = 1024, groups: int = 1024) -> None:
         if num_classes < 2:
             raise ValueError("the class-run filter needs a classifier with two or more classes")
         if 0.0 not in stickiness or not all(0.0 <= rho < 1.0 for rho in stickiness):
             raise ValueError("the stickiness grid must hold 0 and values in [0, 1)")
         if not 0.0 <= forget < 1.0 or not 0.0 <= share < 1.0 or not 0.0 <= floor <= 1.0 \
                 or not 0.0 <= label_share < 1.0 or not 0.0 <= label_forget < 1.0 \
-                or window < 1 or remembered < 1:
+                or window < 1 or remembered < 1 or groups < 1:
             raise ValueError("forget, share, label_share and label_forget must lie in [0, 1), "
-                             "floor in [0, 1], and window and remembered must be >= 1")
+                             "floor in [0, 1], and window, remembered and groups must be >= 1")
         self.num_classes = num_classes
         self.rho = np.asarray(stickiness, dtype=np.float64)[:, None]
         # row i marks the rhos of the grid at least rho_i; the prior odds of "at least rho_i"
@@ -141,22 +183,79 @@ class ClassRunFilter:
         self.label_share = label_share
         self.label_forget = label_forget
         self.remembered = remembered
+        self.groups = groups
         self.reset()
 
     def reset(self) -> None:
         """Forget the runs: uniform class mix, every rho equally likely, nothing filtered, no
-        label learnt, and a new sequence (labels of rows placed before count for nothing)."""
+        label learnt, no group's sequence, and a new sequence for the rows of no group (labels
+        of rows placed before count for nothing)."""
         grid, classes = len(self.rho), self.num_classes
-        self.filtered = 0
-        self.mix = np.full(classes, 1.0 / classes)
-        self.posterior = np.full((grid, classes), 1.0 / classes)
+        self.filtered = 0  # rows filtered, every sequence's
+        self.mix = np.full(classes, 1.0 / classes)  # the model's class mix m, every sequence's
         self.belief = np.full(grid, 1.0 / grid)  # the weights w over the grid of rho
-        self.token = secrets.randbelow(PLACES)
         self.pairs = 0  # labelled pairs learnt
         self._labels_at = 0  # rows filtered when labels last taught
         self.label_belief = np.full(grid, 1.0 / grid)  # the weights v, from labels alone
         self.label_mix = np.full(classes, 1.0 / classes)
-        self._labelled: list[tuple[int, int]] = []  # (position, class), in position order
+        # token -> the sequence whose rows carry it, and the stretch of 2**24 positions it names
+        self._places: dict[int, tuple[_Sequence, int]] = {}
+        self._groups: OrderedDict[str, _Sequence] = OrderedDict()  # least recently served first
+        self._ungrouped = self._new_sequence(self.remembered)
+
+    def _new_sequence(self, remembered: int) -> _Sequence:
+        token = secrets.randbelow(PLACES)
+        while token in self._places:  # one token a live sequence: labels find their own
+            token = secrets.randbelow(PLACES)
+        sequence = self._scratch(remembered)
+        sequence.token = token
+        self._places[token] = (sequence, 0)
+        return sequence
+
+    def _scratch(self, remembered: int = 1) -> _Sequence:
+        """A sequence that starts afresh and is not kept: no token, nothing placed."""
+        return _Sequence(-1, np.full((len(self.rho), self.num_classes), 1.0 / self.num_classes),
+                         remembered)
+
+    def sequence(self, group: str | None = None) -> _Sequence:
+        """The sequence of the rows of `group` (None: the rows that name none), made at its
+        first row, and now the most recently served. Beyond `groups` of them, the batch that
+        made one forgets the least recently served when it is done (`_trim`)."""
+        if group is None:
+            return self._ungrouped
+        sequence = self._groups.get(group)
+        if sequence is None:
+            # a group's labels come with its own rows, a few at a time: fewer kept for pairing
+            sequence = self._groups[group] = self._new_sequence(max(1, self.remembered // 16))
+        self._groups.move_to_end(group)
+        return sequence
+
+    def _forget(self, group: str) -> None:
+        forgotten = self._groups.pop(group)
+        forgotten.live = False
+        for token in forgotten.tokens():
+            if self._places.get(token, (None, 0))[0] is forgotten:
+                del self._places[token]
+
+    def _trim(self) -> None:
+        while len(self._groups) > self.groups:
+            self._forget(next(iter(self._groups)))  # the least recently served
+
+    def _moved_on(self, sequence: _Sequence, rows: int) -> None:
+        """`rows` more of the sequence filtered: past a boundary of 2**24 positions its rows
+        carry the next token (unless another sequence holds it: then the labels of that
+        stretch teach nothing), and labels of the stretch before still find it."""
+        era = sequence.filtered // PLACES
+        sequence.filtered += rows
+        if not sequence.live:
+            return
+        for stretch in range(era + 1, sequence.filtered // PLACES + 1):
+            token = (sequence.token + stretch) % PLACES
+            if self._places.get(token, (sequence, 0))[0] is sequence:
+                self._places[token] = (sequence, stretch)
+            stale = (sequence.token + stretch - 2) % PLACES
+            if stretch >= 2 and self._places.get(stale, (None, 0))[0] is sequence:
+                del self._places[stale]
 
     def weights(self) -> np.ndarray:
         """The weights over the grid that serve: w, each rho's vetoed as far as labels have
@@ -180,50 +279,75 @@ class ClassRunFilter:
         the class (0 on shuffled traffic)."""
         return float(self.weights() @ self.rho[:, 0])
 
-    def placed(self, count: int) -> np.ndarray:
+    def placed(self, count: int, groups: Sequence[str | None] | None = None,
+               learn: np.ndarray | None = None) -> np.ndarray:
         """Where the next `count` rows filtered with `commit` fall: (count, 2) float32 rows of
-        this sequence's token and the row's position, for the prediction records."""
-        at = self.filtered + np.arange(count)
-        tokens = (self.token + at // PLACES) % PLACES
+        their sequence's token and the row's position in it, for the prediction records.
+        `groups`: the group each row's request named (None: the rows name none); `learn`: the
+        rows that move the filter (None: all), the others placed nowhere (-1: a record's
+        arrays are finite, and a negative place teaches nothing)."""
+        if groups is None:
+            if learn is None:
+                return self._places_of(self._ungrouped, np.arange(count))
+            places = np.full((count, 2), NOWHERE, dtype=np.float32)
+            moving = np.flatnonzero(learn)
+            places[moving] = self._places_of(self._ungrouped, np.arange(len(moving)))
+            return places
+        places = np.full((count, 2), NOWHERE, dtype=np.float32)
+        ahead: dict[int, int] = {}  # the rows of each sequence placed before in this batch
+        for row in range(count):
+            if learn is not None and not learn[row]:
+                continue
+            sequence = self.sequence(None if groups is None else groups[row])
+            before = ahead.get(id(sequence), 0)
+            ahead[id(sequence)] = before + 1
+            places[row] = self._places_of(sequence, np.array([before]))[0]
+        return places
+
+    @staticmethod
+    def _places_of(sequence: _Sequence, ahead: np.ndarray) -> np.ndarray:
+        at = sequence.filtered + ahead
+        tokens = (sequence.token + at // PLACES) % PLACES
         return np.stack([tokens, at % PLACES], axis=1).astype(np.float32)
 
     def learn_labels(self, placed: np.ndarray, labels: np.ndarray) -> int:
         """Learn from joined labels whether the classes come in runs (the module's docstring):
         `placed` the rows' places as `placed` gave them, `labels` their class indices. Rows
-        placed by another sequence (another process, or before a reset), or whose place or
-        class is not one, teach nothing. Returns the pairs learnt."""
+        placed by another sequence (another process, a forgotten group, or before a reset), or
+        whose place or class is not one, teach nothing. Returns the pairs learnt."""
         placed = np.asarray(placed, dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(labels, dtype=np.float64).reshape(-1)
         ok = np.isfinite(placed).all(1) & np.isfinite(labels)
         ok &= (labels >= 0) & (labels < self.num_classes) & (labels == np.round(labels))
-        rows = placed[:, 1]
-        ok &= (rows >= 0) & (rows < PLACES) & (rows == np.round(rows))
-        # the stretch of 2**24 rows a token names: this one or the one before (labels of rows
-        # placed just before the boundary arrive after it), else another sequence's
-        era = self.filtered // PLACES
-        stretch = np.where(ok, placed[:, 0] - self.token, 0.0) % PLACES
-        current, previous = stretch == era % PLACES, (stretch == (era - 1) % PLACES) & (era > 0)
-        ok &= current | previous
-        # positions from the sequence's start, among the rows filtered so far
-        at = np.where(current, era, era - 1) * PLACES + np.where(ok, placed[:, 1], 0.0)
-        ok &= at < self.filtered
+        ok &= (placed >= 0).all(1) & (placed < PLACES).all(1) & (placed == np.round(placed)).all(1)
+        found: dict[int, tuple[_Sequence, list[tuple[int, int]]]] = {}
+        for row in np.flatnonzero(ok):
+            owner = self._places.get(int(placed[row, 0]))
+            if owner is None:
+                continue
+            sequence, stretch = owner
+            # positions from the sequence's start, among the rows filtered so far
+            at = stretch * PLACES + int(placed[row, 1])
+            if at < sequence.filtered:
+                found.setdefault(id(sequence), (sequence, []))[1].append((at, int(labels[row])))
         learnt = 0
-        for position, label in sorted(zip(at[ok].astype(np.int64).tolist(),
-                                           labels[ok].astype(np.int64).tolist(), strict=True)):
-            learnt += self._learn_label(position, label)
+        for sequence, rows in found.values():
+            for position, label in sorted(rows):
+                learnt += self._learn_label(sequence, position, label)
         self.pairs += learnt
         if learnt:
             self._labels_at = self.filtered
         return learnt
 
-    def _learn_label(self, position: int, label: int) -> int:
-        at = bisect.bisect_left(self._labelled, (position, -1))
-        if at < len(self._labelled) and self._labelled[at][0] == position:
+    def _learn_label(self, sequence: _Sequence, position: int, label: int) -> int:
+        labelled = sequence.labelled
+        at = bisect.bisect_left(labelled, (position, -1))
+        if at < len(labelled) and labelled[at][0] == position:
             return 0  # that row's label again: it says nothing new
         mix = (1.0 - self.floor) * self.label_mix + self.floor / self.num_classes
         learnt = 0
         if at > 0:
-            before, before_label = self._labelled[at - 1]
+            before, before_label = labelled[at - 1]
             keep = self.rho[:, 0] ** (position - before)
             likelihood = keep * (label == before_label) + (1.0 - keep) * mix[label]
             belief = self.label_belief * np.maximum(likelihood, 1e-300)
@@ -233,31 +357,94 @@ class ClassRunFilter:
             learnt = 1
         self.label_mix = (1.0 - self.rate) * self.label_mix
         self.label_mix[label] += self.rate
-        self._labelled.insert(at, (position, label))
-        if len(self._labelled) > self.remembered:
-            del self._labelled[0]  # the earliest served: labels come about in the order served
+        labelled.insert(at, (position, label))
+        if len(labelled) > sequence.remembered:
+            del labelled[0]  # the earliest served: labels come about in the order served
         return learnt
 
-    def filter(self, probabilities: torch.Tensor, commit: bool = True) -> torch.Tensor:
-        """The filtered probabilities of a batch's rows, taken in order as consecutive samples.
-        Without `commit` the filter ends as it began (the rows are filtered, not remembered);
+    def filter(self, probabilities: torch.Tensor, commit: bool = True,
+               groups: Sequence[str | None] | None = None,
+               learn: np.ndarray | None = None) -> torch.Tensor:
+        """The filtered probabilities of a batch's rows, taken in order as consecutive samples
+        of their sequences: `groups` names each row's (None: every row is of the sequence of
+        no group). Rows outside `learn` (None: all in) are served from the filter as it
+        stands and move nothing: a request sent again is not a run. Without `commit` the filter
+        ends as it began (the rows are filtered, not remembered; a group not seen before is
+        followed for the batch and not kept, and no group becomes the most recently served);
         so does a batch that raises."""
+        return self._filter(probabilities, commit, groups, learn)[0]
+
+    def filter_and_place(self, probabilities: torch.Tensor,
+                         groups: Sequence[str | None] | None = None,
+                         learn: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """`filter` with `commit`, and where each row fell (as `placed` says it) for the
+        prediction records, from the same walk over the rows."""
+        return self._filter(probabilities, True, groups, learn)
+
+    def _filter(self, probabilities: torch.Tensor, commit: bool,
+                groups: Sequence[str | None] | None, learn: np.ndarray | None
+                ) -> tuple[torch.Tensor, np.ndarray]:
         p = probabilities.detach().double().cpu().numpy().reshape(len(probabilities), -1)
-        kept = (self.mix, self.posterior, self.belief, self.label_belief)
+        if groups is not None and len(groups) != len(p):
+            raise ValueError(f"{len(groups)} groups for {len(p)} rows")
+        places = np.full((len(p), 2), NOWHERE, dtype=np.float32)
+        kept = (self.mix, self.belief, self.label_belief)
+        touched: dict[int, tuple[_Sequence, np.ndarray]] = {}  # each sequence's state before
+        rows: dict[int, int] = {}  # the rows of each sequence that moved it
+        made: list[str] = []  # groups first seen in this batch
+        scratch: dict[str | None, _Sequence] = {}  # groups not kept: without commit, unseen
         served = np.empty_like(p)
+        moved = 0  # rows that moved the filter
         done = False
         try:
             for row, probs in enumerate(p):
-                served[row] = self._step(probs, self.filtered + row)
+                group = None if groups is None else groups[row]
+                moves = learn is None or bool(learn[row])
+                sequence = self._lookup(group, commit and moves, made, scratch)
+                if not moves:  # served as the filter stands
+                    state = (self.mix, self.belief, self.label_belief, sequence.posterior)
+                    served[row] = self._step(sequence, probs, self.filtered + moved)
+                    self.mix, self.belief, self.label_belief, sequence.posterior = state
+                    continue
+                touched.setdefault(id(sequence), (sequence, sequence.posterior))
+                at = sequence.filtered + rows.get(id(sequence), 0)
+                rows[id(sequence)] = rows.get(id(sequence), 0) + 1
+                places[row] = ((sequence.token + at // PLACES) % PLACES, at % PLACES)
+                served[row] = self._step(sequence, probs, self.filtered + moved)
+                moved += 1
             done = commit
         finally:
             if done:
-                self.filtered += len(p)
+                self.filtered += moved
+                for key, (sequence, _) in touched.items():
+                    self._moved_on(sequence, rows[key])
+                self._trim()
             else:  # every step rebinds the state, so the arrays kept are as they were
-                self.mix, self.posterior, self.belief, self.label_belief = kept
-        return torch.from_numpy(served).to(probabilities.dtype)
+                self.mix, self.belief, self.label_belief = kept
+                for sequence, posterior in touched.values():
+                    sequence.posterior = posterior
+                for group in made:
+                    self._forget(group)
+        return torch.from_numpy(served).to(probabilities.dtype), places
 
-    def _step(self, p: np.ndarray, row: int) -> np.ndarray:
+    def _lookup(self, group: str | None, keep: bool, made: list[str],
+                scratch: dict[str | None, _Sequence]) -> _Sequence:
+        """The sequence a row of `group` moves: with `keep`, its own (made if new, and now the
+        most recently served); without, its own as it stands, or one not kept if it has none."""
+        if group is None:
+            return self._ungrouped
+        if keep:
+            if group not in self._groups:
+                made.append(group)
+            return self.sequence(group)
+        known = self._groups.get(group)
+        if known is not None:
+            return known
+        if group not in scratch:
+            scratch[group] = self._scratch()
+        return scratch[group]
+
+    def _step(self, sequence: _Sequence, p: np.ndarray, row: int) -> np.ndarray:
         if not np.isfinite(p).all():
             return p  # no usable evidence: the row is served as it came and teaches nothing
         p = np.clip(p, 0.0, None)
@@ -267,10 +454,11 @@ class ClassRunFilter:
         p = p / total
         self.mix = (1.0 - self.rate) * self.mix + self.rate * p
         mix = (1.0 - self.floor) * self.mix + self.floor / self.num_classes
-        joint = (self.rho * self.posterior + (1.0 - self.rho) * mix) * (p / np.maximum(mix, 1e-12))
+        joint = (self.rho * sequence.posterior + (1.0 - self.rho) * mix) \
+            * (p / np.maximum(mix, 1e-12))
         likelihood = np.maximum(joint.sum(1), 1e-300)
-        self.posterior = joint / likelihood[:, None]
-        served = self.weights() @ self.posterior
+        sequence.posterior = joint / likelihood[:, None]
+        served = self.weights() @ sequence.posterior
         if self.pairs and self.label_forget and row - self._labels_at >= 1 / self.rate:
             # what labels said fades once none have come for `window` rows
             faded = self.label_belief ** (1.0 - self.label_forget)
@@ -286,6 +474,8 @@ class ClassRunFilter:
         said: dict[str, object] = {"filtered": self.filtered,
                                    "stickiness": round(self.stickiness(), 3),
                                    "labelled_pairs": self.pairs}
+        if self._groups:
+            said["groups"] = len(self._groups)
         if self.pairs:  # what the labels alone say: the chance the next label keeps the class
             said["labelled_stickiness"] = round(float(self.label_belief @ self.rho[:, 0]), 3)
         return said
