@@ -177,7 +177,9 @@ class Classification(Task):
         if not math.isfinite(label):
             return f"is {label}; a label must be a finite number"
         if label != int(label) or not 0 <= label < width:
-            return f"is {label:g}; a class index is an integer from 0 to {width - 1}"
+            shown = f"{label:g}"  # 12, 2.5; but a value :g would round to a class is shown whole
+            shown = shown if float(shown) == label else repr(label)
+            return f"is {shown}; a class index is an integer from 0 to {width - 1}"
         return None
 
     def label_array(self, labels: Sequence[LabelValue]) -> np.ndarray:

@@ -174,6 +174,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI's 400 for a body cut short
         return await _client_left(request, exc.__cause__)
     path = request.url.path
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError) \
+            and isinstance(cause.object, bytes) and not speaks_oip(path):
+        # a body that is not UTF-8, said as POST /v1/predict says it (`predict_body`)
+        byte = cause.object[cause.start]
+        return await _validation_error(request, RequestValidationError([{
+            "type": "json_invalid", "loc": ("body", cause.start), "input": {},
+            "msg": f"JSON decode error: the body is not valid UTF-8 (byte 0x{byte:02x} at "
+                   f"byte {cause.start})"}]))
     if exc.status_code == 400 and not speaks_oip(path):  # the protocol's own 400s stay 400
         return error_response(422, "the body is JSON this service cannot read: nested too "
                                    "deeply or holding a number too large; send plain numbers "
