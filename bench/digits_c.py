@@ -27,6 +27,10 @@ The traffic axis: `--orders` changes the order of the samples within each corrup
     repeat          one image (the first sample of the first corrupted domain) 1,000 times, then
                     the clean half i.i.d.; reported: the share of the 1,000 answers that differ
                     from the source model's answer for that image, and the clean error after
+    spike:V         an input that overflows the training range: the clean half i.i.d. (domain
+                    `spike`), its sample 50 with one value set to V (a pixel of 1e3 in a [0, 1]
+                    image), then the clean half again; the spike domain's error against the
+                    source's shows what one such sample did to the samples after it
 
     python -m bench.digits_c                       # in process, every method, both norms
     python -m bench.digits_c --service             # and through the service, one per request
@@ -73,7 +77,9 @@ SEED = 2024
 CLEAN = "clean_after"
 REPEAT = "repeat"
 REPEATS = 1_000  # times the `repeat` order sends its image
-ORDERS = ["iid", "dirichlet:1", "dirichlet:0.1", "dirichlet:0.01", REPEAT]
+SPIKE = "spike"
+SPIKE_AT = 50  # the `spike:V` order's sample with one value set to V
+ORDERS = ["iid", "dirichlet:1", "dirichlet:0.1", "dirichlet:0.01", REPEAT, "spike:1000"]
 NO_BN_STATISTICS = ("none", "adanpc")  # methods the test-time BatchNorm mode does not touch
 
 
@@ -104,6 +110,9 @@ class Result:
     labels_joined: int = 0
     label_outcomes: dict[str, int] = field(default_factory=dict)  # joined, unknown, ...
     overrides: dict[str, str] = field(default_factory=dict)  # --set
+    clients: int = 1  # --clients: the stream dealt to this many callers, interleaved
+    client_groups: bool = False  # each caller's requests name its group
+    groups_followed: int = 0  # through the service: the groups its class-run filter followed
 
     @property
     def mean_error(self) -> float:
@@ -133,18 +142,20 @@ def stream(seed: int = SEED) -> list[Domain]:
 
 
 def parse_order(spec: str) -> str:
-    """`iid`, `repeat` or `dirichlet:A` with A > 0, as given; ValueError otherwise."""
+    """`iid`, `repeat`, `dirichlet:A` with A > 0 or `spike:V` with V finite, as given;
+    ValueError otherwise."""
     if spec in ("iid", REPEAT):
         return spec
-    kind, _, alpha = spec.partition(":")
-    if kind == "dirichlet":
+    kind, _, value = spec.partition(":")
+    if kind in ("dirichlet", SPIKE):
         try:
-            if float(alpha) > 0:
+            number = float(value)
+            if np.isfinite(number) if kind == SPIKE else number > 0:
                 return spec
         except ValueError:
             pass
-    raise ValueError(f"unknown order {spec!r}: use iid, repeat or dirichlet:A with A > 0 "
-                     f"(for example {', '.join(ORDERS)})")
+    raise ValueError(f"unknown order {spec!r}: use iid, repeat, dirichlet:A with A > 0 or "
+                     f"spike:V with V finite (for example {', '.join(ORDERS)})")
 
 
 def dirichlet_order(labels: np.ndarray, alpha: float, rng: np.random.Generator,
@@ -190,7 +201,14 @@ def order_stream(domains: Sequence[Domain], order: str, seed: int = SEED) -> lis
         repeated = Domain(REPEAT, np.repeat(first.inputs[:1], REPEATS, axis=0),
                           np.repeat(first.labels[:1], REPEATS))
         return [repeated, *(d for d in domains if d.name == CLEAN)]
-    alpha = float(order.partition(":")[2])
+    kind, _, value = order.partition(":")
+    if kind == SPIKE:
+        clean = next(d for d in domains if d.name == CLEAN)
+        inputs = clean.inputs.copy()
+        flat = inputs[SPIKE_AT].reshape(-1)  # a view: one value of one sample
+        flat[flat.size // 3] = float(value)
+        return [Domain(SPIKE, inputs, clean.labels.copy()), clean]
+    alpha = float(value)
     out = []
     for d in domains:
         if d.name == CLEAN:
@@ -314,12 +332,35 @@ def source_answer(image: np.ndarray) -> int:
         engine.close()
 
 
+def client_requests(count: int, clients: int, request_size: int, rng: np.random.Generator
+                    ) -> list[tuple[int, int, int]]:
+    """One domain's samples dealt to `clients` callers, each a contiguous share in stream order
+    (so each keeps the domain's runs), sent in requests of `request_size`: (client, start, end)
+    in the order the service gets them, the next request drawn from a caller at random in
+    proportion to the requests it has left (seeded), each caller's own in order."""
+    shares = np.array_split(np.arange(count), max(1, min(clients, count)))
+    queues = [[(c, int(s[i]), int(s[min(i + request_size, len(s)) - 1]) + 1)
+               for i in range(0, len(s), request_size)] for c, s in enumerate(shares)]
+    order = []
+    while any(queues):
+        left = np.array([len(q) for q in queues], dtype=np.float64)
+        client = int(rng.choice(len(queues), p=left / left.sum()))
+        order.append(queues[client].pop(0))
+    return order
+
+
+def client_group(client: int) -> str:
+    return f"client-{client}"
+
+
 def run_in_process(method: str, norm: str, domains: list[Domain], batch_size: int = 64, *,
                    order: str = "iid", overrides: dict[str, str] | None = None,
                    source: int | None = None, label_fraction: float = 0.0,
-                   label_delay: int = 0) -> Result:
-    """`engine.forward` on chunks of `batch_size` samples of each domain, in stream order.
-    `source`: the source model's answer for the `repeat` order's image."""
+                   label_delay: int = 0, clients: int = 1, client_groups: bool = False,
+                   seed: int = SEED) -> Result:
+    """`engine.forward` on chunks of `batch_size` samples of each domain, in stream order, or
+    with `clients` > 1 dealt to that many callers (`client_requests`), each request naming its
+    caller's group with `client_groups`. `source`: the `repeat` order's image's source answer."""
     if label_fraction or label_delay:
         raise ValueError("labels go back through POST /v1/feedback, which only the service has: "
                          "run with --service-only, or leave --label-fraction at 0")
@@ -331,14 +372,21 @@ def run_in_process(method: str, norm: str, domains: list[Domain], batch_size: in
     metrics = Metrics()
     engine = build_engine(method_settings(method, norm, overrides), metrics, EventLog(metrics))
     label = statistics_label(norm, engine.describe_learning())
-    result = Result(method, f"in process, batch {batch_size}, {label}", norm=norm,
-                    order=order, request_size=batch_size, overrides=dict(overrides or {}))
+    result = Result(method, f"in process, batch {batch_size}{_callers(clients, client_groups)}, "
+                    f"{label}", norm=norm, order=order, request_size=batch_size,
+                    overrides=dict(overrides or {}), clients=clients,
+                    client_groups=client_groups)
+    rng = np.random.default_rng(seed)
     started = time.perf_counter()
     try:
         for domain in domains:
-            predictions = np.concatenate([
-                engine.forward(domain.inputs[start:start + batch_size], adapt=True).predictions
-                for start in range(0, len(domain.inputs), batch_size)])
+            predictions = np.empty(len(domain.labels), dtype=np.int64)
+            for client, start, end in client_requests(len(domain.labels), clients, batch_size,
+                                                      rng):
+                named = ({"groups": [client_group(client)] * (end - start)} if client_groups
+                         else {})
+                predictions[start:end] = engine.forward(domain.inputs[start:end], adapt=True,
+                                                        **named).predictions
             result.errors[domain.name] = 100.0 * float((predictions != domain.labels).mean())
             if domain.name == REPEAT:
                 result.changed_answers = _changed_share(predictions, source)
@@ -358,14 +406,24 @@ class Served:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
+def _callers(clients: int, groups: bool) -> str:
+    if clients <= 1:
+        return ""
+    return f", {clients} callers" + (" naming their groups" if groups else "")
+
+
 def run_through_service(method: str, domains: list[Domain], concurrency: int = 8,
                         port: int | None = None, *, norm: str = "robust", request_size: int = 1,
                         order: str = "iid", overrides: dict[str, str] | None = None,
                         source: int | None = None, label_fraction: float = 0.0,
-                        label_delay: int = 0, seed: int = SEED) -> Result:
+                        label_delay: int = 0, seed: int = SEED, clients: int = 1,
+                        client_groups: bool = False) -> Result:
     """`request_size` samples per request to a fresh `adaptd serve`, `concurrency` requests in
     flight, in order; with `label_fraction`, a seeded share of the samples get their label back
-    through POST /v1/feedback once `label_delay` more samples have been predicted."""
+    through POST /v1/feedback once `label_delay` more samples have been predicted. With
+    `clients` > 1, each domain dealt to that many callers (`client_requests`), each with one
+    request in flight (so `clients` in all), naming its group with `client_groups`; the callers
+    move to the next domain together."""
     import httpx
 
     norm = effective_norm(norm, overrides)
@@ -386,13 +444,16 @@ def run_through_service(method: str, domains: list[Domain], concurrency: int = 8
         samples = "1 sample" if request_size == 1 else f"{request_size} samples"
         learning = httpx.get(f"{base}/v1/state", timeout=10).json().get("learning", {})
         label = statistics_label(norm, learning)
-        result = Result(method, f"service, {samples}/request, {concurrency} in flight, {label}",
+        flight = clients if clients > 1 else concurrency
+        result = Result(method, f"service, {samples}/request, {flight} in flight"
+                        f"{_callers(clients, client_groups)}, {label}",
                         norm=norm, order=order, request_size=request_size, service=True,
                         label_fraction=label_fraction, label_delay=label_delay,
-                        overrides=dict(overrides or {}))
+                        overrides=dict(overrides or {}), clients=clients,
+                        client_groups=client_groups)
         started = time.perf_counter()
         served = asyncio.run(_send_stream(base, domains, concurrency, request_size, labelled,
-                                          label_delay))
+                                          label_delay, clients, client_groups, seed))
         result.seconds = time.perf_counter() - started
         for domain in domains:
             got = np.array([served.predictions[(domain.name, i)]
@@ -402,6 +463,7 @@ def run_through_service(method: str, domains: list[Domain], concurrency: int = 8
                 result.changed_answers = _changed_share(got, source)
         state = httpx.get(f"{base}/v1/state", timeout=10).json()
         result.backward_samples = state["adapter"]["backward_samples"]
+        result.groups_followed = (state.get("learning", {}).get("runs") or {}).get("groups", 0)
         result.labels_sent = served.labels_sent
         result.labels_joined = served.outcomes.get("joined", 0)
         result.label_outcomes = dict(served.outcomes)
@@ -443,10 +505,12 @@ async def _post(client, path: str, body: dict) -> dict:
 
 async def _send_stream(base: str, domains: list[Domain], concurrency: int,
                        request_size: int = 1, labelled: np.ndarray | None = None,
-                       delay: int = 0) -> Served:
+                       delay: int = 0, clients: int = 1, client_groups: bool = False,
+                       seed: int = SEED) -> Served:
     """The stream in requests of `request_size` samples (never two domains in one), `concurrency`
-    in flight. The label of stream position i in `labelled` is sent (with the id the prediction
-    came back with) once every sample up to i + `delay` has been predicted."""
+    in flight, or with `clients` > 1 dealt to that many callers, each sending its own in order.
+    The label of stream position i in `labelled` is sent (with the id the prediction came back
+    with) once every sample up to i + `delay` has been predicted."""
     import httpx
 
     served = Served({})
@@ -456,6 +520,8 @@ async def _send_stream(base: str, domains: list[Domain], concurrency: int,
     done = np.zeros(total, dtype=bool)
     due = list(labelled) if labelled is not None else []
     cursor = {"prefix": 0, "label": 0}  # samples predicted in a row from the start; labels sent
+    if clients > 1:
+        concurrency = clients  # one request in flight a caller
     gate = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
@@ -470,9 +536,12 @@ async def _send_stream(base: str, domains: list[Domain], concurrency: int,
             cursor["label"] = last
             return [{"id": ids[i], "label": int(truth[i])} for i in due[first:last]]
 
-        async def one(domain: Domain, start: int, end: int, position: int) -> None:
+        async def one(domain: Domain, start: int, end: int, position: int,
+                      group: str | None = None) -> None:
             try:
-                body = {"inputs": domain.inputs[start:end].tolist()}
+                body: dict[str, object] = {"inputs": domain.inputs[start:end].tolist()}
+                if group is not None:
+                    body["group"] = group
                 rows = (await _post(client, "/v1/predict", body))["predictions"]
                 for k, row in enumerate(rows):
                     served.predictions[(domain.name, start + k)] = row["prediction"]
@@ -488,6 +557,25 @@ async def _send_stream(base: str, domains: list[Domain], concurrency: int,
             finally:
                 gate.release()
 
+        if clients > 1:
+            rng = np.random.default_rng(seed)
+            position = 0
+            for domain in domains:
+                mine: dict[int, list[tuple[int, int]]] = {}
+                for caller_at, start, end in client_requests(len(domain.labels), clients,
+                                                             request_size, rng):
+                    mine.setdefault(caller_at, []).append((start, end))
+
+                async def caller(client: int, requests: list[tuple[int, int]],
+                                 domain: Domain = domain, at: int = position) -> None:
+                    group = client_group(client) if client_groups else None
+                    for start, end in requests:
+                        await gate.acquire()  # released by `one`
+                        await one(domain, start, end, at + start, group)
+
+                await asyncio.gather(*(caller(c, r) for c, r in mine.items()))
+                position += len(domain.labels)
+            return served
         tasks = []
         position = 0
         for domain in domains:
@@ -531,10 +619,13 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
              service: bool = False, concurrency: int = 8, seed: int = SEED,
              overrides: dict[str, str] | None = None, label_fraction: float = 0.0,
              label_delay: int = 0, progress: Callable[[Result], None] | None = None,
-             port: int | None = None) -> list[Result]:
+             port: int | None = None, clients: int = 1,
+             client_groups: Sequence[bool] = (False,)) -> list[Result]:
     """Every method × norm on every order and request size, in process or through the service,
     each compared with adapter `none` on the same order and request size (run once per order
-    and size, first; marked `baseline` when `methods` lacks it)."""
+    and size, first; marked `baseline` when `methods` lacks it). With `clients` > 1 every run
+    is repeated for each of `client_groups` (whether the callers name their groups); the
+    baseline, which has no filter, once."""
     results = []
     for order in orders:
         ordered = order_stream(domains, order, seed)
@@ -542,7 +633,9 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
         for size in request_sizes:
             baseline = None
             plain = not overrides and not label_fraction
-            for method, norm, is_baseline in _pairs(methods, norms, none_is_source=plain):
+            runs = [(m, n, b, g) for m, n, b in _pairs(methods, norms, none_is_source=plain)
+                    for g in (client_groups if clients > 1 and not b else (False,))]
+            for method, norm, is_baseline, groups in runs:
                 # the baseline is the source model as trained: no --set, no labels
                 sets = None if is_baseline else overrides
                 fraction = 0.0 if is_baseline else label_fraction
@@ -551,12 +644,14 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
                         method, ordered, concurrency, port, norm=norm, request_size=size,
                         order=order,
                         overrides=sets, source=source, label_fraction=fraction,
-                        label_delay=label_delay if fraction else 0, seed=seed)
+                        label_delay=label_delay if fraction else 0, seed=seed,
+                        clients=clients, client_groups=groups)
                 else:
                     result = run_in_process(method, norm, ordered, size, order=order,
                                             overrides=sets, source=source,
                                             label_fraction=fraction,
-                                            label_delay=label_delay if fraction else 0)
+                                            label_delay=label_delay if fraction else 0,
+                                            clients=clients, client_groups=groups, seed=seed)
                 result.baseline = is_baseline
                 baseline = baseline or result  # `none` runs first
                 compare(result, baseline)
@@ -569,12 +664,16 @@ def run_grid(domains: list[Domain], methods: Sequence[str], norms: Sequence[str]
 # --- the report ---------------------------------------------------------------------------------
 
 def _domain_names(results: Sequence[Result], domains: Sequence[Domain] | None) -> list[str]:
-    if domains is not None:
-        return [d.name for d in domains if d.name not in (CLEAN, REPEAT)]
+    """The domain columns: the stream's domains, in order, that some result has (all of them
+    when none has yet), then any other a result has (the `spike` order's)."""
     names: dict[str, None] = {}
     for r in results:
         names |= dict.fromkeys(k for k in r.errors if k not in (CLEAN, REPEAT))
-    return list(names)
+    if domains is None:
+        return list(names)
+    streamed = [d.name for d in domains if d.name not in (CLEAN, REPEAT)]
+    ordered = [n for n in streamed if n in names] or ([] if names else streamed)
+    return ordered + [n for n in names if n not in streamed]
 
 
 def _row(r: Result, names: Sequence[str]) -> str:
@@ -633,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--service-norms", default="robust",
                         help="the same for the service runs")
     parser.add_argument("--orders", default="iid",
-                        help=f"comma list of {', '.join(ORDERS)} (dirichlet:A: any A > 0)")
+                        help=f"comma list of {', '.join(ORDERS)} (dirichlet:A: any A > 0; "
+                        "spike:V: any finite V)")
     parser.add_argument("--request-sizes", type=_sizes, default=None,
                         help="comma list of samples per engine.forward in process and per POST "
                         "/v1/predict through the service (default: --batch-size in process, "
@@ -664,6 +764,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads in process (0: torch's default; 1 suits a shared "
                         "machine: the model is tiny)")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="deal each domain to this many callers, each a contiguous share "
+                        "(its runs kept), interleaved: in process at random, through the "
+                        "service each caller with one request in flight")
+    parser.add_argument("--client-groups", choices=("off", "on", "both"), default="off",
+                        help="with --clients: whether each caller's requests name its group "
+                        "(`group`), which the class-run filter follows apart; both: each run twice")
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
     if args.threads > 0:
@@ -684,6 +791,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--label-fraction is a share from 0 to 1")
     if args.label_delay < 0:
         parser.error("--label-delay counts samples: 0 or more")
+    if args.clients < 1:
+        parser.error("--clients counts callers: 1 or more")
+    named = {"off": (False,), "on": (True,), "both": (False, True)}[args.client_groups]
     if (labels or args.label_delay) and in_process:
         parser.error("labels go back through POST /v1/feedback, so only the service takes them: "
                      "add --service-only (in-process runs cannot take labels)")
@@ -698,13 +808,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if in_process:
         results += run_grid(domains, methods, args.norms.split(","), orders,
                             args.request_sizes or [args.batch_size], seed=args.seed,
-                            overrides=overrides, progress=progress)
+                            overrides=overrides, progress=progress, clients=args.clients,
+                            client_groups=named)
     if service:
         results += run_grid(domains, methods, args.service_norms.split(","), orders,
                             args.request_sizes or [1], service=True,
                             concurrency=args.concurrency, seed=args.seed, overrides=overrides,
                             label_fraction=args.label_fraction, label_delay=args.label_delay,
-                            progress=progress, port=args.port)
+                            progress=progress, port=args.port, clients=args.clients,
+                            client_groups=named)
     wall = time.perf_counter() - started
 
     command = " ".join(["python -m bench.digits_c", *(argv if argv is not None else sys.argv[1:])])

@@ -9,7 +9,10 @@ from bench.digits_c import (
     CLEAN,
     REPEAT,
     REPEATS,
+    SPIKE,
+    SPIKE_AT,
     Domain,
+    client_requests,
     compare,
     dirichlet_order,
     label_positions,
@@ -100,9 +103,41 @@ def test_the_repeat_order_sends_one_image_a_thousand_times_then_the_clean_half(d
     assert ordered[1] is domains[-1]
 
 
+def test_the_spike_order_sets_one_value_of_one_clean_sample(domains):
+    ordered = order_stream(domains, "spike:1000")
+    assert [d.name for d in ordered] == [SPIKE, CLEAN]
+    spiked, clean = ordered[0], domains[-1]
+    changed = np.argwhere(spiked.inputs != clean.inputs)
+    assert len(changed) == 1 and changed[0][0] == SPIKE_AT
+    assert spiked.inputs.max() == 1000.0 and clean.inputs.max() <= 1.0  # the stream is untouched
+    assert (spiked.labels == clean.labels).all() and ordered[1] is clean
+
+
+def test_callers_each_send_their_share_in_order(domains):
+    requests = client_requests(100, 8, 4, np.random.default_rng(0))
+    covered = np.concatenate([np.arange(start, end) for _, start, end in requests])
+    assert sorted(covered.tolist()) == list(range(100))  # every sample once
+    assert all(0 < end - start <= 4 for _, start, end in requests)
+    for caller, share in enumerate(np.array_split(np.arange(100), 8)):
+        mine = np.concatenate([np.arange(s, e) for c, s, e in requests if c == caller])
+        assert mine.tolist() == share.tolist()  # its own contiguous share, in order
+    assert [c for c, _, _ in requests] != sorted(c for c, _, _ in requests)  # interleaved
+    assert client_requests(10, 1, 4, np.random.default_rng(0)) == [(0, 0, 4), (0, 4, 8), (0, 8, 10)]
+
+
+def test_callers_naming_their_groups_are_followed_apart_in_process(domains):
+    tiny = _cut(domains, [domains[0].name, CLEAN], 64)
+    results = run_grid(tiny, ["bn"], ["robust"], ["iid"], [4], clients=4,
+                       client_groups=(False, True))
+    assert [(r.method, r.client_groups) for r in results] == \
+        [("none", False), ("bn", False), ("bn", True)]
+    assert results[2].mode.startswith("in process, batch 4, 4 callers naming their groups")
+
+
 def test_orders_are_checked():
     assert parse_order("dirichlet:0.01") == "dirichlet:0.01"
-    for bad in ("dirichlet", "dirichlet:0", "dirichlet:x", "sorted"):
+    assert parse_order("spike:1e3") == "spike:1e3"
+    for bad in ("dirichlet", "dirichlet:0", "dirichlet:x", "sorted", "spike:inf", "spike"):
         with pytest.raises(ValueError, match="unknown order"):
             parse_order(bad)
 
@@ -204,6 +239,16 @@ def test_labels_go_back_through_the_service(domains):
     assert 30 <= result.labels_sent <= 40
     assert result.labels_joined == result.labels_sent
     assert result.mode == "service, 8 samples/request, 4 in flight, robust BN"
+
+
+def test_callers_through_the_service_name_their_groups(domains):
+    from bench.digits_c import run_through_service
+
+    tiny = _cut(domains, [domains[0].name, CLEAN], 40)
+    result = run_through_service("bn", tiny, request_size=4, clients=4, client_groups=True)
+    assert result.mode.startswith("service, 4 samples/request, 4 in flight, 4 callers naming")
+    assert set(result.errors) == {domains[0].name, CLEAN}
+    assert result.groups_followed == 4  # what the service's /v1/state said at the end
 
 
 def test_with_settings_changed_the_baseline_is_still_the_source_model(domains):
