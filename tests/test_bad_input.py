@@ -36,6 +36,8 @@ FEEDBACK_CASES = {
     "class out of range": ({"labels": [{"id": "x", "label": 10}]}, 422, "integer from 0 to 9"),
     "negative class": ({"labels": [{"id": "x", "label": -1}]}, 422, "integer from 0 to 9"),
     "fractional class": ({"labels": [{"id": "x", "label": 2.5}]}, 422, "integer from 0 to 9"),
+    "almost a class": ({"labels": [{"id": "x", "label": 3.0000000001}]}, 422,
+                       "label is 3.0000000001; a class index is an integer"),
     "string label": ({"labels": [{"id": "x", "label": "3"}]}, 422, "valid number"),
     "no labels": ({"labels": []}, 422, "at least 1 item"),
     "missing id": ({"labels": [{"label": 3}]}, 422, "Field required"),
@@ -125,6 +127,17 @@ def test_malformed_bodies_get_a_clear_4xx_and_change_nothing(case):
         [("POST", "/v1/predict", body, headers)])
     assert reply.status_code == status, reply.text
     assert message in reply.text
+    _assert_nothing_changed(before, after, counters, join)
+
+
+def test_a_feedback_body_that_is_not_utf8_is_json_invalid_at_its_byte():
+    body = b'{"labels": [{"id": "\xff", "label": 3}]}'
+    (reply,), before, after, counters, join = send_and_observe(
+        [("POST", "/v1/feedback", body, {"content-type": "application/json"})])
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["errors"] == [{
+        "type": "json_invalid", "loc": ["body", 20],
+        "msg": "JSON decode error: the body is not valid UTF-8 (byte 0xff at byte 20)"}]
     _assert_nothing_changed(before, after, counters, join)
 
 
