@@ -725,3 +725,16 @@ def test_groups_unseen_in_a_batch_not_committed_are_followed_apart() -> None:
     alone = runs.filter(rows[20:], commit=False, groups=["g2"])
     # g2's row is not held to g1's run (the shared mix and weights moved a little over g1's)
     assert int(together[20].argmax()) == 1 and torch.allclose(together[20], alone[0], atol=0.02)
+
+
+def test_a_new_groups_first_row_is_served_as_the_model_answers() -> None:
+    runs = ClassRunFilter(10)
+    labels = np.repeat(np.random.default_rng(4).integers(0, 10, 20), 100)
+    runs.filter(noisy_votes(labels, 0.6, 10, seed=4))  # other traffic taught: classes run
+    assert runs.stickiness() > 0.5
+    first = noisy_votes(np.array([3]), 1.0, 10, seed=5)
+    first[0, 9] = 0.01  # a class the model rarely answers beside the one it does
+    first = first / first.sum()
+    served = runs.filter(first, groups=["new-camera"])
+    # no history: the chain's prior is the class mix, so nothing tilts the model's answer
+    assert torch.allclose(served, first, atol=1e-6)

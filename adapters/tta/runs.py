@@ -88,7 +88,9 @@ sticky rho carries one camera's class into the next camera's request. Rows whose
 `group` are therefore followed as a sequence of their own (`sequence`): each sequence keeps its
 own posterior a_rho, its own positions and the labelled rows its labels pair with; the class mix
 m and the weights w and v are every sequence's (m is the model's, and how sticky classes are is
-learnt from all the sources at once, so a new group starts from what the others taught). Rows of
+learnt from all the sources at once, so a new group starts from what the others taught; a
+sequence's first row, with no row before it, has the mix m as its prior, the chain's stationary
+distribution, and is served as the model answers it). Rows of
 no group are one sequence, as before; beyond `groups` sequences the one served least recently
 is forgotten, and labels of its rows teach nothing. On B1's stream dealt to 8 callers, one
 sample a request, classes in runs (BENCHMARKS.md, "Callers that name their group"): 46.0% error
@@ -124,7 +126,10 @@ class _Sequence:
     every sequence's."""
 
     token: int
-    posterior: np.ndarray
+    # a_rho after its last row; None before its first, when the chain's prior is the class mix
+    # (its stationary distribution), so that a sequence's first row is served as the model
+    # answers it, whatever rho the other sequences taught
+    posterior: np.ndarray | None
     remembered: int  # its labelled rows kept for pairing
     filtered: int = 0  # its rows filtered: the next row's position
     labelled: list[tuple[int, int]] = field(default_factory=list)  # (position, class), ordered
@@ -214,8 +219,7 @@ class ClassRunFilter:
 
     def _scratch(self, remembered: int = 1) -> _Sequence:
         """A sequence that starts afresh and is not kept: no token, nothing placed."""
-        return _Sequence(-1, np.full((len(self.rho), self.num_classes), 1.0 / self.num_classes),
-                         remembered)
+        return _Sequence(-1, None, remembered)
 
     def sequence(self, group: str | None = None) -> _Sequence:
         """The sequence of the rows of `group` (None: the rows that name none), made at its
@@ -389,7 +393,7 @@ class ClassRunFilter:
             raise ValueError(f"{len(groups)} groups for {len(p)} rows")
         places = np.full((len(p), 2), NOWHERE, dtype=np.float32)
         kept = (self.mix, self.belief, self.label_belief)
-        touched: dict[int, tuple[_Sequence, np.ndarray]] = {}  # each sequence's state before
+        touched: dict[int, tuple[_Sequence, np.ndarray | None]] = {}  # each one's state before
         rows: dict[int, int] = {}  # the rows of each sequence that moved it
         made: list[str] = []  # groups first seen in this batch
         scratch: dict[str | None, _Sequence] = {}  # groups not kept: without commit, unseen
@@ -454,8 +458,8 @@ class ClassRunFilter:
         p = p / total
         self.mix = (1.0 - self.rate) * self.mix + self.rate * p
         mix = (1.0 - self.floor) * self.mix + self.floor / self.num_classes
-        joint = (self.rho * sequence.posterior + (1.0 - self.rho) * mix) \
-            * (p / np.maximum(mix, 1e-12))
+        before = mix if sequence.posterior is None else sequence.posterior
+        joint = (self.rho * before + (1.0 - self.rho) * mix) * (p / np.maximum(mix, 1e-12))
         likelihood = np.maximum(joint.sum(1), 1e-300)
         sequence.posterior = joint / likelihood[:, None]
         served = self.weights() @ sequence.posterior
