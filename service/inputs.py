@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,6 +20,47 @@ if TYPE_CHECKING:  # not at run time: a parse process imports this module withou
 
 class InvalidInput(ValueError):
     """The request cannot be served as sent; the message says what to change (HTTP 422)."""
+
+
+class _Repeated(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _Repeated(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def repeated_key(body: bytes, most: dict[bytes, int]) -> str | None:
+    """A key that one object of this JSON body holds twice, or None. JSON parsers keep the last
+    of them, silently; the caller may have meant either, so the body is refused instead.
+
+    `most`: how often each key the schema knows may appear as a string in a body without a
+    repeat (`b'"ids"'`: 1, one label object each for `b'"label"'`...). Only where a count passes
+    its bound, or a key might be spelt with escapes, is the body parsed again to find out (a
+    value may be such a string too); otherwise counting is all it costs. Keys the schema does
+    not know are refused by it as unknown, repeated or not.
+
+    >>> repeated_key(b'{"inputs": [[1]], "inputs": [[2]]}', {b'"inputs"': 1})
+    'inputs'
+    >>> repeated_key(b'{"inputs": [[1]], "ids": ["inputs"]}', {b'"inputs"': 1}) is None
+    True
+    """
+    if b"\\u" not in body and all(body.count(key) <= bound for key, bound in most.items()):
+        return None
+    try:
+        json.loads(body, object_pairs_hook=_unique_pairs)
+    except _Repeated as repeated:
+        return repeated.key
+    except (ValueError, RecursionError):
+        return None  # not JSON: the parser that reads it says so
+    return None
 
 
 def to_batch(inputs: Sequence[object], input_shape: tuple[int, ...], limit: int,

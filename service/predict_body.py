@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.inputs import ID_PATTERN, InvalidInput, checked_values, prediction_ids
+from service.inputs import (
+    ID_PATTERN,
+    InvalidInput,
+    checked_values,
+    prediction_ids,
+    repeated_key,
+)
 from service.schemas import GROUP_PATTERN, MAX_GROUP_LENGTH, PREDICTION_ID_PATTERN
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
@@ -133,6 +139,10 @@ def parse_predict(
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise SchemaErrors([_decode_error(body, exc)]) from None
+    repeated = repeated_key(body, {b'"inputs"': 1, b'"ids"': 1, b'"group"': 1})
+    if repeated is not None:
+        raise SchemaErrors([_error("json_invalid", [], f"the key {repeated!r} appears twice in "
+                                   "one object, and which was meant is not clear: send it once")])
     inputs, ids, group = _fields(data)
     if len(inputs) > limit:
         raise InvalidInput(

@@ -130,6 +130,45 @@ def test_malformed_bodies_get_a_clear_4xx_and_change_nothing(case):
     _assert_nothing_changed(before, after, counters, join)
 
 
+REPEATED_KEYS = {
+    "predict": ("/v1/predict", b'{"inputs": [' + json.dumps(GOOD).encode() + b'], "inputs": ['
+                + json.dumps(GOOD).encode() + b"]}", "the key 'inputs' appears twice"),
+    "predict, a key spelt with an escape": (
+        "/v1/predict", b'{"inputs": [' + json.dumps(GOOD).encode() + b'], "\\u0069nputs": ['
+        + json.dumps(GOOD).encode() + b"]}", "the key 'inputs' appears twice"),
+    "feedback": ("/v1/feedback", b'{"labels": [{"id": "p0", "label": 9, "label": 1}]}',
+                 "the key 'label' appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPEATED_KEYS))
+def test_a_key_given_twice_is_refused_and_changes_nothing(case):
+    path, body, message = REPEATED_KEYS[case]
+    (reply,), before, after, counters, join = send_and_observe(
+        [("POST", path, body, {"content-type": "application/json"})])
+    assert reply.status_code == 422, reply.text
+    assert message in reply.text and reply.json()["errors"][0]["type"] == "json_invalid"
+    _assert_nothing_changed(before, after, counters, join)
+
+
+def test_a_value_that_spells_a_key_is_no_repeat():
+    body = {"inputs": [GOOD], "ids": ["inputs"], "group": "ids"}
+    (reply,), *_ = send_and_observe([("POST", "/v1/predict", body, {})])
+    assert reply.status_code == 200, reply.text
+    (reply,), *_ = send_and_observe([("POST", "/v1/feedback", {"labels": [
+        {"id": "label", "label": 1}, {"id": "id", "label": 2}]}, {})])
+    assert reply.status_code == 200, reply.text
+
+
+def test_a_bulk_line_with_a_key_given_twice_is_refused_with_its_number():
+    body = b'{"id": "p0", "label": 1}\n{"id": "p1", "label": 9, "label": 2}\n'
+    (reply,), before, after, counters, join = send_and_observe(
+        [("POST", "/v1/feedback/bulk", body, {"content-type": "application/x-ndjson"})])
+    assert reply.status_code == 422, reply.text
+    assert "line 2: the key 'label' appears twice" in reply.text
+    _assert_nothing_changed(before, after, counters, join)
+
+
 def test_a_feedback_body_that_is_not_utf8_is_json_invalid_at_its_byte():
     body = b'{"labels": [{"id": "\xff", "label": 3}]}'
     (reply,), before, after, counters, join = send_and_observe(

@@ -6,10 +6,11 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.deps import get_runtime, require_token
-from service.inputs import InvalidInput, check_labels, label_problem
+from service.inputs import InvalidInput, check_labels, label_problem, repeated_key
 from service.routes import BODY_LIMITS, STARTING, UNAUTHORIZED, error
 from service.runtime import Runtime
 from service.schemas import BulkFeedbackResponse, FeedbackRequest, FeedbackResponse, Label
@@ -54,11 +55,19 @@ def unavailable(route: str, error: StoreUnavailable, total: int, done: int = 0) 
     },
 )
 async def feedback(
-    body: FeedbackRequest, runtime: Annotated[Runtime, Depends(get_runtime)]
+    body: FeedbackRequest, request: Request, runtime: Annotated[Runtime, Depends(get_runtime)]
 ) -> FeedbackResponse:
     """Labels for earlier predictions, by id. A prediction is joined to at most one label; a new
     prediction made under the same id starts afresh. A label whose prediction cannot be used
     (its stored outputs are not finite, say) is `rejected`; the others are joined."""
+    count = len(body.labels)
+    repeated = repeated_key(await request.body(),  # read once already: this is the same bytes
+                            {b'"labels"': 1, b'"id"': count, b'"label"': count})
+    if repeated is not None:
+        raise RequestValidationError([{
+            "type": "json_invalid", "loc": ("body",), "input": {},
+            "msg": f"the key {repeated!r} appears twice in one object, and which was meant is "
+                   "not clear: send it once"}])
     labels = [(item.id, item.label) for item in body.labels]
     try:
         check_labels(labels, runtime.model, runtime.settings.feedback.max_labels_per_request)
@@ -152,6 +161,10 @@ def _read_line(line: bytes, number: int, runtime: Runtime,
                labels: list[tuple[str, LabelValue]]) -> None:
     if not line.strip():
         return
+    repeated = repeated_key(line, {b'"id"': 1, b'"label"': 1})
+    if repeated is not None:
+        raise HTTPException(422, f"line {number}: the key {repeated!r} appears twice, and which "
+                                 "was meant is not clear; nothing was applied")
     try:
         item = Label.model_validate_json(line)
     except ValidationError as exc:
