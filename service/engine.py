@@ -72,8 +72,9 @@ SOURCE_OUTPUTS = "source_outputs"  # what the source model served for the same i
 # with the source judges the learning parts, not the filter's use of the stream's order
 BEFORE_RUNS = "before_runs"
 # where the class-run filter placed the sample in its sequence (its token and the row's
-# position, `ClassRunFilter.placed`; -1 for a repeated input, which moved no sequence): the
-# sample's label, when it comes, tells the filter whether the classes themselves come in runs
+# position, `ClassRunFilter.filter_and_place`; -1 for a repeated input, which moved no
+# sequence): the sample's label, when it comes, tells the filter whether the classes themselves
+# come in runs
 RUNS_PLACE = "runs_place"
 # which learning the sample was served by: a token drawn anew at start and at every reset, so
 # labels of samples served before a reset, by another replica or by an earlier process never

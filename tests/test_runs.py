@@ -103,8 +103,9 @@ def served_with_labels(runs: ClassRunFilter, model: torch.Tensor, labels: np.nda
     `labelled` `delay` rows after they were served, as the label path gives them."""
     served, places = [], []
     for start in range(0, len(model), request):
-        places.append(runs.placed(min(request, len(model) - start)))
-        served.append(runs.filter(model[start:start + request]))
+        rows, placed = runs.filter_and_place(model[start:start + request])
+        served.append(rows)
+        places.append(placed)
         back = np.arange(start - delay, start - delay + request)
         back = back[(back >= 0) & labelled[np.clip(back, 0, None)]]
         if len(back):
@@ -160,11 +161,11 @@ def test_what_labels_said_fades_once_they_stop_coming() -> None:
 
 def test_labels_of_rows_the_filter_did_not_place_teach_it_nothing() -> None:
     runs = ClassRunFilter(3)
-    first = runs.placed(4)
-    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4))
+    _, first = runs.filter_and_place(torch.tensor([[0.8, 0.1, 0.1]] * 4))
     other = first.copy()
     other[:, 0] = (other[:, 0] + 1) % 2**24  # another process's sequence
-    unfiltered = runs.placed(2)  # not filtered yet
+    unfiltered = first[:2].copy()
+    unfiltered[:, 1] += 4  # the places of the next two rows, not filtered yet
     bad = first.copy()
     bad[0, 1] = np.nan
     assert runs.learn_labels(other, np.array([0, 1, 2, 0])) == 0
@@ -186,7 +187,7 @@ def test_placed_rows_carry_the_token_of_their_stretch_of_positions() -> None:
     runs = ClassRunFilter(3)
     sequence = runs.sequence()
     sequence.filtered = PLACES - 1
-    places = runs.placed(2)
+    _, places = runs.filter_and_place(torch.tensor([[0.8, 0.1, 0.1]] * 2))
     assert places[0].tolist() == [sequence.token, PLACES - 1]
     assert places[1].tolist() == [(sequence.token + 1) % PLACES, 0]
     assert places.dtype == np.float32
@@ -200,8 +201,7 @@ def test_labels_keep_teaching_across_the_boundary_of_two_stretches_of_positions(
     labels = np.zeros(40, dtype=np.int64)
     places = []
     for start in range(0, 40, 4):  # 40 rows across the boundary, each labelled 8 rows later
-        places.append(runs.placed(4))
-        runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4))
+        places.append(runs.filter_and_place(torch.tensor([[0.8, 0.1, 0.1]] * 4))[1])
         if start >= 8:
             back = slice(start - 8, start - 4)
             learnt = runs.learn_labels(np.concatenate(places)[back], labels[back])
@@ -212,8 +212,7 @@ def test_labels_keep_teaching_across_the_boundary_of_two_stretches_of_positions(
 def test_a_filter_without_commit_keeps_what_labels_said() -> None:
     runs = ClassRunFilter(3, window=10)
     shuffled = np.random.default_rng(8).integers(0, 3, 40)
-    places = runs.placed(40)
-    runs.filter(noisy_votes(shuffled, 0.8, 3, seed=8))
+    _, places = runs.filter_and_place(noisy_votes(shuffled, 0.8, 3, seed=8))
     runs.learn_labels(places, shuffled)
     runs.filter(noisy_votes(shuffled[:20], 0.8, 3, seed=9))  # past the window: fading
     before = runs.label_belief.copy()
@@ -309,16 +308,15 @@ def test_labels_pair_within_their_groups_sequence() -> None:
     labels, groups = interleaved(cameras, seed=12)
     model = noisy_votes(labels, 0.6, 10, seed=12)
     runs = ClassRunFilter(10)
-    places = runs.placed(len(labels), groups)
-    runs.filter(model, groups=groups)
+    _, places = runs.filter_and_place(model, groups=groups)
     assert runs.learn_labels(places, labels) == len(labels) - 6  # each camera's first: no pair
     assert runs.describe()["labelled_stickiness"] > 0.9  # globally they alternate; apart, runs
 
 
 def test_a_group_beyond_the_last_kept_is_forgotten_and_its_labels_teach_nothing() -> None:
     runs = ClassRunFilter(3, groups=2)
-    first = runs.placed(4, ["a", "b", "a", "b"])
-    runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 4), groups=["a", "b", "a", "b"])
+    _, first = runs.filter_and_place(torch.tensor([[0.8, 0.1, 0.1]] * 4),
+                                     groups=["a", "b", "a", "b"])
     runs.filter(torch.tensor([[0.8, 0.1, 0.1]] * 2), groups=["b", "c"])  # "a" served least lately
     assert runs.describe()["groups"] == 2
     assert runs.learn_labels(first[[0, 2]], np.array([0, 0])) == 0  # a's rows: forgotten
@@ -340,8 +338,7 @@ def test_rows_that_teach_nothing_are_served_by_the_filter_as_it_stands() -> None
     before = (runs.mix.copy(), runs.belief.copy(), runs.sequence().posterior.copy())
     again = torch.tensor([[0.6, 0.3, 0.1]] * 1000)  # one request sent again and again
     learn = np.zeros(1000, dtype=bool)
-    places = runs.placed(1000, learn=learn)
-    served = runs.filter(again, learn=learn)
+    served, places = runs.filter_and_place(again, learn=learn)
     assert (places == -1).all() and runs.filtered == 30
     assert runs.learn_labels(places[:2], np.array([0, 0])) == 0
     assert np.array_equal(before[0], runs.mix) and np.array_equal(before[1], runs.belief)

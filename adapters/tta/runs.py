@@ -50,7 +50,7 @@ in the sense of Wu et al. ("Online Adaptation to Label Distribution Shift", Neur
 the shift given the temporal form of a sticky Markov chain.
 
 Labels, where they come back, settle what the model's answers cannot: whether the classes
-themselves come in runs. Each served row is placed (`placed`: a token of this filter's
+themselves come in runs. Each served row is placed (`filter_and_place`: a token of its
 sequence and the row's position in it, kept with the prediction record); a joined label of a
 placed row is paired with the nearest labelled row before it that the filter knows, L rows
 before, and under each rho the chain gives the pair's likelihood
@@ -283,42 +283,11 @@ class ClassRunFilter:
         the class (0 on shuffled traffic)."""
         return float(self.weights() @ self.rho[:, 0])
 
-    def placed(self, count: int, groups: Sequence[str | None] | None = None,
-               learn: np.ndarray | None = None) -> np.ndarray:
-        """Where the next `count` rows filtered with `commit` fall: (count, 2) float32 rows of
-        their sequence's token and the row's position in it, for the prediction records.
-        `groups`: the group each row's request named (None: the rows name none); `learn`: the
-        rows that move the filter (None: all), the others placed nowhere (-1: a record's
-        arrays are finite, and a negative place teaches nothing)."""
-        if groups is None:
-            if learn is None:
-                return self._places_of(self._ungrouped, np.arange(count))
-            places = np.full((count, 2), NOWHERE, dtype=np.float32)
-            moving = np.flatnonzero(learn)
-            places[moving] = self._places_of(self._ungrouped, np.arange(len(moving)))
-            return places
-        places = np.full((count, 2), NOWHERE, dtype=np.float32)
-        ahead: dict[int, int] = {}  # the rows of each sequence placed before in this batch
-        for row in range(count):
-            if learn is not None and not learn[row]:
-                continue
-            sequence = self.sequence(None if groups is None else groups[row])
-            before = ahead.get(id(sequence), 0)
-            ahead[id(sequence)] = before + 1
-            places[row] = self._places_of(sequence, np.array([before]))[0]
-        return places
-
-    @staticmethod
-    def _places_of(sequence: _Sequence, ahead: np.ndarray) -> np.ndarray:
-        at = sequence.filtered + ahead
-        tokens = (sequence.token + at // PLACES) % PLACES
-        return np.stack([tokens, at % PLACES], axis=1).astype(np.float32)
-
     def learn_labels(self, placed: np.ndarray, labels: np.ndarray) -> int:
         """Learn from joined labels whether the classes come in runs (the module's docstring):
-        `placed` the rows' places as `placed` gave them, `labels` their class indices. Rows
-        placed by another sequence (another process, a forgotten group, or before a reset), or
-        whose place or class is not one, teach nothing. Returns the pairs learnt."""
+        `placed` the rows' places as `filter_and_place` gave them, `labels` their class
+        indices. Rows placed by another sequence (another process, a forgotten group, or before
+        a reset), or whose place or class is not one, teach nothing. Returns the pairs learnt."""
         placed = np.asarray(placed, dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(labels, dtype=np.float64).reshape(-1)
         ok = np.isfinite(placed).all(1) & np.isfinite(labels)
@@ -381,8 +350,10 @@ class ClassRunFilter:
     def filter_and_place(self, probabilities: torch.Tensor,
                          groups: Sequence[str | None] | None = None,
                          learn: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """`filter` with `commit`, and where each row fell (as `placed` says it) for the
-        prediction records, from the same walk over the rows."""
+        """`filter` with `commit`, and where each row fell for the prediction records, from the
+        same walk over the rows: (n, 2) float32 rows of its sequence's token and its position
+        in that sequence, both below 2**24 (the token moves on every 2**24 rows); NOWHERE (-1)
+        for a row outside `learn`, which moved no sequence."""
         return self._filter(probabilities, True, groups, learn)
 
     def _filter(self, probabilities: torch.Tensor, commit: bool,
