@@ -28,6 +28,8 @@ from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, Stric
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
+from service.inputs import repeated_key
+
 # the header that gives the length of the JSON part when raw tensors follow it
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -283,6 +285,10 @@ def read_request(body: bytes, header_length: str | None, specs: Sequence[TensorS
                             f"{exc.pos}") from None
     if not isinstance(document, dict):
         raise ProtocolError("the request must be a JSON object with `inputs`")
+    repeated = repeated_key(json_part, _key_counts(document))
+    if repeated is not None:
+        raise ProtocolError(f"the key {repeated!r} appears twice in one object, and which was "
+                            "meant is not clear: send it once")
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("`id` must be a string")
@@ -311,6 +317,24 @@ def read_request(body: bytes, header_length: str | None, specs: Sequence[TensorS
                             f"{_names(by_name)}")
     wanted = _outputs(document.get("outputs"), outputs, scores, binary_output)
     return ParsedRequest(request_id, parameters, tensors, wanted, binary_output)
+
+
+def _key_counts(document: dict[str, Any]) -> dict[bytes, int]:
+    """How often each key of the request's objects (itself, each input and output, and their
+    `parameters`; tensor data holds none) may appear in its JSON text without a repeat: once for
+    each object that holds it (`service.inputs.repeated_key`)."""
+    objects = [document]
+    for field in ("inputs", "outputs"):
+        items = document.get(field)
+        if isinstance(items, list):
+            objects += [item for item in items if isinstance(item, dict)]
+    objects += [o["parameters"] for o in list(objects) if isinstance(o.get("parameters"), dict)]
+    counts: dict[bytes, int] = {}
+    for holder in objects:
+        for key in holder:
+            text = orjson.dumps(key)  # as JSON spells it, quotes included
+            counts[text] = counts.get(text, 0) + 1
+    return counts
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

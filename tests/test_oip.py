@@ -608,6 +608,19 @@ BAD_REQUESTS: dict[str, tuple[str, Any, str]] = {
     "no label": (FEEDBACK, {"inputs": [
         {"name": "id", "shape": [1], "datatype": "BYTES", "data": ["p0"]}]},
         "input 'label' is missing"),
+    "a key given twice": (INFER, (json.dumps({"inputs": [GOOD]})[:-1].encode()
+                                  + b', "inputs": ' + json.dumps([GOOD]).encode() + b"}",
+                                  {"content-type": "application/json"}),
+                          "the key 'inputs' appears twice in one object"),
+    "a parameter given twice": (INFER, (json.dumps({"inputs": [GOOD]})[:-1].encode()
+                                        + b', "parameters": {"group": "a", "group": "b"}}',
+                                        {"content-type": "application/json"}),
+                                "the key 'group' appears twice in one object"),
+    "a label given twice": (FEEDBACK, (b'{"inputs": [{"name": "id", "shape": [1], "datatype": '
+                                       b'"BYTES", "data": ["p0"], "data": ["p1"]}, {"name": '
+                                       b'"label", "shape": [1], "datatype": "INT64", '
+                                       b'"data": [1]}]}', {"content-type": "application/json"}),
+                            "the key 'data' appears twice in one object"),
 }
 
 
