@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
 from service.model import ModelLoadError
+from service.predict_body import not_utf8
 from service.routes import admin, events, feedback, inference, oip, page, status
 from service.runtime import Runtime
 from service.schemas import MAX_REPORTED_ERRORS, ErrorResponse, SchemaError
@@ -177,12 +178,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     cause = exc.__cause__
     if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError) \
             and isinstance(cause.object, bytes) and not speaks_oip(path):
-        # a body that is not UTF-8, said as POST /v1/predict says it (`predict_body`)
-        byte = cause.object[cause.start]
-        return await _validation_error(request, RequestValidationError([{
-            "type": "json_invalid", "loc": ("body", cause.start), "input": {},
-            "msg": f"JSON decode error: the body is not valid UTF-8 (byte 0x{byte:02x} at "
-                   f"byte {cause.start})"}]))
+        # a body that is not UTF-8, said as POST /v1/predict says it
+        return await _validation_error(request, RequestValidationError(
+            [not_utf8(cause.object, cause.start) | {"input": {}}]))
     if exc.status_code == 400 and not speaks_oip(path):  # the protocol's own 400s stay 400
         return error_response(422, "the body is JSON this service cannot read: nested too "
                                    "deeply or holding a number too large; send plain numbers "

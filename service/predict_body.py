@@ -181,6 +181,12 @@ def _check_size(body: bytes, expected: list[int], limit: int) -> None:
         )
 
 
+def not_utf8(body: bytes, start: int) -> dict[str, Any]:
+    """The error for a body whose byte at `start` breaks UTF-8 (every JSON route says it so)."""
+    return _error("json_invalid", [start], f"JSON decode error: the body is not valid UTF-8 "
+                  f"(byte 0x{body[start]:02x} at byte {start})")
+
+
 def _decode_error(body: bytes, exc: orjson.JSONDecodeError) -> dict[str, Any]:
     """A JSON decode error that says what is wrong, at its position (a character offset)."""
     reason = exc.msg
@@ -189,8 +195,7 @@ def _decode_error(body: bytes, exc: orjson.JSONDecodeError) -> dict[str, Any]:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as bad:
-            return _error("json_invalid", [bad.start], f"JSON decode error: the body is not "
-                          f"valid UTF-8 (byte 0x{body[bad.start]:02x} at byte {bad.start})")
+            return not_utf8(body, bad.start)
     elif reason == "depth limit exceeded":
         reason = f"arrays or objects nested more than {JSON_DEPTH_LIMIT} levels deep"
     elif reason == "number is infinity when parsed as double":
