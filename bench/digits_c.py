@@ -27,6 +27,13 @@ The traffic axis: `--orders` changes the order of the samples within each corrup
     repeat          one image (the first sample of the first corrupted domain) 1,000 times, then
                     the clean half i.i.d.; reported: the share of the 1,000 answers that differ
                     from the source model's answer for that image, and the clean error after
+    mixed           every corruption at once (SAR's "mixed shifts", Niu et al., ICLR 2023): the ten
+                    corrupted domains' samples shuffled together into one domain, `mixed`
+    mixed:A         the same samples with their classes in runs: `dirichlet:A` over the whole
+                    mixed stream (ten time slots), so each run of a class mixes corruptions
+    imbalanced:R    a long tail of classes (label shift): each corrupted domain shuffled, class
+                    k of a random ranking (seeded per domain) keeping R^(-k/(K-1)) of its
+                    samples, so the most frequent class has R times the samples of the rarest
     spike:V         an input that overflows the training range: the clean half i.i.d. (domain
                     `spike`), its sample 50 with one value set to V (a pixel of 1e3 in a [0, 1]
                     image), then the clean half again; the spike domain's error against the
@@ -78,8 +85,11 @@ CLEAN = "clean_after"
 REPEAT = "repeat"
 REPEATS = 1_000  # times the `repeat` order sends its image
 SPIKE = "spike"
+MIXED = "mixed"
+IMBALANCED = "imbalanced"
 SPIKE_AT = 50  # the `spike:V` order's sample with one value set to V
-ORDERS = ["iid", "dirichlet:1", "dirichlet:0.1", "dirichlet:0.01", REPEAT, "spike:1000"]
+ORDERS = ["iid", "dirichlet:1", "dirichlet:0.1", "dirichlet:0.01", REPEAT, "spike:1000", "mixed",
+          "mixed:0.1", "imbalanced:100"]
 NO_BN_STATISTICS = ("none", "adanpc")  # methods the test-time BatchNorm mode does not touch
 
 
@@ -142,20 +152,28 @@ def stream(seed: int = SEED) -> list[Domain]:
 
 
 def parse_order(spec: str) -> str:
-    """`iid`, `repeat`, `dirichlet:A` with A > 0 or `spike:V` with V finite, as given;
-    ValueError otherwise."""
-    if spec in ("iid", REPEAT):
+    """`iid`, `repeat`, `mixed`, `dirichlet:A` or `mixed:A` with A > 0, `imbalanced:R` with
+    R ≥ 1 or `spike:V` with V finite, as given; ValueError otherwise.
+
+    >>> parse_order("imbalanced:0.5")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown order 'imbalanced:0.5': use iid, repeat, mixed, dirichlet:A or ...
+    """
+    if spec in ("iid", REPEAT, MIXED):
         return spec
     kind, _, value = spec.partition(":")
-    if kind in ("dirichlet", SPIKE):
+    valid = {SPIKE: np.isfinite, "dirichlet": lambda v: v > 0, MIXED: lambda v: v > 0,
+             IMBALANCED: lambda v: np.isfinite(v) and v >= 1}
+    if kind in valid:
         try:
-            number = float(value)
-            if np.isfinite(number) if kind == SPIKE else number > 0:
+            if valid[kind](float(value)):
                 return spec
         except ValueError:
             pass
-    raise ValueError(f"unknown order {spec!r}: use iid, repeat, dirichlet:A with A > 0 or "
-                     f"spike:V with V finite (for example {', '.join(ORDERS)})")
+    raise ValueError(f"unknown order {spec!r}: use iid, repeat, mixed, dirichlet:A or mixed:A "
+                     f"with A > 0, imbalanced:R with R >= 1 or spike:V with V finite (for "
+                     f"example {', '.join(ORDERS)})")
 
 
 def dirichlet_order(labels: np.ndarray, alpha: float, rng: np.random.Generator,
@@ -208,15 +226,47 @@ def order_stream(domains: Sequence[Domain], order: str, seed: int = SEED) -> lis
         flat = inputs[SPIKE_AT].reshape(-1)  # a view: one value of one sample
         flat[flat.size // 3] = float(value)
         return [Domain(SPIKE, inputs, clean.labels.copy()), clean]
-    alpha = float(value)
+    if kind == MIXED or order == MIXED:
+        corrupted = [d for d in domains if d.name != CLEAN]
+        inputs = np.concatenate([d.inputs for d in corrupted])
+        labels = np.concatenate([d.labels for d in corrupted])
+        rng = domain_rng(seed, MIXED)
+        index = (rng.permutation(len(labels)) if order == MIXED
+                 else dirichlet_order(labels, float(value), rng))
+        return [Domain(MIXED, inputs[index], labels[index]),
+                *(d for d in domains if d.name == CLEAN)]
     out = []
     for d in domains:
         if d.name == CLEAN:
             out.append(d)
             continue
-        index = dirichlet_order(d.labels, alpha, domain_rng(seed, d.name))
+        rng = domain_rng(seed, d.name)
+        index = (imbalanced_order(d.labels, float(value), rng) if kind == IMBALANCED
+                 else dirichlet_order(d.labels, float(value), rng))
         out.append(Domain(d.name, d.inputs[index], d.labels[index]))
     return out
+
+
+def imbalanced_order(labels: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions of `labels` shuffled, class k of a random ranking keeping the first
+    round(n_k * ratio^(-k/(K-1))) of its positions (at least one): a long tail whose most
+    frequent class has `ratio` times the share of the rarest.
+
+    >>> labels = np.repeat(np.arange(3), 100)
+    >>> kept = labels[imbalanced_order(labels, 100.0, np.random.default_rng(0))]
+    >>> sorted(np.bincount(kept, minlength=3).tolist())
+    [1, 10, 100]
+    """
+    classes = np.unique(labels)
+    ranks = rng.permutation(len(classes))
+    steps = max(len(classes) - 1, 1)
+    kept = []
+    for c, rank in zip(classes, ranks, strict=True):
+        ids = np.flatnonzero(labels == c)
+        keep = max(1, round(len(ids) * ratio ** (-rank / steps)))
+        kept.append(ids[:keep])
+    chosen = np.concatenate(kept)
+    return chosen[rng.permutation(len(chosen))].astype(np.int64)
 
 
 def mean_run_length(labels: np.ndarray) -> float:
@@ -732,8 +782,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--service-norms", default="robust",
                         help="the same for the service runs")
     parser.add_argument("--orders", default="iid",
-                        help=f"comma list of {', '.join(ORDERS)} (dirichlet:A: any A > 0; "
-                        "spike:V: any finite V)")
+                        help=f"comma list of {', '.join(ORDERS)} (dirichlet:A, mixed:A: any "
+                        "A > 0; imbalanced:R: any R >= 1; spike:V: any finite V)")
     parser.add_argument("--request-sizes", type=_sizes, default=None,
                         help="comma list of samples per engine.forward in process and per POST "
                         "/v1/predict through the service (default: --batch-size in process, "

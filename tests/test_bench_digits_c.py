@@ -7,6 +7,7 @@ import pytest
 
 from bench.digits_c import (
     CLEAN,
+    MIXED,
     REPEAT,
     REPEATS,
     SPIKE,
@@ -113,6 +114,38 @@ def test_the_spike_order_sets_one_value_of_one_clean_sample(domains):
     assert (spiked.labels == clean.labels).all() and ordered[1] is clean
 
 
+@pytest.mark.parametrize("order", [MIXED, "mixed:0.1"])
+def test_the_mixed_orders_put_every_corruption_in_one_domain(domains, order):
+    ordered = order_stream(domains, order, seed=7)
+    assert [d.name for d in ordered] == [MIXED, CLEAN]
+    corrupted = [d for d in domains if d.name != CLEAN]
+    mixed = ordered[0]
+    assert _rows(mixed) == sorted(r for d in corrupted for r in _rows(d))  # each image once
+    assert np.bincount(mixed.labels, minlength=10).tolist() == \
+        np.bincount(np.concatenate([d.labels for d in corrupted]), minlength=10).tolist()
+    assert ordered[1] is domains[-1]
+    # corruptions interleaved: the first 900 samples are not the first domain's
+    assert _rows(Domain("", mixed.inputs[:899], mixed.labels[:899])) != _rows(corrupted[0])
+    runs = mean_run_length(mixed.labels)
+    assert runs > 20 if order == "mixed:0.1" else runs < 1.5  # classes in runs, or shuffled
+    assert order_stream(domains, order, seed=7)[0].labels.tolist() == mixed.labels.tolist()
+
+
+def test_the_imbalanced_order_keeps_a_long_tail_of_each_domain(domains):
+    ordered = order_stream(domains, "imbalanced:100", seed=7)
+    assert [d.name for d in ordered] == [d.name for d in domains]
+    for before, after in zip(domains, ordered, strict=True):
+        if before.name == CLEAN:
+            assert after is before  # the clean half stays balanced
+            continue
+        counts = np.sort(np.bincount(after.labels, minlength=10))
+        assert counts[-1] == pytest.approx(100 * counts[0], rel=0.25)  # most / rarest ~ 100
+        assert set(_rows(after)) <= set(_rows(before))  # a subset, each image at most once
+        assert len(_rows(after)) == len(set(_rows(after)))
+    firsts = [int(np.bincount(d.labels).argmax()) for d in ordered if d.name != CLEAN]
+    assert len(set(firsts)) > 1  # each domain its own ranking of the classes
+
+
 def test_callers_each_send_their_share_in_order(domains):
     requests = client_requests(100, 8, 4, np.random.default_rng(0))
     covered = np.concatenate([np.arange(start, end) for _, start, end in requests])
@@ -137,7 +170,10 @@ def test_callers_naming_their_groups_are_followed_apart_in_process(domains):
 def test_orders_are_checked():
     assert parse_order("dirichlet:0.01") == "dirichlet:0.01"
     assert parse_order("spike:1e3") == "spike:1e3"
-    for bad in ("dirichlet", "dirichlet:0", "dirichlet:x", "sorted", "spike:inf", "spike"):
+    assert [parse_order(o) for o in ("mixed", "mixed:1", "imbalanced:1", "imbalanced:100")] == \
+        ["mixed", "mixed:1", "imbalanced:1", "imbalanced:100"]
+    for bad in ("dirichlet", "dirichlet:0", "dirichlet:x", "sorted", "spike:inf", "spike",
+                "mixed:0", "imbalanced", "imbalanced:0.5", "imbalanced:inf"):
         with pytest.raises(ValueError, match="unknown order"):
             parse_order(bad)
 
