@@ -357,6 +357,10 @@ class Engine:
         self.recent = recent
         # the class-run filter: the last stage, over what every other stage served
         self.runs = runs
+        # the served model's robust BatchNorm layers, whose shifts tell the filter when the
+        # statistics are settling after a shift (`RobustBatchNorm.shifts`)
+        self._watched_norms = [] if runs is None or not runs.settle_rows else [
+            layer for layer in model.module.modules() if isinstance(layer, RobustBatchNorm)]
         self._epoch = secrets.randbelow(2**24)
         # configurations that will do nothing (measured or known at start-up), said at start
         self.warnings: list[str] = []
@@ -509,7 +513,15 @@ class Engine:
         version, epoch = self.adapter.version, self._epoch
         if adapt and self.runs is not None and self.adapter in self._base_rates:
             self._apply_rates()  # the stickiness the rows before left: this batch's damping
-        raw, features = self._run_adapter(x, adapt, learn)
+        watching = adapt and bool(self._watched_norms)
+        for layer in self._watched_norms if watching else ():
+            layer.watch, layer.shift = True, None
+        try:
+            raw, features = self._run_adapter(x, adapt, learn)
+        finally:
+            for layer in self._watched_norms if watching else ():
+                layer.watch = False
+        shifts = self._shifts(count, learn) if watching else None
         bad = non_finite_rows(raw.detach(), features)
         if bad:  # before any memory, corrector, guard or detector sees the batch
             raise NonFiniteOutputs(bad)
@@ -581,7 +593,8 @@ class Engine:
             # rows the engine has seen lately (`learn` False) are served by the filter as it
             # stands and move it not: the same request a thousand times is not a run
             if adapt:
-                outputs, arrays[RUNS_PLACE] = self.runs.filter_and_place(outputs, groups, learn)
+                outputs, arrays[RUNS_PLACE] = self.runs.filter_and_place(outputs, groups, learn,
+                                                                         shifts)
             else:
                 outputs = self.runs.filter(outputs, commit=False, groups=groups, learn=learn)
         predictions = self.task.predictions(outputs).numpy()
@@ -602,6 +615,22 @@ class Engine:
                            # a retry (adapt=False) moves no clock: its samples are not placed
                            served=None if self.drift is None or not adapt
                            else self.drift.served())
+
+    def _shifts(self, count: int, learn: np.ndarray | None) -> np.ndarray | None:
+        """Each row's shift, averaged over the watched layers that recorded one for the rows
+        learnt from (NaN for a repeated row); None where no layer did (an adapter whose
+        served forward moves no statistics, RoTTA's teacher)."""
+        learnt = count if learn is None else int(learn.sum())
+        recorded = [layer.shift for layer in self._watched_norms
+                    if layer.shift is not None and len(layer.shift) == learnt]
+        if not recorded or not learnt:
+            return None
+        mean = torch.stack(recorded).mean(0).cpu().numpy().astype(np.float64)
+        if learn is None:
+            return mean
+        shifts = np.full(count, np.nan)
+        shifts[learn] = mean
+        return shifts
 
     def _run_adapter(self, x: torch.Tensor, adapt: bool, learn: np.ndarray | None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -517,7 +517,8 @@ def _runs(settings: Settings, model: LoadedModel, adapter: Adapter) -> ClassRunF
     if not wanted or not model.task.discrete or classes < 2:
         return None
     return ClassRunFilter(classes, window=settings.adapter.runs_window,
-                          groups=settings.adapter.runs_groups)
+                          groups=settings.adapter.runs_groups,
+                          settle_rows=settings.adapter.runs_settle)
 
 
 def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.ndarray | None

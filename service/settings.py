@@ -295,6 +295,11 @@ class AdapterSettings(Section):
         "names) whose rows it follows as sequences of their own; beyond, the group served least "
         "recently is forgotten"
     )
+    runs_settle: int = Field(
+        100, ge=0, description="the class-run filter: rows it stands aside for (serving the "
+        "model's answers, learning no stickiness) after the inputs shift at the model's robust "
+        "BatchNorm layers, while their statistics settle (0: never)"
+    )
     repeat_memory: int = Field(
         4096, ge=0, description="distinct recent inputs remembered: a batch made only of inputs "
         "identical to one of them is served but learnt from by nothing (0: learn from repeats)"

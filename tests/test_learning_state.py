@@ -58,7 +58,8 @@ def test_the_defaults_say_their_drift_actions_have_nothing_to_act_on(caplog):
     assert learning == {"collapse_guard": True, "shadow": True, "drift": True,
                         "runs": {"filtered": 0,  # nothing served yet: the grid's mean
                                  "stickiness": round(float(np.mean(STICKINESS)), 3),
-                                 "labelled_pairs": 0}}
+                                 "labelled_pairs": 0, "settling": False,
+                                 "settled_rows": 0}}
     assert [w.split(" has ")[0] for w in state["warnings"]] == [
         "drift action boost_lr", "drift action trim_memory"]
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("inert: ")]

@@ -735,3 +735,97 @@ def test_a_new_groups_first_row_is_served_as_the_model_answers() -> None:
     served = runs.filter(first, groups=["new-camera"])
     # no history: the chain's prior is the class mix, so nothing tilts the model's answer
     assert torch.allclose(served, first, atol=1e-6)
+
+
+def test_a_shift_of_the_inputs_makes_the_filter_stand_aside_while_the_statistics_settle() -> None:
+    labels = np.random.default_rng(3).integers(0, 10, 400)
+    model = noisy_votes(labels, 0.6, 10)
+    runs = ClassRunFilter(10, settle_rows=50)
+    runs.filter(model[:100], shifts=np.zeros(100))  # shuffled, the statistics settled
+    # the inputs shift: the model's answers stick to one class for a while, which the filter
+    # would take for a run; it serves them as they are and learns no stickiness from them
+    stuck = torch.tensor([[0.05] * 3 + [0.55] + [0.05] * 6] * 40)
+    shifts = np.r_[np.full(5, 1.5), np.zeros(35)]
+    served = runs.filter(stuck, shifts=shifts)
+    # each row counts for at most 3 x the bound (0.75): the third shifted row passes it, the
+    # average stays above it until row 107, and the filter stands aside 50 rows beyond
+    assert runs.settling_until == 107 + 50
+    assert torch.allclose(served[2:], stuck[2:] / stuck[2:].sum(1, keepdim=True))
+    assert runs.describe()["settling"] is True and runs.settled == 38
+    settled_belief = runs.belief.copy()
+    runs.filter(stuck[:10], shifts=np.zeros(10))  # the same answers, still settling
+    assert np.array_equal(runs.belief, settled_belief) and runs.settled == 48
+    runs.filter(model[100:200], shifts=np.zeros(100))
+    assert runs.describe()["settling"] is False and runs.settled == 157 - 102 + 1
+    assert not np.array_equal(runs.belief, settled_belief)  # learning again
+    # without the settling the same answers would have raised the stickiness
+    plain = ClassRunFilter(10, settle_rows=50)
+    plain.filter(model[:100], shifts=np.zeros(100))
+    plain.filter(stuck)
+    assert plain.stickiness() > runs.stickiness() + 0.3
+
+
+def test_one_shifted_row_or_unknown_shifts_change_nothing() -> None:
+    labels = np.repeat(np.random.default_rng(4).integers(0, 10, 6), 50)
+    model = noisy_votes(labels, 0.6, 10)
+    plain = ClassRunFilter(10).filter(model)
+    assert torch.equal(ClassRunFilter(10).filter(model, shifts=np.full(300, np.nan)), plain)
+    one = np.zeros(300)
+    one[120] = 1e6  # a spike: it counts for 0.75, which moves the average by 0.14
+    assert torch.equal(ClassRunFilter(10).filter(model, shifts=one), plain)
+    off = ClassRunFilter(10, settle_rows=0)
+    assert torch.equal(off.filter(model, shifts=np.full(300, 3.0)), plain)
+    assert off.settled == 0
+
+
+def test_a_batch_not_committed_leaves_the_settling_as_it_was() -> None:
+    runs = ClassRunFilter(3, settle_rows=20)
+    before = (runs.shift, runs.settling_until, runs.settled)
+    runs.filter(torch.tensor([[0.6, 0.2, 0.2]] * 30), commit=False, shifts=np.full(30, 2.0))
+    assert (runs.shift, runs.settling_until, runs.settled) == before
+    with pytest.raises(ValueError, match="2 shifts for 3 rows"):
+        runs.filter(torch.tensor([[0.6, 0.2, 0.2]] * 3), shifts=np.zeros(2))
+
+
+def test_a_layers_shifts_are_about_zero_for_inputs_like_its_statistics_and_far_when_not() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4).eval()
+    bn.running_mean.fill_(1.0)
+    bn.running_var.fill_(4.0)
+    robust = RobustBatchNorm(bn, momentum=0.02)
+    x = 1.0 + 2.0 * torch.randn(64, 4, 8, 8)
+    first, second = x.mean((2, 3)), (x * x).mean((2, 3))
+    assert robust.shifts(first, second).mean().abs() < 0.1  # each sample within noise of 0
+    noisier = 1.0 + 6.0 * torch.randn(8, 4, 8, 8)  # three times the spread: log 9
+    assert robust.shifts(noisier.mean((2, 3)), (noisier * noisier).mean((2, 3))).min() > 1.8
+    flat = torch.full((2, 4, 8, 8), 1.0)  # no spread at all
+    assert robust.shifts(flat.mean((2, 3)), (flat * flat).mean((2, 3))).max() < -5
+    robust.watch = True
+    robust(x[:3])
+    assert robust.shift is not None and robust.shift.shape == (3,)
+    robust.commit, robust.shift = False, None
+    robust(x[:3])  # a forward that moves no statistics records nothing
+    assert robust.shift is None
+    features = RobustBatchNorm(nn.BatchNorm1d(4).eval())
+    features.watch = True
+    features(torch.randn(3, 4))  # one value per sample and channel: moves with the class too
+    assert features.shift is None
+
+
+def test_the_engine_tells_the_filter_when_the_inputs_shift() -> None:
+    settings = Settings(adapter={"name": "bn"}, drift={"enabled": False})
+    with built_engine(settings) as engine:
+        assert engine.runs is not None and len(engine._watched_norms) == 3
+        x, _, _, _ = digits_split()
+        for start in range(0, 64, 16):
+            engine.forward(x[start:start + 16])
+        assert engine.runs.settled == 0 and not engine.runs.describe()["settling"]
+        flat = 0.1 * x[64:96]  # a contrast far below what the statistics have seen
+        engine.forward(flat[:16])
+        engine.forward(flat[16:])
+        said = engine.describe_learning()["runs"]
+        assert said["settling"] is True and said["settled_rows"] > 0
+        assert not any(layer.watch for layer in engine._watched_norms)
+    off = Settings(adapter={"name": "bn", "runs_settle": 0}, drift={"enabled": False})
+    with built_engine(off) as engine:
+        assert engine._watched_norms == []

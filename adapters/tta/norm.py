@@ -82,6 +82,12 @@ class RobustBatchNorm(nn.Module):
         # per-sample statistics of the last committed forward, kept for `BalancedStatistics`
         # (which turns this on with `keep_class_statistics`) to file under each sample's class
         self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
+        # with `watch`, each sample's shift of the last committed forward over positions: the
+        # median over the channels of log q, q its spread about the average against the
+        # average's variance (`shifts`); the class-run filter reads it to tell a shift of the
+        # inputs from a run of one class
+        self.watch = False
+        self.shift: torch.Tensor | None = None
         self.classes = 0
         mean = bn.running_mean.detach().clone()
         square = bn.running_var.detach().clone() + mean**2
@@ -107,9 +113,15 @@ class RobustBatchNorm(nn.Module):
         if m == 0.0 and not capture:  # the batch counts for nothing: normalised by the average
             return self._normalise(x, self.mean, self.square)
         spatial = list(range(2, x.dim()))
+        first = x.mean(spatial) if spatial else x
+        second = (x * x).mean(spatial) if spatial else x * x
+        if self.watch and self.commit and math.prod(x.shape[2:]) > 1:
+            # only where the layer averages over positions: its statistics then describe how
+            # inputs look (noise, blur, contrast); one value per sample and channel (a
+            # BatchNorm1d over features) moves with the class as much (`normalises_over_positions`)
+            self.shift = self.shifts(first.detach(), second.detach())
         # each sample's first and second moments per channel, as the average counts them
-        first, second = self.bounded(x.mean(spatial) if spatial else x,
-                                     (x * x).mean(spatial) if spatial else x * x)
+        first, second = self.bounded(first, second)
         if capture:
             self.captured = (first.detach(), second.detach())
         batch_mean = first.mean(0)
@@ -152,6 +164,18 @@ class RobustBatchNorm(nn.Module):
         return (torch.where(wide, mean + moved, first),
                 torch.where(wide, squared + 2.0 * mean * moved + scale * scale * spreads,
                             second))
+
+    def shifts(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """Each sample's shift against the average before it, (n,): the median over channels of
+        log q, q the mean over the sample's positions of (x − mean)² / var (from its moments,
+        as `bounded` has it). About 0 for a sample like those the average has seen, whatever its
+        class where the layer holds little of the class; far from 0 (either way: a noisier or a
+        flatter input) for the first samples after the inputs change, until the average has
+        caught up. Not finite where the sample's moments are not."""
+        mean = self.mean
+        var = (self.square - mean * mean).clamp_min(0.0) + self.eps
+        spreads = (second - 2.0 * mean * first + mean * mean).clamp_min(0.0)
+        return (torch.log(spreads + self.eps) - torch.log(var)).median(1).values.float()
 
     def _normalise(self, x: torch.Tensor, mean: torch.Tensor, square: torch.Tensor
                    ) -> torch.Tensor:
