@@ -96,16 +96,17 @@ def timeliness_weight(ages: torch.Tensor) -> torch.Tensor:
 def moving_statistics(model: nn.Module, momentum: float) -> Iterator[None]:
     """Within this block each robust BN layer of `model` moves its averages by `momentum` per
     forward, towards that forward's batch (the reference's RobustBN in training mode); outside it
-    they stay as `RoTTA` holds them (momentum 0, no commit)."""
+    they stay as `RoTTA` holds them (momentum 0, no commit). The memory's samples are not the
+    rows served: the layers report no shift for them (`RobustBatchNorm.watch` off)."""
     layers = [m for m in model.modules() if isinstance(m, RobustBatchNorm)]
-    held = [(layer.fixed_momentum, layer.commit) for layer in layers]
+    held = [(layer.fixed_momentum, layer.commit, layer.watch) for layer in layers]
     for layer in layers:
-        layer.fixed_momentum, layer.commit = momentum, True
+        layer.fixed_momentum, layer.commit, layer.watch = momentum, True, False
     try:
         yield
     finally:
-        for layer, (fixed_momentum, commit) in zip(layers, held, strict=True):
-            layer.fixed_momentum, layer.commit = fixed_momentum, commit
+        for layer, (fixed_momentum, commit, watch) in zip(layers, held, strict=True):
+            layer.fixed_momentum, layer.commit, layer.watch = fixed_momentum, commit, watch
 
 
 def _uniform(n: int, low: float, high: float, like: torch.Tensor,

@@ -140,6 +140,9 @@ STICKINESS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 PLACES = 2**24
 NOWHERE = -1.0  # the place of a row that moved no sequence (its label teaches nothing)
 SHIFT_CLIP = 3.0  # a row's shift counts for at most this many times the filter's bound
+SHIFT_LEVEL_SPAN = 300  # rows over which the level the shifts are measured from is averaged
+SHIFT_Z = 4.0  # the bound is at least this many standard deviations of the rows' average
+SHIFT_PRIOR_SPREAD = 0.25**2  # the rows' spread about their level before any is learnt
 
 
 @dataclass
@@ -218,6 +221,7 @@ class ClassRunFilter:
         self.settle_rows = settle_rows
         self.settle_shift = settle_shift
         self.settle_rate = 2.0 / (settle_span + 1)
+        self.settle_level_rate = 2.0 / (SHIFT_LEVEL_SPAN + 1)
         self.reset()
 
     def reset(self) -> None:
@@ -232,7 +236,12 @@ class ClassRunFilter:
         self._labels_at = 0  # rows filtered when labels last taught
         self.label_belief = np.full(grid, 1.0 / grid)  # the weights v, from labels alone
         self.label_mix = np.full(classes, 1.0 / classes)
-        self.shift = 0.0  # the rows' shift, averaged over the last `settle_span` or so
+        # the rows' shifts: their level, averaged over the last SHIFT_LEVEL_SPAN rows or so
+        # (None before the first), and their deviation from it over the last `settle_span`
+        self.shift_level: float | None = None
+        self.shift = 0.0
+        self.shift_spread = SHIFT_PRIOR_SPREAD  # the rows' mean squared deviation from it
+        self.shift_rows = 0  # rows whose shift was known
         self.settling_until = -1  # the filter stands aside up to this row (rows filtered)
         self.settled = 0  # rows served as the model answered while settling
         # token -> the sequence whose rows carry it, and the stretch of 2**24 positions it names
@@ -403,7 +412,8 @@ class ClassRunFilter:
             raise ValueError(f"{len(shifts)} shifts for {len(p)} rows")
         places = np.full((len(p), 2), NOWHERE, dtype=np.float32)
         kept = (self.mix, self.belief, self.label_belief)
-        settling = (self.shift, self.settling_until, self.settled)
+        settling = (self.shift_level, self.shift, self.shift_spread, self.shift_rows,
+                    self.settling_until, self.settled)
         touched: dict[int, tuple[_Sequence, np.ndarray | None]] = {}  # each one's state before
         rows: dict[int, int] = {}  # the rows of each sequence that moved it
         made: list[str] = []  # groups first seen in this batch
@@ -417,6 +427,9 @@ class ClassRunFilter:
                 moves = learn is None or bool(learn[row])
                 sequence = self._lookup(group, commit and moves, made, scratch)
                 if not moves:  # served as the filter stands
+                    if self.filtered + moved <= self.settling_until:  # as the model answers
+                        served[row] = self._normalised(probs)
+                        continue
                     state = (self.mix, self.belief, self.label_belief, sequence.posterior)
                     served[row] = self._step(sequence, probs, self.filtered + moved)
                     self.mix, self.belief, self.label_belief, sequence.posterior = state
@@ -446,7 +459,8 @@ class ClassRunFilter:
                 self._trim()
             else:  # every step rebinds the state, so the arrays kept are as they were
                 self.mix, self.belief, self.label_belief = kept
-                self.shift, self.settling_until, self.settled = settling
+                (self.shift_level, self.shift, self.shift_spread, self.shift_rows,
+                 self.settling_until, self.settled) = settling
                 for sequence, posterior in touched.values():
                     sequence.posterior = posterior
                 for group in made:
@@ -476,11 +490,25 @@ class ClassRunFilter:
         if not self.settle_rows:
             return False
         if shift is not None and math.isfinite(shift):
-            # each row counts for at most SHIFT_CLIP: a lone odd sample (a spike) moves the
-            # average by less than the bound; it takes a few shifted rows in a row to pass it
-            shift = min(max(shift, -SHIFT_CLIP * self.settle_shift), SHIFT_CLIP * self.settle_shift)
-            self.shift += self.settle_rate * (shift - self.shift)
-            if abs(self.shift) > self.settle_shift:
+            self.shift_rows += 1
+            if self.shift_level is None:
+                self.shift_level = shift  # the first row's: where the stream's shifts sit
+            # a row's shift against the level of the rows before (a stream whose samples vary
+            # sits below 0, as the mean of a log does, and is no shift); each row counts for at
+            # most SHIFT_CLIP bounds, so that a lone odd sample (a spike) moves neither average
+            # far: it takes a few shifted rows in a row to pass the bound
+            clip = SHIFT_CLIP * self.settle_shift
+            deviation = min(max(shift - self.shift_level, -clip), clip)
+            # the mean of the rows so far, then an average over about SHIFT_LEVEL_SPAN rows
+            self.shift_level += max(self.settle_level_rate, 1.0 / self.shift_rows) * deviation
+            self.shift += self.settle_rate * (deviation - self.shift)
+            # rows as noisy as these pass the bound by chance: it is at least SHIFT_Z standard
+            # deviations of the average, the rows' spread learnt where the filter did not stand
+            # aside (a shift's own rows would widen it)
+            if row > self.settling_until:
+                self.shift_spread += self.settle_level_rate * (deviation**2 - self.shift_spread)
+            noise = math.sqrt(self.shift_spread * self.settle_rate / (2.0 - self.settle_rate))
+            if abs(self.shift) > max(self.settle_shift, SHIFT_Z * noise):
                 self.settling_until = row + self.settle_rows
         return row <= self.settling_until
 
