@@ -101,25 +101,31 @@ A row the engine has seen lately (the same request again: `learn` False) is serv
 as it stands and moves nothing: the same request a thousand times is one sample, not a run.
 
 After the inputs shift, the model's own answers come in runs for a while: test-time statistics
-catch up over about 1 / momentum samples, and until they have, the class the model favours
-drifts, so consecutive answers agree more than its class mix expects whatever the classes do.
-On B1's contrast domain with a long tail of shuffled classes, 48% of the model's answers agreed
-with the one before, against 27% for the same answers shuffled, and the filter took that for a
-run: it is most of its cost on shuffled traffic, and where shifts come every few hundred samples
-(a long tail of classes shortens each domain) it served worse than the source.
-The engine therefore tells the filter each row's shift at the model's robust BatchNorm layers
-that average over positions (`RobustBatchNorm.shifts`: the median over channels of log q, q the
-sample's spread about the layer's average against its variance, about 0 for a sample like those
-before it; a run of one class moves the early layers' little, a new corruption far, either way).
-Where that shift, averaged over about `settle_span` rows (each row counting for at most
-`SHIFT_CLIP` times the bound, so that a lone spike does not pass it), passes `settle_shift`, the
-filter stands aside for the next `settle_rows` rows: it serves the model's answers and learns no
-stickiness from them (its posteriors and class mix go on, so it resumes where the rows left it).
-Measured on B1 (BENCHMARKS.md, "A long tail of classes and mixed shifts"): shuffled 44.4% ->
-42.1% error, a long tail of classes (100 to 1) 65.5% -> 57.4%, and classes in runs 0.9 to 1.6
-points worse than without (the first rows of a domain's run are served as the model answers).
-Models without such layers (a tabular MLP: one value per sample and feature, which moves with
-the class) send no shifts, and the filter is as before.
+catch up over about 1 / momentum samples in their fastest layer (longer in the slower ones), and
+until they have, the class the model favours drifts, so consecutive answers agree more than its
+class mix expects whatever the classes do. On B1's contrast domain with a long tail of shuffled
+classes, 48% of the model's answers agreed with the one before, against 27% for the same answers
+shuffled, and the filter took that for a run: it was most of its cost on shuffled traffic, and
+where shifts come every few hundred samples (a long tail of classes shortens each domain) it
+served worse than the source. The engine therefore tells the filter each row's shift at the
+model's robust BatchNorm layers that average over positions (`RobustBatchNorm.shifts`: the
+median over channels of log q, q the sample's spread about the layer's average against its
+variance, mean over the layers; about 0 for a sample like those before it: a run of one class
+moves the early layers' little, a new corruption far, either way). Each row's shift is taken
+against the level of the rows before (their mean, then an average over SHIFT_LEVEL_SPAN rows:
+samples that vary, a camera's exposure, sit below 0, as a mean of logs does, and are no shift)
+and counts for at most SHIFT_CLIP bounds (a lone spike does not pass it). Where the deviation,
+averaged over about `settle_span` rows, passes the bound, `settle_shift` or SHIFT_Z standard
+deviations of that average, whichever is larger (the rows' spread learnt while the filter was not
+standing aside), the filter stands aside for the next `settle_rows` rows: it serves the model's
+answers, a repeated row's too, and learns no stickiness from them (its posteriors and class mix
+go on, so it resumes where those rows left it). The statistics are every group's, so a shift
+seen in any group's rows sets every group aside. Measured on B1 (BENCHMARKS.md, "A long tail of
+classes and mixed shifts"), one sample a request: shuffled 44.4% -> 42.2% error, a long tail of
+classes (100 to 1) 65.5% -> 57.4%, and classes in runs 0.6 to 1.8 points worse than without
+(the first rows of a run that begins with a shift are served as the model answers). Models
+without such layers (a tabular MLP: one value per sample and feature, which moves with the
+class) send no shifts, and the filter is as before.
 """
 
 from __future__ import annotations
