@@ -839,13 +839,34 @@ def test_a_stream_whose_shifts_vary_about_a_level_of_its_own_is_no_shift() -> No
     model = noisy_votes(labels, 0.6, 10)
     shifts = -0.4 + 0.2 * np.random.default_rng(6).standard_normal(1600)
     runs = ClassRunFilter(10)
-    served = runs.filter(model, shifts=shifts)
-    assert runs.settled == 0
-    assert torch.equal(served, ClassRunFilter(10).filter(model))  # the runs served as without
+    runs.filter(model[:400], shifts=shifts[:400])
+    # at first the statistics are settling from the source's (the level starts at 0, a sample
+    # like those they hold); once the level has followed the stream, nothing more
+    assert 0 < runs.settled < 300
+    settled = runs.settled
+    plain = ClassRunFilter(10)
+    plain.filter(model[:400])
+    plain.belief = runs.belief.copy()
+    assert torch.equal(runs.filter(model[400:], shifts=shifts[400:]), plain.filter(model[400:]))
+    assert runs.settled == settled
     # rows far noisier than B1's (0.06 to 0.17 about their level): the bound widens with them
     noisy = ClassRunFilter(10)
     noisy.filter(model, shifts=-0.4 + 0.5 * np.random.default_rng(7).standard_normal(1600))
-    assert noisy.settled < 0.1 * 1600
+    assert noisy.settled < 0.25 * 1600
+    # and a real shift still passes it: the clip grows with the bound
+    noisy.filter(model[:100], shifts=3.0 + 0.5 * np.random.default_rng(8).standard_normal(100))
+    assert noisy.describe()["settling"] is True
+
+
+def test_a_stream_that_starts_shifted_is_seen_and_so_is_one_after_a_reset() -> None:
+    model = noisy_votes(np.zeros(60, dtype=int), 0.6, 10)
+    decaying = 0.8 * np.exp(-np.arange(60) / 20)  # the statistics catching up from the source's
+    runs = ClassRunFilter(10)
+    runs.filter(model, shifts=decaying)
+    assert runs.settled >= 55  # from the third row on
+    runs.reset()
+    runs.filter(model, shifts=decaying)
+    assert runs.settled >= 55
 
 
 def test_a_repeated_row_while_settling_is_served_as_the_model_answers() -> None:

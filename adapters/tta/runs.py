@@ -112,15 +112,20 @@ model's robust BatchNorm layers that average over positions (`RobustBatchNorm.sh
 median over channels of log q, q the sample's spread about the layer's average against its
 variance, mean over the layers; about 0 for a sample like those before it: a run of one class
 moves the early layers' little, a new corruption far, either way). Each row's shift is taken
-against the level of the rows before (their mean, then an average over SHIFT_LEVEL_SPAN rows:
-samples that vary, a camera's exposure, sit below 0, as a mean of logs does, and are no shift)
-and counts for at most SHIFT_CLIP bounds (a lone spike does not pass it). Where the deviation,
-averaged over about `settle_span` rows, passes the bound, `settle_shift` or SHIFT_Z standard
-deviations of that average, whichever is larger (the rows' spread learnt while the filter was not
-standing aside), the filter stands aside for the next `settle_rows` rows: it serves the model's
+against the level of the rows before (from 0, a sample like those the statistics hold, so that
+a stream that starts shifted or one after a reset is seen; then an average over SHIFT_LEVEL_SPAN
+rows: samples that vary, a camera's exposure, sit below 0, as a mean of logs does, and are no
+shift once the level has followed them) and counts for at most SHIFT_CLIP bounds (a lone spike
+does not pass it). Where the deviation, averaged over about `settle_span` rows, passes the bound,
+`settle_shift` or SHIFT_Z standard deviations of that average, whichever is larger (the rows'
+spread learnt while the filter was not standing aside), the filter stands aside for the next
+`settle_rows` rows: it serves the model's
 answers, a repeated row's too, and learns no stickiness from them (its posteriors and class mix
 go on, so it resumes where those rows left it). The statistics are every group's, so a shift
-seen in any group's rows sets every group aside. Measured on B1 (BENCHMARKS.md, "A long tail of
+seen in any group's rows sets every group aside. An adapter whose served forward moves no
+statistics (RoTTA's teacher: its memory moves them) reports no shift and never settles; a level
+that moves for good (a new stream whose samples sit at -0.7) is followed within a few hundred
+rows, the filter aside meanwhile. Measured on B1 (BENCHMARKS.md, "A long tail of
 classes and mixed shifts"), one sample a request: shuffled 44.4% -> 42.2% error, a long tail of
 classes (100 to 1) 65.5% -> 57.4%, and classes in runs 0.6 to 1.8 points worse than without
 (the first rows of a run that begins with a shift are served as the model answers). Models
@@ -145,7 +150,7 @@ STICKINESS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 # array in the prediction record holds them exactly; the token moves on every 2**24 rows
 PLACES = 2**24
 NOWHERE = -1.0  # the place of a row that moved no sequence (its label teaches nothing)
-SHIFT_CLIP = 3.0  # a row's shift counts for at most this many times the filter's bound
+SHIFT_CLIP = 3.0  # a row's deviation counts for at most this many times the bound
 SHIFT_LEVEL_SPAN = 300  # rows over which the level the shifts are measured from is averaged
 SHIFT_Z = 4.0  # the bound is at least this many standard deviations of the rows' average
 SHIFT_PRIOR_SPREAD = 0.25**2  # the rows' spread about their level before any is learnt
@@ -243,11 +248,10 @@ class ClassRunFilter:
         self.label_belief = np.full(grid, 1.0 / grid)  # the weights v, from labels alone
         self.label_mix = np.full(classes, 1.0 / classes)
         # the rows' shifts: their level, averaged over the last SHIFT_LEVEL_SPAN rows or so
-        # (None before the first), and their deviation from it over the last `settle_span`
-        self.shift_level: float | None = None
+        # (from 0), and their deviation from it over the last `settle_span`
+        self.shift_level = 0.0
         self.shift = 0.0
         self.shift_spread = SHIFT_PRIOR_SPREAD  # the rows' mean squared deviation from it
-        self.shift_rows = 0  # rows whose shift was known
         self.settling_until = -1  # the filter stands aside up to this row (rows filtered)
         self.settled = 0  # rows served as the model answered while settling
         # token -> the sequence whose rows carry it, and the stretch of 2**24 positions it names
@@ -418,8 +422,8 @@ class ClassRunFilter:
             raise ValueError(f"{len(shifts)} shifts for {len(p)} rows")
         places = np.full((len(p), 2), NOWHERE, dtype=np.float32)
         kept = (self.mix, self.belief, self.label_belief)
-        settling = (self.shift_level, self.shift, self.shift_spread, self.shift_rows,
-                    self.settling_until, self.settled)
+        settling = (self.shift_level, self.shift, self.shift_spread, self.settling_until,
+                    self.settled)
         touched: dict[int, tuple[_Sequence, np.ndarray | None]] = {}  # each one's state before
         rows: dict[int, int] = {}  # the rows of each sequence that moved it
         made: list[str] = []  # groups first seen in this batch
@@ -465,8 +469,8 @@ class ClassRunFilter:
                 self._trim()
             else:  # every step rebinds the state, so the arrays kept are as they were
                 self.mix, self.belief, self.label_belief = kept
-                (self.shift_level, self.shift, self.shift_spread, self.shift_rows,
-                 self.settling_until, self.settled) = settling
+                (self.shift_level, self.shift, self.shift_spread, self.settling_until,
+                 self.settled) = settling
                 for sequence, posterior in touched.values():
                     sequence.posterior = posterior
                 for group in made:
@@ -492,29 +496,30 @@ class ClassRunFilter:
 
     def _settles(self, shift: float | None, row: int) -> bool:
         """Whether the filter stands aside at `row`: within `settle_rows` of a row where the
-        rows' shift, averaged over about `settle_span` rows, passed `settle_shift` either way."""
+        rows' deviation from their level, averaged over about `settle_span` rows, passed the
+        bound (`settle_shift`, or SHIFT_Z standard deviations of that average for noisier
+        rows) either way."""
         if not self.settle_rows:
             return False
         if shift is not None and math.isfinite(shift):
-            self.shift_rows += 1
-            if self.shift_level is None:
-                self.shift_level = shift  # the first row's: where the stream's shifts sit
-            # a row's shift against the level of the rows before (a stream whose samples vary
-            # sits below 0, as the mean of a log does, and is no shift); each row counts for at
-            # most SHIFT_CLIP bounds, so that a lone odd sample (a spike) moves neither average
-            # far: it takes a few shifted rows in a row to pass the bound
-            clip = SHIFT_CLIP * self.settle_shift
+            # the bound: rows as noisy as these pass `settle_shift` by chance, so it is at
+            # least SHIFT_Z standard deviations of their average, from the rows' spread learnt
+            # where the filter did not stand aside (a shift's own rows would widen it)
+            noise = math.sqrt(self.shift_spread * self.settle_rate / (2.0 - self.settle_rate))
+            bound = max(self.settle_shift, SHIFT_Z * noise)
+            # a row's shift against the level of the rows before, which starts at 0, a sample
+            # like those the statistics hold (so a stream that starts shifted, or one after a
+            # reset put the source's statistics back, is seen); a stream whose samples vary
+            # sits below 0, as a mean of logs does, and the level follows it over about
+            # SHIFT_LEVEL_SPAN rows. Each row counts for at most SHIFT_CLIP bounds, so that a
+            # lone odd sample (a spike) passes no bound: it takes a few shifted rows in a row
+            clip = SHIFT_CLIP * bound
             deviation = min(max(shift - self.shift_level, -clip), clip)
-            # the mean of the rows so far, then an average over about SHIFT_LEVEL_SPAN rows
-            self.shift_level += max(self.settle_level_rate, 1.0 / self.shift_rows) * deviation
+            self.shift_level += self.settle_level_rate * deviation
             self.shift += self.settle_rate * (deviation - self.shift)
-            # rows as noisy as these pass the bound by chance: it is at least SHIFT_Z standard
-            # deviations of the average, the rows' spread learnt where the filter did not stand
-            # aside (a shift's own rows would widen it)
             if row > self.settling_until:
                 self.shift_spread += self.settle_level_rate * (deviation**2 - self.shift_spread)
-            noise = math.sqrt(self.shift_spread * self.settle_rate / (2.0 - self.settle_rate))
-            if abs(self.shift) > max(self.settle_shift, SHIFT_Z * noise):
+            if abs(self.shift) > bound:
                 self.settling_until = row + self.settle_rows
         return row <= self.settling_until
 
