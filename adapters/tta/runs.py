@@ -126,8 +126,8 @@ seen in any group's rows sets every group aside. An adapter whose served forward
 statistics (RoTTA's teacher: its memory moves them) reports no shift and never settles; a level
 that moves for good (a new stream whose samples sit at -0.7) is followed within a few hundred
 rows, the filter aside meanwhile. Measured on B1 (BENCHMARKS.md, "A long tail of
-classes and mixed shifts"), one sample a request: shuffled 44.4% -> 42.2% error, a long tail of
-classes (100 to 1) 65.5% -> 57.4%, and classes in runs 0.6 to 1.8 points worse than without
+classes and mixed shifts"), one sample a request: shuffled 44.4% -> 42.0% error, a long tail of
+classes (100 to 1) 65.5% -> 57.2%, and classes in runs 0.6 to 2.0 points worse than without
 (the first rows of a run that begins with a shift are served as the model answers). Models
 without such layers (a tabular MLP: one value per sample and feature, which moves with the
 class) send no shifts, and the filter is as before.
