@@ -173,9 +173,12 @@ class RobustBatchNorm(nn.Module):
         flatter input) for the first samples after the inputs change, until the average has
         caught up. Not finite where the sample's moments are not."""
         mean = self.mean
-        var = (self.square - mean * mean).clamp_min(0.0) + self.eps
-        spreads = (second - 2.0 * mean * first + mean * mean).clamp_min(0.0)
-        return (torch.log(spreads + self.eps) - torch.log(var)).median(1).values.float()
+        var = (self.square - mean * mean).clamp_min_(0.0).add_(self.eps)
+        deviation = first - mean
+        # the mean of (x − mean)² over the positions: the sample's own variance and its offset
+        spreads = (second - first * first).clamp_min_(0.0).addcmul_(deviation, deviation)
+        # the median of log q is the log of q's median (the log keeps the order): one log a sample
+        return torch.log(spreads.add_(self.eps).div_(var).median(1).values).float()
 
     def _normalise(self, x: torch.Tensor, mean: torch.Tensor, square: torch.Tensor
                    ) -> torch.Tensor:
