@@ -525,8 +525,8 @@ class ClassRunFilter:
 
     @staticmethod
     def _normalised(p: np.ndarray) -> np.ndarray:
-        """The model's answer as the filter serves it (rows whose evidence is unusable as
-        they came, as `_step` serves them)."""
+        """The model's answer as a distribution: clipped at 0 and normalised (a row that is
+        not finite, or has no mass, as it came)."""
         if not np.isfinite(p).all():
             return p
         p = np.clip(p, 0.0, None)
@@ -534,13 +534,9 @@ class ClassRunFilter:
         return p / total if total > 0.0 else p
 
     def _step(self, sequence: _Sequence, p: np.ndarray, row: int) -> np.ndarray:
-        if not np.isfinite(p).all():
+        p = self._normalised(p)
+        if not np.isfinite(p).all() or not p.sum() > 0.0:
             return p  # no usable evidence: the row is served as it came and teaches nothing
-        p = np.clip(p, 0.0, None)
-        total = p.sum()
-        if not total > 0.0:
-            return p
-        p = p / total
         self.mix = (1.0 - self.rate) * self.mix + self.rate * p
         mix = (1.0 - self.floor) * self.mix + self.floor / self.num_classes
         before = mix if sequence.posterior is None else sequence.posterior
