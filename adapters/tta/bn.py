@@ -4,9 +4,9 @@ corruptions by covariate shift adaptation"; Nado et al. 2020, "Evaluating predic
 normalization for robustness under covariate shift").
 
 With the default `norm = "robust"` every BatchNorm layer keeps an exponential moving average of
-the test batches' mean and second moment (see `adapters.tta.norm`), so single requests and
-batches see nearly the same model; `norm = "batch"` uses each batch's own statistics, as the
-papers do.
+the test batches' mean and second moment (see `adapters.tta.norm`), and serves each sample of a
+batch by the average as it stood after it, so single requests and batches see the same model;
+`norm = "batch"` uses each batch's own statistics, as the papers do.
 """
 
 from __future__ import annotations

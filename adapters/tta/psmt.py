@@ -197,7 +197,8 @@ class PSMT(GradientAdapter):
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's forward; its robust BN commits statistics exactly when the student's do,
-        and blends the batch's own statistics in exactly when the student's do (not in `infer`)."""
+        and normalises as the student's do: each served sample by the average after it, an
+        adaptation step's batch by the blend with its own statistics, `infer` by the average."""
         student_layers = [m for m in self.model.modules() if isinstance(m, RobustBatchNorm)]
         teacher_layers = [m for m in self.teacher.modules() if isinstance(m, RobustBatchNorm)]
         for s, t in zip(student_layers, teacher_layers, strict=True):
