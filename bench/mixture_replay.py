@@ -9,7 +9,9 @@ served. `replay` serves the same candidates again through a `FixedShareMixture` 
 way, or with settings changed (`--variant`), on the same schedule: the weights that serve
 sample i are those learnt from the labels back before its request. Under the defaults no
 candidate learns from what the mixture serves (River's learners, the newest label and the
-model learn from labels), so a change to the mixture is measured on B6's 56 runs in seconds,
+model learn from labels; with the error memory or the supervised step on, stages learn from
+labels as the drift policy lets them, which a replay cannot redo), so a change to the mixture
+is measured on B6's 56 runs in seconds,
 and the replay of the service's own settings serves what the service served (BENCHMARKS.md
 B6, stop 37: the same class on every sample of the 36 classifier runs, values within 8e-6 on
 the 20 regressor runs).
@@ -17,13 +19,13 @@ the 20 regressor runs).
 Scores are over the labelled samples only (with labels `delay` late the stream's last `delay`
 samples never teach the mixture and are left out): accuracy, or mean absolute error.
 
-    python -m bench.mixture_replay collect --dir mixture-runs                 # B6, ~2 min
-    python -m bench.mixture_replay collect --dir mixture-runs --runs 400      # classes in runs
+    python -m bench.mixture_replay collect --dir mixture-runs                 # B6, ~1 min
+    python -m bench.mixture_replay collect --dir mixture-runs --runs 400      # in runs, ~1 min
     python -m bench.mixture_replay replay --dir mixture-runs \\
         --variant "first_share=0.5" --variant "eta=1,0.05 share=0.01"
 
-A variant names `FixedShareMixture` arguments (`eta`, `share`, `first_share`, `meta_scale`);
-a list is comma-separated; `probation=off` serves the newest label freely.
+A variant names numeric `FixedShareMixture` arguments (`eta`, `share`, `first_share`,
+`meta_scale`); a list is comma-separated; `probation=off` serves the newest label freely.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from adapters.mixture import FixedShareMixture
 from adapters.task import Task, task_named
+from service.engine import LEARNER, NEWEST_LABEL
 
 REQUEST = 16
 
@@ -139,9 +142,13 @@ def collect(stream: str, runs: int | None, delay: int, max_rows: int | None = No
     labels = np.concatenate([y for _, y in noted["learnt"]]).reshape(-1)
     count = len(labels)
     # with every label back and a fixed delay, label k is sample k's; anything else (a label
-    # refused, rows dropped as not finite) would misalign the replay's schedule
-    if not np.allclose(labels, np.asarray(data.y[:count], dtype=np.float64), atol=1e-4):
-        raise RuntimeError(f"{stream}: the labels learnt are not the stream's in order")
+    # refused or not joined, rows dropped as not finite) would misalign the replay's schedule,
+    # and equal values (a class in runs) would not show it
+    expected = max(0, len(data.y) - delay)
+    if run.unjoined or count != expected or not np.allclose(
+            labels, np.asarray(data.y[:count], dtype=np.float64), atol=1e-4):
+        raise RuntimeError(f"{stream}: the mixture learnt {count} labels ({run.unjoined} not "
+                           f"joined), not the stream's first {expected} in order")
     return Recorded(data.name, data.task, delay, noted["built"], candidates, labels,
                     run.predictions[:count])
 
@@ -184,11 +191,16 @@ def replay(recorded: Recorded, variant: dict[str, Any], request: int = REQUEST) 
         # repeats the last stage (what their records hold for these rows is the learners'
         # guesses made later by their sleeping copies, for the mixture to learn from)
         last = torch.as_tensor(candidates[mixture.names[-1]][rows])
-        outputs = mixture.outputs({n: last if not learnt else torch.as_tensor(v[rows])
-                                   for n, v in candidates.items()})
+        outputs = mixture.outputs({n: last if not learnt and _sleeps(n) else
+                                   torch.as_tensor(v[rows]) for n, v in candidates.items()})
         rates[rows] = outputs.permute(1, 0, 2).numpy()
         served[rows] = mixture.serve(outputs).double().numpy()
     return served
+
+
+def _sleeps(name: str) -> bool:
+    """Whether candidate `name` serves nothing of its own before the first label."""
+    return name == NEWEST_LABEL or name.startswith(f"{LEARNER}.")
 
 
 def score(recorded: Recorded, outputs: np.ndarray) -> float:

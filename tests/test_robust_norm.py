@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adapters.tta.norm import RobustBatchNorm
+from adapters.tta.norm import RobustBatchNorm, frozen_statistics, served_statistics
 from service.demo import digits_split
 from tests.harness import serving
 
@@ -26,7 +26,7 @@ def _layer(bn: nn.Module, momentum: float, spread: bool = True) -> RobustBatchNo
 # against the average before the batch); 600 samples at a momentum of 0.1 cross the stretches
 # `running` sums over (474 samples)
 @pytest.mark.parametrize(("shape", "momentum"), [((64, 3, 5, 5), 0.02), ((600, 2, 3, 3), 0.1),
-                                                 ((48, 4), 0.02)])
+                                                 ((48, 4), 0.02), ((8, 2, 3, 3), 1.0)])
 def test_a_batch_is_normalised_as_its_samples_one_at_a_time(shape, momentum):
     bn = nn.BatchNorm2d(shape[1]) if len(shape) == 4 else nn.BatchNorm1d(shape[1])
     batched, alone = _layer(bn, momentum), _layer(bn, momentum)
@@ -90,3 +90,35 @@ def test_the_service_serves_the_same_answers_whether_requests_come_alone_or_toge
 
     together, alone = asyncio.run(serve(16)), asyncio.run(serve(1))
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_pass_over_the_served_batch_is_normalised_as_the_first():
+    """SAR's pass at perturbed weights compares losses under the same normalisation."""
+    layer = _layer(nn.BatchNorm2d(3), 0.02)
+    x = torch.randn(32, 3, 4, 4) * 0.8 + 0.2
+    first = layer(x)
+    mean = layer.mean.clone()
+    with served_statistics(layer):
+        again = layer(x)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert torch.equal(layer.mean, mean)  # nothing moved
+    # inside a pass over a buffer (not committing) the second pass is the first's blend
+    with frozen_statistics(layer):
+        buffered = layer(x)
+        with served_statistics(layer):
+            torch.testing.assert_close(layer(x), buffered, rtol=0, atol=0)
+    # a batch of another size is not the one served: the average, moving nothing
+    with served_statistics(layer):
+        other = layer(x[:5])
+    assert torch.equal(layer.mean, mean) and other.shape == (5, 3, 4, 4)
+
+
+def test_half_precision_inputs_move_a_float32_average_in_float32():
+    batched = _layer(nn.BatchNorm1d(3), 0.02)
+    alone = _layer(nn.BatchNorm1d(3), 0.02)
+    x = (torch.randn(64, 3) * 0.5 + 0.3).to(torch.bfloat16)
+    batched(x)
+    for i in range(len(x)):
+        alone(x[i:i + 1])
+    assert batched.mean.dtype == torch.float32
+    torch.testing.assert_close(batched.mean, alone.mean, rtol=1e-3, atol=1e-4)

@@ -8,18 +8,22 @@ of 64 moves it as far as 64 single requests do. It averages the first and second
 variance it uses includes the spread between samples, which a single sample's own variance lacks.
 This follows the robust BN of RoTTA (Yuan et al., CVPR 2023), extended to per-sample momentum.
 
-What is served does not depend on how requests were batched: each sample of a served batch is
-normalised by the average as it stood after that sample (`running`), as if the samples had come
-one request at a time, and the average after the batch is the one they would have left. Until
-stop 37 a batch was normalised by the average blended with its own statistics at
-m = 1 - (1 - momentum)^n: 0.28 of its own at 16 samples, 0.92 at 128, so the batcher's merges
+What the statistics serve does not depend on how requests were batched: each sample of a
+served batch is normalised by the average as it stood after that sample (`running`), as if the
+samples had come one request at a time, and the average after the batch is the one they would
+have left. Until stop 37 a batch was normalised by the average blended with its own statistics
+at m = 1 - (1 - momentum)^n: 0.28 of its own at 16 samples, 0.92 at 128, so the batcher's merges
 decided how far a batch was normalised by itself. Where classes come in runs a merged batch is
 mostly one class, and normalising it by itself is what test-time BN gets wrong there (B1,
-Dirichlet(0.1), 16 samples a request: 29.6% error in process and 32.6% through the service,
-whose batcher merged up to eight requests, against 28.5% one sample a request). Two things
-stay per batch: a sample's bound below is taken against the average before the batch, and the
-forward of an adaptation step over buffered samples (not served, `commit` off) is normalised by
-the blend, as the methods' references normalise a training batch.
+Dirichlet(0.1), in process: 29.6% error 16 samples a request against 28.5% one a request;
+through the service, whose batcher merged up to eight requests, 32.0% to 32.6% against 29.3%
+to 29.5%). What stays per batch: a sample's bound below is taken against the average before the
+batch; a batch with a sample that is not finite moves nothing; the forward of an adaptation
+step over buffered samples (not served, `commit` off) is normalised by the blend, as the
+methods' references normalise a training batch; and a gradient method's weights still move one
+step per batch, so what it serves next depends on the batches it stepped on. A second pass over
+the batch just served (SAR's, at perturbed weights) replays the statistics it was served with
+(`served_statistics`).
 
 One sample's pull on the average is bounded. Its size in a channel is q, the mean over the
 channel's positions of (x - mean)^2 / var against the average before it: about 1 for a sample
@@ -101,6 +105,10 @@ class RobustBatchNorm(nn.Module):
         # inputs from a run of one class
         self.watch = False
         self.shift: torch.Tensor | None = None
+        # the statistics each sample of the last committed forward was normalised by, (n, C)
+        # each; within `served_statistics` (`replay`) a forward over the same batch uses them
+        self.served: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.replay = False
         self.classes = 0
         mean = bn.running_mean.detach().clone()
         square = bn.running_var.detach().clone() + mean**2
@@ -137,22 +145,27 @@ class RobustBatchNorm(nn.Module):
         first, second = self.bounded(first, second)
         if capture:
             self.captured = (first.detach(), second.detach())
+        if self.replay and self.served is not None and len(self.served[0]) == x.shape[0]:
+            # the statistics this batch was served with (`served_statistics`): a second pass
+            # over the same samples, as SAR's at perturbed weights, normalised as the first
+            return self._normalise(x, *self.served)
         if self.commit and self.fixed_momentum is None and x.shape[0] > 1:
             # served: each sample by the average as it stood after it, as if the samples had
             # come one at a time (`running`), so that how the batcher merged requests changes
-            # nothing served; a batch with a sample that is not finite, as below
+            # nothing the statistics serve; a batch with a sample that is not finite neither
+            # moves the average nor takes part in the normalisation, as below
             means, squares = self.running(first, second)
-            if bool(torch.isfinite(means[-1]).all() & torch.isfinite(squares[-1]).all()):
-                if watched:  # each against the average as it stood before it
-                    self.shift = self.shifts(
-                        *raw, torch.cat([self.mean[None], means[:-1].detach()]),
-                        torch.cat([self.square[None], squares[:-1].detach()]))
-                self.mean.copy_(means[-1].detach())
-                self.square.copy_(squares[-1].detach())
-                return self._normalise(x, means, squares)
-            if watched:
-                self.shift = self.shifts(*raw)
-            return self._normalise(x, self.mean, self.square)
+            finite = torch.isfinite(means[-1]).all() & torch.isfinite(squares[-1]).all()
+            means = torch.where(finite, means, self.mean)
+            squares = torch.where(finite, squares, self.square)
+            if watched:  # each against the average as it stood before it
+                self.shift = self.shifts(
+                    *raw, torch.cat([self.mean[None], means[:-1].detach()]),
+                    torch.cat([self.square[None], squares[:-1].detach()]))
+            self.served = (means.detach(), squares.detach())
+            self.mean.copy_(means[-1].detach())
+            self.square.copy_(squares[-1].detach())
+            return self._normalise(x, means, squares)
         if watched:
             self.shift = self.shifts(*raw)
         batch_mean = first.mean(0)
@@ -166,6 +179,7 @@ class RobustBatchNorm(nn.Module):
         mean = torch.where(finite, mean, self.mean)
         square = torch.where(finite, square, self.square)
         if self.commit:
+            self.served = (mean.detach()[None], square.detach()[None])
             self.mean.copy_(mean.detach())
             self.square.copy_(square.detach())
         return self._normalise(x, mean, square)
@@ -180,24 +194,28 @@ class RobustBatchNorm(nn.Module):
         from cumulative sums over stretches short enough that (1 − μ)^−length stays far from
         overflowing (float64; about 2,500 samples at μ = 0.02)."""
         momentum = self.momentum
+        n = first.shape[0]
+        dtype = torch.result_type(first, self.mean)
         if momentum <= 0.0:
-            n = first.shape[0]
-            return self.mean.expand(n, -1), self.square.expand(n, -1)
-        # (1 − μ)^−k up to e^50 within a stretch
-        stretch = max(1, int(50.0 / -math.log1p(-min(momentum, 1.0 - 1e-12))))
-        moments = torch.cat([first, second], 1).double()
-        state = torch.cat([self.mean, self.square]).double()
+            return self.mean.expand(n, -1).to(dtype), self.square.expand(n, -1).to(dtype)
+        if momentum >= 1.0:  # the average is the last sample
+            return first.to(dtype), second.to(dtype)
+        # in float64 (float32 where a device has none), (1 − μ)^−k up to e^50 (e^15) a stretch
+        wide = torch.float32 if first.device.type == "mps" else torch.float64
+        stretch = max(1, int((50.0 if wide == torch.float64 else 15.0) / -math.log1p(-momentum)))
+        moments = torch.cat([first, second], 1).to(wide)
+        state = torch.cat([self.mean, self.square]).to(wide)
         out = []
-        for start in range(0, moments.shape[0], stretch):
+        for start in range(0, n, stretch):
             part = moments[start:start + stretch]
-            steps = torch.arange(1, len(part) + 1, dtype=torch.float64, device=part.device)
-            decay = torch.pow(torch.tensor(1.0 - momentum, dtype=torch.float64), steps)
+            steps = torch.arange(1, len(part) + 1, dtype=wide, device=part.device)
+            decay = torch.pow(1.0 - momentum, steps)
             sums = torch.cumsum(part * (momentum / decay)[:, None], 0)
             averages = decay[:, None] * (state + sums)
             out.append(averages)
             state = averages[-1]
-        averages = torch.cat(out).to(first.dtype)
-        return averages.split(first.shape[1], 1)
+        averages = torch.cat(out).to(dtype)
+        return averages[:, :first.shape[1]], averages[:, first.shape[1]:]
 
     def bounded(self, first: torch.Tensor, second: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +278,7 @@ class RobustBatchNorm(nn.Module):
         self.mean.copy_(self.source_mean)
         self.square.copy_(self.source_square)
         self.captured = None
+        self.served = None
         if self.classes:
             self.class_mean.copy_(self.source_mean.expand_as(self.class_mean))
             self.class_square.copy_(self.source_square.expand_as(self.class_square))
@@ -463,6 +482,28 @@ class frozen_statistics:
     def __exit__(self, *exc: object) -> None:
         for layer, (commit, fixed) in zip(self.layers, self.kept, strict=True):
             layer.commit, layer.fixed_momentum = commit, fixed
+
+
+class served_statistics:
+    """Within this block, a forward over the batch that robust BN layers last served normalises
+    each sample by the statistics it was served with, and moves nothing: a second pass over the
+    same samples, as SAR's at perturbed weights, sees them normalised as the first did. Layers
+    that were not committing (inside `frozen_statistics`: the pass over a buffer) stay as they
+    are, whose first pass was normalised as the second will be."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, RobustBatchNorm)]
+        self.kept: list[tuple[bool, bool]] = []
+
+    def __enter__(self) -> None:
+        self.kept = [(layer.commit, layer.replay) for layer in self.layers]
+        for layer in self.layers:
+            layer.replay = layer.commit
+            layer.commit = False
+
+    def __exit__(self, *exc: object) -> None:
+        for layer, (commit, replay) in zip(self.layers, self.kept, strict=True):
+            layer.commit, layer.replay = commit, replay
 
 
 class source_statistics:

@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 
 from adapters.tta.base import AdaptOutput, CommonKnobs, GradientAdapter, softmax_entropy
-from adapters.tta.norm import frozen_statistics, normalisation_affines
+from adapters.tta.norm import normalisation_affines, served_statistics
 
 EMA_KEY = "sar.ema"
 RECOVERIES_KEY = "sar.recoveries"
@@ -219,7 +219,9 @@ class SAR(GradientAdapter):
             origin = self.perturb()
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                with frozen_statistics(self.model):  # this batch already moved them
+                # normalised as the first pass was: a served batch by the statistics it was
+                # served with, which it already moved; a buffer's by the blend, moving nothing
+                with served_statistics(self.model):
                     second = self.entropy(self.model(x))[reliable]
                 kept = self.reliable(second)  # reliable in both passes
                 second_loss = second[kept].mean(0) if len(kept) else None
