@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import SupportsIndex, overload
 
 import numpy as np
 
@@ -32,6 +33,37 @@ class PredictionRow:
     adapter_version: int
 
 
+# the response header that says a prediction's records did not reach the store (it refused or
+# was down): labels sent for those ids will come back `unknown`
+RECORDED_HEADER = "Adaptd-Recorded"
+
+
+class PredictionRows(list[PredictionRow]):
+    """A batch's rows, and whether the store took their records (`recorded`); a slice (the rows
+    of one of the batch's requests, as the batcher hands them back) says the same."""
+
+    def __init__(self, rows: Iterable[PredictionRow] = (), recorded: bool = True) -> None:
+        super().__init__(rows)
+        self.recorded = recorded
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> PredictionRow: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PredictionRows: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> PredictionRow | PredictionRows:
+        if isinstance(index, slice):
+            return PredictionRows(super().__getitem__(index), self.recorded)
+        return super().__getitem__(index)
+
+
+def recorded_headers(rows: Sequence[PredictionRow]) -> dict[str, str]:
+    """The response's headers for its rows: `Adaptd-Recorded: false` where the store did not
+    take their records, none otherwise."""
+    return {} if getattr(rows, "recorded", True) else {RECORDED_HEADER: "false"}
+
+
 class Predictor:
     """Runs batches on the engine, keeps a record per sample, and shapes the rows."""
 
@@ -44,17 +76,17 @@ class Predictor:
         self.conformal = conformal
 
     async def run_batch(self, inputs: np.ndarray, ids: list[str],
-                        groups: Groups = None) -> list[PredictionRow]:
+                        groups: Groups = None) -> PredictionRows:
         """`groups`: the group each sample's request named (conformal.mondrian = 'group')."""
         return await self._run(inputs, ids, groups, adapt=True)
 
     async def run_alone(self, inputs: np.ndarray, ids: list[str],
-                        groups: Groups = None) -> list[PredictionRow]:
+                        groups: Groups = None) -> PredictionRows:
         """The fallback for a failed batch: the same model, no adaptation step."""
         return await self._run(inputs, ids, groups, adapt=False)
 
     async def _run(self, inputs: np.ndarray, ids: list[str], groups: Groups,
-                   adapt: bool) -> list[PredictionRow]:
+                   adapt: bool) -> PredictionRows:
         # the shared threshold is read while the model runs
         refresh = None if self.conformal is None else self.conformal.refresh_soon()
         try:
@@ -69,7 +101,7 @@ class Predictor:
         return await self._finish(out, ids, groups)
 
     async def _finish(self, out: BatchOutput, ids: list[str],
-                      groups: Groups = None) -> list[PredictionRow]:
+                      groups: Groups = None) -> PredictionRows:
         model = self.engine.model
         task = model.task
         sets: list | None = None
@@ -110,13 +142,15 @@ class Predictor:
             )
             for i, sample_id in enumerate(ids)
         ]
+        recorded = True
         try:
             await self.store.put_predictions(records)
         except StoreUnavailable:
-            # predictions go on without the store; their labels will count as unknown
-            pass
+            # predictions go on without the store; their labels will count as unknown, and the
+            # response says so (`recorded_headers`)
+            recorded = False
         self.metrics.predictions.inc(len(ids))
-        return [
+        return PredictionRows((
             PredictionRow(
                 id=sample_id,
                 prediction=task.prediction(out.outputs[i], float(out.predictions[i])),
@@ -128,4 +162,4 @@ class Predictor:
                 adapter_version=out.adapter_version,
             )
             for i, sample_id in enumerate(ids)
-        ]
+        ), recorded)

@@ -139,3 +139,35 @@ def test_a_lone_request_runs_at_once_and_one_on_its_way_is_waited_for():
 
     asyncio.run(scenario())
     assert batches == [["alone"], ["first", "second"]]
+
+
+def test_each_request_of_a_merged_batch_hears_whether_the_store_kept_its_records():
+    """The predictor's rows say whether the store took their records (`PredictionRows`); the
+    batcher hands each request its slice, which says the same, and the route turns it into the
+    `Adaptd-Recorded: false` header (tests/test_label_faults.py, with Redis full)."""
+    from service.predictor import RECORDED_HEADER, PredictionRow, PredictionRows, recorded_headers
+
+    def row(sample_id: str) -> PredictionRow:
+        return PredictionRow(sample_id, 0, None, None, None, None, "m", 0)
+
+    async def run_batch(inputs: np.ndarray, ids: list[str],
+                        groups: list[str | None] | None) -> PredictionRows:
+        return PredictionRows((row(i) for i in ids), recorded=False)
+
+    async def scenario():
+        batcher = MicroBatcher(run_batch, run_batch, max_batch_size=8, max_wait_ms=50,
+                               metrics=Metrics())
+        batcher.start()
+        results = await asyncio.gather(*[
+            batcher.submit(np.zeros((2, 1), np.float32), [f"r{r}-0", f"r{r}-1"])
+            for r in range(3)])
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [[r.id for r in rows] for rows in results] == [
+        [f"r{r}-0", f"r{r}-1"] for r in range(3)]
+    assert all(isinstance(rows, PredictionRows) and not rows.recorded for rows in results)
+    assert all(recorded_headers(rows) == {RECORDED_HEADER: "false"} for rows in results)
+    kept = PredictionRows([row("a"), row("b")])
+    assert kept[1:].recorded and recorded_headers(kept[:1]) == {} and kept[0].id == "a"

@@ -280,11 +280,14 @@ def test_a_full_redis_is_an_outage_predictions_go_on_labels_answer_503_and_it_re
 
     async def scenario():
         async with serving(settings) as (client, app):
-            await client.post("/v1/predict", json={"inputs": X_TEST[:2].tolist(),
-                                                   "ids": ["before-0", "before-1"]})
+            before = await client.post("/v1/predict", json={"inputs": X_TEST[:2].tolist(),
+                                                            "ids": ["before-0", "before-1"]})
             fill()
             predicted = await client.post("/v1/predict", json={"inputs": X_TEST[2:4].tolist(),
                                                                "ids": ["lost-0", "lost-1"]})
+            inferred = await client.post("/v2/models/digits-cnn/infer", json={"inputs": [{
+                "name": "input", "shape": [1, 1, 16, 16], "datatype": "FP32",
+                "data": X_TEST[4].ravel().tolist()}]})
             labelled = await client.post("/v1/feedback", json={"labels": labels_for(
                 ["before-0"])})
             bulk = await client.post("/v1/feedback/bulk", headers=NDJSON,
@@ -299,12 +302,12 @@ def test_a_full_redis_is_an_outage_predictions_go_on_labels_answer_503_and_it_re
             up_again = metric(app, "adaptd_store_up")
             joined = await client.post("/v1/feedback", json={"labels": [
                 *labels_for(["before-0"]), {"id": "lost-0", "label": 1}]})
-            return (predicted, labelled, bulk, saved_checkpoint, not_ready, up, errors, ready,
-                    up_again, joined)
+            return (before, predicted, inferred, labelled, bulk, saved_checkpoint, not_ready, up,
+                    errors, ready, up_again, joined)
 
     try:
-        (predicted, labelled, bulk, saved_checkpoint, not_ready, up, errors, ready, up_again,
-         joined) = asyncio.run(scenario())
+        (before, predicted, inferred, labelled, bulk, saved_checkpoint, not_ready, up, errors,
+         ready, up_again, joined) = asyncio.run(scenario())
     finally:
         if fillers:
             redis_client.delete(*fillers)
@@ -312,6 +315,10 @@ def test_a_full_redis_is_an_outage_predictions_go_on_labels_answer_503_and_it_re
             redis_client.config_set(name, value)
 
     assert predicted.status_code == 200 and len(predicted.json()["predictions"]) == 2
+    # the answers say that their records were not kept, so that their labels will be unknown
+    assert predicted.headers.get("adaptd-recorded") == "false"
+    assert inferred.status_code == 200 and inferred.headers.get("adaptd-recorded") == "false"
+    assert "adaptd-recorded" not in before.headers
     for reply in (labelled, bulk, saved_checkpoint):
         assert reply.status_code == 503, reply.text
         detail = reply.json()["detail"]

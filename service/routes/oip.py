@@ -31,7 +31,7 @@ from service.batcher import BatcherStopped, Overloaded, PredictionFailed
 from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput, checked_values, id_problem, label_problem, prediction_ids
 from service.model import LoadedModel
-from service.predictor import PredictionRow
+from service.predictor import PredictionRow, recorded_headers
 from service.routes import BODY_LIMITS, RETRY_AFTER, STARTING, UNAUTHORIZED, Responses
 from service.routes.feedback import unavailable
 from service.routes.inference import SCHEMA_REF, overloaded, run_admitted
@@ -299,7 +299,7 @@ async def _infer(request: Request, runtime: Runtime, served: Served) -> Response
         raise overloaded(exc) from None
     except BatcherStopped as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
-    return _reply(body, header)
+    return _reply(body, header, recorded_headers(rows))
 
 
 def _requested_ids(parameters: dict[str, Any]) -> list[str] | None:
@@ -356,11 +356,12 @@ def _answer(model: LoadedModel, specs: dict[str, tuple[str, list[int]]],
     return oip.answer(model.name, model.version, request, outputs, parameters, classes)
 
 
-def _reply(body: bytes, header: int | None) -> Response:
+def _reply(body: bytes, header: int | None, headers: dict[str, str] | None = None) -> Response:
+    headers = headers or {}
     if header is None:
-        return Response(body, media_type="application/json")
+        return Response(body, media_type="application/json", headers=headers)
     return Response(body, media_type=oip.BINARY_MEDIA_TYPE,
-                    headers={oip.HEADER_LENGTH: str(header)})
+                    headers={oip.HEADER_LENGTH: str(header)} | headers)
 
 
 # --- the feedback extension ---------------------------------------------------------------------
