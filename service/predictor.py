@@ -33,8 +33,9 @@ class PredictionRow:
     adapter_version: int
 
 
-# the response header that says a prediction's records did not reach the store (it refused or
-# was down): labels sent for those ids will come back `unknown`
+# the response header that says a prediction's records may not have reached the store (it refused
+# them, was down, or did not answer in time: a write that timed out may still land later), so
+# labels sent for those ids will most likely come back `unknown`
 RECORDED_HEADER = "Adaptd-Recorded"
 
 
@@ -56,6 +57,14 @@ class PredictionRows(list[PredictionRow]):
         if isinstance(index, slice):
             return PredictionRows(super().__getitem__(index), self.recorded)
         return super().__getitem__(index)
+
+
+# the header as the OpenAPI schema describes it, for every route that predicts
+RECORDED_HEADER_SCHEMA = {RECORDED_HEADER: {
+    "description": "`false` when the store refused these predictions' records or did not answer "
+                   "in time (Redis full, down, or too slow): their labels will most likely come "
+                   "back unknown",
+    "schema": {"type": "string", "enum": ["false"]}}}
 
 
 def recorded_headers(rows: Sequence[PredictionRow]) -> dict[str, str]:

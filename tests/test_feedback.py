@@ -106,6 +106,10 @@ def test_the_openapi_schema_describes_every_route():
     assert {"/v1/predict", "/v1/feedback", "/v1/state", "/healthz", "/readyz", "/metrics",
             "/v1/admin/reset", "/v1/admin/checkpoint"} <= set(schema["paths"])
     assert "Tensor" in schema["components"]["schemas"]
+    # every route that predicts says it may answer Adaptd-Recorded: false
+    for path in ("/v1/predict", "/v2/models/{model_name}/infer",
+                 "/v2/models/{model_name}/versions/{model_version}/infer"):
+        assert "Adaptd-Recorded" in schema["paths"][path]["post"]["responses"]["200"]["headers"]
 
 
 def test_a_record_keeps_its_features_only_where_a_label_will_learn_from_them() -> None:

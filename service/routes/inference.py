@@ -26,7 +26,7 @@ from service.batcher import BatcherStopped, Overloaded, PredictionFailed
 from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput
 from service.predict_body import SampleEstimate, SchemaErrors, parse_predict
-from service.predictor import RECORDED_HEADER, PredictionRow, recorded_headers
+from service.predictor import RECORDED_HEADER_SCHEMA, PredictionRow, recorded_headers
 from service.routes import BODY_LIMITS, RETRY_AFTER, STARTING, UNAUTHORIZED, Responses, error
 from service.runtime import Runtime
 from service.schemas import PredictRequest, PredictResponse
@@ -50,11 +50,7 @@ def request_schemas() -> dict[str, Any]:
 
 
 RESPONSES: Responses = {
-    200: {"description": "the predictions",
-          "headers": {RECORDED_HEADER: {
-              "description": "`false` when the store did not keep these predictions' records "
-                             "(it refused writes or was down): their labels will be unknown",
-              "schema": {"type": "string", "enum": ["false"]}}}},
+    200: {"description": "the predictions", "headers": RECORDED_HEADER_SCHEMA},
     **UNAUTHORIZED,
     **BODY_LIMITS,
     422: error("inputs that do not fit the model or the schema: `detail` says what to change; "

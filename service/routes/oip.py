@@ -31,7 +31,7 @@ from service.batcher import BatcherStopped, Overloaded, PredictionFailed
 from service.deps import get_runtime, require_token
 from service.inputs import InvalidInput, checked_values, id_problem, label_problem, prediction_ids
 from service.model import LoadedModel
-from service.predictor import PredictionRow, recorded_headers
+from service.predictor import RECORDED_HEADER_SCHEMA, PredictionRow, recorded_headers
 from service.routes import BODY_LIMITS, RETRY_AFTER, STARTING, UNAUTHORIZED, Responses
 from service.routes.feedback import unavailable
 from service.routes.inference import SCHEMA_REF, overloaded, run_admitted
@@ -74,7 +74,7 @@ INFER_RESPONSES: Responses = {
                        "Inference-Header-Content-Length",
         "headers": {oip.HEADER_LENGTH: {
             "description": "the length of the JSON part, when raw outputs follow it",
-            "schema": {"type": "integer"}}},
+            "schema": {"type": "integer"}}} | RECORDED_HEADER_SCHEMA,
         "content": {"application/json": {},
                     oip.BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
     },
