@@ -128,6 +128,10 @@ class RobustBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.source_only:
             return self._normalise(x, self.source_mean, self.source_square)
+        if self.replay and self.served is not None and len(self.served[0]) == x.shape[0]:
+            # the statistics this batch was served with (`served_statistics`): a second pass
+            # over the same samples, as SAR's at perturbed weights, normalised as the first
+            return self._normalise(x, *self.served)
         m = (1.0 - (1.0 - self.momentum) ** x.shape[0] if self.fixed_momentum is None
              else self.fixed_momentum)
         capture = bool(self.classes and self.commit and self.captured is None)
@@ -145,10 +149,6 @@ class RobustBatchNorm(nn.Module):
         first, second = self.bounded(first, second)
         if capture:
             self.captured = (first.detach(), second.detach())
-        if self.replay and self.served is not None and len(self.served[0]) == x.shape[0]:
-            # the statistics this batch was served with (`served_statistics`): a second pass
-            # over the same samples, as SAR's at perturbed weights, normalised as the first
-            return self._normalise(x, *self.served)
         if self.commit and self.fixed_momentum is None and x.shape[0] > 1:
             # served: each sample by the average as it stood after it, as if the samples had
             # come one at a time (`running`), so that how the batcher merged requests changes
