@@ -593,9 +593,9 @@ def inert_settings(settings: Settings, engine: Engine, reference: ReferenceData 
                 "rarely step and serves like bn; set adapter.options.d_margin higher (1.0 turns "
                 "the redundancy filter off) or choose bn")
     s = settings.supervised
-    if not s.enabled and (s.replay or s.reference_batch or s.train == "all"):
-        said.append("supervised.train, replay and reference_batch shape the supervised step, "
-                    "which is off: set supervised.enabled = true")
+    if not s.enabled and (s.replay or s.reference_batch or s.average or s.train == "all"):
+        said.append("supervised.train, replay, reference_batch and average shape the "
+                    "supervised step, which is off: set supervised.enabled = true")
     if s.enabled and s.reference_batch and settings.adapter.norm == "batch":
         said.append("supervised.reference_batch normalises the reference samples by the "
                     "source's statistics, which adapter.norm = 'batch' does not keep: each "
@@ -777,7 +777,7 @@ def _supervised(settings: Settings, model: LoadedModel, reference: ReferenceData
                           max_learning_rate=settings.adapter.max_learning_rate,
                           replay=s.replay, replay_steps=s.replay_steps, reference=rehearsed,
                           reference_batch=s.reference_batch, input_shape=model.input_shape,
-                          replay_batch=s.batch_size)
+                          replay_batch=s.batch_size, average=s.average)
 
 
 def _adanpc(settings: Settings, model: LoadedModel, reference: ReferenceData | None

@@ -373,6 +373,10 @@ class SupervisedSettings(Section):
         0, le=4096, description="labelled reference samples added to every step, normalised "
         "by the source's statistics, so the training distribution is not forgotten (needs "
         "reference data with labels)")
+    average: float = Field(
+        0.0, ge=0.0, lt=1.0, description="0: serve the weights the step moves; in (0, 1): "
+        "serve their exponential moving average, with this decay per step (0.9 averages about "
+        "the last ten steps); costs two more copies of what trains")
 
     @model_validator(mode="after")
     def _replay_with_its_steps(self) -> SupervisedSettings:

@@ -167,6 +167,49 @@ def test_labels_train_every_parameter_with_replay_and_reference_rehearsal() -> N
     assert (reset["kept"], reset["steps"]) == (0, 0)
 
 
+def test_the_service_serves_the_average_of_the_supervised_steps_and_resets_both() -> None:
+    _, _, x_test, y_test = digits_split()
+
+    async def scenario():
+        async with serving(supervised={"enabled": True, "train": "all", "batch_size": 16,
+                                       "replay": 40, "replay_steps": 2,
+                                       "average": 0.9}) as (client, app):
+            engine = app.state.runtime.engine
+            source = [p.detach().clone() for p in engine.supervised.params]
+            for start in range(0, 64, 16):
+                ids = [f"r{start + i}" for i in range(16)]
+                await client.post("/v1/predict", json={
+                    "inputs": x_test[start:start + 16].tolist(), "ids": ids})
+                await client.post("/v1/feedback", json={"labels": [
+                    {"id": i, "label": int(y)}
+                    for i, y in zip(ids, y_test[start:start + 16], strict=True)]})
+            learnt = (await client.get("/v1/state")).json()["learning"]["supervised"]
+            served = [p.detach().clone() for p in engine.supervised.params]
+            moved = [m.clone() for m in engine.supervised._moved]
+            checkpoint = engine.checkpoint()
+            await client.post("/v1/admin/reset")
+            after_reset = [p.detach().clone() for p in engine.supervised.params]
+            restored = engine.restore(checkpoint)
+            back = [p.detach().clone() for p in engine.supervised.params]
+            return (learnt, source, served, moved, after_reset, restored, back,
+                    engine.supervised._moved)
+
+    learnt, source, served, moved, after_reset, restored, back, moved_back = asyncio.run(
+        scenario())
+    assert (learnt["average"], learnt["steps"]) == (0.9, 12)
+    # twelve steps moved every parameter; the model serves their average, between the source
+    # and the moved weights
+    for s, a, m in zip(source, served, moved, strict=True):
+        if not torch.equal(s, m):
+            assert not torch.equal(a, m)
+            assert torch.linalg.vector_norm(a - s) < torch.linalg.vector_norm(m - s)
+    assert all(torch.equal(r, s) for r, s in zip(after_reset, source, strict=True))
+    # a checkpoint holds both: restored, the model serves the average and steps from the moved
+    assert restored
+    assert all(torch.equal(b, a) for b, a in zip(back, served, strict=True))
+    assert all(torch.equal(b, m) for b, m in zip(moved_back, moved, strict=True))
+
+
 def test_a_restored_supervised_step_starts_the_mixture_from_its_answers(
         redis_server: RedisServer) -> None:
     # with adapter none the source starts level with the supervised model, which it equals

@@ -128,6 +128,8 @@ def test_the_supervised_step_says_when_its_replay_or_reference_settings_cannot_a
 
     (said,) = supervised_warnings(supervised={"train": "all", "replay": 100, "replay_steps": 2})
     assert "which is off: set supervised.enabled = true" in said
+    (said,) = supervised_warnings(supervised={"average": 0.9})
+    assert "which is off: set supervised.enabled = true" in said
     assert supervised_warnings(supervised={"enabled": True, "train": "all", "replay": 100,
                                            "replay_steps": 2, "reference_batch": 8}) == []
     (said,) = supervised_warnings(adapter={"name": "bn", "norm": "batch"},

@@ -507,3 +507,98 @@ def test_replay_steps_draw_their_own_batch_size_whatever_the_new_batch() -> None
     step.learn(inputs(200), torch.zeros(200, 1))  # a burst of labels learnt at once
 
     assert sizes == [200, 16, 16]
+
+
+# --- the served weights as a moving average of the moved ones ---------------------------------
+
+
+def test_averaging_serves_the_moving_average_of_the_weights_the_steps_move() -> None:
+    x, y = inputs(), torch.ones(128, 1)
+    plain_model, averaged_model = mlp(), mlp()
+    plain = SupervisedStep(plain_model, task="regression", prefer="all", learning_rate=1e-2)
+    averaged = SupervisedStep(averaged_model, task="regression", prefer="all",
+                              learning_rate=1e-2, average=0.5)
+    expected = [p.detach().clone() for p in plain.params]
+    for _ in range(3):
+        plain.step(x, y)
+        averaged.step(x, y)
+        expected = [0.5 * e + 0.5 * p.detach() for e, p in zip(expected, plain.params,
+                                                                strict=True)]
+
+    # the steps moved the same weights (kept beside the served ones), the model serves their
+    # average: each served weight is the decayed sum of the moved weights after each step
+    assert averaged._moved is not None
+    for moved, param in zip(averaged._moved, plain.params, strict=True):
+        assert torch.allclose(moved, param)
+    for served, average in zip(averaged.params, expected, strict=True):
+        assert torch.allclose(served, average, atol=1e-6)
+    assert not torch.allclose(averaged_model(x), plain_model(x))
+
+
+def test_averaging_keeps_what_another_learner_moved_between_steps() -> None:
+    """A test-time adapter stepping the same weights between two labelled batches moves the
+    served and the moved weights alike: the next step does not undo it."""
+    x, y = inputs(), torch.ones(128, 1)
+    model = mlp()
+    step = SupervisedStep(model, task="regression", prefer="all", learning_rate=1e-2,
+                          average=0.9)
+    step.step(x, y)
+    assert step._moved is not None
+    moved_before = [m.clone() for m in step._moved]
+    bias = model[4].bias
+    average_before = bias.detach().clone()
+    with torch.no_grad():
+        bias.add_(3.0)  # another learner's step on the served weights
+    served = bias.detach().clone()
+
+    step.step(x, y)
+
+    index = [i for i, p in enumerate(step.params) if p is bias][0]
+    # the moved copy took the same +3 before it stepped, and the served bias moved from where
+    # the other learner left it a tenth of the way to the moved one
+    stepped = step._moved[index] - moved_before[index] - 3.0
+    assert float(stepped.abs()) < 0.1
+    gap = moved_before[index] - average_before + stepped
+    assert torch.allclose(bias.detach() - served, 0.1 * gap, atol=1e-6)
+
+
+def test_averaging_resets_and_checkpoints_with_the_moved_weights() -> None:
+    x, y = inputs(), torch.ones(128, 1)
+    model = mlp()
+    source = model(x).detach()
+    step = SupervisedStep(model, task="regression", prefer="all", learning_rate=1e-2,
+                          average=0.8, replay=256, replay_steps=2)
+    for _ in range(3):
+        step.learn(x, y)
+
+    restored_model = mlp()
+    restored = SupervisedStep(restored_model, task="regression", prefer="all",
+                              learning_rate=1e-2, average=0.8)
+    state = step.state_dict()
+    served_then = model(x).detach()
+    assert any(key.startswith("moved.") for key in state)
+    restored.load_state_dict(state)
+    assert torch.equal(restored_model(x), model(x))
+    step.step(x, y)
+    restored.step(x, y)
+    assert torch.allclose(restored_model(x), model(x), atol=1e-6)
+
+    # a step without averaging loads the served weights of that checkpoint and steps from them
+    unaveraged_model = mlp()
+    unaveraged = SupervisedStep(unaveraged_model, task="regression", prefer="all")
+    unaveraged.load_state_dict(state)
+    assert torch.equal(unaveraged_model(x), served_then)
+    assert unaveraged._moved is None
+
+    step.reset()
+    assert torch.equal(model(x), source)
+    assert step._moved is None
+    step.step(x, y)  # starts again from the source: moved and served
+    assert step._moved is not None
+
+
+def test_an_average_outside_zero_to_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        SupervisedStep(mlp(), task="regression", average=1.0)
+    with pytest.raises(ValueError, match="decay"):
+        SupervisedStep(mlp(), task="regression", average=-0.1)

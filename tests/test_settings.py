@@ -72,6 +72,7 @@ def test_the_config_file_can_be_named_by_adaptd_config(tmp_path, monkeypatch):
         ("[supervised]\nreplay = 100\n", "only supervised.replay_steps rehearses"),
         ("[supervised]\nreplay_steps = 3\n", "needs samples to replay"),
         ("[supervised]\ntrain = \"everything\"\n", "'auto', 'norm', 'lowrank' or 'all'"),
+        ("[supervised]\naverage = 1.0\n", "less than 1"),
     ],
 )
 def test_a_mistake_in_the_config_file_is_an_error_that_names_it(tmp_path, toml, message):
