@@ -368,6 +368,10 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
            default_mixture=True),
     Config("defaults+sup-all-nodrift", {"supervised": {"enabled": True, **SUPERVISED_ALL}}
            | _OFF, default_mixture=True),
+    # the same with the served weights the moving average of the trained ones (decay 0.9 a
+    # step, `supervised.average`)
+    Config("defaults+sup-all-avg", {"supervised": {"enabled": True, **SUPERVISED_ALL,
+                                                   "average": 0.9}}, default_mixture=True),
     # the supervised recipe without the mixture, under a drift policy that also resets what
     # learnt at every label-free alarm (a setting a user may choose; the defaults do not), with
     # the policy's judge (its default) and without it: whether the judge finds the reset hurting

@@ -37,6 +37,7 @@ def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_lear
     both = (True, ("hat", "ht"))  # River's two Hoeffding trees, each a candidate
     assert learners.pop("defaults") == learners.pop("defaults-nodrift") == both
     assert learners.pop("defaults+sup-all") == learners.pop("defaults+sup-all-nodrift") == both
+    assert learners.pop("defaults+sup-all-avg") == both
     assert learners.pop("defaults+newest") == learners.pop("defaults-newest") == both
     assert learners.pop("defaults+arf") == (True, ("hat", "ht", "arf"))
     assert learners.pop("defaults+ht") == (True, ("ht",))
