@@ -336,10 +336,14 @@ class SupervisedStep:
         self._input_shape = input_shape
         self._allocate()
         # with `average`: the weights the steps move and their moving average, as they stood
-        # when the last `learn` ended (None until the first step); the model serves the average
+        # when the last step ended (allocated now, as the ring is, so that a model too large for
+        # them fails at start); the model serves the average and what else moved it since
         self.average = average
         self._moved: list[torch.Tensor] | None = None
         self._averaged: list[torch.Tensor] | None = None
+        if average:
+            self._moved = [p.detach().clone() for p in self.params]
+            self._averaged = [p.detach().clone() for p in self.params]
         self._stepping = False
 
     def _allocate(self) -> None:
@@ -370,20 +374,15 @@ class SupervisedStep:
         serves their average again after it. Whatever else moved the served weights since the
         last block (another adapter stepping the same affines) moves both copies by as much, so
         no other learner's step is undone. Without `average`, or within a block: nothing."""
-        if not self.average or self._stepping:
+        if self._moved is None or self._averaged is None or self._stepping:
             yield
             return
         self._stepping = True
         with torch.no_grad():
-            if self._moved is None or self._averaged is None:
-                self._moved = [p.detach().clone() for p in self.params]
-                self._averaged = [p.detach().clone() for p in self.params]
-            else:
-                for param, moved, averaged in zip(self.params, self._moved, self._averaged,
-                                                  strict=True):
-                    moved.add_(param.detach() - averaged)
-                    averaged.copy_(param.detach())
-            for param, moved in zip(self.params, self._moved, strict=True):
+            for param, moved, averaged in zip(self.params, self._moved, self._averaged,
+                                              strict=True):
+                moved.add_(param.detach() - averaged)
+                averaged.copy_(param.detach())
                 param.copy_(moved)
         try:
             yield
@@ -460,7 +459,11 @@ class SupervisedStep:
             layer.reset()
         self.optimizer.load_state_dict(copy.deepcopy(self._source_optimizer))
         self.steps = 0
-        self._moved = self._averaged = None  # both start again from the source at the next step
+        if self._moved is not None and self._averaged is not None:  # both from the source again
+            for param, moved, averaged in zip(self.params, self._moved, self._averaged,
+                                              strict=True):
+                moved.copy_(param.detach())
+                averaged.copy_(param.detach())
         # what was learnt from the kept samples has just been undone: learning it again from
         # them would bring back what the reset was for
         self._kept_labels = None
@@ -476,12 +479,13 @@ class SupervisedStep:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trained tensors (as served; with `average`, the moved ones too, as
-        ``moved.<name>``), Adam's moments for them, and the step count."""
+        ``moved.<name>``, with what else moved the served ones since the last step), Adam's
+        moments for them, and the step count."""
         state = {f"param.{name}": p.detach().clone()
                  for name, p in zip(self.param_names, self.params, strict=True)}
-        if self._moved is not None:
-            state.update({f"moved.{name}": m.clone()
-                          for name, m in zip(self.param_names, self._moved, strict=True)})
+        if self._moved is not None and self._averaged is not None:
+            state.update({f"moved.{name}": m + (p.detach() - a) for name, p, m, a in zip(
+                self.param_names, self.params, self._moved, self._averaged, strict=True)})
         state.update(optimizer_tensors(self.optimizer))
         state["steps"] = torch.tensor(self.steps)
         return state
@@ -500,13 +504,14 @@ class SupervisedStep:
         with torch.no_grad():
             for name, param in zip(self.param_names, self.params, strict=True):
                 param.copy_(state[f"param.{name}"])
-        # the moved weights where averaging is on and the checkpoint has them; else the next
-        # step starts from what is served (a checkpoint of a step without `average`)
-        self._moved = self._averaged = None
-        if self.average and all(f"moved.{name}" in state for name in self.param_names):
-            self._moved = [state[f"moved.{name}"].detach().clone().to(p)
-                           for name, p in zip(self.param_names, self.params, strict=True)]
-            self._averaged = [p.detach().clone() for p in self.params]
+            # with `average`, the moved weights where the checkpoint has them; else (one of a step
+            # without `average`) the next step starts from what is served
+            if self._moved is not None and self._averaged is not None:
+                moved_kept = all(f"moved.{name}" in state for name in self.param_names)
+                for name, param, moved, averaged in zip(self.param_names, self.params,
+                                                        self._moved, self._averaged, strict=True):
+                    averaged.copy_(param.detach())
+                    moved.copy_(state[f"moved.{name}"] if moved_kept else param.detach())
         load_optimizer_tensors(self.optimizer, state)
         self.steps = int(state.get("steps", torch.tensor(0)))
 
