@@ -17,7 +17,10 @@ Actions (`ACTIONS`):
   ``lr(now) = base * (1 + (boost - 1) * 2 ** (-(now - t_boost) / half_life))``, back to exactly
   base once the excess is below 0.1% of base. Learning rates should rise under shift ("Learning Rate
   Schedules in the Presence of Distribution Shift", Fahrbach et al., ICML 2023). A later boost
-  restarts from ``boost`` x base; boosts never compound.
+  restarts from ``boost`` x base; boosts never compound. What learns from labels takes the
+  boost by when the labels' samples were served (`learning_rate_served`), not when the labels
+  arrive: a label that comes back after the boost but whose sample was served before it shows
+  the concept the boost is moving away from, and learns at base.
 * ``reset_adapter``: back to the source weights (not in the defaults: the collapse guard already
   resets an adapter that collapsed, and a drift alone does not mean adaptation failed).
 * ``trim_memory``: keep only the newest rows of the AdaNPC and error memories, the part most
@@ -188,6 +191,14 @@ class DriftPolicy:
         if excess < SETTLED:
             return self.base_learning_rate
         return self.base_learning_rate * (1.0 + excess)
+
+    def learning_rate_served(self, served: float) -> float:
+        """The rate for learning from a label whose sample was served at clock ``served``: the
+        boost as it stood then, counting only the last boost, if it came before that sample
+        (base for a sample served before it, whose label shows what came before the change)."""
+        if self._boost_at is None or not served >= self._boost_at:  # NaN: base
+            return self.base_learning_rate
+        return self.learning_rate(int(served))
 
     # ---- alarms ----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ micro-batcher runs each request again alone, without adaptation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import hashlib
@@ -33,7 +34,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -195,9 +196,10 @@ class BatchOutput:
     # whether the records keep `features`: decided with the pass (an `auto` error memory that
     # wakes while the batch is being recorded must not get rows it did not correct)
     keep_features: bool = False
-    # where the drift policy's judge runs: the token of the process that served the batch and
-    # its sample clock after the batch, kept in each record (`extra["served"]`), so a label
-    # counts for when its sample was served, and only in the process that served it
+    # where the drift policy runs: the token of the process that served the batch and its sample
+    # clock after the batch, kept in each record (`extra["served"]`), so that a label counts for
+    # when its sample was served, and only in the process that served it (for the policy's
+    # judge, and the boost that what learns from the label takes)
     served: tuple[int, int] | None = None
 
 
@@ -212,6 +214,9 @@ class LabelledBatch:
     inputs: np.ndarray | None = None
     errors: np.ndarray | None = None  # the labelled drift signal of every joined label
     served: np.ndarray | None = None  # (n, 2): where each of those labels' samples was served
+    # (n, 2): where each of `labels`' samples was served (process token, sample clock; NaN where
+    # the record does not say), whose drift boost what learns from them takes
+    learnt_served: np.ndarray | None = None
     judged: np.ndarray | None = None  # what the drift policy's judge scores each label by
     # the shadow comparison: errors of what learns (the last stage before any mixture) and of
     # the source's outputs, and the epoch each record was served in (see EPOCH)
@@ -317,6 +322,7 @@ class Engine:
         self.supervised_batch = supervised_batch
         self._supervised_inputs: list[torch.Tensor] = []
         self._supervised_labels: list[torch.Tensor] = []
+        self._supervised_served: list[np.ndarray] = []  # where each waiting label's sample was
         self.drift = drift
         # the shadow: a frozen copy of the source model, run on every batch beside the adapted
         # one, for the guard and for the comparison on labels; or the served module itself where
@@ -734,16 +740,35 @@ class Engine:
         self._apply_rates(force=True)
 
     def _apply_rates(self, force: bool = False) -> None:
-        """Every learning part at its base rate times the drift boost, the test-time adapter's
-        also times the class-run damping (`_runs_scale`); each capped by its setter."""
+        """The test-time adapter at its base rate times the drift boost now and the class-run
+        damping (`_runs_scale`), capped by its setter. What learns from labels stays at its base
+        rate here and takes the boost at each labelled batch (`_label_rate`)."""
         factors = (1.0 if self.drift is None else self.drift.factor(), self._runs_scale())
         if factors == self._factors and not force:
             return
         self._factors = factors
         boost, runs = factors
         for part, base in self._base_rates.items():
-            part.set_learning_rate(base * boost * (runs if part is self.adapter else 1.0))
+            part.set_learning_rate(base * boost * runs if part is self.adapter else base)
         self.metrics.learning_rate.set(self.adapter.learning_rate)
+
+    @contextlib.contextmanager
+    def _label_rate(self, part: Learner, served: np.ndarray | None,
+                    count: int) -> Iterator[None]:
+        """Within this block `part`, which learns from labels, steps at its base rate times the
+        drift boost as it stood when those `count` labels' samples were served (`served`, the
+        records' (process token, sample clock) rows; `DriftMonitor.factor_served`): a label of
+        a sample served before a boost shows the concept before the change, and is not learnt
+        faster for arriving after it."""
+        base = self._base_rates.get(part)
+        if base is None or self.drift is None:
+            yield
+            return
+        part.set_learning_rate(base * self.drift.factor_served(served, count))
+        try:
+            yield
+        finally:
+            part.set_learning_rate(base)
 
     def learn(self, batch: LabelledBatch) -> None:
         """Engine thread only. What joined labels teach: rows for the error memory (already in
@@ -762,12 +787,18 @@ class Engine:
                                               self.adanpc.capacity))
         if self.output_corrector is not None and batch.before_corrector is not None:
             features = None if batch.features is None else torch.from_numpy(batch.features)
-            self.output_corrector.learn(features, torch.from_numpy(batch.before_corrector),
-                                        torch.from_numpy(batch.labels.astype(np.float32)))
+            with self._label_rate(self.output_corrector, batch.learnt_served,
+                                  len(batch.labels)):
+                self.output_corrector.learn(features, torch.from_numpy(batch.before_corrector),
+                                            torch.from_numpy(batch.labels.astype(np.float32)))
             self.metrics.correction_steps.inc()
         if self.supervised is not None and batch.inputs is not None:
             self._supervised_inputs.append(torch.from_numpy(batch.inputs))
             self._supervised_labels.append(torch.from_numpy(batch.labels))
+            served = batch.learnt_served
+            if served is None or np.size(served) != 2 * len(batch.labels):
+                served = np.full((len(batch.labels), 2), np.nan)
+            self._supervised_served.append(np.asarray(served, dtype=np.float64).reshape(-1, 2))
             self._supervised_step()
         self._report_memories()
         if (self.runs is not None and batch.runs_places is not None
@@ -899,12 +930,15 @@ class Engine:
             return
         inputs = torch.cat(self._supervised_inputs).reshape(-1, *self.model.input_shape)
         labels = self.task.label_tensor(torch.cat(self._supervised_labels), len(inputs))
+        served = np.concatenate(self._supervised_served) if self._supervised_served else None
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
+        self._supervised_served.clear()
         armed, self.tap.armed = self.tap.armed, False  # the step's forward keeps no features
         before = self.supervised.steps
         try:
-            self.supervised.learn(inputs, labels)
+            with self._label_rate(self.supervised, served, len(inputs)):
+                self.supervised.learn(inputs, labels)
         finally:
             self.tap.armed = armed
             self.metrics.supervised_steps.inc(max(0, self.supervised.steps - before))
@@ -936,6 +970,7 @@ class Engine:
         self._epoch = (self._epoch + 1 + secrets.randbelow(2**24 - 1)) % 2**24  # never the same
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
+        self._supervised_served.clear()
         if self.recent is not None:  # the source model has learnt from none of them
             self.recent.clear()
         if self.runs is not None:  # the class mix it divides by was the old model's

@@ -47,8 +47,8 @@ LOGGED_REJECTIONS = 5
 ONLINE_SLICE = 256
 
 
-# a record that does not say which process served it at what sample clock (the drift policy's
-# judge off when it was served, or a record from before the judge existed)
+# a record that does not say which process served it at what sample clock (the drift policy off
+# when it was served, or, before stop 38, its judge off; or a record from before the judge existed)
 NOT_SERVED_HERE = (math.nan, math.nan)
 
 
@@ -271,6 +271,10 @@ class FeedbackService:
             return
         batch = LabelledBatch(labels=self.task.record_labels(records),
                               errors=errors, served=served, judged=judged)
+        if drift is not None:  # where the labels learnt from were served: the boost they take
+            batch.learnt_served = np.array(
+                [r.extra.get("served", NOT_SERVED_HERE) for r in records],
+                dtype=np.float64).reshape(len(records), 2)
         if all(r.features is not None for r in records):
             batch.features = np.stack([r.features for r in records])  # type: ignore[misc]
         batch.error_memory_rows = self._error_memory_rows(records)

@@ -142,14 +142,31 @@ class DriftMonitor:
             self.judge.observe(here[mine, 1], losses[mine])
         return self._update(self.labelled, {self.task.signal: errors})
 
-    def served(self) -> tuple[int, int] | None:
-        """What a record keeps of where its batch was served, for the judge: this process's
-        token and the sample clock after the batch; None with the judge off."""
-        return (self.token, self.samples) if self.judge.enabled else None
+    def served(self) -> tuple[int, int]:
+        """What a record keeps of where its batch was served, for the judge and for the boost
+        of what learns from its label (`factor_served`): this process's token and the sample
+        clock after the batch."""
+        return (self.token, self.samples)
 
     def factor(self) -> float:
         """The learning-rate multiplier now: 1, or a boost decaying back to 1."""
         return self.policy.learning_rate(self.samples)
+
+    def factor_served(self, served: np.ndarray | None, count: int) -> float:
+        """The learning-rate multiplier for learning from `count` labels whose samples were
+        served where `served` says ((process token, sample clock) rows as `served()` gave them,
+        NaN where a record does not say): the mean of the boost as it stood when each of this
+        process's samples was served (`DriftPolicy.learning_rate_served`); a row served by
+        another process, or not known, counts at the multiplier now."""
+        now = self.factor()
+        if served is None or count <= 0 or np.size(served) != 2 * count:
+            return now
+        here = np.asarray(served, dtype=np.float64).reshape(count, 2)
+        base = self.policy.base_learning_rate
+        factors = [self.policy.learning_rate_served(clock) / base
+                   if token == self.token and np.isfinite(clock) else now
+                   for token, clock in here]
+        return float(np.mean(factors))
 
     def _update(self, detectors: list[SignalDetector],
                 values: dict[str, np.ndarray | None]) -> list[Action]:

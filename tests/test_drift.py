@@ -265,6 +265,19 @@ def test_the_boost_decays_back_to_base_with_the_configured_half_life():
     assert drift_policy.learning_rate(1_000 + 11 * 200) > 0.001
 
 
+def test_a_label_learns_at_the_boost_as_it_stood_when_its_sample_was_served():
+    drift_policy = policy(boost=5.0, half_life=200)
+    assert drift_policy.learning_rate_served(900) == 0.001  # no boost yet
+    drift_policy.on_alarm(alarm(), now=1_000)
+    # a label that arrives now, of a sample served before the boost: the old concept, base
+    assert drift_policy.learning_rate_served(999) == 0.001
+    assert drift_policy.learning_rate_served(float("nan")) == 0.001
+    # of samples served since: the boost as it stood when each was served
+    assert drift_policy.learning_rate_served(1_000) == pytest.approx(0.005, rel=1e-12)
+    assert drift_policy.learning_rate_served(1_200) == pytest.approx(0.003, rel=1e-12)
+    assert drift_policy.learning_rate_served(1_000 + 12 * 200) == 0.001
+
+
 def test_a_boost_records_where_the_rate_was_and_where_it_goes():
     drift_policy = policy(cooldown=0)
     drift_policy.on_alarm(alarm(), now=0)

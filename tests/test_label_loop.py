@@ -352,3 +352,33 @@ def test_error_memory_options_cannot_override_the_sections_own_keys() -> None:
     settings = settings_for(error_memory={"kind": "hashed", "options": {"capacity": 5}})
     with pytest.raises(ValueError, match=r"error_memory.options \['capacity'\]"):
         build_engine(settings, metrics, EventLog(metrics))
+
+
+def test_joined_labels_carry_where_their_samples_were_served_for_the_boost_they_learn_at(
+) -> None:
+    """The label path hands the engine, for the labels it learns from, where each sample was
+    served: the records keep it wherever drift monitoring runs, the policy's judge off too."""
+    _, _, x_test, y_test = digits_split()
+
+    async def scenario():
+        async with serving(supervised={"enabled": True, "batch_size": 8},
+                           drift={"policy": {"judge": {"holdout": 0}}}) as (client, app):
+            engine = app.state.runtime.engine
+            seen = []
+            learn = engine.learn
+
+            def spy(batch):
+                seen.append(batch.learnt_served)
+                return learn(batch)
+
+            engine.learn = spy
+            ids = [f"s{i}" for i in range(8)]
+            await client.post("/v1/predict", json={"inputs": x_test[:8].tolist(), "ids": ids})
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:8], strict=True)]})
+            return seen, engine.drift.token, engine.drift.samples
+
+    seen, token, samples = asyncio.run(scenario())
+    (served,) = seen
+    assert served.shape == (8, 2)
+    assert (served[:, 0] == token).all() and (served[:, 1] == samples).all()

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from adapters.tta.norm import RobustBatchNorm, class_run_scales, configure_norm, grade_momenta
 from adapters.tta.runs import ClassRunFilter
+from drift import Alarm
 from service.demo import digits_split
 from service.settings import Settings
 from tests.harness import built_engine
@@ -920,3 +921,52 @@ def test_a_repeated_rows_shift_is_left_out() -> None:
         engine.forward(np.concatenate([x[:1], x[10:13]]))  # the first row seen before
         assert seen["learn"].tolist() == [False, True, True, True]
         assert np.isnan(seen["shifts"][0]) and np.isfinite(seen["shifts"][1:]).all()
+
+
+def test_what_learns_from_labels_takes_the_boost_by_when_their_samples_were_served() -> None:
+    """A label-free alarm boosts the test-time adapter at once; the supervised step learns the
+    labels of samples served before the boost at its base rate (they show the concept before the
+    change, however late they come back), those served after it at the boost, and rests at its
+    base rate between labelled batches."""
+    from service.engine import LabelledBatch
+
+    settings = Settings(adapter={"name": "tent", "learning_rate": 1e-3, "runs": "off"},
+                        supervised={"enabled": True, "learning_rate": 2e-3, "batch_size": 8},
+                        drift={"policy": {"boost": 4.0, "half_life": 10_000}})
+    x, y, x_test, _ = digits_split()
+    with built_engine(settings) as engine:
+        assert engine.supervised is not None and engine.drift is not None
+        rates: list[float] = []
+        learn = engine.supervised.learn
+
+        def spy(inputs: torch.Tensor, labels: torch.Tensor) -> float:
+            rates.append(engine.supervised.learning_rate)
+            return learn(inputs, labels)
+
+        engine.supervised.learn = spy  # type: ignore[method-assign]
+        before = engine.forward(x_test[:8]).served  # (token, clock) after the batch
+        assert before is not None
+        engine.forward(x_test[24:32])  # the batch whose inputs raise the alarm below
+        entropy = Alarm("adwin", "entropy", False, sample=8, update=8, time=0.0,
+                        statistic=None, estimate=1.0, detail={"direction": "up"})
+        assert [a.name for a in engine.drift.policy.on_alarm(
+            entropy, now=engine.drift.samples)] == ["boost_lr"]
+        engine._apply_rates()
+        assert engine.adapter.learning_rate == pytest.approx(4e-3, rel=1e-3)
+        assert engine.supervised.learning_rate == 2e-3  # at rest: its base
+        after = engine.forward(x_test[8:16]).served
+        assert after is not None
+
+        def labelled(rows: slice, served: tuple[int, int]) -> LabelledBatch:
+            n = rows.stop - rows.start
+            return LabelledBatch(labels=y[rows].astype(np.int64), inputs=x[rows],
+                                 learnt_served=np.array([served] * n, dtype=np.float64))
+
+        engine.learn(labelled(slice(0, 8), before))  # arrives after the boost, served before
+        engine.learn(labelled(slice(8, 16), after))
+        other = (after[0] + 1, after[1])  # served by another process: the boost now
+        engine.learn(labelled(slice(16, 24), other))
+        assert rates[0] == pytest.approx(2e-3)
+        assert rates[1] == pytest.approx(8e-3, rel=1e-3)
+        assert rates[2] == pytest.approx(8e-3, rel=1e-3)
+        assert engine.supervised.learning_rate == 2e-3
