@@ -7,7 +7,9 @@ compensated outputs (after AdaNPC's vote, the output corrector and the error mem
 best depends on the stream, and changes along it: on a stream the adapter cannot follow the source
 is best, after a shift that the labels teach the compensated outputs are. One more candidate is
 no stage: the label that arrived last, served for every sample (`newest_label`), best where
-labels persist, as in classes that come in runs or a level that moves slowly. The mixture serves
+labels persist, as in classes that come in runs or a level that moves slowly; and, for a
+regressor, the last stage plus its mean residual over the last labels (`recent_residual`), best
+where the model errs alike for a while. The mixture serves
 
     p_t = Σ_i w_i,t · p_i,t                                   (probabilities, or values)
 

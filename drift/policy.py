@@ -177,6 +177,11 @@ class DriftPolicy:
         self.events: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._new: list[dict[str, Any]] = []
         self._boost_at: int | None = None
+        # the first sample clock whose labels learn at the last boost (`learning_rate_served`):
+        # the boost's own clock for a label-free alarm (its batch raised it), the onset of the
+        # drift for a confirmed one, where the alarming labels' samples were served for a
+        # labelled one
+        self._boost_from: int | None = None
         self._last_taken: dict[str, int] = {}
         self._pending: list[_Pending] = []
 
@@ -193,17 +198,24 @@ class DriftPolicy:
         return self.base_learning_rate * (1.0 + excess)
 
     def learning_rate_served(self, served: float) -> float:
-        """The rate for learning from a label whose sample was served at clock ``served``: the
-        boost as it stood then, counting only the last boost, if it came before that sample
-        (base for a sample served before it, whose label shows what came before the change)."""
-        if self._boost_at is None or not served >= self._boost_at:  # NaN: base
+        """The rate for learning from a label whose sample was served at clock ``served``: base
+        for a sample served before the drift the last boost was taken for (its label shows what
+        came before the change; only the last boost counts), else the boost as it stood when
+        the sample was served (the whole boost for one served between the drift's onset and the
+        boost)."""
+        start = self._boost_from if self._boost_from is not None else self._boost_at
+        if self._boost_at is None or start is None or not served >= start:  # NaN: base
             return self.base_learning_rate
-        return self.learning_rate(int(served))
+        return self.learning_rate(max(int(served), self._boost_at))
 
     # ---- alarms ----------------------------------------------------------------------------------
 
-    def on_alarm(self, alarm: Alarm, now: int | None = None) -> list[Action]:
-        """The actions this alarm calls for at ``now`` (default: the alarm's own sample)."""
+    def on_alarm(self, alarm: Alarm, now: int | None = None,
+                 served_from: float | None = None) -> list[Action]:
+        """The actions this alarm calls for at ``now`` (default: the alarm's own sample).
+        ``served_from``, for a labelled alarm: the earliest sample clock at which the labels
+        that raised it were served (where known), from which a boost reaches what learns from
+        labels."""
         now = alarm.sample if now is None else int(now)
         self.advance(now)
         onset = now
@@ -243,7 +255,10 @@ class DriftPolicy:
         outcome = "acted" if taken else "held" if held else "cooldown"
         self._record(_alarm_event(alarm, "drift_alarm", self.clock(), now, None,
                                   {"outcome": outcome, "actions": taken, **extra}))
-        return [self._take(name, alarm, now, onset) for name in taken]
+        boost_from = onset
+        if alarm.labelled and served_from is not None and served_from == served_from:  # not NaN
+            boost_from = min(onset, int(served_from))
+        return [self._take(name, alarm, now, onset, boost_from) for name in taken]
 
     def advance(self, now: int) -> None:
         """Expire label-free alarms that waited longer than ``confirm_window`` by ``now``, and
@@ -265,11 +280,11 @@ class DriftPolicy:
         last = self._last_taken.get(name)
         return last is None or now - last >= self.cooldown
 
-    def _take(self, name: str, alarm: Alarm, now: int, onset: int) -> Action:
+    def _take(self, name: str, alarm: Alarm, now: int, onset: int, boost_from: int) -> Action:
         detail: dict[str, Any] = {}
         if name == "boost_lr":
             before = self.learning_rate(now)
-            self._boost_at = now
+            self._boost_at, self._boost_from = now, boost_from
             detail = {"from": before, "to": self.learning_rate(now), "boost": self.boost,
                       "half_life": self.half_life}
         elif name == "trim_memory":
@@ -306,6 +321,8 @@ class DriftPolicy:
         state: dict[str, Any] = {
             "boost_at": self._boost_at, "last_taken": dict(self._last_taken),
             "pending": [{"at": p.at, "alarm": _saved_alarm(p.alarm)} for p in self._pending]}
+        if self._boost_from is not None and self._boost_from != self._boost_at:
+            state["boost_from"] = self._boost_from
         if self.judge is not None:
             state["judge"] = self.judge.state()
         return state
@@ -315,6 +332,9 @@ class DriftPolicy:
         try:
             last_taken = {str(k): int(v) for k, v in state["last_taken"].items()}
             boost_at = None if state["boost_at"] is None else int(state["boost_at"])
+            # states saved before stop 38 lack it: the boost's own clock
+            boost_from = state.get("boost_from", boost_at)
+            boost_from = None if boost_from is None else int(boost_from)
             pending = [_Pending(Alarm.from_json(p["alarm"]), int(p["at"]))
                        for p in state["pending"]]
         except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -325,6 +345,7 @@ class DriftPolicy:
         if self.judge is not None and "judge" in state:  # states saved before the judge lack it
             self.judge.load_state(state["judge"])
         self._boost_at, self._last_taken, self._pending = boost_at, last_taken, pending
+        self._boost_from = boost_from
 
     def describe(self) -> dict[str, Any]:
         return {"base_learning_rate": self.base_learning_rate, "boost": self.boost,
@@ -332,7 +353,8 @@ class DriftPolicy:
                 "confirmation": self.confirmation, "confirm_window": self.confirm_window,
                 "label_free_actions": list(self.label_free_actions),
                 "labelled_actions": list(self.labelled_actions), "trim_keep": self.trim_keep,
-                "boost_at": self._boost_at, "pending": len(self._pending),
+                "boost_at": self._boost_at, "boost_from": self._boost_from,
+                "pending": len(self._pending),
                 "judge": None if self.judge is None else self.judge.describe()}
 
 

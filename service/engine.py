@@ -25,6 +25,7 @@ micro-batcher runs each request again alone, without adaptation.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import functools
@@ -85,6 +86,11 @@ EPOCH = "epoch"
 # every sample (one-hot for a classifier), for streams whose labels persist (runs of one class, a
 # level that moves slowly)
 NEWEST_LABEL = "newest_label"
+# a regressor's candidate that is no stage either: the last stage's values plus its mean residual
+# (label less what it served) over the last RESIDUAL_LABELS labels, for streams whose model errs
+# alike for a while (a level the model misses); the error memory's correction by recency alone
+RECENT_RESIDUAL = "recent_residual"
+RESIDUAL_LABELS = 16
 # the mixture's candidates that River's online learners make from the inputs
 # (`mixture.learner`), each named by its kind, `learner.<kind>` (`learner_names`): what another
 # process's learner guessed for a record is never scored as this one's
@@ -93,7 +99,8 @@ LEARNER = "learner"
 # corrector (the source's are SOURCE_OUTPUTS)
 CANDIDATE_ARRAYS = {"source": SOURCE_OUTPUTS, "adapted": "candidate.adapted",
                     "compensated": "candidate.compensated",
-                    NEWEST_LABEL: "candidate.newest_label"}
+                    NEWEST_LABEL: "candidate.newest_label",
+                    RECENT_RESIDUAL: "candidate.recent_residual"}
 # what each of the mixture's rates served (with several `mixture.eta`), (rates × width) a row:
 # the rates are weighed on what they served, the label delay included
 MIXTURE_RATES = "mixture.rates"
@@ -348,6 +355,10 @@ class Engine:
         # NEWEST_LABEL candidate; None until the first label (the candidate is then the last
         # stage's outputs)
         self._newest_label: torch.Tensor | None = None
+        # the last stage's residuals on the last RESIDUAL_LABELS labels (label less its output),
+        # oldest first: the mixture's RECENT_RESIDUAL candidate adds their mean to the last stage
+        self._residuals: collections.deque[np.ndarray] = collections.deque(
+            maxlen=RESIDUAL_LABELS)
         # River's learners, each a candidate of the mixture by its name (`learner_names`):
         # trained on the joined labels' inputs, kept through resets (the mixture's weights judge
         # them, not the guards)
@@ -696,6 +707,9 @@ class Engine:
             # records still keep every candidate for the mixture and the comparison to learn from
             mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
                                    else self._newest_label.expand(len(last), -1).clone())
+        if RECENT_RESIDUAL in mixed:  # no label yet: the last stage, as the newest label does
+            mixed[RECENT_RESIDUAL] = (last if not self._residuals or last is None else
+                                      last + torch.from_numpy(np.mean(self._residuals, axis=0)))
         for name in self.online:
             if name in mixed and mixed[name] is None:  # nothing learnt yet, or River failed
                 mixed[name] = last
@@ -759,7 +773,9 @@ class Engine:
         drift boost as it stood when those `count` labels' samples were served (`served`, the
         records' (process token, sample clock) rows; `DriftMonitor.factor_served`): a label of
         a sample served before a boost shows the concept before the change, and is not learnt
-        faster for arriving after it."""
+        faster for arriving after it. The output corrector's: each of its steps trains on its
+        window of the newest labelled samples, at the rate of the batch that brought the newest
+        (the supervised step applies the boost to its new batch's step alone, `learn`)."""
         base = self._base_rates.get(part)
         if base is None or self.drift is None:
             yield
@@ -821,6 +837,10 @@ class Engine:
             labels = batch.candidate_labels
             self.mixture.learn(self.mixture.losses(
                 self.task, {n: v[finite] for n, v in batch.candidates.items()}, labels[finite]))
+            if RECENT_RESIDUAL in self.mixture.names:  # what the last stage served, as served
+                last = batch.candidates[self.mixture.names[-1]][finite]
+                targets = self.task.targets(torch.from_numpy(labels[finite]), self.model.width)
+                self._residuals.extend(targets.float().numpy() - last.reshape(len(last), -1))
         if (self.mixture is not None and batch.rates_served is not None
                 and batch.rates_labels is not None):
             # a row not finite (no stored record has one: such labels are refused) teaches none
@@ -937,8 +957,10 @@ class Engine:
         armed, self.tap.armed = self.tap.armed, False  # the step's forward keeps no features
         before = self.supervised.steps
         try:
-            with self._label_rate(self.supervised, served, len(inputs)):
-                self.supervised.learn(inputs, labels)
+            # the drift boost as it stood when these labels' samples were served, for the step
+            # on them only: the replayed ones are mostly older
+            boost = 1.0 if self.drift is None else self.drift.factor_served(served, len(inputs))
+            self.supervised.learn(inputs, labels, boost=boost)
         finally:
             self.tap.armed = armed
             self.metrics.supervised_steps.inc(max(0, self.supervised.steps - before))
@@ -971,6 +993,7 @@ class Engine:
         self._supervised_inputs.clear()
         self._supervised_labels.clear()
         self._supervised_served.clear()
+        self._residuals.clear()  # the residuals of what was reset, not of what serves now
         if self.recent is not None:  # the source model has learnt from none of them
             self.recent.clear()
         if self.runs is not None:  # the class mix it divides by was the old model's

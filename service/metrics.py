@@ -200,7 +200,8 @@ class Metrics:
         )
         self.mixture_weight = Gauge(
             "adaptd_mixture_weight", "the online mixture's weight on each candidate "
-            "(newest_label, learner.<kind> for each of River's learners, source, adapted, "
+            "(newest_label, recent_residual, learner.<kind> for each of River's learners, "
+            "source, adapted, "
             "compensated) as served, learnt from joined labels (a candidate on probation "
             "capped at the slowest rate's weight)",
             ["candidate"], registry=r,

@@ -7,8 +7,9 @@ labelled ones (raised when late labels are joined) sit on one time line, and the
 cool-down, boost half-life and confirmation window are counted in samples.
 
 The policy runs with a base learning rate of 1, so its rate *is* the boost factor: the engine
-multiplies every learning component's own base rate (the test-time adapter's, the supervised
-step's, the output corrector's) by it, through their capped setters.
+multiplies the test-time adapter's own base rate by it as it stands (`factor`), and the supervised
+step's and the output corrector's, for each labelled batch, by the factor as it stood when those
+labels' samples were served (`factor_served`), through their capped setters.
 """
 
 from __future__ import annotations
@@ -135,12 +136,15 @@ class DriftMonitor:
         and where each one's sample was served, (process token, sample clock) rows as
         `served()` gave them: the judge counts those this process served."""
         errors = np.asarray(errors, dtype=np.float64)
+        served_from = None
         if served is not None and len(served) == len(errors):
             here = np.asarray(served, dtype=np.float64).reshape(len(errors), 2)
             mine = here[:, 0] == self.token
             losses = errors if judged is None else np.asarray(judged, dtype=np.float64)
             self.judge.observe(here[mine, 1], losses[mine])
-        return self._update(self.labelled, {self.task.signal: errors})
+            clocks = here[mine, 1][np.isfinite(here[mine, 1])]
+            served_from = float(clocks.min()) if len(clocks) else None
+        return self._update(self.labelled, {self.task.signal: errors}, served_from)
 
     def served(self) -> tuple[int, int]:
         """What a record keeps of where its batch was served, for the judge and for the boost
@@ -168,8 +172,8 @@ class DriftMonitor:
                    for token, clock in here]
         return float(np.mean(factors))
 
-    def _update(self, detectors: list[SignalDetector],
-                values: dict[str, np.ndarray | None]) -> list[Action]:
+    def _update(self, detectors: list[SignalDetector], values: dict[str, np.ndarray | None],
+                served_from: float | None = None) -> list[Action]:
         actions: list[Action] = []
         now = time.time()
         for detector in detectors:
@@ -178,12 +182,12 @@ class DriftMonitor:
                 continue
             alarm = detector.update(stream, now=now)
             if alarm is not None:
-                actions += self._on_alarm(alarm)
+                actions += self._on_alarm(alarm, served_from)
         self.policy.advance(self.samples)
         self._publish()
         return actions
 
-    def _on_alarm(self, alarm: Alarm) -> list[Action]:
+    def _on_alarm(self, alarm: Alarm, served_from: float | None = None) -> list[Action]:
         direction = alarm.detail.get("direction")
         harmful = HARMFUL.get(alarm.signal)
         if self.act_on == "harm" and direction and harmful and direction != harmful:
@@ -195,7 +199,7 @@ class DriftMonitor:
                                direction=direction)
             return []
         self.metrics.drift_alarms.labels(alarm.detector, alarm.signal).inc()
-        actions = self.policy.on_alarm(alarm, now=self.samples)
+        actions = self.policy.on_alarm(alarm, now=self.samples, served_from=served_from)
         for action in actions:
             self.metrics.drift_actions.labels(action.name, action.detector, action.signal).inc()
         return actions

@@ -42,6 +42,7 @@ from service.batcher import MicroBatcher
 from service.calibration import Conformal
 from service.engine import (
     NEWEST_LABEL,
+    RECENT_RESIDUAL,
     AnyErrorMemory,
     Engine,
     RecentInputs,
@@ -435,7 +436,8 @@ def _resolve_mixture(settings: Settings, model: LoadedModel) -> Settings:
                f"{model.width}")
         log.info("mixture: %s, learner %s (%s)", "on" if enabled else "off", learner, why)
     return settings.model_copy(update={"mixture": m.model_copy(
-        update={"learner": learner, "enabled": enabled, "newest_label": newest_label(settings)})})
+        update={"learner": learner, "enabled": enabled, "newest_label": newest_label(settings),
+                "recent_residual": recent_residual(settings)})})
 
 
 def torch_threads(settings: Settings) -> int:
@@ -461,7 +463,20 @@ def mixture_candidates(settings: Settings, shadow: bool) -> list[str]:
     if not stages:  # nothing learns and no shadow: the model as served is the one stage
         stages = ["adapted"]
     learners = learner_names(settings.mixture.learners)
-    return ([NEWEST_LABEL] if newest_label(settings) != "off" else []) + learners + stages
+    return ([NEWEST_LABEL] if newest_label(settings) != "off" else []) + (
+        [RECENT_RESIDUAL] if recent_residual(settings) == "on" else []) + learners + stages
+
+
+def recent_residual(settings: Settings) -> str:
+    """`mixture.recent_residual` as built: `auto` is on for a regressor (B6: replayed on its 20
+    regressor runs, better on 13 and worse on 4), off for a classifier."""
+    residual = settings.mixture.recent_residual
+    if residual == "on" and settings.model.task != "regression":
+        raise ValueError("mixture.recent_residual = 'on' adds a regressor's mean residual to its "
+                         "values; a classifier has none: set it to 'auto' or 'off'")
+    if residual != "auto":
+        return residual
+    return "on" if settings.model.task == "regression" else "off"
 
 
 def newest_label(settings: Settings) -> str:
@@ -546,7 +561,7 @@ def _mixture(settings: Settings, shadow: bool, model: LoadedModel, spread: np.nd
     return FixedShareMixture(names, eta=m.eta, share=m.share,
                              scale=1.0 if scale is None else scale,
                              start_low=("source",) if settings.adapter.method != "none" else (),
-                             start_untried=(NEWEST_LABEL,
+                             start_untried=(NEWEST_LABEL, RECENT_RESIDUAL,
                                             *learner_names(settings.mixture.learners)),
                              probation=(NEWEST_LABEL,) if NEWEST_LABEL in names
                              and newest_label(settings) == "probation" else ())

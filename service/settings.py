@@ -457,6 +457,11 @@ class MixtureSettings(Section):
         "whose labels persist; probation: a faster rate serves it no more than the slowest "
         "rate weighs it; auto: on for a regressor, probation for a tabular classifier, off for "
         "another classifier")
+    recent_residual: Literal["auto", "on", "off"] = Field(
+        "auto", description="a regressor's candidate that serves the last stage's values plus "
+        "its mean residual (label less what it served) over the last 16 labels, for streams "
+        "where the model errs alike for a while; auto: on for a regressor, off for a classifier "
+        "(on for a classifier is refused)")
     learner: Literal["auto", "off", "ht", "hat", "arf"] | Annotated[
         list[Literal["ht", "hat", "arf"]], Field(min_length=1, max_length=3)] = Field(
         "auto", description="candidates that River's learners make, trained online on the "

@@ -278,6 +278,33 @@ def test_a_label_learns_at_the_boost_as_it_stood_when_its_sample_was_served():
     assert drift_policy.learning_rate_served(1_000 + 12 * 200) == 0.001
 
 
+def test_a_confirmed_or_labelled_boost_reaches_labels_from_where_the_drift_began():
+    # a label-free alarm at 1,000 confirmed by a labelled one at 1,150: labels of samples served
+    # from the onset on learn at the whole boost, as its trim keeps rows from there
+    confirmed = policy(boost=5.0, half_life=200, confirmation="labelled")
+    assert confirmed.on_alarm(alarm("entropy"), now=1_000) == []
+    assert [a.name for a in confirmed.on_alarm(alarm("error"), now=1_150)] == [
+        "boost_lr", "trim_memory"]
+    assert confirmed.learning_rate_served(999) == 0.001
+    assert confirmed.learning_rate_served(1_000) == pytest.approx(0.005)
+    assert confirmed.learning_rate_served(1_149) == pytest.approx(0.005)
+    assert confirmed.learning_rate_served(1_350) == pytest.approx(0.003)
+    # a labelled alarm whose labels' samples were served from 900 on: the labels of the
+    # request just before the alarm, and of those before it back to 900, learn at the boost
+    labelled = policy(boost=5.0, half_life=200)
+    labelled.on_alarm(alarm("error"), now=1_000, served_from=900.0)
+    assert labelled.learning_rate_served(899) == 0.001
+    assert labelled.learning_rate_served(900) == pytest.approx(0.005)
+    assert labelled.learning_rate_served(1_000) == pytest.approx(0.005)
+    restored = policy(boost=5.0, half_life=200)
+    restored.load_state(labelled.state())
+    assert restored.learning_rate_served(950) == pytest.approx(0.005)
+    # a label-free alarm: from its own clock (its batch raised it), whatever served_from says
+    label_free = policy(boost=5.0, half_life=200)
+    label_free.on_alarm(alarm("entropy"), now=1_000, served_from=900.0)
+    assert label_free.learning_rate_served(950) == 0.001
+
+
 def test_a_boost_records_where_the_rate_was_and_where_it_goes():
     drift_policy = policy(cooldown=0)
     drift_policy.on_alarm(alarm(), now=0)

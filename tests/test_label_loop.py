@@ -218,7 +218,8 @@ def test_a_restored_supervised_step_starts_the_mixture_from_its_answers(
     settings = settings_for(model=REGRESSOR, adapter={"name": "none"},
                             supervised={"enabled": True, "train": "all", "learning_rate": 0.01,
                                         "batch_size": 32},
-                            mixture={"enabled": True, "learner": "off", "newest_label": "off"},
+                            mixture={"enabled": True, "learner": "off", "newest_label": "off",
+                                     "recent_residual": "off"},
                             store={"url": redis_server.url, "namespace": uuid.uuid4().hex})
     inputs = np.random.default_rng(3).normal(size=(32, 3)).astype(np.float32)
 

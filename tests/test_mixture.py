@@ -70,8 +70,9 @@ def test_the_default_regressor_starts_its_untried_candidates_at_005_and_serves_t
         assert engine.mixture is not None
         weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
         # both of River's trees (`mixture.learner = "auto"`), each a candidate at 0.05
-        assert weights == pytest.approx({"newest_label": 0.05, "learner.hat": 0.05,
-                                         "learner.ht": 0.05, "adapted": 0.85})
+        assert weights == pytest.approx({"newest_label": 0.05, "recent_residual": 0.05,
+                                         "learner.hat": 0.05, "learner.ht": 0.05,
+                                         "adapted": 0.8})
         for rows in np.split(x, 4):
             out = engine.forward(rows)
             # no label yet: both repeat the model's answer, and the mixture gives it back exactly
@@ -90,8 +91,9 @@ def test_the_source_starts_level_where_only_labels_change_the_model_and_low_besi
         weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
         # the supervised step changes nothing before the first label: the source is the
         # adapted model's equal until labels tell them apart
-        assert weights == pytest.approx({"newest_label": 0.05, "learner.hat": 0.05,
-                                         "learner.ht": 0.05, "source": 0.425, "adapted": 0.425})
+        assert weights == pytest.approx({"newest_label": 0.05, "recent_residual": 0.05,
+                                         "learner.hat": 0.05, "learner.ht": 0.05,
+                                         "source": 0.4, "adapted": 0.4})
         out = engine.forward(x)
         assert np.array_equal(out.arrays[CANDIDATE_ARRAYS["source"]],
                               out.arrays[CANDIDATE_ARRAYS["adapted"]])
@@ -223,12 +225,14 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
 
 
 @pytest.mark.parametrize(("task", "shape", "newest", "expected", "built"), [
-    ("regression", [3], "auto", ["newest_label", "source", "compensated"], "on"),
+    ("regression", [3], "auto", ["newest_label", "recent_residual", "source", "compensated"],
+     "on"),
     ("classification", [3], "auto", ["newest_label", "source", "compensated"], "probation"),
     ("classification", [1, 16, 16], "auto", ["source", "compensated"], "off"),  # images
     ("classification", [1, 16, 16], "on", ["newest_label", "source", "compensated"], "on"),
-    ("regression", [3], "probation", ["newest_label", "source", "compensated"], "probation"),
-    ("regression", [3], "off", ["source", "compensated"], "off"),
+    ("regression", [3], "probation",
+     ["newest_label", "recent_residual", "source", "compensated"], "probation"),
+    ("regression", [3], "off", ["recent_residual", "source", "compensated"], "off"),
 ])
 def test_the_newest_label_is_a_candidate_on_probation_for_a_tabular_classifier_unless_said(
         task, shape, newest, expected, built):
@@ -822,3 +826,51 @@ def test_records_of_another_count_of_rates_teach_the_shares_nothing(redis_server
     assert kept.shape == (4,) and answer["joined"] == 64
     mixture = state["learning"]["mixture"]
     assert mixture["labels"] == 64 and mixture["served_labels"] == 32
+
+
+def test_a_regressors_recent_residual_candidate_adds_the_last_stages_mean_residual():
+    """The candidate serves the last stage plus its mean residual over the last 16 labels
+    (label less what the last stage served); before the first label, and after a reset, the
+    last stage itself."""
+    from service.engine import CANDIDATE_ARRAYS, RECENT_RESIDUAL, LabelledBatch
+    from service.settings import load_settings
+
+    model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+             "input_shape": [3]}
+    x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+    settings = load_settings(None, model=model, mixture={"enabled": True, "learner": "off"})
+    with built_engine(settings) as engine:
+        assert engine.mixture is not None and RECENT_RESIDUAL in engine.mixture.names
+        adapted = CANDIDATE_ARRAYS["adapted"]
+        first = engine.forward(x[:32])
+        assert np.array_equal(first.arrays[CANDIDATE_ARRAYS[RECENT_RESIDUAL]],
+                              first.arrays[adapted])
+        served = first.arrays[adapted][:20]
+        labels = served[:, 0] + np.arange(20, dtype=np.float32)  # residuals 0, 1, ..., 19
+        candidates = {name: first.arrays[CANDIDATE_ARRAYS.get(name, f"candidate.{name}")][:20]
+                      for name in engine.mixture.names}
+        engine.learn(LabelledBatch(labels=labels, candidates=candidates,
+                                   candidate_labels=labels))
+        second = engine.forward(x[32:])
+        # the last 16 residuals, 4 to 19: their mean, 11.5, added to what the model serves
+        np.testing.assert_allclose(second.arrays[CANDIDATE_ARRAYS[RECENT_RESIDUAL]],
+                                   second.arrays[adapted] + 11.5, rtol=1e-5)
+        engine.reset_adapter()
+        third = engine.forward(x[32:])
+        assert np.array_equal(third.arrays[CANDIDATE_ARRAYS[RECENT_RESIDUAL]],
+                              third.arrays[adapted])
+
+
+def test_the_recent_residual_is_a_regressors_alone():
+    from service.runtime import mixture_candidates, recent_residual
+    from service.settings import load_settings
+
+    classifier = load_settings(None, model={"task": "classification", "input_shape": [3],
+                                            "num_classes": 3},
+                               mixture={"enabled": True, "learner": "off"})
+    assert recent_residual(classifier) == "off"
+    assert "recent_residual" not in mixture_candidates(classifier, shadow=True)
+    said = classifier.model_copy(update={"mixture": classifier.mixture.model_copy(
+        update={"recent_residual": "on"})})
+    with pytest.raises(ValueError, match="a classifier has none"):
+        recent_residual(said)

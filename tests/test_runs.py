@@ -931,19 +931,20 @@ def test_what_learns_from_labels_takes_the_boost_by_when_their_samples_were_serv
     from service.engine import LabelledBatch
 
     settings = Settings(adapter={"name": "tent", "learning_rate": 1e-3, "runs": "off"},
-                        supervised={"enabled": True, "learning_rate": 2e-3, "batch_size": 8},
+                        supervised={"enabled": True, "learning_rate": 2e-3, "batch_size": 8,
+                                    "replay": 64, "replay_steps": 1},
                         drift={"policy": {"boost": 4.0, "half_life": 10_000}})
     x, y, x_test, _ = digits_split()
     with built_engine(settings) as engine:
         assert engine.supervised is not None and engine.drift is not None
         rates: list[float] = []
-        learn = engine.supervised.learn
+        step = engine.supervised.step
 
         def spy(inputs: torch.Tensor, labels: torch.Tensor) -> float:
             rates.append(engine.supervised.learning_rate)
-            return learn(inputs, labels)
+            return step(inputs, labels)
 
-        engine.supervised.learn = spy  # type: ignore[method-assign]
+        engine.supervised.step = spy  # type: ignore[method-assign]
         before = engine.forward(x_test[:8]).served  # (token, clock) after the batch
         assert before is not None
         engine.forward(x_test[24:32])  # the batch whose inputs raise the alarm below
@@ -966,7 +967,9 @@ def test_what_learns_from_labels_takes_the_boost_by_when_their_samples_were_serv
         engine.learn(labelled(slice(8, 16), after))
         other = (after[0] + 1, after[1])  # served by another process: the boost now
         engine.learn(labelled(slice(16, 24), other))
-        assert rates[0] == pytest.approx(2e-3)
-        assert rates[1] == pytest.approx(8e-3, rel=1e-3)
-        assert rates[2] == pytest.approx(8e-3, rel=1e-3)
+        # each labelled batch: its own step, then one replay of kept samples, mostly older,
+        # at the base rate
+        assert rates[0:2] == pytest.approx([2e-3, 2e-3])
+        assert rates[2:4] == pytest.approx([8e-3, 2e-3], rel=1e-3)
+        assert rates[4:6] == pytest.approx([8e-3, 2e-3], rel=1e-3)
         assert engine.supervised.learning_rate == 2e-3

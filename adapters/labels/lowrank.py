@@ -353,12 +353,21 @@ class SupervisedStep:
             dtype = next(iter(self.model.parameters())).dtype
             self._kept_inputs = torch.empty((self.replay, *self._input_shape), dtype=dtype)
 
-    def learn(self, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    def learn(self, inputs: torch.Tensor, labels: torch.Tensor, boost: float = 1.0) -> float:
         """A step on a new labelled batch, then (with `replay`) `replay_steps` steps on batches
         of `replay_batch` samples (or as many as the new batch) drawn from the last `replay`
-        labelled ones, this batch's included. Returns the new batch's loss before its step."""
+        labelled ones, this batch's included. Returns the new batch's loss before its step.
+        `boost` multiplies the learning rate of the new batch's step only (capped): a drift
+        boost is for the labels that show the new concept, and the kept ones replayed are
+        mostly older."""
         with self._moved_weights():
-            loss = self.step(inputs, labels)
+            rate = self.learning_rate
+            if boost != 1.0:
+                self.set_learning_rate(rate * boost)
+            try:
+                loss = self.step(inputs, labels)
+            finally:
+                self.set_learning_rate(rate)
             if self.replay:
                 self._keep(inputs.detach(), torch.as_tensor(labels).detach())
                 draw = self.replay_batch or len(inputs)
