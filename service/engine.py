@@ -235,6 +235,7 @@ class LabelledBatch:
     # at the join, `Engine.guess_asleep`)
     candidates: dict[str, np.ndarray] | None = None
     candidate_labels: np.ndarray | None = None
+    candidate_served: np.ndarray | None = None  # (n, 2): where those records were served
     # what each of the mixture's rates served (n, rates, width), and those records' labels
     rates_served: np.ndarray | None = None
     rates_labels: np.ndarray | None = None
@@ -359,6 +360,7 @@ class Engine:
         # oldest first: the mixture's RECENT_RESIDUAL candidate adds their mean to the last stage
         self._residuals: collections.deque[np.ndarray] = collections.deque(
             maxlen=RESIDUAL_LABELS)
+        self._residuals_from = -1.0  # the sample clock of the last reset: records served after
         # River's learners, each a candidate of the mixture by its name (`learner_names`):
         # trained on the joined labels' inputs, kept through resets (the mixture's weights judge
         # them, not the guards)
@@ -837,10 +839,8 @@ class Engine:
             labels = batch.candidate_labels
             self.mixture.learn(self.mixture.losses(
                 self.task, {n: v[finite] for n, v in batch.candidates.items()}, labels[finite]))
-            if RECENT_RESIDUAL in self.mixture.names:  # what the last stage served, as served
-                last = batch.candidates[self.mixture.names[-1]][finite]
-                targets = self.task.targets(torch.from_numpy(labels[finite]), self.model.width)
-                self._residuals.extend(targets.float().numpy() - last.reshape(len(last), -1))
+            if RECENT_RESIDUAL in self.mixture.names:
+                self._learn_residuals(batch, finite)
         if (self.mixture is not None and batch.rates_served is not None
                 and batch.rates_labels is not None):
             # a row not finite (no stored record has one: such labels are refused) teaches none
@@ -853,6 +853,23 @@ class Engine:
             if len(self.mixture.etas) > 1:
                 for eta, share in zip(self.mixture.etas, self.mixture.rate_share, strict=True):
                     self.metrics.mixture_rate_share.labels(f"{eta:g}").set(float(share))
+
+    def _learn_residuals(self, batch: LabelledBatch, finite: np.ndarray) -> None:
+        """The last stage's residuals (label less what it served) for the RECENT_RESIDUAL
+        candidate: of records this process served since its last reset (where records say;
+        another replica's last stage, or the one before a reset, erred otherwise), in order."""
+        assert self.mixture is not None and batch.candidates is not None
+        keep = finite.copy()
+        served = batch.candidate_served
+        if self.drift is not None and served is not None and len(served) == len(keep):
+            keep &= (served[:, 0] == self.drift.token) & (served[:, 1] > self._residuals_from)
+        if not keep.any():
+            return
+        assert batch.candidate_labels is not None
+        last = batch.candidates[self.mixture.names[-1]][keep].reshape(int(keep.sum()), -1)
+        targets = self.task.targets(torch.from_numpy(batch.candidate_labels[keep]),
+                                    self.model.width)
+        self._residuals.extend(targets.float().numpy() - last)
 
     def _wake_online(self) -> None:
         """River's learners wake at this replica's first joined label, before they learn any,
@@ -994,6 +1011,8 @@ class Engine:
         self._supervised_labels.clear()
         self._supervised_served.clear()
         self._residuals.clear()  # the residuals of what was reset, not of what serves now
+        if self.drift is not None:  # and none of records served before it, however late
+            self._residuals_from = float(self.drift.samples)
         if self.recent is not None:  # the source model has learnt from none of them
             self.recent.clear()
         if self.runs is not None:  # the class mix it divides by was the old model's

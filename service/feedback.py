@@ -257,10 +257,11 @@ class FeedbackService:
         # the loss the judge scores the label by
         served = judged = None
         drift = self.engine.drift
-        if errors is not None and drift is not None and drift.judge.enabled:
+        if errors is not None and drift is not None:  # where the drift began, for the boost
             served = np.array([r.extra.get("served", NOT_SERVED_HERE) for r in scorable],
                               dtype=np.float64).reshape(len(scorable), 2)
-            judged = self._paired(scorable, errors)
+            if drift.judge.enabled:
+                judged = self._paired(scorable, errors)
         self._record(result, errors)
         if self.conformal is not None:
             self.conformal.observe(scorable)
@@ -336,6 +337,9 @@ class FeedbackService:
                         candidates[name][i] = last[i] if guesses is None else guesses[row]
         batch.candidates = {name: np.stack(rows) for name, rows in candidates.items()}
         batch.candidate_labels = self.task.record_labels(mixed)
+        batch.candidate_served = np.array(
+            [r.extra.get("served", NOT_SERVED_HERE) for r in mixed],
+            dtype=np.float64).reshape(len(mixed), 2)
         # what each rate served: records kept by this configuration's rates only (a replica or
         # a process with another count of rates is told apart by the length; one with the same
         # count in another order is not: every replica runs one `mixture.eta`)

@@ -383,3 +383,30 @@ def test_joined_labels_carry_where_their_samples_were_served_for_the_boost_they_
     (served,) = seen
     assert served.shape == (8, 2)
     assert (served[:, 0] == token).all() and (served[:, 1] == samples).all()
+
+
+def test_the_drift_policy_sees_where_joined_labels_were_served_with_its_judge_off() -> None:
+    """A labelled alarm's boost reaches the labels from where their samples were served: the
+    label path hands the drift monitor that, whether or not the policy's judge runs."""
+    _, _, x_test, y_test = digits_split()
+
+    async def scenario():
+        async with serving(drift={"policy": {"judge": {"holdout": 0}}}) as (client, app):
+            engine = app.state.runtime.engine
+            seen = []
+            observe = engine.drift.observe_labels
+
+            def spy(errors, served=None, judged=None):
+                seen.append(served)
+                return observe(errors, served, judged)
+
+            engine.drift.observe_labels = spy
+            ids = [f"j{i}" for i in range(8)]
+            await client.post("/v1/predict", json={"inputs": x_test[:8].tolist(), "ids": ids})
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": i, "label": int(y)} for i, y in zip(ids, y_test[:8], strict=True)]})
+            return seen, engine.drift.token
+
+    seen, token = asyncio.run(scenario())
+    (served,) = seen
+    assert served is not None and (served[:, 0] == token).all()

@@ -91,9 +91,9 @@ def test_the_source_starts_level_where_only_labels_change_the_model_and_low_besi
         weights = dict(zip(engine.mixture.names, engine.mixture.weights, strict=True))
         # the supervised step changes nothing before the first label: the source is the
         # adapted model's equal until labels tell them apart
-        assert weights == pytest.approx({"newest_label": 0.05, "recent_residual": 0.05,
-                                         "learner.hat": 0.05, "learner.ht": 0.05,
-                                         "source": 0.4, "adapted": 0.4})
+        # (no recent residual: the supervised step changes the model it would be added to)
+        assert weights == pytest.approx({"newest_label": 0.05, "learner.hat": 0.05,
+                                         "learner.ht": 0.05, "source": 0.425, "adapted": 0.425})
         out = engine.forward(x)
         assert np.array_equal(out.arrays[CANDIDATE_ARRAYS["source"]],
                               out.arrays[CANDIDATE_ARRAYS["adapted"]])
@@ -225,14 +225,12 @@ def test_the_newest_label_takes_over_where_labels_come_in_runs():
 
 
 @pytest.mark.parametrize(("task", "shape", "newest", "expected", "built"), [
-    ("regression", [3], "auto", ["newest_label", "recent_residual", "source", "compensated"],
-     "on"),
+    ("regression", [3], "auto", ["newest_label", "source", "compensated"], "on"),
     ("classification", [3], "auto", ["newest_label", "source", "compensated"], "probation"),
     ("classification", [1, 16, 16], "auto", ["source", "compensated"], "off"),  # images
     ("classification", [1, 16, 16], "on", ["newest_label", "source", "compensated"], "on"),
-    ("regression", [3], "probation",
-     ["newest_label", "recent_residual", "source", "compensated"], "probation"),
-    ("regression", [3], "off", ["recent_residual", "source", "compensated"], "off"),
+    ("regression", [3], "probation", ["newest_label", "source", "compensated"], "probation"),
+    ("regression", [3], "off", ["source", "compensated"], "off"),
 ])
 def test_the_newest_label_is_a_candidate_on_probation_for_a_tabular_classifier_unless_said(
         task, shape, newest, expected, built):
@@ -859,11 +857,38 @@ def test_a_regressors_recent_residual_candidate_adds_the_last_stages_mean_residu
         third = engine.forward(x[32:])
         assert np.array_equal(third.arrays[CANDIDATE_ARRAYS[RECENT_RESIDUAL]],
                               third.arrays[adapted])
+        # late labels of records served before the reset, or by another replica, refill
+        # nothing: their residuals are of another last stage
+        assert engine.drift is not None and first.served is not None
+        token, clock = first.served
+        for where in ((token, clock), (token + 1, third.served[1])):
+            engine.learn(LabelledBatch(labels=labels, candidates=candidates,
+                                       candidate_labels=labels,
+                                       candidate_served=np.array([where] * 20, float)))
+        assert not engine._residuals
+        # a batch none of whose candidate rows is finite teaches nothing, and does not raise
+        unknown = {name: np.full_like(values, np.nan) for name, values in candidates.items()}
+        engine.learn(LabelledBatch(labels=labels, candidates=unknown, candidate_labels=labels))
+        assert not engine._residuals
+        engine.learn(LabelledBatch(labels=labels, candidates=candidates, candidate_labels=labels,
+                                   candidate_served=np.array([third.served] * 20, float)))
+        assert len(engine._residuals) == 16
 
 
-def test_the_recent_residual_is_a_regressors_alone():
+def test_the_recent_residual_is_a_regressors_alone_where_nothing_changes_the_model():
     from service.runtime import mixture_candidates, recent_residual
     from service.settings import load_settings
+
+    regressor = {"task": "regression", "input_shape": [3]}
+    plain = load_settings(None, model=regressor, adapter={"name": "none"})
+    assert recent_residual(plain) == "on"
+    # the residuals of what learns from labels are stale once it has learnt them
+    for changed in ({"supervised": {"enabled": True}}, {"error_memory": {"kind": "exact"}},
+                    {"output_corrector": {"enabled": True}}, {"adapter": {"name": "bn"}}):
+        assert recent_residual(load_settings(None, model=regressor, **changed)) == "off"
+    said = load_settings(None, model=regressor, supervised={"enabled": True},
+                         mixture={"recent_residual": "on"})
+    assert recent_residual(said) == "on"
 
     classifier = load_settings(None, model={"task": "classification", "input_shape": [3],
                                             "num_classes": 3},
