@@ -135,6 +135,17 @@ def test_a_model_without_normalisation_adapts_to_labels_through_a_low_rank_adapt
                                atol=1e-5)
 
 
+async def _predict_and_label(client, inputs: np.ndarray, labels: np.ndarray) -> None:
+    """Requests of 16 digits, each followed by its labels."""
+    for start in range(0, len(inputs), 16):
+        ids = [f"r{start + i}" for i in range(16)]
+        await client.post("/v1/predict", json={
+            "inputs": inputs[start:start + 16].tolist(), "ids": ids})
+        await client.post("/v1/feedback", json={"labels": [
+            {"id": i, "label": int(y)}
+            for i, y in zip(ids, labels[start:start + 16], strict=True)]})
+
+
 def test_labels_train_every_parameter_with_replay_and_reference_rehearsal() -> None:
     _, _, x_test, y_test = digits_split()
 
@@ -144,13 +155,7 @@ def test_labels_train_every_parameter_with_replay_and_reference_rehearsal() -> N
                                        "reference_batch": 8}) as (client, app):
             engine = app.state.runtime.engine
             before = [p.detach().clone() for p in engine.supervised.params]
-            for start in range(0, 64, 16):
-                ids = [f"r{start + i}" for i in range(16)]
-                await client.post("/v1/predict", json={
-                    "inputs": x_test[start:start + 16].tolist(), "ids": ids})
-                await client.post("/v1/feedback", json={"labels": [
-                    {"id": i, "label": int(y)}
-                    for i, y in zip(ids, y_test[start:start + 16], strict=True)]})
+            await _predict_and_label(client, x_test[:64], y_test[:64])
             learnt = (await client.get("/v1/state")).json()["learning"]["supervised"]
             moved = [not torch.equal(p, b) for p, b in zip(engine.supervised.params, before,
                                                           strict=True)]
@@ -176,13 +181,7 @@ def test_the_service_serves_the_average_of_the_supervised_steps_and_resets_both(
                                        "average": 0.9}) as (client, app):
             engine = app.state.runtime.engine
             source = [p.detach().clone() for p in engine.supervised.params]
-            for start in range(0, 64, 16):
-                ids = [f"r{start + i}" for i in range(16)]
-                await client.post("/v1/predict", json={
-                    "inputs": x_test[start:start + 16].tolist(), "ids": ids})
-                await client.post("/v1/feedback", json={"labels": [
-                    {"id": i, "label": int(y)}
-                    for i, y in zip(ids, y_test[start:start + 16], strict=True)]})
+            await _predict_and_label(client, x_test[:64], y_test[:64])
             learnt = (await client.get("/v1/state")).json()["learning"]["supervised"]
             served = [p.detach().clone() for p in engine.supervised.params]
             moved = [m.clone() for m in engine.supervised._moved]
