@@ -758,7 +758,9 @@ class Engine:
     def _apply_rates(self, force: bool = False) -> None:
         """The test-time adapter at its base rate times the drift boost now and the class-run
         damping (`_runs_scale`), capped by its setter. What learns from labels stays at its base
-        rate here and takes the boost at each labelled batch (`_label_rate`)."""
+        rate here and takes the boost at each labelled batch, by when its samples were served (the
+        output corrector through `_label_rate`, the supervised step's new batch alone through
+        `SupervisedStep.learn`)."""
         factors = (1.0 if self.drift is None else self.drift.factor(), self._runs_scale())
         if factors == self._factors and not force:
             return
