@@ -759,7 +759,7 @@ class Engine:
         """The test-time adapter at its base rate times the drift boost now and the class-run
         damping (`_runs_scale`), capped by its setter. What learns from labels stays at its base
         rate here and takes the boost at each labelled batch, by when its samples were served (the
-        output corrector through `_label_rate`, the supervised step's new batch alone through
+        output corrector through `_label_rate`, the supervised step through
         `SupervisedStep.learn`)."""
         factors = (1.0 if self.drift is None else self.drift.factor(), self._runs_scale())
         if factors == self._factors and not force:
@@ -779,7 +779,7 @@ class Engine:
         a sample served before a boost shows the concept before the change, and is not learnt
         faster for arriving after it. The output corrector's: each of its steps trains on its
         window of the newest labelled samples, at the rate of the batch that brought the newest
-        (the supervised step applies the boost to its new batch's step alone, `learn`)."""
+        (the supervised step's replays likewise, `SupervisedStep.learn`)."""
         base = self._base_rates.get(part)
         if base is None or self.drift is None:
             yield
@@ -977,7 +977,7 @@ class Engine:
         before = self.supervised.steps
         try:
             # the drift boost as it stood when these labels' samples were served, for the step
-            # on them only: the replayed ones are mostly older
+            # on them and its replays (`SupervisedStep.learn` says why the replays too)
             boost = 1.0 if self.drift is None else self.drift.factor_served(served, len(inputs))
             self.supervised.learn(inputs, labels, boost=boost)
         finally:

@@ -967,9 +967,9 @@ def test_what_learns_from_labels_takes_the_boost_by_when_their_samples_were_serv
         engine.learn(labelled(slice(8, 16), after))
         other = (after[0] + 1, after[1])  # served by another process: the boost now
         engine.learn(labelled(slice(16, 24), other))
-        # each labelled batch: its own step, then one replay of kept samples, mostly older,
-        # at the base rate
+        # each labelled batch: its own step, then one replay of kept samples, at the boost of
+        # when the batch's samples were served
         assert rates[0:2] == pytest.approx([2e-3, 2e-3])
-        assert rates[2:4] == pytest.approx([8e-3, 2e-3], rel=1e-3)
-        assert rates[4:6] == pytest.approx([8e-3, 2e-3], rel=1e-3)
+        assert rates[2:4] == pytest.approx([8e-3, 8e-3], rel=1e-3)
+        assert rates[4:6] == pytest.approx([8e-3, 8e-3], rel=1e-3)
         assert engine.supervised.learning_rate == 2e-3
