@@ -460,8 +460,10 @@ class MixtureSettings(Section):
     recent_residual: Literal["auto", "on", "off"] = Field(
         "auto", description="a regressor's candidate that serves the last stage's values plus "
         "its mean residual (label less what it served) over the last 16 labels, for streams "
-        "where the model errs alike for a while; auto: on for a regressor, off for a classifier "
-        "(on for a classifier is refused)")
+        "where the model errs alike for a while; auto: on for a regressor whose last stage is "
+        "the model as trained (no adapter, supervised step, output corrector or error memory: "
+        "a last stage that learns from labels has learnt the residuals it would add again), "
+        "else off; on for a classifier is refused")
     learner: Literal["auto", "off", "ht", "hat", "arf"] | Annotated[
         list[Literal["ht", "hat", "arf"]], Field(min_length=1, max_length=3)] = Field(
         "auto", description="candidates that River's learners make, trained online on the "

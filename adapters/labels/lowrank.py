@@ -357,12 +357,12 @@ class SupervisedStep:
         """A step on a new labelled batch, then (with `replay`) `replay_steps` steps on batches
         of `replay_batch` samples (or as many as the new batch) drawn from the last `replay`
         labelled ones, this batch's included. Returns the new batch's loss before its step.
-        `boost` multiplies the learning rate of all these steps (capped; the engine passes the
-        drift boost as it stood when the new batch's samples were served). Replay steps at the
-        base rate instead, since they draw mostly older labels, served worse: B1's labels line
-        30.6 against 29.8 at the median of five draws, TrumpApproval in runs 1.4% of MAE worse
-        than the drift policy off against 4.8% better (BENCHMARKS.md B6, "The boost by when a
-        label's sample was served")."""
+        `boost` multiplies the learning rate of all these steps, replays included (capped; the
+        engine passes the drift boost as it stood when the new batch's samples were served).
+        Replays at the base rate, tried because they draw mostly older labels, served worse:
+        B1's labels line 30.6 against 29.8 at the median of five draws, and TrumpApproval in
+        runs 1.4% of MAE worse than with the drift policy off, against 4.8% better
+        (BENCHMARKS.md B6, "The boost by when a label's sample was served")."""
         rate = self.learning_rate
         if boost != 1.0:
             self.set_learning_rate(rate * boost)
