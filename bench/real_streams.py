@@ -368,6 +368,25 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
            default_mixture=True),
     Config("defaults+sup-all-nodrift", {"supervised": {"enabled": True, **SUPERVISED_ALL}}
            | _OFF, default_mixture=True),
+    # the same with drift monitored but no action taken (what monitoring alone changes), and
+    # with only the label-free alarms acting: which alarms' actions move the score
+    Config("defaults+sup-all-noact", {"supervised": {"enabled": True, **SUPERVISED_ALL},
+                                      "drift": {"policy": {"label_free_actions": [],
+                                                           "labelled_actions": []}}},
+           default_mixture=True),
+    Config("defaults+sup-all-lfonly", {"supervised": {"enabled": True, **SUPERVISED_ALL},
+                                       "drift": {"policy": {"labelled_actions": []}}},
+           default_mixture=True),
+    # the recipe as docs/adaptation.md gives it since stop 40: a labelled alarm only trims the
+    # memories (with none here, only label-free alarms act); its boost on eleven steps of every
+    # parameter a batch served worse than no action on 14 of the 56 runs, better on 3
+    Config("defaults+sup-all-trim", {"supervised": {"enabled": True, **SUPERVISED_ALL},
+                                     "drift": {"policy": {"labelled_actions": ["trim_memory"]}}},
+           default_mixture=True),
+    # the same with label-free alarms acting only once a labelled alarm confirms them
+    Config("defaults+sup-all-confirm", {"supervised": {"enabled": True, **SUPERVISED_ALL},
+                                        "drift": {"policy": {"confirmation": "labelled"}}},
+           default_mixture=True),
     # the same with the served weights the moving average of the trained ones (decay 0.9 a
     # step, `supervised.average`)
     Config("defaults+sup-all-avg", {"supervised": {"enabled": True, **SUPERVISED_ALL,
@@ -390,7 +409,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
 ]}
 # the pairs whose only difference is drift monitoring: (on at the default, off)
 DRIFT_PAIRS = [("defaults", "defaults-nodrift"), ("bn+mem+sup", "bn+mem+sup-nodrift"),
-               ("defaults+sup-all", "defaults+sup-all-nodrift")]
+               ("defaults+sup-all", "defaults+sup-all-nodrift"),
+               ("defaults+sup-all-trim", "defaults+sup-all-nodrift")]
 
 
 def service_defaults() -> dict[str, Any]:

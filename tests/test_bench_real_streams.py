@@ -38,6 +38,8 @@ def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_lear
     assert learners.pop("defaults") == learners.pop("defaults-nodrift") == both
     assert learners.pop("defaults+sup-all") == learners.pop("defaults+sup-all-nodrift") == both
     assert learners.pop("defaults+sup-all-avg") == both
+    for variant in ("trim", "confirm", "noact", "lfonly"):  # the recipe under drift policies
+        assert learners.pop(f"defaults+sup-all-{variant}") == both
     assert learners.pop("defaults+newest") == learners.pop("defaults-newest") == both
     assert learners.pop("defaults+arf") == (True, ("hat", "ht", "arf"))
     assert learners.pop("defaults+ht") == (True, ("ht",))
