@@ -377,7 +377,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in [
     Config("defaults+sup-all-lfonly", {"supervised": {"enabled": True, **SUPERVISED_ALL},
                                        "drift": {"policy": {"labelled_actions": []}}},
            default_mixture=True),
-    # the recipe as docs/adaptation.md gives it since stop 40: a labelled alarm only trims the
+    # the recipe as docs/adaptation.md gives it since stop 39: a labelled alarm only trims the
     # memories (with none here, only label-free alarms act); its boost on eleven steps of every
     # parameter a batch served worse than no action on 14 of the 56 runs, better on 3
     Config("defaults+sup-all-trim", {"supervised": {"enabled": True, **SUPERVISED_ALL},

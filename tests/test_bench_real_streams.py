@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from bench.real_streams import CONFIGS, load_stream, no_change, report, run_stream, train_model
+from bench.real_streams import (
+    CONFIGS,
+    DRIFT_PAIRS,
+    load_stream,
+    no_change,
+    report,
+    run_stream,
+    train_model,
+)
 
 
 def test_the_no_change_baseline_predicts_the_newest_label_back_when_the_request_is_made():
@@ -48,6 +56,30 @@ def test_only_the_defaults_and_the_mixture_columns_serve_the_mixture_or_its_lear
     for name in ("mix", "mem+sup+mix", "bn+mem+sup+mix"):
         assert learners.pop(name) == (True, ())
     assert set(learners.values()) == {(False, ())}  # every other column measures its parts
+
+
+def test_the_recipes_drift_variants_differ_from_it_in_the_drift_policy_alone():
+    from service.settings import load_settings
+
+    data = load_stream("phishing", max_rows=100, train_share=0.2)
+    model = {"task": data.task, "input_shape": [data.x.shape[1]], "num_classes": 2}
+
+    def built(name):
+        return load_settings(None, model=model, **CONFIGS[name].settings(data)).model_dump()
+
+    recipe = built("defaults+sup-all")
+    assert recipe["drift"]["enabled"] and recipe["supervised"]["train"] == "all"
+    policies = {"trim": {"labelled_actions": ["trim_memory"]},
+                "confirm": {"confirmation": "labelled"},
+                "noact": {"label_free_actions": [], "labelled_actions": []},
+                "lfonly": {"labelled_actions": []}}
+    for variant, changed in policies.items():
+        settings = built(f"defaults+sup-all-{variant}")
+        assert {k: v for k, v in settings.items() if k != "drift"} == \
+            {k: v for k, v in recipe.items() if k != "drift"}
+        policy = recipe["drift"]["policy"] | changed
+        assert settings["drift"] == recipe["drift"] | {"policy": policy}, variant
+    assert ("defaults+sup-all-trim", "defaults+sup-all-nodrift") in DRIFT_PAIRS
 
 
 def test_a_real_stream_keeps_its_order_and_trains_on_its_first_slice():
