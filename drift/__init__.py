@@ -7,11 +7,14 @@ state. `Alarm.to_json` is an alarm's one JSON shape, saved and served. `drift.po
 turns alarms into actions (a learning-rate boost that decays back, an adapter reset, a memory trim,
 a calibrator reset) with a cool-down and a confirmation rule, and says what it did as event dicts;
 `drift.judge` holds back a share of those actions and judges each kind against them by the labels.
-Neither imports the service or the adapters: the engine feeds signals in and applies actions.
+`drift.baseline` measures a classifier's label-free values against the level of the class predicted
+for each sample, so classes arriving in runs do not look like drift.
+None of them imports the service or the adapters: the engine feeds signals in and applies actions.
 """
 
 from __future__ import annotations
 
+from drift.baseline import ClassBaseline
 from drift.detectors import (
     DEFAULT_DETECTORS,
     DETECTORS,
@@ -36,6 +39,7 @@ __all__ = [
     "Action",
     "ActionJudge",
     "Alarm",
+    "ClassBaseline",
     "DriftPolicy",
     "SignalDetector",
     "StateMismatch",

@@ -33,6 +33,7 @@ from drift import (
     entropy,
     feature_mean,
 )
+from drift.baseline import ClassBaseline
 from drift.judge import JUDGED
 from service.events import EventLog
 from service.metrics import Metrics
@@ -90,6 +91,11 @@ class DriftMonitor:
             trim_keep=p.trim_keep, judge=self.judge if self.judge.enabled else None,
         )
         self.act_on = settings.act_on
+        # a classifier's label-free values measured against its predicted class's level; built
+        # at the first batch, when the width of the probabilities says how many classes
+        self.by_class = (settings.label_free_baseline == "class" and task.discrete
+                         and bool(self.label_free))
+        self.baseline: ClassBaseline | None = None
         self.samples = 0
         # tells this process's records from another replica's or an earlier process's (their
         # samples were served by models this process's actions never touched); below 2**31, and
@@ -128,6 +134,14 @@ class DriftMonitor:
                    "feature_mean": (feature_mean, features)}
         values = {name: None if source is None else compute(source)  # only what is watched
                   for name, (compute, source) in signals.items() if name in watched}
+        if self.by_class and probabilities is not None:
+            probabilities = np.asarray(probabilities)
+            width = probabilities.shape[-1]
+            if self.baseline is None or self.baseline.classes != width:
+                self.baseline = ClassBaseline(width)
+            baseline, predicted = self.baseline, probabilities.argmax(axis=-1)
+            values = {name: None if v is None else baseline.residuals(name, v, predicted)
+                      for name, v in values.items()}
         return self._update(self.label_free, values)
 
     def observe_labels(self, errors: np.ndarray, served: np.ndarray | None = None,
@@ -231,7 +245,8 @@ class DriftMonitor:
         return {"version": STATE_VERSION, "samples": self.samples, "watches": self.watches,
                 "label_free": [d.state() for d in self.label_free],
                 "labelled": [d.state() for d in self.labelled],
-                "policy": self.policy.state()}
+                "policy": self.policy.state(),
+                "baseline": None if self.baseline is None else self.baseline.state()}
 
     def load_state(self, state: dict[str, Any]) -> list[str]:
         """Restore what a restart would lose; returns what did not fit (then left as built)."""
@@ -243,6 +258,21 @@ class DriftMonitor:
         if watched != self.watches:
             paths.remove("label_free")
             skipped.append(f"label_free (saved watching the {watched}, now the {self.watches})")
+        elif self.by_class and state.get("baseline") is not None:
+            # the detectors' statistics are of residuals against these levels: both or neither
+            try:
+                baseline = ClassBaseline(int(state["baseline"]["classes"]))
+                baseline.load_state(state["baseline"])
+                self.baseline = baseline
+            except (ValueError, KeyError, TypeError):
+                paths.remove("label_free")
+                skipped.append("label_free (their class baseline did not fit)")
+        elif self.by_class != (state.get("baseline") is not None) and int(
+                state.get("samples", 0)) > 0:
+            # saved measuring the values as they are and now against class levels, or the
+            # other way round: the detectors' statistics are of other values
+            paths.remove("label_free")
+            skipped.append("label_free (saved with another label_free_baseline)")
         for path in paths:
             detectors = getattr(self, path)
             saved = state.get(path) or []
@@ -270,5 +300,8 @@ class DriftMonitor:
 
     def describe_policy(self) -> dict[str, Any]:
         return json_safe({**self.policy.describe(), "samples": self.samples,
-                          "learning_rate_factor": self.factor(), "watches": self.watches})
+                          "learning_rate_factor": self.factor(), "watches": self.watches,
+                          "label_free_baseline": "class" if self.by_class else "none",
+                          "class_levels": (None if self.baseline is None
+                                           else self.baseline.describe())})
 

@@ -663,6 +663,12 @@ class DriftSettings(Section):
         None, description="detectors on the label path; default: the measured default on the "
         "0/1 error (classification) or the absolute residual (regression)",
     )
+    label_free_baseline: Literal["class", "none"] = Field(
+        "class", description="class: a classifier's label-free detectors see each value's "
+        "distance from the running level of the class predicted for its sample "
+        "(`drift.baseline`), so classes arriving in runs do not look like drift; none: the "
+        "values as they are (a regressor's always)",
+    )
     policy: PolicySettings = PolicySettings()
     act_on: Literal["harm", "any"] = Field(
         "harm", description="harm: an alarm whose signal moved the harmless way (entropy, error "
