@@ -20,7 +20,8 @@ rare class's first samples are not compared with a level estimated from one or t
 levels are running means over the last ``span`` (1,000) values of their class: exact means until
 ``span`` values, then exponentially weighted with rate 1/``span``. Values of one batch are measured
 against the levels as they stood before it, then the levels take the batch in (a batch is at most
-the micro-batcher's size, small against ``span``). Non-finite values pass through unchanged (the
+the micro-batcher's size, small against ``span``; a batch of more than ``span`` values of a class
+sets its level to their mean). Non-finite values pass through unchanged (the
 detector skips and counts them) and move no level.
 
 What it removes and what it keeps. A run of one class leaves the residuals centred, so the class
@@ -29,11 +30,14 @@ residuals too, and is still seen. What it cannot tell from a run: a shift that o
 class the model predicts (a prior shift: the detectors on the labelled error see that one). Where
 the classes' levels differ little the residuals are the values less a constant, and the detectors
 see what they saw before. Measured (B6, stop 40): on the nine classification streams in runs,
-label-free alarms per 10,000 samples 35 → 0 (Agrawal), 45 → 10 (Hyperplane), 20 → 0 (Phishing),
-16 → 0 (ImageSegments), 15 → 0 (SEA), 10 → 0 (RandomRBF), but Shuttle 0 → 6 in order and 25 → 31
+label-free alarms per 10,000 samples 35 → 0 (Agrawal), 45 → 0 (Hyperplane), 20 → 0 (Phishing),
+16 → 5 (ImageSegments), 15 → 0 (SEA), 10 → 0 (RandomRBF), but Shuttle 0 → 6 in order and 25 → 31
 in runs (its entropy is about 0 but for rare spikes, whose residuals against a class level are
 larger than against the signal's own spread); B2's real drifts were detected at the same sample
-(RandomRBF's label-free alarm 32 samples after it), and B1's digits served the same.
+(RandomRBF's label-free alarm 32 samples after it), and B1's digits served `bn` the same.
+
+The class is the one the watched model predicted: the shadow's frozen copy of the source where
+one runs (`service.monitor`), which need not be the class served.
 
 A regressor has no predicted class: its signals reach the detectors as they are.
 """
@@ -46,8 +50,9 @@ import numpy as np
 
 from store.encoding import float_from_json, json_float
 
-SPAN = 1000  # values of a class its level is a running mean over (B6, stop 40: 200 gave Shuttle
-#              23 false alarms per 10,000 in order, 1,000 gave 6; the runs streams alike)
+SPAN = 1000  # values of a class its level is a running mean over (B6, stop 40: over 200 values
+#              Shuttle raised 23 false alarms per 10,000 in order, over 1,000 6; Hyperplane in
+#              runs 5 against 10)
 PRIOR = 5  # samples' weight of the overall level in a class's expected value (B6, stop 40:
 #            20 left Hyperplane in runs 10 false alarms per 10,000 where 5 left none; its
 #            pull, prior / (n_c + prior) of the way to the overall level, fades slower)
@@ -71,7 +76,8 @@ class _Levels:
         if len(values) == 0:
             return
         self.count += len(values)
-        self.level += (values.mean() - self.level) * len(values) / min(self.count, span)
+        # a batch of more than `span` values replaces the level (a rate above 1 would overshoot)
+        self.level += (values.mean() - self.level) * min(len(values) / min(self.count, span), 1.0)
         width = len(self.counts)
         added = np.bincount(classes, minlength=width)
         sums = np.bincount(classes, weights=values, minlength=width)
@@ -102,7 +108,7 @@ class ClassBaseline:
     """Label-free values as their distance from the level of the class the model predicted.
 
     A run of class 0 (its values at 1), then one of class 1 (at 3): the values jump by 2, the
-    residuals by 0.18, what is left of the shrinkage towards the overall level (2) after 52
+    residuals by 0.18, what is left of the shrinkage towards the overall level (2) after 50
     samples of each class; a shift of 1 in both classes' values shows as about 1.
 
     >>> baseline = ClassBaseline(classes=2)
@@ -170,8 +176,9 @@ class ClassBaseline:
         signals = {}
         for name, levels in self._signals.items():
             seen = levels.counts > 0
-            spread = ([json_float(levels.levels[seen].min()), json_float(levels.levels[seen].max())]
+            spread = ([float(levels.levels[seen].min()), float(levels.levels[seen].max())]
                       if seen.any() else None)
-            signals[name] = {"count": levels.count, "level": json_float(levels.level),
+            # plain floats: the caller's json_safe writes a non-finite one as null
+            signals[name] = {"count": levels.count, "level": float(levels.level),
                              "classes_seen": int(seen.sum()), "class_level_range": spread}
         return {"span": self.span, "prior": self.prior, "signals": signals}

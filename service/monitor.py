@@ -78,6 +78,7 @@ class DriftMonitor:
         self.task = task
         self.metrics = metrics
         self.events = events
+        self._label_free_specs = settings.label_free
         self.label_free = _detectors(settings.label_free, task, labelled=False)
         self.labelled = _detectors(settings.labelled, task, labelled=True)
         p = settings.policy
@@ -137,7 +138,12 @@ class DriftMonitor:
         if self.by_class and probabilities is not None:
             probabilities = np.asarray(probabilities)
             width = probabilities.shape[-1]
-            if self.baseline is None or self.baseline.classes != width:
+            if self.baseline is not None and self.baseline.classes != width:
+                # levels of another model (resumed from a state of one with other classes): the
+                # label-free detectors' statistics are of residuals against them, so both go
+                self.label_free = _detectors(self._label_free_specs, self.task, labelled=False)
+                self.baseline = None
+            if self.baseline is None:
                 self.baseline = ClassBaseline(width)
             baseline, predicted = self.baseline, probabilities.argmax(axis=-1)
             values = {name: None if v is None else baseline.residuals(name, v, predicted)
@@ -264,15 +270,17 @@ class DriftMonitor:
                 baseline = ClassBaseline(int(state["baseline"]["classes"]))
                 baseline.load_state(state["baseline"])
                 self.baseline = baseline
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, MemoryError):
                 paths.remove("label_free")
                 skipped.append("label_free (their class baseline did not fit)")
         elif self.by_class != (state.get("baseline") is not None) and int(
                 state.get("samples", 0)) > 0:
-            # saved measuring the values as they are and now against class levels, or the
-            # other way round: the detectors' statistics are of other values
+            # saved measuring the values as they are and now against class levels (a state
+            # saved before label_free_baseline existed, or with "none"), or the other way
+            # round: the detectors' statistics are of other values
             paths.remove("label_free")
-            skipped.append("label_free (saved with another label_free_baseline)")
+            skipped.append("label_free (saved without class levels)" if self.by_class
+                           else "label_free (saved with class levels)")
         for path in paths:
             detectors = getattr(self, path)
             saved = state.get(path) or []

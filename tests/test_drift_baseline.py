@@ -44,12 +44,6 @@ def _label_free_alarms(monitor: DriftMonitor) -> int:
     return sum(detector.describe()["alarms"] for detector in monitor.label_free)
 
 
-def _in_runs(samples: int, run: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.concatenate([np.full(run, rng.integers(CLASSES)) if i else np.full(run, 0)
-                           for i in range(samples // run)])
-
-
 def test_classes_in_runs_raise_label_free_alarms_on_the_values_but_not_on_their_class_residuals():
     order = np.concatenate([np.random.default_rng(0).integers(0, CLASSES, 800),  # mixed first
                             np.repeat([0, 3, 1, 2, 0, 3], 400)])                  # then in runs
@@ -116,8 +110,7 @@ def test_a_state_saved_with_the_other_setting_resumes_without_its_label_free_det
     _feed(plain, probabilities, features)
     plain.observe_labels(np.zeros(40))
     by_class = _monitor("class")
-    assert by_class.load_state(plain.state()) == [
-        "label_free (saved with another label_free_baseline)"]
+    assert by_class.load_state(plain.state()) == ["label_free (saved without class levels)"]
     assert {d["signal"]: d["updates"] for d in by_class.describe()} == {
         "entropy": 0, "feature_mean": 0, "error": 40}
     broken = _monitor("class")
@@ -127,6 +120,25 @@ def test_a_state_saved_with_the_other_setting_resumes_without_its_label_free_det
     fresh = _monitor("class")
     assert fresh.load_state(saved) == ["label_free (their class baseline did not fit)"]
     assert fresh.baseline is None
+    # a state saved before the setting existed: no baseline key
+    old = {k: v for k, v in plain.state().items() if k != "baseline"}
+    assert _monitor("class").load_state(old) == ["label_free (saved without class levels)"]
+    assert _monitor("none").load_state(old) == []
+    assert _monitor("none").load_state(broken.state()) == ["label_free (saved with class levels)"]
+
+
+def test_levels_of_a_model_with_other_classes_go_with_the_detectors_that_measured_against_them():
+    probabilities, features = _traffic(np.repeat([1, 2, 0, 3], 120))
+    four = _monitor("class")
+    _feed(four, probabilities, features)
+    resumed = _monitor("class")
+    assert resumed.load_state(four.state()) == []
+    assert sum(d.describe()["samples"] for d in resumed.label_free) > 0
+    three = np.full((16, 3), 0.1)
+    three[:, 0] = 0.8
+    resumed.observe_batch(three, features[:16], 16)  # now a model of three classes
+    assert resumed.baseline is not None and resumed.baseline.classes == 3
+    assert [d.describe()["samples"] for d in resumed.label_free] == [16, 16]
 
 
 def test_class_baseline_arithmetic_and_refusals():
@@ -136,13 +148,24 @@ def test_class_baseline_arithmetic_and_refusals():
     assert first[0] == -1.0 and np.isnan(first[1]) and first[2] == 1.0
     levels = baseline.describe()["signals"]["entropy"]
     assert levels["count"] == 2 and levels["level"] == 2.0 and levels["classes_seen"] == 1
-    # class 0: 2 values at mean 2, shrunk by the prior of 1 towards the overall level 2: 2
+    # class 1 sits at 6 (two values); the overall level is then (1 + 3 + 6 + 6) / 4 = 4
+    baseline.residuals("entropy", np.array([6.0, 6.0]), np.array([1, 1]))
+    # class 0 (two values, level 2) shrunk by the prior of 1 towards 4: (2 * 2 + 4) / 3
     np.testing.assert_allclose(baseline.residuals("entropy", np.array([2.0]), np.array([0])),
-                               [0.0])
-    # beyond `span` values a class's level is a running mean with rate 1/span
-    for _ in range(10):
-        baseline.residuals("entropy", np.array([10.0]), np.array([2]))
-    assert baseline.describe()["signals"]["entropy"]["class_level_range"][1] > 9.0
+                               [2.0 - 8.0 / 3.0])
+    # up to `span` (4) values a class's level is their mean, beyond it a running mean with rate
+    # 1/span: after four 0s it is 0, then 10 / 4 = 2.5, then 2.5 + (10 - 2.5) / 4 = 4.375
+    windowed = ClassBaseline(classes=1, span=4, prior=1.0)
+    for value, level in ((0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (10.0, 2.5),
+                         (10.0, 4.375)):
+        windowed.residuals("entropy", np.array([value]), np.array([0]))
+        assert windowed.describe()["signals"]["entropy"]["class_level_range"] == [level, level]
+    # a batch of more than `span` values sets the levels to its mean, and never overshoots
+    for _ in range(3):
+        windowed.residuals("confidence", np.zeros(10), np.zeros(10, dtype=int))
+        windowed.residuals("confidence", np.ones(10), np.zeros(10, dtype=int))
+    levels = windowed.describe()["signals"]["confidence"]
+    assert levels["level"] == 1.0 and levels["class_level_range"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="classes must lie"):
         baseline.residuals("entropy", np.array([1.0]), np.array([3]))
     with pytest.raises(ValueError, match="values for"):
