@@ -26,6 +26,7 @@ from drift import (
     Action,
     ActionJudge,
     Alarm,
+    ClassBaseline,
     DriftPolicy,
     SignalDetector,
     StateMismatch,
@@ -33,7 +34,6 @@ from drift import (
     entropy,
     feature_mean,
 )
-from drift.baseline import ClassBaseline
 from drift.judge import JUDGED
 from service.events import EventLog
 from service.metrics import Metrics
