@@ -416,6 +416,28 @@ def test_recency_lets_the_newest_of_equally_similar_errors_count_most():
         ErrorMemory(feature_dim=2, output_dim=1, task="regression", half_life=0.0)
 
 
+def test_a_classifiers_rows_age_only_with_rows_of_their_own_label():
+    """Classes in runs: a run of class 1 must not age class 0's rows away. Three rows of class 0
+    at the query's key, then fifty of class 1 at a key 0.6 as similar: counted over all rows,
+    class 0's rows would be fifty rows old (logit bias -17 at a half-life of 2, below class 1's
+    rows) and the query would be corrected towards class 1; counted within their label they are
+    0 to 2 rows old and remain its neighbours. A regressor's rows age with every row."""
+    from adapters.memory.error_memory import ErrorMemory
+
+    memory = ErrorMemory(feature_dim=2, output_dim=2, k=3, compensation_weight=0.5,
+                         half_life=2.0)
+    near, far = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]])
+    memory.add(near.repeat(3, 1), torch.zeros(3, dtype=torch.long), torch.full((3, 2), 0.5))
+    memory.add(far.repeat(50, 1), torch.ones(50, dtype=torch.long), torch.full((50, 2), 0.5))
+    assert memory._age()[:3].tolist() == [2.0, 1.0, 0.0]
+    corrected = memory.compensate(near, torch.tensor([[0.5, 0.5]]))
+    assert corrected[0, 0] == pytest.approx(0.75)  # 0.5 + 0.5 * (1 - 0.5): class 0's labels
+    regressor = ErrorMemory(feature_dim=2, output_dim=1, task="regression", k=3, half_life=2.0)
+    regressor.add(near.repeat(3, 1), torch.zeros(3), torch.zeros(3))
+    regressor.add(far.repeat(50, 1), torch.ones(50), torch.zeros(50))
+    assert regressor._age()[:3].tolist() == [52.0, 51.0, 50.0]
+
+
 def test_a_hashed_memory_with_a_half_life_stops_the_start_saying_why():
     from service.events import EventLog
     from service.metrics import Metrics

@@ -432,7 +432,9 @@ class ErrorMemory(_ErrorMemory):
     half_life
         Recency: a row's weight halves with every `half_life` rows added after it (its logit
         s / tau gets −ln 2 · age / half_life), so where the stream drifts the newest similar
-        errors count most. None weighs rows by similarity alone, as ReLoop2 does.
+        errors count most. For classification a row ages only with the rows of its own label
+        added after it: where classes come in runs, a run of one class does not age the other
+        classes' rows. None weighs rows by similarity alone, as ReLoop2 does.
     feature_mean
         Subtracted from every feature vector before it is normalised, e.g. the mean feature of
         the training or reference data. Features after a ReLU all lie in one orthant, where the
@@ -486,6 +488,7 @@ class ErrorMemory(_ErrorMemory):
         self.k = k
         self.temperature = float(temperature)
         self.half_life = None if half_life is None else float(half_life)
+        self._ages: tuple[tuple[int, int, int], torch.Tensor] | None = None
 
     kind = "exact"
 
@@ -493,11 +496,39 @@ class ErrorMemory(_ErrorMemory):
         return {"k": self.k, "temperature": self.temperature, "half_life": self.half_life}
 
     def _recency(self) -> torch.Tensor | None:
-        """Each live row's logit bias, −ln 2 · age / half_life (age: rows added after it)."""
+        """Each live row's logit bias, −ln 2 · age / half_life (age: rows added after it; for
+        classification, live rows of its own label added after it)."""
         if self.half_life is None:
             return None
-        age = (self.observed - 1 - self._sequence[:self._size]).to(torch.float32)
-        return -math.log(2.0) * age / self.half_life
+        return -math.log(2.0) * self._age() / self.half_life
+
+    def _admit(self, slots: torch.Tensor) -> None:
+        self._ages = None
+
+    def _rebuild(self) -> None:
+        self._ages = None
+
+    def _age(self) -> torch.Tensor:
+        """Each live slot's age in rows, computed once per change of the rows (queries reuse it)."""
+        stamp = (self.observed, self._size, self._head)
+        if self._ages is not None and self._ages[0] == stamp:
+            return self._ages[1]
+        sequence = self._sequence[:self._size]
+        if not self.task.discrete:
+            age = (self.observed - 1 - sequence).to(torch.float32)
+        else:
+            labels = self._targets[:self._size].argmax(dim=1)
+            # slots by label, oldest first within each: a slot's age is how many slots of its
+            # label come after it
+            order = torch.argsort(labels * (int(self.observed) + 1) + sequence)
+            counts = torch.bincount(labels, minlength=self.output_dim)
+            starts = torch.cumsum(counts, 0) - counts
+            sorted_labels = labels[order]
+            place = torch.arange(self._size) - starts[sorted_labels]
+            age = torch.empty(self._size, dtype=torch.float32)
+            age[order] = (counts[sorted_labels] - 1 - place).to(torch.float32)
+        self._ages = (stamp, age)
+        return age
 
     def _neighbour_means(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                              torch.Tensor]:
