@@ -533,7 +533,8 @@ class ErrorMemorySettings(Section):
     capacity: PositiveInt = Field(10_000, description="the newest rows kept")
     half_life: PositiveFloat | None = Field(
         None, description="recency (exact memory): a row's weight halves with every half_life "
-        "rows added after it; unset weighs rows by similarity alone"
+        "rows added after it (a classifier's: rows of its own label); unset weighs rows by "
+        "similarity alone"
     )
     center: bool = Field(
         True, description="subtract the reference data's mean feature before the cosine"

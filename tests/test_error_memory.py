@@ -432,6 +432,26 @@ def test_a_classifiers_rows_age_only_with_rows_of_their_own_label():
     assert memory._age()[:3].tolist() == [2.0, 1.0, 0.0]
     corrected = memory.compensate(near, torch.tensor([[0.5, 0.5]]))
     assert corrected[0, 0] == pytest.approx(0.75)  # 0.5 + 0.5 * (1 - 0.5): class 0's labels
+    # a ring buffer that wrapped, then trimmed and reloaded: every age is the count of live
+    # rows of its label added after it
+    generator = torch.Generator().manual_seed(0)
+    ring = ErrorMemory(feature_dim=2, output_dim=3, k=3, capacity=5, half_life=2.0)
+    for _ in range(4):
+        labels = torch.randint(0, 3, (3,), generator=generator)
+        ring.add(torch.randn(3, 2, generator=generator), labels, torch.full((3, 3), 1 / 3))
+
+    def brute(memory):
+        labels = memory._targets[:memory._size].argmax(dim=1)
+        sequence = memory._sequence[:memory._size]
+        return [float(((labels == labels[i]) & (sequence > sequence[i])).sum())
+                for i in range(memory._size)]
+
+    assert ring._age().tolist() == brute(ring)
+    ring.trim(keep_recent=3)
+    assert ring._age().tolist() == brute(ring)
+    reloaded = ErrorMemory(feature_dim=2, output_dim=3, k=3, capacity=5, half_life=2.0)
+    reloaded.load_state_dict(ring.state_dict())
+    assert reloaded._age().tolist() == brute(reloaded) == ring._age().tolist()
     regressor = ErrorMemory(feature_dim=2, output_dim=1, task="regression", k=3, half_life=2.0)
     regressor.add(near.repeat(3, 1), torch.zeros(3), torch.zeros(3))
     regressor.add(far.repeat(50, 1), torch.ones(50), torch.zeros(50))

@@ -516,11 +516,14 @@ class ErrorMemory(_ErrorMemory):
         sequence = self._sequence[:self._size]
         if not self.task.discrete:
             age = (self.observed - 1 - sequence).to(torch.float32)
+        elif self._size == 0:
+            age = torch.empty(0, dtype=torch.float32)
         else:
             labels = self._targets[:self._size].argmax(dim=1)
             # slots by label, oldest first within each: a slot's age is how many slots of its
             # label come after it
-            order = torch.argsort(labels * (int(self.observed) + 1) + sequence)
+            since = sequence - sequence.min()  # any checkpoint's numbering
+            order = torch.argsort(labels * (int(since.max()) + 1) + since)
             counts = torch.bincount(labels, minlength=self.output_dim)
             starts = torch.cumsum(counts, 0) - counts
             sorted_labels = labels[order]
