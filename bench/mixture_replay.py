@@ -44,7 +44,7 @@ import torch
 
 from adapters.mixture import FixedShareMixture
 from adapters.task import Task, task_named
-from service.engine import LEARNER, NEWEST_LABEL, RECENT_RESIDUAL
+from service.engine import LEARNER
 
 REQUEST = 16
 
@@ -188,9 +188,10 @@ def replay(recorded: Recorded, variant: dict[str, Any], request: int = REQUEST) 
                                                            recorded.labels[one]))
             learnt = due
         rows = slice(start, min(start + request, count))
-        # until the first label River's learners sleep and there is no newest label: each
-        # repeats the last stage (what their records hold for these rows is the learners'
-        # guesses made later by their sleeping copies, for the mixture to learn from)
+        # until the first label River's learners sleep: each repeats the last stage (what
+        # their records hold for these rows is their guesses made later by their sleeping
+        # copies, for the mixture to learn from); the newest label's and the recent residual's
+        # records hold what they served (the last stage, or the reference data's last label)
         last = torch.as_tensor(candidates[mixture.names[-1]][rows])
         outputs = mixture.outputs({n: last if not learnt and _sleeps(n) else
                                    torch.as_tensor(v[rows]) for n, v in candidates.items()})
@@ -200,8 +201,9 @@ def replay(recorded: Recorded, variant: dict[str, Any], request: int = REQUEST) 
 
 
 def _sleeps(name: str) -> bool:
-    """Whether candidate `name` serves nothing of its own before the first label."""
-    return name in (NEWEST_LABEL, RECENT_RESIDUAL) or name.startswith(f"{LEARNER}.")
+    """Whether candidate `name` serves something else than its records hold before the first
+    label: River's learners, asleep."""
+    return name.startswith(f"{LEARNER}.")
 
 
 def score(recorded: Recorded, outputs: np.ndarray) -> float:

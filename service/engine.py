@@ -353,8 +353,8 @@ class Engine:
         self.comparison = comparison if source is not None else None
         self.mixture = mixture
         # the label that arrived last, as a target row (one-hot, or values): the mixture's
-        # NEWEST_LABEL candidate; None until the first label (the candidate is then the last
-        # stage's outputs)
+        # NEWEST_LABEL candidate; before the first label the reference data's last
+        # (`seed_newest_label`), or None (the candidate is then the last stage's outputs)
         self._newest_label: torch.Tensor | None = None
         # the last stage's residuals on the last RESIDUAL_LABELS labels (label less its output),
         # oldest first: the mixture's RECENT_RESIDUAL candidate adds their mean to the last stage
@@ -705,8 +705,9 @@ class Engine:
         mixed = {name: candidates.get(name) for name in self.mixture.names}
         last = candidates.get(self.mixture.names[-1])
         if NEWEST_LABEL in mixed:
-            # no label yet: the candidate repeats the last stage, so it moves no weight, and the
-            # records still keep every candidate for the mixture and the comparison to learn from
+            # no label yet (and none seeded from the reference data, `seed_newest_label`): the
+            # candidate repeats the last stage, so it moves no weight, and the records still keep
+            # every candidate for the mixture and the comparison to learn from
             mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
                                    else self._newest_label.expand(len(last), -1).clone())
         if RECENT_RESIDUAL in mixed:  # no label yet: the last stage, as the newest label does
@@ -717,6 +718,26 @@ class Engine:
                 mixed[name] = last
         ready = {name: values for name, values in mixed.items() if values is not None}
         return ready if len(ready) == len(mixed) else None
+
+    def seed_newest_label(self, label: torch.Tensor) -> bool:
+        """Before the first joined label: the NEWEST_LABEL candidate serves `label` (a batch of
+        one, the labelled reference data's last: `mixture.newest_from_reference`) instead of
+        the last stage, so that the first labels that come back judge it against the stages
+        rather than find it equal to them; where the reference data ends where the stream
+        begins it is the newest label there is. False (nothing set) without that candidate,
+        after a label, or for a label that is no valid target (not finite, no class)."""
+        if self.mixture is None or NEWEST_LABEL not in self.mixture.names:
+            return False
+        if self._newest_label is not None or self.mixture.labels:
+            return False
+        try:
+            target = self.task.targets(label, self.model.width).float()
+        except ValueError:
+            return False
+        if target.shape != (1, self.model.width) or not bool(torch.isfinite(target).all()):
+            return False
+        self._newest_label = target
+        return True
 
     def _collapsed(self, learnt: torch.Tensor, source: torch.Tensor | None) -> bool:
         """Whether the guard sees what learns collapsed against the source; a batch whose

@@ -373,6 +373,10 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     else None,
                     runs=_runs(settings, model, adapter),
                     memory_wakes_on_labels=settings.error_memory.kind == "auto")
+    if (settings.mixture.newest_from_reference and reference is not None
+            and reference.labels is not None and len(reference.labels)
+            and engine.seed_newest_label(reference.labels[-1:])):
+        log.info("mixture: the newest label starts as the reference data's last")
     engine.warnings = inert_settings(settings, engine, reference)
     engine.settings = settings
     return engine

@@ -473,6 +473,13 @@ class MixtureSettings(Section):
         "tabular model with one output or two or more classes under mixture.enabled = auto, "
         "else off")
 
+    newest_from_reference: bool = Field(
+        True, description="before the first joined label, the newest-label candidate serves "
+        "the labelled reference data's last label (the newest there is where the reference "
+        "data is the model's training data in time order, ending where the stream begins) "
+        "instead of repeating the last stage, so the first labels judge it; false where the "
+        "reference data is not in time order")
+
     @field_validator("learner", mode="before")
     @classmethod
     def _learners(cls, learner: Any) -> Any:

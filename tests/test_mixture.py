@@ -899,3 +899,66 @@ def test_the_recent_residual_is_a_regressors_alone_where_nothing_changes_the_mod
         update={"recent_residual": "on"})})
     with pytest.raises(ValueError, match="a classifier has none"):
         recent_residual(said)
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_the_newest_label_starts_as_the_reference_datas_last_so_the_first_labels_judge_it(
+        tmp_path, seeded):
+    # a level that rose to 7 over the model's training rows and stays there in the stream; the
+    # model (random weights) misses it. Seeded from the reference data, the newest label serves
+    # 7 from the first request, and the first labels back show it right; unseeded it repeats
+    # the model until the first label, so those labels cannot tell them apart
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "reference.safetensors"
+    save_file({"inputs": torch.from_numpy(rng.normal(size=(200, 3)).astype(np.float32)),
+               "labels": torch.linspace(0.0, 7.0, 200)}, str(path))
+    model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+             "input_shape": [3], "reference_data": str(path)}
+    x = rng.normal(size=(48, 3)).astype(np.float32)
+    settings = {"model": model, "batcher": {"max_wait_ms": 0}, "adapter": {"name": "none"},
+                "mixture": {"enabled": True, "learner": "off", "newest_from_reference": seeded}}
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            engine = app.state.runtime.engine
+            with torch.inference_mode():
+                alone = engine.model.module(torch.from_numpy(x[:16]))[:, 0].numpy()
+            first = (await client.post("/v1/predict", json={"inputs": x[:16].tolist()})).json()
+            before = (await client.get("/v1/state")).json()["learning"]["mixture"]["weights"]
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": row["id"], "label": 7.0} for row in first["predictions"]]})
+            after = (await client.get("/v1/state")).json()["learning"]["mixture"]["weights"]
+            return alone, [row["prediction"] for row in first["predictions"]], before, after
+
+    alone, served, before, after = asyncio.run(scenario())
+    assert np.abs(alone - 7.0).min() > 1.0  # the model misses the level on every sample
+    assert before["newest_label"] == pytest.approx(0.05)  # a prior, as without the seed
+    if seeded:
+        # before any label: 0.05 of the say to the reference's last label, 7
+        np.testing.assert_allclose(served, 0.95 * alone + 0.05 * 7.0, rtol=1e-4, atol=1e-4)
+        assert after["newest_label"] > 0.5
+    else:
+        np.testing.assert_allclose(served, alone, rtol=1e-5, atol=1e-5)
+        assert after["newest_label"] == pytest.approx(0.05, abs=0.01)
+
+
+def test_the_newest_label_is_seeded_only_by_a_valid_reference_label_and_never_after_a_label():
+    from service.settings import load_settings
+
+    model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+             "input_shape": [3]}
+    with built_engine(load_settings(None, model=model, mixture={"learner": "off",
+                                                               "enabled": True})) as engine:
+        assert engine._newest_label is None  # no reference data: nothing to seed it with
+        assert not engine.seed_newest_label(torch.tensor([float("nan")]))
+        assert not engine.seed_newest_label(torch.tensor([1.0, 2.0]))  # not one label
+        assert engine.seed_newest_label(torch.tensor([3.0]))
+        assert engine._newest_label.tolist() == [[3.0]]
+        assert not engine.seed_newest_label(torch.tensor([4.0]))  # once, before any label
+    with built_engine(load_settings(None, model={**BINARY}, mixture={
+            "enabled": True, "learner": "off", "newest_label": "on"})) as engine:
+        assert not engine.seed_newest_label(torch.tensor([5]))  # no such class
+        assert engine.seed_newest_label(torch.tensor([1]))
+        assert engine._newest_label.tolist() == [[0.0, 1.0]]
