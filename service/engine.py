@@ -353,9 +353,11 @@ class Engine:
         self.comparison = comparison if source is not None else None
         self.mixture = mixture
         # the label that arrived last, as a target row (one-hot, or values): the mixture's
-        # NEWEST_LABEL candidate; before the first label the reference data's last
-        # (`seed_newest_label`), or None (the candidate is then the last stage's outputs)
+        # NEWEST_LABEL candidate; before this process joins its first label, the one a replica
+        # saved in the store last or the reference data's last (`seed_newest_label`), or None
+        # (the candidate is then the last stage's outputs)
         self._newest_label: torch.Tensor | None = None
+        self._newest_joined = False  # whether a label this process joined set it
         # the last stage's residuals on the last RESIDUAL_LABELS labels (label less its output),
         # oldest first: the mixture's RECENT_RESIDUAL candidate adds their mean to the last stage
         self._residuals: collections.deque[np.ndarray] = collections.deque(
@@ -720,21 +722,44 @@ class Engine:
         return ready if len(ready) == len(mixed) else None
 
     def seed_newest_label(self, label: torch.Tensor) -> bool:
-        """Before the first joined label: the NEWEST_LABEL candidate serves `label` (a batch of
-        one, the labelled reference data's last: `mixture.newest_from_reference`) instead of
-        the last stage, so that the first labels that come back judge it against the stages
-        rather than find it equal to them; where the reference data ends where the stream
-        begins it is the newest label there is. False (nothing set) without that candidate,
-        after a label, or for a label that is no valid target (not finite, no class)."""
-        if self.mixture is None or NEWEST_LABEL not in self.mixture.names:
-            return False
-        if self._newest_label is not None or self.mixture.labels:
-            return False
+        """Before this process joins its first label: the NEWEST_LABEL candidate serves `label`
+        (a batch of one label: the labelled reference data's last, `mixture.newest_from_reference`)
+        instead of the last stage, so that the first labels that come back judge it against
+        the stages rather than find it equal to them; where the reference data ends where the
+        stream begins it is the newest label there is. False (nothing set) without that
+        candidate, after a joined label, or for a label that is no valid target (not finite, no
+        class, not one label)."""
         try:
             target = self.task.targets(label, self.model.width).float()
-        except ValueError:
+        except (ValueError, RuntimeError):
+            return False
+        return self._seed_newest(target)
+
+    def restore_newest_label(self, row: Sequence[float]) -> bool:
+        """As `seed_newest_label`, from a target row a replica saved in the store
+        (`newest_label_row`): the label that arrived last before this process started, which
+        replaces the reference data's."""
+        try:
+            target = torch.tensor([list(row)], dtype=torch.float32)
+        except (TypeError, ValueError):
+            return False
+        return self._seed_newest(target)
+
+    def newest_label_row(self) -> list[float] | None:
+        """The newest label this process joined, as a target row, for the store; None before
+        any (a seed is not saved: it is no label this deployment joined)."""
+        if not self._newest_joined or self._newest_label is None:
+            return None
+        return [float(v) for v in self._newest_label[0].tolist()]
+
+    def _seed_newest(self, target: torch.Tensor) -> bool:
+        if self.mixture is None or NEWEST_LABEL not in self.mixture.names or self._newest_joined:
             return False
         if target.shape != (1, self.model.width) or not bool(torch.isfinite(target).all()):
+            return False
+        # a class's row is a distribution (a one-hot label, or given probabilities)
+        if self.task.discrete and (bool((target < 0).any())
+                                   or abs(float(target.sum()) - 1.0) > 1e-4):
             return False
         self._newest_label = target
         return True
@@ -851,6 +876,7 @@ class Engine:
         if self.mixture is not None and NEWEST_LABEL in self.mixture.names and len(batch.labels):
             newest = torch.from_numpy(batch.labels[-1:])
             self._newest_label = self.task.targets(newest, self.model.width).float()
+            self._newest_joined = True
         if len(batch.labels):
             self._wake_online()
         if (self.mixture is not None and batch.candidates is not None

@@ -22,6 +22,10 @@ from service.settings import DEMO_FACTORY, Settings
 class ReferenceData:
     inputs: torch.Tensor
     labels: torch.Tensor | None
+    # the file's last label, a batch of one, whatever `model.reference_samples` keeps: where the
+    # rows are in time order, the newest label known before the stream (the mixture's newest
+    # label starts as it, `mixture.newest_from_reference`)
+    last_label: torch.Tensor | None = None
 
 
 def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData | None:
@@ -34,7 +38,8 @@ def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData
         from service.demo import digits_split
 
         x_train, y_train, _, _ = digits_split()
-        return ReferenceData(torch.from_numpy(x_train[:limit]), torch.from_numpy(y_train[:limit]))
+        return ReferenceData(torch.from_numpy(x_train[:limit]), torch.from_numpy(y_train[:limit]),
+                             torch.from_numpy(y_train[-1:]))
     from safetensors.torch import load_file
 
     if not path.is_file():
@@ -49,11 +54,15 @@ def load_reference_data(settings: Settings, model: LoadedModel) -> ReferenceData
             f"{list(model.input_shape)}"
         )
     labels = tensors.get("labels")
+    last = None
     if labels is not None:
-        labels = (labels.long() if model.task.discrete else labels.float())[:limit]
-        if len(labels) != len(inputs):
-            raise ModelLoadError(f"{path}: {len(labels)} labels for {len(inputs)} inputs")
-    return ReferenceData(inputs, labels)
+        if len(labels) != len(tensors["inputs"]):
+            raise ModelLoadError(f"{path}: {len(labels)} labels for {len(tensors['inputs'])} "
+                                 "inputs")
+        labels = labels.long() if model.task.discrete else labels.float()
+        last = labels[-1:]
+        labels = labels[:limit]
+    return ReferenceData(inputs, labels, last)
 
 
 @torch.inference_mode()

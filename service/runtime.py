@@ -73,6 +73,9 @@ from store import MemoryStore, Store, StoreUnavailable, open_store
 log = logging.getLogger("adaptd")
 
 DRIFT_STATE = "drift"
+# the mixture's newest label as a replica joined it last, saved with the drift state: a restart
+# or a new replica starts its newest-label candidate there, not at the reference data's last
+MIXTURE_STATE = "mixture"
 PARSE_PROCESS_TRIES = 3  # parse processes started and failed before large bodies stay here
 
 
@@ -151,6 +154,7 @@ class Runtime:
         learnt = settings.adapter.restore and await _restore_adapter(engine, store)
         if engine.drift is not None:
             await _restore_drift(engine, store)
+        await _restore_newest_label(engine, store)
         persisted = persisted_memories(settings, engine)
         for memory in engine.memories():
             if memory.name in persisted:
@@ -220,6 +224,18 @@ class Runtime:
         except StoreUnavailable:
             pass
 
+    async def save_newest_label(self) -> None:
+        """Save the newest label this process joined, so a restart or a new replica's mixture
+        starts its newest-label candidate there (`MIXTURE_STATE`)."""
+        row = await self.engine.run(self.engine.newest_label_row)
+        if row is None:
+            return
+        blob = json.dumps({"newest_label": row}, separators=(",", ":")).encode()
+        try:
+            await self.store.save_state(MIXTURE_STATE, blob)
+        except StoreUnavailable:
+            pass
+
     async def checkpoint(self) -> tuple[int, int]:
         """Save the learned state to the store as a new version; returns the version and its
         size in bytes. Raises `StoreUnavailable`."""
@@ -246,8 +262,8 @@ class Runtime:
             await asyncio.to_thread(_write_snapshot, path, self.store)
 
     async def _keep_state(self) -> None:
-        """Every second: events to the store; every drift.save_every_s: the drift state; every
-        store.snapshot_every_s: the embedded store's snapshot."""
+        """Every second: events to the store; every drift.save_every_s: the drift state and the
+        mixture's newest label; every store.snapshot_every_s: the embedded store's snapshot."""
         saved_at = snapshot_at = checkpoint_at = time.monotonic()
         checkpoint_every = self.settings.adapter.checkpoint_every_s
         while True:
@@ -262,6 +278,7 @@ class Runtime:
             if time.monotonic() - saved_at >= self.settings.drift.save_every_s:
                 saved_at = time.monotonic()
                 await self._chore("save the drift state", self.save_drift)
+                await self._chore("save the newest label", self.save_newest_label)
             if time.monotonic() - snapshot_at >= self.settings.store.snapshot_every_s:
                 snapshot_at = time.monotonic()
                 await self._chore("write the store snapshot", self.write_snapshot)
@@ -285,6 +302,7 @@ class Runtime:
             ("stop the batcher", self.batcher.stop),
             ("hand events to the store", self.flush_events),
             ("save the drift state", self.save_drift),
+            ("save the newest label", self.save_newest_label),
             ("save the adapter checkpoint", self._checkpoint_if_learned),
             ("write the store snapshot", self.write_snapshot),
             ("close the engine", self._close_engine),
@@ -374,8 +392,8 @@ def build_engine(settings: Settings, metrics: Metrics, events: EventLog) -> Engi
                     runs=_runs(settings, model, adapter),
                     memory_wakes_on_labels=settings.error_memory.kind == "auto")
     if (settings.mixture.newest_from_reference and reference is not None
-            and reference.labels is not None and len(reference.labels)
-            and engine.seed_newest_label(reference.labels[-1:])):
+            and reference.last_label is not None
+            and engine.seed_newest_label(reference.last_label)):
         log.info("mixture: the newest label starts as the reference data's last")
     engine.warnings = inert_settings(settings, engine, reference)
     engine.settings = settings
@@ -967,6 +985,29 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
     skipped = await engine.run(engine.drift.load_state, state)
     await engine.run(engine.resume_rates)  # a boost in force when the state was saved
     log.info("resumed drift detectors%s", f" (not: {', '.join(skipped)})" if skipped else "")
+
+
+async def _restore_newest_label(engine: Engine, store: StoreGateway) -> None:
+    """The mixture's newest label from where a replica left it (`MIXTURE_STATE`), in place of
+    the reference data's last; nothing without the candidate, a saved label or the store."""
+    if engine.mixture is None:
+        return
+    try:
+        blob = await store.load_state(MIXTURE_STATE)
+    except StoreUnavailable:
+        return
+    if blob is None:
+        return
+    try:
+        row = json.loads(blob)["newest_label"]
+    except (ValueError, KeyError, TypeError):
+        log.warning("the stored mixture state is not what this version saves; the newest "
+                    "label starts as before")
+        return
+    if await engine.run(engine.restore_newest_label, row):
+        log.info("mixture: the newest label starts as a replica saved it last")
+    else:
+        log.warning("the stored newest label does not fit this model; it starts as before")
 
 
 async def _restore_adapter(engine: Engine, store: StoreGateway) -> bool:

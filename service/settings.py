@@ -477,8 +477,9 @@ class MixtureSettings(Section):
         True, description="before the first joined label, the newest-label candidate serves "
         "the labelled reference data's last label (the newest there is where the reference "
         "data is the model's training data in time order, ending where the stream begins) "
-        "instead of repeating the last stage, so the first labels judge it; false where the "
-        "reference data is not in time order")
+        "instead of repeating the last stage, so the first labels judge it (a newest label a "
+        "replica saved in the store comes first); false where the reference data is not in "
+        "time order")
 
     @field_validator("learner", mode="before")
     @classmethod

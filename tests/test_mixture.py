@@ -944,7 +944,7 @@ def test_the_newest_label_starts_as_the_reference_datas_last_so_the_first_labels
         assert after["newest_label"] == pytest.approx(0.05, abs=0.01)
 
 
-def test_the_newest_label_is_seeded_only_by_a_valid_reference_label_and_never_after_a_label():
+def test_the_newest_label_is_seeded_only_by_a_valid_label_and_never_after_a_joined_one():
     from service.settings import load_settings
 
     model = {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
@@ -954,11 +954,70 @@ def test_the_newest_label_is_seeded_only_by_a_valid_reference_label_and_never_af
         assert engine._newest_label is None  # no reference data: nothing to seed it with
         assert not engine.seed_newest_label(torch.tensor([float("nan")]))
         assert not engine.seed_newest_label(torch.tensor([1.0, 2.0]))  # not one label
+        assert not engine.restore_newest_label([1.0, 2.0])  # not this model's width
+        assert not engine.restore_newest_label(["x"])
         assert engine.seed_newest_label(torch.tensor([3.0]))
-        assert engine._newest_label.tolist() == [[3.0]]
-        assert not engine.seed_newest_label(torch.tensor([4.0]))  # once, before any label
+        assert engine.restore_newest_label([4.0])  # a saved label replaces the reference's
+        assert engine._newest_label.tolist() == [[4.0]]
+        assert engine.newest_label_row() is None  # a seed is no joined label: never saved
     with built_engine(load_settings(None, model={**BINARY}, mixture={
             "enabled": True, "learner": "off", "newest_label": "on"})) as engine:
         assert not engine.seed_newest_label(torch.tensor([5]))  # no such class
+        # a class distribution read as classes (the reference data's labels are made long)
+        assert not engine.seed_newest_label(torch.tensor([[0.3, 0.7]]).long())
+        assert not engine.restore_newest_label([0.5, 0.6])  # no distribution
         assert engine.seed_newest_label(torch.tensor([1]))
         assert engine._newest_label.tolist() == [[0.0, 1.0]]
+
+
+def regressor_reference(path, values: np.ndarray) -> dict:
+    from safetensors.torch import save_file
+
+    inputs = np.random.default_rng(6).normal(size=(len(values), 3)).astype(np.float32)
+    save_file({"inputs": torch.from_numpy(inputs),
+               "labels": torch.from_numpy(values.astype(np.float32))}, str(path))
+    return {"factory": "tests.models:regressor", "name": "reg", "task": "regression",
+            "input_shape": [3], "reference_data": str(path)}
+
+
+def test_the_seed_is_the_reference_files_last_label_whatever_rows_are_kept(tmp_path):
+    from service.settings import load_settings
+
+    model = regressor_reference(tmp_path / "reference.safetensors", np.arange(300.0))
+    settings = load_settings(None, model={**model, "reference_samples": 100},
+                             mixture={"enabled": True, "learner": "off"})
+    with built_engine(settings) as engine:
+        assert engine._newest_label.tolist() == [[299.0]]  # not row 99, the last one kept
+
+
+@pytest.mark.slow
+def test_a_restart_starts_the_newest_label_where_a_replica_joined_it_last(tmp_path, redis_server):
+    # the reference data ended at 299; the stream has moved on to 5 and 7 by the restart: the
+    # second life's newest label is the last label the first one joined, not the reference's.
+    # A label joined after the restart is the newest again
+    import uuid
+
+    model = regressor_reference(tmp_path / "reference.safetensors", np.arange(300.0))
+    store = {"url": redis_server.url, "namespace": uuid.uuid4().hex}
+    settings = {"model": model, "store": store, "batcher": {"max_wait_ms": 0},
+                "mixture": {"enabled": True, "learner": "off"}}
+    x = np.random.default_rng(7).normal(size=(32, 3)).astype(np.float32)
+
+    async def life(labels: list[float] | None):
+        async with serving(**settings) as (client, app):
+            engine = app.state.runtime.engine
+            start = engine._newest_label.tolist()
+            if labels is not None:
+                reply = (await client.post("/v1/predict",
+                                           json={"inputs": x[:len(labels)].tolist()})).json()
+                await client.post("/v1/feedback", json={"labels": [
+                    {"id": row["id"], "label": value}
+                    for row, value in zip(reply["predictions"], labels, strict=True)]})
+            return start, engine.newest_label_row()
+
+    first_start, first_end = asyncio.run(life([5.0] * 15 + [7.0]))
+    second_start, second_end = asyncio.run(life(None))
+    assert first_start == [[299.0]] and first_end == [7.0]
+    assert second_start == [[7.0]] and second_end is None  # nothing joined in the second life
+    third_start, third_end = asyncio.run(life([8.0]))
+    assert third_start == [[7.0]] and third_end == [8.0]
