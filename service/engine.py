@@ -358,6 +358,8 @@ class Engine:
         # (the candidate is then the last stage's outputs)
         self._newest_label: torch.Tensor | None = None
         self._newest_joined = False  # whether a label this process joined set it
+        self.newest_joins = 0  # label batches that set it here: the store's copy is saved anew
+        # only when this has moved since (`Runtime.save_newest_label`)
         # the last stage's residuals on the last RESIDUAL_LABELS labels (label less its output),
         # oldest first: the mixture's RECENT_RESIDUAL candidate adds their mean to the last stage
         self._residuals: collections.deque[np.ndarray] = collections.deque(
@@ -741,7 +743,7 @@ class Engine:
         replaces the reference data's."""
         try:
             target = torch.tensor([list(row)], dtype=torch.float32)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RuntimeError):
             return False
         return self._seed_newest(target)
 
@@ -752,8 +754,13 @@ class Engine:
             return None
         return [float(v) for v in self._newest_label[0].tolist()]
 
+    @property
+    def has_newest_label(self) -> bool:
+        """Whether the mixture has a NEWEST_LABEL candidate."""
+        return self.mixture is not None and NEWEST_LABEL in self.mixture.names
+
     def _seed_newest(self, target: torch.Tensor) -> bool:
-        if self.mixture is None or NEWEST_LABEL not in self.mixture.names or self._newest_joined:
+        if not self.has_newest_label or self._newest_joined:
             return False
         if target.shape != (1, self.model.width) or not bool(torch.isfinite(target).all()):
             return False
@@ -877,6 +884,7 @@ class Engine:
             newest = torch.from_numpy(batch.labels[-1:])
             self._newest_label = self.task.targets(newest, self.model.width).float()
             self._newest_joined = True
+            self.newest_joins += 1
         if len(batch.labels):
             self._wake_online()
         if (self.mixture is not None and batch.candidates is not None

@@ -97,6 +97,7 @@ class Runtime:
     history: History = field(default_factory=History)
     _chores: asyncio.Task[None] | None = None
     _checkpointed: tuple[int, ...] = (0,)
+    _newest_saved: int = 0  # `engine.newest_joins` when the newest label was saved last
     _parsers: ProcessPoolExecutor | None = None
     _parser_failures: int = 0
     _stopping: bool = False
@@ -227,6 +228,11 @@ class Runtime:
     async def save_newest_label(self) -> None:
         """Save the newest label this process joined, so a restart or a new replica's mixture
         starts its newest-label candidate there (`MIXTURE_STATE`)."""
+        # only when a label was joined here since the last save: the key is the last writer's,
+        # and a replica whose labels stopped would otherwise overwrite a newer one another saved
+        joins = self.engine.newest_joins
+        if joins == self._newest_saved:
+            return
         row = await self.engine.run(self.engine.newest_label_row)
         if row is None:
             return
@@ -234,7 +240,8 @@ class Runtime:
         try:
             await self.store.save_state(MIXTURE_STATE, blob)
         except StoreUnavailable:
-            pass
+            return
+        self._newest_saved = joins
 
     async def checkpoint(self) -> tuple[int, int]:
         """Save the learned state to the store as a new version; returns the version and its
@@ -979,7 +986,7 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
         return
     try:
         state = json.loads(blob)
-    except ValueError:
+    except (ValueError, RecursionError):
         log.warning("the stored drift state is not JSON; detectors start afresh")
         return
     skipped = await engine.run(engine.drift.load_state, state)
@@ -990,17 +997,18 @@ async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
 async def _restore_newest_label(engine: Engine, store: StoreGateway) -> None:
     """The mixture's newest label from where a replica left it (`MIXTURE_STATE`), in place of
     the reference data's last; nothing without the candidate, a saved label or the store."""
-    if engine.mixture is None:
+    if not engine.has_newest_label:
         return
     try:
         blob = await store.load_state(MIXTURE_STATE)
     except StoreUnavailable:
+        log.warning("the store is unreachable: the mixture's newest label starts as before")
         return
     if blob is None:
         return
     try:
         row = json.loads(blob)["newest_label"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         log.warning("the stored mixture state is not what this version saves; the newest "
                     "label starts as before")
         return

@@ -1021,3 +1021,61 @@ def test_a_restart_starts_the_newest_label_where_a_replica_joined_it_last(tmp_pa
     assert second_start == [[7.0]] and second_end is None  # nothing joined in the second life
     third_start, third_end = asyncio.run(life([8.0]))
     assert third_start == [[7.0]] and third_end == [8.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blob", [b"not json", b'{"other": 1}', b'{"newest_label": [1e999]}',
+                                  b'{"newest_label": [' + b"9" * 400 + b"]}",
+                                  b"[" * 100_000 + b"]" * 100_000, b'{"newest_label": [1, 2]}'])
+def test_a_stored_newest_label_that_is_no_label_of_this_model_never_stops_the_start(
+        tmp_path, redis_server, blob):
+    import uuid
+
+    from service.runtime import MIXTURE_STATE, _open_store
+    from service.settings import load_settings
+
+    model = regressor_reference(tmp_path / "reference.safetensors", np.arange(300.0))
+    store = {"url": redis_server.url, "namespace": uuid.uuid4().hex}
+    settings = {"model": model, "store": store, "batcher": {"max_wait_ms": 0},
+                "mixture": {"enabled": True, "learner": "off"}}
+    raw = _open_store(load_settings(None, **settings))
+    raw.save_state(MIXTURE_STATE, blob)
+    raw.close()
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            reply = await client.post("/v1/predict", json={"inputs": [[0.0, 0.0, 0.0]]})
+            return reply.status_code, app.state.runtime.engine._newest_label.tolist()
+
+    status, newest = asyncio.run(scenario())
+    assert status == 200 and newest == [[299.0]]  # the reference data's, as without the state
+
+
+def test_the_newest_label_is_saved_only_when_a_label_was_joined_since(tmp_path):
+    # a replica whose labels stopped must not overwrite, every save_every_s, the newer label
+    # another replica saved under the same key
+    from service.runtime import MIXTURE_STATE
+
+    model = regressor_reference(tmp_path / "reference.safetensors", np.arange(300.0))
+    settings = {"model": model, "batcher": {"max_wait_ms": 0},
+                "mixture": {"enabled": True, "learner": "off"}}
+    x = np.random.default_rng(8).normal(size=(4, 3)).astype(np.float32)
+
+    async def scenario():
+        async with serving(**settings) as (client, app):
+            runtime = app.state.runtime
+            await runtime.save_newest_label()
+            nothing = await runtime.store.load_state(MIXTURE_STATE)  # a seed is never saved
+            reply = (await client.post("/v1/predict", json={"inputs": x.tolist()})).json()
+            await client.post("/v1/feedback", json={"labels": [
+                {"id": row["id"], "label": 5.0} for row in reply["predictions"]]})
+            await runtime.save_newest_label()
+            saved = await runtime.store.load_state(MIXTURE_STATE)
+            await runtime.store.save_state(MIXTURE_STATE, b'{"newest_label": [9.0]}')  # another
+            await runtime.save_newest_label()  # no label joined here since: nothing written
+            kept = await runtime.store.load_state(MIXTURE_STATE)
+            return nothing, saved, kept
+
+    nothing, saved, kept = asyncio.run(scenario())
+    assert nothing is None
+    assert saved == b'{"newest_label":[5.0]}' and kept == b'{"newest_label": [9.0]}'
