@@ -974,20 +974,28 @@ async def _reload_memory(engine: Engine, store: StoreGateway, memory: AdaNPC | A
     return True
 
 
+async def _stored_json(store: StoreGateway, name: str, instead: str) -> object:
+    """The state `name` a replica saved, decoded from JSON; None where there is none, the store
+    is unreachable or the blob is no JSON (both logged, with what happens `instead`)."""
+    try:
+        blob = await store.load_state(name)
+    except StoreUnavailable:
+        log.warning("the store is unreachable: %s", instead)
+        return None
+    if blob is None:
+        return None
+    try:
+        return json.loads(blob)
+    except (ValueError, RecursionError):
+        log.warning("the stored %s state is not JSON; %s", name, instead)
+        return None
+
+
 async def _restore_drift(engine: Engine, store: StoreGateway) -> None:
     """Resume the detectors and the policy where the deployment left them."""
     assert engine.drift is not None
-    try:
-        blob = await store.load_state(DRIFT_STATE)
-    except StoreUnavailable:
-        log.warning("the store is unreachable: drift detectors start afresh")
-        return
-    if blob is None:
-        return
-    try:
-        state = json.loads(blob)
-    except (ValueError, RecursionError):
-        log.warning("the stored drift state is not JSON; detectors start afresh")
+    state = await _stored_json(store, DRIFT_STATE, "drift detectors start afresh")
+    if state is None:
         return
     skipped = await engine.run(engine.drift.load_state, state)
     await engine.run(engine.resume_rates)  # a boost in force when the state was saved
@@ -999,23 +1007,15 @@ async def _restore_newest_label(engine: Engine, store: StoreGateway) -> None:
     the reference data's last; nothing without the candidate, a saved label or the store."""
     if not engine.has_newest_label:
         return
-    try:
-        blob = await store.load_state(MIXTURE_STATE)
-    except StoreUnavailable:
-        log.warning("the store is unreachable: the mixture's newest label starts as before")
+    state = await _stored_json(store, MIXTURE_STATE,
+                              "the mixture's newest label starts as before")
+    if state is None:
         return
-    if blob is None:
-        return
-    try:
-        row = json.loads(blob)["newest_label"]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        log.warning("the stored mixture state is not what this version saves; the newest "
-                    "label starts as before")
-        return
-    if await engine.run(engine.restore_newest_label, row):
+    row = state.get("newest_label") if isinstance(state, dict) else None
+    if row is not None and await engine.run(engine.restore_newest_label, row):
         log.info("mixture: the newest label starts as a replica saved it last")
     else:
-        log.warning("the stored newest label does not fit this model; it starts as before")
+        log.warning("the stored newest label is no label of this model; it starts as before")
 
 
 async def _restore_adapter(engine: Engine, store: StoreGateway) -> bool:
