@@ -709,9 +709,9 @@ class Engine:
         mixed = {name: candidates.get(name) for name in self.mixture.names}
         last = candidates.get(self.mixture.names[-1])
         if NEWEST_LABEL in mixed:
-            # no label yet (and none seeded from the reference data, `seed_newest_label`): the
-            # candidate repeats the last stage, so it moves no weight, and the records still keep
-            # every candidate for the mixture and the comparison to learn from
+            # no label yet (and none seeded from the reference data or the store,
+            # `seed_newest_label`): the candidate repeats the last stage, so it moves no weight,
+            # and the records still keep every candidate for the mixture and the comparison
             mixed[NEWEST_LABEL] = (last if self._newest_label is None or last is None
                                    else self._newest_label.expand(len(last), -1).clone())
         if RECENT_RESIDUAL in mixed:  # no label yet: the last stage, as the newest label does
