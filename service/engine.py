@@ -880,7 +880,7 @@ class Engine:
         if batch.errors is not None:
             self.observe_errors(batch.errors, batch.served, batch.judged)
         self._compare(batch)
-        if self.mixture is not None and NEWEST_LABEL in self.mixture.names and len(batch.labels):
+        if self.has_newest_label and len(batch.labels):
             newest = torch.from_numpy(batch.labels[-1:])
             self._newest_label = self.task.targets(newest, self.model.width).float()
             self._newest_joined = True
