@@ -51,6 +51,14 @@ get the same labels at the same points. River sees the features
 standardised with the training slice's statistics, the MLP's own (trees do not care; the linear
 models in a regression tree's leaves do).
 
+Scores are prequential over the whole stream and over its last half; each learner is also scored
+from the first sample served once a label was back (`after_first_label` in `--json`; with
+`--from-first-label` the leads table compares those): before it the service can only serve the
+model as trained, with at most the reference data's last label beside it, while River's learners
+and the no-change baseline each commit to their own guess from the first sample, so this score
+leaves out the wait for the first label (16 samples with labels at once, 112 with labels 100
+late) and keeps everything after it.
+
 Configurations (service settings; each sets only what its name says and leaves everything else
 at the service's defaults, which are printed with the tables, except the online mixture: on by
 default for these tabular models since stop 28, it is off in every column but `defaults`,
@@ -446,6 +454,9 @@ class Result:
     score: float  # accuracy, or MAE
     last_half: float  # the same over the stream's second half
     ms_per_sample: float
+    # the same over the samples served once a label was back (`first_taught`); None in results
+    # saved before stop 42
+    after_first_label: float | None = None
     # the service only
     label_free_alarms: int = 0
     label_free_per_10k: float | None = None  # before the drift on B2's streams; else all
@@ -460,11 +471,32 @@ class Result:
     verdicts: dict[str, str] = field(default_factory=dict)
 
 
-def _scores(predictions: np.ndarray, y: np.ndarray, task: str) -> tuple[float, float]:
-    """(over the stream, over its last half): accuracy, or mean absolute error."""
+def _scores(predictions: np.ndarray, y: np.ndarray, task: str, taught: int = 0
+            ) -> tuple[float, float, float]:
+    """(over the stream, over its last half, from sample `taught` on): accuracy, or mean
+    absolute error."""
     per_sample = ((predictions == y).astype(np.float64) if task == "classification"
                   else np.abs(predictions - y))
-    return float(per_sample.mean()), float(per_sample[len(per_sample) // 2:].mean())
+    after = per_sample[taught:]
+    return (float(per_sample.mean()), float(per_sample[len(per_sample) // 2:].mean()),
+            float(after.mean()) if len(after) else float("nan"))
+
+
+def first_taught(samples: int, delay: int, request: int = REQUEST,
+                 labels: Labels | None = None) -> int:
+    """The first sample served once a label was back: the start of the request after the first
+    that sent labels back (`samples` where none comes back). Every learner here gets its labels
+    on the same schedule, so each is scored from the same sample.
+
+    >>> first_taught(100, 0, request=16), first_taught(1000, 100, request=16)
+    (16, 112)
+    >>> first_taught(50, 100, request=16)
+    50
+    """
+    due = (labels or EVERY_LABEL).due(samples, delay)
+    batches = label_batches(samples, request, due)
+    back = [i for i, batch in enumerate(batches) if len(batch)]
+    return min(samples, (back[0] + 1) * request) if back else samples
 
 
 @dataclass(frozen=True)
@@ -523,7 +555,8 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
                              **config.settings(data))
     run = asyncio.run(serve_prequential(settings, data.x, data.y, delay, request,
                                         labels.due(len(data.x), delay)))
-    score, last_half = _scores(run.predictions, data.y, data.task)
+    score, last_half, after_first_label = _scores(
+        run.predictions, data.y, data.task, first_taught(len(data.y), delay, request, labels))
     alarms = [e for e in run.events if e["kind"] == "drift_alarm"]
     label_free = [_alarm_position(e) for e in alarms
                   if e["source"].split("/")[-1] in LABEL_FREE_SIGNALS]
@@ -536,7 +569,7 @@ def run_service(data: StreamData, config: Config, weights: Path, reference: Path
                 if a["acted"]["outcomes"] or a["held"]["outcomes"]}
     return Result(
         data.name, config.name, "adaptd", data.task, delay, len(data.x), score, last_half,
-        1000 * run.seconds / len(data.x),
+        1000 * run.seconds / len(data.x), after_first_label,
         label_free_alarms=len(label_free),
         label_free_per_10k=(10_000 * sum(at < span for at in label_free) / span
                             if drift_monitored else None),
@@ -597,9 +630,10 @@ def run_river(data: StreamData, learner: str, delay: int, request: int = REQUEST
         for i in batch.tolist():
             model.learn_one(rows[i], _label(data.y[i], data.task))
     seconds = time.perf_counter() - started
-    score, last_half = _scores(predictions, data.y, data.task)
+    score, last_half, after_first_label = _scores(
+        predictions, data.y, data.task, first_taught(len(rows), delay, request, labels))
     return Result(data.name, learner, "river", data.task, delay, len(rows), score, last_half,
-                  1000 * seconds / len(rows))
+                  1000 * seconds / len(rows), after_first_label)
 
 
 def no_change(y_train: np.ndarray, y: np.ndarray, delay: int, request: int = REQUEST,
@@ -628,9 +662,10 @@ def run_no_change(data: StreamData, delay: int, request: int = REQUEST,
     started = time.perf_counter()
     predictions = no_change(data.y_train, data.y, delay, request, labels)
     seconds = time.perf_counter() - started
-    score, last_half = _scores(predictions, data.y, data.task)
+    score, last_half, after_first_label = _scores(
+        predictions, data.y, data.task, first_taught(len(data.y), delay, request, labels))
     return Result(data.name, "no-change", "baseline", data.task, delay, len(data.y), score,
-                  last_half, 1000 * seconds / len(data.y))
+                  last_half, 1000 * seconds / len(data.y), after_first_label)
 
 
 @contextmanager
@@ -667,11 +702,13 @@ def _cell(value: float, task: str) -> str:
     return f"{100 * value:.1f}" if task == "classification" else f"{value:.3g}"
 
 
-def _lead(ours: Result, theirs: Result) -> float:
-    """How far `ours` is ahead: accuracy points, or MAE lower by (negative: behind)."""
+def _lead(ours: Result, theirs: Result, field: str = "score") -> float:
+    """How far `ours` is ahead on `field` (`score`, or `after_first_label`): accuracy points, or
+    MAE lower by (negative: behind)."""
+    mine, other = getattr(ours, field), getattr(theirs, field)
     if ours.task == "classification":
-        return 100 * (ours.score - theirs.score)
-    return theirs.score - ours.score
+        return 100 * (mine - other)
+    return other - mine
 
 
 def _lead_last_half(ours: Result, theirs: Result) -> float:
@@ -711,8 +748,9 @@ def score_table(results: list[Result], task: str, delay: int) -> str:
     return "\n".join(lines)
 
 
-def verdict_table(results: list[Result], task: str, delay: int) -> str:
-    """Per stream, what the issue's targets compare, as leads of adaptd (negative: behind)."""
+def verdict_table(results: list[Result], task: str, delay: int, field: str = "score") -> str:
+    """Per stream, what the issue's targets compare, as leads of adaptd (negative: behind), on
+    `field` (the last half's column on the last half whatever it is)."""
     header = ["stream", "defaults − HT", "defaults − no-change", "best adaptd − best River",
               "worst config − source, last half",
               *(f"{on} − {off}" for on, off in DRIFT_PAIRS)]
@@ -722,12 +760,13 @@ def verdict_table(results: list[Result], task: str, delay: int) -> str:
         river = [r for r in row.values() if r.kind == "river"]
         cells = [stream]
         for name, other in (("defaults", "HT"), ("defaults", "no-change")):
-            cells.append(_signed(_lead(row[name], row[other]), task)
+            cells.append(_signed(_lead(row[name], row[other], field), task)
                          if name in row and other in row else "")
         if ours and river:
-            best_ours = max(ours, key=lambda r: _lead(r, river[0]))
-            best_river = max(river, key=lambda r: _lead(r, ours[0]))
-            cells.append(f"{_signed(_lead(best_ours, best_river), task)} ({best_ours.learner} "
+            best_ours = max(ours, key=lambda r: _lead(r, river[0], field))
+            best_river = max(river, key=lambda r: _lead(r, ours[0], field))
+            cells.append(f"{_signed(_lead(best_ours, best_river, field), task)} "
+                         f"({best_ours.learner} "
                          f"vs {best_river.learner})")
         else:
             cells.append("")
@@ -739,7 +778,7 @@ def verdict_table(results: list[Result], task: str, delay: int) -> str:
         else:
             cells.append("")
         for on, off in DRIFT_PAIRS:
-            cells.append(_signed(_lead(row[on], row[off]), task)
+            cells.append(_signed(_lead(row[on], row[off], field), task)
                          if on in row and off in row else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -782,7 +821,11 @@ def time_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def report(results: list[Result]) -> str:
+def report(results: list[Result], field: str = "score") -> str:
+    """Every table; the leads on `field` (`score`, or `after_first_label`: each learner scored
+    from the first sample served once a label was back)."""
+    scored = ("" if field == "score"
+              else ", each scored from the first sample served once a label was back")
     parts = []
     for task, unit in (("classification", "accuracy %"), ("regression", "MAE")):
         for delay in sorted({r.delay for r in results if r.task == task}):
@@ -790,7 +833,8 @@ def report(results: list[Result]) -> str:
                          f"stream (over its last half)\n\n{score_table(results, task, delay)}")
             parts.append(f"Leads of adaptd, labels {delay} late ("
                          f"{'accuracy points' if task == 'classification' else 'MAE lower by'};"
-                         f" negative: adaptd behind)\n\n{verdict_table(results, task, delay)}")
+                         f" negative: adaptd behind{scored})\n\n"
+                         f"{verdict_table(results, task, delay, field)}")
     for delay in sorted({r.delay for r in results if r.kind == "adaptd"}):
         parts.append(f"Service events, labels {delay} late: label-free drift alarms per 10,000 "
                      f"samples (before the drift on B2's streams) / labelled alarms · collapse "
@@ -878,6 +922,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here too")
     parser.add_argument("--report", type=Path, nargs="+",
                         help="print the tables of --json files together; no run")
+    parser.add_argument("--from-first-label", action="store_true",
+                        help="the leads table on each learner's score from the first sample "
+                             "served once a label was back (the wait for it left out)")
     parser.add_argument("--growth", type=int, metavar="SAMPLES",
                         help="instead: River's learner alone (--growth-learners) on --streams "
                              "(B2's) this long, its size and cost every 10,000 labels")
@@ -890,10 +937,15 @@ def main() -> None:
                 for row in learner_growth(stream, kind, args.growth)]
         print(growth_table(rows))
         return
+    field = "after_first_label" if args.from_first_label else "score"
     if args.report:
         saved = [json.loads(path.read_text()) for path in args.report]
+        results = [Result(**r) for part in saved for r in part["results"]]
+        if any(getattr(r, field) is None for r in results):
+            parser.error("--from-first-label: these results hold no score from the first label "
+                         "(saved before stop 42); run them again")
         print("\n\n".join(part["header"] for part in saved) + "\n")
-        print(report([Result(**r) for part in saved for r in part["results"]]))
+        print(report(results, field))
         return
     if args.runs is not None and args.runs < 1:
         parser.error(f"--runs: a block holds at least one row, got {args.runs}")
@@ -933,7 +985,7 @@ def main() -> None:
               f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M %Z')}, wall {wall:.0f} s"
               f"\n`{command.strip()}`")
     print(f"\n{header}\n")
-    print(report(results))
+    print(report(results, field))
     if args.json:
         args.json.write_text(json.dumps({"header": header,
                                          "results": [asdict(r) for r in results]}, indent=1))

@@ -127,6 +127,23 @@ def test_the_no_change_row_is_the_newest_label_of_the_previous_request(tiny_phis
     # 16 samples per request, labels at once: a request repeats the label its predecessor ended on
     expected = [data.y_train[-1] if j < 16 else data.y[j // 16 * 16 - 1] for j in range(320)]
     assert results[-1].score == pytest.approx(float(np.mean(np.asarray(expected) == data.y)))
+    # from the first label on: the first request, served before any label was back, left out
+    right = np.asarray(expected)[16:] == data.y[16:]
+    assert results[-1].after_first_label == pytest.approx(float(right.mean()))
+    assert all(r.after_first_label is not None for r in results)
+
+
+def test_every_learner_is_scored_from_the_request_after_the_first_label_back():
+    from bench.real_streams import Labels, first_taught
+
+    # labels 100 late, requests of 16: the request ending at 112 sends label 0 back
+    assert first_taught(1000, 100, request=16) == 112
+    # a share of the labels: the first label back decides, whichever sample it is
+    labels = Labels(fraction=0.1)
+    due = labels.due(1000, 0)
+    first = int(np.flatnonzero(np.isfinite(due))[0])
+    assert first_taught(1000, 0, 16, labels) == (first // 16 + 1) * 16
+    assert first_taught(10, 100, request=16) == 10  # no label back within the stream
 
 
 @pytest.mark.slow
