@@ -454,8 +454,8 @@ class Result:
     score: float  # accuracy, or MAE
     last_half: float  # the same over the stream's second half
     ms_per_sample: float
-    # the same over the samples served once a label was back (`first_taught`); None in results
-    # saved before stop 42
+    # the same over the samples served once a label was back (`first_taught`); None where no
+    # label came back before the stream's last request, and in results saved before stop 42
     after_first_label: float | None = None
     # the service only
     label_free_alarms: int = 0
@@ -472,14 +472,14 @@ class Result:
 
 
 def _scores(predictions: np.ndarray, y: np.ndarray, task: str, taught: int = 0
-            ) -> tuple[float, float, float]:
-    """(over the stream, over its last half, from sample `taught` on): accuracy, or mean
-    absolute error."""
+            ) -> tuple[float, float, float | None]:
+    """(over the stream, over its last half, from sample `taught` on, None where that leaves no
+    sample): accuracy, or mean absolute error."""
     per_sample = ((predictions == y).astype(np.float64) if task == "classification"
                   else np.abs(predictions - y))
     after = per_sample[taught:]
     return (float(per_sample.mean()), float(per_sample[len(per_sample) // 2:].mean()),
-            float(after.mean()) if len(after) else float("nan"))
+            float(after.mean()) if len(after) else None)
 
 
 def first_taught(samples: int, delay: int, request: int = REQUEST,
@@ -750,7 +750,8 @@ def score_table(results: list[Result], task: str, delay: int) -> str:
 
 def verdict_table(results: list[Result], task: str, delay: int, field: str = "score") -> str:
     """Per stream, what the issue's targets compare, as leads of adaptd (negative: behind), on
-    `field` (the last half's column on the last half whatever it is)."""
+    `field` (the last half's column on the last half whatever it is); a stream whose learners
+    hold no such score (no label came back before its last request) gets empty cells."""
     header = ["stream", "defaults − HT", "defaults − no-change", "best adaptd − best River",
               "worst config − source, last half",
               *(f"{on} − {off}" for on, off in DRIFT_PAIRS)]
@@ -758,11 +759,12 @@ def verdict_table(results: list[Result], task: str, delay: int, field: str = "sc
     for stream, row in _by_stream(results, task, delay).items():
         ours = [r for r in row.values() if r.kind == "adaptd"]
         river = [r for r in row.values() if r.kind == "river"]
+        scored = all(getattr(r, field) is not None for r in row.values())
         cells = [stream]
         for name, other in (("defaults", "HT"), ("defaults", "no-change")):
             cells.append(_signed(_lead(row[name], row[other], field), task)
-                         if name in row and other in row else "")
-        if ours and river:
+                         if scored and name in row and other in row else "")
+        if scored and ours and river:
             best_ours = max(ours, key=lambda r: _lead(r, river[0], field))
             best_river = max(river, key=lambda r: _lead(r, ours[0], field))
             cells.append(f"{_signed(_lead(best_ours, best_river, field), task)} "
@@ -779,7 +781,7 @@ def verdict_table(results: list[Result], task: str, delay: int, field: str = "sc
             cells.append("")
         for on, off in DRIFT_PAIRS:
             cells.append(_signed(_lead(row[on], row[off], field), task)
-                         if on in row and off in row else "")
+                         if scored and on in row and off in row else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -825,7 +827,8 @@ def report(results: list[Result], field: str = "score") -> str:
     """Every table; the leads on `field` (`score`, or `after_first_label`: each learner scored
     from the first sample served once a label was back)."""
     scored = ("" if field == "score"
-              else ", each scored from the first sample served once a label was back")
+              else ", each scored from the first sample served once a label was back, the last "
+                   "half's column over the last half")
     parts = []
     for task, unit in (("classification", "accuracy %"), ("regression", "MAE")):
         for delay in sorted({r.delay for r in results if r.task == task}):
@@ -940,12 +943,12 @@ def main() -> None:
     field = "after_first_label" if args.from_first_label else "score"
     if args.report:
         saved = [json.loads(path.read_text()) for path in args.report]
-        results = [Result(**r) for part in saved for r in part["results"]]
-        if any(getattr(r, field) is None for r in results):
+        rows = [r for part in saved for r in part["results"]]
+        if args.from_first_label and any("after_first_label" not in r for r in rows):
             parser.error("--from-first-label: these results hold no score from the first label "
                          "(saved before stop 42); run them again")
         print("\n\n".join(part["header"] for part in saved) + "\n")
-        print(report(results, field))
+        print(report([Result(**r) for r in rows], field))
         return
     if args.runs is not None and args.runs < 1:
         parser.error(f"--runs: a block holds at least one row, got {args.runs}")

@@ -146,6 +146,50 @@ def test_every_learner_is_scored_from_the_request_after_the_first_label_back():
     assert first_taught(10, 100, request=16) == 10  # no label back within the stream
 
 
+@pytest.mark.parametrize("labels", ["every", "share", "exponential"])
+def test_the_first_sample_taught_is_where_a_prequential_loop_first_has_a_label(labels):
+    from bench.drift_streams import label_batches
+    from bench.real_streams import Labels, first_taught
+
+    schedule = {"every": Labels(), "share": Labels(fraction=0.05),
+                "exponential": Labels(spread="exponential")}[labels]
+    for samples, delay, request in [(300, 0, 16), (300, 40, 16), (1000, 100, 7), (50, 30, 1)]:
+        batches = label_batches(samples, request, schedule.due(samples, delay))
+        learnt, first = 0, samples
+        for start, batch in zip(range(0, samples, request), batches, strict=True):
+            if learnt:  # this request is served knowing a label
+                first = start
+                break
+            learnt += len(batch)
+        assert first_taught(samples, delay, request, schedule) == first
+
+
+def test_the_leads_table_compares_the_field_asked_and_leaves_the_last_half_alone():
+    from bench.real_streams import Result, verdict_table
+
+    def result(learner: str, kind: str, score: float, last_half: float,
+               after: float | None) -> Result:
+        return Result("s", learner, kind, "regression", 0, 100, score, last_half, 0.1, after)
+
+    def rows(after: dict[str, float | None]) -> list[Result]:
+        return [result("source", "adaptd", 2.0, 2.0, after["source"]),
+                result("defaults", "adaptd", 1.0, 1.5, after["defaults"]),
+                result("HT", "river", 1.2, 1.0, after["HT"]),
+                result("no-change", "baseline", 0.9, 1.0, after["no-change"])]
+
+    scores = {"source": 1.9, "defaults": 0.5, "HT": 1.0, "no-change": 0.6}
+    by_score = verdict_table(rows(scores), "regression", 0).splitlines()[2].split(" | ")
+    by_first = verdict_table(rows(scores), "regression", 0,
+                             "after_first_label").splitlines()[2].split(" | ")
+    # defaults − HT and − no-change: MAE lower by, over the stream or from the first label on
+    assert by_score[1:3] == ["+0.2", "-0.1"]
+    assert by_first[1:3] == ["+0.5", "+0.1"]
+    assert by_score[4] == by_first[4] == "+0.5 (defaults)"  # the last half's, either way
+    unscored = verdict_table(rows(dict.fromkeys(scores)), "regression", 0,
+                             "after_first_label").splitlines()[2].split(" | ")
+    assert unscored[1:4] == ["", "", ""] and unscored[4] == "+0.5 (defaults)"
+
+
 @pytest.mark.slow
 def test_the_report_prints_each_learners_accuracy_in_percent(tiny_phishing):
     _, results = tiny_phishing
