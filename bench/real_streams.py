@@ -703,18 +703,12 @@ def _cell(value: float, task: str) -> str:
 
 
 def _lead(ours: Result, theirs: Result, field: str = "score") -> float:
-    """How far `ours` is ahead on `field` (`score`, or `after_first_label`): accuracy points, or
-    MAE lower by (negative: behind)."""
+    """How far `ours` is ahead on `field` (`score`, `last_half` or `after_first_label`): accuracy
+    points, or MAE lower by (negative: behind)."""
     mine, other = getattr(ours, field), getattr(theirs, field)
     if ours.task == "classification":
         return 100 * (mine - other)
     return other - mine
-
-
-def _lead_last_half(ours: Result, theirs: Result) -> float:
-    if ours.task == "classification":
-        return 100 * (ours.last_half - theirs.last_half)
-    return theirs.last_half - ours.last_half
 
 
 def _signed(value: float, task: str) -> str:
@@ -774,8 +768,8 @@ def verdict_table(results: list[Result], task: str, delay: int, field: str = "sc
             cells.append("")
         if "source" in row and len(ours) > 1:
             worst = min((r for r in ours if r.learner != "source"),
-                        key=lambda r: _lead_last_half(r, row["source"]))
-            cells.append(f"{_signed(_lead_last_half(worst, row['source']), task)} "
+                        key=lambda r: _lead(r, row["source"], "last_half"))
+            cells.append(f"{_signed(_lead(worst, row['source'], 'last_half'), task)} "
                          f"({worst.learner})")
         else:
             cells.append("")
