@@ -8,8 +8,9 @@ phishing and sine). This wraps one of River's incremental learners as a candidat
 below) it predicts every sample from the model's inputs (the rows as served, flattened: a tree
 splits on the raw values, which a per-feature scaling does not change; a regression tree's
 leaves fit linear models by SGD, which it does change, but standardising a regressor's inputs
-helped B2's friedman streams and cost B6's real time series, so it is not done: BENCHMARKS.md
-B6, "A regressor's River learners on standardised inputs"), learns each joined
+helped B2's friedman streams and was about neutral on B6's real time series, with large losses
+where labels came late, so it is not done: BENCHMARKS.md B6, "A regressor's River learners on
+standardised inputs"), learns each joined
 label's inputs, and the mixture weighs it against the model on
 the same labels, so what is served follows whichever is better lately and is never much worse
 than the model (the mixture's tracking bound).
